@@ -1,0 +1,104 @@
+// The mapped-ram file format's per-block header, bitmap and layout (PROTOCOL.md §5).
+
+import { MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HEADER_SIZE, MAPPED_RAM_VERSION, TARGET_PAGE_SIZE } from './constants.js';
+import { ProtocolError } from './errors.js';
+
+export interface MappedRamHeader {
+  version: number;
+  pageSize: number;
+  bitmapOffset: number;
+  pagesOffset: number;
+}
+
+export function encodeMappedRamHeader(h: MappedRamHeader): Buffer {
+  const b = Buffer.alloc(MAPPED_RAM_HEADER_SIZE);
+  b.writeUInt32BE(h.version, 0);
+  b.writeBigUInt64BE(BigInt(h.pageSize), 4);
+  b.writeBigUInt64BE(BigInt(h.bitmapOffset), 12);
+  b.writeBigUInt64BE(BigInt(h.pagesOffset), 20);
+  return b;
+}
+
+export function decodeMappedRamHeader(b: Buffer, offset?: number): MappedRamHeader {
+  const at = offset === undefined ? {} : { offset };
+  if (b.length < MAPPED_RAM_HEADER_SIZE) throw new ProtocolError('TRUNCATED', 'mapped-ram block header truncated', at);
+  const version = b.readUInt32BE(0);
+  if (version > MAPPED_RAM_VERSION || version === 0) {
+    throw new ProtocolError('BAD_VERSION', `mapped-ram header version ${version} (supported: ${MAPPED_RAM_VERSION})`, at);
+  }
+  const big = (o: number, what: string): number => {
+    const v = b.readBigUInt64BE(o);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError('BAD_MAPPED_RAM', `mapped-ram ${what} 0x${v.toString(16)} is too large`, at);
+    return Number(v);
+  };
+  const h = { version, pageSize: big(4, 'page_size'), bitmapOffset: big(12, 'bitmap_offset'), pagesOffset: big(20, 'pages_offset') };
+  if (h.pageSize !== TARGET_PAGE_SIZE) {
+    throw new ProtocolError('BAD_MAPPED_RAM', `mapped-ram header has invalid page_size ${h.pageSize} (expected ${TARGET_PAGE_SIZE})`, at);
+  }
+  if (h.pagesOffset % h.pageSize !== 0) {
+    throw new ProtocolError('BAD_MAPPED_RAM', `mapped-ram pages_offset 0x${h.pagesOffset.toString(16)} is not page aligned`, at);
+  }
+  return h;
+}
+
+export function bitmapBytes(usedLength: number, pageSize = TARGET_PAGE_SIZE): number {
+  const pages = Math.ceil(usedLength / pageSize);
+  return Math.ceil(pages / 64) * 8;
+}
+
+export function alignUp(v: number, a: number): number {
+  return Math.ceil(v / a) * a;
+}
+
+/** Where a block's header, bitmap and pages go, given the file offset right after its used_length. */
+export function planBlock(headerOffset: number, usedLength: number, pageSize = TARGET_PAGE_SIZE): MappedRamHeader & { headerOffset: number; end: number } {
+  const bitmapOffset = headerOffset + MAPPED_RAM_HEADER_SIZE;
+  const pagesOffset = alignUp(bitmapOffset + bitmapBytes(usedLength, pageSize), MAPPED_RAM_FILE_OFFSET_ALIGNMENT);
+  return { version: MAPPED_RAM_VERSION, pageSize, bitmapOffset, pagesOffset, headerOffset, end: pagesOffset + usedLength };
+}
+
+/**
+ * One bit per page, stored as little-endian 64-bit words (host order on x86 and arm64), which is
+ * byte k>>3, bit k&7: a Uint8Array with LSB-first bits is byte-identical.
+ */
+export class PageBitmap {
+  readonly bytes: Buffer;
+  constructor(readonly pages: number, from?: Buffer) {
+    const size = Math.ceil(pages / 64) * 8;
+    if (from) {
+      if (from.length < size) throw new ProtocolError('BAD_MAPPED_RAM', `bitmap is ${from.length} bytes, expected ${size}`);
+      this.bytes = from.subarray(0, size);
+    } else {
+      this.bytes = Buffer.alloc(size);
+    }
+  }
+  set(page: number): void {
+    this.bytes[page >>> 3]! |= 1 << (page & 7);
+  }
+  clear(page: number): void {
+    this.bytes[page >>> 3]! &= ~(1 << (page & 7));
+  }
+  test(page: number): boolean {
+    return (this.bytes[page >>> 3]! & (1 << (page & 7))) !== 0;
+  }
+  count(): number {
+    let n = 0;
+    for (let i = 0; i < this.bytes.length; i++) {
+      let v = this.bytes[i]!;
+      while (v) { v &= v - 1; n++; }
+    }
+    return n;
+  }
+  /** Runs of consecutive set bits as [firstPage, pageCount]; bits beyond `pages` are ignored. */
+  *runs(): Generator<[number, number]> {
+    let p = 0;
+    while (p < this.pages) {
+      const byte = this.bytes[p >>> 3]!;
+      if (byte === 0 && (p & 7) === 0) { p += 8; continue; }
+      if (!this.test(p)) { p++; continue; }
+      const start = p;
+      while (p < this.pages && this.test(p)) p++;
+      yield [start, p - start];
+    }
+  }
+}

@@ -1,0 +1,202 @@
+// The VMDESCRIPTION JSON and walking device sections with it (PROTOCOL.md §1.5, §1.7). Device
+// sections carry no length, so the vmdesc is the only way to find where one ends without
+// knowing every device; it is also how a receiver proves that the stream ended complete.
+
+import { SectionType } from './constants.js';
+import { ProtocolError } from './errors.js';
+
+export interface VmdescField {
+  name: string;
+  type: string;
+  size: number;
+  array_len?: number;
+  index?: number;
+  struct?: VmdescStruct;
+}
+
+export interface VmdescStruct {
+  vmsd_name?: string;
+  version?: number;
+  fields?: VmdescField[];
+  subsections?: VmdescStruct[];
+}
+
+export interface VmdescDevice extends VmdescStruct {
+  name: string;
+  instance_id: number;
+}
+
+export interface Vmdesc {
+  page_size?: number;
+  configuration?: unknown;
+  devices: VmdescDevice[];
+}
+
+export interface DeviceSection {
+  type: 'full' | 'start' | 'part' | 'end';
+  sectionId: number;
+  idstr: string;
+  instanceId: number;
+  versionId: number;
+  /** Offset of the section's first byte within the walked buffer, and its length incl. footer. */
+  offset: number;
+  length: number;
+}
+
+export interface DeviceStateLayout {
+  sections: DeviceSection[];
+  /** Offset of the EOF byte (0x00). */
+  eofOffset: number;
+  /** Offset of the VMDESCRIPTION record (0x06), if one follows EOF. */
+  vmdescOffset?: number;
+  /** Offset just past the last byte that belongs to the stream. */
+  end: number;
+}
+
+const MAX_DEPTH = 64;
+const MAX_VMDESC_BYTES = 64 * 1024 * 1024;
+
+export function parseVmdesc(json: Buffer | string, offset?: number): Vmdesc {
+  const at = offset === undefined ? {} : { offset };
+  let v: unknown;
+  try {
+    v = JSON.parse(typeof json === 'string' ? json : json.toString('utf8'));
+  } catch (e) {
+    throw new ProtocolError('BAD_VMDESC', `VMDESCRIPTION is not valid JSON: ${(e as Error).message}`, at);
+  }
+  if (typeof v !== 'object' || v === null || !Array.isArray((v as Vmdesc).devices)) {
+    throw new ProtocolError('BAD_VMDESC', 'VMDESCRIPTION JSON has no "devices" array', at);
+  }
+  return v as Vmdesc;
+}
+
+class Walker {
+  pos: number;
+  constructor(readonly buf: Buffer, start: number, readonly base: number) {
+    this.pos = start;
+  }
+  fail(msg: string): never {
+    throw new ProtocolError('BAD_VMDESC', msg, { offset: this.base + this.pos });
+  }
+  need(n: number): void {
+    if (this.pos + n > this.buf.length) {
+      throw new ProtocolError('TRUNCATED', `device state ends inside a section (needs ${n} more bytes)`, { offset: this.base + this.pos });
+    }
+  }
+  u8(): number {
+    this.need(1);
+    return this.buf[this.pos++]!;
+  }
+  u32(): number {
+    this.need(4);
+    const v = this.buf.readUInt32BE(this.pos);
+    this.pos += 4;
+    return v;
+  }
+  str(): string {
+    const n = this.u8();
+    this.need(n);
+    const s = this.buf.toString('latin1', this.pos, this.pos + n);
+    this.pos += n;
+    return s;
+  }
+  skip(n: number): void {
+    this.need(n);
+    this.pos += n;
+  }
+
+  struct(desc: VmdescStruct, depth: number): void {
+    if (depth > MAX_DEPTH) this.fail('VMDESCRIPTION nests too deeply');
+    for (const f of desc.fields ?? []) {
+      const count = f.array_len ?? 1;
+      if (!Number.isInteger(count) || count < 0) this.fail(`field ${f.name} has a bad array_len`);
+      if (f.type === 'struct' && f.struct) {
+        for (let i = 0; i < count; i++) this.struct(f.struct, depth + 1);
+      } else {
+        if (!Number.isInteger(f.size) || f.size < 0) this.fail(`field ${f.name} has a bad size`);
+        this.skip(f.size * count);
+      }
+    }
+    for (const sub of desc.subsections ?? []) {
+      const at = this.pos;
+      if (this.u8() !== SectionType.SUBSECTION) {
+        this.pos = at;
+        this.fail(`subsection ${sub.vmsd_name ?? '?'} not found`);
+      }
+      const name = this.str();
+      if (sub.vmsd_name !== undefined && name !== sub.vmsd_name) this.fail(`subsection "${name}" where the vmdesc expects "${sub.vmsd_name}"`);
+      this.u32();
+      this.struct(sub, depth + 1);
+    }
+  }
+}
+
+/**
+ * Walks device sections from `start` to the EOF byte using the vmdesc, and checks that a
+ * VMDESCRIPTION (if present) follows. `base` is added to offsets in error messages.
+ */
+export function walkDeviceState(buf: Buffer, vmdesc: Vmdesc, start = 0, base = 0): DeviceStateLayout {
+  const byKey = new Map<string, VmdescDevice>();
+  for (const d of vmdesc.devices) byKey.set(`${d.name}\0${d.instance_id}`, d);
+  const w: Walker = new Walker(buf, start, base);
+  const sections: DeviceSection[] = [];
+  const ids = new Map<number, string>();
+  for (;;) {
+    const offset = w.pos;
+    const t = w.u8();
+    if (t === SectionType.EOF) break;
+    if (t !== SectionType.FULL && t !== SectionType.START) {
+      w.pos = offset;
+      w.fail(`unexpected record type 0x${t.toString(16)} in device state`);
+    }
+    const sectionId = w.u32();
+    const idstr = w.str();
+    const instanceId = w.u32();
+    const versionId = w.u32();
+    const dev = byKey.get(`${idstr}\0${instanceId}`);
+    if (!dev) {
+      w.pos = offset;
+      w.fail(`device section "${idstr}" instance ${instanceId} is not in the VMDESCRIPTION`);
+    }
+    ids.set(sectionId, idstr);
+    w.struct(dev, 0);
+    const fAt = w.pos;
+    if (w.u8() !== SectionType.FOOTER || w.u32() !== sectionId) {
+      w.pos = fAt;
+      w.fail(`footer of device section "${idstr}" (id ${sectionId}) missing`);
+    }
+    sections.push({ type: t === SectionType.FULL ? 'full' : 'start', sectionId, idstr, instanceId, versionId, offset, length: w.pos - offset });
+  }
+  const eofOffset = w.pos - 1;
+  if (w.pos === buf.length) return { sections, eofOffset, end: w.pos };
+  const vmdescOffset = w.pos;
+  if (w.u8() !== SectionType.VMDESCRIPTION) {
+    w.pos = vmdescOffset;
+    w.fail('bytes after EOF are not a VMDESCRIPTION');
+  }
+  const len = w.u32();
+  w.skip(len);
+  return { sections, eofOffset, vmdescOffset, end: w.pos };
+}
+
+/**
+ * Looks for `00 06 be32(len) {json}` ending exactly at the end of `buf`, i.e. a stream tail
+ * that is complete. Returns the parsed vmdesc and its record offset, or undefined.
+ */
+export function findTrailingVmdesc(buf: Buffer, from = 0): { vmdesc: Vmdesc; vmdescOffset: number } | undefined {
+  if (buf.length < 7 || buf[buf.length - 1] !== 0x7d /* } */) return undefined;
+  // The JSON starts with '{' right after the length; scan candidates from the end, the
+  // shortest JSON first is wrong (nested braces), so test every 0x06 whose length fits.
+  for (let p = Math.max(from, 1); p + 5 < buf.length; p++) {
+    if (buf[p] !== SectionType.VMDESCRIPTION || buf[p - 1] !== SectionType.EOF) continue;
+    const len = buf.readUInt32BE(p + 1);
+    if (p + 5 + len !== buf.length || buf[p + 5] !== 0x7b /* { */) continue;
+    if (len > MAX_VMDESC_BYTES) return undefined;
+    try {
+      return { vmdesc: parseVmdesc(buf.subarray(p + 5)), vmdescOffset: p };
+    } catch {
+      continue;
+    }
+  }
+  return undefined;
+}

@@ -1,0 +1,504 @@
+// receive: accept a live migration from an unmodified QEMU (main channel + N multifd channels)
+// and write it as a mapped-ram snapshot that QEMU restores (PROTOCOL.md §7a, §7d).
+//
+// Main-channel state machine: header → configuration → START ram (MEM_SIZE, blocks: the file's
+// head is written here) → RAM records and syncs (FLUSH, or EOS in per-section mode) through END →
+// device state, kept byte for byte until a VMDESCRIPTION proves it complete → commit.
+
+import { EventEmitter } from 'node:events';
+import type { Socket } from 'node:net';
+import { Command, MULTIFD_MAGIC, QEVM_MAGIC, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { encodeConfiguration, withCapability, type Configuration } from '../codec/configuration.js';
+import { ProtocolError } from '../codec/errors.js';
+import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
+import { encodePong, encodeShut } from '../codec/return-path.js';
+import {
+  encodeCommand,
+  encodeEos,
+  encodeFooter,
+  encodeMemSize,
+  encodeSectionFull,
+  encodeSectionShort,
+  encodeStreamHeader,
+} from '../codec/stream-encode.js';
+import { findTrailingVmdesc, walkDeviceState } from '../codec/vmdesc.js';
+import { publish } from '../engine/diagnostics.js';
+import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
+import { getMethod } from '../engine/methods/registry.js';
+import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
+import type { RamBlock } from '../engine/page-store.js';
+import { formatAddress, listen, type Listener } from '../transports/listener.js';
+import { chunksWithPrefix, describePeer, readAtLeast } from '../transports/socket-io.js';
+
+export type SyncMode = 'auto' | 'round' | 'section';
+
+export interface ReceiveOptions {
+  /** tcp:HOST:PORT or unix:PATH; port 0 picks a free port (see handle.listening). */
+  listen: string;
+  /** Snapshot path; written as a temporary file and renamed when complete. */
+  out: string;
+  /** multifd channels the source uses; 0 = the source has multifd off. Default 2 (QEMU's). */
+  channels?: number;
+  /** Expected multifd compression; only 'none' in this version. */
+  compression?: string;
+  /** How MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from the START section. */
+  syncMode?: SyncMode;
+  /** Required uuid in multifd init messages (the source's -uuid); default: accept any. */
+  uuid?: Buffer;
+  /** How long a new connection may take to send its first 4 bytes. */
+  identifyTimeoutMs?: number;
+  /** How long a sync waits for channels that never connected. */
+  channelTimeoutMs?: number;
+  /** Largest device state (everything after RAM) kept for verification. */
+  maxDeviceStateBytes?: number;
+  /** How often 'progress' is emitted. */
+  progressIntervalMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface ReceiveProgress {
+  phase: 'listening' | 'setup' | 'ram' | 'device-state' | 'committing' | 'completed' | 'failed';
+  elapsedMs: number;
+  transferred: number;
+  normal: number;
+  duplicate: number;
+  rounds: number;
+  channelsConnected: number;
+  channels: number;
+  mainBytes: number;
+  ramTotal: number;
+}
+
+export interface ReceiveSummary {
+  status: 'completed';
+  file: string;
+  machine: string;
+  'total-time': number;
+  transferred: number;
+  normal: number;
+  'normal-bytes': number;
+  duplicate: number;
+  mbps: number;
+  'dirty-sync-count': number;
+  'sync-mode': 'round' | 'section' | 'none';
+  'return-path': boolean;
+  'main-bytes': number;
+  'device-state-bytes': number;
+  'file-size': number;
+  blocks: { name: string; 'used-length': number; 'pages-present': number }[];
+  channels: ChannelStats[];
+}
+
+export class ReceiveHandle extends EventEmitter {
+  /** Resolves with the bound address (e.g. tcp:127.0.0.1:39123) once listening. */
+  readonly listening: Promise<string>;
+  /** Resolves with the summary when the snapshot is complete and renamed into place. */
+  readonly done: Promise<ReceiveSummary>;
+  private abortFn: (reason: Error) => void = () => {};
+
+  constructor(start: (h: ReceiveHandle) => { listening: Promise<string>; done: Promise<ReceiveSummary>; abort: (e: Error) => void }) {
+    super();
+    const s = start(this);
+    this.listening = s.listening;
+    this.done = s.done;
+    this.abortFn = s.abort;
+    // Callers that only await `done` must not see an unhandled rejection from `listening`.
+    this.listening.catch(() => {});
+  }
+
+  abort(reason = new Error('aborted')): void {
+    this.abortFn(reason);
+  }
+}
+
+/** Starts receiving; the handle reports progress and resolves `done` with a summary. */
+export function receive(opts: ReceiveOptions): ReceiveHandle {
+  return new ReceiveHandle((h) => {
+    const r = new Receiver(opts, h);
+    return { listening: r.listening, done: r.done, abort: (e) => r.fail(e) };
+  });
+}
+
+class Receiver {
+  readonly listening: Promise<string>;
+  readonly done: Promise<ReceiveSummary>;
+  private resolveDone!: (s: ReceiveSummary) => void;
+  private rejectDone!: (e: Error) => void;
+  private readonly channels: number;
+  private readonly startedAt = Date.now();
+  private phase: ReceiveProgress['phase'] = 'listening';
+  private listener: Listener | undefined;
+  private main: Socket | undefined;
+  private readonly sockets = new Set<Socket>();
+  private multifd: MultifdReceiver | undefined;
+  private writer: MappedRamWriter | undefined;
+  private readonly blocks = new Map<string, RamBlock>();
+  private failure: Error | undefined;
+  private finished = false;
+  private progressTimer: NodeJS.Timeout | undefined;
+  private mainBytes = 0;
+  private mainPages = 0;
+  private mainZero = 0;
+  private rounds = 0;
+  private returnPath = false;
+  private syncMode: SyncMode;
+  private ramTotal = 0;
+
+  constructor(private readonly opts: ReceiveOptions, private readonly handle: ReceiveHandle) {
+    this.channels = opts.channels ?? 2;
+    this.syncMode = opts.syncMode ?? 'auto';
+    if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
+      throw new RangeError(`channels must be 0..255 (got ${opts.channels})`);
+    }
+    this.done = new Promise((res, rej) => {
+      this.resolveDone = res;
+      this.rejectDone = rej;
+    });
+    this.done.catch(() => {});
+    this.listening = this.start();
+  }
+
+  private async start(): Promise<string> {
+    try {
+      const method = getMethod(this.opts.compression ?? 'none');
+      this.writer = await MappedRamWriter.create(this.opts.out);
+      if (this.channels > 0) {
+        this.multifd = new MultifdReceiver({
+          channels: this.channels,
+          method,
+          store: this.writer,
+          blocks: this.blocks,
+          ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
+          ...(this.opts.channelTimeoutMs !== undefined ? { channelTimeoutMs: this.opts.channelTimeoutMs } : {}),
+        });
+        this.multifd.on('error', (e: Error) => this.fail(e));
+        this.multifd.on('sync', (n: number) => { this.rounds = n; });
+      }
+      this.listener = await listen(this.opts.listen, (s) => this.onConnection(s));
+      if (this.opts.signal) {
+        if (this.opts.signal.aborted) throw new Error('aborted');
+        this.opts.signal.addEventListener('abort', () => this.fail(new Error('aborted')), { once: true });
+      }
+      const interval = this.opts.progressIntervalMs ?? 250;
+      this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), interval);
+      this.progressTimer.unref();
+      const addr = formatAddress(this.listener.address);
+      publish('listening', { address: addr });
+      return addr;
+    } catch (e) {
+      this.fail(e as Error);
+      throw e;
+    }
+  }
+
+  progress(): ReceiveProgress {
+    const ch = this.multifd?.channelStats() ?? [];
+    const chBytes = ch.reduce((n, c) => n + c.bytes, 0);
+    return {
+      phase: this.phase,
+      elapsedMs: Date.now() - this.startedAt,
+      transferred: chBytes + this.mainBytes,
+      normal: ch.reduce((n, c) => n + c.normalPages, 0) + this.mainPages,
+      duplicate: ch.reduce((n, c) => n + c.zeroPages, 0) + this.mainZero,
+      rounds: this.rounds,
+      channelsConnected: ch.length,
+      channels: this.channels,
+      mainBytes: this.mainBytes,
+      ramTotal: this.ramTotal,
+    };
+  }
+
+  private onConnection(sock: Socket): void {
+    if (this.failure || this.finished) {
+      sock.destroy();
+      return;
+    }
+    this.sockets.add(sock);
+    sock.setNoDelay(true);
+    sock.on('close', () => this.sockets.delete(sock));
+    // Errors surface through the readers; this keeps an ECONNRESET from crashing the process.
+    sock.on('error', () => {});
+    const timeout = this.opts.identifyTimeoutMs ?? 30000;
+    readAtLeast(sock, 4, timeout).then(
+      (first) => this.identify(sock, first),
+      (e: Error) => {
+        sock.destroy();
+        if (!this.failure && !this.finished) this.fail(new Error(`connection from ${describePeer(sock)}: ${e.message}`));
+      },
+    );
+  }
+
+  private identify(sock: Socket, first: Buffer): void {
+    if (this.failure) return;
+    const magic = first.readUInt32BE(0);
+    if (magic === QEVM_MAGIC) {
+      if (this.main) {
+        sock.destroy();
+        this.fail(new ProtocolError('BAD_RECORD', 'a second main channel (QEVM) connected'));
+        return;
+      }
+      this.main = sock;
+      this.phase = 'setup';
+      publish('main-channel', {});
+      void this.runMain(chunksWithPrefix(first, sock));
+      return;
+    }
+    if (magic === MULTIFD_MAGIC) {
+      if (!this.multifd) {
+        sock.destroy();
+        this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the receiver expects none (--channels 0); does the source have multifd on?'));
+        return;
+      }
+      if (this.multifd.connected >= this.channels) {
+        // QEMU ignores extra connections too; an id check would report it if it sends an init.
+        sock.destroy();
+        return;
+      }
+      void this.multifd.runChannel(chunksWithPrefix(first, sock), `multifd connection from ${describePeer(sock)}`);
+      return;
+    }
+    sock.destroy();
+    this.fail(new ProtocolError('BAD_MAGIC', `unknown channel magic 0x${magic.toString(16).padStart(8, '0')} from ${describePeer(sock)} (expected QEVM or 0x11223344)`));
+  }
+
+  private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
+    const parser = new MainStreamParser();
+    const st = new MainState();
+    try {
+      for await (const chunk of source) {
+        if (this.failure || this.finished) return;
+        this.mainBytes += chunk.length;
+        parser.push(chunk);
+        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+          await this.onMainEvent(ev, st, parser);
+          if (this.failure || this.finished) return;
+        }
+      }
+      if (!this.finished && !this.failure) {
+        const where = st.deviceStateBytes > 0
+          ? `in the device state (${st.deviceStateBytes} bytes received, no complete VMDESCRIPTION; is the machine's suppress-vmdesc on?)`
+          : `at stream offset ${parser.offset}`;
+        throw new ProtocolError('TRUNCATED', `closed before the migration completed, ${where} (source gone?)`);
+      }
+    } catch (e) {
+      const err = e as Error;
+      this.fail(err instanceof ChannelError ? err : new ChannelError('main channel', err));
+    }
+  }
+
+  private async onMainEvent(ev: MainEvent, st: MainState, parser: MainStreamParser): Promise<void> {
+    switch (ev.type) {
+      case 'header':
+        return;
+      case 'configuration':
+        if (ev.config.capabilities.includes('mapped-ram')) {
+          throw new ProtocolError('UNSUPPORTED', 'the source has mapped-ram on; turn it off to migrate over a socket');
+        }
+        st.config = ev.config;
+        publish('configuration', { machine: ev.config.machine });
+        return;
+      case 'command':
+        return this.onCommand(ev.cmd, ev.payload, st);
+      case 'section':
+        if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
+        st.sectionId = ev.sectionId;
+        st.sectionKind = ev.kind;
+        st.flushInSection = false;
+        if (ev.kind === 'start') {
+          if (st.started) throw new ProtocolError('BAD_RECORD', 'second START section for ram');
+          st.started = true;
+        } else if (!st.started) {
+          throw new ProtocolError('BAD_RECORD', `ram ${ev.kind.toUpperCase()} section before START`);
+        }
+        if (ev.kind === 'end') st.ended = true;
+        return;
+      case 'ram-mem-size':
+        if (st.sectionKind !== 'start' || st.headWritten) throw new ProtocolError('BAD_RECORD', 'MEM_SIZE outside the setup section');
+        this.ramTotal = ev.totalBytes;
+        st.memSizeRemaining = ev.totalBytes;
+        if (ev.totalBytes === 0) await this.writeHead(st);
+        return;
+      case 'ram-block':
+        st.blockList.push(ev.block);
+        this.blocks.set(ev.block.name, { name: ev.block.name, usedLength: ev.block.usedLength });
+        st.memSizeRemaining -= ev.block.usedLength;
+        if (st.memSizeRemaining === 0) await this.writeHead(st);
+        return;
+      case 'ram-page':
+        if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'page record before the block list');
+        this.mainPages++;
+        await this.writer!.writePages(ev.block, [ev.offset], 1, ev.data);
+        return;
+      case 'ram-zero':
+        if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'zero record before the block list');
+        this.mainZero++;
+        this.writer!.zeroPages(ev.block, [ev.offset], 0, 1);
+        return;
+      case 'ram-flush':
+        st.flushInSection = true;
+        if (st.sectionKind === 'start') st.sawSetupFlush = true;
+        if (!this.multifd) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the receiver expects no multifd channels (--channels 0); does the source have multifd on?');
+        this.phase = 'ram';
+        await this.multifd.sync();
+        return;
+      case 'ram-eos': {
+        if (st.sectionKind === 'start' && this.multifd && this.syncMode === 'auto') {
+          this.syncMode = st.sawSetupFlush ? 'round' : 'section';
+          publish('sync-mode', { mode: this.syncMode });
+        }
+        if (this.multifd && this.syncMode === 'section') {
+          this.phase = 'ram';
+          await this.multifd.sync();
+        }
+        return;
+      }
+      case 'footer':
+        if (st.sectionKind === 'start') await this.writer!.appendStream([encodeEos(), encodeFooter(ev.sectionId)]);
+        return;
+      case 'device-state':
+        return this.onDeviceState(ev.data, st, parser);
+    }
+  }
+
+  private async onCommand(cmd: number, payload: Buffer, st: MainState): Promise<void> {
+    switch (cmd) {
+      case Command.OPEN_RETURN_PATH:
+        this.returnPath = true;
+        publish('return-path', {});
+        return;
+      case Command.PING: {
+        if (!this.returnPath) throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');
+        this.main!.write(encodePong(payload.readUInt32BE(0)));
+        return;
+      }
+      case Command.SWITCHOVER_START:
+        st.switchoverStart = true;
+        return;
+      case Command.POSTCOPY_ADVISE:
+        // Advice only: a source with postcopy-ram that never switches still migrates as precopy.
+        return;
+      default:
+        throw new ProtocolError('UNSUPPORTED', `command ${cmd} is not supported by receive (postcopy and COLO are not)`);
+    }
+  }
+
+  private async writeHead(st: MainState): Promise<void> {
+    const config: Configuration = withCapability(st.config ?? { machine: '', capabilities: [] }, 'mapped-ram', true);
+    if (!st.config) throw new ProtocolError('BAD_RECORD', 'RAM section before the configuration record');
+    const head = Buffer.concat([
+      encodeStreamHeader(),
+      encodeConfiguration(config),
+      encodeSectionFull(SectionType.START, st.sectionId, 'ram', 0, 4),
+      encodeMemSize(this.ramTotal),
+    ]);
+    await this.writer!.writeHead(head, st.blockList.map((b) => ({ name: b.name, usedLength: b.usedLength, ...(b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {}) })));
+    st.headWritten = true;
+  }
+
+  private async onDeviceState(data: Buffer[], st: MainState, _parser: MainStreamParser): Promise<void> {
+    if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
+    if (this.phase !== 'device-state') {
+      this.phase = 'device-state';
+      const prelude: Buffer[] = [];
+      if (st.switchoverStart) prelude.push(encodeCommand(Command.SWITCHOVER_START));
+      prelude.push(encodeSectionShort(SectionType.END, st.sectionId), encodeEos(), encodeFooter(st.sectionId));
+      await this.writer!.appendStream(prelude);
+    }
+    const max = this.opts.maxDeviceStateBytes ?? 64 * 1024 * 1024;
+    for (const d of data) {
+      st.deviceStateBytes += d.length;
+      if (st.deviceStateBytes > max) {
+        throw new ProtocolError('LIMIT_EXCEEDED', `device state exceeds ${max} bytes`);
+      }
+      st.deviceState.push(Buffer.from(d));
+    }
+    await this.writer!.appendStream(data);
+    // The stream is complete when it ends in a VMDESCRIPTION that walks the device sections exactly.
+    const tail = Buffer.concat(st.deviceState);
+    st.deviceState = [tail];
+    const found = findTrailingVmdesc(tail, st.scanFrom);
+    st.scanFrom = Math.max(0, tail.length - 8);
+    if (!found) return;
+    const layout = walkDeviceState(tail, found.vmdesc, 0);
+    if (layout.vmdescOffset !== found.vmdescOffset || layout.end !== tail.length) return;
+    st.deviceSections = layout.sections.length;
+    await this.complete(st);
+  }
+
+  private async complete(st: MainState): Promise<void> {
+    this.phase = 'committing';
+    this.finished = true;
+    if (this.multifd) await this.multifd.finish();
+    await this.writer!.commit();
+    if (this.returnPath && this.main && !this.main.destroyed) {
+      await new Promise<void>((resolve) => this.main!.write(encodeShut(0), () => resolve()));
+    }
+    this.phase = 'completed';
+    const p = this.progress();
+    const elapsed = Date.now() - this.startedAt;
+    const summary: ReceiveSummary = {
+      status: 'completed',
+      file: this.opts.out,
+      machine: st.config?.machine ?? '',
+      'total-time': elapsed,
+      transferred: p.transferred,
+      normal: p.normal,
+      'normal-bytes': p.normal * TARGET_PAGE_SIZE,
+      duplicate: p.duplicate,
+      mbps: elapsed > 0 ? Math.round((p.transferred * 8) / (elapsed * 1000) * 100) / 100 : 0,
+      'dirty-sync-count': this.rounds,
+      'sync-mode': this.multifd ? (this.syncMode === 'auto' ? 'round' : this.syncMode) : 'none',
+      'return-path': this.returnPath,
+      'main-bytes': this.mainBytes,
+      'device-state-bytes': st.deviceStateBytes,
+      'file-size': this.writer!.streamEnd,
+      blocks: st.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.writer!.bitmap(b.name)?.count() ?? 0 })),
+      channels: this.multifd?.channelStats() ?? [],
+    };
+    await this.cleanup();
+    this.handle.emit('progress', this.progress());
+    publish('completed', { summary });
+    this.resolveDone(summary);
+  }
+
+  fail(err: Error): void {
+    if (this.failure || this.phase === 'completed') return;
+    this.failure = err;
+    this.phase = 'failed';
+    publish('failed', { error: err });
+    if (this.returnPath && this.main && !this.main.destroyed) this.main.write(encodeShut(1));
+    this.multifd?.fail(err);
+    void (async () => {
+      await this.cleanup();
+      await this.multifd?.quiesce();
+      await this.writer?.abort();
+      this.rejectDone(err);
+    })();
+  }
+
+  private async cleanup(): Promise<void> {
+    if (this.progressTimer) clearInterval(this.progressTimer);
+    for (const s of this.sockets) s.end(() => s.destroy());
+    // Give a clean end a moment; anything left is destroyed so the source sees the failure now.
+    setTimeout(() => { for (const s of this.sockets) s.destroy(); }, this.failure ? 0 : 2000).unref();
+    await this.listener?.close();
+  }
+}
+
+class MainState {
+  config: Configuration | undefined;
+  sectionId = 0;
+  sectionKind: 'start' | 'part' | 'end' = 'start';
+  started = false;
+  ended = false;
+  flushInSection = false;
+  sawSetupFlush = false;
+  switchoverStart = false;
+  memSizeRemaining = 0;
+  blockList: RamBlockInfo[] = [];
+  headWritten = false;
+  deviceState: Buffer[] = [];
+  deviceStateBytes = 0;
+  deviceSections = 0;
+  scanFrom = 0;
+}

@@ -1,0 +1,185 @@
+// Writes a mapped-ram snapshot (PROTOCOL.md §5): pages straight to their final offsets with
+// positioned writes (contiguous pages coalesced into one writev), the main stream around them,
+// the bitmaps at the end. The file lives under a temporary name and is renamed only by commit(),
+// so a migration that did not complete never leaves anything that looks like a snapshot.
+
+import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
+import { openSync, closeSync, fsyncSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { ProtocolError } from '../codec/errors.js';
+import { encodeMappedRamHeader, PageBitmap, planBlock, type MappedRamHeader } from '../codec/mapped-ram.js';
+import { encodeBlockEntry } from '../codec/stream-encode.js';
+import { coalescePages } from './coalesce.js';
+import type { PageStore, RamBlock } from './page-store.js';
+
+/** Linux IOV_MAX; libuv would split larger vectors anyway, but fewer syscalls is the point. */
+const IOV_MAX = 1024;
+
+interface BlockLayout extends RamBlock {
+  header: MappedRamHeader & { headerOffset: number; end: number };
+  bitmap: PageBitmap;
+}
+
+export interface MappedRamWriterStats {
+  pageWrites: number;
+  pageBytes: number;
+  streamBytes: number;
+}
+
+export class MappedRamWriter implements PageStore {
+  private readonly blocks = new Map<string, BlockLayout>();
+  private order: BlockLayout[] = [];
+  private streamCursor = 0;
+  private streamChain: Promise<void> = Promise.resolve();
+  private committed = false;
+  private closed = false;
+  readonly stats: MappedRamWriterStats = { pageWrites: 0, pageBytes: 0, streamBytes: 0 };
+
+  private constructor(
+    readonly finalPath: string,
+    readonly tempPath: string,
+    private readonly fh: FileHandle,
+    private readonly pageSize: number,
+  ) {}
+
+  /** Creates the temporary file next to `finalPath` (same file system, so rename is atomic). */
+  static async create(finalPath: string, opts: { pageSize?: number } = {}): Promise<MappedRamWriter> {
+    const tempPath = join(dirname(finalPath), `.${basename(finalPath)}.partial-${process.pid}-${Date.now()}`);
+    let fh: FileHandle;
+    try {
+      fh = await open(tempPath, 'wx', 0o600);
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      throw new Error(`cannot create the snapshot in ${dirname(finalPath)}: ${err.code ?? ''} ${err.message}`.trim());
+    }
+    return new MappedRamWriter(finalPath, tempPath, fh, opts.pageSize ?? TARGET_PAGE_SIZE);
+  }
+
+  /**
+   * Lays out the file: `head` is the main stream up to and including the MEM_SIZE record; then
+   * every block's entry and mapped-ram header, with its bitmap and pages regions reserved.
+   * Returns the offset where the main stream continues.
+   */
+  async writeHead(head: Buffer, blocks: readonly (RamBlock & { mrAddr?: number })[]): Promise<number> {
+    await this.writeAll([head], 0);
+    let pos = head.length;
+    for (const b of blocks) {
+      if (this.blocks.has(b.name)) throw new ProtocolError('BAD_RECORD', `RAM block "${b.name}" listed twice`);
+      const entry = encodeBlockEntry(b.name, b.usedLength, b.mrAddr === undefined ? {} : { mrAddr: b.mrAddr });
+      const header = planBlock(pos + entry.length, b.usedLength, this.pageSize);
+      const layout: BlockLayout = { name: b.name, usedLength: b.usedLength, header, bitmap: new PageBitmap(b.usedLength / this.pageSize) };
+      this.blocks.set(b.name, layout);
+      this.order.push(layout);
+      await this.writeAll([entry, encodeMappedRamHeader(header)], pos);
+      // The next block's entry follows this block's pages region (§5.2).
+      pos = header.end;
+    }
+    this.streamCursor = pos;
+    return pos;
+  }
+
+  setBlocks(): void {
+    // The layout is fixed by writeHead(), which needs the stream prefix too.
+  }
+
+  /** Appends main-stream bytes after the last block; calls are applied in order. */
+  appendStream(bufs: readonly Buffer[]): Promise<void> {
+    const total = bufs.reduce((n, b) => n + b.length, 0);
+    if (total === 0) return this.streamChain;
+    const at = this.streamCursor;
+    this.streamCursor += total;
+    this.stats.streamBytes += total;
+    const copy = [...bufs];
+    this.streamChain = this.streamChain.then(() => this.writeAll(copy, at));
+    return this.streamChain;
+  }
+
+  get streamEnd(): number {
+    return this.streamCursor;
+  }
+
+  async writePages(block: string, offsets: ArrayLike<number>, count: number, data: readonly Buffer[]): Promise<void> {
+    const b = this.blockOrThrow(block);
+    const runs = coalescePages(offsets, count, data, this.pageSize);
+    const writes: Promise<void>[] = [];
+    for (const r of runs) {
+      writes.push(this.writeAll(r.data, b.header.pagesOffset + r.offset));
+      const first = r.offset / this.pageSize;
+      for (let p = 0; p < r.pages; p++) b.bitmap.set(first + p);
+    }
+    this.stats.pageWrites += runs.length;
+    this.stats.pageBytes += count * this.pageSize;
+    await Promise.all(writes);
+  }
+
+  zeroPages(block: string, offsets: ArrayLike<number>, start: number, count: number): void {
+    const b = this.blockOrThrow(block);
+    // The old bytes stay in the pages region (as QEMU leaves them); a clear bit means "zero".
+    for (let i = start; i < start + count; i++) b.bitmap.clear(offsets[i]! / this.pageSize);
+  }
+
+  bitmap(block: string): PageBitmap | undefined {
+    return this.blocks.get(block)?.bitmap;
+  }
+
+  /** Writes bitmaps, makes everything durable, and renames the file into place. */
+  async commit(): Promise<void> {
+    await this.streamChain;
+    for (const b of this.order) await this.writeAll([b.bitmap.bytes], b.header.bitmapOffset);
+    // A file shorter than its last pages region would not load: extend to the stream's end.
+    await this.fh.truncate(this.streamCursor);
+    await this.fh.sync();
+    await this.fh.close();
+    this.closed = true;
+    await rename(this.tempPath, this.finalPath);
+    try {
+      const dfd = openSync(dirname(this.finalPath), 'r');
+      try { fsyncSync(dfd); } finally { closeSync(dfd); }
+    } catch {
+      // Some file systems refuse fsync on a directory; the rename itself has happened.
+    }
+    this.committed = true;
+  }
+
+  /** Removes the temporary file; a no-op after commit. */
+  async abort(): Promise<void> {
+    if (this.committed) return;
+    if (!this.closed) {
+      this.closed = true;
+      await this.fh.close().catch(() => {});
+    }
+    await unlink(this.tempPath).catch(() => {});
+  }
+
+  private blockOrThrow(name: string): BlockLayout {
+    const b = this.blocks.get(name);
+    if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `unknown RAM block "${name}"`);
+    return b;
+  }
+
+  private async writeAll(bufs: readonly Buffer[], position: number): Promise<void> {
+    let list = bufs.filter((b) => b.length > 0);
+    let pos = position;
+    while (list.length > 0) {
+      const batch = list.length > IOV_MAX ? list.slice(0, IOV_MAX) : list;
+      const want = batch.reduce((n, b) => n + b.length, 0);
+      const { bytesWritten } = await this.fh.writev(batch, pos);
+      pos += bytesWritten;
+      if (bytesWritten === want) {
+        list = list.slice(batch.length);
+        continue;
+      }
+      // Short write (rare, e.g. near a quota): resume exactly where it stopped.
+      let skip = bytesWritten;
+      const rest: Buffer[] = [];
+      for (const b of list) {
+        if (skip >= b.length) { skip -= b.length; continue; }
+        rest.push(skip > 0 ? b.subarray(skip) : b);
+        skip = 0;
+      }
+      if (bytesWritten === 0) throw new Error(`write at offset ${pos} of ${this.tempPath} made no progress`);
+      list = rest;
+    }
+  }
+}

@@ -1,0 +1,19 @@
+// The one place that lists methods: adding one is a new file and a line here.
+
+import { ProtocolError } from '../../codec/errors.js';
+import type { MultifdMethod } from './method.js';
+import { nocomp } from './nocomp.js';
+
+const METHODS: Record<string, MultifdMethod> = {
+  none: nocomp,
+};
+
+export function methodNames(): string[] {
+  return Object.keys(METHODS);
+}
+
+export function getMethod(name: string): MultifdMethod {
+  const m = METHODS[name];
+  if (!m) throw new ProtocolError('UNSUPPORTED', `multifd compression "${name}" is not supported (available: ${methodNames().join(', ')})`);
+  return m;
+}

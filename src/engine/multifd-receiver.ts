@@ -1,0 +1,231 @@
+// Receive side of the multifd channels: per-channel parsing, the method's recv, page stores with
+// a bounded window of writes in flight, and the sync barrier shared with the main channel.
+
+import { EventEmitter } from 'node:events';
+import { MultifdChannelParser } from '../codec/multifd-channel-parser.js';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { ProtocolError } from '../codec/errors.js';
+import { formatUuid } from '../codec/multifd-init.js';
+import { isSync, validatePacketPages, type MultifdPacketHeader } from '../codec/multifd-packet.js';
+import type { MultifdMethod, RecvMethodChannel } from './methods/method.js';
+import type { PageStore, RamBlock } from './page-store.js';
+import { SyncBarrier } from './sync-barrier.js';
+import { publish } from './diagnostics.js';
+
+export interface ChannelStats {
+  id: number;
+  bytes: number;
+  packets: number;
+  normalPages: number;
+  zeroPages: number;
+  syncs: number;
+}
+
+export interface MultifdReceiverOptions {
+  channels: number;
+  method: MultifdMethod;
+  store: PageStore;
+  /** The migration's blocks; filled in by the main channel's MEM_SIZE before any data packet. */
+  blocks: ReadonlyMap<string, RamBlock>;
+  /** Required uuid in every init message; undefined accepts any. */
+  uuid?: Buffer;
+  pageSize?: number;
+  /** Bytes of page writes a channel may have in flight before it stops reading its socket. */
+  windowBytes?: number;
+  /** How long a sync waits for channels that never connected. */
+  channelTimeoutMs?: number;
+}
+
+export class ChannelError extends Error {
+  constructor(readonly where: string, override readonly cause: Error) {
+    super(`${where}: ${cause.message}`);
+    this.name = 'ChannelError';
+  }
+}
+
+export class MultifdReceiver extends EventEmitter {
+  readonly barrier: SyncBarrier;
+  private readonly stats = new Map<number, ChannelStats>();
+  private readonly closedChannels = new Set<number>();
+  private readonly methods = new Map<number, RecvMethodChannel>();
+  private readonly inflight = new Set<Promise<void>>();
+  private failure: Error | undefined;
+  private finished = false;
+  private readonly pageSize: number;
+  private readonly windowBytes: number;
+
+  constructor(private readonly opts: MultifdReceiverOptions) {
+    super();
+    this.barrier = new SyncBarrier(opts.channels);
+    this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
+    this.windowBytes = opts.windowBytes ?? 8 * 1024 * 1024;
+  }
+
+  get channelCount(): number {
+    return this.opts.channels;
+  }
+
+  get connected(): number {
+    return this.stats.size;
+  }
+
+  channelStats(): ChannelStats[] {
+    return [...this.stats.values()].sort((a, b) => a.id - b.id).map((s) => ({ ...s }));
+  }
+
+  get failed(): Error | undefined {
+    return this.failure;
+  }
+
+  /**
+   * Runs one channel from its first byte (the init message) to EOF. Never rejects: failures go
+   * to fail(), which fails the barrier and emits 'error' once.
+   */
+  async runChannel(source: AsyncIterable<Buffer>, label: string): Promise<void> {
+    const parser = new MultifdChannelParser(this.opts.method.flags, this.pageSize);
+    let where = label;
+    let id = -1;
+    const windowed = new Set<Promise<void>>();
+    let windowBytes = 0;
+    try {
+      for await (const chunk of source) {
+        if (this.failure) return;
+        parser.push(chunk);
+        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+          if (ev.type === 'init') {
+            id = this.register(ev.init.id, ev.init.uuid);
+            where = `multifd channel ${id}`;
+            continue;
+          }
+          const st = this.stats.get(id)!;
+          st.bytes += ev.wireBytes;
+          st.packets++;
+          const h = ev.header;
+          if (this.finished) throw new ProtocolError('BAD_RECORD', 'packet after the final sync');
+          if (h.normalPages + h.zeroPages > 0) {
+            const write = this.applyPages(id, h, ev.payload, st);
+            if (write) {
+              const bytes = h.normalPages * this.pageSize;
+              windowBytes += bytes;
+              const tracked = write.finally(() => {
+                windowed.delete(tracked);
+                this.inflight.delete(tracked);
+                windowBytes -= bytes;
+              });
+              windowed.add(tracked);
+              this.inflight.add(tracked);
+              while (windowBytes > this.windowBytes) await Promise.race(windowed);
+            }
+          }
+          if (isSync(h)) {
+            await Promise.all(windowed);
+            st.syncs++;
+            publish('sync-arrive', { channel: id, round: st.syncs });
+            await this.barrier.arrive(id);
+          }
+        }
+      }
+      await Promise.all(windowed);
+      if (id < 0) throw new ProtocolError('TRUNCATED', `closed after ${parser.buffered} bytes, before its 64-byte init message`);
+      if (!parser.atBoundary) {
+        throw new ProtocolError('TRUNCATED', `closed mid-packet (${parser.buffered} bytes of a packet received at stream offset ${parser.offset})`);
+      }
+      this.closedChannels.add(id);
+      if (this.barrier.waiting && !this.finished) {
+        throw new ProtocolError('TRUNCATED', 'closed before reaching the sync the main channel waits for (source gone?)');
+      }
+    } catch (e) {
+      await Promise.allSettled(windowed);
+      this.fail(e instanceof ProtocolError || e instanceof Error ? this.locate(e, where) : new Error(String(e)));
+    } finally {
+      this.methods.get(id)?.cleanup();
+    }
+  }
+
+  /** Main channel reached a sync point (MULTIFD_FLUSH, or EOS in per-section mode). */
+  async sync(): Promise<void> {
+    if (this.failure) throw this.failure;
+    for (const id of this.closedChannels) {
+      throw new ChannelError(`multifd channel ${id}`, new ProtocolError('TRUNCATED', 'closed before the sync the main channel reached (source gone?)'));
+    }
+    let timer: NodeJS.Timeout | undefined;
+    if (this.connected < this.opts.channels) {
+      const ms = this.opts.channelTimeoutMs ?? 15000;
+      timer = setTimeout(() => {
+        const ids = [...this.stats.keys()].sort().join(', ') || 'none';
+        this.fail(new ProtocolError('BAD_CHANNEL_ID', `only ${this.connected} of ${this.opts.channels} multifd channels connected within ${ms / 1000}s (ids: ${ids}); does the source use multifd-channels=${this.opts.channels}?`));
+      }, ms);
+    }
+    try {
+      await this.barrier.wait();
+      publish('sync', { round: this.barrier.completedRounds });
+      this.emit('sync', this.barrier.completedRounds);
+    } finally {
+      if (timer) clearTimeout(timer);
+    }
+  }
+
+  /** After the main channel's final sync: later packets are errors; waits for writes in flight. */
+  async finish(): Promise<void> {
+    this.finished = true;
+    await Promise.all(this.inflight);
+    if (this.failure) throw this.failure;
+  }
+
+  fail(err: Error): void {
+    if (this.failure) return;
+    this.failure = err;
+    this.barrier.fail(err);
+    publish('error', { error: err });
+    this.emit('error', err);
+  }
+
+  /** Resolves when every write in flight settled (used before removing a failed output). */
+  async quiesce(): Promise<void> {
+    await Promise.allSettled(this.inflight);
+  }
+
+  private locate(e: Error, where: string): Error {
+    if (e instanceof ChannelError) return e;
+    return new ChannelError(where, e);
+  }
+
+  private register(id: number, uuid: Buffer): number {
+    if (id >= this.opts.channels) {
+      throw new ProtocolError('BAD_CHANNEL_ID', `received channel id ${id} exceeds channel count ${this.opts.channels} (does the source use more multifd-channels?)`);
+    }
+    if (this.stats.has(id)) throw new ProtocolError('DUPLICATE_CHANNEL', `channel id ${id} already set up`);
+    if (this.opts.uuid && !uuid.equals(this.opts.uuid)) {
+      throw new ProtocolError('UUID_MISMATCH', `received uuid ${formatUuid(uuid)}, expected ${formatUuid(this.opts.uuid)}`);
+    }
+    this.stats.set(id, { id, bytes: 64, packets: 0, normalPages: 0, zeroPages: 0, syncs: 0 });
+    this.methods.set(id, this.opts.method.recvSetup(id, this.pageSize));
+    publish('channel', { channel: id });
+    this.emit('channel', id);
+    if (this.connected === this.opts.channels) this.emit('all-channels');
+    return id;
+  }
+
+  private applyPages(id: number, h: MultifdPacketHeader, payload: Buffer[], st: ChannelStats): Promise<void> | undefined {
+    const block = this.opts.blocks.get(h.ramblock);
+    validatePacketPages(h, block?.usedLength, this.pageSize);
+    // Zero entries first is safe: a packet never lists one page twice, and the barrier orders rounds.
+    if (h.zeroPages > 0) {
+      st.zeroPages += h.zeroPages;
+      const z = this.opts.store.zeroPages(h.ramblock, h.offsets, h.normalPages, h.zeroPages);
+      if (z instanceof Promise) return h.normalPages > 0 ? z.then(() => this.writeNormal(id, h, payload, st)) : z;
+    }
+    if (h.normalPages === 0) return undefined;
+    return this.writeNormal(id, h, payload, st);
+  }
+
+  private async writeNormal(id: number, h: MultifdPacketHeader, payload: Buffer[], st: ChannelStats): Promise<void> {
+    const pages = await this.methods.get(id)!.recv(h, payload);
+    const got = pages.reduce((n, b) => n + b.length, 0);
+    if (got !== h.normalPages * this.pageSize) {
+      throw new ProtocolError('BAD_RECORD', `payload decodes to ${got} bytes, expected ${h.normalPages} pages (${h.normalPages * this.pageSize} bytes)`);
+    }
+    st.normalPages += h.normalPages;
+    await this.opts.store.writePages(h.ramblock, h.offsets, h.normalPages, pages);
+  }
+}

@@ -1,0 +1,20 @@
+// Where received pages go. The engine knows RAM blocks and page offsets, not whether they end up
+// in a mapped-ram file, a guest's memory or a Node Buffer.
+
+export interface RamBlock {
+  name: string;
+  usedLength: number;
+}
+
+export interface PageStore {
+  /** Called once, before any page, with every block of the migration in stream order. */
+  setBlocks(blocks: readonly RamBlock[]): void | Promise<void>;
+  /**
+   * Stores `count` pages of `block`: page i goes to offsets[i] and its bytes are the i-th
+   * pageSize bytes of `data` (views that may split anywhere). Resolves once the data is stored;
+   * the views may be reused after that.
+   */
+  writePages(block: string, offsets: ArrayLike<number>, count: number, data: readonly Buffer[]): Promise<void>;
+  /** Makes pages offsets[start .. start+count) zero (received as zero after possibly data). */
+  zeroPages(block: string, offsets: ArrayLike<number>, start: number, count: number): void | Promise<void>;
+}

@@ -180,18 +180,24 @@ export function walkDeviceState(buf: Buffer, vmdesc: Vmdesc, start = 0, base = 0
 }
 
 /**
- * Looks for `00 06 be32(len) {json}` ending exactly at the end of `buf`, i.e. a stream tail
- * that is complete. Returns the parsed vmdesc and its record offset, or undefined.
+ * Positions p in [from, to) where a VMDESCRIPTION record could start: `00 06 len32 {`. A tail
+ * grows chunk by chunk; scanning only the new bytes keeps the work linear.
  */
-export function findTrailingVmdesc(buf: Buffer, from = 0): { vmdesc: Vmdesc; vmdescOffset: number } | undefined {
+export function vmdescCandidates(buf: Buffer, from: number, to = buf.length): number[] {
+  const out: number[] = [];
+  for (let p = buf.indexOf(SectionType.VMDESCRIPTION, Math.max(1, from)); p >= 0 && p < to; p = buf.indexOf(SectionType.VMDESCRIPTION, p + 1)) {
+    if (buf[p - 1] === SectionType.EOF && (p + 5 >= buf.length || buf[p + 5] === 0x7b)) out.push(p);
+  }
+  return out;
+}
+
+/** The candidate whose record ends exactly at the end of `buf` and parses, if any. */
+export function trailingVmdesc(buf: Buffer, candidates: readonly number[]): { vmdesc: Vmdesc; vmdescOffset: number } | undefined {
   if (buf.length < 7 || buf[buf.length - 1] !== 0x7d /* } */) return undefined;
-  // The JSON starts with '{' right after the length; scan candidates from the end, the
-  // shortest JSON first is wrong (nested braces), so test every 0x06 whose length fits.
-  for (let p = Math.max(from, 1); p + 5 < buf.length; p++) {
-    if (buf[p] !== SectionType.VMDESCRIPTION || buf[p - 1] !== SectionType.EOF) continue;
+  for (const p of candidates) {
+    if (p + 5 > buf.length) continue;
     const len = buf.readUInt32BE(p + 1);
-    if (p + 5 + len !== buf.length || buf[p + 5] !== 0x7b /* { */) continue;
-    if (len > MAX_VMDESC_BYTES) return undefined;
+    if (p + 5 + len !== buf.length || len > MAX_VMDESC_BYTES) continue;
     try {
       return { vmdesc: parseVmdesc(buf.subarray(p + 5)), vmdescOffset: p };
     } catch {
@@ -199,4 +205,9 @@ export function findTrailingVmdesc(buf: Buffer, from = 0): { vmdesc: Vmdesc; vmd
     }
   }
   return undefined;
+}
+
+/** One-shot form for a complete buffer. */
+export function findTrailingVmdesc(buf: Buffer): { vmdesc: Vmdesc; vmdescOffset: number } | undefined {
+  return trailingVmdesc(buf, vmdescCandidates(buf, 0));
 }

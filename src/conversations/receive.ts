@@ -21,7 +21,7 @@ import {
   encodeSectionShort,
   encodeStreamHeader,
 } from '../codec/stream-encode.js';
-import { findTrailingVmdesc, walkDeviceState } from '../codec/vmdesc.js';
+import { trailingVmdesc, vmdescCandidates, walkDeviceState } from '../codec/vmdesc.js';
 import { publish } from '../engine/diagnostics.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { getMethod } from '../engine/methods/registry.js';
@@ -414,10 +414,12 @@ class Receiver {
     }
     await this.writer!.appendStream(data);
     // The stream is complete when it ends in a VMDESCRIPTION that walks the device sections exactly.
-    const tail = Buffer.concat(st.deviceState);
+    const tail = st.deviceState.length === 1 ? st.deviceState[0]! : Buffer.concat(st.deviceState);
     st.deviceState = [tail];
-    const found = findTrailingVmdesc(tail, st.scanFrom);
-    st.scanFrom = Math.max(0, tail.length - 8);
+    // Rescan a few bytes before the new data: a candidate's header may straddle two chunks.
+    st.candidates.push(...vmdescCandidates(tail, Math.max(1, st.scannedTo - 6)).filter((p) => p >= st.scannedTo - 6 && !st.candidates.includes(p)));
+    st.scannedTo = tail.length;
+    const found = trailingVmdesc(tail, st.candidates);
     if (!found) return;
     const layout = walkDeviceState(tail, found.vmdesc, 0);
     if (layout.vmdescOffset !== found.vmdescOffset || layout.end !== tail.length) return;
@@ -500,5 +502,6 @@ class MainState {
   deviceState: Buffer[] = [];
   deviceStateBytes = 0;
   deviceSections = 0;
-  scanFrom = 0;
+  candidates: number[] = [];
+  scannedTo = 0;
 }

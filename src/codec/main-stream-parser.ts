@@ -113,7 +113,7 @@ export class MainStreamParser {
 
   /** Stream offset of the next unread byte. */
   get offset(): number {
-    return this.q.streamOffset;
+    return this.q.streamOffset + this.externalSkip;
   }
 
   /** True when no partial structure is buffered. */

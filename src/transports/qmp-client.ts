@@ -154,7 +154,7 @@ export class QmpClient extends EventEmitter {
       if (this.closedError) return reject(this.closedError);
       const timer = setTimeout(() => {
         this.greetingWaiter = undefined;
-        reject(new QmpConnectionError(this.address, `no QMP greeting from ${this.address} within ${timeoutMs} ms`));
+        reject(new QmpConnectionError(this.address, `no QMP greeting from ${this.address} within ${timeoutMs} ms (QEMU serves one client per QMP socket: is another client connected? Add a second -qmp socket for multifd)`));
       }, timeoutMs);
       this.greetingWaiter = {
         resolve: (g) => { clearTimeout(timer); resolve(g); },

@@ -1,0 +1,51 @@
+// Human-readable numbers and summaries; no protocol logic.
+
+export function bytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${v.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
+}
+
+export function rate(bytesPerSec: number): string {
+  return `${bytes(bytesPerSec)}/s`;
+}
+
+export function duration(ms: number): string {
+  return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(2)} s`;
+}
+
+interface SummaryLike {
+  file: string;
+  machine: string;
+  'total-time': number;
+  transferred: number;
+  normal: number;
+  duplicate: number;
+  mbps: number;
+  'dirty-sync-count': number;
+  'sync-mode': string;
+  'file-size': number;
+  channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
+  blocks: { name: string; 'used-length': number; 'pages-present': number }[];
+  source?: { status: string; downtime?: number; 'run-state-after': string };
+}
+
+export function summaryText(s: SummaryLike): string {
+  const lines = [
+    `saved ${s.file} (${s.machine}, ${bytes(s['file-size'])} apparent size)`,
+    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['dirty-sync-count']} sync rounds (${s['sync-mode']} mode)`,
+  ];
+  for (const c of s.channels) {
+    lines.push(`  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);
+  }
+  for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b['pages-present']} pages stored`);
+  if (s.source) {
+    lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}, now ${s.source['run-state-after']}`);
+  }
+  return lines.join('\n');
+}

@@ -1,0 +1,18 @@
+// --verbose: engine events from diagnostics_channel, logged as JSON lines by pino on stderr.
+
+import diagnostics_channel from 'node:diagnostics_channel';
+import { pino } from 'pino';
+
+const EVENTS = ['listening', 'main-channel', 'channel', 'configuration', 'sync-mode', 'sync', 'return-path', 'completed', 'failed', 'error'];
+
+export function enableVerboseLog(): void {
+  const log = pino({ base: null }, pino.destination(2));
+  for (const e of EVENTS) {
+    diagnostics_channel.subscribe(`multifd:${e}`, (msg) => {
+      const m = msg as Record<string, unknown>;
+      if (m.error instanceof Error) log.error({ event: e, err: (m.error as Error).message });
+      else if (e === 'completed') log.info({ event: e });
+      else log.info({ event: e, ...m });
+    });
+  }
+}

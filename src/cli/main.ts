@@ -1,0 +1,144 @@
+// The multifd command line: argument parsing, progress and output. Protocol work lives below.
+
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { receive, type ReceiveProgress } from '../conversations/receive.js';
+import { save } from '../conversations/save.js';
+import { parseUuid } from '../codec/multifd-init.js';
+import { runDemo } from '../demo/run-demo.js';
+import { summaryText } from './format.js';
+import { ProgressView } from './progress.js';
+import { enableVerboseLog } from './log.js';
+
+const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
+
+function intArg(min: number, max: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min || n > max) throw new InvalidArgumentError(`expected an integer from ${min} to ${max}`);
+    return n;
+  };
+}
+
+function uuidArg(v: string): Buffer {
+  try {
+    return parseUuid(v);
+  } catch {
+    throw new InvalidArgumentError('expected a uuid like 11111111-2222-3333-4444-555555555555');
+  }
+}
+
+function fail(e: unknown): never {
+  const err = e as Error & { code?: string; offset?: number };
+  const where = err.offset !== undefined ? ` (at byte ${err.offset})` : '';
+  process.stderr.write(`multifd: error: ${err.message}${where}\n`);
+  process.exit(1);
+}
+
+const program = new Command();
+program
+  .name('multifd')
+  .description('QEMU multifd live migration in TypeScript: save a running VM to a mapped-ram snapshot, and more.')
+  .version(pkg.version)
+  .option('-v, --verbose', 'log protocol events to stderr')
+  .hook('preAction', (cmd) => {
+    if (cmd.opts().verbose) enableVerboseLog();
+  });
+
+program
+  .command('receive')
+  .description('accept a live migration from QEMU (main + N multifd channels) and write a mapped-ram snapshot')
+  .requiredOption('--listen <addr>', 'where to listen: tcp:HOST:PORT or unix:PATH')
+  .requiredOption('--out <file>', 'snapshot file (written as a temporary file, renamed when complete)')
+  .addOption(new Option('--channels <n>', "the source's multifd-channels; 0 if the source has multifd off").default(2).argParser(intArg(0, 255)))
+  .addOption(new Option('--sync-mode <mode>', 'how MULTIFD_FLUSH/EOS map to syncs (auto infers it from the stream)').choices(['auto', 'round', 'section']).default('auto'))
+  .option('--uuid <uuid>', "require this uuid in the multifd channels (the source's -uuid)", uuidArg)
+  .option('--json', 'print the final summary as JSON on stdout')
+  .addHelpText('after', `
+On the QEMU side:
+  migrate-set-capabilities multifd=on; migrate-set-parameters multifd-channels=N
+  (and raise max-bandwidth, 128 MiB/s by default); migrate uri=tcp:HOST:PORT
+The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
+  migrate-incoming uri=file:FILE`)
+  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; json?: boolean }) => {
+    const view = new ProgressView(process.stderr.isTTY === true, 'receive');
+    try {
+      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, ...(o.uuid ? { uuid: o.uuid } : {}) });
+      h.on('progress', (p: ReceiveProgress) => view.update(p));
+      const addr = await h.listening;
+      if (!o.json) process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)\n`);
+      const s = await h.done;
+      view.stop();
+      process.stdout.write(o.json ? JSON.stringify(s, null, 2) + '\n' : summaryText(s) + '\n');
+    } catch (e) {
+      view.stop();
+      fail(e);
+    }
+  });
+
+program
+  .command('save')
+  .description("save a running VM: drive its QMP socket to migrate into a mapped-ram snapshot")
+  .requiredOption('--qmp <addr>', "the VM's QMP socket: unix:PATH or tcp:HOST:PORT")
+  .requiredOption('--out <file>', 'snapshot file')
+  .addOption(new Option('--channels <n>', 'multifd channels (0: no multifd)').default(2).argParser(intArg(0, 255)))
+  .option('--listen <addr>', 'where to receive (default tcp:127.0.0.1:0, a free port)')
+  .addOption(new Option('--max-bandwidth <bytes/s>', "source bandwidth limit (QEMU's default is 128 MiB/s)").default(100 * 1024 ** 3).argParser(intArg(1, Number.MAX_SAFE_INTEGER)))
+  .option('--downtime-limit <ms>', 'downtime QEMU may plan for at switchover', intArg(1, 2_000_000))
+  .option('--resume', 'let the VM run on after saving (QEMU pauses it when migration completes)')
+  .option('--json', 'print the final summary as JSON on stdout')
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; json?: boolean }) => {
+    const view = new ProgressView(process.stderr.isTTY === true, 'save');
+    try {
+      const h = save({
+        qmp: o.qmp,
+        out: resolve(o.out),
+        channels: o.channels,
+        maxBandwidth: o.maxBandwidth,
+        ...(o.listen ? { listen: o.listen } : {}),
+        ...(o.downtimeLimit !== undefined ? { downtimeLimitMs: o.downtimeLimit } : {}),
+        ...(o.resume ? { resume: true } : {}),
+      });
+      h.on('progress', (p: ReceiveProgress) => view.update(p));
+      const s = await h.done;
+      view.stop();
+      process.stdout.write(o.json ? JSON.stringify(s, null, 2) + '\n' : summaryText(s) + '\n');
+    } catch (e) {
+      view.stop();
+      fail(e);
+    }
+  });
+
+program
+  .command('demo')
+  .description('save a running guest of our own with receive, restore it in QEMU and verify it (synthetic source without QEMU)')
+  .option('--qemu <path>', 'QEMU binary', 'qemu-system-x86_64')
+  .addOption(new Option('--channels <n>', 'multifd channels').default(2).argParser(intArg(1, 255)))
+  .option('--keep', 'keep the snapshot and work directory under /tmp')
+  .option('--json', 'print the result as JSON on stdout')
+  .action(async (o: { qemu: string; channels: number; keep?: boolean; json?: boolean }) => {
+    const view = new ProgressView(process.stderr.isTTY === true, 'demo');
+    try {
+      const r = await runDemo({
+        qemu: o.qemu,
+        channels: o.channels,
+        ...(o.keep ? { keep: true } : {}),
+        log: (l) => { view.stop(); process.stderr.write(l + '\n'); },
+        onProgress: (p) => view.update(p),
+      });
+      view.stop();
+      if (o.json) process.stdout.write(JSON.stringify(r, null, 2) + '\n');
+      else {
+        for (const c of r.checks) process.stdout.write(`${c.ok ? 'ok  ' : 'FAIL'} ${c.name} (${c.detail})\n`);
+        process.stdout.write(r.ok ? `demo passed (${r.mode})${o.keep ? `; snapshot kept at ${r.snapshot}` : ''}\n` : 'demo FAILED\n');
+      }
+      process.exit(r.ok ? 0 : 1);
+    } catch (e) {
+      view.stop();
+      fail(e);
+    }
+  });
+
+program.showHelpAfterError();
+await program.parseAsync(process.argv);

@@ -1,0 +1,183 @@
+// save: one command that saves a running VM to a mapped-ram snapshot. It drives the source over
+// QMP (capabilities, parameters, migrate), runs `receive` on a free local port, follows both
+// sides, and restores the source's migration settings afterwards. Whatever fails, the source
+// VM is left running (a failed migration does not stop it; we cancel ours on our errors).
+
+import { EventEmitter } from 'node:events';
+import { QmpClient } from '../transports/qmp-client.js';
+import { receive, type ReceiveHandle, type ReceiveProgress, type ReceiveSummary, type SyncMode } from './receive.js';
+
+export interface SaveOptions {
+  /** The source VM's QMP socket: unix:PATH or tcp:HOST:PORT. */
+  qmp: string;
+  out: string;
+  /** multifd channels; 0 migrates without multifd. Default 2. */
+  channels?: number;
+  /** Where receive listens; default tcp:127.0.0.1:0 (a free local port). */
+  listen?: string;
+  /** Bytes/s; QEMU's default of 128 MiB/s is raised to this. Default 100 GiB/s. */
+  maxBandwidth?: number;
+  /** Milliseconds of downtime QEMU may plan for at switchover; unchanged when undefined. */
+  downtimeLimitMs?: number;
+  /** Run `cont` on the source after saving (QEMU leaves it paused in postmigrate). */
+  resume?: boolean;
+  syncMode?: SyncMode;
+  progressIntervalMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface SaveProgress extends ReceiveProgress {
+  sourceStatus: string;
+  sourceRemaining?: number;
+  sourceDirtyRate?: number;
+}
+
+export interface SaveSummary extends ReceiveSummary {
+  source: {
+    status: string;
+    'total-time'?: number;
+    downtime?: number;
+    'setup-time'?: number;
+    ram?: Record<string, unknown>;
+    'run-state-after': string;
+  };
+}
+
+const DEFAULT_BANDWIDTH = 100 * 1024 * 1024 * 1024;
+
+export class SaveHandle extends EventEmitter {
+  /** Resolves with the summary once the snapshot is complete and the source reports completed. */
+  readonly done: Promise<SaveSummary>;
+  constructor(run: (h: SaveHandle) => Promise<SaveSummary>) {
+    super();
+    // Started on the next tick so callers can attach 'progress' listeners first.
+    this.done = Promise.resolve().then(() => run(this));
+    this.done.catch(() => {});
+  }
+}
+
+export function save(opts: SaveOptions): SaveHandle {
+  return new SaveHandle((h) => runSave(opts, h));
+}
+
+interface Snapshot {
+  caps: { capability: string; state: boolean }[];
+  params: Record<string, unknown>;
+}
+
+async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSummary> {
+  const channels = opts.channels ?? 2;
+  const qmp = await QmpClient.connect(opts.qmp);
+  let rx: ReceiveHandle | undefined;
+  let saved: Snapshot | undefined;
+  let migrating = false;
+  let poll: NodeJS.Timeout | undefined;
+  try {
+    const status = await qmp.execute('query-migrate');
+    if (['setup', 'active', 'device', 'pre-switchover', 'postcopy-active', 'cancelling', 'wait-unplug'].includes(status.status)) {
+      throw new Error(`the source already has a migration in state "${status.status}"`);
+    }
+    const run = await qmp.execute('query-status');
+    saved = {
+      caps: await qmp.execute('query-migrate-capabilities'),
+      params: await qmp.execute('query-migrate-parameters'),
+    };
+    const capsWanted: Record<string, boolean> = { multifd: channels > 0, 'mapped-ram': false };
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: Object.entries(capsWanted)
+        .filter(([name]) => saved!.caps.some((c) => c.capability === name))
+        .map(([capability, state]) => ({ capability, state })),
+    });
+    const params: Record<string, unknown> = { 'max-bandwidth': opts.maxBandwidth ?? DEFAULT_BANDWIDTH };
+    if (channels > 0) {
+      params['multifd-channels'] = channels;
+      params['multifd-compression'] = 'none';
+    }
+    if (opts.downtimeLimitMs !== undefined) params['downtime-limit'] = opts.downtimeLimitMs;
+    await qmp.execute('migrate-set-parameters', params);
+
+    rx = receive({
+      listen: opts.listen ?? 'tcp:127.0.0.1:0',
+      out: opts.out,
+      channels,
+      ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
+      ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    });
+    const addr = await rx.listening;
+    handle.emit('listening', addr);
+
+    let source: any = { status: 'setup' };
+    rx.on('progress', (p: ReceiveProgress) => {
+      const sp: SaveProgress = { ...p, sourceStatus: source.status };
+      if (source.ram?.remaining !== undefined) sp.sourceRemaining = source.ram.remaining;
+      if (source.ram?.['dirty-pages-rate'] !== undefined) sp.sourceDirtyRate = source.ram['dirty-pages-rate'];
+      handle.emit('progress', sp);
+    });
+
+    // The source's view: if it fails (its own error), stop waiting on our side at once.
+    const sourceFailed = new Promise<never>((_, reject) => {
+      poll = setInterval(() => {
+        qmp.execute('query-migrate').then((s) => {
+          source = s;
+          if (s.status === 'failed' || s.status === 'cancelled') {
+            reject(new Error(`the source's migration ${s.status}${s['error-desc'] ? `: ${s['error-desc']}` : ''}`));
+          }
+        }, (e: Error) => reject(new Error(`lost the source's QMP connection: ${e.message}`)));
+      }, 200);
+    });
+    sourceFailed.catch(() => {});
+
+    await qmp.execute('migrate', { uri: addr });
+    migrating = true;
+    const summary = await Promise.race([rx.done, sourceFailed]);
+    // Our file is complete; QEMU reports completed once it has handed everything over.
+    for (let i = 0; i < 100 && source.status !== 'completed'; i++) {
+      source = await qmp.execute('query-migrate');
+      if (source.status === 'failed') throw new Error(`the source reports failure after our snapshot completed: ${source['error-desc'] ?? ''}`);
+      if (source.status !== 'completed') await new Promise((r) => setTimeout(r, 50));
+    }
+    migrating = false;
+    if (opts.resume && run.running) await qmp.execute('cont');
+    const after = await qmp.execute('query-status');
+    return {
+      ...summary,
+      source: {
+        status: source.status,
+        'total-time': source['total-time'],
+        downtime: source.downtime,
+        'setup-time': source['setup-time'],
+        ram: source.ram,
+        'run-state-after': after.status,
+      },
+    };
+  } catch (e) {
+    rx?.abort(e as Error);
+    if (migrating) await qmp.execute('migrate_cancel').catch(() => {});
+    if (rx) await rx.done.catch(() => {});
+    throw e;
+  } finally {
+    if (poll) clearInterval(poll);
+    if (saved) await restoreSettings(qmp, saved).catch(() => {});
+    qmp.close();
+  }
+}
+
+/** Puts back the capabilities and parameters we changed, so the VM is as the user left it. */
+async function restoreSettings(qmp: QmpClient, s: Snapshot): Promise<void> {
+  // Capabilities can only change while no migration is active.
+  for (let i = 0; i < 50; i++) {
+    const st = await qmp.execute('query-migrate');
+    if (!['setup', 'active', 'device', 'cancelling', 'pre-switchover'].includes(st.status)) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const touched = ['multifd', 'mapped-ram'];
+  await qmp.execute('migrate-set-capabilities', {
+    capabilities: s.caps.filter((c) => touched.includes(c.capability)).map((c) => ({ capability: c.capability, state: c.state })),
+  });
+  const params: Record<string, unknown> = {};
+  for (const k of ['max-bandwidth', 'multifd-channels', 'multifd-compression', 'downtime-limit']) {
+    if (s.params[k] !== undefined) params[k] = s.params[k];
+  }
+  await qmp.execute('migrate-set-parameters', params);
+}

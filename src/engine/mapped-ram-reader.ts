@@ -1,0 +1,126 @@
+// Opens a mapped-ram snapshot: parses the main stream (seeking over page regions), loads each
+// block's bitmap, checks the device state against the VMDESCRIPTION, and reads pages with
+// positioned reads (absent pages read as zero).
+
+import { open, type FileHandle } from 'node:fs/promises';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import type { Configuration } from '../codec/configuration.js';
+import { ProtocolError } from '../codec/errors.js';
+import { MainStreamParser, type RamBlockInfo } from '../codec/main-stream-parser.js';
+import { PageBitmap, bitmapBytes, type MappedRamHeader } from '../codec/mapped-ram.js';
+import { findTrailingVmdesc, walkDeviceState, type DeviceStateLayout } from '../codec/vmdesc.js';
+
+export interface SnapshotBlock {
+  name: string;
+  usedLength: number;
+  header: MappedRamHeader;
+  bitmap: PageBitmap;
+}
+
+const READ_CHUNK = 256 * 1024;
+const MAX_DEVICE_STATE = 256 * 1024 * 1024;
+
+export class MappedRamSnapshot {
+  private constructor(
+    readonly path: string,
+    private readonly fh: FileHandle,
+    readonly configuration: Configuration,
+    readonly blocks: ReadonlyMap<string, SnapshotBlock>,
+    readonly deviceState: DeviceStateLayout & { fileOffset: number },
+    readonly fileSize: number,
+  ) {}
+
+  static async open(path: string): Promise<MappedRamSnapshot> {
+    const fh = await open(path, 'r');
+    try {
+      const size = (await fh.stat()).size;
+      const parser = new MainStreamParser();
+      const blocks = new Map<string, SnapshotBlock>();
+      let pos = 0;
+      let device: Buffer[] = [];
+      let deviceStart = -1;
+      let deviceBytes = 0;
+      const buf = Buffer.allocUnsafe(READ_CHUNK);
+      while (pos < size) {
+        const skip = parser.pendingSkip;
+        if (skip > 0) {
+          if (pos + skip > size) throw new ProtocolError('TRUNCATED', `file ends inside a pages region (needs 0x${(pos + skip).toString(16)} bytes, has 0x${size.toString(16)})`, { offset: pos });
+          parser.skipped(skip);
+          pos += skip;
+          continue;
+        }
+        const { bytesRead } = await fh.read(buf, 0, Math.min(READ_CHUNK, size - pos), pos);
+        if (bytesRead === 0) break;
+        parser.push(Buffer.from(buf.subarray(0, bytesRead)));
+        pos += bytesRead;
+        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+          if (ev.type === 'ram-block') {
+            blocks.set(ev.block.name, await loadBlock(fh, ev.block, size));
+          } else if (ev.type === 'ram-page' || ev.type === 'ram-zero' || ev.type === 'ram-flush') {
+            throw new ProtocolError('BAD_RECORD', `${ev.type} record in a mapped-ram file`);
+          } else if (ev.type === 'device-state') {
+            if (deviceStart < 0) deviceStart = parser.offset - ev.data.reduce((n, d) => n + d.length, 0);
+            for (const d of ev.data) {
+              deviceBytes += d.length;
+              if (deviceBytes > MAX_DEVICE_STATE) throw new ProtocolError('LIMIT_EXCEEDED', `device state larger than ${MAX_DEVICE_STATE} bytes`);
+              device.push(d);
+            }
+          }
+        }
+      }
+      const config = parser.configuration;
+      if (!config) throw new ProtocolError('BAD_RECORD', 'no configuration record');
+      if (!config.capabilities.includes('mapped-ram')) throw new ProtocolError('BAD_MAPPED_RAM', 'not a mapped-ram file (the configuration lacks the mapped-ram capability)');
+      if (deviceStart < 0) throw new ProtocolError('TRUNCATED', 'file ends before the device state');
+      const tail = Buffer.concat(device);
+      device = [];
+      const found = findTrailingVmdesc(tail);
+      if (!found) throw new ProtocolError('TRUNCATED', 'file does not end with a VMDESCRIPTION (incomplete snapshot?)', { offset: deviceStart });
+      const layout = walkDeviceState(tail, found.vmdesc, 0, deviceStart);
+      if (layout.end !== tail.length) throw new ProtocolError('BAD_VMDESC', 'device state does not end at the VMDESCRIPTION', { offset: deviceStart + layout.end });
+      return new MappedRamSnapshot(path, fh, config, blocks, { ...layout, fileOffset: deviceStart }, size);
+    } catch (e) {
+      await fh.close();
+      throw e;
+    }
+  }
+
+  /** `pages` pages of `block` from byte `offset`; pages whose bit is clear read as zero. */
+  async readPages(block: string, offset: number, pages: number, into?: Buffer): Promise<Buffer> {
+    const b = this.blocks.get(block);
+    if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `no block "${block}" in ${this.path}`);
+    const len = pages * TARGET_PAGE_SIZE;
+    if (offset % TARGET_PAGE_SIZE !== 0 || offset + len > b.usedLength) throw new RangeError(`pages [0x${offset.toString(16)}, +0x${len.toString(16)}) outside block ${block}`);
+    const out = into ?? Buffer.alloc(len);
+    let p = 0;
+    while (p < pages) {
+      const page = offset / TARGET_PAGE_SIZE + p;
+      const present = b.bitmap.test(page);
+      let n = 1;
+      while (p + n < pages && b.bitmap.test(page + n) === present) n++;
+      if (present) {
+        await this.fh.read(out, p * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE, b.header.pagesOffset + page * TARGET_PAGE_SIZE);
+      } else {
+        out.fill(0, p * TARGET_PAGE_SIZE, (p + n) * TARGET_PAGE_SIZE);
+      }
+      p += n;
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}
+
+async function loadBlock(fh: FileHandle, info: RamBlockInfo, fileSize: number): Promise<SnapshotBlock> {
+  const h = info.mappedRam;
+  if (!h) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" has no mapped-ram header`);
+  const size = bitmapBytes(info.usedLength);
+  if (h.bitmapOffset + size > fileSize) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" bitmap lies beyond the end of the file`, { offset: h.bitmapOffset });
+  if (h.pagesOffset + info.usedLength > fileSize) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" pages region lies beyond the end of the file`, { offset: h.pagesOffset });
+  if (h.bitmapOffset + size > h.pagesOffset) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" bitmap overlaps its pages region`, { offset: h.bitmapOffset });
+  const bm = Buffer.alloc(size);
+  await fh.read(bm, 0, size, h.bitmapOffset);
+  return { name: info.name, usedLength: info.usedLength, header: h, bitmap: new PageBitmap(info.usedLength / TARGET_PAGE_SIZE, bm) };
+}

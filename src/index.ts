@@ -1,0 +1,21 @@
+// The library API. Conversations (receive, save) are the high-level entry points; the codec and
+// engine are exported for tools that work with migration streams and files directly.
+
+export { receive, ReceiveHandle } from './conversations/receive.js';
+export type { ReceiveOptions, ReceiveProgress, ReceiveSummary, SyncMode } from './conversations/receive.js';
+export { save, SaveHandle } from './conversations/save.js';
+export type { SaveOptions, SaveProgress, SaveSummary } from './conversations/save.js';
+
+export { MappedRamSnapshot } from './engine/mapped-ram-reader.js';
+export { MappedRamWriter } from './engine/mapped-ram-writer.js';
+export { MultifdReceiver, ChannelError } from './engine/multifd-receiver.js';
+export type { PageStore, RamBlock } from './engine/page-store.js';
+export { SyncBarrier } from './engine/sync-barrier.js';
+
+export { ProtocolError } from './codec/errors.js';
+export type { ProtocolErrorCode } from './codec/errors.js';
+export { MainStreamParser } from './codec/main-stream-parser.js';
+export type { MainEvent, RamBlockInfo } from './codec/main-stream-parser.js';
+export { MultifdChannelParser } from './codec/multifd-channel-parser.js';
+export * from './codec/constants.js';
+export { QmpClient, QmpCommandError } from './transports/qmp-client.js';

@@ -5,12 +5,13 @@
 
 import { once } from 'node:events';
 import { connect, type Socket } from 'node:net';
-import { MULTIFD_PAGES_PER_PACKET, MultifdFlag, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { Command, MULTIFD_PAGES_PER_PACKET, MultifdFlag, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { encodeConfiguration } from '../codec/configuration.js';
 import { encodeMultifdInit } from '../codec/multifd-init.js';
 import { encodeMultifdPacketHeader, encodeSyncPacket } from '../codec/multifd-packet.js';
 import {
   encodeBlockEntry,
+  encodeCommand,
   encodeEos,
   encodeFooter,
   encodeMemSize,
@@ -83,28 +84,46 @@ async function write(s: Socket, bufs: Buffer[]): Promise<void> {
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 const isZero = (b: Buffer): boolean => b.equals(ZERO_PAGE);
 
+export interface SyntheticSendOptions {
+  channels: number;
+  rounds?: number;
+  /** 'round': MULTIFD_FLUSH per round (QEMU's default); 'section': every EOS syncs. */
+  syncMode?: 'round' | 'section';
+  /** Open the return path and PING(1), as a source with the return-path capability does. */
+  returnPath?: boolean;
+  /** Channel ids to announce (default 0..channels-1). */
+  channelIds?: number[];
+  uuid?: Buffer;
+  /** Called with the main socket once connected (e.g. to read the return path). */
+  onMain?: (s: Socket) => void;
+}
+
 /**
  * Sends the guest to `addr` as a QEMU source with multifd would: round 1 all pages, then
  * `rounds - 1` rounds of changed pages, each closed by one SYNC per channel and a FLUSH.
  */
-export async function sendSyntheticMigration(addr: string, g: SyntheticGuest, opts: { channels: number; rounds?: number }): Promise<void> {
+export async function sendSyntheticMigration(addr: string, g: SyntheticGuest, opts: SyntheticSendOptions): Promise<void> {
   const n = opts.channels;
+  const perSection = opts.syncMode === 'section';
   const main = await connectTo(addr);
+  opts.onMain?.(main);
   const chans: Socket[] = [];
   for (let i = 0; i < n; i++) chans.push(await connectTo(addr));
   let packetNum = 0n;
   let next = 0;
   try {
-    await Promise.all(chans.map((c, i) => write(c, [encodeMultifdInit(i), encodeSyncPacket(packetNum++)])));
+    await Promise.all(chans.map((c, i) => write(c, [encodeMultifdInit(opts.channelIds?.[i] ?? i, opts.uuid), encodeSyncPacket(packetNum++)])));
     const sid = 2;
     const total = g.blocks.reduce((t, b) => t + b.data.length, 0);
+    const flush = perSection ? [] : [encodeMultifdFlush()];
     await write(main, [
       encodeStreamHeader(),
       encodeConfiguration({ machine: g.machine, capabilities: [] }),
+      ...(opts.returnPath ? [encodeCommand(Command.OPEN_RETURN_PATH), encodeCommand(Command.PING, Buffer.from([0, 0, 0, 1]))] : []),
       encodeSectionFull(SectionType.START, sid, 'ram', 0, 4),
       encodeMemSize(total),
       ...g.blocks.map((b) => encodeBlockEntry(b.name, b.data.length)),
-      encodeMultifdFlush(),
+      ...flush,
       encodeEos(),
       encodeFooter(sid),
     ]);
@@ -147,7 +166,7 @@ export async function sendSyntheticMigration(addr: string, g: SyntheticGuest, op
         await sendPages(g.blocks[0]!, dirtySyntheticGuest(g, r));
       }
       await sync();
-      const body = [encodeMultifdFlush(), encodeEos(), encodeFooter(sid)];
+      const body = [...flush, encodeEos(), encodeFooter(sid)];
       if (last) await write(main, [encodeSwitchoverStart(), encodeSectionShort(SectionType.END, sid), ...body]);
       else await write(main, [encodeSectionShort(SectionType.PART, sid), ...body]);
     }
@@ -162,6 +181,8 @@ export async function sendSyntheticMigration(addr: string, g: SyntheticGuest, op
       len,
       vmdesc,
     ]);
+    // With a return path the source waits for SHUT before it closes (as QEMU does).
+    if (opts.returnPath) await once(main, 'end');
   } finally {
     for (const s of [main, ...chans]) s.end();
   }

@@ -1,0 +1,221 @@
+// receive() end to end without QEMU: our synthetic source (QEMU's sequence, several rounds, pages
+// rewritten and zeroed between rounds) and hand-made faulty streams over real sockets.
+
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
+import { once } from 'node:events';
+import { join } from 'node:path';
+import { receive, type ReceiveOptions } from '../../src/conversations/receive.js';
+import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
+import { dirtySyntheticGuest, makeSyntheticGuest, sendSyntheticMigration, type SyntheticSendOptions } from '../../src/demo/synthetic-source.js';
+import { Command, MultifdFlag, SectionType, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import { encodeConfiguration } from '../../src/codec/configuration.js';
+import { encodeMultifdInit } from '../../src/codec/multifd-init.js';
+import { encodeMultifdPacketHeader, encodeSyncPacket } from '../../src/codec/multifd-packet.js';
+import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodeSectionFull, encodeStreamHeader } from '../../src/codec/stream-encode.js';
+
+function tmp(): string {
+  return mkdtempSync('/tmp/multifd-rx-test-');
+}
+
+async function roundTrip(send: Omit<SyntheticSendOptions, 'channels'> & { channels: number }, rx: Partial<ReceiveOptions> = {}) {
+  const dir = tmp();
+  const out = join(dir, 'vm.mig');
+  try {
+    const guest = makeSyntheticGuest(8);
+    const expected = makeSyntheticGuest(8);
+    const h = receive({ listen: 'tcp:127.0.0.1:0', out, channels: send.channels, ...rx });
+    const addr = await h.listening;
+    const [summary] = await Promise.all([h.done, sendSyntheticMigration(addr, guest, send)]);
+    for (let r = 2; r <= (send.rounds ?? 2); r++) dirtySyntheticGuest(expected, r);
+    const snap = await MappedRamSnapshot.open(out);
+    try {
+      for (const b of expected.blocks) {
+        const got = await snap.readPages(b.name, 0, b.data.length / TARGET_PAGE_SIZE);
+        assert.ok(got.equals(b.data), `block ${b.name} differs from the source's final state`);
+      }
+      assert.equal(snap.deviceState.sections.length, 1);
+    } finally {
+      await snap.close();
+    }
+    assert.deepEqual(readdirSync(dir), ['vm.mig'], 'only the snapshot remains');
+    return summary;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+describe('receive from the synthetic source', () => {
+  for (const channels of [1, 2, 4]) {
+    test(`${channels} channel(s), 3 rounds with pages rewritten and zeroed`, async () => {
+      const s = await roundTrip({ channels, rounds: 3 });
+      assert.equal(s.channels.length, channels);
+      assert.equal(s['sync-mode'], 'round');
+      assert.equal(s['dirty-sync-count'], 4, 'setup sync + one per round');
+      for (const c of s.channels) assert.equal(c.syncs, 4);
+      assert.ok(s.duplicate > 0, 'zero pages were listed');
+    });
+  }
+
+  test('per-section sync mode is inferred from the START section', async () => {
+    const s = await roundTrip({ channels: 2, rounds: 2, syncMode: 'section' });
+    assert.equal(s['sync-mode'], 'section');
+    assert.equal(s['dirty-sync-count'], 3);
+  });
+
+  test('return path: answers PING with PONG and ends with SHUT(0)', async () => {
+    let rp = Buffer.alloc(0);
+    const s = await roundTrip({
+      channels: 2,
+      returnPath: true,
+      onMain: (sock) => sock.on('data', (d: Buffer) => { rp = Buffer.concat([rp, d]); }),
+    });
+    assert.equal(s['return-path'], true);
+    assert.deepEqual([...rp], [0, 2, 0, 4, 0, 0, 0, 1, 0, 1, 0, 4, 0, 0, 0, 0], 'PONG(1) then SHUT(0)');
+  });
+
+  test('without multifd (--channels 0) is refused when channels connect', async () => {
+    const dir = tmp();
+    try {
+      const h = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'vm.mig'), channels: 0 });
+      const addr = await h.listening;
+      const sent = sendSyntheticMigration(addr, makeSyntheticGuest(1), { channels: 1 }).catch(() => {});
+      await assert.rejects(h.done, /expects none \(--channels 0\)/);
+      await sent;
+      assert.deepEqual(readdirSync(dir), []);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+/** Sends hand-made bytes on a main connection and channel connections, then closes them. */
+async function rawMigration(addr: string, main: Buffer[] | undefined, channels: Buffer[][], opts: { keepOpen?: boolean } = {}): Promise<Socket[]> {
+  const port = Number(addr.split(':').pop());
+  const open = async (bufs: Buffer[]): Promise<Socket> => {
+    const s = connect(port, '127.0.0.1');
+    s.on('error', () => {});
+    await once(s, 'connect');
+    for (const b of bufs) s.write(b);
+    return s;
+  };
+  const socks: Socket[] = [];
+  if (main) socks.push(await open(main));
+  for (const c of channels) socks.push(await open(c));
+  if (!opts.keepOpen) for (const s of socks) s.end();
+  return socks;
+}
+
+const BLOCK = 'ram0';
+const BLOCK_LEN = 1024 * 1024;
+
+function mainSetup(): Buffer[] {
+  return [
+    encodeStreamHeader(),
+    encodeConfiguration({ machine: 'pc-test', capabilities: [] }),
+    encodeSectionFull(SectionType.START, 1, 'ram', 0, 4),
+    encodeMemSize(BLOCK_LEN),
+    encodeBlockEntry(BLOCK, BLOCK_LEN),
+    encodeMultifdFlush(),
+    encodeEos(),
+    encodeFooter(1),
+  ];
+}
+
+function dataPacket(num: bigint, offsets: number[], flags: number = MultifdFlag.NOCOMP, block = BLOCK): Buffer[] {
+  const header = encodeMultifdPacketHeader({ flags, normalPages: offsets.length, zeroPages: 0, nextPacketSize: offsets.length * TARGET_PAGE_SIZE, packetNum: num, ramblock: block, offsets });
+  return [header, Buffer.alloc(offsets.length * TARGET_PAGE_SIZE, 0x5a)];
+}
+
+async function expectFailure(channels: number, run: (addr: string) => Promise<unknown>, pattern: RegExp, extra: Partial<ReceiveOptions> = {}): Promise<Error> {
+  const dir = tmp();
+  try {
+    const h = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'vm.mig'), channels, ...extra });
+    const addr = await h.listening;
+    const socks = await run(addr);
+    let err: Error | undefined;
+    await assert.rejects(h.done, (e: Error) => { err = e; return pattern.test(e.message); });
+    if (Array.isArray(socks)) for (const s of socks as Socket[]) s.destroy();
+    await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(readdirSync(dir), [], 'no snapshot and no temporary file remain');
+    return err!;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+describe('receive failures', () => {
+  test('a compressing source is named', async () => {
+    await expectFailure(1, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n), ...dataPacket(1n, [0], MultifdFlag.ZLIB)]], { keepOpen: true }),
+      /multifd channel 0: source uses zlib, receiver expects none/);
+  });
+
+  test('a channel id beyond the channel count', async () => {
+    await expectFailure(2, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(0)], [encodeMultifdInit(2)]], { keepOpen: true }),
+      /received channel id 2 exceeds channel count 2/);
+  });
+
+  test('a duplicate channel id', async () => {
+    await expectFailure(2, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(1)], [encodeMultifdInit(1)]], { keepOpen: true }),
+      /channel id 1 already set up/);
+  });
+
+  test('too few channels: the sync times out with a clear message', async () => {
+    await expectFailure(2, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n)]], { keepOpen: true }),
+      /only 1 of 2 multifd channels connected/, { channelTimeoutMs: 300 });
+  });
+
+  test('a channel closed mid-packet', async () => {
+    const [h, p] = dataPacket(1n, [0, 4096]);
+    await expectFailure(1, (a) => rawMigration(a, [...mainSetup()], [[encodeMultifdInit(0), encodeSyncPacket(0n), h!, p!.subarray(0, 5000)]], {}),
+      /multifd channel 0: closed mid-packet/);
+  });
+
+  test('an unknown block in a packet', async () => {
+    await expectFailure(1, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n), ...dataPacket(1n, [0], MultifdFlag.NOCOMP, 'nope')]], { keepOpen: true }),
+      /multifd channel 0: packet names unknown RAM block "nope"/);
+  });
+
+  test('an offset beyond the block', async () => {
+    await expectFailure(1, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n), ...dataPacket(1n, [BLOCK_LEN])]], { keepOpen: true }),
+      /multifd channel 0: packet offset 0x100000 is outside block "ram0"/);
+  });
+
+  test('the main channel closes mid-migration (source gone)', async () => {
+    await expectFailure(1, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n)]]),
+      /main channel: closed before the migration completed/);
+  });
+
+  test('bad stream magic on the main channel', async () => {
+    await expectFailure(1, (a) => rawMigration(a, [Buffer.from('QEVM\0\0\0\x02')], [], { keepOpen: true }),
+      /main channel: migration stream version 2 is obsolete/);
+  });
+
+  test('an unknown channel magic', async () => {
+    await expectFailure(1, (a) => rawMigration(a, [Buffer.from('GET / HTTP/1.0\r\n\r\n')], [], { keepOpen: true }),
+      /unknown channel magic 0x47455420/);
+  });
+
+  test('PING before OPEN_RETURN_PATH', async () => {
+    await expectFailure(1, (a) => rawMigration(a, [encodeStreamHeader(), encodeConfiguration({ machine: 'm', capabilities: [] }), encodeCommand(Command.PING, Buffer.from([0, 0, 0, 1]))], [], { keepOpen: true }),
+      /main channel: PING before OPEN_RETURN_PATH/);
+  });
+
+  test('abort() mid-migration removes the temporary file', async () => {
+    const dir = tmp();
+    try {
+      const h = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'vm.mig'), channels: 1 });
+      const addr = await h.listening;
+      const socks = await rawMigration(addr, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n)]], { keepOpen: true });
+      await new Promise((r) => setTimeout(r, 100));
+      h.abort(new Error('stopped by the test'));
+      await assert.rejects(h.done, /stopped by the test/);
+      for (const s of socks) s.destroy();
+      assert.deepEqual(readdirSync(dir), []);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -1,0 +1,92 @@
+// `multifd save` as a user runs it: the CLI against a running guest's QMP socket, on QEMU 10 and 11.
+
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
+import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuVersion } from '../helpers/qemu.js';
+
+const BIN = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
+
+function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [BIN, ...args], { timeout: 120_000 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
+    });
+  });
+}
+
+for (const version of ['10', '11'] as QemuVersion[]) {
+  const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)})`;
+  describe(`save CLI with QEMU ${version}`, { skip, timeout: 180_000 }, () => {
+    test('saves a running guest, restores settings, --resume keeps it running; the file restores and runs on', async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-save-test-');
+      const saveSock = join(dir, 'save.sock');
+      const out = join(dir, 'vm.mig');
+      const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${saveSock},server=on,wait=off`] });
+      let dst;
+      try {
+        await waitGuestPasses(src, 3);
+        const before = await src.qmp.execute('query-migrate-parameters');
+        const r = await cli(['save', '--qmp', `unix:${saveSock}`, '--out', out, '--channels', '4', '--downtime-limit', '20000', '--resume', '--json']);
+        assert.equal(r.code, 0, `save failed: ${r.stderr}`);
+        const s = JSON.parse(r.stdout);
+        t.diagnostic(`QEMU ${version}: ${s.transferred} bytes in ${s['total-time']} ms (${s.mbps} Mbit/s), ${s['dirty-sync-count']} syncs, downtime ${s.source.downtime} ms`);
+        assert.equal(s.status, 'completed');
+        assert.equal(s.source.status, 'completed');
+        assert.equal(s.channels.length, 4);
+        assert.equal(s.source['run-state-after'], 'running', '--resume ran cont');
+        assert.ok(s.transferred > 99 * 1024 * 1024, 'the dirtied range went over the wire');
+        const after = await src.qmp.execute('query-migrate-parameters');
+        assert.equal(after['max-bandwidth'], before['max-bandwidth'], 'max-bandwidth restored');
+        assert.equal(after['multifd-channels'], before['multifd-channels'], 'multifd-channels restored');
+        assert.equal(after['downtime-limit'], before['downtime-limit'], 'downtime-limit restored');
+        const caps = await src.qmp.execute('query-migrate-capabilities');
+        assert.equal(caps.find((c: { capability: string }) => c.capability === 'multifd').state, false, 'multifd capability restored');
+        assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith('.')), [], 'no temporary file left');
+        await src.kill();
+
+        dst = await startQemu({ version, memMiB: 128, bootSector: true, incoming: 'defer', paused: true });
+        await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }] });
+        await dst.qmp.execute('migrate-incoming', { uri: `file:${out}` });
+        const m = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
+        assert.equal(m.status, 'completed', m['error-desc']);
+        const restored = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+        const inv = checkDirtyInvariant(restored);
+        assert.ok(inv.ok, inv.reason);
+        const passes = countPasses(dst.serialLog());
+        await dst.qmp.execute('cont');
+        await waitGuestPasses(dst, passes + 2);
+        await dst.qmp.execute('stop');
+        const later = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+        assert.ok(checkDirtyInvariant(later).ok);
+        assert.ok(!later.equals(restored), 'the guest ran on after restore');
+      } finally {
+        await src.kill();
+        await dst?.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('a save that cannot write its file fails clearly and leaves the VM running', async () => {
+      const dir = mkdtempSync('/tmp/multifd-save-test-');
+      const saveSock = join(dir, 'save.sock');
+      const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${saveSock},server=on,wait=off`] });
+      try {
+        await waitGuestPasses(src, 2);
+        const r = await cli(['save', '--qmp', `unix:${saveSock}`, '--out', join(dir, 'missing-dir', 'vm.mig')]);
+        assert.equal(r.code, 1);
+        assert.match(r.stderr, /multifd: error: cannot create the snapshot in .*missing-dir/);
+        const st = await src.qmp.execute('query-status');
+        assert.equal(st.status, 'running');
+        assert.equal(existsSync(join(dir, 'missing-dir')), false);
+      } finally {
+        await src.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+}

@@ -82,7 +82,9 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       caps: await qmp.execute('query-migrate-capabilities'),
       params: await qmp.execute('query-migrate-parameters'),
     };
-    const capsWanted: Record<string, boolean> = { multifd: channels > 0, 'mapped-ram': false };
+    // With the return path the source completes only after our SHUT(0), i.e. after the snapshot
+    // is committed; a failure on our side (SHUT(1)) fails its migration and it keeps running.
+    const capsWanted: Record<string, boolean> = { multifd: channels > 0, 'mapped-ram': false, 'return-path': true };
     await qmp.execute('migrate-set-capabilities', {
       capabilities: Object.entries(capsWanted)
         .filter(([name]) => saved!.caps.some((c) => c.capability === name))
@@ -171,7 +173,7 @@ async function restoreSettings(qmp: QmpClient, s: Snapshot): Promise<void> {
     if (!['setup', 'active', 'device', 'cancelling', 'pre-switchover'].includes(st.status)) break;
     await new Promise((r) => setTimeout(r, 100));
   }
-  const touched = ['multifd', 'mapped-ram'];
+  const touched = ['multifd', 'mapped-ram', 'return-path'];
   await qmp.execute('migrate-set-capabilities', {
     capabilities: s.caps.filter((c) => touched.includes(c.capability)).map((c) => ({ capability: c.capability, state: c.state })),
   });

@@ -46,6 +46,8 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(after['downtime-limit'], before['downtime-limit'], 'downtime-limit restored');
         const caps = await src.qmp.execute('query-migrate-capabilities');
         assert.equal(caps.find((c: { capability: string }) => c.capability === 'multifd').state, false, 'multifd capability restored');
+        assert.equal(caps.find((c: { capability: string }) => c.capability === 'return-path').state, false, 'return-path capability restored');
+        assert.equal(s['return-path'], true, 'save uses the return path');
         assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith('.')), [], 'no temporary file left');
         await src.kill();
 

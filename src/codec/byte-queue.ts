@@ -30,17 +30,21 @@ export class ByteQueue {
     if (n > this.size) throw new RangeError(`consume ${n} > ${this.size}`);
     this.size -= n;
     this.consumedTotal += n;
+    // Dropped chunks are removed with one splice: shift() per chunk is quadratic when a payload
+    // arrived in many small chunks (a peer sending tiny segments).
+    let drop = 0;
     while (n > 0) {
-      const first = this.chunks[0]!;
+      const first = this.chunks[drop]!;
       const avail = first.length - this.headOffset;
       if (n < avail) {
         this.headOffset += n;
-        return;
+        break;
       }
       n -= avail;
-      this.chunks.shift();
+      drop++;
       this.headOffset = 0;
     }
+    if (drop > 0) this.chunks.splice(0, drop);
   }
 
   /** Removes and returns everything buffered, as views. */

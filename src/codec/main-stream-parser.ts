@@ -270,7 +270,9 @@ export class MainStreamParser {
         c.u8();
         const sectionId = c.u32();
         if (sectionId !== this.ramSectionId) {
-          throw new ProtocolError('UNSUPPORTED', `section ${sectionId} is not the ram section (${this.ramSectionId ?? 'none yet'})`, { offset: at });
+          // Other iterable sections are refused at their START, so this id was never opened: the
+          // stream is corrupt, not using a feature we lack (QEMU: "Unknown savevm section").
+          throw new ProtocolError('BAD_RECORD', `section ${sectionId} was never started (ram section: ${this.ramSectionId ?? 'none yet'})`, { offset: at });
         }
         this.currentSectionId = sectionId;
         this.state = 'ram-records';

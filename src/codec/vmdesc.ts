@@ -105,19 +105,31 @@ class Walker {
     this.pos += n;
   }
 
+  /** The vmdesc comes from the stream: a list that is not an array of objects is a bad vmdesc, not a TypeError. */
+  list<T>(v: T[] | undefined, what: string): T[] {
+    if (v === undefined) return [];
+    if (!Array.isArray(v) || v.some((x) => typeof x !== 'object' || x === null)) this.fail(`VMDESCRIPTION ${what} is not a list of objects`);
+    return v;
+  }
+
   struct(desc: VmdescStruct, depth: number): void {
     if (depth > MAX_DEPTH) this.fail('VMDESCRIPTION nests too deeply');
-    for (const f of desc.fields ?? []) {
+    for (const f of this.list(desc.fields, 'fields')) {
       const count = f.array_len ?? 1;
       if (!Number.isInteger(count) || count < 0) this.fail(`field ${f.name} has a bad array_len`);
       if (f.type === 'struct' && f.struct) {
-        for (let i = 0; i < count; i++) this.struct(f.struct, depth + 1);
+        for (let i = 0; i < count; i++) {
+          const at = this.pos;
+          this.struct(f.struct, depth + 1);
+          // An element that read nothing reads nothing every time: a huge array_len must not spin.
+          if (this.pos === at) break;
+        }
       } else {
         if (!Number.isInteger(f.size) || f.size < 0) this.fail(`field ${f.name} has a bad size`);
         this.skip(f.size * count);
       }
     }
-    for (const sub of desc.subsections ?? []) {
+    for (const sub of this.list(desc.subsections, 'subsections')) {
       const at = this.pos;
       if (this.u8() !== SectionType.SUBSECTION) {
         this.pos = at;
@@ -137,8 +149,8 @@ class Walker {
  */
 export function walkDeviceState(buf: Buffer, vmdesc: Vmdesc, start = 0, base = 0): DeviceStateLayout {
   const byKey = new Map<string, VmdescDevice>();
-  for (const d of vmdesc.devices) byKey.set(`${d.name}\0${d.instance_id}`, d);
   const w: Walker = new Walker(buf, start, base);
+  for (const d of w.list(vmdesc.devices, 'devices')) byKey.set(`${d.name}\0${d.instance_id}`, d);
   const sections: DeviceSection[] = [];
   const ids = new Map<number, string>();
   for (;;) {

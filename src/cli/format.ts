@@ -28,6 +28,7 @@ interface SummaryLike {
   duplicate: number;
   mbps: number;
   'dirty-sync-count': number;
+  'multifd-syncs': number;
   'sync-mode': string;
   'file-size': number;
   channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
@@ -38,7 +39,7 @@ interface SummaryLike {
 export function summaryText(s: SummaryLike): string {
   const lines = [
     `saved ${s.file} (${s.machine}, ${bytes(s['file-size'])} apparent size)`,
-    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['dirty-sync-count']} sync rounds (${s['sync-mode']} mode)`,
+    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['dirty-sync-count']} dirty syncs, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode)`,
   ];
   for (const c of s.channels) {
     lines.push(`  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);

@@ -29,6 +29,19 @@ function uuidArg(v: string): Buffer {
   }
 }
 
+/** Shows progress while `done` runs, then prints the summary (text or JSON); exits 1 on error. */
+async function report<S>(label: string, json: boolean | undefined, start: (view: ProgressView) => Promise<S>, text: (s: S) => string): Promise<void> {
+  const view = new ProgressView(process.stderr.isTTY === true, label);
+  try {
+    const s = await start(view);
+    view.stop();
+    process.stdout.write(json ? JSON.stringify(s, null, 2) + '\n' : text(s) + '\n');
+  } catch (e) {
+    view.stop();
+    fail(e);
+  }
+}
+
 function fail(e: unknown): never {
   const err = e as Error & { code?: string; offset?: number };
   const where = err.offset !== undefined ? ` (at byte ${err.offset})` : '';
@@ -62,19 +75,13 @@ On the QEMU side:
 The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   migrate-incoming uri=file:FILE`)
   .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; json?: boolean }) => {
-    const view = new ProgressView(process.stderr.isTTY === true, 'receive');
-    try {
+    await report('receive', o.json, async (view) => {
       const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, ...(o.uuid ? { uuid: o.uuid } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(p));
       const addr = await h.listening;
       if (!o.json) process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)\n`);
-      const s = await h.done;
-      view.stop();
-      process.stdout.write(o.json ? JSON.stringify(s, null, 2) + '\n' : summaryText(s) + '\n');
-    } catch (e) {
-      view.stop();
-      fail(e);
-    }
+      return h.done;
+    }, summaryText);
   });
 
 program
@@ -89,8 +96,7 @@ program
   .option('--resume', 'let the VM run on after saving (QEMU pauses it when migration completes)')
   .option('--json', 'print the final summary as JSON on stdout')
   .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; json?: boolean }) => {
-    const view = new ProgressView(process.stderr.isTTY === true, 'save');
-    try {
+    await report('save', o.json, (view) => {
       const h = save({
         qmp: o.qmp,
         out: resolve(o.out),
@@ -101,13 +107,8 @@ program
         ...(o.resume ? { resume: true } : {}),
       });
       h.on('progress', (p: ReceiveProgress) => view.update(p));
-      const s = await h.done;
-      view.stop();
-      process.stdout.write(o.json ? JSON.stringify(s, null, 2) + '\n' : summaryText(s) + '\n');
-    } catch (e) {
-      view.stop();
-      fail(e);
-    }
+      return h.done;
+    }, summaryText);
   });
 
 program

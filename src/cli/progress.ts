@@ -1,19 +1,10 @@
 // Progress display: a live line on a TTY (cli-progress), nothing otherwise (logs go to --verbose).
 
 import cliProgress from 'cli-progress';
+import type { ReceiveProgress } from '../conversations/receive.js';
 import { bytes, rate } from './format.js';
 
-export interface ProgressSample {
-  phase: string;
-  elapsedMs: number;
-  transferred: number;
-  normal: number;
-  duplicate: number;
-  rounds: number;
-  channelsConnected: number;
-  channels: number;
-  ramTotal: number;
-}
+export type ProgressSample = Pick<ReceiveProgress, 'phase' | 'elapsedMs' | 'transferred' | 'normal' | 'duplicate' | 'rounds' | 'channelsConnected' | 'channels' | 'ramTotal'>;
 
 export class ProgressView {
   private bar: cliProgress.SingleBar | undefined;

@@ -79,7 +79,13 @@ export interface ReceiveSummary {
   'normal-bytes': number;
   duplicate: number;
   mbps: number;
+  /**
+   * Receive alone cannot see QEMU's dirty-bitmap syncs; it reports the multifd sync barriers it
+   * passed (one per scan wrap plus setup, or one per section). `save` replaces it with QEMU's count.
+   */
   'dirty-sync-count': number;
+  /** Multifd sync barriers passed (setup sync included). */
+  'multifd-syncs': number;
   'sync-mode': 'round' | 'section' | 'none';
   'return-path': boolean;
   'main-bytes': number;
@@ -218,17 +224,19 @@ class Receiver {
     sock.on('close', () => this.sockets.delete(sock));
     // Errors surface through the readers; this keeps an ECONNRESET from crashing the process.
     sock.on('error', () => {});
+    // Taken now: once the socket is closed or destroyed, remoteAddress is undefined.
+    const peer = describePeer(sock);
     const timeout = this.opts.identifyTimeoutMs ?? 30000;
     readAtLeast(sock, 4, timeout).then(
-      (first) => this.identify(sock, first),
+      (first) => this.identify(sock, first, peer),
       (e: Error) => {
         sock.destroy();
-        if (!this.failure && !this.finished) this.fail(new Error(`connection from ${describePeer(sock)}: ${e.message}`));
+        if (!this.failure && !this.finished) this.fail(new Error(`connection from ${peer}: ${e.message}`));
       },
     );
   }
 
-  private identify(sock: Socket, first: Buffer): void {
+  private identify(sock: Socket, first: Buffer, peer: string): void {
     if (this.failure) return;
     const magic = first.readUInt32BE(0);
     if (magic === QEVM_MAGIC) {
@@ -254,11 +262,11 @@ class Receiver {
         sock.destroy();
         return;
       }
-      void this.multifd.runChannel(chunksWithPrefix(first, sock), `multifd connection from ${describePeer(sock)}`);
+      void this.multifd.runChannel(chunksWithPrefix(first, sock), `multifd connection from ${peer}`);
       return;
     }
     sock.destroy();
-    this.fail(new ProtocolError('BAD_MAGIC', `unknown channel magic 0x${magic.toString(16).padStart(8, '0')} from ${describePeer(sock)} (expected QEVM or 0x11223344)`));
+    this.fail(new ProtocolError('BAD_MAGIC', `unknown channel magic 0x${magic.toString(16).padStart(8, '0')} from ${peer} (expected QEVM or 0x11223344)`));
   }
 
   private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
@@ -449,6 +457,7 @@ class Receiver {
       duplicate: p.duplicate,
       mbps: elapsed > 0 ? Math.round((p.transferred * 8) / (elapsed * 1000) * 100) / 100 : 0,
       'dirty-sync-count': this.rounds,
+      'multifd-syncs': this.rounds,
       'sync-mode': this.multifd ? (this.syncMode === 'auto' ? 'round' : this.syncMode) : 'none',
       'return-path': this.returnPath,
       'main-bytes': this.mainBytes,

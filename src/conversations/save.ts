@@ -142,8 +142,10 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     migrating = false;
     if (opts.resume && run.running) await qmp.execute('cont');
     const after = await qmp.execute('query-status');
+    const qemuSyncs = source.ram?.['dirty-sync-count'];
     return {
       ...summary,
+      ...(typeof qemuSyncs === 'number' ? { 'dirty-sync-count': qemuSyncs } : {}),
       source: {
         status: source.status,
         'total-time': source['total-time'],

@@ -49,7 +49,7 @@ export interface StartQemuOptions {
   /** Overrides the binary chosen by `version`. */
   binary?: string;
   memMiB: number;
-  /** Default 'tcg': nested KVM here is slow for guests that write memory. */
+  /** Default 'tcg': nested KVM here is slow for guests that write memory. "kvm:tcg" falls back to TCG. */
   accel?: string;
   /** Default 'pc'. Cross-version migration needs a versioned type both sides know, e.g. pc-i440fx-10.0. */
   machine?: string;
@@ -95,6 +95,11 @@ process.on('exit', () => {
   }
 });
 
+/** `-accel` arguments for an accelerator name or a colon-separated fallback list ("kvm:tcg"). */
+export function accelArgs(accel: string): string[] {
+  return accel.split(':').filter((a) => a !== '').flatMap((a) => ['-accel', a]);
+}
+
 export async function startQemu(opts: StartQemuOptions): Promise<QemuInstance> {
   const dir = mkdtempSync('/tmp/multifd-qemu-');
   const qmpPath = join(dir, 'qmp.sock');
@@ -102,7 +107,9 @@ export async function startQemu(opts: StartQemuOptions): Promise<QemuInstance> {
   const args = [
     '-nodefaults', '-no-user-config', '-display', 'none',
     '-machine', opts.machine ?? 'pc',
-    '-accel', opts.accel ?? 'tcg',
+    // "kvm:tcg" (the old -machine accel= list syntax) becomes -accel kvm -accel tcg: -accel
+    // itself rejects the list, and repeating it gives the same first-that-works fallback.
+    ...accelArgs(opts.accel ?? 'tcg'),
     '-m', String(opts.memMiB),
     '-qmp', `unix:${qmpPath},server=on,wait=off`,
     '-serial', `file:${serialPath}`,
@@ -184,7 +191,7 @@ export async function startQemu(opts: StartQemuOptions): Promise<QemuInstance> {
         }
       }
       qmp!.close();
-      const gone = await Promise.race([exitedP.then(() => true), sleep(5_000).then(() => false)]);
+      const gone = await Promise.race([exitedP.then(() => true), sleep(5_000, undefined, { ref: false }).then(() => false)]);
       if (!gone) {
         proc.kill('SIGKILL');
         await exitedP;

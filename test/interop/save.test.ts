@@ -37,6 +37,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         t.diagnostic(`QEMU ${version}: ${s.transferred} bytes in ${s['total-time']} ms (${s.mbps} Mbit/s), ${s['dirty-sync-count']} syncs, downtime ${s.source.downtime} ms`);
         assert.equal(s.status, 'completed');
         assert.equal(s.source.status, 'completed');
+        assert.equal(s['dirty-sync-count'], s.source.ram['dirty-sync-count'], "dirty-sync-count is QEMU's own");
         assert.equal(s.channels.length, 4);
         assert.equal(s.source['run-state-after'], 'running', '--resume ran cont');
         assert.ok(s.transferred > 99 * 1024 * 1024, 'the dirtied range went over the wire');

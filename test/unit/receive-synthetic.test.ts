@@ -53,7 +53,7 @@ describe('receive from the synthetic source', () => {
       const s = await roundTrip({ channels, rounds: 3 });
       assert.equal(s.channels.length, channels);
       assert.equal(s['sync-mode'], 'round');
-      assert.equal(s['dirty-sync-count'], 4, 'setup sync + one per round');
+      assert.equal(s['multifd-syncs'], 4, 'setup sync + one per round');
       for (const c of s.channels) assert.equal(c.syncs, 4);
       assert.ok(s.duplicate > 0, 'zero pages were listed');
     });
@@ -62,7 +62,7 @@ describe('receive from the synthetic source', () => {
   test('per-section sync mode is inferred from the START section', async () => {
     const s = await roundTrip({ channels: 2, rounds: 2, syncMode: 'section' });
     assert.equal(s['sync-mode'], 'section');
-    assert.equal(s['dirty-sync-count'], 3);
+    assert.equal(s['multifd-syncs'], 3);
   });
 
   test('return path: answers PING with PONG and ends with SHUT(0)', async () => {

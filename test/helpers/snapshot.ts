@@ -1,0 +1,251 @@
+/**
+ * Helpers for tests that produce mapped-ram snapshots: random guest blobs, reading a snapshot's
+ * RAM layout through our own codec, comparing the RAM of two snapshots page by page, restoring
+ * a snapshot into a fresh QEMU, and migrating a QEMU source into receive().
+ *
+ * Everything QEMU is given (blobs, snapshot files) must live under /tmp: QEMU 11 runs in a
+ * chroot that shares only /tmp with us.
+ */
+import { randomFillSync } from 'node:crypto';
+import { readdirSync, writeFileSync } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
+import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import type { Configuration } from '../../src/codec/configuration.js';
+import { bitmapBytes, PageBitmap } from '../../src/codec/mapped-ram.js';
+import { MainStreamParser, type RamBlockInfo } from '../../src/codec/main-stream-parser.js';
+import { receive, type ReceiveHandle, type ReceiveOptions, type ReceiveSummary } from '../../src/conversations/receive.js';
+import { startQemu, waitMigration, type QemuInstance, type QemuVersion } from './qemu.js';
+
+const PAGE = TARGET_PAGE_SIZE;
+
+/**
+ * Writes `size` bytes of crypto-random data with the listed pages forced to zero (so zero-page
+ * detection has something to find inside the blob) and returns the blob.
+ */
+export function writeRandomBlob(path: string, size: number, zeroPages: readonly number[] = []): Buffer {
+  const blob = Buffer.allocUnsafe(size);
+  // randomFillSync refuses more than 2^31-1 bytes per call; fill in slices.
+  for (let off = 0; off < size; off += 64 << 20) randomFillSync(blob, off, Math.min(64 << 20, size - off));
+  for (const p of zeroPages) blob.fill(0, p * PAGE, (p + 1) * PAGE);
+  writeFileSync(path, blob);
+  return blob;
+}
+
+export interface MappedRamLayout {
+  config: Configuration | undefined;
+  /** RAM blocks in stream order, each with its mapped-ram header. */
+  blocks: RamBlockInfo[];
+  ramEos: number;
+  deviceStateBytes: number;
+  fileSize: number;
+}
+
+/**
+ * Walks a mapped-ram file with MainStreamParser, seeking over each block's pages region the way
+ * a loader does (PROTOCOL.md §5.2, §7d).
+ */
+export async function readMappedRamLayout(path: string): Promise<MappedRamLayout> {
+  const fh = await open(path, 'r');
+  try {
+    const fileSize = (await fh.stat()).size;
+    const parser = new MainStreamParser();
+    const blocks: RamBlockInfo[] = [];
+    let ramEos = 0;
+    let deviceStateBytes = 0;
+    let pos = 0;
+    while (pos < fileSize) {
+      const buf = Buffer.allocUnsafe(Math.min(1 << 20, fileSize - pos));
+      const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
+      if (bytesRead === 0) break;
+      pos += bytesRead;
+      parser.push(buf.subarray(0, bytesRead));
+      for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+        if (ev.type === 'ram-block') blocks.push(ev.block);
+        else if (ev.type === 'ram-eos') ramEos++;
+        else if (ev.type === 'device-state') deviceStateBytes += ev.data.reduce((n, b) => n + b.length, 0);
+        else if (ev.type === 'ram-page' || ev.type === 'ram-zero' || ev.type === 'ram-flush') {
+          throw new Error(`${path}: unexpected ${ev.type} record in a mapped-ram file`);
+        }
+      }
+      const skip = parser.pendingSkip;
+      if (skip > 0) {
+        parser.skipped(skip);
+        pos += skip;
+      }
+    }
+    for (const b of blocks) {
+      if (!b.mappedRam) throw new Error(`${path}: block ${b.name} has no mapped-ram header`);
+    }
+    return { config: parser.configuration, blocks, ramEos, deviceStateBytes, fileSize };
+  } finally {
+    await fh.close();
+  }
+}
+
+async function readExactly(fh: FileHandle, len: number, pos: number): Promise<Buffer> {
+  const buf = Buffer.alloc(len);
+  let got = 0;
+  while (got < len) {
+    const { bytesRead } = await fh.read(buf, got, len - got, pos + got);
+    if (bytesRead === 0) break; // past EOF reads as zero, like a hole
+    got += bytesRead;
+  }
+  return buf;
+}
+
+export async function readBitmap(fh: FileHandle, b: RamBlockInfo): Promise<PageBitmap> {
+  const pages = b.usedLength / PAGE;
+  return new PageBitmap(pages, await readExactly(fh, bitmapBytes(b.usedLength), b.mappedRam!.bitmapOffset));
+}
+
+/** Pages [first, first+count) of a block as the loader sees them: a clear bit reads as zero. */
+async function effectivePages(fh: FileHandle, b: RamBlockInfo, bm: PageBitmap, first: number, count: number): Promise<Buffer> {
+  const buf = await readExactly(fh, count * PAGE, b.mappedRam!.pagesOffset + first * PAGE);
+  for (let i = 0; i < count; i++) {
+    if (!bm.test(first + i)) buf.fill(0, i * PAGE, (i + 1) * PAGE);
+  }
+  return buf;
+}
+
+export interface BlockComparison {
+  name: string;
+  pages: number;
+  presentA: number;
+  presentB: number;
+  /** Pages whose bitmap bits differ (a zero page may legitimately be present in one file only). */
+  bitDifferences: number;
+  differingPages: number;
+  firstDiffering: number[];
+}
+
+/**
+ * Compares every page of every RAM block of two mapped-ram files by content (clear bit = zero).
+ * Both files must list the same blocks with the same used_length.
+ */
+export async function compareMappedRamFiles(pathA: string, pathB: string): Promise<BlockComparison[]> {
+  const [la, lb] = await Promise.all([readMappedRamLayout(pathA), readMappedRamLayout(pathB)]);
+  const namesA = la.blocks.map((b) => `${b.name}:${b.usedLength}`).sort();
+  const namesB = lb.blocks.map((b) => `${b.name}:${b.usedLength}`).sort();
+  if (namesA.join(',') !== namesB.join(',')) {
+    throw new Error(`RAM block lists differ:\n  ${pathA}: ${namesA.join(', ')}\n  ${pathB}: ${namesB.join(', ')}`);
+  }
+  const fa = await open(pathA, 'r');
+  const fb = await open(pathB, 'r');
+  try {
+    const out: BlockComparison[] = [];
+    for (const a of la.blocks) {
+      const b = lb.blocks.find((x) => x.name === a.name)!;
+      const [bma, bmb] = await Promise.all([readBitmap(fa, a), readBitmap(fb, b)]);
+      const pages = a.usedLength / PAGE;
+      const cmp: BlockComparison = {
+        name: a.name, pages, presentA: bma.count(), presentB: bmb.count(), bitDifferences: 0, differingPages: 0, firstDiffering: [],
+      };
+      for (let p = 0; p < pages; p++) if (bma.test(p) !== bmb.test(p)) cmp.bitDifferences++;
+      const CHUNK = 4096; // pages: 16 MiB per read
+      for (let first = 0; first < pages; first += CHUNK) {
+        const n = Math.min(CHUNK, pages - first);
+        const [da, db] = await Promise.all([effectivePages(fa, a, bma, first, n), effectivePages(fb, b, bmb, first, n)]);
+        if (da.equals(db)) continue;
+        for (let i = 0; i < n; i++) {
+          if (da.compare(db, i * PAGE, (i + 1) * PAGE, i * PAGE, (i + 1) * PAGE) !== 0) {
+            cmp.differingPages++;
+            if (cmp.firstDiffering.length < 10) cmp.firstDiffering.push(first + i);
+          }
+        }
+      }
+      out.push(cmp);
+    }
+    return out;
+  } finally {
+    await fa.close();
+    await fb.close();
+  }
+}
+
+/** Names in `dir` that look like a snapshot or receive's temporary file. */
+export function snapshotLeftovers(dir: string): string[] {
+  return readdirSync(dir).filter((n) => n.endsWith('.mig') || n.includes('.partial-'));
+}
+
+export interface RestoreOptions {
+  version: QemuVersion;
+  memMiB: number;
+  file: string;
+  /** multifd channels for loading; 0 or undefined loads without multifd. */
+  multifdChannels?: number;
+  accel?: string;
+  bootSector?: boolean;
+  machine?: string;
+  /** Default true: the guest stays stopped after loading so its memory can be dumped first. */
+  paused?: boolean;
+}
+
+/**
+ * Loads a mapped-ram snapshot into a fresh QEMU (PROTOCOL.md §7d) and returns it once the load
+ * completed. Throws with QEMU's error-desc and stderr when it does not.
+ */
+export async function restoreSnapshot(o: RestoreOptions): Promise<QemuInstance> {
+  const q = await startQemu({
+    version: o.version,
+    memMiB: o.memMiB,
+    incoming: 'defer',
+    paused: o.paused ?? true,
+    ...(o.accel ? { accel: o.accel } : {}),
+    ...(o.bootSector ? { bootSector: true } : {}),
+    ...(o.machine ? { machine: o.machine } : {}),
+  });
+  try {
+    const caps = [{ capability: 'mapped-ram', state: true }];
+    if (o.multifdChannels) caps.push({ capability: 'multifd', state: true });
+    await q.qmp.execute('migrate-set-capabilities', { capabilities: caps });
+    if (o.multifdChannels) await q.qmp.execute('migrate-set-parameters', { 'multifd-channels': o.multifdChannels });
+    await q.qmp.execute('migrate-incoming', { uri: `file:${o.file}`, 'exit-on-error': false });
+    const st = await waitMigration(q.qmp, { timeoutMs: 120_000 });
+    if (st.status !== 'completed') {
+      throw new Error(`QEMU ${o.version} failed to load ${o.file}: ${st.status} ${st['error-desc'] ?? ''}\nstderr:\n${q.stderr()}`);
+    }
+    return q;
+  } catch (e) {
+    await q.kill();
+    throw e;
+  }
+}
+
+export interface SourceMigrationOptions {
+  channels: number;
+  /** Extra migrate-set-parameters for the source (merged over max-bandwidth 100 GiB/s). */
+  params?: Record<string, unknown>;
+  /** Extra receive() options. */
+  receive?: Partial<ReceiveOptions>;
+  out: string;
+}
+
+/**
+ * Starts receive() on an ephemeral port and points the source's `migrate` at it. Returns the
+ * handle at once; callers await handle.done and the source's query-migrate themselves.
+ */
+export async function migrateToReceive(src: QemuInstance, o: SourceMigrationOptions): Promise<ReceiveHandle> {
+  const h = receive({ listen: 'tcp:127.0.0.1:0', out: o.out, channels: o.channels, ...o.receive });
+  try {
+    const addr = await h.listening;
+    await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: o.channels > 0 }] });
+    await src.qmp.execute('migrate-set-parameters', {
+      'max-bandwidth': 107374182400,
+      ...(o.channels > 0 ? { 'multifd-channels': o.channels } : {}),
+      ...o.params,
+    });
+    await src.qmp.execute('migrate', { uri: addr });
+    return h;
+  } catch (e) {
+    h.abort(e as Error);
+    throw e;
+  }
+}
+
+/** The summary numbers worth seeing in the test log. */
+export function describeSummary(s: ReceiveSummary): string {
+  const ch = s.channels.map((c) => `${c.id}:${c.packets}p/${c.syncs}s`).join(' ');
+  return `transferred=${s.transferred} mbps=${s.mbps} total-time=${s['total-time']}ms normal=${s.normal} duplicate=${s.duplicate} ` +
+    `dirty-sync-count=${s['dirty-sync-count']} sync-mode=${s['sync-mode']} main-bytes=${s['main-bytes']} ` +
+    `device-state-bytes=${s['device-state-bytes']} file-size=${s['file-size']} channels=[${ch}]`;
+}

@@ -153,9 +153,10 @@ describe('round trips', () => {
   });
 });
 
-/** Pushes `data` split at `cuts`, drains events; returns them and the error (if any). */
-function runMain(data: Buffer, cuts: number[]): { events: unknown[]; error?: ProtocolError; eventBytes: number } {
-  const p = new MainStreamParser();
+type Run = { events: unknown[]; error?: ProtocolError; eventBytes: number };
+
+/** Pushes `data` split at `cuts` into a parser and drains events; returns them and the error (if any). */
+function drive<E extends MainEvent | ChannelEvent>(p: { push(b: Buffer): void; next(): E | null }, data: Buffer, cuts: number[], slack: number, flat: (ev: E) => unknown): Run {
   const events: unknown[] = [];
   let eventBytes = 0;
   const bounds = [...new Set(cuts.map((c) => c % (data.length + 1)))].sort((a, b) => a - b);
@@ -167,16 +168,25 @@ function runMain(data: Buffer, cuts: number[]): { events: unknown[]; error?: Pro
       p.push(data.subarray(pos, end));
       pos = end;
       for (let ev = p.next(), guard = 0; ev !== null; ev = p.next(), guard++) {
-        assert.ok(guard <= data.length + 8, 'more events than input bytes');
+        assert.ok(guard <= data.length + slack, 'more events than input bytes');
         eventBytes += sizeOf(ev);
-        events.push(ev.type === 'ram-page' || ev.type === 'device-state' ? { ...ev, data: Buffer.concat(ev.data) } : ev);
+        events.push(flat(ev));
       }
     }
   } catch (e) {
     if (!(e instanceof ProtocolError)) throw e;
-    return { events: mergeDevice(events), error: e, eventBytes };
+    return { events, error: e, eventBytes };
   }
-  return { events: mergeDevice(events), eventBytes };
+  return { events, eventBytes };
+}
+
+function runMain(data: Buffer, cuts: number[]): Run {
+  const r = drive<MainEvent>(new MainStreamParser(), data, cuts, 8, (ev) => (ev.type === 'ram-page' || ev.type === 'device-state' ? { ...ev, data: Buffer.concat(ev.data) } : ev));
+  return { ...r, events: mergeDevice(r.events) };
+}
+
+function runChannel(data: Buffer, cuts: number[], comp: number): Run {
+  return drive<ChannelEvent>(new MultifdChannelParser(comp), data, cuts, 0, (ev) => (ev.type === 'packet' ? { ...ev, payload: Buffer.concat(ev.payload) } : ev));
 }
 
 /** Device state comes out in whatever pieces were pushed: compare it as one run. */
@@ -203,31 +213,6 @@ function sizeOf(ev: MainEvent | ChannelEvent): number {
     default:
       return 0;
   }
-}
-
-function runChannel(data: Buffer, cuts: number[], comp: number): { events: unknown[]; error?: ProtocolError; eventBytes: number } {
-  const p = new MultifdChannelParser(comp);
-  const events: unknown[] = [];
-  let eventBytes = 0;
-  const bounds = [...new Set(cuts.map((c) => c % (data.length + 1)))].sort((a, b) => a - b);
-  bounds.push(data.length);
-  let pos = 0;
-  try {
-    for (const end of bounds) {
-      if (end <= pos) continue;
-      p.push(data.subarray(pos, end));
-      pos = end;
-      for (let ev = p.next(), guard = 0; ev !== null; ev = p.next(), guard++) {
-        assert.ok(guard <= data.length, 'more events than input bytes');
-        eventBytes += sizeOf(ev);
-        events.push(ev.type === 'packet' ? { ...ev, payload: Buffer.concat(ev.payload) } : ev);
-      }
-    }
-  } catch (e) {
-    if (!(e instanceof ProtocolError)) throw e;
-    return { events, error: e, eventBytes };
-  }
-  return { events, eventBytes };
 }
 
 const mutations = fc.array(fc.record({ pos: fc.nat(), val: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 6 });

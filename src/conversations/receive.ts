@@ -278,7 +278,7 @@ class Receiver {
         this.mainBytes += chunk.length;
         parser.push(chunk);
         for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          await this.onMainEvent(ev, st, parser);
+          await this.onMainEvent(ev, st);
           if (this.failure || this.finished) return;
         }
       }
@@ -294,7 +294,7 @@ class Receiver {
     }
   }
 
-  private async onMainEvent(ev: MainEvent, st: MainState, parser: MainStreamParser): Promise<void> {
+  private async onMainEvent(ev: MainEvent, st: MainState): Promise<void> {
     switch (ev.type) {
       case 'header':
         return;
@@ -311,7 +311,6 @@ class Receiver {
         if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
         st.sectionId = ev.sectionId;
         st.sectionKind = ev.kind;
-        st.flushInSection = false;
         if (ev.kind === 'start') {
           if (st.started) throw new ProtocolError('BAD_RECORD', 'second START section for ram');
           st.started = true;
@@ -343,7 +342,6 @@ class Receiver {
         this.writer!.zeroPages(ev.block, [ev.offset], 0, 1);
         return;
       case 'ram-flush':
-        st.flushInSection = true;
         if (st.sectionKind === 'start') st.sawSetupFlush = true;
         if (!this.multifd) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the receiver expects no multifd channels (--channels 0); does the source have multifd on?');
         this.phase = 'ram';
@@ -364,7 +362,7 @@ class Receiver {
         if (st.sectionKind === 'start') await this.writer!.appendStream([encodeEos(), encodeFooter(ev.sectionId)]);
         return;
       case 'device-state':
-        return this.onDeviceState(ev.data, st, parser);
+        return this.onDeviceState(ev.data, st);
     }
   }
 
@@ -391,8 +389,8 @@ class Receiver {
   }
 
   private async writeHead(st: MainState): Promise<void> {
-    const config: Configuration = withCapability(st.config ?? { machine: '', capabilities: [] }, 'mapped-ram', true);
     if (!st.config) throw new ProtocolError('BAD_RECORD', 'RAM section before the configuration record');
+    const config = withCapability(st.config, 'mapped-ram', true);
     const head = Buffer.concat([
       encodeStreamHeader(),
       encodeConfiguration(config),
@@ -403,7 +401,7 @@ class Receiver {
     st.headWritten = true;
   }
 
-  private async onDeviceState(data: Buffer[], st: MainState, _parser: MainStreamParser): Promise<void> {
+  private async onDeviceState(data: Buffer[], st: MainState): Promise<void> {
     if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
     if (this.phase !== 'device-state') {
       this.phase = 'device-state';
@@ -413,25 +411,22 @@ class Receiver {
       await this.writer!.appendStream(prelude);
     }
     const max = this.opts.maxDeviceStateBytes ?? 64 * 1024 * 1024;
+    const before = st.deviceStateBytes;
     for (const d of data) {
-      st.deviceStateBytes += d.length;
-      if (st.deviceStateBytes > max) {
+      if (st.deviceStateBytes + d.length > max) {
         throw new ProtocolError('LIMIT_EXCEEDED', `device state exceeds ${max} bytes`);
       }
-      st.deviceState.push(Buffer.from(d));
+      st.appendDeviceState(d);
     }
     await this.writer!.appendStream(data);
     // The stream is complete when it ends in a VMDESCRIPTION that walks the device sections exactly.
-    const tail = st.deviceState.length === 1 ? st.deviceState[0]! : Buffer.concat(st.deviceState);
-    st.deviceState = [tail];
-    // Rescan a few bytes before the new data: a candidate's header may straddle two chunks.
-    st.candidates.push(...vmdescCandidates(tail, Math.max(1, st.scannedTo - 6)).filter((p) => p >= st.scannedTo - 6 && !st.candidates.includes(p)));
-    st.scannedTo = tail.length;
+    // Only new positions are scanned: a candidate needs just the byte before it, which we have.
+    const tail = st.deviceState();
+    st.candidates.push(...vmdescCandidates(tail, Math.max(1, before)));
     const found = trailingVmdesc(tail, st.candidates);
     if (!found) return;
     const layout = walkDeviceState(tail, found.vmdesc, 0);
     if (layout.vmdescOffset !== found.vmdescOffset || layout.end !== tail.length) return;
-    st.deviceSections = layout.sections.length;
     await this.complete(st);
   }
 
@@ -502,15 +497,28 @@ class MainState {
   sectionKind: 'start' | 'part' | 'end' = 'start';
   started = false;
   ended = false;
-  flushInSection = false;
   sawSetupFlush = false;
   switchoverStart = false;
   memSizeRemaining = 0;
   blockList: RamBlockInfo[] = [];
   headWritten = false;
-  deviceState: Buffer[] = [];
-  deviceStateBytes = 0;
-  deviceSections = 0;
+  /** Positions in the device state where a VMDESCRIPTION record could start. */
   candidates: number[] = [];
-  scannedTo = 0;
+  private tail = Buffer.alloc(0);
+  deviceStateBytes = 0;
+
+  /** Copies in (the views belong to socket chunks) with doubling growth: linear, not quadratic. */
+  appendDeviceState(d: Buffer): void {
+    if (this.deviceStateBytes + d.length > this.tail.length) {
+      const grown = Buffer.allocUnsafe(Math.max(64 * 1024, 2 * this.tail.length, this.deviceStateBytes + d.length));
+      this.tail.copy(grown, 0, 0, this.deviceStateBytes);
+      this.tail = grown;
+    }
+    d.copy(this.tail, this.deviceStateBytes);
+    this.deviceStateBytes += d.length;
+  }
+
+  deviceState(): Buffer {
+    return this.tail.subarray(0, this.deviceStateBytes);
+  }
 }

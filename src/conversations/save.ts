@@ -44,6 +44,8 @@ export interface SaveSummary extends ReceiveSummary {
 }
 
 const DEFAULT_BANDWIDTH = 100 * 1024 * 1024 * 1024;
+/** query-migrate states in which a migration is under way (capabilities cannot change). */
+const ACTIVE_STATES = new Set(['setup', 'active', 'device', 'pre-switchover', 'postcopy-active', 'cancelling', 'wait-unplug']);
 
 export class SaveHandle extends EventEmitter {
   /** Resolves with the summary once the snapshot is complete and the source reports completed. */
@@ -74,7 +76,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
   let poll: NodeJS.Timeout | undefined;
   try {
     const status = await qmp.execute('query-migrate');
-    if (['setup', 'active', 'device', 'pre-switchover', 'postcopy-active', 'cancelling', 'wait-unplug'].includes(status.status)) {
+    if (ACTIVE_STATES.has(status.status)) {
       throw new Error(`the source already has a migration in state "${status.status}"`);
     }
     const run = await qmp.execute('query-status');
@@ -172,7 +174,7 @@ async function restoreSettings(qmp: QmpClient, s: Snapshot): Promise<void> {
   // Capabilities can only change while no migration is active.
   for (let i = 0; i < 50; i++) {
     const st = await qmp.execute('query-migrate');
-    if (!['setup', 'active', 'device', 'cancelling', 'pre-switchover'].includes(st.status)) break;
+    if (!ACTIVE_STATES.has(st.status)) break;
     await new Promise((r) => setTimeout(r, 100));
   }
   const touched = ['multifd', 'mapped-ram', 'return-path'];

@@ -21,12 +21,6 @@ interface BlockLayout extends RamBlock {
   bitmap: PageBitmap;
 }
 
-export interface MappedRamWriterStats {
-  pageWrites: number;
-  pageBytes: number;
-  streamBytes: number;
-}
-
 export class MappedRamWriter implements PageStore {
   private readonly blocks = new Map<string, BlockLayout>();
   private order: BlockLayout[] = [];
@@ -34,7 +28,6 @@ export class MappedRamWriter implements PageStore {
   private streamChain: Promise<void> = Promise.resolve();
   private committed = false;
   private closed = false;
-  readonly stats: MappedRamWriterStats = { pageWrites: 0, pageBytes: 0, streamBytes: 0 };
 
   private constructor(
     readonly finalPath: string,
@@ -79,17 +72,12 @@ export class MappedRamWriter implements PageStore {
     return pos;
   }
 
-  setBlocks(): void {
-    // The layout is fixed by writeHead(), which needs the stream prefix too.
-  }
-
   /** Appends main-stream bytes after the last block; calls are applied in order. */
   appendStream(bufs: readonly Buffer[]): Promise<void> {
     const total = bufs.reduce((n, b) => n + b.length, 0);
     if (total === 0) return this.streamChain;
     const at = this.streamCursor;
     this.streamCursor += total;
-    this.stats.streamBytes += total;
     const copy = [...bufs];
     this.streamChain = this.streamChain.then(() => this.writeAll(copy, at));
     return this.streamChain;
@@ -108,8 +96,6 @@ export class MappedRamWriter implements PageStore {
       const first = r.offset / this.pageSize;
       for (let p = 0; p < r.pages; p++) b.bitmap.set(first + p);
     }
-    this.stats.pageWrites += runs.length;
-    this.stats.pageBytes += count * this.pageSize;
     await Promise.all(writes);
   }
 

@@ -61,20 +61,12 @@ export class MultifdReceiver extends EventEmitter {
     this.windowBytes = opts.windowBytes ?? 8 * 1024 * 1024;
   }
 
-  get channelCount(): number {
-    return this.opts.channels;
-  }
-
   get connected(): number {
     return this.stats.size;
   }
 
   channelStats(): ChannelStats[] {
     return [...this.stats.values()].sort((a, b) => a.id - b.id).map((s) => ({ ...s }));
-  }
-
-  get failed(): Error | undefined {
-    return this.failure;
   }
 
   /**
@@ -136,7 +128,7 @@ export class MultifdReceiver extends EventEmitter {
       }
     } catch (e) {
       await Promise.allSettled(windowed);
-      this.fail(e instanceof ProtocolError || e instanceof Error ? this.locate(e, where) : new Error(String(e)));
+      this.fail(e instanceof Error ? this.locate(e, where) : new Error(String(e)));
     } finally {
       this.methods.get(id)?.cleanup();
     }
@@ -202,7 +194,6 @@ export class MultifdReceiver extends EventEmitter {
     this.methods.set(id, this.opts.method.recvSetup(id, this.pageSize));
     publish('channel', { channel: id });
     this.emit('channel', id);
-    if (this.connected === this.opts.channels) this.emit('all-channels');
     return id;
   }
 

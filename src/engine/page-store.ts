@@ -7,8 +7,6 @@ export interface RamBlock {
 }
 
 export interface PageStore {
-  /** Called once, before any page, with every block of the migration in stream order. */
-  setBlocks(blocks: readonly RamBlock[]): void | Promise<void>;
   /**
    * Stores `count` pages of `block`: page i goes to offsets[i] and its bytes are the i-th
    * pageSize bytes of `data` (views that may split anywhere). Resolves once the data is stored;

@@ -1,6 +1,6 @@
 /**
  * Helpers for tests that produce mapped-ram snapshots: random guest blobs, reading a snapshot's
- * RAM layout through our own codec, comparing the RAM of two snapshots page by page, restoring
+ * RAM through our snapshot reader, comparing the RAM of two snapshots page by page, restoring
  * a snapshot into a fresh QEMU, and migrating a QEMU source into receive().
  *
  * Everything QEMU is given (blobs, snapshot files) must live under /tmp: QEMU 11 runs in a
@@ -8,11 +8,8 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { readdirSync, writeFileSync } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
-import type { Configuration } from '../../src/codec/configuration.js';
-import { bitmapBytes, PageBitmap } from '../../src/codec/mapped-ram.js';
-import { MainStreamParser, type RamBlockInfo } from '../../src/codec/main-stream-parser.js';
+import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { receive, type ReceiveHandle, type ReceiveOptions, type ReceiveSummary } from '../../src/conversations/receive.js';
 import { startQemu, waitMigration, type QemuInstance, type QemuVersion } from './qemu.js';
 
@@ -31,82 +28,6 @@ export function writeRandomBlob(path: string, size: number, zeroPages: readonly 
   return blob;
 }
 
-export interface MappedRamLayout {
-  config: Configuration | undefined;
-  /** RAM blocks in stream order, each with its mapped-ram header. */
-  blocks: RamBlockInfo[];
-  ramEos: number;
-  deviceStateBytes: number;
-  fileSize: number;
-}
-
-/**
- * Walks a mapped-ram file with MainStreamParser, seeking over each block's pages region the way
- * a loader does (PROTOCOL.md §5.2, §7d).
- */
-export async function readMappedRamLayout(path: string): Promise<MappedRamLayout> {
-  const fh = await open(path, 'r');
-  try {
-    const fileSize = (await fh.stat()).size;
-    const parser = new MainStreamParser();
-    const blocks: RamBlockInfo[] = [];
-    let ramEos = 0;
-    let deviceStateBytes = 0;
-    let pos = 0;
-    while (pos < fileSize) {
-      const buf = Buffer.allocUnsafe(Math.min(1 << 20, fileSize - pos));
-      const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
-      if (bytesRead === 0) break;
-      pos += bytesRead;
-      parser.push(buf.subarray(0, bytesRead));
-      for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-        if (ev.type === 'ram-block') blocks.push(ev.block);
-        else if (ev.type === 'ram-eos') ramEos++;
-        else if (ev.type === 'device-state') deviceStateBytes += ev.data.reduce((n, b) => n + b.length, 0);
-        else if (ev.type === 'ram-page' || ev.type === 'ram-zero' || ev.type === 'ram-flush') {
-          throw new Error(`${path}: unexpected ${ev.type} record in a mapped-ram file`);
-        }
-      }
-      const skip = parser.pendingSkip;
-      if (skip > 0) {
-        parser.skipped(skip);
-        pos += skip;
-      }
-    }
-    for (const b of blocks) {
-      if (!b.mappedRam) throw new Error(`${path}: block ${b.name} has no mapped-ram header`);
-    }
-    return { config: parser.configuration, blocks, ramEos, deviceStateBytes, fileSize };
-  } finally {
-    await fh.close();
-  }
-}
-
-async function readExactly(fh: FileHandle, len: number, pos: number): Promise<Buffer> {
-  const buf = Buffer.alloc(len);
-  let got = 0;
-  while (got < len) {
-    const { bytesRead } = await fh.read(buf, got, len - got, pos + got);
-    if (bytesRead === 0) break; // past EOF reads as zero, like a hole
-    got += bytesRead;
-  }
-  return buf;
-}
-
-export async function readBitmap(fh: FileHandle, b: RamBlockInfo): Promise<PageBitmap> {
-  const pages = b.usedLength / PAGE;
-  return new PageBitmap(pages, await readExactly(fh, bitmapBytes(b.usedLength), b.mappedRam!.bitmapOffset));
-}
-
-/** Pages [first, first+count) of a block as the loader sees them: a clear bit reads as zero. */
-async function effectivePages(fh: FileHandle, b: RamBlockInfo, bm: PageBitmap, first: number, count: number): Promise<Buffer> {
-  const buf = await readExactly(fh, count * PAGE, b.mappedRam!.pagesOffset + first * PAGE);
-  for (let i = 0; i < count; i++) {
-    if (!bm.test(first + i)) buf.fill(0, i * PAGE, (i + 1) * PAGE);
-  }
-  return buf;
-}
-
 export interface BlockComparison {
   name: string;
   pages: number;
@@ -119,46 +40,48 @@ export interface BlockComparison {
 }
 
 /**
- * Compares every page of every RAM block of two mapped-ram files by content (clear bit = zero).
+ * Compares every page of every RAM block of two mapped-ram files by content (clear bit = zero),
+ * through our snapshot reader (which also checks each file's layout and device state).
  * Both files must list the same blocks with the same used_length.
  */
 export async function compareMappedRamFiles(pathA: string, pathB: string): Promise<BlockComparison[]> {
-  const [la, lb] = await Promise.all([readMappedRamLayout(pathA), readMappedRamLayout(pathB)]);
-  const namesA = la.blocks.map((b) => `${b.name}:${b.usedLength}`).sort();
-  const namesB = lb.blocks.map((b) => `${b.name}:${b.usedLength}`).sort();
-  if (namesA.join(',') !== namesB.join(',')) {
-    throw new Error(`RAM block lists differ:\n  ${pathA}: ${namesA.join(', ')}\n  ${pathB}: ${namesB.join(', ')}`);
-  }
-  const fa = await open(pathA, 'r');
-  const fb = await open(pathB, 'r');
+  const sa = await MappedRamSnapshot.open(pathA);
   try {
-    const out: BlockComparison[] = [];
-    for (const a of la.blocks) {
-      const b = lb.blocks.find((x) => x.name === a.name)!;
-      const [bma, bmb] = await Promise.all([readBitmap(fa, a), readBitmap(fb, b)]);
-      const pages = a.usedLength / PAGE;
-      const cmp: BlockComparison = {
-        name: a.name, pages, presentA: bma.count(), presentB: bmb.count(), bitDifferences: 0, differingPages: 0, firstDiffering: [],
-      };
-      for (let p = 0; p < pages; p++) if (bma.test(p) !== bmb.test(p)) cmp.bitDifferences++;
-      const CHUNK = 4096; // pages: 16 MiB per read
-      for (let first = 0; first < pages; first += CHUNK) {
-        const n = Math.min(CHUNK, pages - first);
-        const [da, db] = await Promise.all([effectivePages(fa, a, bma, first, n), effectivePages(fb, b, bmb, first, n)]);
-        if (da.equals(db)) continue;
-        for (let i = 0; i < n; i++) {
-          if (da.compare(db, i * PAGE, (i + 1) * PAGE, i * PAGE, (i + 1) * PAGE) !== 0) {
-            cmp.differingPages++;
-            if (cmp.firstDiffering.length < 10) cmp.firstDiffering.push(first + i);
+    const sb = await MappedRamSnapshot.open(pathB);
+    try {
+      const list = (s: MappedRamSnapshot) => [...s.blocks.values()].map((b) => `${b.name}:${b.usedLength}`).sort();
+      const [namesA, namesB] = [list(sa), list(sb)];
+      if (namesA.join(',') !== namesB.join(',')) {
+        throw new Error(`RAM block lists differ:\n  ${pathA}: ${namesA.join(', ')}\n  ${pathB}: ${namesB.join(', ')}`);
+      }
+      const out: BlockComparison[] = [];
+      for (const a of sa.blocks.values()) {
+        const b = sb.blocks.get(a.name)!;
+        const pages = a.usedLength / PAGE;
+        const cmp: BlockComparison = {
+          name: a.name, pages, presentA: a.bitmap.count(), presentB: b.bitmap.count(), bitDifferences: 0, differingPages: 0, firstDiffering: [],
+        };
+        for (let p = 0; p < pages; p++) if (a.bitmap.test(p) !== b.bitmap.test(p)) cmp.bitDifferences++;
+        const CHUNK = 4096; // pages: 16 MiB per read
+        for (let first = 0; first < pages; first += CHUNK) {
+          const n = Math.min(CHUNK, pages - first);
+          const [da, db] = await Promise.all([sa.readPages(a.name, first * PAGE, n), sb.readPages(a.name, first * PAGE, n)]);
+          if (da.equals(db)) continue;
+          for (let i = 0; i < n; i++) {
+            if (da.compare(db, i * PAGE, (i + 1) * PAGE, i * PAGE, (i + 1) * PAGE) !== 0) {
+              cmp.differingPages++;
+              if (cmp.firstDiffering.length < 10) cmp.firstDiffering.push(first + i);
+            }
           }
         }
+        out.push(cmp);
       }
-      out.push(cmp);
+      return out;
+    } finally {
+      await sb.close();
     }
-    return out;
   } finally {
-    await fa.close();
-    await fb.close();
+    await sa.close();
   }
 }
 

@@ -32,11 +32,11 @@ import {
   compareMappedRamFiles,
   describeSummary,
   migrateToReceive as startMigrateToReceive,
-  readMappedRamLayout,
   restoreSnapshot,
   writeRandomBlob,
   type SourceMigrationOptions,
 } from '../helpers/snapshot.js';
+import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import type { ReceiveHandle, ReceiveProgress, ReceiveSummary } from '../../src/conversations/receive.js';
 
 const MiB = 1024 * 1024;
@@ -229,11 +229,16 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await Promise.all([s1.kill(), s2.kill()]);
       }
 
-      const [lq, lo] = await Promise.all([readMappedRamLayout(qemuFile), readMappedRamLayout(ourFile)]);
-      t.diagnostic(`QEMU file: ${lq.fileSize} bytes, blocks ${lq.blocks.map((b) => `${b.name}@${b.mappedRam!.pagesOffset}`).join(' ')}`);
-      t.diagnostic(`our file:  ${lo.fileSize} bytes, blocks ${lo.blocks.map((b) => `${b.name}@${b.mappedRam!.pagesOffset}`).join(' ')}`);
-      assert.ok(lo.config?.capabilities.includes('mapped-ram'), 'our file\'s configuration lists mapped-ram');
-      assert.equal(lo.config?.machine, lq.config?.machine);
+      const [lq, lo] = await Promise.all([MappedRamSnapshot.open(qemuFile), MappedRamSnapshot.open(ourFile)]);
+      try {
+        const where = (l: MappedRamSnapshot) => [...l.blocks.values()].map((b) => `${b.name}@${b.header.pagesOffset}`).join(' ');
+        t.diagnostic(`QEMU file: ${lq.fileSize} bytes, blocks ${where(lq)}`);
+        t.diagnostic(`our file:  ${lo.fileSize} bytes, blocks ${where(lo)}`);
+        assert.ok(lo.configuration.capabilities.includes('mapped-ram'), 'our file\'s configuration lists mapped-ram');
+        assert.equal(lo.configuration.machine, lq.configuration.machine);
+      } finally {
+        await Promise.all([lq.close(), lo.close()]);
+      }
 
       const cmp = await compareMappedRamFiles(qemuFile, ourFile);
       for (const c of cmp) {

@@ -50,3 +50,37 @@ export function summaryText(s: SummaryLike): string {
   }
   return lines.join('\n');
 }
+
+interface SendSummaryLike {
+  file: string;
+  format: string;
+  to: string;
+  machine: string;
+  'total-time': number;
+  transferred: number;
+  normal: number;
+  duplicate: number;
+  mbps: number;
+  'sync-mode': string;
+  destination: string;
+  channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
+  blocks: { name: string; 'used-length': number; 'pages-sent': number }[];
+  destinationQemu?: { status: string; 'run-state-after': string; resumed: boolean };
+}
+
+export function sendSummaryText(s: SendSummaryLike): string {
+  const lines = [
+    `sent ${s.file} (${s.format}, ${s.machine}) to ${s.to}`,
+    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero (${s['sync-mode']} sync mode)`,
+  ];
+  for (const c of s.channels) {
+    lines.push(`  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);
+  }
+  for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b['pages-sent']} pages sent`);
+  if (s.destinationQemu) {
+    lines.push(`  destination: ${s.destinationQemu.status}, now ${s.destinationQemu['run-state-after']}${s.destinationQemu.resumed ? ' (resumed)' : ''}`);
+  } else {
+    lines.push(s.destination === 'confirmed' ? '  destination: loaded the device state and shut down cleanly' : '  destination: closed the connection (no return path: success not confirmed)');
+  }
+  return lines.join('\n');
+}

@@ -3,7 +3,7 @@
 import diagnostics_channel from 'node:diagnostics_channel';
 import { pino } from 'pino';
 
-const EVENTS = ['listening', 'main-channel', 'channel', 'configuration', 'sync-mode', 'sync', 'return-path', 'completed', 'failed', 'error'];
+const EVENTS = ['listening', 'main-channel', 'channel', 'configuration', 'sync-mode', 'sync', 'return-path', 'completed', 'failed', 'error', 'send-start', 'send-channels', 'send-pong', 'send-completed', 'send-failed'];
 
 export function enableVerboseLog(): void {
   const log = pino({ base: null }, pino.destination(2));
@@ -11,7 +11,7 @@ export function enableVerboseLog(): void {
     diagnostics_channel.subscribe(`multifd:${e}`, (msg) => {
       const m = msg as Record<string, unknown>;
       if (m.error instanceof Error) log.error({ event: e, err: (m.error as Error).message });
-      else if (e === 'completed') log.info({ event: e });
+      else if (e === 'completed' || e === 'send-completed') log.info({ event: e });
       else log.info({ event: e, ...m });
     });
   }

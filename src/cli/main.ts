@@ -4,11 +4,13 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { receive, type ReceiveProgress } from '../conversations/receive.js';
+import { restore } from '../conversations/restore.js';
 import { save } from '../conversations/save.js';
+import { send, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
 import { runDemo } from '../demo/run-demo.js';
-import { summaryText } from './format.js';
-import { ProgressView } from './progress.js';
+import { sendSummaryText, summaryText } from './format.js';
+import { ProgressView, receiveSample, sendSample } from './progress.js';
 import { enableVerboseLog } from './log.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -77,7 +79,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; json?: boolean }) => {
     await report('receive', o.json, async (view) => {
       const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, ...(o.uuid ? { uuid: o.uuid } : {}) });
-      h.on('progress', (p: ReceiveProgress) => view.update(p));
+      h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       const addr = await h.listening;
       if (!o.json) process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)\n`);
       return h.done;
@@ -106,9 +108,69 @@ program
         ...(o.downtimeLimit !== undefined ? { downtimeLimitMs: o.downtimeLimit } : {}),
         ...(o.resume ? { resume: true } : {}),
       });
-      h.on('progress', (p: ReceiveProgress) => view.update(p));
+      h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       return h.done;
     }, summaryText);
+  });
+
+program
+  .command('send')
+  .description('stream a snapshot (mapped-ram or QEMU stream file) into a QEMU waiting with -incoming')
+  .argument('<file>', 'snapshot file')
+  .requiredOption('--to <addr>', "the destination's migrate-incoming address: tcp:HOST:PORT or unix:PATH")
+  .addOption(new Option('--channels <n>', "the destination's multifd-channels; 0 if it has multifd off").default(2).argParser(intArg(0, 255)))
+  .addOption(new Option('--sync-mode <mode>', "the destination's multifd sync mode (auto: from the machine type; section for machine types up to 8.0)").choices(['auto', 'round', 'section']).default('auto'))
+  .addOption(new Option('--zero-page-detection <mode>', 'multifd: list all-zero pages instead of sending them; none: send them as data').choices(['multifd', 'none']).default('multifd'))
+  .option('--uuid <uuid>', "the destination's -uuid (multifd channels must carry it)", uuidArg)
+  .option('--no-return-path', 'do not open the return path (then success cannot be confirmed without QMP)')
+  .option('--json', 'print the final summary as JSON on stdout')
+  .addHelpText('after', `
+On the QEMU side (before running send):
+  qemu-system-x86_64 ... -incoming defer
+  migrate-set-capabilities multifd=on; migrate-set-parameters multifd-channels=N
+  migrate-incoming uri=tcp:HOST:PORT
+Or let restore do all of it over QMP.`)
+  .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; json?: boolean }) => {
+    await report('send', o.json, (view) => {
+      const h = send({
+        file: resolve(file),
+        to: o.to,
+        channels: o.channels,
+        syncMode: o.syncMode,
+        zeroPageDetection: o.zeroPageDetection,
+        returnPath: o.returnPath,
+        ...(o.uuid ? { uuid: o.uuid } : {}),
+      });
+      h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
+      return h.done;
+    }, sendSummaryText);
+  });
+
+program
+  .command('restore')
+  .description('load a snapshot into a QEMU started with -incoming defer: set it up over QMP, send, wait for completed')
+  .argument('<file>', 'snapshot file (mapped-ram or QEMU stream file)')
+  .requiredOption('--qmp <addr>', "the destination's QMP socket: unix:PATH or tcp:HOST:PORT")
+  .addOption(new Option('--channels <n>', 'multifd channels (0: no multifd)').default(2).argParser(intArg(0, 255)))
+  .option('--incoming <addr>', 'where the destination listens (default: a unix socket in the temp dir; tcp:127.0.0.1:0 with a tcp QMP)')
+  .option('--resume', 'run the guest once loaded (QEMU keeps it paused if it was paused when saved, or with -S)')
+  .option('--uuid <uuid>', "the destination's -uuid", uuidArg)
+  .addOption(new Option('--sync-mode <mode>', "the destination's multifd sync mode").choices(['auto', 'round', 'section']).default('auto'))
+  .option('--json', 'print the final summary as JSON on stdout')
+  .action(async (file: string, o: { qmp: string; channels: number; incoming?: string; resume?: boolean; uuid?: Buffer; syncMode: 'auto' | 'round' | 'section'; json?: boolean }) => {
+    await report('restore', o.json, (view) => {
+      const h = restore({
+        file: resolve(file),
+        qmp: o.qmp,
+        channels: o.channels,
+        syncMode: o.syncMode,
+        ...(o.incoming ? { incoming: o.incoming } : {}),
+        ...(o.resume ? { resume: true } : {}),
+        ...(o.uuid ? { uuid: o.uuid } : {}),
+      });
+      h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
+      return h.done;
+    }, sendSummaryText);
   });
 
 program
@@ -126,7 +188,7 @@ program
         channels: o.channels,
         ...(o.keep ? { keep: true } : {}),
         log: (l) => { view.stop(); process.stderr.write(l + '\n'); },
-        onProgress: (p) => view.update(p),
+        onProgress: (p) => view.update('pagesTotal' in p ? sendSample(p) : receiveSample(p)),
       });
       view.stop();
       if (o.json) process.stdout.write(JSON.stringify(r, null, 2) + '\n');

@@ -2,9 +2,41 @@
 
 import cliProgress from 'cli-progress';
 import type { ReceiveProgress } from '../conversations/receive.js';
+import type { SendProgress } from '../conversations/send.js';
 import { bytes, rate } from './format.js';
 
-export type ProgressSample = Pick<ReceiveProgress, 'phase' | 'elapsedMs' | 'transferred' | 'normal' | 'duplicate' | 'rounds' | 'channelsConnected' | 'channels' | 'ramTotal'>;
+export interface ProgressSample {
+  phase: string;
+  elapsedMs: number;
+  transferred: number;
+  /** Pages handled so far and expected in all (the bar). */
+  pages: number;
+  totalPages: number;
+  /** Command-specific tail, e.g. "round 3 | channels 2/2". */
+  detail: string;
+}
+
+export function receiveSample(p: Pick<ReceiveProgress, 'phase' | 'elapsedMs' | 'transferred' | 'normal' | 'duplicate' | 'rounds' | 'channelsConnected' | 'channels' | 'ramTotal'>): ProgressSample {
+  return {
+    phase: p.phase,
+    elapsedMs: p.elapsedMs,
+    transferred: p.transferred,
+    pages: p.normal + p.duplicate,
+    totalPages: Math.ceil(p.ramTotal / 4096),
+    detail: `round ${p.rounds} | channels ${p.channelsConnected}/${p.channels}`,
+  };
+}
+
+export function sendSample(p: SendProgress): ProgressSample {
+  return {
+    phase: p.phase,
+    elapsedMs: p.elapsedMs,
+    transferred: p.transferred,
+    pages: p.normal + p.duplicate,
+    totalPages: p.pagesTotal,
+    detail: `${p.channels} channel(s)`,
+  };
+}
 
 export class ProgressView {
   private bar: cliProgress.SingleBar | undefined;
@@ -15,8 +47,7 @@ export class ProgressView {
 
   update(p: ProgressSample): void {
     if (!this.enabled) return;
-    const pages = p.normal + p.duplicate;
-    const totalPages = Math.max(1, Math.ceil(p.ramTotal / 4096));
+    const total = Math.max(1, p.totalPages);
     const dt = p.elapsedMs - this.last.t;
     if (dt >= 500) {
       this.speed = ((p.transferred - this.last.bytes) * 1000) / dt;
@@ -26,14 +57,13 @@ export class ProgressView {
       phase: p.phase.padEnd(12),
       bytes: bytes(p.transferred).padStart(10),
       speed: rate(this.speed).padStart(12),
-      pps: `${Math.round((pages * 1000) / Math.max(1, p.elapsedMs))} pages/s`,
-      rounds: p.rounds,
-      ch: `${p.channelsConnected}/${p.channels}`,
+      pps: `${Math.round((p.pages * 1000) / Math.max(1, p.elapsedMs))} pages/s`,
+      detail: p.detail,
     };
     if (!this.bar) {
       this.bar = new cliProgress.SingleBar(
         {
-          format: `${this.label} {phase} |{bar}| {bytes} {speed} {pps} | round {rounds} | channels {ch}`,
+          format: `${this.label} {phase} |{bar}| {bytes} {speed} {pps} | {detail}`,
           barsize: 20,
           hideCursor: true,
           stream: process.stderr,
@@ -41,10 +71,10 @@ export class ProgressView {
         },
         cliProgress.Presets.shades_classic,
       );
-      this.bar.start(totalPages, 0, payload);
+      this.bar.start(total, 0, payload);
     }
-    this.bar.setTotal(totalPages);
-    this.bar.update(Math.min(pages, totalPages), payload);
+    this.bar.setTotal(total);
+    this.bar.update(Math.min(p.pages, total), payload);
   }
 
   stop(): void {

@@ -81,23 +81,30 @@ export class PageBitmap {
   test(page: number): boolean {
     return (this.bytes[page >>> 3]! & (1 << (page & 7))) !== 0;
   }
+  /** Set bits among the first `pages` (stray bits in the last word's padding do not count). */
   count(): number {
     let n = 0;
-    for (let i = 0; i < this.bytes.length; i++) {
+    const full = this.pages >>> 3;
+    for (let i = 0; i < full; i++) {
       let v = this.bytes[i]!;
       while (v) { v &= v - 1; n++; }
     }
+    for (let p = full * 8; p < this.pages; p++) if (this.test(p)) n++;
     return n;
   }
-  /** Runs of consecutive set bits as [firstPage, pageCount]; bits beyond `pages` are ignored. */
-  *runs(): Generator<[number, number]> {
-    let p = 0;
+  /** Runs of consecutive set bits as [firstPage, pageCount] from page `from` on; bits beyond `pages` are ignored. */
+  *runs(from = 0): Generator<[number, number]> {
+    let p = Math.max(0, from);
     while (p < this.pages) {
       const byte = this.bytes[p >>> 3]!;
       if (byte === 0 && (p & 7) === 0) { p += 8; continue; }
       if (!this.test(p)) { p++; continue; }
       const start = p;
-      while (p < this.pages && this.test(p)) p++;
+      while (p < this.pages) {
+        if ((p & 7) === 0 && this.bytes[p >>> 3] === 0xff && p + 8 <= this.pages) { p += 8; continue; }
+        if (!this.test(p)) break;
+        p++;
+      }
       yield [start, p - start];
     }
   }

@@ -147,7 +147,12 @@ export function encodeMultifdPacketHeader(o: EncodePacketOptions, into?: Buffer)
   if (Buffer.byteLength(o.ramblock, 'latin1') >= RAMBLOCK_FIELD) throw new RangeError('ramblock name too long');
   b.write(o.ramblock, 64, 'latin1');
   const count = o.normalPages + o.zeroPages;
-  for (let i = 0; i < count; i++) b.writeBigUInt64BE(BigInt(o.offsets[i]!), 320 + 8 * i);
+  // Two u32 halves: a BigInt per page would allocate on the send hot path.
+  for (let i = 0; i < count; i++) {
+    const off = o.offsets[i]!;
+    b.writeUInt32BE(Math.floor(off / 0x100000000), 320 + 8 * i);
+    b.writeUInt32BE(off >>> 0, 324 + 8 * i);
+  }
   return b;
 }
 

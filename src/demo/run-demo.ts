@@ -1,12 +1,14 @@
-// demo: the main job end to end on a guest of our own. With QEMU ≥ 10: boot our dirtying guest,
-// `save` it while it runs, restore the snapshot into a fresh QEMU, and verify the memory (equal
-// to the saved source, the guest's invariant holds, and it runs on). Without QEMU: our synthetic
-// source → `receive` → read the snapshot back and compare every page.
+// demo: both main jobs end to end on a guest of our own. With QEMU ≥ 10: boot our dirtying guest,
+// `save` it while it runs, `restore` the snapshot into a fresh QEMU with our sender, and verify
+// the memory (equal to the saved source, the guest's invariant holds, and it runs on). Without
+// QEMU: our synthetic source → `receive` → snapshot → `send` → `receive` again, every page compared.
 
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { save, type SaveProgress, type SaveSummary } from '../conversations/save.js';
 import { receive, type ReceiveProgress, type ReceiveSummary } from '../conversations/receive.js';
+import { restore, type RestoreSummary } from '../conversations/restore.js';
+import { send, type SendProgress, type SendSummary } from '../conversations/send.js';
 import { MappedRamSnapshot } from '../engine/mapped-ram-reader.js';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from './bootsector.js';
 import { countPasses, dumpGuestMemory, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from './qemu.js';
@@ -18,7 +20,7 @@ export interface DemoOptions {
   channels?: number;
   keep?: boolean;
   log: (line: string) => void;
-  onProgress?: (p: ReceiveProgress | SaveProgress) => void;
+  onProgress?: (p: ReceiveProgress | SaveProgress | SendProgress) => void;
 }
 
 export interface DemoResult {
@@ -27,6 +29,8 @@ export interface DemoResult {
   snapshot: string;
   checks: { name: string; ok: boolean; detail: string }[];
   summary: ReceiveSummary | SaveSummary;
+  /** How the snapshot was sent back: into QEMU (restore) or into a second receive (send). */
+  restore?: RestoreSummary | SendSummary;
 }
 
 export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
@@ -49,6 +53,7 @@ async function runWithQemu(bin: string, opts: DemoOptions): Promise<DemoResult> 
   const checks: DemoResult['checks'] = [];
   let src: QemuInstance | undefined;
   let dst: QemuInstance | undefined;
+  let restored: RestoreSummary | Error | undefined;
   try {
     opts.log('starting the source VM (a boot-sector guest that keeps rewriting 99 MiB)...');
     // QEMU serves one client per QMP socket: `save` gets a socket of its own, as a user's would.
@@ -64,12 +69,18 @@ async function runWithQemu(bin: string, opts: DemoOptions): Promise<DemoResult> 
     await src.kill();
     src = undefined;
 
-    opts.log('restoring the snapshot into a fresh QEMU...');
-    dst = await startQemu({ version: '10', binary: bin, memMiB: 128, bootSector: true, incoming: 'defer', paused: true });
-    await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }, { capability: 'multifd', state: true }] });
-    await dst.qmp.execute('migrate-set-parameters', { 'multifd-channels': channels });
-    await dst.qmp.execute('migrate-incoming', { uri: `file:${out}` });
-    const m = await waitMigration(dst.qmp, { timeoutMs: 120_000 });
+    opts.log(`restoring the snapshot into a fresh QEMU with our sender (${channels} channels)...`);
+    const restoreQmp = join(dir, 'restore-qmp.sock');
+    dst = await startQemu({ version: '10', binary: bin, memMiB: 128, bootSector: true, incoming: 'defer', paused: true, extraArgs: ['-qmp', `unix:${restoreQmp},server=on,wait=off`] });
+    const r = restore({ file: out, qmp: `unix:${restoreQmp}`, channels });
+    if (opts.onProgress) r.on('progress', opts.onProgress);
+    restored = await r.done.catch((e: Error) => e);
+    if (restored instanceof Error) {
+      checks.push({ name: 'restore into QEMU', ok: false, detail: restored.message });
+      return { mode: 'qemu', ok: false, snapshot: out, checks, summary };
+    }
+    opts.log(`restored: ${restored.transferred} bytes in ${restored['total-time']} ms`);
+    const m = await waitMigration(dst.qmp, { timeoutMs: 10_000 });
     checks.push({ name: 'QEMU loads the snapshot', ok: m.status === 'completed', detail: `${m.status}${m['error-desc'] ? `: ${m['error-desc']}` : ''}` });
     if (m.status === 'completed') {
       const restored = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
@@ -84,7 +95,7 @@ async function runWithQemu(bin: string, opts: DemoOptions): Promise<DemoResult> 
       const inv2 = checkDirtyInvariant(later);
       checks.push({ name: 'guest runs on after restore', ok: inv2.ok && !later.equals(restored), detail: `${countPasses(dst.serialLog()) - before} more passes; invariant ${inv2.ok ? 'holds' : `broken: ${inv2.reason}`}` });
     }
-    return { mode: 'qemu', ok: checks.every((c) => c.ok), snapshot: out, checks, summary };
+    return { mode: 'qemu', ok: checks.every((c) => c.ok), snapshot: out, checks, summary, restore: restored };
   } finally {
     await src?.kill();
     await dst?.kill();
@@ -106,18 +117,29 @@ async function runSynthetic(opts: DemoOptions): Promise<DemoResult> {
     const expected = makeSyntheticGuest(64);
     const [summary] = await Promise.all([rx.done, sendSyntheticMigration(addr, guest, { channels, rounds: 3 })]);
     for (let r = 2; r <= 3; r++) dirtySyntheticGuest(expected, r);
-    const snap = await MappedRamSnapshot.open(out);
+    // Our sender streams the snapshot into a second receive: the round trip of both main jobs.
+    const out2 = join(dir, 'vm-copy.mig');
+    const rx2 = receive({ listen: 'tcp:127.0.0.1:0', out: out2, channels });
+    const addr2 = await rx2.listening;
+    opts.log(`sending the snapshot back with our sender to ${addr2}...`);
+    const tx = send({ file: out, to: addr2, channels });
+    if (opts.onProgress) tx.on('progress', opts.onProgress);
+    const [, sent] = await Promise.all([rx2.done, tx.done]);
     const checks: DemoResult['checks'] = [];
-    try {
-      for (const b of expected.blocks) {
-        const got = await snap.readPages(b.name, 0, b.data.length / TARGET_PAGE_SIZE);
-        checks.push({ name: `block ${b.name} equals the source`, ok: got.equals(b.data), detail: `${b.data.length} bytes` });
+    for (const [label, file] of [['received', out], ['sent and received again', out2]] as const) {
+      const snap = await MappedRamSnapshot.open(file);
+      try {
+        for (const b of expected.blocks) {
+          const got = await snap.readPages(b.name, 0, b.data.length / TARGET_PAGE_SIZE);
+          checks.push({ name: `${label}: block ${b.name} equals the source`, ok: got.equals(b.data), detail: `${b.data.length} bytes` });
+        }
+        checks.push({ name: `${label}: device state verified by its VMDESCRIPTION`, ok: snap.deviceState.sections.length === 1, detail: `${snap.deviceState.sections.length} section(s)` });
+      } finally {
+        await snap.close();
       }
-      checks.push({ name: 'device state verified by its VMDESCRIPTION', ok: snap.deviceState.sections.length === 1, detail: `${snap.deviceState.sections.length} section(s)` });
-    } finally {
-      await snap.close();
     }
-    return { mode: 'synthetic', ok: checks.every((c) => c.ok), snapshot: out, checks, summary };
+    checks.push({ name: 'the receiver confirmed the load to the sender', ok: sent.destination === 'confirmed', detail: sent.destination });
+    return { mode: 'synthetic', ok: checks.every((c) => c.ok), snapshot: out, checks, summary, restore: sent };
   } finally {
     if (!opts.keep) rmSync(dir, { recursive: true, force: true });
   }

@@ -3,12 +3,14 @@
 // positioned reads (absent pages read as zero).
 
 import { open, type FileHandle } from 'node:fs/promises';
-import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { PageBitmap, bitmapBytes, type MappedRamHeader } from '../codec/mapped-ram.js';
 import { findTrailingVmdesc, walkDeviceState, type DeviceStateLayout } from '../codec/vmdesc.js';
+import { readExactly } from './read-exactly.js';
+import type { SnapshotBlockInfo, SnapshotRamSection, SnapshotSource } from './snapshot.js';
 
 export interface SnapshotBlock {
   name: string;
@@ -20,7 +22,17 @@ export interface SnapshotBlock {
 const READ_CHUNK = 256 * 1024;
 const MAX_DEVICE_STATE = 256 * 1024 * 1024;
 
-export class MappedRamSnapshot {
+interface Prologue {
+  ramSection: SnapshotRamSection;
+  switchoverStart: boolean;
+}
+
+export class MappedRamSnapshot implements SnapshotSource {
+  readonly format = 'mapped-ram';
+  readonly blockList: readonly SnapshotBlockInfo[];
+  readonly ramSection: SnapshotRamSection;
+  readonly switchoverStart: boolean;
+
   private constructor(
     readonly path: string,
     private readonly fh: FileHandle,
@@ -28,7 +40,13 @@ export class MappedRamSnapshot {
     readonly blocks: ReadonlyMap<string, SnapshotBlock>,
     readonly deviceState: DeviceStateLayout & { fileOffset: number },
     readonly fileSize: number,
-  ) {}
+    prologue: Prologue,
+    blockInfo: SnapshotBlockInfo[],
+  ) {
+    this.ramSection = prologue.ramSection;
+    this.switchoverStart = prologue.switchoverStart;
+    this.blockList = blockInfo;
+  }
 
   static async open(path: string): Promise<MappedRamSnapshot> {
     const fh = await open(path, 'r');
@@ -36,6 +54,9 @@ export class MappedRamSnapshot {
       const size = (await fh.stat()).size;
       const parser = new MainStreamParser();
       const blocks = new Map<string, SnapshotBlock>();
+      const blockInfo: SnapshotBlockInfo[] = [];
+      let ramSection: SnapshotRamSection | undefined;
+      let switchoverStart = false;
       let pos = 0;
       let device: Buffer[] = [];
       let deviceStart = -1;
@@ -56,6 +77,12 @@ export class MappedRamSnapshot {
         for (let ev = parser.next(); ev !== null; ev = parser.next()) {
           if (ev.type === 'ram-block') {
             blocks.set(ev.block.name, await loadBlock(fh, ev.block, size));
+            blockInfo.push({ name: ev.block.name, usedLength: ev.block.usedLength, ...(ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {}) });
+          } else if (ev.type === 'section' && ev.kind === 'start') {
+            ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
+          } else if (ev.type === 'command') {
+            if (ev.cmd === Command.SWITCHOVER_START) switchoverStart = true;
+            else if (ev.cmd !== Command.POSTCOPY_ADVISE) throw new ProtocolError('UNSUPPORTED', `command ${ev.cmd} in a snapshot file (only SWITCHOVER_START belongs there)`, { offset: parser.offset });
           } else if (ev.type === 'ram-page' || ev.type === 'ram-zero' || ev.type === 'ram-flush') {
             throw new ProtocolError('BAD_RECORD', `${ev.type} record in a mapped-ram file`);
           } else if (ev.type === 'device-state') {
@@ -71,6 +98,7 @@ export class MappedRamSnapshot {
       const config = parser.configuration;
       if (!config) throw new ProtocolError('BAD_RECORD', 'no configuration record');
       if (!config.capabilities.includes('mapped-ram')) throw new ProtocolError('BAD_MAPPED_RAM', 'not a mapped-ram file (the configuration lacks the mapped-ram capability)');
+      if (!ramSection) throw new ProtocolError('BAD_RECORD', 'no RAM section in the file');
       if (deviceStart < 0) throw new ProtocolError('TRUNCATED', 'file ends before the device state');
       const tail = Buffer.concat(device);
       device = [];
@@ -78,7 +106,7 @@ export class MappedRamSnapshot {
       if (!found) throw new ProtocolError('TRUNCATED', 'file does not end with a VMDESCRIPTION (incomplete snapshot?)', { offset: deviceStart });
       const layout = walkDeviceState(tail, found.vmdesc, 0, deviceStart);
       if (layout.end !== tail.length) throw new ProtocolError('BAD_VMDESC', 'device state does not end at the VMDESCRIPTION', { offset: deviceStart + layout.end });
-      return new MappedRamSnapshot(path, fh, config, blocks, { ...layout, fileOffset: deviceStart }, size);
+      return new MappedRamSnapshot(path, fh, config, blocks, { ...layout, fileOffset: deviceStart }, size, { ramSection, switchoverStart }, blockInfo);
     } catch (e) {
       await fh.close();
       throw e;
@@ -105,6 +133,52 @@ export class MappedRamSnapshot {
       }
       p += n;
     }
+    return out;
+  }
+
+  private block(name: string): SnapshotBlock {
+    const b = this.blocks.get(name);
+    if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `no block "${name}" in ${this.path}`);
+    return b;
+  }
+
+  presentPages(block: string): number {
+    return this.block(block).bitmap.count();
+  }
+
+  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage = 0): void {
+    for (const [first, count] of this.block(block).bitmap.runs(fromPage)) if (visit(first, count) === false) return;
+  }
+
+  scratchBytes(pages: number): number {
+    return pages * TARGET_PAGE_SIZE;
+  }
+
+  /** One positioned read per run: the pages region holds page k at pagesOffset + k × pageSize. */
+  async loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]> {
+    const b = this.block(block);
+    const pages = b.usedLength / TARGET_PAGE_SIZE;
+    const reads: Promise<unknown>[] = [];
+    const views: Buffer[] = [];
+    let at = 0;
+    for (let i = 0; i < runCount; i++) {
+      const first = runs[2 * i]!;
+      const count = runs[2 * i + 1]!;
+      if (first < 0 || count <= 0 || first + count > pages) throw new RangeError(`pages [${first}, +${count}) outside block ${block}`);
+      const len = count * TARGET_PAGE_SIZE;
+      if (at + len > scratch.length) throw new RangeError(`scratch of ${scratch.length} bytes is too small for the runs`);
+      const view = scratch.subarray(at, at + len);
+      reads.push(readExactly(this.fh, view, b.header.pagesOffset + first * TARGET_PAGE_SIZE, this.path));
+      views.push(view);
+      at += len;
+    }
+    await Promise.all(reads);
+    return views;
+  }
+
+  async readAt(position: number, length: number, into?: Buffer): Promise<Buffer> {
+    const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+    await readExactly(this.fh, out, position, this.path);
     return out;
   }
 

@@ -1,5 +1,6 @@
 // One interface per compression method, after QEMU's per-method ops: per-channel state created
-// at setup, `recv` turning a packet's payload into page bytes. Send side arrives with `send`.
+// at setup, `prepare` turning a packet's pages into the payload to write (send side), `recv`
+// turning a payload back into page bytes (receive side).
 
 import type { MultifdPacketHeader } from '../../codec/multifd-packet.js';
 
@@ -9,9 +10,27 @@ export interface RecvMethodChannel {
   cleanup(): void;
 }
 
+export interface SendPrepared {
+  /** Buffers written after the packet header, in order (views; no copy needed for nocomp). */
+  payload: Buffer[];
+  /** Total payload bytes: the header's next_packet_size. */
+  size: number;
+}
+
+export interface SendMethodChannel {
+  /**
+   * Turns the normal pages of one packet (views totalling normalPages × pageSize bytes) into its
+   * payload. The channel writes the result before it calls prepare again, so a method may reuse
+   * its output buffers from one packet to the next.
+   */
+  prepare(pages: readonly Buffer[], normalPages: number): SendPrepared | Promise<SendPrepared>;
+  cleanup(): void;
+}
+
 export interface MultifdMethod {
   readonly name: string;
   /** Compression bits carried in packet flags. */
   readonly flags: number;
   recvSetup(channelId: number, pageSize: number): RecvMethodChannel;
+  sendSetup(channelId: number, pageSize: number): SendMethodChannel;
 }

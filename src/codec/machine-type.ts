@@ -1,0 +1,18 @@
+// Facts that follow from a machine type's name (QEMU's hw/core/machine.c compat properties).
+
+/** Version of a versioned machine type name such as pc-i440fx-10.0 or pc-q35-8.0. */
+export function machineVersion(machine: string): { major: number; minor: number } | undefined {
+  const m = /-(\d+)\.(\d+)$/.exec(machine);
+  return m ? { major: Number(m[1]), minor: Number(m[2]) } : undefined;
+}
+
+/**
+ * The multifd sync mode a QEMU destination of this machine type uses by default: machine types up
+ * to 8.0 have multifd-flush-after-each-section on (a sync at every RAM EOS), later ones sync once
+ * per round with MULTIFD_FLUSH (PROTOCOL.md §2.6).
+ */
+export function defaultSyncMode(machine: string): 'round' | 'section' {
+  const v = machineVersion(machine);
+  if (!v) return 'round';
+  return v.major < 8 || (v.major === 8 && v.minor === 0) ? 'section' : 'round';
+}

@@ -1,0 +1,185 @@
+// restore: one command that loads a snapshot into a QEMU started with `-incoming defer`. It
+// validates the file, sets the destination up over QMP (capabilities and parameters matching the
+// snapshot, migrate-incoming with exit-on-error off so QEMU's own error can be shown), streams
+// the snapshot with `send`, waits for QEMU to report completed, and optionally runs `cont`.
+
+import { EventEmitter } from 'node:events';
+import { unlink } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { VALIDATED_CAPABILITIES } from '../codec/constants.js';
+import { openSnapshot } from '../engine/open-snapshot.js';
+import type { SnapshotSource } from '../engine/snapshot.js';
+import { parseQmpAddress, QmpClient } from '../transports/qmp-client.js';
+import { send, type SendOptions, type SendProgress, type SendSummary } from './send.js';
+
+export interface RestoreOptions {
+  file: string;
+  /** The destination's QMP socket: unix:PATH or tcp:HOST:PORT. */
+  qmp: string;
+  /** multifd channels; 0 restores without multifd. Default 2. */
+  channels?: number;
+  /** Where the destination listens for us. Default: a unix socket in the temp dir (tcp:127.0.0.1 for a tcp QMP). */
+  incoming?: string;
+  /** Run `cont` once loaded, even if the snapshot's guest was paused. */
+  resume?: boolean;
+  uuid?: Buffer;
+  syncMode?: SendOptions['syncMode'];
+  zeroPageDetection?: SendOptions['zeroPageDetection'];
+  progressIntervalMs?: number;
+  /** How long to wait for QEMU to report completed once everything is sent. Default 60 s. */
+  completionTimeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface RestoreProgress extends SendProgress {
+  destinationStatus: string;
+}
+
+export interface RestoreSummary extends SendSummary {
+  destinationQemu: {
+    status: string;
+    'run-state-after': string;
+    resumed: boolean;
+  };
+}
+
+export class RestoreHandle extends EventEmitter {
+  readonly done: Promise<RestoreSummary>;
+  constructor(run: (h: RestoreHandle) => Promise<RestoreSummary>) {
+    super();
+    this.done = Promise.resolve().then(() => run(this));
+    this.done.catch(() => {});
+  }
+}
+
+export function restore(opts: RestoreOptions): RestoreHandle {
+  return new RestoreHandle((h) => runRestore(opts, h));
+}
+
+/** Error from the destination QEMU, with its error-desc. */
+export class DestinationError extends Error {
+  constructor(message: string, readonly qemuError: string | undefined) {
+    super(message);
+    this.name = 'DestinationError';
+  }
+}
+
+async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<RestoreSummary> {
+  const channels = opts.channels ?? 2;
+  // Validate before touching QEMU: a corrupt file must not leave the destination half set up.
+  const source: SnapshotSource = await openSnapshot(opts.file);
+  let qmp: QmpClient | undefined;
+  let socketPath: string | undefined;
+  try {
+    qmp = await QmpClient.connect(opts.qmp);
+    const run = await qmp.execute('query-status');
+    if (run.status !== 'inmigrate') {
+      throw new Error(`the destination is not waiting for an incoming migration (its state is "${run.status}"); start it with -incoming defer`);
+    }
+    const mig = await qmp.execute('query-migrate');
+    if (mig.status && mig.status !== 'none') {
+      throw new Error(`the destination already has an incoming migration in state "${mig.status}" (migrate-incoming was issued before; start a fresh QEMU with -incoming defer)`);
+    }
+    const have: { capability: string; state: boolean }[] = await qmp.execute('query-migrate-capabilities');
+    const wanted: Record<string, boolean> = { multifd: channels > 0, 'mapped-ram': false };
+    // Validated capabilities must match the stream's configuration record exactly.
+    for (const cap of VALIDATED_CAPABILITIES) if (cap !== 'mapped-ram') wanted[cap] = source.configuration.capabilities.includes(cap);
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: Object.entries(wanted)
+        .filter(([name, state]) => have.some((c) => c.capability === name && c.state !== state))
+        .map(([capability, state]) => ({ capability, state })),
+    });
+    if (channels > 0) await qmp.execute('migrate-set-parameters', { 'multifd-channels': channels, 'multifd-compression': 'none' });
+
+    const incoming = opts.incoming ?? defaultIncoming(opts.qmp);
+    if (incoming.startsWith('unix:')) socketPath = incoming.slice(5);
+    await qmp.execute('migrate-incoming', { uri: incoming, 'exit-on-error': false });
+    const to = incoming.startsWith('tcp:') && incoming.endsWith(':0') ? await boundAddress(qmp, incoming) : incoming;
+
+    let destStatus = 'setup';
+    let destError: string | undefined;
+    const tx = send({
+      file: source,
+      to,
+      channels,
+      ...(opts.uuid ? { uuid: opts.uuid } : {}),
+      ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
+      ...(opts.zeroPageDetection ? { zeroPageDetection: opts.zeroPageDetection } : {}),
+      ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    });
+    tx.on('progress', (p: SendProgress) => handle.emit('progress', { ...p, destinationStatus: destStatus } satisfies RestoreProgress));
+
+    // QEMU's view, polled while we send: a failure there is the better error message.
+    const client = qmp;
+    const poll = setInterval(() => {
+      client.execute('query-migrate').then((s) => {
+        destStatus = s.status ?? destStatus;
+        if (s.status === 'failed') {
+          destError = s['error-desc'];
+          tx.abort(new DestinationError(`the destination QEMU failed to load the snapshot${destError ? `: ${destError}` : ''}`, destError));
+        }
+      }, () => {});
+    }, 200);
+    let summary: SendSummary;
+    try {
+      summary = await tx.done;
+    } catch (e) {
+      clearInterval(poll);
+      throw await explainFailure(client, e as Error);
+    }
+    clearInterval(poll);
+
+    const deadline = Date.now() + (opts.completionTimeoutMs ?? 60000);
+    for (;;) {
+      const s = await qmp.execute('query-migrate');
+      destStatus = s.status;
+      if (s.status === 'completed') break;
+      if (s.status === 'failed') throw new DestinationError(`the destination QEMU failed to load the snapshot${s['error-desc'] ? `: ${s['error-desc']}` : ''}`, s['error-desc']);
+      if (Date.now() > deadline) throw new Error(`everything was sent but the destination still reports "${s.status}" after ${Math.round((opts.completionTimeoutMs ?? 60000) / 1000)} s`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    let resumed = false;
+    let after = await qmp.execute('query-status');
+    if (opts.resume && !after.running) {
+      await qmp.execute('cont');
+      resumed = true;
+      after = await qmp.execute('query-status');
+    }
+    return { ...summary, destinationQemu: { status: destStatus, 'run-state-after': after.status, resumed } };
+  } finally {
+    qmp?.close();
+    await source.close().catch(() => {});
+    if (socketPath) await unlink(socketPath).catch(() => {});
+  }
+}
+
+function defaultIncoming(qmpAddress: string): string {
+  if (parseQmpAddress(qmpAddress).kind === 'unix') {
+    return `unix:${join(tmpdir(), `multifd-restore-${process.pid}-${Date.now().toString(36)}.sock`)}`;
+  }
+  return 'tcp:127.0.0.1:0';
+}
+
+/** The port QEMU bound for tcp:HOST:0, from query-migrate's socket-address list. */
+async function boundAddress(qmp: QmpClient, incoming: string): Promise<string> {
+  const s = await qmp.execute('query-migrate');
+  const addr = (s['socket-address'] as { type: string; host?: string; port?: string }[] | undefined)?.find((a) => a.type === 'inet');
+  if (!addr?.port) throw new Error(`the destination did not report the port it bound for ${incoming}; give --incoming tcp:HOST:PORT`);
+  const host = incoming.slice(4, incoming.lastIndexOf(':'));
+  return `tcp:${host}:${addr.port}`;
+}
+
+/** Prefers QEMU's own error (it knows why it refused) over what our side saw. */
+async function explainFailure(qmp: QmpClient, e: Error): Promise<Error> {
+  if (e instanceof DestinationError) return e;
+  for (let i = 0; i < 10; i++) {
+    const s = await qmp.execute('query-migrate').catch(() => undefined);
+    if (s?.status === 'failed') {
+      return new DestinationError(`the destination QEMU failed to load the snapshot: ${s['error-desc'] ?? 'no error-desc'} (our side: ${e.message})`, s['error-desc']);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return e;
+}

@@ -1,0 +1,278 @@
+// The sending half of multifd (PROTOCOL.md §3, §3.7): N channels, each writing its init message,
+// data packets and SYNC packets. A batch of pages (one block, ≤ 128 pages) goes to the next
+// channel with a free slot, searching round-robin from the last one used, as QEMU's
+// multifd_send_pages does. Each slot owns a scratch buffer: the page loader fills it with
+// positioned reads, the method's prepare turns it into I/O vectors, and the channel writes header
+// and payload with one gather write; the slot is reused once the write completed. Reads of
+// several slots run in parallel; prepare and write run in assignment order per channel, which
+// compression methods need (their stream state carries from one packet to the next).
+//
+// flush (push out a partial batch) is the caller's business: it decides when a batch is handed
+// over. sync() is the barrier: everything assigned so far is written, then one SYNC per channel.
+
+import { EventEmitter } from 'node:events';
+import { MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { encodeMultifdInit } from '../codec/multifd-init.js';
+import { encodeMultifdPacketHeader, encodeSyncPacket } from '../codec/multifd-packet.js';
+import type { MultifdMethod, SendMethodChannel } from './methods/method.js';
+
+/** Where a channel's bytes go (a socket, a pipe, a test sink). */
+export interface SendChannel {
+  /** Writes the buffers in order as one gather write; resolves once the buffers may be reused. */
+  write(bufs: readonly Buffer[]): Promise<void>;
+}
+
+/** Fills `scratch` with the pages of `runs` (flat firstPage,count pairs) and returns views of them in order. */
+export interface PageLoader {
+  scratchBytes(pages: number): number;
+  loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]>;
+}
+
+export interface PageBatch {
+  block: string;
+  /** Flat (firstPage, count) pairs, ascending or not; pages of one block. */
+  runs: number[];
+  pages: number;
+}
+
+export interface MultifdSenderOptions {
+  channels: readonly SendChannel[];
+  method: MultifdMethod;
+  loader: PageLoader;
+  /** The destination's -uuid (16 bytes), zeros when unset. */
+  uuid?: Buffer;
+  /** Batches in flight per channel: one being written while the next is read. Default 2. */
+  depth?: number;
+  /** 'multifd' lists all-zero pages in the packet's zero list instead of sending them (QEMU's default). */
+  zeroPageDetection?: 'multifd' | 'none';
+  pageSize?: number;
+}
+
+export interface SendChannelStats {
+  id: number;
+  packets: number;
+  syncs: number;
+  normalPages: number;
+  zeroPages: number;
+  bytes: number;
+}
+
+interface Slot {
+  scratch: Buffer;
+  header: Buffer;
+  normal: Float64Array;
+  zero: Float64Array;
+}
+
+interface Channel {
+  id: number;
+  sink: SendChannel;
+  method: SendMethodChannel;
+  free: Slot[];
+  /** Prepare-and-write work in assignment order. */
+  tail: Promise<void>;
+  stats: SendChannelStats;
+}
+
+export class MultifdSender extends EventEmitter {
+  private readonly channels: Channel[];
+  private readonly pageSize: number;
+  private readonly zeroDetect: boolean;
+  private readonly zeroPage: Buffer;
+  private nextChannel = 0;
+  private packetNum = 0n;
+  private failure: Error | undefined;
+  private waiters: (() => void)[] = [];
+
+  constructor(private readonly opts: MultifdSenderOptions) {
+    super();
+    this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
+    this.zeroDetect = (opts.zeroPageDetection ?? 'multifd') === 'multifd';
+    this.zeroPage = Buffer.alloc(this.pageSize);
+    const depth = opts.depth ?? 2;
+    const scratchBytes = opts.loader.scratchBytes(MULTIFD_PAGES_PER_PACKET);
+    this.channels = opts.channels.map((sink, id) => ({
+      id,
+      sink,
+      method: opts.method.sendSetup(id, this.pageSize),
+      free: Array.from({ length: depth }, () => ({
+        scratch: Buffer.allocUnsafe(scratchBytes),
+        header: Buffer.alloc(MULTIFD_PACKET_HEADER_SIZE),
+        normal: new Float64Array(MULTIFD_PAGES_PER_PACKET),
+        zero: new Float64Array(MULTIFD_PAGES_PER_PACKET),
+      })),
+      tail: Promise.resolve(),
+      stats: { id, packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 },
+    }));
+  }
+
+  get channelCount(): number {
+    return this.channels.length;
+  }
+
+  /** Init message and the setup SYNC on every channel (pairs with the setup FLUSH or EOS). */
+  async setup(): Promise<void> {
+    await Promise.all(this.channels.map((ch) => this.setupChannel(ch.id)));
+  }
+
+  /** Setup of one channel, for callers that write each channel's first bytes as soon as it connects. */
+  async setupChannel(id: number): Promise<void> {
+    const ch = this.channels[id]!;
+    const init = encodeMultifdInit(id, this.opts.uuid);
+    const sync = encodeSyncPacket(this.packetNum++);
+    ch.tail = ch.tail.then(async () => {
+      this.check();
+      await ch.sink.write([init, sync]);
+      ch.stats.syncs++;
+      ch.stats.bytes += init.length + sync.length;
+    });
+    await ch.tail;
+  }
+
+  /** Hands a batch to the next channel with a free slot; resolves when assigned (not yet written). */
+  async send(batch: PageBatch): Promise<void> {
+    if (batch.pages === 0) return;
+    if (batch.pages > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a batch holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${batch.pages})`);
+    const ch = await this.acquire();
+    const slot = ch.free.pop()!;
+    const load = this.opts.loader.loadRuns(batch.block, batch.runs, batch.runs.length / 2, slot.scratch);
+    // The rejection is seen by the chain below; this only keeps Node from calling it unhandled
+    // while earlier packets of the channel are still being written.
+    load.catch(() => {});
+    ch.tail = ch.tail
+      .then(async () => {
+        this.check();
+        await this.writePacket(ch, slot, batch, await load);
+      })
+      .then(
+        () => this.release(ch, slot),
+        (e: Error) => {
+          this.release(ch, slot);
+          this.fail(e);
+        },
+      );
+  }
+
+  /** Barrier: every assigned packet written, then one SYNC on each channel, written. */
+  async sync(): Promise<void> {
+    await Promise.all(
+      this.channels.map((ch) => {
+        ch.tail = ch.tail.then(async () => {
+          this.check();
+          const sync = encodeSyncPacket(this.packetNum++);
+          await ch.sink.write([sync]);
+          ch.stats.syncs++;
+          ch.stats.bytes += sync.length;
+        });
+        return ch.tail;
+      }),
+    );
+    this.check();
+  }
+
+  /** Waits for everything assigned so far without adding a SYNC. */
+  async drain(): Promise<void> {
+    await Promise.all(this.channels.map((ch) => ch.tail));
+    this.check();
+  }
+
+  stats(): SendChannelStats[] {
+    return this.channels.map((c) => ({ ...c.stats }));
+  }
+
+  fail(err: Error): void {
+    if (this.failure) return;
+    this.failure = err;
+    for (const w of this.waiters.splice(0)) w();
+    for (const ch of this.channels) ch.method.cleanup();
+    this.emit('error', err);
+  }
+
+  close(): void {
+    for (const ch of this.channels) ch.method.cleanup();
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  private async acquire(): Promise<Channel> {
+    for (;;) {
+      this.check();
+      const n = this.channels.length;
+      for (let i = 0; i < n; i++) {
+        const ch = this.channels[(this.nextChannel + i) % n]!;
+        if (ch.free.length > 0) {
+          this.nextChannel = (ch.id + 1) % n;
+          return ch;
+        }
+      }
+      await new Promise<void>((resolve) => this.waiters.push(resolve));
+    }
+  }
+
+  private release(ch: Channel, slot: Slot): void {
+    ch.free.push(slot);
+    this.waiters.shift()?.();
+  }
+
+  private async writePacket(ch: Channel, slot: Slot, batch: PageBatch, views: Buffer[]): Promise<void> {
+    const ps = this.pageSize;
+    let normal = 0;
+    let zero = 0;
+    const pagesData: Buffer[] = [];
+    // Walk runs (guest pages) and views (their bytes) together; consecutive non-zero pages of one
+    // view stay one view, so a contiguous run costs one iovec whatever its length.
+    let v = 0;
+    let vPos = 0;
+    let spanStart = -1;
+    const closeSpan = (end: number): void => {
+      if (spanStart >= 0) {
+        pagesData.push(spanStart === 0 && end === views[v]!.length ? views[v]! : views[v]!.subarray(spanStart, end));
+        spanStart = -1;
+      }
+    };
+    for (let r = 0; r < batch.runs.length; r += 2) {
+      const first = batch.runs[r]!;
+      const count = batch.runs[r + 1]!;
+      for (let p = first; p < first + count; p++) {
+        while (vPos >= views[v]!.length) {
+          closeSpan(vPos);
+          v++;
+          vPos = 0;
+        }
+        const view = views[v]!;
+        if (this.zeroDetect && view.compare(this.zeroPage, 0, ps, vPos, vPos + ps) === 0) {
+          closeSpan(vPos);
+          slot.zero[zero++] = p * ps;
+        } else {
+          if (spanStart < 0) spanStart = vPos;
+          slot.normal[normal++] = p * ps;
+        }
+        vPos += ps;
+      }
+    }
+    if (v < views.length) closeSpan(vPos);
+    slot.normal.set(slot.zero.subarray(0, zero), normal);
+    const prepared = normal > 0 ? await ch.method.prepare(pagesData, normal) : { payload: [], size: 0 };
+    encodeMultifdPacketHeader(
+      {
+        flags: this.opts.method.flags,
+        normalPages: normal,
+        zeroPages: zero,
+        nextPacketSize: prepared.size,
+        packetNum: this.packetNum++,
+        ramblock: batch.block,
+        offsets: slot.normal,
+      },
+      slot.header,
+    );
+    await ch.sink.write([slot.header, ...prepared.payload]);
+    ch.stats.packets++;
+    ch.stats.normalPages += normal;
+    ch.stats.zeroPages += zero;
+    ch.stats.bytes += MULTIFD_PACKET_HEADER_SIZE + prepared.size;
+    this.emit('packet', ch.id, normal, zero);
+  }
+}
+

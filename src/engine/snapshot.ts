@@ -1,0 +1,55 @@
+// What a sender needs from a saved migration, whatever its file format: the stream's prologue
+// (configuration, RAM section and block list), the pages that must travel, and the device state
+// to forward byte for byte. mapped-ram files and QEMU's plain stream files both provide it.
+
+import type { Configuration } from '../codec/configuration.js';
+import type { DeviceStateLayout } from '../codec/vmdesc.js';
+
+export interface SnapshotBlockInfo {
+  name: string;
+  usedLength: number;
+  /** Present only with x-ignore-shared (written back into the block list). */
+  mrAddr?: number;
+}
+
+export interface SnapshotRamSection {
+  sectionId: number;
+  instanceId: number;
+  versionId: number;
+}
+
+export interface SnapshotSource {
+  readonly path: string;
+  readonly format: 'mapped-ram' | 'stream';
+  readonly configuration: Configuration;
+  readonly ramSection: SnapshotRamSection;
+  /** Blocks in the source's list order (the order the destination expects them in MEM_SIZE). */
+  readonly blockList: readonly SnapshotBlockInfo[];
+  /** The source sent SWITCHOVER_START before its final RAM section. */
+  readonly switchoverStart: boolean;
+  /** Device sections, EOF and VMDESCRIPTION; offsets in the layout are relative to fileOffset. */
+  readonly deviceState: DeviceStateLayout & { fileOffset: number };
+  readonly fileSize: number;
+  /** Pages whose final content is not known to be zero, in pages. */
+  presentPages(block: string): number;
+  /**
+   * Calls `visit(firstPage, count)` for each run of consecutive present pages of `block` that
+   * starts at or after `fromPage` (a run containing fromPage is clipped to start there), in
+   * ascending order, until `visit` returns false. Pages never visited are zero in the final state.
+   */
+  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage?: number): void;
+  /**
+   * Scratch bytes loadRuns needs for `pages` pages (more than pages × pageSize when the file
+   * interleaves record headers with page data).
+   */
+  scratchBytes(pages: number): number;
+  /**
+   * Reads pages of `block` given as flat (firstPage, count) pairs into `scratch` with positioned
+   * reads, and returns views of the page bytes in order. Concurrent calls with distinct scratch
+   * buffers are allowed.
+   */
+  loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]>;
+  /** Reads `length` bytes of the file at `position` (for forwarding the device state). */
+  readAt(position: number, length: number, into?: Buffer): Promise<Buffer>;
+  close(): Promise<void>;
+}

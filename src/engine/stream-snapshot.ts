@@ -75,7 +75,9 @@ export class StreamSnapshot implements SnapshotSource {
       let config: Configuration | undefined;
       let ramSection: SnapshotRamSection | undefined;
       let memSizeSeen = false;
-      let ramEnded = false;
+      let ramEndSeen = false;
+      // Set at the END section's footer: only then is the RAM section complete.
+      let ramComplete = false;
       let switchoverStart = false;
       let device: Buffer[] = [];
       let deviceStart = -1;
@@ -113,10 +115,10 @@ export class StreamSnapshot implements SnapshotSource {
                 ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
               } else if (ev.kind === 'full') {
                 throw new ProtocolError('BAD_RECORD', 'RAM sent as a FULL section; a migration file has START, PART and END', { offset: at });
-              } else if (ramEnded) {
+              } else if (ramEndSeen) {
                 throw new ProtocolError('BAD_RECORD', `RAM section ${ev.kind.toUpperCase()} after the section's END`, { offset: at });
               } else if (ev.kind === 'end') {
-                ramEnded = true;
+                ramEndSeen = true;
               }
               break;
             }
@@ -169,7 +171,7 @@ export class StreamSnapshot implements SnapshotSource {
               if (deviceStart < 0) {
                 deviceStart = parser.offset - ev.data.reduce((n, d) => n + d.length, 0);
                 if (!ramSection) throw new ProtocolError('BAD_RECORD', 'device state begins before any RAM section', { offset: deviceStart });
-                if (!ramEnded) throw new ProtocolError('BAD_RECORD', `device state begins before the END of RAM section ${ramSection.sectionId}`, { offset: deviceStart });
+                if (!ramComplete) throw new ProtocolError('BAD_RECORD', `device state begins before the END of RAM section ${ramSection.sectionId}`, { offset: deviceStart });
               }
               for (const d of ev.data) {
                 deviceBytes += d.length;
@@ -178,17 +180,23 @@ export class StreamSnapshot implements SnapshotSource {
               }
               break;
             }
-            case 'ram-eos':
             case 'footer':
+              if (ramEndSeen) ramComplete = true;
+              break;
+            case 'ram-eos':
               break;
           }
         }
       }
       if (!sawHeader) throw new ProtocolError('TRUNCATED', `file is truncated: ${size} bytes, shorter than the 8-byte stream header`, { offset: size });
-      if (!config) throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)}, inside the configuration record`, { offset: size });
+      if (!config) {
+        const where = parser.offset < size ? 'inside the configuration record' : 'right after the stream header, before the configuration record';
+        throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)}, ${where}`, { offset: size });
+      }
       if (deviceStart < 0) {
-        const where = !ramSection ? 'before the RAM section' : ramEnded ? 'after the RAM section, before the device state' : `inside RAM section ${ramSection.sectionId} (before its END)`;
-        throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)} ${where}; the last complete record ends at 0x${parser.offset.toString(16)}`, { offset: parser.offset });
+        const where = !ramSection ? 'before the RAM section' : ramComplete ? 'after the RAM section, before the device state' : `inside RAM section ${ramSection.sectionId} (${ramEndSeen ? 'in its END part, before the footer' : 'before its END'})`;
+        const partial = parser.offset < size ? `, in the record that starts at 0x${parser.offset.toString(16)}` : '';
+        throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)} ${where}${partial}`, { offset: parser.offset });
       }
       // Unreachable given the device-state checks, but the types (and a future parser) want them.
       if (!ramSection) throw new ProtocolError('BAD_RECORD', 'no RAM section in the file');

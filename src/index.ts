@@ -1,12 +1,22 @@
-// The library API. Conversations (receive, save) are the high-level entry points; the codec and
+// The library API. Conversations (receive, save, send, restore) are the high-level entry points; the codec and
 // engine are exported for tools that work with migration streams and files directly.
 
 export { receive, ReceiveHandle } from './conversations/receive.js';
 export type { ReceiveOptions, ReceiveProgress, ReceiveSummary, SyncMode } from './conversations/receive.js';
 export { save, SaveHandle } from './conversations/save.js';
 export type { SaveOptions, SaveProgress, SaveSummary } from './conversations/save.js';
+export { send, SendHandle } from './conversations/send.js';
+export type { SendOptions, SendProgress, SendSummary } from './conversations/send.js';
+export { restore, RestoreHandle, DestinationError } from './conversations/restore.js';
+export type { RestoreOptions, RestoreProgress, RestoreSummary } from './conversations/restore.js';
 
 export { MappedRamSnapshot } from './engine/mapped-ram-reader.js';
+export { StreamSnapshot } from './engine/stream-snapshot.js';
+export { openSnapshot, snapshotFormat } from './engine/open-snapshot.js';
+export type { SnapshotSource, SnapshotBlockInfo } from './engine/snapshot.js';
+export { MultifdSender } from './engine/multifd-sender.js';
+export type { MultifdSenderOptions, PageBatch, PageLoader, SendChannel, SendChannelStats } from './engine/multifd-sender.js';
+export { MemoryPages } from './engine/memory-pages.js';
 export { MappedRamWriter } from './engine/mapped-ram-writer.js';
 export { MultifdReceiver, ChannelError } from './engine/multifd-receiver.js';
 export type { PageStore, RamBlock } from './engine/page-store.js';

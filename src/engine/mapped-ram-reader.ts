@@ -177,6 +177,7 @@ export class MappedRamSnapshot implements SnapshotSource {
   }
 
   async readAt(position: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (into && into.length < length) throw new RangeError(`buffer of ${into.length} bytes cannot hold ${length}`);
     const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
     await readExactly(this.fh, out, position, this.path);
     return out;

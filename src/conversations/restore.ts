@@ -10,8 +10,8 @@ import { join } from 'node:path';
 import { VALIDATED_CAPABILITIES } from '../codec/constants.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
-import { parseQmpAddress, QmpClient } from '../transports/qmp-client.js';
-import { send, type SendOptions, type SendProgress, type SendSummary } from './send.js';
+import { parseQmpAddress, QmpClient, QmpConnectionError } from '../transports/qmp-client.js';
+import { DestinationClosedError, send, type SendOptions, type SendProgress, type SendSummary } from './send.js';
 
 export interface RestoreOptions {
   file: string;
@@ -175,7 +175,18 @@ async function boundAddress(qmp: QmpClient, incoming: string): Promise<string> {
 async function explainFailure(qmp: QmpClient, e: Error): Promise<Error> {
   if (e instanceof DestinationError) return e;
   for (let i = 0; i < 10; i++) {
-    const s = await qmp.execute('query-migrate').catch(() => undefined);
+    let s: any;
+    try {
+      s = await qmp.execute('query-migrate', undefined, { timeoutMs: 1000 });
+    } catch (qe) {
+      if (qe instanceof QmpConnectionError) {
+        const gone = qe.message.includes('timed out') ? 'stopped answering on QMP' : 'went away (its QMP connection closed)';
+        // The stage hints of a refusal do not apply to a QEMU that died: say only what we saw.
+        const seen = e instanceof DestinationClosedError ? `the ${e.where} closed: ${e.detail}` : e.message;
+        return new DestinationError(`the destination QEMU ${gone} while we were sending; the guest was not restored (${seen})`, undefined);
+      }
+      return e;
+    }
     if (s?.status === 'failed') {
       return new DestinationError(`the destination QEMU failed to load the snapshot: ${s['error-desc'] ?? 'no error-desc'} (our side: ${e.message})`, s['error-desc']);
     }

@@ -94,6 +94,14 @@ export interface SendSummary {
   channels: SendChannelStats[];
 }
 
+/** The destination closed a connection we were writing to; `where` names it, `detail` the socket error. */
+export class DestinationClosedError extends Error {
+  constructor(readonly where: string, readonly detail: string, message: string) {
+    super(message);
+    this.name = 'DestinationClosedError';
+  }
+}
+
 export class SendHandle extends EventEmitter {
   readonly done: Promise<SendSummary>;
   private readonly controller = new AbortController();
@@ -220,14 +228,20 @@ class Sender {
 
   private async write(bufs: Buffer[]): Promise<void> {
     this.check();
-    await gatherWrite(this.main!, bufs).catch((e: Error) => { throw this.connectionLost('main channel', e); });
+    await gatherWrite(this.main!, bufs).catch(async (e: Error) => { throw await this.connectionLost('main channel', e); });
     this.mainBytes += bufs.reduce((n, b) => n + b.length, 0);
     this.lastActivity = Date.now();
   }
 
-  private connectionLost(where: string, e: Error): Error {
+  /**
+   * The error for a write that failed because the destination went away. Its PONGs may still sit
+   * unread on the main socket, so the stage is judged once that socket ended (or shortly after).
+   */
+  private async connectionLost(where: string, e: Error): Promise<Error> {
     if (this.failure) return this.failure;
-    return new Error(`the destination closed the ${where} ${STAGE_TEXT[this.lastPong] ?? ''} (${e.message})`);
+    await Promise.race([this.answered, new Promise((r) => setTimeout(r, 500).unref())]);
+    if (this.failure) return this.failure;
+    return new DestinationClosedError(where, e.message, `the destination closed the ${where} ${STAGE_TEXT[this.lastPong] ?? ''} (${e.message})`);
   }
 
   private async transfer(): Promise<SendSummary> {
@@ -267,7 +281,7 @@ class Sender {
           write: (bufs: readonly Buffer[]) =>
             gatherWrite(socks[i]!, bufs).then(
               () => { this.lastActivity = Date.now(); },
-              (e: Error) => { throw this.connectionLost(`multifd channel ${i}`, e); },
+              async (e: Error) => { throw await this.connectionLost(`multifd channel ${i}`, e); },
             ),
         })),
         method,

@@ -65,7 +65,7 @@ export class MappedRamSnapshot implements SnapshotSource {
       while (pos < size) {
         const skip = parser.pendingSkip;
         if (skip > 0) {
-          if (pos + skip > size) throw new ProtocolError('TRUNCATED', `file ends inside a pages region (needs 0x${(pos + skip).toString(16)} bytes, has 0x${size.toString(16)})`, { offset: pos });
+          if (pos + skip > size) throw new ProtocolError('TRUNCATED', `file is truncated: it ends inside a pages region (needs 0x${(pos + skip).toString(16)} bytes, has 0x${size.toString(16)})`, { offset: pos });
           parser.skipped(skip);
           pos += skip;
           continue;
@@ -99,11 +99,11 @@ export class MappedRamSnapshot implements SnapshotSource {
       if (!config) throw new ProtocolError('BAD_RECORD', 'no configuration record');
       if (!config.capabilities.includes('mapped-ram')) throw new ProtocolError('BAD_MAPPED_RAM', 'not a mapped-ram file (the configuration lacks the mapped-ram capability)');
       if (!ramSection) throw new ProtocolError('BAD_RECORD', 'no RAM section in the file');
-      if (deviceStart < 0) throw new ProtocolError('TRUNCATED', 'file ends before the device state');
+      if (deviceStart < 0) throw new ProtocolError('TRUNCATED', 'file is truncated: it ends before the device state');
       const tail = Buffer.concat(device);
       device = [];
       const found = findTrailingVmdesc(tail);
-      if (!found) throw new ProtocolError('TRUNCATED', 'file does not end with a VMDESCRIPTION (incomplete snapshot?)', { offset: deviceStart });
+      if (!found) throw new ProtocolError('TRUNCATED', `file is truncated or incomplete: its device state (from 0x${deviceStart.toString(16)} to the end, 0x${size.toString(16)}) does not end with a VMDESCRIPTION`, { offset: deviceStart });
       const layout = walkDeviceState(tail, found.vmdesc, 0, deviceStart);
       if (layout.end !== tail.length) throw new ProtocolError('BAD_VMDESC', 'device state does not end at the VMDESCRIPTION', { offset: deviceStart + layout.end });
       return new MappedRamSnapshot(path, fh, config, blocks, { ...layout, fileOffset: deviceStart }, size, { ramSection, switchoverStart }, blockInfo);
@@ -193,7 +193,9 @@ async function loadBlock(fh: FileHandle, info: RamBlockInfo, fileSize: number): 
   if (!h) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" has no mapped-ram header`);
   const size = bitmapBytes(info.usedLength);
   if (h.bitmapOffset + size > fileSize) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" bitmap lies beyond the end of the file`, { offset: h.bitmapOffset });
-  if (h.pagesOffset + info.usedLength > fileSize) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" pages region lies beyond the end of the file`, { offset: h.pagesOffset });
+  if (h.pagesOffset + info.usedLength > fileSize) {
+    throw new ProtocolError('TRUNCATED', `file is truncated: block "${info.name}" pages region ends at 0x${(h.pagesOffset + info.usedLength).toString(16)}, the file at 0x${fileSize.toString(16)}`, { offset: h.pagesOffset });
+  }
   if (h.bitmapOffset + size > h.pagesOffset) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" bitmap overlaps its pages region`, { offset: h.bitmapOffset });
   const bm = Buffer.alloc(size);
   await fh.read(bm, 0, size, h.bitmapOffset);

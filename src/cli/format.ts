@@ -30,6 +30,7 @@ interface SummaryLike {
   'dirty-sync-count': number;
   'multifd-syncs': number;
   'sync-mode': string;
+  compression?: string;
   'file-size': number;
   channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   blocks: { name: string; 'used-length': number; 'pages-present': number }[];
@@ -39,7 +40,7 @@ interface SummaryLike {
 export function summaryText(s: SummaryLike): string {
   const lines = [
     `saved ${s.file} (${s.machine}, ${bytes(s['file-size'])} apparent size)`,
-    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['dirty-sync-count']} dirty syncs, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode)`,
+    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['dirty-sync-count']} dirty syncs, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode${s.compression && s.compression !== 'none' ? `, ${s.compression} on the wire` : ''})`,
   ];
   for (const c of s.channels) {
     lines.push(`  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);
@@ -62,6 +63,7 @@ interface SendSummaryLike {
   duplicate: number;
   mbps: number;
   'sync-mode': string;
+  compression?: string;
   destination: string;
   channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   blocks: { name: string; 'used-length': number; 'pages-sent': number }[];
@@ -71,7 +73,7 @@ interface SendSummaryLike {
 export function sendSummaryText(s: SendSummaryLike): string {
   const lines = [
     `sent ${s.file} (${s.format}, ${s.machine}) to ${s.to}`,
-    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero (${s['sync-mode']} sync mode)`,
+    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero (${s['sync-mode']} sync mode${s.compression && s.compression !== 'none' ? `, ${s.compression}` : ''})`,
   ];
   for (const c of s.channels) {
     lines.push(`  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);

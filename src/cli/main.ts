@@ -69,6 +69,7 @@ program
   .addOption(new Option('--channels <n>', "the source's multifd-channels; 0 if the source has multifd off").default(2).argParser(intArg(0, 255)))
   .addOption(new Option('--sync-mode <mode>', 'how MULTIFD_FLUSH/EOS map to syncs (auto infers it from the stream)').choices(['auto', 'round', 'section']).default('auto'))
   .option('--uuid <uuid>', "require this uuid in the multifd channels (the source's -uuid)", uuidArg)
+  .addOption(new Option('--compression <method>', "the source's multifd-compression (auto: detect it from the first data packet)").choices(['auto', 'none', 'zlib', 'zstd']).default('auto'))
   .option('--json', 'print the final summary as JSON on stdout')
   .addHelpText('after', `
 On the QEMU side:
@@ -76,9 +77,9 @@ On the QEMU side:
   (and raise max-bandwidth, 128 MiB/s by default); migrate uri=tcp:HOST:PORT
 The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   migrate-incoming uri=file:FILE`)
-  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; json?: boolean }) => {
+  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; json?: boolean }) => {
     await report('receive', o.json, async (view) => {
-      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, ...(o.uuid ? { uuid: o.uuid } : {}) });
+      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, ...(o.uuid ? { uuid: o.uuid } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       const addr = await h.listening;
       if (!o.json) process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)\n`);
@@ -96,8 +97,10 @@ program
   .addOption(new Option('--max-bandwidth <bytes/s>', "source bandwidth limit (QEMU's default is 128 MiB/s)").default(100 * 1024 ** 3).argParser(intArg(1, Number.MAX_SAFE_INTEGER)))
   .option('--downtime-limit <ms>', 'downtime QEMU may plan for at switchover', intArg(1, 2_000_000))
   .option('--resume', 'let the VM run on after saving (QEMU pauses it when migration completes)')
+  .addOption(new Option('--compression <method>', 'multifd-compression on the wire (the snapshot holds plain pages)').choices(['none', 'zlib', 'zstd']).default('none'))
+  .option('--level <n>', 'compression level (multifd-zlib-level 0-9, multifd-zstd-level 0-20)', intArg(0, 20))
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; json?: boolean }) => {
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; json?: boolean }) => {
     await report('save', o.json, (view) => {
       const h = save({
         qmp: o.qmp,
@@ -107,6 +110,8 @@ program
         ...(o.listen ? { listen: o.listen } : {}),
         ...(o.downtimeLimit !== undefined ? { downtimeLimitMs: o.downtimeLimit } : {}),
         ...(o.resume ? { resume: true } : {}),
+        compression: o.compression,
+        ...(o.level !== undefined ? { level: o.level } : {}),
       });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       return h.done;
@@ -123,6 +128,8 @@ program
   .addOption(new Option('--zero-page-detection <mode>', 'multifd: list all-zero pages instead of sending them; none: send them as data').choices(['multifd', 'none']).default('multifd'))
   .option('--uuid <uuid>', "the destination's -uuid (multifd channels must carry it)", uuidArg)
   .option('--no-return-path', 'do not open the return path (then success cannot be confirmed without QMP)')
+  .addOption(new Option('--compression <method>', "multifd-compression (must equal the destination's)").choices(['none', 'zlib', 'zstd']).default('none'))
+  .option('--level <n>', 'compression level (zlib 0-9, zstd 0-20; default 1, as QEMU)', intArg(0, 20))
   .option('--json', 'print the final summary as JSON on stdout')
   .addHelpText('after', `
 On the QEMU side (before running send):
@@ -130,7 +137,7 @@ On the QEMU side (before running send):
   migrate-set-capabilities multifd=on; migrate-set-parameters multifd-channels=N
   migrate-incoming uri=tcp:HOST:PORT
 Or let restore do all of it over QMP.`)
-  .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; json?: boolean }) => {
+  .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; compression: string; level?: number; json?: boolean }) => {
     await report('send', o.json, (view) => {
       const h = send({
         file: resolve(file),
@@ -139,6 +146,8 @@ Or let restore do all of it over QMP.`)
         syncMode: o.syncMode,
         zeroPageDetection: o.zeroPageDetection,
         returnPath: o.returnPath,
+        compression: o.compression,
+        ...(o.level !== undefined ? { level: o.level } : {}),
         ...(o.uuid ? { uuid: o.uuid } : {}),
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
@@ -156,14 +165,18 @@ program
   .option('--resume', 'run the guest once loaded (QEMU keeps it paused if it was paused when saved, or with -S)')
   .option('--uuid <uuid>', "the destination's -uuid", uuidArg)
   .addOption(new Option('--sync-mode <mode>', "the destination's multifd sync mode").choices(['auto', 'round', 'section']).default('auto'))
+  .addOption(new Option('--compression <method>', 'multifd-compression on the wire (set on the destination too)').choices(['none', 'zlib', 'zstd']).default('none'))
+  .option('--level <n>', 'compression level (zlib 0-9, zstd 0-20; default 1, as QEMU)', intArg(0, 20))
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (file: string, o: { qmp: string; channels: number; incoming?: string; resume?: boolean; uuid?: Buffer; syncMode: 'auto' | 'round' | 'section'; json?: boolean }) => {
+  .action(async (file: string, o: { qmp: string; channels: number; incoming?: string; resume?: boolean; uuid?: Buffer; syncMode: 'auto' | 'round' | 'section'; compression: string; level?: number; json?: boolean }) => {
     await report('restore', o.json, (view) => {
       const h = restore({
         file: resolve(file),
         qmp: o.qmp,
         channels: o.channels,
         syncMode: o.syncMode,
+        compression: o.compression,
+        ...(o.level !== undefined ? { level: o.level } : {}),
         ...(o.incoming ? { incoming: o.incoming } : {}),
         ...(o.resume ? { resume: true } : {}),
         ...(o.uuid ? { uuid: o.uuid } : {}),

@@ -17,11 +17,11 @@ export class MultifdChannelParser {
   private header: MultifdPacketHeader | undefined;
 
   constructor(
-    private expectedCompressionFlags: number = MultifdFlag.NOCOMP,
+    private expectedCompressionFlags: number | undefined = MultifdFlag.NOCOMP,
     private readonly pageSize = TARGET_PAGE_SIZE,
   ) {}
 
-  setExpectedCompression(flags: number): void {
+  setExpectedCompression(flags: number | undefined): void {
     this.expectedCompressionFlags = flags;
   }
 

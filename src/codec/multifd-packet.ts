@@ -35,7 +35,8 @@ export function isSync(h: MultifdPacketHeader): boolean {
  * Decodes a header and applies the checks that depend on nothing but the header itself.
  * Block existence and offset ranges are checked by validatePacketPages with the block table.
  */
-export function decodeMultifdPacketHeader(b: Buffer, expectedCompressionFlags: number): MultifdPacketHeader {
+/** `expectedCompressionFlags` undefined accepts any method (a receiver that detects it). */
+export function decodeMultifdPacketHeader(b: Buffer, expectedCompressionFlags: number | undefined): MultifdPacketHeader {
   if (b.length < MULTIFD_PACKET_HEADER_SIZE) {
     throw new ProtocolError('TRUNCATED', `packet header is ${b.length} bytes, expected ${MULTIFD_PACKET_HEADER_SIZE}`);
   }
@@ -62,7 +63,7 @@ export function decodeMultifdPacketHeader(b: Buffer, expectedCompressionFlags: n
 
   // QEMU checks the compression bits only on packets that carry pages: SYNC packets go out as 0x01.
   const comp = flags & MultifdFlag.COMPRESSION_MASK;
-  if (normalPages + zeroPages > 0 && comp !== expectedCompressionFlags) {
+  if (normalPages + zeroPages > 0 && expectedCompressionFlags !== undefined && comp !== expectedCompressionFlags) {
     const got = compressionFromFlags(comp) ?? `flags 0x${comp.toString(16)}`;
     const want = compressionFromFlags(expectedCompressionFlags) ?? `0x${expectedCompressionFlags.toString(16)}`;
     throw new ProtocolError('FLAG_MISMATCH', `source uses ${got}, receiver expects ${want} (packet flags 0x${flags.toString(16)})`);

@@ -39,7 +39,7 @@ export interface ReceiveOptions {
   out: string;
   /** multifd channels the source uses; 0 = the source has multifd off. Default 2 (QEMU's). */
   channels?: number;
-  /** Expected multifd compression; only 'none' in this version. */
+  /** The source's multifd-compression (none, zlib, zstd); 'auto' (default) detects it from the first data packet. */
   compression?: string;
   /** How MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from the START section. */
   syncMode?: SyncMode;
@@ -87,6 +87,8 @@ export interface ReceiveSummary {
   /** Multifd sync barriers passed (setup sync included). */
   'multifd-syncs': number;
   'sync-mode': 'round' | 'section' | 'none';
+  /** multifd-compression of the source's packets (detected or as given); the snapshot holds plain pages. */
+  compression: string;
   'return-path': boolean;
   'main-bytes': number;
   'device-state-bytes': number;
@@ -166,12 +168,13 @@ class Receiver {
 
   private async start(): Promise<string> {
     try {
-      const method = getMethod(this.opts.compression ?? 'none');
+      const compression = this.opts.compression ?? 'auto';
+      const method = compression === 'auto' ? undefined : getMethod(compression);
       this.writer = await MappedRamWriter.create(this.opts.out);
       if (this.channels > 0) {
         this.multifd = new MultifdReceiver({
           channels: this.channels,
-          method,
+          ...(method ? { method } : {}),
           store: this.writer,
           blocks: this.blocks,
           ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
@@ -454,6 +457,7 @@ class Receiver {
       'dirty-sync-count': this.rounds,
       'multifd-syncs': this.rounds,
       'sync-mode': this.multifd ? (this.syncMode === 'auto' ? 'round' : this.syncMode) : 'none',
+      compression: this.multifd?.compression ?? (this.opts.compression && this.opts.compression !== 'auto' ? this.opts.compression : 'none'),
       'return-path': this.returnPath,
       'main-bytes': this.mainBytes,
       'device-state-bytes': st.deviceStateBytes,

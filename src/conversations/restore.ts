@@ -24,6 +24,9 @@ export interface RestoreOptions {
   /** Run `cont` once loaded, even if the snapshot's guest was paused. */
   resume?: boolean;
   uuid?: Buffer;
+  /** multifd-compression to use (set on the destination too): none, zlib or zstd. */
+  compression?: string;
+  level?: number;
   syncMode?: SendOptions['syncMode'];
   zeroPageDetection?: SendOptions['zeroPageDetection'];
   progressIntervalMs?: number;
@@ -90,7 +93,7 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
         .filter(([name, state]) => have.some((c) => c.capability === name && c.state !== state))
         .map(([capability, state]) => ({ capability, state })),
     });
-    if (channels > 0) await qmp.execute('migrate-set-parameters', { 'multifd-channels': channels, 'multifd-compression': 'none' });
+    if (channels > 0) await qmp.execute('migrate-set-parameters', { 'multifd-channels': channels, 'multifd-compression': opts.compression ?? 'none' });
 
     const incoming = opts.incoming ?? defaultIncoming(opts.qmp);
     if (incoming.startsWith('unix:')) socketPath = incoming.slice(5);
@@ -104,6 +107,8 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
       to,
       channels,
       ...(opts.uuid ? { uuid: opts.uuid } : {}),
+      ...(opts.compression ? { compression: opts.compression } : {}),
+      ...(opts.level !== undefined ? { level: opts.level } : {}),
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.zeroPageDetection ? { zeroPageDetection: opts.zeroPageDetection } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),

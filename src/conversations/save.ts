@@ -22,6 +22,10 @@ export interface SaveOptions {
   /** Run `cont` on the source after saving (QEMU leaves it paused in postmigrate). */
   resume?: boolean;
   syncMode?: SyncMode;
+  /** multifd-compression for the source (none, zlib, zstd); the snapshot holds plain pages either way. */
+  compression?: string;
+  /** multifd-zlib-level / multifd-zstd-level for the source. */
+  level?: number;
   progressIntervalMs?: number;
   signal?: AbortSignal;
 }
@@ -95,7 +99,13 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     const params: Record<string, unknown> = { 'max-bandwidth': opts.maxBandwidth ?? DEFAULT_BANDWIDTH };
     if (channels > 0) {
       params['multifd-channels'] = channels;
-      params['multifd-compression'] = 'none';
+      params['multifd-compression'] = opts.compression ?? 'none';
+      if (opts.level !== undefined) {
+        if (opts.compression !== 'zlib' && opts.compression !== 'zstd') throw new Error('a compression level needs --compression zlib or zstd');
+        params[`multifd-${opts.compression}-level`] = opts.level;
+      }
+    } else if (opts.compression && opts.compression !== 'none') {
+      throw new Error(`compression ${opts.compression} needs multifd channels (--channels ≥ 1)`);
     }
     if (opts.downtimeLimitMs !== undefined) params['downtime-limit'] = opts.downtimeLimitMs;
     await qmp.execute('migrate-set-parameters', params);
@@ -104,6 +114,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       listen: opts.listen ?? 'tcp:127.0.0.1:0',
       out: opts.out,
       channels,
+      compression: opts.compression ?? 'none',
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
@@ -182,7 +193,7 @@ async function restoreSettings(qmp: QmpClient, s: Snapshot): Promise<void> {
     capabilities: s.caps.filter((c) => touched.includes(c.capability)).map((c) => ({ capability: c.capability, state: c.state })),
   });
   const params: Record<string, unknown> = {};
-  for (const k of ['max-bandwidth', 'multifd-channels', 'multifd-compression', 'downtime-limit']) {
+  for (const k of ['max-bandwidth', 'multifd-channels', 'multifd-compression', 'multifd-zlib-level', 'multifd-zstd-level', 'downtime-limit']) {
     if (s.params[k] !== undefined) params[k] = s.params[k];
   }
   await qmp.execute('migrate-set-parameters', params);

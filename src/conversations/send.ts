@@ -46,7 +46,10 @@ export interface SendOptions {
   to: string;
   /** multifd channels; must equal the destination's multifd-channels. 0 = destination has multifd off. Default 2. */
   channels?: number;
+  /** multifd-compression: none (default), zlib or zstd; must equal the destination's. */
   compression?: string;
+  /** Compression level (zlib 1–9, zstd 1–22); the method's default (1, as QEMU's) when unset. */
+  level?: number;
   /** The destination's -uuid; multifd init messages must carry it. */
   uuid?: Buffer;
   /** round: MULTIFD_FLUSH per sync; section: sync at every RAM EOS. auto: from the machine type. */
@@ -86,6 +89,7 @@ export interface SendSummary {
   duplicate: number;
   mbps: number;
   'sync-mode': 'round' | 'section' | 'none';
+  compression: string;
   'return-path': boolean;
   /** confirmed: the destination acknowledged the device state and shut down cleanly. */
   destination: 'confirmed' | 'closed';
@@ -249,6 +253,12 @@ class Sender {
     const returnPath = this.opts.returnPath ?? true;
     const syncMode = this.channels === 0 ? 'none' : this.opts.syncMode && this.opts.syncMode !== 'auto' ? this.opts.syncMode : defaultSyncMode(src.configuration.machine);
     const method = getMethod(this.opts.compression ?? 'none');
+    if (method.name !== 'none' && this.channels === 0) throw new Error(`compression ${method.name} needs multifd channels (--channels ≥ 1)`);
+    if (this.opts.level !== undefined) {
+      const max = method.name === 'zlib' ? 9 : method.name === 'zstd' ? 20 : 0;
+      if (method.name === 'none') throw new Error('a compression level needs a compression method (zlib or zstd)');
+      if (!Number.isInteger(this.opts.level) || this.opts.level < 0 || this.opts.level > max) throw new RangeError(`${method.name} level must be 0..${max}, as QEMU's multifd-${method.name}-level (got ${this.opts.level})`);
+    }
     for (const b of src.blockList) this.pagesTotal += src.presentPages(b.name);
     publish('send-start', { file: src.path, format: src.format, pages: this.pagesTotal, syncMode });
 
@@ -288,6 +298,7 @@ class Sender {
         loader: src,
         ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
         ...(this.opts.zeroPageDetection ? { zeroPageDetection: this.opts.zeroPageDetection } : {}),
+        ...(this.opts.level !== undefined ? { level: this.opts.level } : {}),
       });
       sender.on('error', (e: Error) => this.fail(e));
       this.multifd = sender;
@@ -350,6 +361,7 @@ class Sender {
       duplicate: p.duplicate,
       mbps: elapsed > 0 ? Math.round(((p.transferred * 8) / (elapsed * 1000)) * 100) / 100 : 0,
       'sync-mode': syncMode,
+      compression: this.channels > 0 ? method.name : 'none',
       'return-path': returnPath,
       destination,
       'device-state-bytes': ds.end,

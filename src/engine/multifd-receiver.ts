@@ -3,11 +3,12 @@
 
 import { EventEmitter } from 'node:events';
 import { MultifdChannelParser } from '../codec/multifd-channel-parser.js';
-import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { MultifdFlag, TARGET_PAGE_SIZE, compressionFromFlags } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
 import { formatUuid } from '../codec/multifd-init.js';
 import { isSync, validatePacketPages, type MultifdPacketHeader } from '../codec/multifd-packet.js';
 import type { MultifdMethod, RecvMethodChannel } from './methods/method.js';
+import { getMethod } from './methods/registry.js';
 import type { PageStore, RamBlock } from './page-store.js';
 import { SyncBarrier } from './sync-barrier.js';
 import { publish } from './diagnostics.js';
@@ -23,7 +24,8 @@ export interface ChannelStats {
 
 export interface MultifdReceiverOptions {
   channels: number;
-  method: MultifdMethod;
+  /** The source's multifd-compression; undefined detects it from the first packet with pages. */
+  method?: MultifdMethod;
   store: PageStore;
   /** The migration's blocks; filled in by the main channel's MEM_SIZE before any data packet. */
   blocks: ReadonlyMap<string, RamBlock>;
@@ -53,9 +55,11 @@ export class MultifdReceiver extends EventEmitter {
   private finished = false;
   private readonly pageSize: number;
   private readonly windowBytes: number;
+  private method: MultifdMethod | undefined;
 
   constructor(private readonly opts: MultifdReceiverOptions) {
     super();
+    this.method = opts.method;
     this.barrier = new SyncBarrier(opts.channels);
     this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
     this.windowBytes = opts.windowBytes ?? 8 * 1024 * 1024;
@@ -74,7 +78,9 @@ export class MultifdReceiver extends EventEmitter {
    * to fail(), which fails the barrier and emits 'error' once.
    */
   async runChannel(source: AsyncIterable<Buffer>, label: string): Promise<void> {
-    const parser = new MultifdChannelParser(this.opts.method.flags, this.pageSize);
+    const parser = new MultifdChannelParser(MultifdFlag.NOCOMP, this.pageSize);
+    // Not yet known: accept any method here; methodFor() keeps all packets on the first one seen.
+    parser.setExpectedCompression(this.method?.flags);
     let where = label;
     let id = -1;
     const windowed = new Set<Promise<void>>();
@@ -191,27 +197,54 @@ export class MultifdReceiver extends EventEmitter {
       throw new ProtocolError('UUID_MISMATCH', `received uuid ${formatUuid(uuid)}, expected ${formatUuid(this.opts.uuid)}`);
     }
     this.stats.set(id, { id, bytes: 64, packets: 0, normalPages: 0, zeroPages: 0, syncs: 0 });
-    this.methods.set(id, this.opts.method.recvSetup(id, this.pageSize));
     publish('channel', { channel: id });
     this.emit('channel', id);
     return id;
   }
 
+  /** The method of the first packet with pages; every later one must use the same. */
+  private methodFor(h: MultifdPacketHeader): MultifdMethod {
+    const comp = h.flags & MultifdFlag.COMPRESSION_MASK;
+    if (!this.method) {
+      const name = compressionFromFlags(comp);
+      this.method = getMethod(name ?? `flags 0x${comp.toString(16)}`);
+      publish('compression', { method: this.method.name });
+      this.emit('compression', this.method.name);
+    } else if (comp !== this.method.flags) {
+      throw new ProtocolError('FLAG_MISMATCH', `packet uses ${compressionFromFlags(comp) ?? `flags 0x${comp.toString(16)}`}, earlier packets used ${this.method.name}`);
+    }
+    return this.method;
+  }
+
+  get compression(): string | undefined {
+    return this.method?.name;
+  }
+
   private applyPages(id: number, h: MultifdPacketHeader, payload: Buffer[], st: ChannelStats): Promise<void> | undefined {
     const block = this.opts.blocks.get(h.ramblock);
     validatePacketPages(h, block?.usedLength, this.pageSize);
+    const method = this.methodFor(h);
+    let ch = this.methods.get(id);
+    if (!ch) {
+      ch = method.recvSetup(id, this.pageSize);
+      this.methods.set(id, ch);
+    }
+    // Decoding starts now, in packet order: a compressed stream's state runs from packet to packet.
+    const decoded = h.normalPages > 0 ? ch.recv(h, payload) : undefined;
+    // Awaited in writeNormal; this only keeps a rejection during the zero-page write from counting as unhandled.
+    if (decoded instanceof Promise) decoded.catch(() => {});
     // Zero entries first is safe: a packet never lists one page twice, and the barrier orders rounds.
     if (h.zeroPages > 0) {
       st.zeroPages += h.zeroPages;
       const z = this.opts.store.zeroPages(h.ramblock, h.offsets, h.normalPages, h.zeroPages);
-      if (z instanceof Promise) return h.normalPages > 0 ? z.then(() => this.writeNormal(id, h, payload, st)) : z;
+      if (z instanceof Promise) return decoded ? z.then(() => this.writeNormal(h, decoded, st)) : z;
     }
-    if (h.normalPages === 0) return undefined;
-    return this.writeNormal(id, h, payload, st);
+    if (!decoded) return undefined;
+    return this.writeNormal(h, decoded, st);
   }
 
-  private async writeNormal(id: number, h: MultifdPacketHeader, payload: Buffer[], st: ChannelStats): Promise<void> {
-    const pages = await this.methods.get(id)!.recv(h, payload);
+  private async writeNormal(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]>, st: ChannelStats): Promise<void> {
+    const pages = await decoded;
     const got = pages.reduce((n, b) => n + b.length, 0);
     if (got !== h.normalPages * this.pageSize) {
       throw new ProtocolError('BAD_RECORD', `payload decodes to ${got} bytes, expected ${h.normalPages} pages (${h.normalPages * this.pageSize} bytes)`);

@@ -45,6 +45,8 @@ export interface MultifdSenderOptions {
   depth?: number;
   /** 'multifd' lists all-zero pages in the packet's zero list instead of sending them (QEMU's default). */
   zeroPageDetection?: 'multifd' | 'none';
+  /** Compression level for the method (QEMU's multifd-zlib-level / multifd-zstd-level). */
+  level?: number;
   pageSize?: number;
 }
 
@@ -94,7 +96,7 @@ export class MultifdSender extends EventEmitter {
     this.channels = opts.channels.map((sink, id) => ({
       id,
       sink,
-      method: opts.method.sendSetup(id, this.pageSize),
+      method: opts.method.sendSetup(id, this.pageSize, opts.level !== undefined ? { level: opts.level } : {}),
       free: Array.from({ length: depth }, () => ({
         scratch: Buffer.allocUnsafe(scratchBytes),
         header: Buffer.alloc(MULTIFD_PACKET_HEADER_SIZE),

@@ -27,10 +27,15 @@ export interface SendMethodChannel {
   cleanup(): void;
 }
 
+export interface SendMethodOptions {
+  /** Compression level (QEMU's multifd-zlib-level / multifd-zstd-level); the method's default when unset. */
+  level?: number;
+}
+
 export interface MultifdMethod {
   readonly name: string;
   /** Compression bits carried in packet flags. */
   readonly flags: number;
   recvSetup(channelId: number, pageSize: number): RecvMethodChannel;
-  sendSetup(channelId: number, pageSize: number): SendMethodChannel;
+  sendSetup(channelId: number, pageSize: number, opts?: SendMethodOptions): SendMethodChannel;
 }

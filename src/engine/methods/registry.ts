@@ -3,9 +3,13 @@
 import { ProtocolError } from '../../codec/errors.js';
 import type { MultifdMethod } from './method.js';
 import { nocomp } from './nocomp.js';
+import { zlibMethod } from './zlib.js';
+import { zstdMethod } from './zstd.js';
 
 const METHODS: Record<string, MultifdMethod> = {
   none: nocomp,
+  zlib: zlibMethod(),
+  zstd: zstdMethod(),
 };
 
 export function methodNames(): string[] {

@@ -1,0 +1,85 @@
+// zlib (PROTOCOL.md §4.2): one deflate stream per channel for the whole migration, with a sync
+// flush at the end of every packet, so each payload decodes given the ones before it. node:zlib's
+// streams run deflate/inflate in the libuv thread pool, off the main thread; the dictionary state
+// carries across packets because the stream objects live as long as the channel.
+
+import zlib from 'node:zlib';
+import { MultifdFlag } from '../../codec/constants.js';
+import { ProtocolError } from '../../codec/errors.js';
+import type { MultifdMethod, RecvMethodChannel, SendMethodChannel, SendPrepared } from './method.js';
+import { SerialQueue } from './serial-queue.js';
+
+const SYNC = zlib.constants.Z_SYNC_FLUSH;
+
+export const DEFAULT_ZLIB_LEVEL = 1;
+
+/** Feeds `input` to a zlib stream, sync-flushes it, and returns what came out. */
+function pump(stream: zlib.Deflate | zlib.Inflate, input: readonly Buffer[], limit: number): Promise<Buffer[]> {
+  return new Promise((resolve, reject) => {
+    const out: Buffer[] = [];
+    let size = 0;
+    const onData = (c: Buffer): void => {
+      size += c.length;
+      // A hostile payload must not inflate without bound: stop as soon as it overshoots.
+      if (size > limit) {
+        done(new ProtocolError('LIMIT_EXCEEDED', `zlib payload decodes to more than the ${limit} bytes its header announces`));
+        return;
+      }
+      out.push(c);
+    };
+    const onError = (e: Error): void => done(new ProtocolError('BAD_RECORD', `zlib stream error: ${e.message}`));
+    const done = (e?: Error): void => {
+      stream.off('data', onData);
+      stream.off('error', onError);
+      if (e) {
+        stream.destroy();
+        reject(e);
+      } else {
+        resolve(out);
+      }
+    };
+    stream.on('data', onData);
+    stream.on('error', onError);
+    for (const b of input) if (b.length > 0) stream.write(b);
+    stream.flush(SYNC, () => {
+      if (!stream.destroyed) done();
+    });
+  });
+}
+
+export function zlibMethod(): MultifdMethod {
+  return {
+    name: 'zlib',
+    flags: MultifdFlag.ZLIB,
+    sendSetup(_channelId: number, pageSize: number, opts = {}): SendMethodChannel {
+      const level = opts.level ?? DEFAULT_ZLIB_LEVEL;
+      const def = zlib.createDeflate({ level });
+      return {
+        async prepare(pages, normalPages): Promise<SendPrepared> {
+          // Deflate output of incompressible pages stays a little above the input size.
+          const payload = await pump(def, pages, normalPages * pageSize * 2 + 65536);
+          return { payload, size: payload.reduce((n, b) => n + b.length, 0) };
+        },
+        cleanup: () => def.destroy(),
+      };
+    },
+    recvSetup(_channelId: number, pageSize: number): RecvMethodChannel {
+      const inf = zlib.createInflate();
+      const queue = new SerialQueue();
+      return {
+        // Packets of a channel decode strictly in order: the stream's dictionary spans them.
+        recv: (header, payload) =>
+          queue.run(async () => {
+            const expected = header.normalPages * pageSize;
+            const pages = await pump(inf, payload, expected);
+            const got = pages.reduce((n, b) => n + b.length, 0);
+            if (got !== expected) {
+              throw new ProtocolError('BAD_RECORD', `zlib payload decodes to ${got} bytes, expected ${header.normalPages} pages (${expected} bytes)`);
+            }
+            return pages;
+          }),
+        cleanup: () => inf.destroy(),
+      };
+    },
+  };
+}

@@ -1,0 +1,102 @@
+// Worker thread for zstd (PROTOCOL.md §4.3): holds the per-channel streaming contexts and runs
+// the (synchronous) libzstd calls, so that compression and decompression stay off the main
+// thread. Each channel's context lives in one worker for the whole migration.
+
+import { parentPort } from 'node:worker_threads';
+import binding from 'zstd-napi/binding.js';
+
+type Request =
+  | { id: number; op: 'csetup'; key: string; level: number }
+  | { id: number; op: 'dsetup'; key: string }
+  | { id: number; op: 'compress'; key: string; data: Uint8Array }
+  | { id: number; op: 'decompress'; key: string; data: Uint8Array; expected: number }
+  | { id: number; op: 'free'; key: string };
+
+const cctx = new Map<string, binding.CCtx>();
+const dctx = new Map<string, binding.DCtx>();
+
+function compress(key: string, src: Uint8Array): Uint8Array {
+  const c = cctx.get(key);
+  if (!c) throw new Error(`no zstd compression context ${key}`);
+  let dst = new Uint8Array(src.length + (src.length >> 7) + 65536);
+  let produced = 0;
+  let consumed = 0;
+  for (;;) {
+    if (produced === dst.length) {
+      const bigger = new Uint8Array(dst.length * 2);
+      bigger.set(dst);
+      dst = bigger;
+    }
+    // flush: the packet's bytes must decode on their own given the earlier ones; the frame
+    // is never ended, as in QEMU.
+    const [remaining, out, used] = c.compressStream2(dst.subarray(produced), src.subarray(consumed), binding.EndDirective.flush);
+    produced += out;
+    consumed += used;
+    if (remaining === 0 && consumed === src.length) break;
+  }
+  return dst.subarray(0, produced);
+}
+
+function decompress(key: string, src: Uint8Array, expected: number): Uint8Array {
+  const d = dctx.get(key);
+  if (!d) throw new Error(`no zstd decompression context ${key}`);
+  const dst = new Uint8Array(expected);
+  const probe = new Uint8Array(1);
+  const tooMuch = (): Error => new Error(`zstd payload decodes to more than the ${expected} bytes its header announces`);
+  let produced = 0;
+  let consumed = 0;
+  while (consumed < src.length) {
+    // Once the pages are full, the rest of the input may only hold block trailers: decode into a
+    // 1-byte probe, and any output there is more than announced.
+    const full = produced === expected;
+    const [, out, used] = d.decompressStream(full ? probe : dst.subarray(produced), src.subarray(consumed));
+    if (full && out > 0) throw tooMuch();
+    produced += out;
+    consumed += used;
+    if (out === 0 && used === 0) throw new Error('zstd stream makes no progress (corrupt payload?)');
+  }
+  while (produced < expected) {
+    const out = d.decompressStream(dst.subarray(produced), new Uint8Array(0))[1];
+    if (out === 0) break;
+    produced += out;
+  }
+  // Output zstd still holds back would also be more than announced.
+  if (produced === expected && d.decompressStream(probe, new Uint8Array(0))[1] > 0) throw tooMuch();
+  if (produced !== expected) throw new Error(`zstd payload decodes to ${produced} bytes, expected ${expected}`);
+  return dst;
+}
+
+parentPort!.on('message', (m: Request) => {
+  try {
+    switch (m.op) {
+      case 'csetup': {
+        const c = new binding.CCtx();
+        c.setParameter(binding.CParameter.compressionLevel, m.level);
+        cctx.set(m.key, c);
+        parentPort!.postMessage({ id: m.id });
+        return;
+      }
+      case 'dsetup':
+        dctx.set(m.key, new binding.DCtx());
+        parentPort!.postMessage({ id: m.id });
+        return;
+      case 'compress': {
+        const out = compress(m.key, m.data);
+        parentPort!.postMessage({ id: m.id, data: out }, [out.buffer as ArrayBuffer]);
+        return;
+      }
+      case 'decompress': {
+        const out = decompress(m.key, m.data, m.expected);
+        parentPort!.postMessage({ id: m.id, data: out }, [out.buffer as ArrayBuffer]);
+        return;
+      }
+      case 'free':
+        cctx.delete(m.key);
+        dctx.delete(m.key);
+        parentPort!.postMessage({ id: m.id });
+        return;
+    }
+  } catch (e) {
+    parentPort!.postMessage({ id: m.id, error: (e as Error).message });
+  }
+});

@@ -1,0 +1,133 @@
+// Benchmark results as a Markdown table (medians, spread, ratios against QEMU) and an SVG chart of
+// throughput against channel count. Pure functions of the rows.
+
+export interface Row {
+  version: string;
+  pair: 'receive' | 'send' | 'save' | 'restore';
+  impl: 'ours' | 'qemu→qemu' | 'qemu file';
+  sizeGiB: number;
+  channels: number;
+  method: string;
+  guestBytes: number;
+  rep: number;
+  result: { ms: number; wireBytes: number; rssMiB?: number };
+}
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+
+interface Cell {
+  median: number;
+  min: number;
+  max: number;
+  n: number;
+  wire: number;
+  rss: number | undefined;
+}
+
+function cell(rows: Row[]): Cell | undefined {
+  if (rows.length === 0) return undefined;
+  const ms = rows.map((r) => r.result.ms);
+  const rss = rows.map((r) => r.result.rssMiB).filter((x): x is number => x !== undefined);
+  return { median: median(ms), min: Math.min(...ms), max: Math.max(...ms), n: ms.length, wire: median(rows.map((r) => r.result.wireBytes)), rss: rss.length ? Math.max(...rss) : undefined };
+}
+
+const mbps = (bytes: number, ms: number): number => (bytes * 8) / (ms * 1000);
+const fmt = (c: Cell): string => `${c.median.toFixed(0)} (${c.min.toFixed(0)}–${c.max.toFixed(0)})`;
+
+export interface BenchResult {
+  started: string;
+  machine: object;
+  args: object;
+  rows: Row[];
+}
+
+function groups(rows: Row[]): Map<string, Row[]> {
+  const g = new Map<string, Row[]>();
+  for (const r of rows) {
+    const k = `${r.pair}|${r.sizeGiB}|${r.channels}|${r.method}`;
+    g.set(k, [...(g.get(k) ?? []), r]);
+  }
+  return g;
+}
+
+export function writeMarkdown(res: BenchResult): string {
+  const lines = [
+    `# multifd benchmark (${res.started})`,
+    '',
+    `Machine: ${JSON.stringify(res.machine)}. Arguments: ${JSON.stringify(res.args)}.`,
+    'Guests are paused and hold 75% random data. Times in ms, median (min–max) over the repetitions;',
+    'throughput = guest data ÷ time. Ratio: QEMU time ÷ our time for receive/send/restore (≥ 1 means we',
+    'are at least as fast as QEMU), our time ÷ QEMU time for save (goal ≤ 1.2). Wire = bytes on the wire.',
+    '',
+    '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | peak RSS MiB | QEMU file floor ms |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ];
+  for (const [k, rs] of groups(res.rows)) {
+    const [pair, size, ch, method] = k.split('|') as [Row['pair'], string, string, string];
+    const ours = cell(rs.filter((r) => r.impl === 'ours'));
+    if (!ours) continue;
+    const baseImpl = pair === 'save' ? 'qemu file' : 'qemu→qemu';
+    const base = cell(rs.filter((r) => r.impl === baseImpl));
+    const floor = pair === 'restore' ? cell(rs.filter((r) => r.impl === 'qemu file')) : undefined;
+    const bytes = rs[0]!.guestBytes;
+    const ratio = base ? (pair === 'save' ? ours.median / base.median : base.median / ours.median) : undefined;
+    const goal = pair === 'save' ? '≤ 1.2' : '≥ 1.0';
+    const met = ratio === undefined ? '' : (pair === 'save' ? ratio <= 1.2 : ratio >= 1) ? ' ✓' : ' ✗';
+    lines.push(
+      `| ${pair} | ${size} GiB | ${ch} | ${method} | ${fmt(ours)} | ${base ? fmt(base) : '–'} | ${ratio !== undefined ? ratio.toFixed(2) + met : '–'} | ${goal} | ` +
+        `${mbps(bytes, ours.median).toFixed(0)} | ${base ? mbps(bytes, base.median).toFixed(0) : '–'} | ` +
+        `${ours.wire ? (ours.wire / 1e6).toFixed(0) + ' MB' : '–'} / ${base?.wire ? (base.wire / 1e6).toFixed(0) + ' MB' : '–'} | ${ours.rss !== undefined ? ours.rss.toFixed(0) : '–'} | ${floor ? fmt(floor) : '–'} |`,
+    );
+  }
+  return lines.join('\n') + '\n';
+}
+
+/** Throughput (Mbit/s) against channel count: ours and QEMU's, per job, method none. */
+export function writeChart(rows: Row[]): string {
+  const W = 720;
+  const H = 420;
+  const pad = { l: 70, r: 200, t: 30, b: 50 };
+  const series = new Map<string, [number, number][]>();
+  for (const [k, rs] of groups(rows.filter((r) => r.method === 'none' && (r.pair === 'receive' || r.pair === 'send')))) {
+    const [pair, size, ch] = k.split('|');
+    for (const impl of ['ours', 'qemu→qemu'] as const) {
+      const c = cell(rs.filter((r) => r.impl === impl));
+      if (!c) continue;
+      if (impl === 'qemu→qemu' && pair === 'send') continue; // the same runs as for receive
+      const name = impl === 'ours' ? `ours ${pair} ${size} GiB` : `QEMU→QEMU ${size} GiB`;
+      series.set(name, [...(series.get(name) ?? []), [Number(ch), mbps(rs[0]!.guestBytes, c.median)]]);
+    }
+  }
+  const pts = [...series.values()].flat();
+  const xs = [...new Set(pts.map((p) => p[0]))].sort((a, b) => a - b);
+  const ymax = Math.max(1, ...pts.map((p) => p[1])) * 1.1;
+  const x = (v: number): number => pad.l + (xs.length <= 1 ? (W - pad.l - pad.r) / 2 : ((xs.indexOf(v)) / (xs.length - 1)) * (W - pad.l - pad.r));
+  const y = (v: number): number => H - pad.b - (v / ymax) * (H - pad.t - pad.b);
+  const colors = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf'];
+  const out = [`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="${pad.l}" y="18" font-size="14">Throughput against multifd channels (paused guest, 75% random, no compression)</text>`,
+    `<line x1="${pad.l}" y1="${H - pad.b}" x2="${W - pad.r}" y2="${H - pad.b}" stroke="black"/>`,
+    `<line x1="${pad.l}" y1="${pad.t}" x2="${pad.l}" y2="${H - pad.b}" stroke="black"/>`,
+    `<text x="${(W - pad.r + pad.l) / 2}" y="${H - 12}" text-anchor="middle">channels</text>`,
+    `<text x="16" y="${(H - pad.b + pad.t) / 2}" transform="rotate(-90 16 ${(H - pad.b + pad.t) / 2})" text-anchor="middle">Mbit/s</text>`];
+  for (const v of xs) out.push(`<text x="${x(v)}" y="${H - pad.b + 16}" text-anchor="middle">${v}</text>`);
+  for (let i = 0; i <= 4; i++) {
+    const v = (ymax / 4) * i;
+    out.push(`<text x="${pad.l - 6}" y="${y(v) + 4}" text-anchor="end">${v.toFixed(0)}</text>`, `<line x1="${pad.l}" y1="${y(v)}" x2="${W - pad.r}" y2="${y(v)}" stroke="#ddd"/>`);
+  }
+  [...series.entries()].forEach(([name, p], i) => {
+    const col = colors[i % colors.length]!;
+    const sorted = p.sort((a, b) => a[0] - b[0]);
+    const dash = name.startsWith('QEMU') ? ' stroke-dasharray="6 4"' : '';
+    out.push(`<polyline fill="none" stroke="${col}" stroke-width="2"${dash} points="${sorted.map(([cx, cy]) => `${x(cx)},${y(cy)}`).join(' ')}"/>`);
+    for (const [cx, cy] of sorted) out.push(`<circle cx="${x(cx)}" cy="${y(cy)}" r="3" fill="${col}"/>`);
+    out.push(`<text x="${W - pad.r + 10}" y="${pad.t + 16 * i + 10}" fill="${col}">${name}</text>`);
+  });
+  out.push('</svg>');
+  return out.join('\n') + '\n';
+}

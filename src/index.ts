@@ -5,7 +5,7 @@ export { receive, ReceiveHandle } from './conversations/receive.js';
 export type { ReceiveOptions, ReceiveProgress, ReceiveSummary, SyncMode } from './conversations/receive.js';
 export { save, SaveHandle } from './conversations/save.js';
 export type { SaveOptions, SaveProgress, SaveSummary } from './conversations/save.js';
-export { send, SendHandle, DestinationClosedError } from './conversations/send.js';
+export { send, SendHandle, DestinationClosedError, StallError } from './conversations/send.js';
 export type { SendOptions, SendProgress, SendSummary } from './conversations/send.js';
 export { restore, RestoreHandle, DestinationError } from './conversations/restore.js';
 export type { RestoreOptions, RestoreProgress, RestoreSummary } from './conversations/restore.js';

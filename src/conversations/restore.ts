@@ -11,7 +11,7 @@ import { VALIDATED_CAPABILITIES } from '../codec/constants.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { parseQmpAddress, QmpClient, QmpConnectionError } from '../transports/qmp-client.js';
-import { DestinationClosedError, send, type SendOptions, type SendProgress, type SendSummary } from './send.js';
+import { DestinationClosedError, StallError, send, type SendOptions, type SendProgress, type SendSummary } from './send.js';
 
 export interface RestoreOptions {
   file: string;
@@ -184,6 +184,10 @@ async function explainFailure(qmp: QmpClient, e: Error): Promise<Error> {
     try {
       s = await qmp.execute('query-migrate', undefined, { timeoutMs: 1000 });
     } catch (qe) {
+      if (qe instanceof QmpConnectionError && e instanceof StallError) {
+        // Expected: QEMU loads the stream in its main loop, which blocks while it waits on a sync.
+        return new Error(`${e.message} (the destination does not answer QMP either: its main loop is blocked waiting for the stream)`);
+      }
       if (qe instanceof QmpConnectionError) {
         const gone = qe.message.includes('timed out') ? 'stopped answering on QMP' : 'went away (its QMP connection closed)';
         // The stage hints of a refusal do not apply to a QEMU that died: say only what we saw.

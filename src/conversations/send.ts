@@ -106,6 +106,11 @@ export class DestinationClosedError extends Error {
   }
 }
 
+/** Nothing moved for stallTimeoutMs: the destination waits for something we do not send. */
+export class StallError extends Error {
+  override name = 'StallError';
+}
+
 export class SendHandle extends EventEmitter {
   readonly done: Promise<SendSummary>;
   private readonly controller = new AbortController();
@@ -192,7 +197,7 @@ class Sender {
     const watchdog = setInterval(() => {
       if (Date.now() - this.lastActivity > stall) {
         const pong = this.lastPong;
-        this.fail(new Error(`no progress for ${Math.round(stall / 1000)} s: the destination stopped reading ${STAGE_TEXT[pong] ?? ''}. A destination waiting for more multifd channels than we opened (--channels ${this.channels}) also stalls like this.`));
+        this.fail(new StallError(`no progress for ${Math.round(stall / 1000)} s: the destination stopped reading ${STAGE_TEXT[pong] ?? ''}. A destination waiting for more multifd channels than we opened (--channels ${this.channels}), or one whose multifd sync mode differs (multifd-flush-after-each-section; --sync-mode), also stalls like this.`));
       }
     }, Math.min(1000, stall));
     watchdog.unref();

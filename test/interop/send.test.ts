@@ -285,6 +285,20 @@ for (const version of ['10', '11'] as QemuVersion[]) {
       }
     });
 
+    test('per-section sync mode: a destination with multifd-flush-after-each-section=on loads with --sync-mode section', { timeout: 90_000 }, async (t) => {
+      const d = await startDestination(dir, { version, memMiB: MEM_MIB, extraArgs: ['-global', 'migration.multifd-flush-after-each-section=on'] });
+      try {
+        const r = await settle(restore({ file: fileA, qmp: d.qmp, channels: 2, syncMode: 'section' }).done, 60_000, 'restore in section mode');
+        if (!r.ok) throw r.error;
+        t.diagnostic(`section mode: ${describeSend(r.value)}`);
+        assert.equal(r.value['sync-mode'], 'section');
+        assert.equal(r.value.destinationQemu.status, 'completed');
+        await assertBlobRestored(d.q, 'section sync mode');
+      } finally {
+        await d.q.kill();
+      }
+    });
+
     test('our own round trip: save CLI of a running guest → restore CLI --resume; consistent and runs on', { timeout: 150_000 }, async (t) => {
       const tdir = mkdtempSync(join(dir, 'roundtrip-'));
       const file = join(tdir, 'ours.mig');

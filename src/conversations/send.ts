@@ -136,7 +136,7 @@ const PING_RAM_SETUP = 2;
 const STAGE_TEXT: Record<number, string> = {
   0: 'before it accepted the configuration record or the multifd channels (machine type, capabilities, channel count, uuid or compression differ?)',
   [PING_CONFIG]: 'after the configuration record, while setting up RAM or the multifd channels (RAM block sizes, channel count or uuid differ? same machine type and -m as the snapshot?)',
-  [PING_RAM_SETUP]: 'after RAM setup, while loading pages or the device state (devices differ? same machine type and devices as the snapshot?)',
+  [PING_RAM_SETUP]: 'after RAM setup, while loading pages or the device state (multifd-compression or devices differ? same compression, machine type and devices as the snapshot?)',
 };
 
 const DEVICE_CHUNK = 1024 * 1024;

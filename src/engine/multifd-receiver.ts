@@ -105,18 +105,26 @@ export class MultifdReceiver extends EventEmitter {
             if (write) {
               const bytes = h.normalPages * this.pageSize;
               windowBytes += bytes;
-              const tracked = write.finally(() => {
+              // A failed write or decode fails the migration here, once: the tracking promise
+              // itself never rejects, so no waiter can miss the failure or see it unhandled.
+              const done = (): void => {
                 windowed.delete(tracked);
                 this.inflight.delete(tracked);
                 windowBytes -= bytes;
+              };
+              const tracked: Promise<void> = write.then(done, (e: Error) => {
+                done();
+                this.fail(this.locate(e, where));
               });
               windowed.add(tracked);
               this.inflight.add(tracked);
               while (windowBytes > this.windowBytes) await Promise.race(windowed);
+              if (this.failure) return;
             }
           }
           if (isSync(h)) {
             await Promise.all(windowed);
+            if (this.failure) return;
             st.syncs++;
             publish('sync-arrive', { channel: id, round: st.syncs });
             await this.barrier.arrive(id);
@@ -124,6 +132,7 @@ export class MultifdReceiver extends EventEmitter {
         }
       }
       await Promise.all(windowed);
+      if (this.failure) return;
       if (id < 0) throw new ProtocolError('TRUNCATED', `closed after ${parser.buffered} bytes, before its 64-byte init message`);
       if (!parser.atBoundary) {
         throw new ProtocolError('TRUNCATED', `closed mid-packet (${parser.buffered} bytes of a packet received at stream offset ${parser.offset})`);
@@ -136,6 +145,8 @@ export class MultifdReceiver extends EventEmitter {
       await Promise.allSettled(windowed);
       this.fail(e instanceof Error ? this.locate(e, where) : new Error(String(e)));
     } finally {
+      // Decodes still running use the method's stream state: let them settle before it goes.
+      await Promise.allSettled(windowed);
       this.methods.get(id)?.cleanup();
     }
   }

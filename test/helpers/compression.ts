@@ -5,6 +5,7 @@
  *
  * Every path QEMU is given must live under /tmp (QEMU 11 runs in a chroot sharing only /tmp).
  */
+import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
@@ -77,6 +78,12 @@ export interface SourceSettings {
   channels?: number;
   compression: string;
   level?: number;
+  /**
+   * Turn the return-path capability on (default off). Without it a source completes as soon as it
+   * has written everything, whatever the receiver thinks; with it, a receiver's SHUT(1) fails the
+   * source's migration and the VM runs on.
+   */
+  returnPath?: boolean;
   /** Extra migrate-set-parameters. */
   params?: Record<string, unknown>;
 }
@@ -90,6 +97,7 @@ export async function migrateCompressed(q: QemuInstance, uri: string, o: SourceS
   await q.qmp.execute('migrate-set-capabilities', {
     capabilities: [
       { capability: 'multifd', state: true },
+      { capability: 'return-path', state: o.returnPath ?? false },
       ...(have.some((c) => c.capability === 'mapped-ram') ? [{ capability: 'mapped-ram', state: false }] : []),
     ],
   });
@@ -144,12 +152,20 @@ export interface ProxyOptions {
    * flipping bytes there corrupts pages undetectably, in QEMU as much as here.
    */
   maxRatio?: number;
+  /**
+   * Only a packet with at least this many normal pages is corrupted (default 1). A tiny payload
+   * (a packet of mostly zero pages) may hold its few bytes as raw literals, where a flip decodes to
+   * wrong bytes of the right size: nothing in either format can notice that.
+   */
+  minNormalPages?: number;
+  /** Called once the bytes are flipped (before the receiver sees them). */
+  onCorrupt?: (c: Corruption, report: ProxyReport) => void;
 }
 
 /**
  * Forwards every connection to `target` byte for byte, except that on the first multifd channel
  * (first 4 bytes 0x11223344) it flips a few bytes in the middle of the payload of the first data
- * packet that carries normal pages (and is compressed, see maxRatio). The stream framing is
+ * packet that carries normal pages (at least minNormalPages, compressed: see maxRatio). The stream framing is
  * parsed, not guessed: 64-byte init, then 1344-byte headers each followed by next_packet_size bytes.
  */
 export async function startCorruptingProxy(o: ProxyOptions): Promise<CorruptingProxy> {
@@ -158,6 +174,7 @@ export async function startCorruptingProxy(o: ProxyOptions): Promise<CorruptingP
   const [host, port] = [m[1]!, Number(m[2])];
   const flipBytes = o.flipBytes ?? 8;
   const maxRatio = o.maxRatio ?? 0.9;
+  const minNormalPages = o.minNormalPages ?? 1;
   const report: ProxyReport = { connections: 0, mainConnections: 0, multifdConnections: 0, packetsBefore: 0 };
   const sockets = new Set<Socket>();
   let watched = false;
@@ -188,7 +205,7 @@ export async function startCorruptingProxy(o: ProxyOptions): Promise<CorruptingP
           const index = report.multifdConnections++;
           if (!watched) {
             watched = true;
-            corrupt = packetCorrupter(index, report, flipBytes, maxRatio);
+            corrupt = packetCorrupter(index, report, flipBytes, maxRatio, minNormalPages, o.onCorrupt);
           }
         }
         chunk = first;
@@ -220,7 +237,14 @@ export async function startCorruptingProxy(o: ProxyOptions): Promise<CorruptingP
 }
 
 /** A byte-stream walker over one multifd channel that flips payload bytes of one packet in place. */
-function packetCorrupter(connection: number, report: ProxyReport, flipBytes: number, maxRatio: number): (chunk: Buffer) => void {
+function packetCorrupter(
+  connection: number,
+  report: ProxyReport,
+  flipBytes: number,
+  maxRatio: number,
+  minNormalPages: number,
+  onCorrupt: ProxyOptions['onCorrupt'],
+): (chunk: Buffer) => void {
   let pos = 0; // stream offset of chunk[0]
   let state: 'init' | 'header' | 'payload' = 'init';
   let left = MULTIFD_INIT_SIZE; // bytes left in the current structure
@@ -247,6 +271,7 @@ function packetCorrupter(connection: number, report: ProxyReport, flipBytes: num
         if (state === 'payload' && target) {
           target = undefined;
           done = true;
+          onCorrupt?.(report.corruption!, report);
         }
         state = 'header';
         headerOffset = pos + i;
@@ -260,7 +285,7 @@ function packetCorrupter(connection: number, report: ProxyReport, flipBytes: num
       const size = compressed ? next : normalPages * PAGE;
       const start = pos + i;
       if (!done && !report.corruption && normalPages > 0) {
-        if (compressed && size >= 4 * flipBytes && size <= maxRatio * normalPages * PAGE) {
+        if (compressed && normalPages >= minNormalPages && size >= 4 * flipBytes && size <= maxRatio * normalPages * PAGE) {
           const mid = start + Math.floor(size / 2) - Math.floor(flipBytes / 2);
           target = { from: mid, to: mid + flipBytes };
           report.corruption = {
@@ -283,7 +308,11 @@ function packetCorrupter(connection: number, report: ProxyReport, flipBytes: num
         state = 'payload';
         left = size;
       } else {
-        if (target) { target = undefined; done = true; }
+        if (target) {
+          target = undefined;
+          done = true;
+          onCorrupt?.(report.corruption!, report);
+        }
         state = 'header';
         headerOffset = start;
         left = MULTIFD_PACKET_HEADER_SIZE;
@@ -291,4 +320,49 @@ function packetCorrupter(connection: number, report: ProxyReport, flipBytes: num
     }
     pos += chunk.length;
   };
+}
+
+export interface CliReceive {
+  /** Where it listens (tcp:127.0.0.1:PORT). */
+  address: string;
+  /** Resolves when the process exits. */
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; ms: number }>;
+  kill(): void;
+}
+
+/**
+ * Runs `multifd receive` as a child process (as a user would) on a free local port and resolves
+ * once it listens; extra CLI arguments in `args`.
+ */
+export async function startCliReceive(bin: string, out: string, args: string[], timeoutMs = 10_000): Promise<CliReceive> {
+  const srv = createServer();
+  await new Promise<void>((resolve, reject) => {
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => resolve());
+  });
+  const port = (srv.address() as { port: number }).port;
+  await new Promise<void>((resolve) => srv.close(() => resolve()));
+  const address = `tcp:127.0.0.1:${port}`;
+  const t0 = Date.now();
+  const proc = spawn(process.execPath, [bin, 'receive', '--listen', address, '--out', out, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  proc.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
+  proc.stderr.on('data', (b: Buffer) => { stderr += b.toString(); });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; ms: number }>((resolve) => {
+    proc.once('exit', (code, signal) => {
+      // Let the pipes drain.
+      setTimeout(() => resolve({ code, signal, stdout, stderr, ms: Date.now() - t0 }), 50);
+    });
+  });
+  const deadline = Date.now() + timeoutMs;
+  while (!/listening on /.test(stderr)) {
+    if (proc.exitCode !== null || Date.now() > deadline) {
+      proc.kill('SIGKILL');
+      const r = await exited;
+      throw new Error(`multifd receive did not start listening (exit ${r.code}): ${r.stderr}`);
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return { address, exited, kill: () => { if (proc.exitCode === null) proc.kill('SIGKILL'); } };
 }

@@ -9,11 +9,27 @@
  *     the guest's memory invariant holds and it runs on;
  *  4. mismatches: `send --compression zlib` into a zstd destination, a zstd source into
  *     receive({ compression: 'zlib' }) (the source runs on and migrates again);
- *  5. a compressed payload corrupted in transit (TCP proxy): receive fails cleanly, nothing is left
- *     behind, the source runs on.
+ *  5. a compressed payload corrupted in transit (TCP proxy between a QEMU source with the return
+ *     path on and receive): receive fails cleanly, nothing is left behind, the source runs on; once
+ *     through receive() in this process, once through the `receive` CLI as a child process.
  *
- * The guest blob is half random (incompressible), half dictionary text (compressible), at 16 MiB.
+ * The guest blob (32 MiB at 16 MiB) is half random (incompressible), half dictionary text (compressible).
  * Every path QEMU sees is under /tmp (QEMU 11 runs in a chroot that only shares /tmp).
+ *
+ * Product bugs these tests show (as found; the tests fail until they are fixed):
+ *  - MultifdReceiver.runChannel drops a failed page write (a payload that does not decode) unless
+ *    the channel happens to be waiting on its write window at that moment: `tracked` removes itself
+ *    from `windowed`/`inflight` in its finally() before rejecting, so neither the SYNC's
+ *    Promise.all(windowed) nor finish()'s Promise.all(inflight) sees it. The rejection is unhandled;
+ *    under node --test it ends the corruption test with failureType 'unhandledRejection'
+ *    ("zlib payload decodes to more than ...", "Data corruption detected"), or receive completes
+ *    and commits a snapshot without the packet's pages. The CLI crashes on it with a Node stack
+ *    trace instead of "multifd: error: ...", leaving .NAME.partial-PID-TS in the output directory.
+ *    Whether the window wait catches it is a race, so each corruption test fails most of the time.
+ *  - send's error for a compression mismatch blames devices: QEMU checks the method in its multifd
+ *    receive threads after RAM setup, and the hint for that stage does not mention compression.
+ * Minor: a zstd decode failure reads "multifd channel N: Data corruption detected" (libzstd's text,
+ * without the method's name); zlib's name themselves ("zlib payload decodes to ...").
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -32,8 +48,8 @@ import {
   type QemuVersion,
 } from '../helpers/qemu.js';
 import { compareMappedRamFiles, type BlockComparison } from '../helpers/snapshot.js';
-import { cli, freePort, qemuSave, rejection, settle, startDestination, type Destination } from '../helpers/send.js';
-import { migrateCompressed, snapshotRam, startCorruptingProxy, writeMixedBlob, type MixedBlob } from '../helpers/compression.js';
+import { BIN, cli, freePort, qemuSave, rejection, settle, startDestination, type Destination } from '../helpers/send.js';
+import { migrateCompressed, snapshotRam, startCliReceive, startCorruptingProxy, writeMixedBlob, type Corruption, type CorruptingProxy, type MixedBlob, type ProxyReport } from '../helpers/compression.js';
 import { receive, type ReceiveHandle, type ReceiveSummary } from '../../src/conversations/receive.js';
 import { restore, type RestoreSummary } from '../../src/conversations/restore.js';
 import { save, type SaveSummary } from '../../src/conversations/save.js';
@@ -59,16 +75,27 @@ before(() => {
 });
 
 // A receive left listening by a failed test would keep the process alive.
-const handles = new Set<ReceiveHandle>();
-function track(h: ReceiveHandle): ReceiveHandle {
-  handles.add(h);
+const handles = new Map<ReceiveHandle, { label: string; settled: boolean; phase: string }>();
+function track(h: ReceiveHandle, label: string): ReceiveHandle {
+  const info = { label, settled: false, phase: 'listening' };
+  handles.set(h, info);
+  h.on('progress', (p: { phase: string }) => { info.phase = p.phase; });
+  h.done.then(() => { info.settled = true; }, () => { info.settled = true; });
   return h;
 }
 
 after(async () => {
-  for (const h of handles) h.abort(new Error('test finished'));
-  await Promise.allSettled([...handles].map((h) => h.done));
-  if (work) rmSync(work, { recursive: true, force: true });
+  try {
+    for (const h of handles.keys()) h.abort(new Error('test finished'));
+    // Bounded: a receive that never settles must not keep the temp directory around.
+    const r = await settle(Promise.allSettled([...handles.keys()].map((h) => h.done)), 15_000, 'aborted receives').catch((e: Error) => e);
+    if (r instanceof Error) {
+      const stuck = [...handles.values()].filter((i) => !i.settled).map((i) => `${i.label} (last phase ${i.phase})`);
+      process.stderr.write(`# ${r.message}: done still pending 15 s after abort() for ${stuck.join(', ')}\n`);
+    }
+  } finally {
+    if (work) rmSync(work, { recursive: true, force: true });
+  }
 });
 
 const loader = (): string[] => ['-device', `loader,file=${blobPath},addr=0x${BLOB_ADDR.toString(16)},force-raw=on`];
@@ -201,7 +228,8 @@ for (const version of ['10', '11'] as QemuVersion[]) {
             await src.q.kill();
           }
           wire.set(level, s.transferred);
-          t.diagnostic(`${method} level ${level}: ${wireLine(s)}; save() ${Date.now() - t0} ms wall, source total-time ${s.source['total-time']} ms`);
+          t.diagnostic(`${method} level ${level}: ${wireLine(s)}; save() ${Date.now() - t0} ms wall, source total-time ${s.source['total-time']} ms, ` +
+            `QEMU's ram.transferred=${s.source.ram?.transferred} ram.normal=${s.source.ram?.normal} (ours: normal=${s.normal})`);
           assert.equal(s.status, 'completed');
           assert.equal(s.source.status, 'completed');
           assert.equal(s.compression, method, 'the summary names the source\'s method');
@@ -228,7 +256,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         const t0 = Date.now();
         let s: ReceiveSummary;
         try {
-          const h = track(receive({ listen: 'tcp:127.0.0.1:0', out, channels: 2 }));
+          const h = track(receive({ listen: 'tcp:127.0.0.1:0', out, channels: 2 }), `QEMU ${version} auto ${method}`);
           await migrateCompressed(src.q, await h.listening, { compression: method });
           s = await finish(h, src.q);
         } finally {
@@ -354,13 +382,16 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.match(r.stderr, /^multifd: error: /m);
         assert.equal(st.status, 'failed', 'the destination\'s incoming migration failed');
         assert.ok(st['error-desc'], 'QEMU gave an error-desc');
-        // Observed error-desc (the zstd receiver checks each packet's flags; 0x2 = zlib, 0x4 = zstd):
-        //   QEMU 10: "multifd 0: flags received 2 flags expected 4" (or channel 1)
-        //   QEMU 11: same text
-        assert.match(st['error-desc'], /flags received 2 flags expected 4/);
+        // Observed error-desc (QEMU's zstd receive checks each data packet's flags; 0x2 = zlib, 0x4 = zstd),
+        // identical on both versions (the channel number is whichever channel's packet came first):
+        //   QEMU 10.0.2: "multifd 0: flags received 2 flags expected 4"
+        //   QEMU 11.1.3: "multifd 0: flags received 2 flags expected 4"
+        assert.match(st['error-desc'], /^multifd \d+: flags received 2 flags expected 4$/);
         // The sender cannot see QEMU's error-desc, but it knows the destination closed on it.
         assert.match(r.stderr, /closed|reset|EPIPE|failure/i, 'the error says the destination gave up');
-        assert.match(r.stderr, /compression/i, 'the error points at the compression method as a possible cause');
+        // QEMU only checks the method in its multifd receive threads, after RAM setup: the hint for
+        // that stage must name the compression method as a possible cause, not only devices.
+        assert.match(r.stderr, /compression/i, `the error points at the compression method as a possible cause: ${r.stderr.trim()}`);
       } finally {
         await q.kill();
       }
@@ -371,9 +402,9 @@ for (const version of ['10', '11'] as QemuVersion[]) {
       const q = await startQemu({ version, memMiB: MEM_MIB, extraArgs: loader() });
       try {
         assert.equal((await q.qmp.execute('query-status')).status, 'running');
-        const h1 = track(receive({ listen: 'tcp:127.0.0.1:0', out: join(tdir, 'first.mig'), channels: 2, compression: 'zlib' }));
+        const h1 = track(receive({ listen: 'tcp:127.0.0.1:0', out: join(tdir, 'first.mig'), channels: 2, compression: 'zlib' }), `QEMU ${version} mismatch first`);
         const t0 = Date.now();
-        await migrateCompressed(q, await h1.listening, { compression: 'zstd' });
+        await migrateCompressed(q, await h1.listening, { compression: 'zstd', returnPath: true });
         const err = await rejection(h1.done, 30_000, 'receive zlib from a zstd source');
         t.diagnostic(`receive rejected after ${Date.now() - t0} ms: ${err.message}`);
         assert.match(err.message, /zstd/, 'the message names the source\'s method');
@@ -388,8 +419,8 @@ for (const version of ['10', '11'] as QemuVersion[]) {
 
         const out2 = join(tdir, 'second.mig');
         const t1 = Date.now();
-        const h2 = track(receive({ listen: 'tcp:127.0.0.1:0', out: out2, channels: 2, compression: 'zstd' }));
-        await migrateCompressed(q, await h2.listening, { compression: 'zstd' });
+        const h2 = track(receive({ listen: 'tcp:127.0.0.1:0', out: out2, channels: 2, compression: 'zstd' }), `QEMU ${version} mismatch second`);
+        await migrateCompressed(q, await h2.listening, { compression: 'zstd', returnPath: true });
         const s = await finish(h2, q);
         t.diagnostic(`second attempt: ${wireLine(s)}; ${Date.now() - t1} ms wall`);
         assert.equal(s.compression, 'zstd');
@@ -406,33 +437,93 @@ for (const version of ['10', '11'] as QemuVersion[]) {
       test(`${method} payload corrupted in transit: receive fails clearly, nothing left behind, the source runs on`, { timeout: 60_000 }, async (t) => {
         const tdir = mkdtempSync(join(dir, `corrupt-${method}-`));
         const q = await startQemu({ version, memMiB: MEM_MIB, extraArgs: loader() });
-        const h = track(receive({ listen: 'tcp:127.0.0.1:0', out: join(tdir, 'vm.mig'), channels: 2, compression: method }));
-        const proxy = await startCorruptingProxy({ target: await h.listening });
+        const out = join(tdir, 'vm.mig');
+        let proxy: CorruptingProxy | undefined;
         try {
+          const h = track(receive({ listen: 'tcp:127.0.0.1:0', out, channels: 2, compression: method }), `QEMU ${version} corrupt ${method}`);
+          // A packet of 128 text pages: its payload is entropy-coded, so flipped bytes cannot decode
+          // cleanly. (The first packet with normal pages holds 2 firmware pages among 126 zero ones;
+          // observed on QEMU 10: a zstd payload of ~740 bytes whose flipped bytes decoded without
+          // error, as raw literals do. Nothing can notice that, in QEMU's receiver either.)
+          const explain = (c: Corruption, rep: ProxyReport): string =>
+            `proxy: ${rep.connections} connections (${rep.mainConnections} main, ${rep.multifdConnections} multifd); ` +
+            `flipped bytes ${c.flipped[0]}..${c.flipped[c.flipped.length - 1]} of a ${c.payloadSize}-byte payload (${c.normalPages} normal + ${c.zeroPages} zero pages, ` +
+            `packet_num ${c.packetNum}, flags 0x${c.flags.toString(16)}) on multifd connection ${c.connection} after ${rep.packetsBefore} packets`;
+          // Logged at once: a decode failure the receiver loses surfaces as an unhandled rejection,
+          // which ends this test on the spot (see the report on product bugs at the top).
+          proxy = await startCorruptingProxy({ target: await h.listening, minNormalPages: 128, onCorrupt: (c, rep) => t.diagnostic(explain(c, rep)) });
           const t0 = Date.now();
-          await migrateCompressed(q, proxy.address, { compression: method });
-          const err = await rejection(h.done, 30_000, `receive of a corrupted ${method} stream`);
+          // With the return path, the receiver's SHUT(1) fails the source's migration even if the
+          // source has written everything by then (without it, QEMU would report completed).
+          await migrateCompressed(q, proxy.address, { compression: method, returnPath: true });
+          const r = await settle(h.done, 30_000, `receive of a corrupted ${method} stream`);
           const c = proxy.report.corruption;
-          t.diagnostic(`proxy: ${proxy.report.connections} connections (${proxy.report.mainConnections} main, ${proxy.report.multifdConnections} multifd); ` +
-            (c ? `flipped bytes ${c.flipped[0]}..${c.flipped[c.flipped.length - 1]} of a ${c.payloadSize}-byte payload (${c.normalPages} normal + ${c.zeroPages} zero pages, packet_num ${c.packetNum}, flags 0x${c.flags.toString(16)}) ` +
-              `on multifd connection ${c.connection} after ${proxy.report.packetsBefore} packets` : 'corrupted nothing'));
-          t.diagnostic(`receive rejected after ${Date.now() - t0} ms: ${err.message}`);
-          assert.ok(c, 'the proxy corrupted a compressed payload');
+          assert.ok(c, `the proxy corrupted a compressed payload (${proxy.report.connections} connections, ${proxy.report.multifdConnections} multifd)`);
           assert.equal(c.flags & 0x3e, method === 'zlib' ? 0x2 : 0x4, `the corrupted packet is ${method}`);
+          if (r.ok) {
+            // Show what the "completed" snapshot holds: the corrupted packet's pages (and those of
+            // later packets on that channel) never reached it.
+            const s = r.value;
+            const mem = await snapshotRam(out, BLOB_ADDR, BLOB_SIZE);
+            const present = s.blocks.find((b) => b.name === 'pc.ram')?.['pages-present'];
+            t.diagnostic(`receive COMPLETED after ${r.ms} ms despite the corruption: normal=${s.normal} pc.ram pages-present=${present}; ` +
+              `blob region of the snapshot vs the blob: ${firstDifference(mem, mixed.blob)}; files: ${readdirSync(tdir).join(', ')}`);
+            assert.fail(`receive completed although a ${method} payload was corrupted in transit (decode failure lost, snapshot silently incomplete)`);
+          }
+          const err = r.error;
+          t.diagnostic(`receive rejected after ${Date.now() - t0} ms: ${err.message}`);
           assert.match(err.message, /^multifd channel \d+: /, 'the error names the channel');
-          assert.match(err.message, new RegExp(method), `the error names ${method}`);
-          assert.match(err.message, /stream error|decodes to|corrupt|invalid|incorrect|error/i, 'the error says the payload does not decode');
+          assert.match(err.message, method === 'zlib' ? /zlib stream error|decodes to/ : /zstd|corrupt/i, 'the error says the payload does not decode');
           assert.deepEqual(readdirSync(tdir), [], 'no snapshot and no temporary file left behind');
           const st = await waitMigration(q.qmp, { timeoutMs: 30_000 });
           t.diagnostic(`source: ${st.status} ${JSON.stringify(st['error-desc'])}`);
           assert.equal(st.status, 'failed', 'the source\'s migration failed');
           assert.equal((await q.qmp.execute('query-status')).status, 'running', 'the source VM keeps running');
         } finally {
-          await proxy.close();
+          await proxy?.close();
           await q.kill();
           rmSync(tdir, { recursive: true, force: true });
         }
       });
     }
+
+    test('receive CLI, zlib and zstd payloads corrupted in transit: exits 1 with "multifd: error: ...", nothing left behind, the source runs on', { timeout: 90_000 }, async (t) => {
+      // Out of the test runner's process: a decode failure the receiver loses cannot end this test
+      // as an unhandled rejection here; the CLI process shows what a user gets.
+      for (const method of METHODS) {
+        await t.test(method, async (st) => {
+          const tdir = mkdtempSync(join(dir, `corrupt-cli-${method}-`));
+          const q = await startQemu({ version, memMiB: MEM_MIB, extraArgs: loader() });
+          let rx: Awaited<ReturnType<typeof startCliReceive>> | undefined;
+          let proxy: CorruptingProxy | undefined;
+          try {
+            rx = await startCliReceive(BIN, join(tdir, 'vm.mig'), ['--channels', '2', '--compression', method]);
+            proxy = await startCorruptingProxy({ target: rx.address, minNormalPages: 128 });
+            await migrateCompressed(q, proxy.address, { compression: method, returnPath: true });
+            const r = await settle(rx.exited, 30_000, `multifd receive of a corrupted ${method} stream`);
+            assert.ok(r.ok);
+            const c = proxy.report.corruption;
+            st.diagnostic(c ? `flipped bytes in a ${c.payloadSize}-byte payload (${c.normalPages} normal pages, flags 0x${c.flags.toString(16)})` : 'the proxy corrupted nothing');
+            st.diagnostic(`receive CLI: exit ${r.value.code}${r.value.signal ? ` (${r.value.signal})` : ''} after ${r.value.ms} ms; stderr: ${r.value.stderr.trim().split('\n').slice(0, 8).join(' | ')}`);
+            const left = readdirSync(tdir);
+            st.diagnostic(`output directory afterwards: ${JSON.stringify(left)}`);
+            assert.ok(c, 'the proxy corrupted a compressed payload');
+            assert.equal(r.value.code, 1, 'receive exits 1');
+            assert.match(r.value.stderr, /^multifd: error: multifd channel \d+: /m, 'a one-line error naming the channel, not a crash');
+            assert.doesNotMatch(r.value.stderr, /^\s+at /m, 'no stack trace');
+            assert.deepEqual(left, [], 'no snapshot and no temporary file left behind');
+            const mig = await waitMigration(q.qmp, { timeoutMs: 30_000 });
+            st.diagnostic(`source: ${mig.status} ${JSON.stringify(mig['error-desc'])}`);
+            assert.equal(mig.status, 'failed', 'the source\'s migration failed');
+            assert.equal((await q.qmp.execute('query-status')).status, 'running', 'the source VM keeps running');
+          } finally {
+            rx?.kill();
+            await proxy?.close();
+            await q.kill();
+            rmSync(tdir, { recursive: true, force: true });
+          }
+        });
+      }
+    });
   });
 }

@@ -5,7 +5,9 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { deflateSync, constants as zc } from 'node:zlib';
 import { MultifdChannelParser } from '../../src/codec/multifd-channel-parser.js';
@@ -122,6 +124,28 @@ describe('zlib and zstd methods', () => {
       for (const [name, buf] of mem) assert.equal(sha256(buf), s.check.memory!.blocks[name]!.sha256, `${name} equals QEMU's RAM`);
     });
   }
+});
+
+test('a process that used zstd exits by itself (idle workers do not hold it)', async () => {
+  const registry = fileURLToPath(new URL('../../src/engine/methods/registry.js', import.meta.url));
+  const script = `const { getMethod } = await import(${JSON.stringify(registry)});
+    const m = getMethod('zstd');
+    const tx = m.sendSetup(0, 4096), rx = m.recvSetup(1, 4096);
+    const p = await tx.prepare([Buffer.alloc(4096, 7)], 1);
+    const d = await rx.recv({ normalPages: 1 }, p.payload);
+    if (d[0][0] !== 7) process.exit(3);
+    tx.cleanup(); rx.cleanup();`;
+  // A file, not -e: workers inherit execArgv, and --input-type would break theirs.
+  const dir = mkdtempSync('/tmp/multifd-zstd-exit-');
+  const file = join(dir, 'run.mjs');
+  writeFileSync(file, script);
+  const started = Date.now();
+  const code = await new Promise<number | string>((resolve) => {
+    execFile(process.execPath, [file], { timeout: 15_000 }, (err) => resolve(err ? (err.killed ? 'killed' : (err.code as number)) : 0));
+  });
+  rmSync(dir, { recursive: true, force: true });
+  assert.equal(code, 0, 'exits with 0 on its own, not killed by the timeout');
+  assert.ok(Date.now() - started < 10_000);
 });
 
 describe('hostile compressed payloads', () => {

@@ -28,9 +28,15 @@ function pump(stream: zlib.Deflate | zlib.Inflate, input: readonly Buffer[], lim
       out.push(c);
     };
     const onError = (e: Error): void => done(new ProtocolError('BAD_RECORD', `zlib stream error: ${e.message}`));
+    // A stream destroyed under us (channel cleanup) never calls the flush callback.
+    const onClose = (): void => done(new ProtocolError('BAD_RECORD', 'zlib stream closed while a packet was being coded'));
+    let settled = false;
     const done = (e?: Error): void => {
+      if (settled) return;
+      settled = true;
       stream.off('data', onData);
       stream.off('error', onError);
+      stream.off('close', onClose);
       if (e) {
         stream.destroy();
         reject(e);
@@ -40,6 +46,11 @@ function pump(stream: zlib.Deflate | zlib.Inflate, input: readonly Buffer[], lim
     };
     stream.on('data', onData);
     stream.on('error', onError);
+    stream.on('close', onClose);
+    if (stream.destroyed) {
+      done(new ProtocolError('BAD_RECORD', 'zlib stream already closed (an earlier packet failed)'));
+      return;
+    }
     for (const b of input) if (b.length > 0) stream.write(b);
     stream.flush(SYNC, () => {
       if (!stream.destroyed) done();

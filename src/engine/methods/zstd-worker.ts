@@ -97,6 +97,7 @@ parentPort!.on('message', (m: Request) => {
         return;
     }
   } catch (e) {
-    parentPort!.postMessage({ id: m.id, error: (e as Error).message });
+    const msg = (e as Error).message;
+    parentPort!.postMessage({ id: m.id, error: msg.startsWith('zstd') ? msg : `zstd: ${msg}` });
   }
 });

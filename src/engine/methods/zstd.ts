@@ -26,8 +26,6 @@ class ZstdWorker {
 
   constructor() {
     this.worker = new Worker(new URL('./zstd-worker.js', import.meta.url));
-    // Idle workers must not keep the process alive; busy ones must (see call()).
-    this.worker.unref();
     this.worker.on('message', (r: Reply) => {
       const p = this.pending.get(r.id);
       if (!p) return;
@@ -38,13 +36,17 @@ class ZstdWorker {
     });
     this.worker.on('error', (e) => this.die(e));
     this.worker.on('exit', (code) => this.die(new Error(`zstd worker exited with code ${code}`)));
+    // Idle workers must not keep the process alive; busy ones must (see call()). After the
+    // listeners: attaching a 'message' listener refs the worker's port again.
+    this.worker.unref();
   }
 
   private die(e: Error): void {
     this.dead ??= e;
     for (const p of this.pending.values()) p.reject(e);
     this.pending.clear();
-    pool.splice(pool.indexOf(this), 1);
+    const i = pool.indexOf(this);
+    if (i >= 0) pool.splice(i, 1);
   }
 
   call(msg: Record<string, unknown>, transfer: ArrayBuffer[] = []): Promise<Reply> {

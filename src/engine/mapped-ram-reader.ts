@@ -8,8 +8,8 @@ import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { PageBitmap, bitmapBytes, type MappedRamHeader } from '../codec/mapped-ram.js';
-import { findTrailingVmdesc, walkDeviceState, type DeviceStateLayout } from '../codec/vmdesc.js';
-import { readExactly } from './read-exactly.js';
+import type { DeviceStateLayout } from '../codec/vmdesc.js';
+import { readAtExactly, readExactly, verifiedDeviceState } from './read-exactly.js';
 import type { SnapshotBlockInfo, SnapshotRamSection, SnapshotSource } from './snapshot.js';
 
 export interface SnapshotBlock {
@@ -102,11 +102,7 @@ export class MappedRamSnapshot implements SnapshotSource {
       if (deviceStart < 0) throw new ProtocolError('TRUNCATED', 'file is truncated: it ends before the device state');
       const tail = Buffer.concat(device);
       device = [];
-      const found = findTrailingVmdesc(tail);
-      if (!found) throw new ProtocolError('TRUNCATED', `file is truncated or incomplete: its device state (from 0x${deviceStart.toString(16)} to the end, 0x${size.toString(16)}) does not end with a VMDESCRIPTION`, { offset: deviceStart });
-      const layout = walkDeviceState(tail, found.vmdesc, 0, deviceStart);
-      if (layout.end !== tail.length) throw new ProtocolError('BAD_VMDESC', 'device state does not end at the VMDESCRIPTION', { offset: deviceStart + layout.end });
-      return new MappedRamSnapshot(path, fh, config, blocks, { ...layout, fileOffset: deviceStart }, size, { ramSection, switchoverStart }, blockInfo);
+      return new MappedRamSnapshot(path, fh, config, blocks, verifiedDeviceState(tail, deviceStart, size), size, { ramSection, switchoverStart }, blockInfo);
     } catch (e) {
       await fh.close();
       throw e;
@@ -176,11 +172,8 @@ export class MappedRamSnapshot implements SnapshotSource {
     return views;
   }
 
-  async readAt(position: number, length: number, into?: Buffer): Promise<Buffer> {
-    if (into && into.length < length) throw new RangeError(`buffer of ${into.length} bytes cannot hold ${length}`);
-    const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
-    await readExactly(this.fh, out, position, this.path);
-    return out;
+  readAt(position: number, length: number, into?: Buffer): Promise<Buffer> {
+    return readAtExactly(this.fh, position, length, this.path, into);
   }
 
   async close(): Promise<void> {

@@ -7,8 +7,8 @@ import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser } from '../codec/main-stream-parser.js';
-import { findTrailingVmdesc, walkDeviceState, type DeviceStateLayout } from '../codec/vmdesc.js';
-import { readExactly } from './read-exactly.js';
+import type { DeviceStateLayout } from '../codec/vmdesc.js';
+import { readAtExactly, readExactly, verifiedDeviceState } from './read-exactly.js';
 import type { SnapshotBlockInfo, SnapshotRamSection, SnapshotSource } from './snapshot.js';
 
 const READ_CHUNK = 1024 * 1024;
@@ -202,11 +202,7 @@ export class StreamSnapshot implements SnapshotSource {
       if (!ramSection) throw new ProtocolError('BAD_RECORD', 'no RAM section in the file');
       const tail = Buffer.concat(device);
       device = [];
-      const found = findTrailingVmdesc(tail);
-      if (!found) throw new ProtocolError('TRUNCATED', `file is truncated or incomplete: it does not end with a VMDESCRIPTION (device state starts at 0x${deviceStart.toString(16)}, file ends at 0x${size.toString(16)})`, { offset: size });
-      const layout = walkDeviceState(tail, found.vmdesc, 0, deviceStart);
-      if (layout.end !== tail.length) throw new ProtocolError('BAD_VMDESC', 'device state does not end at the VMDESCRIPTION', { offset: deviceStart + layout.end });
-      return new StreamSnapshot(path, fh, config, blocks, { ...layout, fileOffset: deviceStart }, size, { ramSection, switchoverStart }, blockInfo);
+      return new StreamSnapshot(path, fh, config, blocks, verifiedDeviceState(tail, deviceStart, size), size, { ramSection, switchoverStart }, blockInfo);
     } catch (e) {
       await fh.close();
       throw e;
@@ -316,11 +312,8 @@ export class StreamSnapshot implements SnapshotSource {
     return views;
   }
 
-  async readAt(position: number, length: number, into?: Buffer): Promise<Buffer> {
-    if (into && into.length < length) throw new RangeError(`buffer of ${into.length} bytes is too small for ${length}`);
-    const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
-    await readExactly(this.fh, out, position, this.path);
-    return out;
+  readAt(position: number, length: number, into?: Buffer): Promise<Buffer> {
+    return readAtExactly(this.fh, position, length, this.path, into);
   }
 
   async close(): Promise<void> {

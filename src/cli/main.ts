@@ -54,7 +54,7 @@ function fail(e: unknown): never {
 const program = new Command();
 program
   .name('multifd')
-  .description('QEMU multifd live migration in TypeScript: save a running VM to a mapped-ram snapshot, and more.')
+  .description('QEMU multifd live migration in TypeScript: save a running VM to a mapped-ram snapshot, restore snapshots into QEMU, with zlib/zstd.')
   .version(pkg.version)
   .option('-v, --verbose', 'log protocol events to stderr')
   .hook('preAction', (cmd) => {
@@ -188,7 +188,7 @@ program
 
 program
   .command('demo')
-  .description('save a running guest of our own with receive, restore it in QEMU and verify it (synthetic source without QEMU)')
+  .description('save a running guest of our own with receive, restore it into QEMU with our sender and verify it (synthetic source and a second receiver without QEMU)')
   .option('--qemu <path>', 'QEMU binary', 'qemu-system-x86_64')
   .addOption(new Option('--channels <n>', 'multifd channels').default(2).argParser(intArg(1, 255)))
   .option('--keep', 'keep the snapshot and work directory under /tmp')

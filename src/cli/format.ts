@@ -42,9 +42,7 @@ export function summaryText(s: SummaryLike): string {
     `saved ${s.file} (${s.machine}, ${bytes(s['file-size'])} apparent size)`,
     `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['dirty-sync-count']} dirty syncs, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode${s.compression && s.compression !== 'none' ? `, ${s.compression} on the wire` : ''})`,
   ];
-  for (const c of s.channels) {
-    lines.push(`  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);
-  }
+  lines.push(...channelLines(s.channels));
   for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b['pages-present']} pages stored`);
   if (s.source) {
     lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}, now ${s.source['run-state-after']}`);
@@ -75,9 +73,7 @@ export function sendSummaryText(s: SendSummaryLike): string {
     `sent ${s.file} (${s.format}, ${s.machine}) to ${s.to}`,
     `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero (${s['sync-mode']} sync mode${s.compression && s.compression !== 'none' ? `, ${s.compression}` : ''})`,
   ];
-  for (const c of s.channels) {
-    lines.push(`  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);
-  }
+  lines.push(...channelLines(s.channels));
   for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b['pages-sent']} pages sent`);
   if (s.destinationQemu) {
     lines.push(`  destination: ${s.destinationQemu.status}, now ${s.destinationQemu['run-state-after']}${s.destinationQemu.resumed ? ' (resumed)' : ''}`);
@@ -85,4 +81,8 @@ export function sendSummaryText(s: SendSummaryLike): string {
     lines.push(s.destination === 'confirmed' ? '  destination: loaded the device state and shut down cleanly' : '  destination: closed the connection (no return path: success not confirmed)');
   }
   return lines.join('\n');
+}
+
+function channelLines(channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[]): string[] {
+  return channels.map((c) => `  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);
 }

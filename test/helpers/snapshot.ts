@@ -85,6 +85,20 @@ export async function compareMappedRamFiles(pathA: string, pathB: string): Promi
   }
 }
 
+/** "equal", or how many pages differ between two equally long memory dumps and where the first is. */
+export function firstDifference(a: Buffer, b: Buffer): string {
+  if (a.length !== b.length) return `lengths differ: ${a.length} vs ${b.length}`;
+  let diff = 0;
+  let first = -1;
+  for (let off = 0; off < a.length; off += PAGE) {
+    if (a.compare(b, off, off + PAGE, off, off + PAGE) !== 0) {
+      if (first < 0) first = off;
+      diff++;
+    }
+  }
+  return diff === 0 ? 'equal' : `${diff} pages differ, first at +0x${first.toString(16)}`;
+}
+
 /** Names in `dir` that look like a snapshot or receive's temporary file. */
 export function snapshotLeftovers(dir: string): string[] {
   return readdirSync(dir).filter((n) => n.endsWith('.mig') || n.includes('.partial-'));

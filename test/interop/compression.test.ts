@@ -47,7 +47,7 @@ import {
   type QemuInstance,
   type QemuVersion,
 } from '../helpers/qemu.js';
-import { compareMappedRamFiles, type BlockComparison } from '../helpers/snapshot.js';
+import { compareMappedRamFiles, type BlockComparison, firstDifference } from '../helpers/snapshot.js';
 import { BIN, cli, freePort, qemuSave, rejection, settle, startDestination, type Destination } from '../helpers/send.js';
 import { migrateCompressed, snapshotRam, startCliReceive, startCorruptingProxy, writeMixedBlob, type Corruption, type CorruptingProxy, type MixedBlob, type ProxyReport } from '../helpers/compression.js';
 import { receive, type ReceiveHandle, type ReceiveSummary } from '../../src/conversations/receive.js';
@@ -99,19 +99,6 @@ after(async () => {
 });
 
 const loader = (): string[] => ['-device', `loader,file=${blobPath},addr=0x${BLOB_ADDR.toString(16)},force-raw=on`];
-
-function firstDifference(a: Buffer, b: Buffer): string {
-  if (a.length !== b.length) return `lengths differ: ${a.length} vs ${b.length}`;
-  let diff = 0;
-  let first = -1;
-  for (let off = 0; off < a.length; off += PAGE) {
-    if (a.compare(b, off, off + PAGE, off, off + PAGE) !== 0) {
-      if (first < 0) first = off;
-      diff++;
-    }
-  }
-  return diff === 0 ? 'equal' : `${diff} pages differ, first at +0x${first.toString(16)}`;
-}
 
 function assertBlob(mem: Buffer, what: string): void {
   assert.ok(mem.equals(mixed.blob), `${what}: memory at 0x${BLOB_ADDR.toString(16)} differs from the blob: ${firstDifference(mem, mixed.blob)}`);

@@ -35,6 +35,7 @@ import {
   restoreSnapshot,
   writeRandomBlob,
   type SourceMigrationOptions,
+  firstDifference,
 } from '../helpers/snapshot.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import type { ReceiveHandle, ReceiveProgress, ReceiveSummary } from '../../src/conversations/receive.js';
@@ -83,19 +84,6 @@ const loader = (file: string, addr = BLOB_ADDR): string[] =>
 
 /** Each test gets its own directory, so "nothing left behind" means "directory empty". */
 const testDir = (tag: string): string => mkdtempSync(join(work, `${tag}-`));
-
-function firstDifference(a: Buffer, b: Buffer): string {
-  if (a.length !== b.length) return `lengths differ: ${a.length} vs ${b.length}`;
-  let diff = 0;
-  let first = -1;
-  for (let off = 0; off < a.length; off += PAGE) {
-    if (a.compare(b, off, off + PAGE, off, off + PAGE) !== 0) {
-      if (first < 0) first = off;
-      diff++;
-    }
-  }
-  return diff === 0 ? 'equal' : `${diff} pages differ, first at +0x${first.toString(16)}`;
-}
 
 async function assertBlobRestored(t: TestContext, q: QemuInstance, blob: Buffer, what: string): Promise<void> {
   const mem = await dumpGuestMemory(q, BLOB_ADDR, blob.length);

@@ -30,7 +30,7 @@ import {
   type QemuInstance,
   type QemuVersion,
 } from '../helpers/qemu.js';
-import { compareMappedRamFiles, writeRandomBlob } from '../helpers/snapshot.js';
+import { compareMappedRamFiles, writeRandomBlob, firstDifference } from '../helpers/snapshot.js';
 import { cli, freePort, mbitps, presentPages, qemuSave, rejection, settle, startDestination, type Destination } from '../helpers/send.js';
 import { restore, type RestoreProgress, type RestoreSummary } from '../../src/conversations/restore.js';
 import { send, type SendSummary } from '../../src/conversations/send.js';
@@ -62,19 +62,6 @@ after(() => {
 });
 
 const loader = (file: string): string[] => ['-device', `loader,file=${file},addr=0x${BLOB_ADDR.toString(16)},force-raw=on`];
-
-function firstDifference(a: Buffer, b: Buffer): string {
-  if (a.length !== b.length) return `lengths differ: ${a.length} vs ${b.length}`;
-  let diff = 0;
-  let first = -1;
-  for (let off = 0; off < a.length; off += PAGE) {
-    if (a.compare(b, off, off + PAGE, off, off + PAGE) !== 0) {
-      if (first < 0) first = off;
-      diff++;
-    }
-  }
-  return diff === 0 ? 'equal' : `${diff} pages differ, first at +0x${first.toString(16)}`;
-}
 
 async function assertBlobRestored(q: QemuInstance, what: string): Promise<void> {
   const mem = await dumpGuestMemory(q, BLOB_ADDR, blob.length);

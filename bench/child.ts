@@ -11,7 +11,10 @@ const t0 = performance.now();
 try {
   const summary = job.op === 'save' ? await save(job.opts).done : await restore(job.opts).done;
   const wallMs = performance.now() - t0;
-  process.stdout.write(JSON.stringify({ ok: true, wallMs, maxRssKiB: process.resourceUsage().maxRSS, summary }) + '\n');
+  const u = process.resourceUsage();
+  // CPU of the whole process (all threads: main, thread pool, zstd workers).
+  const cpuMs = (u.userCPUTime + u.systemCPUTime) / 1000;
+  process.stdout.write(JSON.stringify({ ok: true, wallMs, cpuMs, maxRssKiB: u.maxRSS, summary }) + '\n');
 } catch (e) {
   process.stdout.write(JSON.stringify({ ok: false, error: (e as Error).message, maxRssKiB: process.resourceUsage().maxRSS }) + '\n');
   process.exitCode = 1;

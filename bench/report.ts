@@ -3,14 +3,22 @@
 
 export interface Row {
   version: string;
-  pair: 'receive' | 'send' | 'save' | 'restore';
+  pair: 'receive' | 'send' | 'save' | 'restore' | 'live';
   impl: 'ours' | 'qemu→qemu' | 'qemu file';
   sizeGiB: number;
   channels: number;
   method: string;
   guestBytes: number;
   rep: number;
-  result: { ms: number; wireBytes: number; rssMiB?: number };
+  result: {
+    ms: number;
+    wireBytes: number;
+    rssMiB?: number;
+    /** CPU of the whole job: our process plus its QEMU peer, or both QEMUs. */
+    cpuMs?: number;
+    /** Running-guest runs: the downtime the source reports. */
+    downtimeMs?: number;
+  };
 }
 
 const median = (xs: number[]): number => {
@@ -26,13 +34,26 @@ interface Cell {
   n: number;
   wire: number;
   rss: number | undefined;
+  cpu: number | undefined;
+  downtime: number | undefined;
 }
 
 function cell(rows: Row[]): Cell | undefined {
   if (rows.length === 0) return undefined;
   const ms = rows.map((r) => r.result.ms);
   const rss = rows.map((r) => r.result.rssMiB).filter((x): x is number => x !== undefined);
-  return { median: median(ms), min: Math.min(...ms), max: Math.max(...ms), n: ms.length, wire: median(rows.map((r) => r.result.wireBytes)), rss: rss.length ? Math.max(...rss) : undefined };
+  const cpu = rows.map((r) => r.result.cpuMs).filter((x): x is number => x !== undefined && !Number.isNaN(x));
+  const down = rows.map((r) => r.result.downtimeMs).filter((x): x is number => x !== undefined);
+  return {
+    median: median(ms),
+    min: Math.min(...ms),
+    max: Math.max(...ms),
+    n: ms.length,
+    wire: median(rows.map((r) => r.result.wireBytes)),
+    rss: rss.length ? Math.max(...rss) : undefined,
+    cpu: cpu.length ? median(cpu) : undefined,
+    downtime: down.length ? median(down) : undefined,
+  };
 }
 
 const mbps = (bytes: number, ms: number): number => (bytes * 8) / (ms * 1000);
@@ -62,15 +83,19 @@ export function writeMarkdown(res: BenchResult): string {
     'Guests are paused and hold 75% random data. Times in ms, median (min–max) over the repetitions;',
     'throughput = guest data ÷ time. Ratio: QEMU time ÷ our time for receive/send/restore (≥ 1 means we',
     'are at least as fast as QEMU), our time ÷ QEMU time for save (goal ≤ 1.2). Wire = bytes on the wire.',
+    'CPU = CPU time of the whole job (median, s): ours plus the QEMU at the other end, against both QEMUs',
+    '(QEMU→QEMU) or QEMU alone (file save). live = a running guest (the dirtying boot sector under TCG)',
+    'saved by us vs migrated QEMU→QEMU: total time and downtime as the source reports them.',
     '',
-    '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | peak RSS MiB | QEMU file floor ms |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | CPU s ours / QEMU | downtime ms ours / QEMU | peak RSS MiB | QEMU file floor ms |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const [k, rs] of groups(res.rows)) {
     const [pair, size, ch, method] = k.split('|') as [Row['pair'], string, string, string];
     const ours = cell(rs.filter((r) => r.impl === 'ours'));
     if (!ours) continue;
     const baseImpl = pair === 'save' ? 'qemu file' : 'qemu→qemu';
+    const num = (v: number | undefined, f: (x: number) => string): string => (v === undefined ? '–' : f(v));
     const base = cell(rs.filter((r) => r.impl === baseImpl));
     const floor = pair === 'restore' ? cell(rs.filter((r) => r.impl === 'qemu file')) : undefined;
     const bytes = rs[0]!.guestBytes;
@@ -80,7 +105,10 @@ export function writeMarkdown(res: BenchResult): string {
     lines.push(
       `| ${pair} | ${size} GiB | ${ch} | ${method} | ${fmt(ours)} | ${base ? fmt(base) : '–'} | ${ratio !== undefined ? ratio.toFixed(2) + met : '–'} | ${goal} | ` +
         `${mbps(bytes, ours.median).toFixed(0)} | ${base ? mbps(bytes, base.median).toFixed(0) : '–'} | ` +
-        `${ours.wire ? (ours.wire / 1e6).toFixed(0) + ' MB' : '–'} / ${base?.wire ? (base.wire / 1e6).toFixed(0) + ' MB' : '–'} | ${ours.rss !== undefined ? ours.rss.toFixed(0) : '–'} | ${floor ? fmt(floor) : '–'} |`,
+        `${ours.wire ? (ours.wire / 1e6).toFixed(0) + ' MB' : '–'} / ${base?.wire ? (base.wire / 1e6).toFixed(0) + ' MB' : '–'} | ` +
+        `${num(ours.cpu, (x) => (x / 1000).toFixed(1))} / ${num(base?.cpu, (x) => (x / 1000).toFixed(1))} | ` +
+        `${num(ours.downtime, (x) => x.toFixed(0))} / ${num(base?.downtime, (x) => x.toFixed(0))} | ` +
+        `${ours.rss !== undefined ? ours.rss.toFixed(0) : '–'} | ${floor ? fmt(floor) : '–'} |`,
     );
   }
   return lines.join('\n') + '\n';

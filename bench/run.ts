@@ -5,21 +5,24 @@
 //   npm run bench                       full: 1 and 4 GiB, 1/2/4 channels, none/zlib/zstd, 3 reps
 //   npm run bench -- --quick            smoke: 256 MiB, 2 channels, none, 1 rep (what CI runs)
 //   npm run bench -- --sizes 1 --channels 2,4 --methods none --reps 5
+//   MULTIFD_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" npm run bench -- --ours-only ...
 //
 // Pairs (same guest, same channel count, same method):
 //   receive  QEMU → our save (receive)      vs  QEMU → QEMU          throughput, goal ≥ 1
 //   send     our restore (send phase)       vs  QEMU → QEMU          throughput, goal ≥ 1
 //   save     our save, wall time            vs  QEMU migrate file:   time ratio, goal ≤ 1.2
 //   restore  our restore, wall time         vs  QEMU → QEMU          throughput, goal ≥ 1; QEMU's file restore is the floor
+//   live     running guest → our save       vs  running QEMU → QEMU  total time and downtime (method none; --no-live skips)
+// CPU: each job's CPU time, ours plus the QEMU peer's, against QEMU's two sides (or QEMU alone for file jobs).
 // Peak RSS of our process (a child of this harness) is recorded for every run.
 
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { closeSync, mkdirSync, openSync, rmSync, writeFileSync, writeSync, existsSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, existsSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { haveQemu, qemuVersionOf, startQemu, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
+import { haveQemu, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
 import { writeChart, writeMarkdown, type Row } from './report.js';
 
 const GiB = 1024 ** 3;
@@ -35,6 +38,10 @@ interface Args {
   methods: string[];
   reps: number;
   version: '10' | '11';
+  /** Only our side (for profiling): QEMU's runs are skipped and no ratios come out. */
+  oursOnly: boolean;
+  /** Also the running-guest runs (method none): total time and downtime. */
+  live: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
@@ -51,6 +58,8 @@ function parseArgs(argv: string[]): Args {
     methods: list('methods', quick ? 'none' : 'none,zlib,zstd'),
     reps: Number(get('reps') ?? (quick ? 1 : 3)),
     version: (get('qemu') ?? '10') as '10' | '11',
+    oursOnly: argv.includes('--ours-only'),
+    live: !argv.includes('--no-live') && !quick,
   };
 }
 
@@ -81,9 +90,22 @@ function writeRandom(path: string, size: number): void {
   closeSync(fd);
 }
 
-async function child(job: unknown): Promise<{ ok: boolean; wallMs: number; maxRssKiB: number; summary?: any; error?: string }> {
+/** CPU time (user + system, ms) QEMU has used so far, from /proc. */
+function qemuCpuMs(q: QemuInstance): number {
+  try {
+    const f = readFileSync(`/proc/${q.pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return ((Number(f[11]) + Number(f[12])) * 1000) / CLOCK_TICKS;
+  } catch {
+    return NaN;
+  }
+}
+const CLOCK_TICKS = 100;
+
+async function child(job: unknown): Promise<{ ok: boolean; wallMs: number; cpuMs: number; maxRssKiB: number; summary?: any; error?: string }> {
   return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [CHILD, JSON.stringify(job)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    // MULTIFD_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles our side of every run.
+    const nodeArgs = (process.env.MULTIFD_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    const p = spawn(process.execPath, [...nodeArgs, CHILD, JSON.stringify(job)], { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     p.stdout.on('data', (d) => { out += d; });
     p.on('error', reject);
@@ -97,11 +119,11 @@ async function child(job: unknown): Promise<{ ok: boolean; wallMs: number; maxRs
   });
 }
 
-async function setMigration(q: QemuInstance, channels: number, method: string, caps: Record<string, boolean> = {}): Promise<void> {
+async function setMigration(q: QemuInstance, channels: number, method: string, caps: Record<string, boolean> = {}, extra: Record<string, unknown> = {}): Promise<void> {
   await q.qmp.execute('migrate-set-capabilities', {
     capabilities: Object.entries({ multifd: channels > 0, ...caps }).map(([capability, state]) => ({ capability, state })),
   });
-  const params: Record<string, unknown> = { 'max-bandwidth': 100 * GiB };
+  const params: Record<string, unknown> = { 'max-bandwidth': 100 * GiB, ...extra };
   if (channels > 0) Object.assign(params, { 'multifd-channels': channels, 'multifd-compression': method });
   await q.qmp.execute('migrate-set-parameters', params);
 }
@@ -136,13 +158,15 @@ async function qemuToQemu(c: Ctx): Promise<Row['result']> {
     await setMigration(dst, c.channels, c.method);
     const uri = `tcp:127.0.0.1:${port++}`;
     await dst.qmp.execute('migrate-incoming', { uri });
+    const cpu0 = qemuCpuMs(src) + qemuCpuMs(dst);
     const t0 = performance.now();
     await src.qmp.execute('migrate', { uri });
     const m = await waitMigration(dst.qmp, { timeoutMs: 600_000, intervalMs: 5 });
     const ms = performance.now() - t0;
     if (m.status !== 'completed') throw new Error(`QEMU → QEMU ${m.status}: ${m['error-desc']}`);
+    const cpuMs = qemuCpuMs(src) + qemuCpuMs(dst) - cpu0;
     const s = await waitMigration(src.qmp, { timeoutMs: 60_000, intervalMs: 5 });
-    return { ms, wireBytes: s.ram?.transferred ?? 0 };
+    return { ms, wireBytes: s.ram?.transferred ?? 0, cpuMs };
   } finally {
     await src.kill();
     await dst.kill();
@@ -155,11 +179,12 @@ async function qemuFileSave(c: Ctx, file: string): Promise<Row['result']> {
   try {
     await setMigration(src, c.channels, 'none', { 'mapped-ram': true });
     rmSync(file, { force: true });
+    const cpu0 = qemuCpuMs(src);
     const t0 = performance.now();
     await src.qmp.execute('migrate', { uri: `file:${file}` });
     const m = await waitMigration(src.qmp, { timeoutMs: 600_000, intervalMs: 5 });
     if (m.status !== 'completed') throw new Error(`QEMU file save ${m.status}: ${m['error-desc']}`);
-    return { ms: performance.now() - t0, wireBytes: 0 };
+    return { ms: performance.now() - t0, wireBytes: 0, cpuMs: qemuCpuMs(src) - cpu0 };
   } finally {
     await src.kill();
   }
@@ -170,11 +195,12 @@ async function qemuFileRestore(c: Ctx, file: string): Promise<Row['result']> {
   const dst = await destination(c);
   try {
     await setMigration(dst, c.channels, 'none', { 'mapped-ram': true });
+    const cpu0 = qemuCpuMs(dst);
     const t0 = performance.now();
     await dst.qmp.execute('migrate-incoming', { uri: `file:${file}` });
     const m = await waitMigration(dst.qmp, { timeoutMs: 600_000, intervalMs: 5 });
     if (m.status !== 'completed') throw new Error(`QEMU file restore ${m.status}: ${m['error-desc']}`);
-    return { ms: performance.now() - t0, wireBytes: 0 };
+    return { ms: performance.now() - t0, wireBytes: 0, cpuMs: qemuCpuMs(dst) - cpu0 };
   } finally {
     await dst.kill();
   }
@@ -186,11 +212,14 @@ async function oursSave(c: Ctx, file: string): Promise<{ save: Row['result']; re
   const src = await source(c, ['-qmp', `unix:${qmp},server=on,wait=off`]);
   try {
     rmSync(file, { force: true });
+    const cpu0 = qemuCpuMs(src);
     const r = await child({ op: 'save', opts: { qmp: `unix:${qmp}`, out: file, channels: c.channels, compression: c.method } });
     if (!r.ok) throw new Error(`save: ${r.error}`);
+    // The job's CPU: ours plus the QEMU source's (QEMU→QEMU counts both of its sides likewise).
+    const cpuMs = r.cpuMs + qemuCpuMs(src) - cpu0;
     return {
-      save: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024 },
-      receive: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024 },
+      save: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs },
+      receive: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs },
     };
   } finally {
     await src.kill();
@@ -202,14 +231,67 @@ async function oursRestore(c: Ctx, file: string): Promise<{ restore: Row['result
   const qmp = join(WORK, `restore-${process.pid}-${port++}.sock`);
   const dst = await destination(c, ['-qmp', `unix:${qmp},server=on,wait=off`]);
   try {
+    const cpu0 = qemuCpuMs(dst);
     const r = await child({ op: 'restore', opts: { file, qmp: `unix:${qmp}`, channels: c.channels, compression: c.method, incoming: `tcp:127.0.0.1:${port++}` } });
     if (!r.ok) throw new Error(`restore: ${r.error}`);
+    const cpuMs = r.cpuMs + qemuCpuMs(dst) - cpu0;
     return {
-      restore: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024 },
-      send: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024 },
+      restore: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs },
+      send: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs },
     };
   } finally {
     await dst.kill();
+  }
+}
+
+/**
+ * Downtime QEMU may plan for in the running-guest runs, the same for both. The boot-sector guest
+ * rewrites ~25k pages per pass under TCG, so the default 300 ms may never converge here.
+ */
+const LIVE_DOWNTIME_MS = 2000;
+
+/** The dirtying boot-sector guest (TCG: nested KVM makes its writes crawl) on top of the blobs. */
+async function liveSource(c: Ctx, extra: string[] = []): Promise<QemuInstance> {
+  const q = await startQemu({ version: c.version, memMiB: c.memMiB, accel: 'tcg', bootSector: true, extraArgs: [...c.blobs, ...extra] });
+  await waitGuestPasses(q, 2, 120_000);
+  return q;
+}
+
+/** Running guest QEMU → QEMU: the source's total time and downtime; the guest must run on. */
+async function liveQemuToQemu(c: Ctx): Promise<Row['result']> {
+  const src = await liveSource(c);
+  const dst = await startQemu({ version: c.version, memMiB: c.memMiB, accel: 'tcg', bootSector: true, incoming: 'defer' });
+  try {
+    await setMigration(src, c.channels, c.method, {}, { 'downtime-limit': LIVE_DOWNTIME_MS });
+    await setMigration(dst, c.channels, c.method);
+    const uri = `tcp:127.0.0.1:${port++}`;
+    await dst.qmp.execute('migrate-incoming', { uri });
+    await src.qmp.execute('migrate', { uri });
+    const m = await waitMigration(src.qmp, { timeoutMs: 600_000, intervalMs: 20 });
+    if (m.status !== 'completed') throw new Error(`live QEMU → QEMU ${m.status}: ${m['error-desc']}`);
+    const d = await waitMigration(dst.qmp, { timeoutMs: 60_000, intervalMs: 20 });
+    if (d.status !== 'completed') throw new Error(`live QEMU → QEMU destination ${d.status}: ${d['error-desc']}`);
+    const run = await dst.qmp.execute('query-status');
+    if (run.status !== 'running') throw new Error(`live QEMU → QEMU: the destination is ${run.status}, not running`);
+    return { ms: m['total-time'], wireBytes: m.ram?.transferred ?? 0, downtimeMs: m.downtime };
+  } finally {
+    await src.kill();
+    await dst.kill();
+  }
+}
+
+/** Running guest → our save: the source's total time and downtime as QEMU reports them. */
+async function liveOursSave(c: Ctx, file: string): Promise<Row['result']> {
+  const qmp = join(WORK, `live-${process.pid}-${port++}.sock`);
+  const src = await liveSource(c, ['-qmp', `unix:${qmp},server=on,wait=off`]);
+  try {
+    rmSync(file, { force: true });
+    const r = await child({ op: 'save', opts: { qmp: `unix:${qmp}`, out: file, channels: c.channels, compression: c.method, downtimeLimitMs: LIVE_DOWNTIME_MS } });
+    if (!r.ok) throw new Error(`live save: ${r.error}`);
+    return { ms: r.summary.source['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, downtimeMs: r.summary.source.downtime };
+  } finally {
+    await src.kill();
+    rmSync(file, { force: true });
   }
 }
 
@@ -226,7 +308,9 @@ async function main(): Promise<void> {
   const record = (r: Omit<Row, 'version'>): void => {
     const row = { ...r, version: a.version };
     rows.push(row);
-    const rss = row.result.rssMiB !== undefined ? ` rss ${row.result.rssMiB.toFixed(0)} MiB` : '';
+    const rss = (row.result.rssMiB !== undefined ? ` rss ${row.result.rssMiB.toFixed(0)} MiB` : '') +
+      (row.result.cpuMs !== undefined ? ` cpu ${row.result.cpuMs.toFixed(0)} ms` : '') +
+      (row.result.downtimeMs !== undefined ? ` downtime ${row.result.downtimeMs} ms` : '');
     console.error(`  ${row.pair.padEnd(8)} ${row.impl.padEnd(12)} ${row.sizeGiB} GiB ${row.channels} ch ${row.method.padEnd(4)} rep ${row.rep}: ${row.result.ms.toFixed(0)} ms${rss}`);
   };
   for (const sizeGiB of a.sizes) {
@@ -239,17 +323,45 @@ async function main(): Promise<void> {
         const qfile = join(WORK, `qemu-${sizeGiB}g-${channels}.mig`);
         const base = { sizeGiB, channels, method, guestBytes: randomBytes };
         for (let rep = 1; rep <= a.reps; rep++) {
-          const qq = await qemuToQemu(c);
-          for (const pair of ['receive', 'send', 'restore'] as const) record({ ...base, rep, pair, impl: 'qemu→qemu', result: qq });
-          const ours = await oursSave(c, file);
-          record({ ...base, rep, pair: 'receive', impl: 'ours', result: ours.receive });
-          record({ ...base, rep, pair: 'save', impl: 'ours', result: ours.save });
-          const back = await oursRestore(c, file);
-          record({ ...base, rep, pair: 'send', impl: 'ours', result: back.send });
-          record({ ...base, rep, pair: 'restore', impl: 'ours', result: back.restore });
-          if (method === 'none') {
-            record({ ...base, rep, pair: 'save', impl: 'qemu file', result: await qemuFileSave(c, qfile) });
-            record({ ...base, rep, pair: 'restore', impl: 'qemu file', result: await qemuFileRestore(c, qfile) });
+          // Which side runs first alternates: on this VM memory that was just freed is cheaper to
+          // touch again than memory the host took back, and that favours whoever comes second.
+          const qemuFirst = rep % 2 === 1;
+          const runQemu = async (): Promise<void> => {
+            if (a.oursOnly) return;
+            const qq = await qemuToQemu(c);
+            for (const pair of ['receive', 'send', 'restore'] as const) record({ ...base, rep, pair, impl: 'qemu→qemu', result: qq });
+            if (method === 'none') {
+              record({ ...base, rep, pair: 'save', impl: 'qemu file', result: await qemuFileSave(c, qfile) });
+              record({ ...base, rep, pair: 'restore', impl: 'qemu file', result: await qemuFileRestore(c, qfile) });
+            }
+          };
+          const runOurs = async (): Promise<void> => {
+            const ours = await oursSave(c, file);
+            record({ ...base, rep, pair: 'receive', impl: 'ours', result: ours.receive });
+            record({ ...base, rep, pair: 'save', impl: 'ours', result: ours.save });
+            const back = await oursRestore(c, file);
+            record({ ...base, rep, pair: 'send', impl: 'ours', result: back.send });
+            record({ ...base, rep, pair: 'restore', impl: 'ours', result: back.restore });
+          };
+          if (qemuFirst) {
+            await runQemu();
+            await runOurs();
+          } else {
+            await runOurs();
+            await runQemu();
+          }
+          if (a.live && method === 'none') {
+            const runLiveQemu = async (): Promise<void> => {
+              if (!a.oursOnly) record({ ...base, rep, pair: 'live', impl: 'qemu→qemu', result: await liveQemuToQemu(c) });
+            };
+            const runLiveOurs = async (): Promise<void> => record({ ...base, rep, pair: 'live', impl: 'ours', result: await liveOursSave(c, file) });
+            if (qemuFirst) {
+              await runLiveQemu();
+              await runLiveOurs();
+            } else {
+              await runLiveOurs();
+              await runLiveQemu();
+            }
           }
         }
         rmSync(file, { force: true });
@@ -259,7 +371,7 @@ async function main(): Promise<void> {
   }
   const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model, memGiB: Math.round(totalmem() / GiB), node: process.version, qemu: qemuVersionOf(a.version === '10' ? 'qemu-system-x86_64' : 'qemu-system-x86_64-latest')?.text, accel };
   const result = { started, finished: new Date().toISOString(), args: a, machine, rows };
-  const stem = a.quick ? 'quick' : 'latest';
+  const stem = a.quick ? 'quick' : a.oursOnly ? 'ours-only' : 'latest';
   writeFileSync(join(RESULTS, `${stem}.json`), JSON.stringify(result, null, 2) + '\n');
   const md = writeMarkdown(result);
   writeFileSync(join(RESULTS, `${stem}.md`), md);

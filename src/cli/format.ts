@@ -23,6 +23,7 @@ interface SummaryLike {
   file: string;
   machine: string;
   'total-time': number;
+  'commit-time'?: number;
   transferred: number;
   normal: number;
   duplicate: number;
@@ -40,7 +41,7 @@ interface SummaryLike {
 export function summaryText(s: SummaryLike): string {
   const lines = [
     `saved ${s.file} (${s.machine}, ${bytes(s['file-size'])} apparent size)`,
-    `  ${bytes(s.transferred)} in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['dirty-sync-count']} dirty syncs, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode${s.compression && s.compression !== 'none' ? `, ${s.compression} on the wire` : ''})`,
+    `  ${bytes(s.transferred)} in ${duration(s['total-time'])}${s['commit-time'] !== undefined ? ` (${duration(s['commit-time'])} of it making the file durable)` : ''} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['dirty-sync-count']} dirty syncs, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode${s.compression && s.compression !== 'none' ? `, ${s.compression} on the wire` : ''})`,
   ];
   lines.push(...channelLines(s.channels));
   for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b['pages-present']} pages stored`);

@@ -74,6 +74,8 @@ export interface ReceiveSummary {
   file: string;
   machine: string;
   'total-time': number;
+  /** Of total-time: making the snapshot durable (fsync, bitmaps, rename) after the last byte. */
+  'commit-time': number;
   transferred: number;
   normal: number;
   'normal-bytes': number;
@@ -437,7 +439,9 @@ class Receiver {
     this.phase = 'committing';
     this.finished = true;
     if (this.multifd) await this.multifd.finish();
+    const commitStart = Date.now();
     await this.writer!.commit();
+    const commitTime = Date.now() - commitStart;
     if (this.returnPath && this.main && !this.main.destroyed) {
       await new Promise<void>((resolve) => this.main!.write(encodeShut(0), () => resolve()));
     }
@@ -449,6 +453,7 @@ class Receiver {
       file: this.opts.out,
       machine: st.config?.machine ?? '',
       'total-time': elapsed,
+      'commit-time': commitTime,
       transferred: p.transferred,
       normal: p.normal,
       'normal-bytes': p.normal * TARGET_PAGE_SIZE,

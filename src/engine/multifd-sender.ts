@@ -71,8 +71,10 @@ interface Channel {
   sink: SendChannel;
   method: SendMethodChannel;
   free: Slot[];
-  /** Prepare-and-write work in assignment order. */
+  /** Writes (and syncs) in assignment order. */
   tail: Promise<void>;
+  /** Prepares in assignment order, one at a time. */
+  prepareTail: Promise<void>;
   stats: SendChannelStats;
 }
 
@@ -104,6 +106,7 @@ export class MultifdSender extends EventEmitter {
         zero: new Float64Array(MULTIFD_PAGES_PER_PACKET),
       })),
       tail: Promise.resolve(),
+      prepareTail: Promise.resolve(),
       stats: { id, packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 },
     }));
   }
@@ -141,10 +144,28 @@ export class MultifdSender extends EventEmitter {
     // The rejection is seen by the chain below; this only keeps Node from calling it unhandled
     // while earlier packets of the channel are still being written.
     load.catch(() => {});
+    // Two ordered stages per channel: prepare (compression) of this packet may run while the
+    // previous one is still being written. prepare calls never overlap on a channel, since a
+    // method's stream state runs from packet to packet.
+    const prepared = ch.prepareTail.then(async () => {
+      this.check();
+      return this.preparePacket(ch, slot, batch, await load);
+    });
+    prepared.catch(() => {});
+    ch.prepareTail = prepared.then(
+      () => {},
+      () => {},
+    );
     ch.tail = ch.tail
       .then(async () => {
         this.check();
-        await this.writePacket(ch, slot, batch, await load);
+        const p = await prepared;
+        await ch.sink.write([slot.header, ...p.payload]);
+        ch.stats.packets++;
+        ch.stats.normalPages += p.normal;
+        ch.stats.zeroPages += p.zero;
+        ch.stats.bytes += MULTIFD_PACKET_HEADER_SIZE + p.size;
+        this.emit('packet', ch.id, p.normal, p.zero);
       })
       .then(
         () => this.release(ch, slot),
@@ -218,7 +239,8 @@ export class MultifdSender extends EventEmitter {
     this.waiters.shift()?.();
   }
 
-  private async writePacket(ch: Channel, slot: Slot, batch: PageBatch, views: Buffer[]): Promise<void> {
+  /** Zero detection, the method's prepare and the header; the slot holds the result until written. */
+  private async preparePacket(ch: Channel, slot: Slot, batch: PageBatch, views: Buffer[]): Promise<{ payload: Buffer[]; size: number; normal: number; zero: number }> {
     const ps = this.pageSize;
     let normal = 0;
     let zero = 0;
@@ -269,12 +291,7 @@ export class MultifdSender extends EventEmitter {
       },
       slot.header,
     );
-    await ch.sink.write([slot.header, ...prepared.payload]);
-    ch.stats.packets++;
-    ch.stats.normalPages += normal;
-    ch.stats.zeroPages += zero;
-    ch.stats.bytes += MULTIFD_PACKET_HEADER_SIZE + prepared.size;
-    this.emit('packet', ch.id, normal, zero);
+    return { payload: prepared.payload, size: prepared.size, normal, zero };
   }
 }
 

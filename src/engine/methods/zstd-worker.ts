@@ -14,16 +14,18 @@ type Request =
 
 const cctx = new Map<string, binding.CCtx>();
 const dctx = new Map<string, binding.DCtx>();
+/** Streams that failed: their state is lost, so every later packet fails with the first error. */
+const failed = new Map<string, string>();
 
 function compress(key: string, src: Uint8Array): Uint8Array {
   const c = cctx.get(key);
   if (!c) throw new Error(`no zstd compression context ${key}`);
-  let dst = new Uint8Array(src.length + (src.length >> 7) + 65536);
+  let dst: Uint8Array = Buffer.allocUnsafeSlow(src.length + (src.length >> 7) + 65536);
   let produced = 0;
   let consumed = 0;
   for (;;) {
     if (produced === dst.length) {
-      const bigger = new Uint8Array(dst.length * 2);
+      const bigger = Buffer.allocUnsafeSlow(dst.length * 2);
       bigger.set(dst);
       dst = bigger;
     }
@@ -40,7 +42,7 @@ function compress(key: string, src: Uint8Array): Uint8Array {
 function decompress(key: string, src: Uint8Array, expected: number): Uint8Array {
   const d = dctx.get(key);
   if (!d) throw new Error(`no zstd decompression context ${key}`);
-  const dst = new Uint8Array(expected);
+  const dst = Buffer.allocUnsafeSlow(expected);
   const probe = new Uint8Array(1);
   const tooMuch = (): Error => new Error(`zstd payload decodes to more than the ${expected} bytes its header announces`);
   let produced = 0;
@@ -67,6 +69,11 @@ function decompress(key: string, src: Uint8Array, expected: number): Uint8Array 
 }
 
 parentPort!.on('message', (m: Request) => {
+  const earlier = failed.get(m.key);
+  if (earlier !== undefined && m.op !== 'free') {
+    parentPort!.postMessage({ id: m.id, error: earlier });
+    return;
+  }
   try {
     switch (m.op) {
       case 'csetup': {
@@ -93,11 +100,14 @@ parentPort!.on('message', (m: Request) => {
       case 'free':
         cctx.delete(m.key);
         dctx.delete(m.key);
+        failed.delete(m.key);
         parentPort!.postMessage({ id: m.id });
         return;
     }
   } catch (e) {
     const msg = (e as Error).message;
-    parentPort!.postMessage({ id: m.id, error: msg.startsWith('zstd') ? msg : `zstd: ${msg}` });
+    const error = msg.startsWith('zstd') ? msg : `zstd: ${msg}`;
+    failed.set(m.key, error);
+    parentPort!.postMessage({ id: m.id, error });
   }
 });

@@ -2,13 +2,15 @@
 // packet. libzstd (through zstd-napi) is synchronous, so the contexts live in worker threads: a
 // small pool shared by every channel of the process, each channel pinned to one worker so its
 // stream state stays in one place. Pages are copied once into a transferable buffer per packet.
+// A channel's packets are posted as soon as they come, without waiting for the previous reply:
+// a worker handles its messages in order, which is all the stream state needs, and it is never
+// left idle for a round trip (the worker fails every later packet of a stream that failed).
 
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { MultifdFlag } from '../../codec/constants.js';
 import { ProtocolError } from '../../codec/errors.js';
 import type { MultifdMethod, RecvMethodChannel, SendMethodChannel } from './method.js';
-import { SerialQueue } from './serial-queue.js';
 
 export const DEFAULT_ZSTD_LEVEL = 1;
 
@@ -72,7 +74,8 @@ function workerFor(channelId: number): ZstdWorker {
 /** One transferable copy of the views (a view of a larger buffer would clone all of it). */
 function packed(views: readonly Buffer[]): Uint8Array {
   const total = views.reduce((n, b) => n + b.length, 0);
-  const out = new Uint8Array(total);
+  // Not zero-filled and not from the shared pool: it is overwritten at once and transferred.
+  const out = Buffer.allocUnsafeSlow(total);
   let at = 0;
   for (const v of views) {
     out.set(v, at);
@@ -88,33 +91,28 @@ export function zstdMethod(): MultifdMethod {
     sendSetup(channelId: number, _pageSize: number, opts = {}): SendMethodChannel {
       const w = workerFor(channelId);
       const key = `c${contexts++}`;
-      const queue = new SerialQueue();
-      const ready = queue.run(() => w.call({ op: 'csetup', key, level: opts.level ?? DEFAULT_ZSTD_LEVEL }));
-      ready.catch(() => {});
+      w.call({ op: 'csetup', key, level: opts.level ?? DEFAULT_ZSTD_LEVEL }).catch(() => {});
       return {
-        prepare: (pages) =>
-          queue.run(async () => {
-            const data = packed(pages);
-            const r = await w.call({ op: 'compress', key, data }, [data.buffer as ArrayBuffer]);
-            const out = Buffer.from(r.data!.buffer, r.data!.byteOffset, r.data!.byteLength);
-            return { payload: [out], size: out.length };
-          }),
-        cleanup: () => { void queue.run(() => w.call({ op: 'free', key })).catch(() => {}); },
+        prepare: async (pages) => {
+          const data = packed(pages);
+          const r = await w.call({ op: 'compress', key, data }, [data.buffer as ArrayBuffer]);
+          const out = Buffer.from(r.data!.buffer, r.data!.byteOffset, r.data!.byteLength);
+          return { payload: [out], size: out.length };
+        },
+        cleanup: () => { w.call({ op: 'free', key }).catch(() => {}); },
       };
     },
     recvSetup(channelId: number, pageSize: number): RecvMethodChannel {
       const w = workerFor(channelId);
       const key = `d${contexts++}`;
-      const queue = new SerialQueue();
-      queue.run(() => w.call({ op: 'dsetup', key })).catch(() => {});
+      w.call({ op: 'dsetup', key }).catch(() => {});
       return {
-        recv: (header, payload) =>
-          queue.run(async () => {
-            const data = packed(payload);
-            const r = await w.call({ op: 'decompress', key, data, expected: header.normalPages * pageSize }, [data.buffer as ArrayBuffer]);
-            return [Buffer.from(r.data!.buffer, r.data!.byteOffset, r.data!.byteLength)];
-          }),
-        cleanup: () => { void queue.run(() => w.call({ op: 'free', key })).catch(() => {}); },
+        recv: async (header, payload) => {
+          const data = packed(payload);
+          const r = await w.call({ op: 'decompress', key, data, expected: header.normalPages * pageSize }, [data.buffer as ArrayBuffer]);
+          return [Buffer.from(r.data!.buffer, r.data!.byteOffset, r.data!.byteLength)];
+        },
+        cleanup: () => { w.call({ op: 'free', key }).catch(() => {}); },
       };
     },
   };

@@ -26,6 +26,8 @@ export interface SaveOptions {
   compression?: string;
   /** multifd-zlib-level / multifd-zstd-level for the source. */
   level?: number;
+  /** See ReceiveOptions.directIo. */
+  directIo?: boolean;
   progressIntervalMs?: number;
   signal?: AbortSignal;
 }
@@ -116,6 +118,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       channels,
       compression: opts.compression ?? 'none',
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
+      ...(opts.directIo !== undefined ? { directIo: opts.directIo } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
     });

@@ -1,0 +1,38 @@
+// Page-aligned staging memory for O_DIRECT writes. Node Buffers have no alignment guarantee
+// (malloc'd, 16-byte aligned) and O_DIRECT refuses them with EINVAL; the backing store of a
+// WebAssembly.Memory is mapped memory and starts on a page boundary, so slices of it at multiples
+// of 4096 bytes are aligned. A fixed number of fixed-size slots: memory stays bounded and is
+// allocated once, and a writer that runs out waits for a slot instead of allocating.
+
+const WASM_PAGE = 64 * 1024;
+export const DIRECT_ALIGN = 4096;
+
+export class AlignedSlots {
+  private readonly memory: WebAssembly.Memory;
+  private readonly free: Buffer[] = [];
+  private readonly waiters: ((slot: Buffer) => void)[] = [];
+
+  constructor(
+    readonly slotBytes: number,
+    readonly count: number,
+  ) {
+    if (slotBytes % DIRECT_ALIGN !== 0) throw new RangeError(`slot size ${slotBytes} is not a multiple of ${DIRECT_ALIGN}`);
+    const pages = Math.ceil((slotBytes * count) / WASM_PAGE);
+    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
+    const all = Buffer.from(this.memory.buffer);
+    for (let i = 0; i < count; i++) this.free.push(all.subarray(i * slotBytes, (i + 1) * slotBytes));
+  }
+
+  /** A free slot, or the next one released. */
+  acquire(): Buffer | Promise<Buffer> {
+    const s = this.free.pop();
+    if (s) return s;
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  release(slot: Buffer): void {
+    const w = this.waiters.shift();
+    if (w) w(slot);
+    else this.free.push(slot);
+  }
+}

@@ -9,6 +9,16 @@ export { send, SendHandle, DestinationClosedError, StallError } from './conversa
 export type { SendOptions, SendProgress, SendSummary } from './conversations/send.js';
 export { restore, RestoreHandle, DestinationError } from './conversations/restore.js';
 export type { RestoreOptions, RestoreProgress, RestoreSummary } from './conversations/restore.js';
+export { inspect } from './conversations/inspect.js';
+export type { InspectOptions, InspectResult, InspectBlock, InspectSection, InspectDevice } from './conversations/inspect.js';
+export { verify } from './conversations/verify.js';
+export type { VerifyResult } from './conversations/verify.js';
+export { convert } from './conversations/convert.js';
+export type { ConvertOptions, ConvertProgress, ConvertSummary, FileFormat } from './conversations/convert.js';
+export { extract, blockFileName } from './conversations/extract.js';
+export type { ExtractOptions, ExtractProgress, ExtractSummary } from './conversations/extract.js';
+export { scanFile } from './conversations/file-layout.js';
+export type { FileLayout, Problem, BlockLayout, DeviceRecord } from './conversations/file-layout.js';
 
 export { MappedRamSnapshot } from './engine/mapped-ram-reader.js';
 export { StreamSnapshot } from './engine/stream-snapshot.js';
@@ -26,6 +36,10 @@ export { ProtocolError } from './codec/errors.js';
 export type { ProtocolErrorCode } from './codec/errors.js';
 export { MainStreamParser } from './codec/main-stream-parser.js';
 export type { MainEvent, RamBlockInfo } from './codec/main-stream-parser.js';
+export { decodeDeviceFields, structToJson, structToLines } from './codec/device-fields.js';
+export type { DecodedValue, DecodedStruct, DecodedField, DecodedSubsection, DecodedDevice } from './codec/device-fields.js';
+export { parseVmdesc } from './codec/vmdesc.js';
+export type { Vmdesc, VmdescDevice, VmdescField, VmdescStruct } from './codec/vmdesc.js';
 export { MultifdChannelParser } from './codec/multifd-channel-parser.js';
 export * from './codec/constants.js';
 export { QmpClient, QmpCommandError } from './transports/qmp-client.js';

@@ -12,6 +12,7 @@ import { runDemo } from '../demo/run-demo.js';
 import { sendSummaryText, summaryText } from './format.js';
 import { ProgressView, receiveSample, sendSample } from './progress.js';
 import { enableVerboseLog } from './log.js';
+import { registerFileCommands } from './file-commands.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -70,6 +71,7 @@ program
   .addOption(new Option('--sync-mode <mode>', 'how MULTIFD_FLUSH/EOS map to syncs (auto infers it from the stream)').choices(['auto', 'round', 'section']).default('auto'))
   .option('--uuid <uuid>', "require this uuid in the multifd channels (the source's -uuid)", uuidArg)
   .addOption(new Option('--compression <method>', "the source's multifd-compression (auto: detect it from the first data packet)").choices(['auto', 'none', 'zlib', 'zstd']).default('auto'))
+  .option('--no-direct-io', 'write pages through the page cache (default: O_DIRECT where the file system allows it)')
   .option('--json', 'print the final summary as JSON on stdout')
   .addHelpText('after', `
 On the QEMU side:
@@ -77,9 +79,9 @@ On the QEMU side:
   (and raise max-bandwidth, 128 MiB/s by default); migrate uri=tcp:HOST:PORT
 The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   migrate-incoming uri=file:FILE`)
-  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; json?: boolean }) => {
+  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; json?: boolean }) => {
     await report('receive', o.json, async (view) => {
-      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, ...(o.uuid ? { uuid: o.uuid } : {}) });
+      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, ...(o.uuid ? { uuid: o.uuid } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       const addr = await h.listening;
       if (!o.json) process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)\n`);
@@ -99,8 +101,9 @@ program
   .option('--resume', 'let the VM run on after saving (QEMU pauses it when migration completes)')
   .addOption(new Option('--compression <method>', 'multifd-compression on the wire (the snapshot holds plain pages)').choices(['none', 'zlib', 'zstd']).default('none'))
   .option('--level <n>', 'compression level (multifd-zlib-level 0-9, multifd-zstd-level 0-20)', intArg(0, 20))
+  .option('--no-direct-io', 'write pages through the page cache (default: O_DIRECT where the file system allows it)')
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; json?: boolean }) => {
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; json?: boolean }) => {
     await report('save', o.json, (view) => {
       const h = save({
         qmp: o.qmp,
@@ -111,6 +114,7 @@ program
         ...(o.downtimeLimit !== undefined ? { downtimeLimitMs: o.downtimeLimit } : {}),
         ...(o.resume ? { resume: true } : {}),
         compression: o.compression,
+        directIo: o.directIo,
         ...(o.level !== undefined ? { level: o.level } : {}),
       });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
@@ -215,6 +219,8 @@ program
       fail(e);
     }
   });
+
+registerFileCommands(program);
 
 program.showHelpAfterError();
 await program.parseAsync(process.argv);

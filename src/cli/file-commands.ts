@@ -1,0 +1,139 @@
+// The file tools on the command line: inspect, verify, convert, extract. Argument parsing,
+// progress and output only; the work is in src/conversations.
+
+import { Option, type Command } from 'commander';
+import { resolve } from 'node:path';
+import { ProtocolError } from '../codec/errors.js';
+import { convert, type ConvertProgress } from '../conversations/convert.js';
+import { extract, type ExtractProgress } from '../conversations/extract.js';
+import { inspect } from '../conversations/inspect.js';
+import { verify } from '../conversations/verify.js';
+import { convertText, extractText, hex, inspectText, verifyText } from './file-format.js';
+import { ProgressView } from './progress.js';
+
+/** One line on stderr naming the file and, when known, the offset; never a stack trace. */
+function fail(e: unknown, file: string, code = 1): never {
+  const err = e as Error & { offset?: number };
+  let msg = String(err?.message ?? e).replace(/\s*\n\s*/g, '; ');
+  // Problems with the file's content name the file; others (an existing output, a missing
+  // directory) already say what they are about.
+  if (e instanceof ProtocolError && !msg.includes(file)) msg = `${file}: ${msg}`;
+  const where = typeof err?.offset === 'number' ? ` (at byte ${err.offset}, ${hex(err.offset)})` : '';
+  process.stderr.write(`multifd: error: ${msg}${where}\n`);
+  process.exit(code);
+}
+
+function print(json: boolean | undefined, value: unknown, text: () => string): void {
+  process.stdout.write(json ? JSON.stringify(value, null, 2) + '\n' : text() + '\n');
+}
+
+/** Ctrl-C stops a long job cleanly: the temporary output is removed before we exit. */
+function interruptible(): { signal: AbortSignal; interrupted: () => boolean; dispose: () => void } {
+  const ac = new AbortController();
+  const on = (): void => ac.abort();
+  process.once('SIGINT', on);
+  process.once('SIGTERM', on);
+  return {
+    signal: ac.signal,
+    interrupted: () => ac.signal.aborted,
+    dispose: () => {
+      process.off('SIGINT', on);
+      process.off('SIGTERM', on);
+    },
+  };
+}
+
+export function registerFileCommands(program: Command): void {
+  program
+    .command('inspect')
+    .description('show what a migration file holds: format, machine, capabilities, sections with offsets, RAM blocks, and (--devices) every device field')
+    .argument('<file>', 'migration file (mapped-ram or QEMU stream)')
+    .option('--devices', "decode every device's fields through the file's VMDESCRIPTION")
+    .option('--json', 'print JSON on stdout')
+    .action(async (file: string, o: { devices?: boolean; json?: boolean }) => {
+      try {
+        const r = await inspect(resolve(file), { devices: o.devices === true });
+        print(o.json, r, () => inspectText(r));
+      } catch (e) {
+        fail(e, file);
+      }
+    });
+
+  program
+    .command('verify')
+    .description('check a migration file completely (records, footers, offsets, bitmaps, device state against its VMDESCRIPTION); exit 0 only if it is loadable')
+    .argument('<file>', 'migration file')
+    .option('--json', 'print the result as JSON on stdout')
+    .action(async (file: string, o: { json?: boolean }) => {
+      try {
+        const r = await verify(resolve(file));
+        print(o.json, r, () => verifyText(r));
+        process.exitCode = r.ok ? 0 : 1;
+      } catch (e) {
+        fail(e, file);
+      }
+    });
+
+  program
+    .command('convert')
+    .description('rewrite a migration file as mapped-ram or as a plain stream, page for page, device state unchanged')
+    .argument('<in>', 'input migration file')
+    .argument('<out>', 'output file (written under a temporary name, renamed when complete)')
+    .addOption(new Option('--to <format>', 'output format').choices(['mapped-ram', 'stream']).makeOptionMandatory())
+    .option('--force', 'overwrite OUT if it exists')
+    .option('--json', 'print the summary as JSON on stdout')
+    .addHelpText('after', `
+Load the result into QEMU with migrate-incoming uri=file:OUT, with capability
+mapped-ram on for a mapped-ram file and off for a stream file.`)
+    .action(async (input: string, output: string, o: { to: 'mapped-ram' | 'stream'; force?: boolean; json?: boolean }) => {
+      const view = new ProgressView(process.stderr.isTTY === true, 'convert');
+      const intr = interruptible();
+      try {
+        const s = await convert({
+          input: resolve(input),
+          output: resolve(output),
+          to: o.to,
+          force: o.force === true,
+          signal: intr.signal,
+          onProgress: (p: ConvertProgress) => view.update({ phase: p.phase, elapsedMs: p.elapsedMs, transferred: p.written, pages: p.pagesDone, totalPages: p.pagesTotal, detail: `${p.pagesDone}/${p.pagesTotal} pages` }),
+        });
+        view.stop();
+        print(o.json, s, () => convertText(s));
+      } catch (e) {
+        view.stop();
+        fail(e, input, intr.interrupted() ? 130 : 1);
+      } finally {
+        intr.dispose();
+      }
+    });
+
+  program
+    .command('extract')
+    .description('write raw images of RAM blocks (absent pages as zeros, left as holes)')
+    .argument('<file>', 'migration file')
+    .requiredOption('--out <path>', 'directory for <block>.raw images, or the image file with --block')
+    .option('--block <name>', 'only this RAM block (e.g. pc.ram)')
+    .option('--force', 'overwrite existing images')
+    .option('--json', 'print the summary as JSON on stdout')
+    .action(async (file: string, o: { out: string; block?: string; force?: boolean; json?: boolean }) => {
+      const view = new ProgressView(process.stderr.isTTY === true, 'extract');
+      const intr = interruptible();
+      try {
+        const s = await extract({
+          file: resolve(file),
+          out: resolve(o.out),
+          ...(o.block !== undefined ? { block: o.block } : {}),
+          force: o.force === true,
+          signal: intr.signal,
+          onProgress: (p: ExtractProgress) => view.update({ phase: p.phase, elapsedMs: p.elapsedMs, transferred: p.written, pages: p.pagesDone, totalPages: p.pagesTotal, detail: p.block }),
+        });
+        view.stop();
+        print(o.json, s, () => extractText(s));
+      } catch (e) {
+        view.stop();
+        fail(e, file, intr.interrupted() ? 130 : 1);
+      } finally {
+        intr.dispose();
+      }
+    });
+}

@@ -1,0 +1,159 @@
+// inspect: what a migration file holds and where. The snapshot reader validates the file and
+// knows each page's final state; the layout scan adds file offsets, every top-level record and,
+// on request, every device's fields decoded through the VMDESCRIPTION.
+
+import { structToJson, type DecodedStruct, type JsonValue } from '../codec/device-fields.js';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { openSnapshot } from '../engine/open-snapshot.js';
+import { scanFile, sortProblems, type MappedRamRegions, type Problem } from './file-layout.js';
+
+export interface InspectOptions {
+  /** Decode every device's fields. */
+  devices?: boolean;
+}
+
+export interface InspectSection {
+  offset: number;
+  /** START, PART, END, FULL, COMMAND, EOF, VMDESCRIPTION. */
+  type: string;
+  size: number;
+  sectionId?: number;
+  idstr?: string;
+  instanceId?: number;
+  versionId?: number;
+  /** RAM sections of a stream file: page and zero records. */
+  pageRecords?: number;
+  zeroRecords?: number;
+}
+
+export interface InspectBlock {
+  name: string;
+  'used-length': number;
+  pages: number;
+  /** Pages whose final content is not zero (stored in the file). */
+  present: number;
+  /** Pages that end up zero (never sent, sent as zero, or clear in the bitmap). */
+  zero: number;
+  /** Bytes of page data the file holds for the block's final state. */
+  bytes: number;
+  'mr-addr'?: number;
+  'entry-offset': number;
+  'mapped-ram'?: MappedRamRegions;
+  /** Stream files: records naming the block (a page sent in several rounds counts each time). */
+  'page-records'?: number;
+  'zero-records'?: number;
+}
+
+export interface InspectDevice {
+  idstr: string;
+  'instance-id': number;
+  'section-id': number;
+  version: number;
+  'vmsd-name'?: string;
+  offset: number;
+  size: number;
+  fields?: { [k: string]: JsonValue };
+  /** The decoded tree (for text rendering); left out of JSON output. */
+  state?: DecodedStruct;
+}
+
+export interface InspectResult {
+  file: string;
+  'file-size': number;
+  format: 'mapped-ram' | 'stream';
+  machine: string;
+  capabilities: string[];
+  uuid?: string;
+  'target-page-bits'?: number;
+  configuration: { offset: number; size: number };
+  'ram-section': { 'section-id': number; 'instance-id': number; version: number };
+  'switchover-start': boolean;
+  'mem-size': number;
+  'device-state': { offset: number; size: number; 'eof-offset'?: number; 'vmdesc-offset'?: number; 'vmdesc-length'?: number };
+  sections: InspectSection[];
+  blocks: InspectBlock[];
+  devices?: InspectDevice[];
+  /** Anything the structural check found (inspect shows a loadable file even with warnings). */
+  problems: Problem[];
+}
+
+function uuidText(u: Buffer): string {
+  const h = u.toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+export async function inspect(path: string, opts: InspectOptions = {}): Promise<InspectResult> {
+  // The reader refuses anything it could not send, with a typed error naming the offset.
+  const src = await openSnapshot(path);
+  try {
+    const layout = await scanFile(path, { keepDeviceState: opts.devices === true });
+    const config = src.configuration;
+    const sections: InspectSection[] = [];
+    for (const s of layout.ramSections) {
+      const sec: InspectSection = { offset: s.offset, type: s.kind.toUpperCase(), size: s.size, sectionId: s.sectionId, idstr: 'ram' };
+      if (s.kind === 'start' || s.kind === 'full') Object.assign(sec, { instanceId: src.ramSection.instanceId, versionId: src.ramSection.versionId });
+      if (src.format === 'stream') Object.assign(sec, { pageRecords: s.pageRecords, zeroRecords: s.zeroRecords });
+      sections.push(sec);
+    }
+    for (const c of layout.commands) sections.push({ offset: c.offset, type: 'COMMAND', size: c.size, idstr: c.name });
+    for (const d of layout.devices) {
+      sections.push({ offset: d.offset, type: d.type.toUpperCase(), size: d.size, sectionId: d.sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId });
+    }
+    if (layout.eofOffset !== undefined) sections.push({ offset: layout.eofOffset, type: 'EOF', size: 1 });
+    if (layout.vmdescOffset !== undefined) sections.push({ offset: layout.vmdescOffset, type: 'VMDESCRIPTION', size: 5 + (layout.vmdescLength ?? 0) });
+    sections.sort((a, b) => a.offset - b.offset);
+
+    const scanned = new Map(layout.blocks.map((b) => [b.name, b]));
+    const blocks: InspectBlock[] = src.blockList.map((b) => {
+      const pages = b.usedLength / TARGET_PAGE_SIZE;
+      const present = src.presentPages(b.name);
+      const s = scanned.get(b.name);
+      const out: InspectBlock = { name: b.name, 'used-length': b.usedLength, pages, present, zero: pages - present, bytes: present * TARGET_PAGE_SIZE, 'entry-offset': s?.entryOffset ?? -1 };
+      if (b.mrAddr !== undefined) out['mr-addr'] = b.mrAddr;
+      if (s?.mappedRam) out['mapped-ram'] = s.mappedRam;
+      if (src.format === 'stream' && s) {
+        out['page-records'] = s.pageRecords;
+        out['zero-records'] = s.zeroRecords;
+      }
+      return out;
+    });
+
+    const ds = src.deviceState;
+    const result: InspectResult = {
+      file: path,
+      'file-size': src.fileSize,
+      format: src.format,
+      machine: config.machine,
+      capabilities: config.capabilities,
+      configuration: { offset: layout.configurationOffset ?? 8, size: layout.configurationSize ?? 0 },
+      'ram-section': { 'section-id': src.ramSection.sectionId, 'instance-id': src.ramSection.instanceId, version: src.ramSection.versionId },
+      'switchover-start': src.switchoverStart,
+      'mem-size': layout.memSizeTotal ?? src.blockList.reduce((n, b) => n + b.usedLength, 0),
+      'device-state': {
+        offset: ds.fileOffset,
+        size: src.fileSize - ds.fileOffset,
+        'eof-offset': ds.fileOffset + ds.eofOffset,
+        ...(ds.vmdescOffset !== undefined ? { 'vmdesc-offset': ds.fileOffset + ds.vmdescOffset, 'vmdesc-length': layout.vmdescLength ?? 0 } : {}),
+      },
+      sections,
+      blocks,
+      problems: sortProblems(layout.problems),
+    };
+    if (config.uuid) result.uuid = uuidText(config.uuid);
+    if (config.targetPageBits !== undefined) result['target-page-bits'] = config.targetPageBits;
+    if (opts.devices) {
+      result.devices = layout.devices.map((d) => {
+        const dev: InspectDevice = { idstr: d.idstr, 'instance-id': d.instanceId, 'section-id': d.sectionId, version: d.versionId, offset: d.offset, size: d.size };
+        if (d.state) {
+          if (d.state.vmsdName !== undefined) dev['vmsd-name'] = d.state.vmsdName;
+          dev.fields = structToJson(d.state);
+          Object.defineProperty(dev, 'state', { value: d.state, enumerable: false });
+        }
+        return dev;
+      });
+    }
+    return result;
+  } finally {
+    await src.close();
+  }
+}

@@ -1,0 +1,109 @@
+// An output written under a temporary name next to its final path and renamed into place only
+// when complete, so an interrupted convert or extract never leaves a file that looks finished.
+// Writes are positioned writev calls (contiguous buffers go down in one syscall).
+
+import { closeSync, fsyncSync, openSync } from 'node:fs';
+import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+
+const IOV_MAX = 1024;
+
+/** Fails unless `path` is free or `force` is set; a directory is never overwritten. */
+export async function checkOutputPath(path: string, force: boolean): Promise<void> {
+  let st;
+  try {
+    st = await stat(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw e;
+  }
+  if (st.isDirectory()) throw new Error(`${path} is a directory`);
+  if (!force) throw new Error(`${path} already exists (use --force to overwrite it)`);
+}
+
+export function temporaryName(finalPath: string): string {
+  return join(dirname(finalPath), `.${basename(finalPath)}.partial-${process.pid}-${Date.now()}`);
+}
+
+/** fsync of the directory makes the rename durable; some file systems refuse it, which is harmless. */
+export function syncDirectory(dir: string): void {
+  try {
+    const fd = openSync(dir, 'r');
+    try { fsyncSync(fd); } finally { closeSync(fd); }
+  } catch {
+    // The rename has happened either way.
+  }
+}
+
+export class OutputFile {
+  private cursor = 0;
+  private done = false;
+
+  private constructor(readonly finalPath: string, readonly tempPath: string, private readonly fh: FileHandle) {}
+
+  static async create(finalPath: string, opts: { force?: boolean } = {}): Promise<OutputFile> {
+    await checkOutputPath(finalPath, opts.force ?? false);
+    const tempPath = temporaryName(finalPath);
+    let fh: FileHandle;
+    try {
+      fh = await open(tempPath, 'wx', 0o644);
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      throw new Error(`cannot create ${finalPath}: ${err.message}`);
+    }
+    return new OutputFile(finalPath, tempPath, fh);
+  }
+
+  /** Bytes appended so far (the sequential cursor). */
+  get size(): number {
+    return this.cursor;
+  }
+
+  append(bufs: readonly Buffer[]): Promise<void> {
+    const at = this.cursor;
+    this.cursor += bufs.reduce((n, b) => n + b.length, 0);
+    return this.writeAt(bufs, at);
+  }
+
+  async writeAt(bufs: readonly Buffer[], position: number): Promise<void> {
+    let list = bufs.filter((b) => b.length > 0);
+    let pos = position;
+    while (list.length > 0) {
+      const batch = list.length > IOV_MAX ? list.slice(0, IOV_MAX) : list;
+      const want = batch.reduce((n, b) => n + b.length, 0);
+      const { bytesWritten } = await this.fh.writev(batch, pos);
+      if (bytesWritten === 0) throw new Error(`write at offset ${pos} of ${this.tempPath} made no progress`);
+      pos += bytesWritten;
+      if (bytesWritten === want) {
+        list = list.slice(batch.length);
+        continue;
+      }
+      // A short write resumes exactly where it stopped.
+      let skip = bytesWritten;
+      const rest: Buffer[] = [];
+      for (const b of list) {
+        if (skip >= b.length) { skip -= b.length; continue; }
+        rest.push(skip > 0 ? b.subarray(skip) : b);
+        skip = 0;
+      }
+      list = rest;
+    }
+  }
+
+  /** Sets the final length (holes stay holes), makes it durable and renames it into place. */
+  async commit(length = this.cursor): Promise<void> {
+    await this.fh.truncate(length);
+    await this.fh.sync();
+    await this.fh.close();
+    this.done = true;
+    await rename(this.tempPath, this.finalPath);
+    syncDirectory(dirname(this.finalPath));
+  }
+
+  async abort(): Promise<void> {
+    if (this.done) return;
+    this.done = true;
+    await this.fh.close().catch(() => {});
+    await unlink(this.tempPath).catch(() => {});
+  }
+}

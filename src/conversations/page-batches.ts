@@ -1,0 +1,83 @@
+// Reads a snapshot's present pages block by block in bounded batches (runs of consecutive pages
+// become one positioned read in the snapshot readers), with the next batch read while the
+// caller writes the current one. Memory stays at two scratch buffers whatever the file size.
+
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import type { SnapshotSource } from '../engine/snapshot.js';
+
+export interface PageBatch {
+  block: string;
+  /** Flat (firstPage, count) pairs in ascending order. */
+  runs: number[];
+  pages: number;
+  /** The pages of `runs`, in order, as views into scratch (valid until the next batch is pulled). */
+  views: Buffer[];
+}
+
+export const DEFAULT_BATCH_PAGES = 2048;
+
+/**
+ * Yields every present page of `blocks` in file-independent order (block list order, ascending
+ * pages). The caller must be done with a batch's views before it asks for the next batch.
+ */
+export async function* presentPageBatches(src: SnapshotSource, blocks: readonly string[], batchPages = DEFAULT_BATCH_PAGES): AsyncGenerator<PageBatch> {
+  const scratch = [Buffer.allocUnsafe(src.scratchBytes(batchPages)), Buffer.allocUnsafe(src.scratchBytes(batchPages))];
+  let blockIdx = 0;
+  let nextPage = 0;
+  let turn = 0;
+  const plan = (): { block: string; runs: number[]; pages: number } | undefined => {
+    while (blockIdx < blocks.length) {
+      const block = blocks[blockIdx]!;
+      const runs: number[] = [];
+      let pages = 0;
+      src.forEachRun(block, (first, count) => {
+        const take = Math.min(count, batchPages - pages);
+        runs.push(first, take);
+        pages += take;
+        nextPage = first + take;
+        return pages < batchPages;
+      }, nextPage);
+      if (pages > 0) return { block, runs, pages };
+      blockIdx++;
+      nextPage = 0;
+    }
+    return undefined;
+  };
+  const load = (): Promise<PageBatch> | undefined => {
+    const p = plan();
+    if (!p) return undefined;
+    const buf = scratch[turn]!;
+    turn ^= 1;
+    return src.loadRuns(p.block, p.runs, p.runs.length / 2, buf).then((views) => ({ ...p, views }));
+  };
+  let pending = load();
+  while (pending) {
+    let current: PageBatch;
+    try {
+      current = await pending;
+    } catch (e) {
+      pending = undefined;
+      throw e;
+    }
+    pending = load();
+    // A read-ahead that fails while the caller is busy must not become an unhandled rejection.
+    pending?.catch(() => {});
+    yield current;
+  }
+}
+
+/** Total present pages of the listed blocks. */
+export function countPresent(src: SnapshotSource, blocks: readonly string[]): number {
+  return blocks.reduce((n, b) => n + src.presentPages(b), 0);
+}
+
+/** Byte offsets (within the block) of every page of a batch, in view order. */
+export function batchOffsets(b: PageBatch): Float64Array {
+  const out = new Float64Array(b.pages);
+  let k = 0;
+  for (let i = 0; i < b.runs.length; i += 2) {
+    const first = b.runs[i]!;
+    for (let p = 0; p < b.runs[i + 1]!; p++) out[k++] = (first + p) * TARGET_PAGE_SIZE;
+  }
+  return out;
+}

@@ -6,6 +6,9 @@
 
 const WASM_PAGE = 64 * 1024;
 export const DIRECT_ALIGN = 4096;
+/** A multifd packet's pages (128 × 4 KiB) fit one slot; 8 cover 4 channels × 2 packets in flight. */
+export const PACKET_SLOT_BYTES = 512 * 1024;
+export const PACKET_SLOTS = 8;
 
 export class AlignedSlots {
   private readonly memory: WebAssembly.Memory;

@@ -4,7 +4,7 @@
 
 import { open, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants } from 'node:fs';
-import { AlignedSlots, DIRECT_ALIGN } from './aligned-slots.js';
+import { AlignedSlots, DIRECT_ALIGN, PACKET_SLOT_BYTES, PACKET_SLOTS } from './aligned-slots.js';
 import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
@@ -22,9 +22,6 @@ export interface SnapshotBlock {
 }
 
 const READ_CHUNK = 256 * 1024;
-/** A packet's pages (128 × 4 KiB) fit one slot; enough slots for 4 channels × 2 loads. */
-const DIRECT_SLOT_BYTES = 512 * 1024;
-const DIRECT_SLOTS = 8;
 const MAX_DEVICE_STATE = 256 * 1024 * 1024;
 
 interface Prologue {
@@ -240,7 +237,7 @@ export class MappedRamSnapshot implements SnapshotSource {
   private async enableDirectReads(): Promise<void> {
     if (fsConstants.O_DIRECT === undefined) return;
     this.direct = await open(this.path, fsConstants.O_RDONLY | fsConstants.O_DIRECT).catch(() => undefined);
-    if (this.direct) this.slots = new AlignedSlots(DIRECT_SLOT_BYTES, DIRECT_SLOTS);
+    if (this.direct) this.slots = new AlignedSlots(PACKET_SLOT_BYTES, PACKET_SLOTS);
   }
 
   readAt(position: number, length: number, into?: Buffer): Promise<Buffer> {

@@ -11,14 +11,11 @@ import { ProtocolError } from '../codec/errors.js';
 import { encodeMappedRamHeader, PageBitmap, planBlock, type MappedRamHeader } from '../codec/mapped-ram.js';
 import { encodeBlockEntry } from '../codec/stream-encode.js';
 import { coalescePages, type PageRun } from './coalesce.js';
-import { AlignedSlots, DIRECT_ALIGN } from './aligned-slots.js';
+import { AlignedSlots, DIRECT_ALIGN, PACKET_SLOT_BYTES, PACKET_SLOTS } from './aligned-slots.js';
 import type { PageStore, RamBlock } from './page-store.js';
 
 /** Linux IOV_MAX; libuv would split larger vectors anyway, but fewer syscalls is the point. */
 const IOV_MAX = 1024;
-/** Staging for direct writes: a packet's pages (128 × 4 KiB) fit one slot. */
-const DIRECT_SLOT_BYTES = 512 * 1024;
-const DIRECT_SLOTS = 8;
 /** Page bytes between early writebacks (see startWriteback). */
 const WRITEBACK_BYTES = 64 * 1024 * 1024;
 
@@ -49,7 +46,7 @@ export class MappedRamWriter implements PageStore {
     private readonly pageSize: number,
     private direct: FileHandle | undefined,
   ) {
-    if (direct) this.slots = new AlignedSlots(DIRECT_SLOT_BYTES, DIRECT_SLOTS);
+    if (direct) this.slots = new AlignedSlots(PACKET_SLOT_BYTES, PACKET_SLOTS);
   }
 
   /**

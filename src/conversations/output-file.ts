@@ -2,11 +2,9 @@
 // when complete, so an interrupted convert or extract never leaves a file that looks finished.
 // Writes are positioned writev calls (contiguous buffers go down in one syscall).
 
-import { closeSync, fsyncSync, openSync } from 'node:fs';
 import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
-
-const IOV_MAX = 1024;
+import { dirname } from 'node:path';
+import { syncDirectory, temporaryName, writeExactly } from '../engine/write-exactly.js';
 
 /** Fails unless `path` is free or `force` is set; a directory is never overwritten. */
 export async function checkOutputPath(path: string, force: boolean): Promise<void> {
@@ -19,20 +17,6 @@ export async function checkOutputPath(path: string, force: boolean): Promise<voi
   }
   if (st.isDirectory()) throw new Error(`${path} is a directory`);
   if (!force) throw new Error(`${path} already exists (use --force to overwrite it)`);
-}
-
-export function temporaryName(finalPath: string): string {
-  return join(dirname(finalPath), `.${basename(finalPath)}.partial-${process.pid}-${Date.now()}`);
-}
-
-/** fsync of the directory makes the rename durable; some file systems refuse it, which is harmless. */
-export function syncDirectory(dir: string): void {
-  try {
-    const fd = openSync(dir, 'r');
-    try { fsyncSync(fd); } finally { closeSync(fd); }
-  } catch {
-    // The rename has happened either way.
-  }
 }
 
 export class OutputFile {
@@ -65,29 +49,8 @@ export class OutputFile {
     return this.writeAt(bufs, at);
   }
 
-  async writeAt(bufs: readonly Buffer[], position: number): Promise<void> {
-    let list = bufs.filter((b) => b.length > 0);
-    let pos = position;
-    while (list.length > 0) {
-      const batch = list.length > IOV_MAX ? list.slice(0, IOV_MAX) : list;
-      const want = batch.reduce((n, b) => n + b.length, 0);
-      const { bytesWritten } = await this.fh.writev(batch, pos);
-      if (bytesWritten === 0) throw new Error(`write at offset ${pos} of ${this.tempPath} made no progress`);
-      pos += bytesWritten;
-      if (bytesWritten === want) {
-        list = list.slice(batch.length);
-        continue;
-      }
-      // A short write resumes exactly where it stopped.
-      let skip = bytesWritten;
-      const rest: Buffer[] = [];
-      for (const b of list) {
-        if (skip >= b.length) { skip -= b.length; continue; }
-        rest.push(skip > 0 ? b.subarray(skip) : b);
-        skip = 0;
-      }
-      list = rest;
-    }
+  writeAt(bufs: readonly Buffer[], position: number): Promise<void> {
+    return writeExactly(this.fh, bufs, position, this.tempPath);
   }
 
   /** Sets the final length (holes stay holes), makes it durable and renames it into place. */

@@ -157,50 +157,30 @@ export class MappedRamSnapshot implements SnapshotSource {
     return pages * TARGET_PAGE_SIZE;
   }
 
-  /** One positioned read per run: the pages region holds page k at pagesOffset + k × pageSize. */
+  /**
+   * One positioned read per run: the pages region holds page k at pagesOffset + k × pageSize.
+   * Where O_DIRECT is on, the runs are read into an aligned slot and copied to `scratch`: a
+   * snapshot is read once, usually long after it was written (ours are written with O_DIRECT, so
+   * they are not cached), and going through the page cache would cost a fresh cache page per
+   * guest page, which on this kind of VM costs more CPU than the copy.
+   */
   async loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]> {
     const b = this.block(block);
-    if (this.slots && b.header.pagesOffset % DIRECT_ALIGN === 0) return this.loadRunsDirect(b, runs, runCount, scratch, this.slots);
-    const pages = b.usedLength / TARGET_PAGE_SIZE;
-    const reads: Promise<unknown>[] = [];
-    const views: Buffer[] = [];
-    let at = 0;
-    for (let i = 0; i < runCount; i++) {
-      const first = runs[2 * i]!;
-      const count = runs[2 * i + 1]!;
-      if (first < 0 || count <= 0 || first + count > pages) throw new RangeError(`pages [${first}, +${count}) outside block ${block}`);
-      const len = count * TARGET_PAGE_SIZE;
-      if (at + len > scratch.length) throw new RangeError(`scratch of ${scratch.length} bytes is too small for the runs`);
-      const view = scratch.subarray(at, at + len);
-      reads.push(readExactly(this.fh, view, b.header.pagesOffset + first * TARGET_PAGE_SIZE, this.path));
-      views.push(view);
-      at += len;
-    }
-    await Promise.all(reads);
-    return views;
-  }
-
-  /**
-   * Reads pages with O_DIRECT into an aligned slot and copies them to `scratch`. A snapshot is
-   * read once, usually long after it was written (and ours are written with O_DIRECT, so they
-   * are not cached): going through the page cache would cost a fresh cache page per guest page,
-   * which on this kind of VM costs more CPU than the copy.
-   */
-  private async loadRunsDirect(b: SnapshotBlock, runs: ArrayLike<number>, runCount: number, scratch: Buffer, slots: AlignedSlots): Promise<Buffer[]> {
     const pages = b.usedLength / TARGET_PAGE_SIZE;
     const spans: { at: number; len: number; pos: number }[] = [];
     let total = 0;
     for (let i = 0; i < runCount; i++) {
       const first = runs[2 * i]!;
       const count = runs[2 * i + 1]!;
-      if (first < 0 || count <= 0 || first + count > pages) throw new RangeError(`pages [${first}, +${count}) outside block ${b.name}`);
+      if (first < 0 || count <= 0 || first + count > pages) throw new RangeError(`pages [${first}, +${count}) outside block ${block}`);
       const len = count * TARGET_PAGE_SIZE;
       spans.push({ at: total, len, pos: b.header.pagesOffset + first * TARGET_PAGE_SIZE });
       total += len;
     }
     if (total > scratch.length) throw new RangeError(`scratch of ${scratch.length} bytes is too small for the runs`);
     const views = spans.map((sp) => scratch.subarray(sp.at, sp.at + sp.len));
-    if (total > slots.slotBytes) {
+    const slots = this.slots;
+    if (!slots || b.header.pagesOffset % DIRECT_ALIGN !== 0 || total > slots.slotBytes) {
       await Promise.all(spans.map((sp, i) => readExactly(this.fh, views[i]!, sp.pos, this.path)));
       return views;
     }

@@ -4,18 +4,17 @@
 // so a migration that did not complete never leaves anything that looks like a snapshot.
 
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
-import { openSync, closeSync, fsyncSync, constants as fsConstants } from 'node:fs';
-import { basename, dirname, join } from 'node:path';
+import { constants as fsConstants } from 'node:fs';
+import { dirname } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
 import { encodeMappedRamHeader, PageBitmap, planBlock, type MappedRamHeader } from '../codec/mapped-ram.js';
 import { encodeBlockEntry } from '../codec/stream-encode.js';
 import { coalescePages, type PageRun } from './coalesce.js';
+import { syncDirectory, temporaryName, writeExactly } from './write-exactly.js';
 import { AlignedSlots, DIRECT_ALIGN, PACKET_SLOT_BYTES, PACKET_SLOTS } from './aligned-slots.js';
 import type { PageStore, RamBlock } from './page-store.js';
 
-/** Linux IOV_MAX; libuv would split larger vectors anyway, but fewer syscalls is the point. */
-const IOV_MAX = 1024;
 /** Page bytes between early writebacks (see startWriteback). */
 const WRITEBACK_BYTES = 64 * 1024 * 1024;
 
@@ -57,7 +56,7 @@ export class MappedRamWriter implements PageStore {
    * a fresh snapshot is not read back soon. Everything else in the file is written buffered.
    */
   static async create(finalPath: string, opts: { pageSize?: number; directIo?: boolean } = {}): Promise<MappedRamWriter> {
-    const tempPath = join(dirname(finalPath), `.${basename(finalPath)}.partial-${process.pid}-${Date.now()}`);
+    const tempPath = temporaryName(finalPath);
     const pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
     let fh: FileHandle;
     try {
@@ -223,12 +222,7 @@ export class MappedRamWriter implements PageStore {
     await this.direct?.close();
     this.closed = true;
     await rename(this.tempPath, this.finalPath);
-    try {
-      const dfd = openSync(dirname(this.finalPath), 'r');
-      try { fsyncSync(dfd); } finally { closeSync(dfd); }
-    } catch {
-      // Some file systems refuse fsync on a directory; the rename itself has happened.
-    }
+    syncDirectory(dirname(this.finalPath));
     this.committed = true;
   }
 
@@ -250,28 +244,7 @@ export class MappedRamWriter implements PageStore {
     return b;
   }
 
-  private async writeAll(bufs: readonly Buffer[], position: number): Promise<void> {
-    let list = bufs.filter((b) => b.length > 0);
-    let pos = position;
-    while (list.length > 0) {
-      const batch = list.length > IOV_MAX ? list.slice(0, IOV_MAX) : list;
-      const want = batch.reduce((n, b) => n + b.length, 0);
-      const { bytesWritten } = await this.fh.writev(batch, pos);
-      pos += bytesWritten;
-      if (bytesWritten === want) {
-        list = list.slice(batch.length);
-        continue;
-      }
-      // Short write (rare, e.g. near a quota): resume exactly where it stopped.
-      let skip = bytesWritten;
-      const rest: Buffer[] = [];
-      for (const b of list) {
-        if (skip >= b.length) { skip -= b.length; continue; }
-        rest.push(skip > 0 ? b.subarray(skip) : b);
-        skip = 0;
-      }
-      if (bytesWritten === 0) throw new Error(`write at offset ${pos} of ${this.tempPath} made no progress`);
-      list = rest;
-    }
+  private writeAll(bufs: readonly Buffer[], position: number): Promise<void> {
+    return writeExactly(this.fh, bufs, position, this.tempPath);
   }
 }

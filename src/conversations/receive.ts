@@ -7,28 +7,20 @@
 
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
-import { Command, MULTIFD_MAGIC, QEVM_MAGIC, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { encodeConfiguration, withCapability, type Configuration } from '../codec/configuration.js';
+import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import type { Configuration } from '../codec/configuration.js';
+import { DeviceStateTail } from '../codec/device-state-tail.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodePong, encodeShut } from '../codec/return-path.js';
-import {
-  encodeCommand,
-  encodeEos,
-  encodeFooter,
-  encodeMemSize,
-  encodeSectionFull,
-  encodeSectionShort,
-  encodeStreamHeader,
-} from '../codec/stream-encode.js';
-import { trailingVmdesc, vmdescCandidates, walkDeviceState } from '../codec/vmdesc.js';
+import { SyncPoints } from '../codec/sync-points.js';
 import { publish } from '../engine/diagnostics.js';
-import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { getMethod } from '../engine/methods/registry.js';
 import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
 import type { RamBlock } from '../engine/page-store.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
-import { chunksWithPrefix, describePeer, readAtLeast } from '../transports/socket-io.js';
+import { classifyConnection } from './incoming.js';
+import { SnapshotOutput } from './snapshot-output.js';
 
 export type SyncMode = 'auto' | 'round' | 'section';
 
@@ -148,7 +140,7 @@ class Receiver {
   private main: Socket | undefined;
   private readonly sockets = new Set<Socket>();
   private multifd: MultifdReceiver | undefined;
-  private writer: MappedRamWriter | undefined;
+  private output: SnapshotOutput | undefined;
   private readonly blocks = new Map<string, RamBlock>();
   private failure: Error | undefined;
   private finished = false;
@@ -158,12 +150,12 @@ class Receiver {
   private mainZero = 0;
   private rounds = 0;
   private returnPath = false;
-  private syncMode: SyncMode;
+  private readonly syncPoints: SyncPoints;
   private ramTotal = 0;
 
   constructor(private readonly opts: ReceiveOptions, private readonly handle: ReceiveHandle) {
     this.channels = opts.channels ?? 2;
-    this.syncMode = opts.syncMode ?? 'auto';
+    this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
       throw new RangeError(`channels must be 0..255 (got ${opts.channels})`);
     }
@@ -179,12 +171,12 @@ class Receiver {
     try {
       const compression = this.opts.compression ?? 'auto';
       const method = compression === 'auto' ? undefined : getMethod(compression);
-      this.writer = await MappedRamWriter.create(this.opts.out, this.opts.directIo === undefined ? {} : { directIo: this.opts.directIo });
+      this.output = await SnapshotOutput.create(this.opts.out, this.opts.directIo === undefined ? {} : { directIo: this.opts.directIo });
       if (this.channels > 0) {
         this.multifd = new MultifdReceiver({
           channels: this.channels,
           ...(method ? { method } : {}),
-          store: this.writer,
+          store: this.output.store,
           blocks: this.blocks,
           ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
           ...(this.opts.channelTimeoutMs !== undefined ? { channelTimeoutMs: this.opts.channelTimeoutMs } : {}),
@@ -232,26 +224,18 @@ class Receiver {
       return;
     }
     this.sockets.add(sock);
-    sock.setNoDelay(true);
     sock.on('close', () => this.sockets.delete(sock));
-    // Errors surface through the readers; this keeps an ECONNRESET from crashing the process.
-    sock.on('error', () => {});
-    // Taken now: once the socket is closed or destroyed, remoteAddress is undefined.
-    const peer = describePeer(sock);
-    const timeout = this.opts.identifyTimeoutMs ?? 30000;
-    readAtLeast(sock, 4, timeout).then(
-      (first) => this.identify(sock, first, peer),
-      (e: Error) => {
-        sock.destroy();
-        if (!this.failure && !this.finished) this.fail(new Error(`connection from ${peer}: ${e.message}`));
-      },
+    classifyConnection(
+      sock,
+      this.opts.identifyTimeoutMs ?? 30000,
+      (kind, source, peer) => this.identify(sock, kind, source, peer),
+      (e) => { if (!this.failure && !this.finished) this.fail(e); },
     );
   }
 
-  private identify(sock: Socket, first: Buffer, peer: string): void {
+  private identify(sock: Socket, kind: 'main' | 'multifd', source: AsyncIterable<Buffer>, peer: string): void {
     if (this.failure) return;
-    const magic = first.readUInt32BE(0);
-    if (magic === QEVM_MAGIC) {
+    if (kind === 'main') {
       if (this.main) {
         sock.destroy();
         this.fail(new ProtocolError('BAD_RECORD', 'a second main channel (QEVM) connected'));
@@ -260,10 +244,10 @@ class Receiver {
       this.main = sock;
       this.phase = 'setup';
       publish('main-channel', {});
-      void this.runMain(chunksWithPrefix(first, sock));
+      void this.runMain(source);
       return;
     }
-    if (magic === MULTIFD_MAGIC) {
+    {
       if (!this.multifd) {
         sock.destroy();
         this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the receiver expects none (--channels 0); does the source have multifd on?'));
@@ -274,16 +258,13 @@ class Receiver {
         sock.destroy();
         return;
       }
-      void this.multifd.runChannel(chunksWithPrefix(first, sock), `multifd connection from ${peer}`);
-      return;
+      void this.multifd.runChannel(source, `multifd connection from ${peer}`);
     }
-    sock.destroy();
-    this.fail(new ProtocolError('BAD_MAGIC', `unknown channel magic 0x${magic.toString(16).padStart(8, '0')} from ${peer} (expected QEVM or 0x11223344)`));
   }
 
   private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
     const parser = new MainStreamParser();
-    const st = new MainState();
+    const st = new MainState(new DeviceStateTail(this.opts.maxDeviceStateBytes));
     try {
       for await (const chunk of source) {
         if (this.failure || this.finished) return;
@@ -295,8 +276,8 @@ class Receiver {
         }
       }
       if (!this.finished && !this.failure) {
-        const where = st.deviceStateBytes > 0
-          ? `in the device state (${st.deviceStateBytes} bytes received, no complete VMDESCRIPTION; is the machine's suppress-vmdesc on?)`
+        const where = st.tail.length > 0
+          ? `in the device state (${st.tail.length} bytes received, no complete VMDESCRIPTION; is the machine's suppress-vmdesc on?)`
           : `at stream offset ${parser.offset}`;
         throw new ProtocolError('TRUNCATED', `closed before the migration completed, ${where} (source gone?)`);
       }
@@ -346,32 +327,31 @@ class Receiver {
       case 'ram-page':
         if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'page record before the block list');
         this.mainPages++;
-        await this.writer!.writePages(ev.block, [ev.offset], 1, ev.data);
+        await this.output!.store.writePages(ev.block, [ev.offset], 1, ev.data);
         return;
       case 'ram-zero':
         if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'zero record before the block list');
         this.mainZero++;
-        this.writer!.zeroPages(ev.block, [ev.offset], 0, 1);
+        this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
         return;
       case 'ram-flush':
-        if (st.sectionKind === 'start') st.sawSetupFlush = true;
+        this.syncPoints.flush(st.sectionKind === 'start');
         if (!this.multifd) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the receiver expects no multifd channels (--channels 0); does the source have multifd on?');
         this.phase = 'ram';
         await this.multifd.sync();
         return;
       case 'ram-eos': {
-        if (st.sectionKind === 'start' && this.multifd && this.syncMode === 'auto') {
-          this.syncMode = st.sawSetupFlush ? 'round' : 'section';
-          publish('sync-mode', { mode: this.syncMode });
-        }
-        if (this.multifd && this.syncMode === 'section') {
+        if (!this.multifd) return;
+        const point = this.syncPoints.eos(st.sectionKind === 'start');
+        if (point.decided) publish('sync-mode', { mode: point.decided });
+        if (point.sync) {
           this.phase = 'ram';
           await this.multifd.sync();
         }
         return;
       }
       case 'footer':
-        if (st.sectionKind === 'start') await this.writer!.appendStream([encodeEos(), encodeFooter(ev.sectionId)]);
+        if (st.sectionKind === 'start') await this.output!.setupFooter(ev.sectionId);
         return;
       case 'device-state':
         return this.onDeviceState(ev.data, st);
@@ -402,44 +382,17 @@ class Receiver {
 
   private async writeHead(st: MainState): Promise<void> {
     if (!st.config) throw new ProtocolError('BAD_RECORD', 'RAM section before the configuration record');
-    const config = withCapability(st.config, 'mapped-ram', true);
-    const head = Buffer.concat([
-      encodeStreamHeader(),
-      encodeConfiguration(config),
-      encodeSectionFull(SectionType.START, st.sectionId, 'ram', 0, 4),
-      encodeMemSize(this.ramTotal),
-    ]);
-    await this.writer!.writeHead(head, st.blockList.map((b) => ({ name: b.name, usedLength: b.usedLength, ...(b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {}) })));
+    await this.output!.head(st.config, st.sectionId, this.ramTotal, st.blockList);
     st.headWritten = true;
   }
 
   private async onDeviceState(data: Buffer[], st: MainState): Promise<void> {
     if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
-    if (this.phase !== 'device-state') {
-      this.phase = 'device-state';
-      const prelude: Buffer[] = [];
-      if (st.switchoverStart) prelude.push(encodeCommand(Command.SWITCHOVER_START));
-      prelude.push(encodeSectionShort(SectionType.END, st.sectionId), encodeEos(), encodeFooter(st.sectionId));
-      await this.writer!.appendStream(prelude);
-    }
-    const max = this.opts.maxDeviceStateBytes ?? 64 * 1024 * 1024;
-    const before = st.deviceStateBytes;
-    for (const d of data) {
-      if (st.deviceStateBytes + d.length > max) {
-        throw new ProtocolError('LIMIT_EXCEEDED', `device state exceeds ${max} bytes`);
-      }
-      st.appendDeviceState(d);
-    }
-    await this.writer!.appendStream(data);
+    this.phase = 'device-state';
     // The stream is complete when it ends in a VMDESCRIPTION that walks the device sections exactly.
-    // Only new positions are scanned: a candidate needs just the byte before it, which we have.
-    const tail = st.deviceState();
-    st.candidates.push(...vmdescCandidates(tail, Math.max(1, before)));
-    const found = trailingVmdesc(tail, st.candidates);
-    if (!found) return;
-    const layout = walkDeviceState(tail, found.vmdesc, 0);
-    if (layout.vmdescOffset !== found.vmdescOffset || layout.end !== tail.length) return;
-    await this.complete(st);
+    const complete = st.tail.append(data);
+    await this.output!.deviceState(data, st.sectionId, st.switchoverStart);
+    if (complete) await this.complete(st);
   }
 
   private async complete(st: MainState): Promise<void> {
@@ -447,7 +400,7 @@ class Receiver {
     this.finished = true;
     if (this.multifd) await this.multifd.finish();
     const commitStart = Date.now();
-    await this.writer!.commit();
+    await this.output!.commit();
     const commitTime = Date.now() - commitStart;
     if (this.returnPath && this.main && !this.main.destroyed) {
       await new Promise<void>((resolve) => this.main!.write(encodeShut(0), () => resolve()));
@@ -461,7 +414,7 @@ class Receiver {
       machine: st.config?.machine ?? '',
       'total-time': elapsed,
       'commit-time': commitTime,
-      'direct-io': this.writer!.directIo,
+      'direct-io': this.output!.store.directIo,
       transferred: p.transferred,
       normal: p.normal,
       'normal-bytes': p.normal * TARGET_PAGE_SIZE,
@@ -469,13 +422,13 @@ class Receiver {
       mbps: elapsed > 0 ? Math.round((p.transferred * 8) / (elapsed * 1000) * 100) / 100 : 0,
       'dirty-sync-count': this.rounds,
       'multifd-syncs': this.rounds,
-      'sync-mode': this.multifd ? (this.syncMode === 'auto' ? 'round' : this.syncMode) : 'none',
+      'sync-mode': this.multifd ? (this.syncPoints.mode ?? 'round') : 'none',
       compression: this.multifd?.compression ?? (this.opts.compression && this.opts.compression !== 'auto' ? this.opts.compression : 'none'),
       'return-path': this.returnPath,
       'main-bytes': this.mainBytes,
-      'device-state-bytes': st.deviceStateBytes,
-      'file-size': this.writer!.streamEnd,
-      blocks: st.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.writer!.bitmap(b.name)?.count() ?? 0 })),
+      'device-state-bytes': st.tail.length,
+      'file-size': this.output!.store.streamEnd,
+      blocks: st.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.output!.store.bitmap(b.name)?.count() ?? 0 })),
       channels: this.multifd?.channelStats() ?? [],
     };
     await this.cleanup();
@@ -494,7 +447,7 @@ class Receiver {
     void (async () => {
       await this.cleanup();
       await this.multifd?.quiesce();
-      await this.writer?.abort();
+      await this.output?.abort();
       this.rejectDone(err);
     })();
   }
@@ -514,28 +467,9 @@ class MainState {
   sectionKind: 'start' | 'part' | 'end' = 'start';
   started = false;
   ended = false;
-  sawSetupFlush = false;
   switchoverStart = false;
   memSizeRemaining = 0;
   blockList: RamBlockInfo[] = [];
   headWritten = false;
-  /** Positions in the device state where a VMDESCRIPTION record could start. */
-  candidates: number[] = [];
-  private tail = Buffer.alloc(0);
-  deviceStateBytes = 0;
-
-  /** Copies in (the views belong to socket chunks) with doubling growth: linear, not quadratic. */
-  appendDeviceState(d: Buffer): void {
-    if (this.deviceStateBytes + d.length > this.tail.length) {
-      const grown = Buffer.allocUnsafe(Math.max(64 * 1024, 2 * this.tail.length, this.deviceStateBytes + d.length));
-      this.tail.copy(grown, 0, 0, this.deviceStateBytes);
-      this.tail = grown;
-    }
-    d.copy(this.tail, this.deviceStateBytes);
-    this.deviceStateBytes += d.length;
-  }
-
-  deviceState(): Buffer {
-    return this.tail.subarray(0, this.deviceStateBytes);
-  }
+  constructor(readonly tail: DeviceStateTail) {}
 }

@@ -151,8 +151,11 @@ export class MultifdReceiver extends EventEmitter {
     }
   }
 
-  /** Main channel reached a sync point (MULTIFD_FLUSH, or EOS in per-section mode). */
-  async sync(): Promise<void> {
+  /**
+   * Main channel reached a sync point (MULTIFD_FLUSH, or EOS in per-section mode). `whileHeld`
+   * runs once every channel has stored its pages of the round, before any is released.
+   */
+  async sync(whileHeld?: () => Promise<void>): Promise<void> {
     if (this.failure) throw this.failure;
     for (const id of this.closedChannels) {
       throw new ChannelError(`multifd channel ${id}`, new ProtocolError('TRUNCATED', 'closed before the sync the main channel reached (source gone?)'));
@@ -166,7 +169,7 @@ export class MultifdReceiver extends EventEmitter {
       }, ms);
     }
     try {
-      await this.barrier.wait();
+      await this.barrier.wait(whileHeld);
       publish('sync', { round: this.barrier.completedRounds });
       this.emit('sync', this.barrier.completedRounds);
     } finally {
@@ -242,6 +245,10 @@ export class MultifdReceiver extends EventEmitter {
     }
     // Decoding starts now, in packet order: a compressed stream's state runs from packet to packet.
     const decoded = h.normalPages > 0 ? ch.recv(h, payload) : undefined;
+    if (this.opts.store.writePacket) {
+      st.zeroPages += h.zeroPages;
+      return this.forwardPacket(h, decoded, st);
+    }
     // Awaited in writeNormal; this only keeps a rejection during the zero-page write from counting as unhandled.
     if (decoded instanceof Promise) decoded.catch(() => {});
     // Zero entries first is safe: a packet never lists one page twice, and the barrier orders rounds.
@@ -254,12 +261,23 @@ export class MultifdReceiver extends EventEmitter {
     return this.writeNormal(h, decoded, st);
   }
 
-  private async writeNormal(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]>, st: ChannelStats): Promise<void> {
-    const pages = await decoded;
+  private async forwardPacket(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]> | undefined, st: ChannelStats): Promise<void> {
+    const pages = decoded ? await decoded : [];
+    this.checkDecoded(h, pages);
+    st.normalPages += h.normalPages;
+    await this.opts.store.writePacket!(h.ramblock, h.offsets, h.normalPages, h.zeroPages, pages);
+  }
+
+  private checkDecoded(h: MultifdPacketHeader, pages: readonly Buffer[]): void {
     const got = pages.reduce((n, b) => n + b.length, 0);
     if (got !== h.normalPages * this.pageSize) {
       throw new ProtocolError('BAD_RECORD', `payload decodes to ${got} bytes, expected ${h.normalPages} pages (${h.normalPages * this.pageSize} bytes)`);
     }
+  }
+
+  private async writeNormal(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]>, st: ChannelStats): Promise<void> {
+    const pages = await decoded;
+    this.checkDecoded(h, pages);
     st.normalPages += h.normalPages;
     await this.opts.store.writePages(h.ramblock, h.offsets, h.normalPages, pages);
   }

@@ -66,6 +66,13 @@ interface Slot {
   zero: Float64Array;
 }
 
+interface Prepared {
+  payload: Buffer[];
+  size: number;
+  normal: number;
+  zero: number;
+}
+
 interface Channel {
   id: number;
   sink: SendChannel;
@@ -122,16 +129,44 @@ export class MultifdSender extends EventEmitter {
 
   /** Setup of one channel, for callers that write each channel's first bytes as soon as it connects. */
   async setupChannel(id: number): Promise<void> {
+    await this.initChannel(id, true);
+  }
+
+  /**
+   * The init message alone (with `withSync`, the setup SYNC too). A relay sends only the init and
+   * leaves every SYNC, the setup one included, to its source's sync points.
+   */
+  async initChannel(id: number, withSync = false): Promise<void> {
     const ch = this.channels[id]!;
-    const init = encodeMultifdInit(id, this.opts.uuid);
-    const sync = encodeSyncPacket(this.packetNum++);
+    const bufs = [encodeMultifdInit(id, this.opts.uuid)];
+    if (withSync) bufs.push(encodeSyncPacket(this.packetNum++));
     ch.tail = ch.tail.then(async () => {
       this.check();
-      await ch.sink.write([init, sync]);
-      ch.stats.syncs++;
-      ch.stats.bytes += init.length + sync.length;
+      await ch.sink.write(bufs);
+      if (withSync) ch.stats.syncs++;
+      ch.stats.bytes += bufs.reduce((n, b) => n + b.length, 0);
     });
     await ch.tail;
+  }
+
+  /**
+   * One packet whose pages are already in memory (a relay's decoded packet): offsets[0 .. normal)
+   * are the pages of `data`, offsets[normal .. normal+zero) zero pages. Goes to the next channel
+   * with a free slot like send(); resolves once written, when `data` may be reused.
+   */
+  async sendPacket(block: string, offsets: ArrayLike<number>, normal: number, zero: number, data: readonly Buffer[]): Promise<void> {
+    if (normal + zero === 0) return;
+    if (normal + zero > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a packet holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${normal + zero})`);
+    const ch = await this.acquire();
+    const slot = ch.free.pop()!;
+    for (let i = 0; i < normal + zero; i++) slot.normal[i] = offsets[i]!;
+    const prepared = ch.prepareTail.then(async () => {
+      this.check();
+      const p = normal > 0 ? await ch.method.prepare(data, normal) : { payload: [], size: 0 };
+      this.encodeHeader(slot, block, normal, zero, p.size);
+      return { ...p, normal, zero };
+    });
+    return this.enqueueWrite(ch, slot, prepared);
   }
 
   /** Hands a batch to the next channel with a free slot; resolves when assigned (not yet written). */
@@ -151,29 +186,39 @@ export class MultifdSender extends EventEmitter {
       this.check();
       return this.preparePacket(ch, slot, batch, await load);
     });
+    void this.enqueueWrite(ch, slot, prepared);
+  }
+
+  /**
+   * Chains a prepared packet onto its channel: prepares run one at a time per channel, and the
+   * write follows the previous one. Resolves once written; a failure fails the sender and rejects.
+   */
+  private enqueueWrite(ch: Channel, slot: Slot, prepared: Promise<Prepared>): Promise<void> {
     prepared.catch(() => {});
     ch.prepareTail = prepared.then(
       () => {},
       () => {},
     );
-    ch.tail = ch.tail
-      .then(async () => {
-        this.check();
-        const p = await prepared;
-        await ch.sink.write([slot.header, ...p.payload]);
-        ch.stats.packets++;
-        ch.stats.normalPages += p.normal;
-        ch.stats.zeroPages += p.zero;
-        ch.stats.bytes += MULTIFD_PACKET_HEADER_SIZE + p.size;
-        this.emit('packet', ch.id, p.normal, p.zero);
-      })
-      .then(
-        () => this.release(ch, slot),
-        (e: Error) => {
-          this.release(ch, slot);
-          this.fail(e);
-        },
-      );
+    const written = ch.tail.then(async () => {
+      this.check();
+      const p = await prepared;
+      await ch.sink.write([slot.header, ...p.payload]);
+      ch.stats.packets++;
+      ch.stats.normalPages += p.normal;
+      ch.stats.zeroPages += p.zero;
+      ch.stats.bytes += MULTIFD_PACKET_HEADER_SIZE + p.size;
+      this.emit('packet', ch.id, p.normal, p.zero);
+    });
+    ch.tail = written.then(
+      () => this.release(ch, slot),
+      (e: Error) => {
+        this.release(ch, slot);
+        this.fail(e);
+      },
+    );
+    // The tail swallows the error (after failing the sender); a caller awaiting `written` sees it.
+    written.catch(() => {});
+    return written;
   }
 
   /** Barrier: every assigned packet written, then one SYNC on each channel, written. */
@@ -239,8 +284,23 @@ export class MultifdSender extends EventEmitter {
     this.waiters.shift()?.();
   }
 
+  private encodeHeader(slot: Slot, block: string, normal: number, zero: number, size: number): void {
+    encodeMultifdPacketHeader(
+      {
+        flags: this.opts.method.flags,
+        normalPages: normal,
+        zeroPages: zero,
+        nextPacketSize: size,
+        packetNum: this.packetNum++,
+        ramblock: block,
+        offsets: slot.normal,
+      },
+      slot.header,
+    );
+  }
+
   /** Zero detection, the method's prepare and the header; the slot holds the result until written. */
-  private async preparePacket(ch: Channel, slot: Slot, batch: PageBatch, views: Buffer[]): Promise<{ payload: Buffer[]; size: number; normal: number; zero: number }> {
+  private async preparePacket(ch: Channel, slot: Slot, batch: PageBatch, views: Buffer[]): Promise<Prepared> {
     const ps = this.pageSize;
     let normal = 0;
     let zero = 0;
@@ -279,18 +339,7 @@ export class MultifdSender extends EventEmitter {
     if (v < views.length) closeSpan(vPos);
     slot.normal.set(slot.zero.subarray(0, zero), normal);
     const prepared = normal > 0 ? await ch.method.prepare(pagesData, normal) : { payload: [], size: 0 };
-    encodeMultifdPacketHeader(
-      {
-        flags: this.opts.method.flags,
-        normalPages: normal,
-        zeroPages: zero,
-        nextPacketSize: prepared.size,
-        packetNum: this.packetNum++,
-        ramblock: batch.block,
-        offsets: slot.normal,
-      },
-      slot.header,
-    );
+    this.encodeHeader(slot, batch.block, normal, zero, prepared.size);
     return { payload: prepared.payload, size: prepared.size, normal, zero };
   }
 }

@@ -15,4 +15,10 @@ export interface PageStore {
   writePages(block: string, offsets: ArrayLike<number>, count: number, data: readonly Buffer[]): Promise<void>;
   /** Makes pages offsets[start .. start+count) zero (received as zero after possibly data). */
   zeroPages(block: string, offsets: ArrayLike<number>, start: number, count: number): void | Promise<void>;
+  /**
+   * Optional: one packet whole, for stores that pass packets on (a relay) rather than place pages.
+   * offsets[0 .. normal) are the pages of `data`, offsets[normal .. normal+zero) are zero pages.
+   * When present the receiver calls it instead of writePages and zeroPages.
+   */
+  writePacket?(block: string, offsets: Float64Array, normal: number, zero: number, data: readonly Buffer[]): Promise<void>;
 }

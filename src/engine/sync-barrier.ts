@@ -1,16 +1,22 @@
 // The receive-side sync barrier (PROTOCOL.md §3.7): each channel, having applied everything up to
 // its SYNC packet, arrives and blocks; the main channel, at MULTIFD_FLUSH (or EOS in per-section
 // mode), waits for all of them and then releases them together. Pages of round k+1 therefore
-// never overtake pages of round k, whichever channel carries them.
+// never overtake pages of round k, whichever channel carries them. A relay passes a hook that
+// runs while every channel is held: it pushes the round out to the next hop before any channel
+// may read pages of the next round.
 
 interface Pending {
   resolve: () => void;
   reject: (e: Error) => void;
 }
 
+interface Waiter extends Pending {
+  whileHeld?: (() => Promise<void>) | undefined;
+}
+
 export class SyncBarrier {
   private readonly arrived = new Map<number, Pending>();
-  private waiter: Pending | undefined;
+  private waiter: Waiter | undefined;
   private failure: Error | undefined;
   private rounds = 0;
 
@@ -39,12 +45,15 @@ export class SyncBarrier {
     });
   }
 
-  /** The main channel reached a sync point; resolves once every channel arrived (and released them). */
-  wait(): Promise<void> {
+  /**
+   * The main channel reached a sync point; resolves once every channel arrived and was released.
+   * `whileHeld` runs after the last arrival and before the release; if it rejects, the barrier fails.
+   */
+  wait(whileHeld?: () => Promise<void>): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.waiter) return Promise.reject(new Error('sync barrier already has a waiter'));
     return new Promise((resolve, reject) => {
-      this.waiter = { resolve, reject };
+      this.waiter = { resolve, reject, whileHeld };
       this.check();
     });
   }
@@ -63,11 +72,32 @@ export class SyncBarrier {
   }
 
   private check(): void {
-    if (!this.waiter || this.arrived.size < this.parties) return;
+    if (!this.waiter || this.arrived.size < this.parties || this.holding) return;
+    const w = this.waiter;
+    if (!w.whileHeld) {
+      this.release(w);
+      return;
+    }
+    this.holding = true;
+    w.whileHeld().then(
+      () => {
+        this.holding = false;
+        // A failure while held already rejected everyone.
+        if (!this.failure) this.release(w);
+      },
+      (e: Error) => {
+        this.holding = false;
+        this.fail(e);
+      },
+    );
+  }
+
+  private holding = false;
+
+  private release(w: Waiter): void {
     const released = [...this.arrived.values()];
     this.arrived.clear();
     this.rounds++;
-    const w = this.waiter;
     this.waiter = undefined;
     for (const p of released) p.resolve();
     w.resolve();

@@ -1,0 +1,54 @@
+// The device state after the RAM sections, kept until it proves complete: it is complete when it
+// ends in a VMDESCRIPTION whose device list walks the sections before it exactly (PROTOCOL.md
+// §1.7). Appends copy into one doubling buffer (linear, not quadratic) and only new positions
+// are scanned for candidates, since a candidate needs just the byte before it.
+
+import { ProtocolError } from './errors.js';
+import { trailingVmdesc, vmdescCandidates, walkDeviceState } from './vmdesc.js';
+
+export class DeviceStateTail {
+  private buf = Buffer.alloc(0);
+  private used = 0;
+  private readonly candidates: number[] = [];
+  private complete = false;
+
+  constructor(private readonly maxBytes = 64 * 1024 * 1024) {}
+
+  get length(): number {
+    return this.used;
+  }
+
+  get isComplete(): boolean {
+    return this.complete;
+  }
+
+  bytes(): Buffer {
+    return this.buf.subarray(0, this.used);
+  }
+
+  /** Copies the views in (they may belong to socket chunks); returns whether the state is now complete. */
+  append(data: readonly Buffer[]): boolean {
+    const before = this.used;
+    const add = data.reduce((n, d) => n + d.length, 0);
+    if (this.used + add > this.maxBytes) {
+      throw new ProtocolError('LIMIT_EXCEEDED', `device state exceeds ${this.maxBytes} bytes`);
+    }
+    if (this.used + add > this.buf.length) {
+      const grown = Buffer.allocUnsafe(Math.max(64 * 1024, 2 * this.buf.length, this.used + add));
+      this.buf.copy(grown, 0, 0, this.used);
+      this.buf = grown;
+    }
+    for (const d of data) {
+      d.copy(this.buf, this.used);
+      this.used += d.length;
+    }
+    if (add === 0) return this.complete;
+    const tail = this.bytes();
+    this.candidates.push(...vmdescCandidates(tail, Math.max(1, before)));
+    const found = trailingVmdesc(tail, this.candidates);
+    if (!found) return (this.complete = false);
+    const layout = walkDeviceState(tail, found.vmdesc, 0);
+    this.complete = layout.vmdescOffset === found.vmdescOffset && layout.end === tail.length;
+    return this.complete;
+  }
+}

@@ -5,7 +5,6 @@
 // head is written here) → RAM records and syncs (FLUSH, or EOS in per-section mode) through END →
 // device state, kept byte for byte until a VMDESCRIPTION proves it complete → commit.
 
-import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
@@ -20,6 +19,7 @@ import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/mult
 import type { RamBlock } from '../engine/page-store.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
 import { classifyConnection } from './incoming.js';
+import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
 
 export type SyncMode = 'auto' | 'round' | 'section';
@@ -98,31 +98,11 @@ export interface ReceiveSummary {
   channels: ChannelStats[];
 }
 
-export class ReceiveHandle extends EventEmitter {
-  /** Resolves with the bound address (e.g. tcp:127.0.0.1:39123) once listening. */
-  readonly listening: Promise<string>;
-  /** Resolves with the summary when the snapshot is complete and renamed into place. */
-  readonly done: Promise<ReceiveSummary>;
-  private abortFn: (reason: Error) => void = () => {};
-
-  constructor(start: (h: ReceiveHandle) => { listening: Promise<string>; done: Promise<ReceiveSummary>; abort: (e: Error) => void }) {
-    super();
-    const s = start(this);
-    this.listening = s.listening;
-    this.done = s.done;
-    this.abortFn = s.abort;
-    // Callers that only await `done` must not see an unhandled rejection from `listening`.
-    this.listening.catch(() => {});
-  }
-
-  abort(reason = new Error('aborted')): void {
-    this.abortFn(reason);
-  }
-}
+export class ReceiveHandle extends ListeningHandle<ReceiveSummary> {}
 
 /** Starts receiving; the handle reports progress and resolves `done` with a summary. */
 export function receive(opts: ReceiveOptions): ReceiveHandle {
-  return new ReceiveHandle((h) => {
+  return new ReceiveHandle((h: ListeningHandle<ReceiveSummary>) => {
     const r = new Receiver(opts, h);
     return { listening: r.listening, done: r.done, abort: (e) => r.fail(e) };
   });
@@ -153,7 +133,7 @@ class Receiver {
   private readonly syncPoints: SyncPoints;
   private ramTotal = 0;
 
-  constructor(private readonly opts: ReceiveOptions, private readonly handle: ReceiveHandle) {
+  constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary>) {
     this.channels = opts.channels ?? 2;
     this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {

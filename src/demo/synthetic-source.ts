@@ -78,7 +78,22 @@ async function write(s: Socket, bufs: Buffer[]): Promise<void> {
   s.cork();
   for (const b of bufs) s.write(b);
   s.uncork();
-  if (s.writableNeedDrain) await once(s, 'drain');
+  if (!s.writableNeedDrain) return;
+  // A peer that goes away may close the socket without an error; 'drain' would never come.
+  await new Promise<void>((resolve, reject) => {
+    const done = (err?: Error): void => {
+      s.off('drain', onDrain);
+      s.off('close', onClose);
+      s.off('error', done);
+      if (err) reject(err);
+      else resolve();
+    };
+    const onDrain = (): void => done();
+    const onClose = (): void => done(new Error('connection closed'));
+    s.once('drain', onDrain);
+    s.once('close', onClose);
+    s.once('error', done);
+  });
 }
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
@@ -107,6 +122,8 @@ export async function sendSyntheticMigration(addr: string, g: SyntheticGuest, op
   const perSection = opts.syncMode === 'section';
   const main = await connectTo(addr);
   opts.onMain?.(main);
+  // The return path must be read for its end to be seen.
+  if (opts.returnPath && !opts.onMain) main.resume();
   const chans: Socket[] = [];
   for (let i = 0; i < n; i++) chans.push(await connectTo(addr));
   let packetNum = 0n;

@@ -212,7 +212,7 @@ export class MultifdReceiver extends EventEmitter {
     }
     this.stats.set(id, { id, bytes: 64, packets: 0, normalPages: 0, zeroPages: 0, syncs: 0 });
     publish('channel', { channel: id });
-    this.emit('channel', id);
+    this.emit('channel', id, uuid);
     return id;
   }
 

@@ -38,7 +38,8 @@ export interface PageBatch {
 export interface MultifdSenderOptions {
   channels: readonly SendChannel[];
   method: MultifdMethod;
-  loader: PageLoader;
+  /** Where send() batches get their bytes; not needed by callers that only use sendPacket(). */
+  loader?: PageLoader;
   /** The destination's -uuid (16 bytes), zeros when unset. */
   uuid?: Buffer;
   /** Batches in flight per channel: one being written while the next is read. Default 2. */
@@ -101,7 +102,7 @@ export class MultifdSender extends EventEmitter {
     this.zeroDetect = (opts.zeroPageDetection ?? 'multifd') === 'multifd';
     this.zeroPage = Buffer.alloc(this.pageSize);
     const depth = opts.depth ?? 2;
-    const scratchBytes = opts.loader.scratchBytes(MULTIFD_PAGES_PER_PACKET);
+    const scratchBytes = opts.loader ? opts.loader.scratchBytes(MULTIFD_PAGES_PER_PACKET) : 0;
     this.channels = opts.channels.map((sink, id) => ({
       id,
       sink,
@@ -136,9 +137,9 @@ export class MultifdSender extends EventEmitter {
    * The init message alone (with `withSync`, the setup SYNC too). A relay sends only the init and
    * leaves every SYNC, the setup one included, to its source's sync points.
    */
-  async initChannel(id: number, withSync = false): Promise<void> {
+  async initChannel(id: number, withSync = false, uuid = this.opts.uuid): Promise<void> {
     const ch = this.channels[id]!;
-    const bufs = [encodeMultifdInit(id, this.opts.uuid)];
+    const bufs = [encodeMultifdInit(id, uuid)];
     if (withSync) bufs.push(encodeSyncPacket(this.packetNum++));
     ch.tail = ch.tail.then(async () => {
       this.check();
@@ -173,6 +174,7 @@ export class MultifdSender extends EventEmitter {
   async send(batch: PageBatch): Promise<void> {
     if (batch.pages === 0) return;
     if (batch.pages > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a batch holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${batch.pages})`);
+    if (!this.opts.loader) throw new Error('send() needs a page loader');
     const ch = await this.acquire();
     const slot = ch.free.pop()!;
     const load = this.opts.loader.loadRuns(batch.block, batch.runs, batch.runs.length / 2, slot.scratch);

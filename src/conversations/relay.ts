@@ -1,0 +1,655 @@
+// relay: a live migration from QEMU A to QEMU B through us, decoded on A's side and re-encoded on
+// B's, so each side has its own channel count and compression (and --tee keeps a snapshot).
+//
+// A's main stream is parsed record by record and re-encoded to B. A's multifd packets are decoded
+// by a MultifdReceiver whose store hands each packet to a MultifdSender towards B (and to the
+// tee). At each of A's sync points (MULTIFD_FLUSH, or RAM EOS in per-section mode) A's barrier
+// holds every A channel — each has passed all its earlier pages on, written to B — while the
+// sender writes one SYNC on every B channel; only then is the record forwarded and A's channels
+// released. A round's pages therefore reach B before B's barrier for it, and a page re-sent in a
+// later round can never be overtaken by an older copy.
+//
+// The return path: B's messages (PONG, SHUT, ...) go back to A when A opened one. When A did not,
+// we open one to B ourselves, so the relay still learns whether B loaded the state. A SHUT(0) from
+// B is what completes the relay; any failure before it fails A's migration too (SHUT(1) and its
+// connections closed), so A keeps running and can migrate again.
+
+import type { Socket } from 'node:net';
+import { Command, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import type { Configuration } from '../codec/configuration.js';
+import { DeviceStateTail } from '../codec/device-state-tail.js';
+import { ProtocolError } from '../codec/errors.js';
+import { encodeMainEvent } from '../codec/main-event-encode.js';
+import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
+import { ReturnPathParser, encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
+import { encodeCommand } from '../codec/stream-encode.js';
+import { SyncPoints, type SyncMode } from '../codec/sync-points.js';
+import { publish } from '../engine/diagnostics.js';
+import { ForwardingStore } from '../engine/forwarding-store.js';
+import { getMethod } from '../engine/methods/registry.js';
+import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
+import { MultifdSender, type SendChannelStats } from '../engine/multifd-sender.js';
+import type { RamBlock } from '../engine/page-store.js';
+import { connectTo, gatherWrite } from '../transports/connect.js';
+import { formatAddress, listen, type Listener } from '../transports/listener.js';
+import { classifyConnection } from './incoming.js';
+import { ListeningHandle } from './listening-handle.js';
+import { StallError } from './send.js';
+import { SnapshotOutput } from './snapshot-output.js';
+
+export interface RelayOptions {
+  /** Where A connects: tcp:HOST:PORT or unix:PATH (port 0 picks one, see handle.listening). */
+  listen: string;
+  /** B's migrate-incoming address. */
+  to: string;
+  /** A's multifd-channels; 0 = A has multifd off. Default 2. */
+  channelsIn?: number;
+  /** B's multifd-channels; default channelsIn. */
+  channelsOut?: number;
+  /** A's multifd-compression; 'auto' (default) detects it from the first data packet. */
+  compressionIn?: string;
+  /** B's multifd-compression: none (default), zlib or zstd. */
+  compressionOut?: string;
+  /** Compression level towards B (zlib 1–9, zstd 1–20); the method's default when unset. */
+  levelOut?: number;
+  /** A's -uuid: A's init messages must carry it and B's carry it too. Default: B's carry A's. */
+  uuid?: Buffer;
+  /** Also write a mapped-ram snapshot of the migrated state here (committed once B confirmed). */
+  tee?: string;
+  /** O_DIRECT page writes for the tee (default true). */
+  teeDirectIo?: boolean;
+  /** How A's MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from A's setup section. */
+  syncMode?: 'auto' | SyncMode;
+  identifyTimeoutMs?: number;
+  /** How long a sync waits for A channels that never connected. */
+  channelTimeoutMs?: number;
+  connectTimeoutMs?: number;
+  /** Fails when B accepted nothing (no byte written, no message) for this long while we wait on it. Default 60 s. */
+  stallTimeoutMs?: number;
+  maxDeviceStateBytes?: number;
+  progressIntervalMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface RelayProgress {
+  phase: 'listening' | 'setup' | 'ram' | 'device-state' | 'waiting' | 'committing' | 'completed' | 'failed';
+  elapsedMs: number;
+  /** Bytes read from A (main and multifd channels). */
+  bytesIn: number;
+  /** Bytes written to B. */
+  bytesOut: number;
+  normal: number;
+  duplicate: number;
+  rounds: number;
+  channelsIn: number;
+  channelsOut: number;
+  ramTotal: number;
+}
+
+export interface RelaySummary {
+  status: 'completed';
+  from: string;
+  to: string;
+  machine: string;
+  'total-time': number;
+  'bytes-in': number;
+  'bytes-out': number;
+  normal: number;
+  'normal-bytes': number;
+  duplicate: number;
+  /** Throughput of what came in from A. */
+  mbps: number;
+  'multifd-syncs': number;
+  'sync-mode': SyncMode | 'none';
+  'compression-in': string;
+  'compression-out': string;
+  /** A opened the return path (A completed only after B confirmed). */
+  'return-path': boolean;
+  /** B confirmed the load (SHUT 0 on the return path). */
+  destination: 'confirmed';
+  'device-state-bytes': number;
+  tee?: { file: string; 'file-size': number; 'commit-time': number; 'direct-io': boolean };
+  'channels-in': ChannelStats[];
+  'channels-out': SendChannelStats[];
+}
+
+export class RelayHandle extends ListeningHandle<RelaySummary> {}
+
+/** Starts relaying; the handle reports progress and resolves `done` with a summary. */
+export function relay(opts: RelayOptions): RelayHandle {
+  return new RelayHandle((h: ListeningHandle<RelaySummary>) => {
+    const r = new Relay(opts, h);
+    return { listening: r.listening, done: r.done, abort: (e) => r.fail(e) };
+  });
+}
+
+/** Commands a precopy relay forwards; postcopy and COLO ones are refused (issue #8). */
+const FORWARDED_COMMANDS = new Set<number>([Command.OPEN_RETURN_PATH, Command.PING, Command.POSTCOPY_ADVISE, Command.SWITCHOVER_START]);
+
+class MainState {
+  config: Configuration | undefined;
+  sectionId = 0;
+  sectionKind: 'start' | 'part' | 'end' = 'start';
+  started = false;
+  ended = false;
+  switchoverStart = false;
+  memSizeRemaining = 0;
+  blockList: RamBlockInfo[] = [];
+  constructor(readonly tail: DeviceStateTail) {}
+}
+
+class Relay {
+  readonly listening: Promise<string>;
+  readonly done: Promise<RelaySummary>;
+  private resolveDone!: (s: RelaySummary) => void;
+  private rejectDone!: (e: Error) => void;
+  private readonly channelsIn: number;
+  private readonly channelsOut: number;
+  private readonly startedAt = Date.now();
+  private phase: RelayProgress['phase'] = 'listening';
+  private listener: Listener | undefined;
+  private from = '';
+  private aMain: Socket | undefined;
+  private readonly aSockets = new Set<Socket>();
+  private readonly bSockets = new Set<Socket>();
+  private bMain: Promise<Socket> | undefined;
+  private bMainSocket: Socket | undefined;
+  private readonly bChannels: Promise<Socket>[] = [];
+  private receiver: MultifdReceiver | undefined;
+  private sender: MultifdSender | undefined;
+  private tee: SnapshotOutput | undefined;
+  private readonly blocks = new Map<string, RamBlock>();
+  private readonly syncPoints: SyncPoints;
+  private failure: Error | undefined;
+  private completed = false;
+  private progressTimer: NodeJS.Timeout | undefined;
+  private watchdog: NodeJS.Timeout | undefined;
+  private out: Buffer[] = [];
+  private mainBytesIn = 0;
+  private mainBytesOut = 0;
+  private mainPages = 0;
+  private mainZero = 0;
+  private rounds = 0;
+  private ramTotal = 0;
+  private aReturnPath = false;
+  private bReturnPath = false;
+  private bShut: number | undefined;
+  /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
+  private aShutSent = false;
+  private readonly bAnswered: Promise<void>;
+  private resolveBAnswered!: () => void;
+  /** B writes in flight (or an awaited answer) and when B last made progress, for the stall watchdog. */
+  private bPending = 0;
+  private bProgressAt = Date.now();
+
+  constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary>) {
+    this.channelsIn = opts.channelsIn ?? 2;
+    this.channelsOut = opts.channelsOut ?? this.channelsIn;
+    for (const [name, n] of [['channels-in', this.channelsIn], ['channels-out', this.channelsOut]] as const) {
+      if (!Number.isInteger(n) || n < 0 || n > 255) throw new RangeError(`${name} must be 0..255 (got ${n})`);
+    }
+    if ((this.channelsIn === 0) !== (this.channelsOut === 0)) {
+      throw new RangeError(`channels-in ${this.channelsIn} and channels-out ${this.channelsOut}: the relay needs multifd on both sides or on neither`);
+    }
+    this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
+    this.done = new Promise((res, rej) => {
+      this.resolveDone = res;
+      this.rejectDone = rej;
+    });
+    this.done.catch(() => {});
+    this.bAnswered = new Promise((resolve) => { this.resolveBAnswered = resolve; });
+    this.listening = this.start();
+  }
+
+  private async start(): Promise<string> {
+    try {
+      const methodOut = getMethod(this.opts.compressionOut ?? 'none');
+      if (this.opts.levelOut !== undefined) {
+        const max = methodOut.name === 'zlib' ? 9 : methodOut.name === 'zstd' ? 20 : 0;
+        if (methodOut.name === 'none') throw new RangeError('a compression level needs a compression method (zlib or zstd)');
+        if (!Number.isInteger(this.opts.levelOut) || this.opts.levelOut < 0 || this.opts.levelOut > max) throw new RangeError(`${methodOut.name} level must be 0..${max} (got ${this.opts.levelOut})`);
+      }
+      if (methodOut.name !== 'none' && this.channelsOut === 0) throw new RangeError(`compression ${methodOut.name} needs multifd channels towards the destination`);
+      const compressionIn = this.opts.compressionIn ?? 'auto';
+      const methodIn = compressionIn === 'auto' ? undefined : getMethod(compressionIn);
+      if (this.opts.tee) this.tee = await SnapshotOutput.create(this.opts.tee, this.opts.teeDirectIo === undefined ? {} : { directIo: this.opts.teeDirectIo });
+      if (this.channelsOut > 0) {
+        this.sender = new MultifdSender({
+          channels: Array.from({ length: this.channelsOut }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.writeChannel(i, bufs) })),
+          method: methodOut,
+          ...(this.opts.levelOut !== undefined ? { level: this.opts.levelOut } : {}),
+        });
+        this.sender.on('error', (e: Error) => this.fail(e));
+        this.receiver = new MultifdReceiver({
+          channels: this.channelsIn,
+          ...(methodIn ? { method: methodIn } : {}),
+          store: new ForwardingStore(this.sender, this.tee?.store),
+          blocks: this.blocks,
+          ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
+          ...(this.opts.channelTimeoutMs !== undefined ? { channelTimeoutMs: this.opts.channelTimeoutMs } : {}),
+        });
+        this.receiver.on('error', (e: Error) => this.fail(e));
+        this.receiver.on('channel', (_id: number, uuid: Buffer) => this.openChannelsToB(this.opts.uuid ?? uuid));
+      }
+      this.listener = await listen(this.opts.listen, (s) => this.onConnection(s));
+      if (this.opts.signal) {
+        if (this.opts.signal.aborted) throw new Error('aborted');
+        this.opts.signal.addEventListener('abort', () => this.fail(new Error('aborted')), { once: true });
+      }
+      this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), this.opts.progressIntervalMs ?? 250);
+      this.progressTimer.unref();
+      const stall = this.opts.stallTimeoutMs ?? 60000;
+      this.watchdog = setInterval(() => {
+        if (this.bPending > 0 && Date.now() - this.bProgressAt > stall) {
+          this.fail(new StallError(`the destination accepted nothing for ${Math.round(stall / 1000)} s; does it expect ${this.channelsOut} multifd channel(s) (multifd-channels), the same multifd-compression (${methodOut.name}) and the same sync mode (multifd-flush-after-each-section)?`));
+        }
+      }, Math.min(1000, stall));
+      this.watchdog.unref();
+      this.from = formatAddress(this.listener.address);
+      publish('relay-listening', { address: this.from });
+      return this.from;
+    } catch (e) {
+      this.fail(e as Error);
+      throw e;
+    }
+  }
+
+  progress(): RelayProgress {
+    const cin = this.receiver?.channelStats() ?? [];
+    const cout = this.sender?.stats() ?? [];
+    return {
+      phase: this.phase,
+      elapsedMs: Date.now() - this.startedAt,
+      bytesIn: this.mainBytesIn + cin.reduce((n, c) => n + c.bytes, 0),
+      bytesOut: this.mainBytesOut + cout.reduce((n, c) => n + c.bytes, 0),
+      normal: this.mainPages + cin.reduce((n, c) => n + c.normalPages, 0),
+      duplicate: this.mainZero + cin.reduce((n, c) => n + c.zeroPages, 0),
+      rounds: this.rounds,
+      channelsIn: this.channelsIn,
+      channelsOut: this.channelsOut,
+      ramTotal: this.ramTotal,
+    };
+  }
+
+  // ---- A's side -------------------------------------------------------------------------------
+
+  private onConnection(sock: Socket): void {
+    if (this.failure || this.completed) {
+      sock.destroy();
+      return;
+    }
+    this.aSockets.add(sock);
+    sock.on('close', () => this.aSockets.delete(sock));
+    classifyConnection(
+      sock,
+      this.opts.identifyTimeoutMs ?? 30000,
+      (kind, source, peer) => {
+        if (this.failure) return;
+        if (kind === 'main') {
+          if (this.aMain) {
+            sock.destroy();
+            this.fail(new ProtocolError('BAD_RECORD', 'a second main channel (QEVM) connected'));
+            return;
+          }
+          this.aMain = sock;
+          this.phase = 'setup';
+          publish('relay-source', { peer });
+          void this.runMain(source);
+          return;
+        }
+        if (!this.receiver) {
+          sock.destroy();
+          this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the relay expects none (--channels-in 0); does the source have multifd on?'));
+          return;
+        }
+        if (this.receiver.connected >= this.channelsIn) {
+          sock.destroy();
+          return;
+        }
+        void this.receiver.runChannel(source, `source multifd connection from ${peer}`);
+      },
+      (e) => { if (!this.failure && !this.completed) this.fail(e); },
+    );
+  }
+
+  private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
+    const parser = new MainStreamParser();
+    const st = new MainState(new DeviceStateTail(this.opts.maxDeviceStateBytes));
+    try {
+      for await (const chunk of source) {
+        if (this.failure) return;
+        this.mainBytesIn += chunk.length;
+        parser.push(chunk);
+        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+          await this.onMainEvent(ev, st);
+          if (this.failure) return;
+        }
+        await this.flushMain();
+      }
+      if (this.failure) return;
+      await this.sourceEnded(st, parser);
+    } catch (e) {
+      const err = e as Error;
+      this.fail(err instanceof ChannelError ? err : new ChannelError('source main channel', err));
+    }
+  }
+
+  private async onMainEvent(ev: MainEvent, st: MainState): Promise<void> {
+    switch (ev.type) {
+      case 'header':
+        this.connectMainToB();
+        break;
+      case 'configuration':
+        if (ev.config.capabilities.includes('mapped-ram')) throw new ProtocolError('UNSUPPORTED', 'the source has mapped-ram on; turn it off to migrate over a socket');
+        st.config = ev.config;
+        publish('configuration', { machine: ev.config.machine });
+        break;
+      case 'command':
+        if (!FORWARDED_COMMANDS.has(ev.cmd)) {
+          throw new ProtocolError('UNSUPPORTED', `command ${ev.cmd} is not supported by relay (postcopy and COLO are not)`);
+        }
+        if (ev.cmd === Command.OPEN_RETURN_PATH) {
+          this.aReturnPath = true;
+          publish('return-path', {});
+          // Already open towards B (we opened it ourselves): a second one is only logged by QEMU.
+          if (this.bReturnPath) return;
+          this.bReturnPath = true;
+        } else if (ev.cmd === Command.PING && !this.aReturnPath) {
+          throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');
+        } else if (ev.cmd === Command.SWITCHOVER_START) {
+          st.switchoverStart = true;
+        }
+        break;
+      case 'section':
+        if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
+        if (ev.kind === 'start') {
+          if (st.started) throw new ProtocolError('BAD_RECORD', 'second START section for ram');
+          st.started = true;
+          if (!this.bReturnPath) {
+            // Our own return path to B: its SHUT tells us whether B loaded what we sent.
+            this.bReturnPath = true;
+            this.out.push(encodeCommand(Command.OPEN_RETURN_PATH));
+          }
+        } else if (!st.started) {
+          throw new ProtocolError('BAD_RECORD', `ram ${ev.kind.toUpperCase()} section before START`);
+        }
+        st.sectionId = ev.sectionId;
+        st.sectionKind = ev.kind;
+        if (ev.kind === 'end') st.ended = true;
+        if (this.phase === 'setup' && ev.kind !== 'start') this.phase = 'ram';
+        break;
+      case 'ram-mem-size':
+        if (st.sectionKind !== 'start' || st.memSizeRemaining > 0 || st.blockList.length > 0) throw new ProtocolError('BAD_RECORD', 'MEM_SIZE outside the setup section');
+        this.ramTotal = ev.totalBytes;
+        st.memSizeRemaining = ev.totalBytes;
+        if (ev.totalBytes === 0) await this.teeHead(st);
+        break;
+      case 'ram-block':
+        st.blockList.push(ev.block);
+        this.blocks.set(ev.block.name, { name: ev.block.name, usedLength: ev.block.usedLength });
+        st.memSizeRemaining -= ev.block.usedLength;
+        if (st.memSizeRemaining === 0) await this.teeHead(st);
+        break;
+      case 'ram-page':
+        this.mainPages++;
+        if (this.tee) await this.tee.store.writePages(ev.block, [ev.offset], 1, ev.data);
+        break;
+      case 'ram-zero':
+        this.mainZero++;
+        if (this.tee) await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
+        break;
+      case 'ram-flush':
+        this.syncPoints.flush(st.sectionKind === 'start');
+        if (!this.receiver) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the relay expects no multifd channels (--channels-in 0); does the source have multifd on?');
+        await this.syncRound();
+        break;
+      case 'ram-eos':
+        if (this.receiver) {
+          const point = this.syncPoints.eos(st.sectionKind === 'start');
+          if (point.decided) publish('sync-mode', { mode: point.decided });
+          if (point.sync) await this.syncRound();
+        }
+        break;
+      case 'footer':
+        if (st.sectionKind === 'start' && this.tee) await this.tee.setupFooter(ev.sectionId);
+        break;
+      case 'device-state':
+        if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
+        this.phase = 'device-state';
+        st.tail.append(ev.data);
+        if (this.tee) await this.tee.deviceState(ev.data, st.sectionId, st.switchoverStart);
+        break;
+    }
+    this.out.push(...encodeMainEvent(ev));
+  }
+
+  private async teeHead(st: MainState): Promise<void> {
+    if (!this.tee) return;
+    if (!st.config) throw new ProtocolError('BAD_RECORD', 'RAM section before the configuration record');
+    await this.tee.head(st.config, st.sectionId, this.ramTotal, st.blockList);
+  }
+
+  /**
+   * One sync point of A: once every A channel has passed its pages of the round on (written to
+   * B), one SYNC on every B channel, while A's channels are still held.
+   */
+  private async syncRound(): Promise<void> {
+    await this.flushMain();
+    await this.receiver!.sync(() => this.sender!.sync());
+    this.rounds++;
+  }
+
+  /** A closed its main channel: after a complete stream, hand B the end and wait for its verdict. */
+  private async sourceEnded(st: MainState, parser: MainStreamParser): Promise<void> {
+    if (!st.ended || st.tail.length === 0) {
+      throw new ProtocolError('TRUNCATED', `the source closed its main channel before the migration completed, at stream offset ${parser.offset} (source gone?)`);
+    }
+    await this.flushMain();
+    this.phase = 'waiting';
+    if (this.receiver) await this.receiver.finish();
+    // A closes first only without a return path of its own; B may still be loading. B main stays
+    // open until B's SHUT arrived on the return path we opened: a destination may close its side
+    // when it sees our end (Node's default for servers), and its verdict would be lost.
+    const bMain = await this.bMain!;
+    this.bPending++;
+    await this.bAnswered;
+    this.bPending--;
+    bMain.end();
+    if (this.failure) return;
+    if (this.bShut === undefined) throw new Error('the destination closed the connection without confirming the load (no SHUT on the return path)');
+    await this.complete(st);
+  }
+
+  // ---- B's side -------------------------------------------------------------------------------
+
+  private connectMainToB(): void {
+    if (this.bMain) return;
+    const timeout = this.opts.connectTimeoutMs ?? 10000;
+    this.bMain = connectTo(this.opts.to, timeout).then((s) => {
+      this.adoptB(s);
+      this.bMainSocket = s;
+      this.listenReturnPath(s);
+      publish('relay-destination', { to: this.opts.to });
+      return s;
+    });
+    this.bMain.catch((e: Error) => this.fail(e));
+  }
+
+  /**
+   * B's multifd connections, once A's first init told the uuid: B identifies the first
+   * connection as its main channel, so these connect after it, and each writes its init at once
+   * (QEMU blocks reading it). No SYNC here: every B sync mirrors one of A's sync points.
+   */
+  private openChannelsToB(uuid: Buffer): void {
+    if (this.bChannels.length > 0 || !this.sender) return;
+    const timeout = this.opts.connectTimeoutMs ?? 10000;
+    this.connectMainToB();
+    const main = this.bMain!;
+    for (let i = 0; i < this.channelsOut; i++) {
+      const s = main.then(() => connectTo(this.opts.to, timeout)).then((sock) => {
+        this.adoptB(sock);
+        return sock;
+      });
+      s.catch(() => {});
+      this.bChannels.push(s);
+    }
+    // Queued before any packet can be: the sender writes each channel's buffers in order.
+    for (let i = 0; i < this.channelsOut; i++) {
+      this.sender.initChannel(i, false, uuid).catch((e: Error) => this.fail(e));
+    }
+    publish('relay-channels', { channelsOut: this.channelsOut });
+  }
+
+  private adoptB(s: Socket): void {
+    this.bSockets.add(s);
+    s.on('error', () => {});
+    s.on('close', () => {
+      this.bSockets.delete(s);
+      if (s === this.bMainSocket) this.resolveBAnswered();
+    });
+    if (this.failure) s.destroy();
+  }
+
+  private async writeChannel(i: number, bufs: readonly Buffer[]): Promise<void> {
+    const s = await this.bChannels[i]!;
+    await this.trackB(gatherWrite(s, bufs), `destination multifd channel ${i}`);
+  }
+
+  private async flushMain(): Promise<void> {
+    if (this.out.length === 0) return;
+    const bufs = this.out;
+    this.out = [];
+    const s = await this.bMain!;
+    await this.trackB(gatherWrite(s, bufs), 'destination main channel');
+    this.mainBytesOut += bufs.reduce((n, b) => n + b.length, 0);
+  }
+
+  private async trackB(write: Promise<void>, where: string): Promise<void> {
+    this.bPending++;
+    try {
+      await write;
+      this.bProgressAt = Date.now();
+    } catch (e) {
+      // The destination's own verdict may still be in flight on the return path.
+      await Promise.race([this.bAnswered, new Promise((r) => setTimeout(r, 500).unref())]);
+      throw this.failure ?? this.destinationError(`the destination closed the ${where} (${(e as Error).message})`);
+    } finally {
+      this.bPending--;
+    }
+  }
+
+  private destinationError(what: string): Error {
+    if (this.bShut !== undefined && this.bShut !== 0) return new Error(`the destination failed to load the migration (SHUT ${this.bShut}); see its log`);
+    return new Error(what);
+  }
+
+  private listenReturnPath(s: Socket): void {
+    const rp = new ReturnPathParser();
+    s.on('data', (chunk: Buffer) => {
+      this.bProgressAt = Date.now();
+      try {
+        rp.push(chunk);
+        for (let m = rp.next(); m !== null; m = rp.next()) {
+          if (m.type === ReturnPathMessage.SHUT) this.bShut = m.payload.readUInt32BE(0);
+          publish('relay-return-path', { type: m.type });
+          // Forwarded message by message: A may have opened its return path after ours.
+          if (this.aReturnPath && this.aMain && !this.aMain.destroyed) {
+            this.aMain.write(encodeReturnPathMessage(m.type, m.payload));
+            if (m.type === ReturnPathMessage.SHUT) this.aShutSent = true;
+          }
+          if (m.type === ReturnPathMessage.SHUT) {
+            this.resolveBAnswered();
+            if (this.bShut !== 0) this.fail(this.destinationError(''));
+          }
+        }
+      } catch (e) {
+        this.fail(new ProtocolError('BAD_RECORD', `destination return path: ${(e as Error).message}`));
+      }
+    });
+    s.on('end', () => {
+      this.resolveBAnswered();
+      // B closes after its SHUT, as a destination does; A (which got that SHUT) sees the same.
+      if (this.bShut === 0 && this.aShutSent && this.aMain && !this.aMain.destroyed) this.aMain.end();
+    });
+  }
+
+  // ---- the end --------------------------------------------------------------------------------
+
+  private async complete(st: MainState): Promise<void> {
+    let tee: RelaySummary['tee'];
+    if (this.tee) {
+      this.phase = 'committing';
+      if (!st.tail.isComplete) {
+        throw new ProtocolError('TRUNCATED', `the migration completed, but the tee snapshot was not written: the device state (${st.tail.length} bytes) has no complete VMDESCRIPTION (suppress-vmdesc on?)`);
+      }
+      const t0 = Date.now();
+      await this.tee.commit();
+      tee = { file: this.opts.tee!, 'file-size': this.tee.store.streamEnd, 'commit-time': Date.now() - t0, 'direct-io': this.tee.store.directIo };
+    }
+    this.completed = true;
+    this.phase = 'completed';
+    const p = this.progress();
+    const elapsed = Date.now() - this.startedAt;
+    const summary: RelaySummary = {
+      status: 'completed',
+      from: this.from,
+      to: this.opts.to,
+      machine: st.config?.machine ?? '',
+      'total-time': elapsed,
+      'bytes-in': p.bytesIn,
+      'bytes-out': p.bytesOut,
+      normal: p.normal,
+      'normal-bytes': p.normal * TARGET_PAGE_SIZE,
+      duplicate: p.duplicate,
+      mbps: elapsed > 0 ? Math.round(((p.bytesIn * 8) / (elapsed * 1000)) * 100) / 100 : 0,
+      'multifd-syncs': this.rounds,
+      'sync-mode': this.receiver ? (this.syncPoints.mode ?? 'round') : 'none',
+      'compression-in': this.receiver?.compression ?? (this.opts.compressionIn && this.opts.compressionIn !== 'auto' ? this.opts.compressionIn : 'none'),
+      'compression-out': this.opts.compressionOut ?? 'none',
+      'return-path': this.aReturnPath,
+      destination: 'confirmed',
+      'device-state-bytes': st.tail.length,
+      ...(tee ? { tee } : {}),
+      'channels-in': this.receiver?.channelStats() ?? [],
+      'channels-out': this.sender?.stats() ?? [],
+    };
+    await this.cleanup();
+    this.handle.emit('progress', this.progress());
+    publish('relay-completed', { summary });
+    this.resolveDone(summary);
+  }
+
+  fail(err: Error): void {
+    if (this.failure || this.completed) return;
+    this.failure = err;
+    this.phase = 'failed';
+    publish('relay-failed', { error: err });
+    // A must not complete on a state B did not load: tell it, then cut it off. If B's SHUT(0)
+    // already went to A, A completed and B runs; only our own part (the tee) failed.
+    if (!this.aShutSent && this.aReturnPath && this.aMain && !this.aMain.destroyed) {
+      this.aShutSent = true;
+      this.aMain.write(encodeShut(1));
+    }
+    this.receiver?.fail(err);
+    this.sender?.fail(err);
+    void (async () => {
+      await this.cleanup();
+      await this.receiver?.quiesce();
+      await this.tee?.abort();
+      this.rejectDone(err);
+    })();
+  }
+
+  private async cleanup(): Promise<void> {
+    if (this.progressTimer) clearInterval(this.progressTimer);
+    if (this.watchdog) clearInterval(this.watchdog);
+    this.sender?.close();
+    const failing = this.failure !== undefined;
+    for (const s of [...this.aSockets, ...this.bSockets]) {
+      if (failing) s.destroy();
+      else s.end(() => s.destroy());
+    }
+    if (!failing) setTimeout(() => { for (const s of [...this.aSockets, ...this.bSockets]) s.destroy(); }, 2000).unref();
+    await this.listener?.close();
+  }
+}

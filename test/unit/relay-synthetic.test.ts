@@ -1,0 +1,186 @@
+// relay() end to end without QEMU: the synthetic source (QEMU's sequence, pages rewritten and
+// zeroed between rounds) → relay → our receive, over real sockets, with different channel counts
+// and compression on each side, per-section sync, the return path, --tee, and both ends failing.
+
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { createServer, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { relay, type RelayOptions, type RelaySummary } from '../../src/conversations/relay.js';
+import { receive, type ReceiveSummary } from '../../src/conversations/receive.js';
+import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
+import { dirtySyntheticGuest, makeSyntheticGuest, sendSyntheticMigration, type SyntheticGuest, type SyntheticSendOptions } from '../../src/demo/synthetic-source.js';
+import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import { encodeConfiguration } from '../../src/codec/configuration.js';
+import { encodeStreamHeader } from '../../src/codec/stream-encode.js';
+import { connectTo } from '../../src/transports/connect.js';
+
+const tmp = (): string => mkdtempSync('/tmp/multifd-relay-test-');
+
+async function assertSnapshotIs(file: string, expected: SyntheticGuest, what: string): Promise<void> {
+  const snap = await MappedRamSnapshot.open(file);
+  try {
+    for (const b of expected.blocks) {
+      const got = await snap.readPages(b.name, 0, b.data.length / TARGET_PAGE_SIZE);
+      assert.ok(got.equals(b.data), `${what}: block ${b.name} differs from the source's final state`);
+    }
+    assert.equal(snap.deviceState.sections.length, 1, `${what}: one device section`);
+  } finally {
+    await snap.close();
+  }
+}
+
+interface Chain {
+  relay: RelaySummary;
+  received: ReceiveSummary;
+}
+
+/** synthetic source → relay → receive; both snapshots (receive's and the tee) must be the source's final state. */
+async function chain(src: SyntheticSendOptions & { rounds: number }, rel: Partial<RelayOptions>, rxChannels: number, o: { tee?: boolean; rxCompression?: string } = {}): Promise<Chain> {
+  const dir = tmp();
+  try {
+    const guest = makeSyntheticGuest(8);
+    const expected = makeSyntheticGuest(8);
+    for (let r = 2; r <= src.rounds; r++) dirtySyntheticGuest(expected, r);
+    const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: rxChannels, ...(o.rxCompression ? { compression: o.rxCompression } : {}) });
+    const to = await rx.listening;
+    const r = relay({ listen: 'tcp:127.0.0.1:0', to, ...(o.tee ? { tee: join(dir, 'tee.mig') } : {}), ...rel });
+    const from = await r.listening;
+    const [relayed, received] = await Promise.all([r.done, rx.done, sendSyntheticMigration(from, guest, src)]);
+    await assertSnapshotIs(join(dir, 'b.mig'), expected, 'destination snapshot');
+    if (o.tee) await assertSnapshotIs(join(dir, 'tee.mig'), expected, 'tee snapshot');
+    assert.deepEqual(readdirSync(dir).sort(), o.tee ? ['b.mig', 'tee.mig'] : ['b.mig'], 'no temporary files left');
+    return { relay: relayed, received };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+describe('relay between the synthetic source and receive', () => {
+  test('2 → 3 channels, none → zstd, 3 rounds: every round synced on every outgoing channel', async () => {
+    const { relay: s, received } = await chain({ channels: 2, rounds: 3 }, { channelsIn: 2, channelsOut: 3, compressionOut: 'zstd' }, 3);
+    assert.equal(s.status, 'completed');
+    assert.equal(s.destination, 'confirmed');
+    assert.equal(s['channels-in'].length, 2);
+    assert.equal(s['channels-out'].length, 3);
+    assert.equal(s['compression-in'], 'none');
+    assert.equal(s['compression-out'], 'zstd');
+    assert.equal(received.compression, 'zstd', 'the destination saw zstd packets');
+    assert.equal(s['multifd-syncs'], 4, 'setup sync + one per round');
+    for (const c of s['channels-out']) assert.equal(c.syncs, 4, `outgoing channel ${c.id} carried one SYNC per sync point`);
+    assert.equal(received['multifd-syncs'], 4);
+    assert.equal(s['return-path'], false);
+    assert.equal(s.normal, received.normal, 'every page that came in went out');
+    assert.equal(s.duplicate, received.duplicate);
+    assert.ok(s.duplicate > 0, 'zero pages were relayed as zero entries');
+  });
+
+  test('4 → 1 channels with --tee: destination and tee both hold the final state', async () => {
+    const { relay: s } = await chain({ channels: 4, rounds: 3 }, { channelsIn: 4, channelsOut: 1 }, 1, { tee: true });
+    assert.ok(s.tee, 'tee reported');
+    assert.ok(s.tee['file-size'] > 8 * 1024 * 1024);
+    assert.equal(s['channels-out'].length, 1);
+  });
+
+  test('zstd in → zlib out: decoded on one side, re-encoded on the other', async () => {
+    const dir = tmp();
+    try {
+      // The synthetic source sends plain pages; a first relay makes them zstd for the second.
+      const guest = makeSyntheticGuest(8);
+      const expected = makeSyntheticGuest(8);
+      dirtySyntheticGuest(expected, 2);
+      const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
+      const second = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 3, channelsOut: 2, compressionOut: 'zlib' });
+      const first = relay({ listen: 'tcp:127.0.0.1:0', to: await second.listening, channelsIn: 2, channelsOut: 3, compressionOut: 'zstd' });
+      const [, s2, received] = await Promise.all([first.done, second.done, rx.done, sendSyntheticMigration(await first.listening, guest, { channels: 2, rounds: 2 })]);
+      assert.equal(s2['compression-in'], 'zstd');
+      assert.equal(s2['compression-out'], 'zlib');
+      assert.equal(received.compression, 'zlib');
+      await assertSnapshotIs(join(dir, 'b.mig'), expected, 'after two relays');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('per-section sync mode: every RAM EOS is a sync point on both sides', async () => {
+    const { relay: s, received } = await chain({ channels: 2, rounds: 2, syncMode: 'section' }, { channelsIn: 2, channelsOut: 2 }, 2);
+    assert.equal(s['sync-mode'], 'section');
+    assert.equal(received['sync-mode'], 'section');
+    assert.equal(s['multifd-syncs'], 3);
+    assert.equal(received['multifd-syncs'], 3);
+  });
+
+  test('the source\'s return path: PONG and the destination\'s SHUT(0) reach it through the relay', async () => {
+    let rp = Buffer.alloc(0);
+    const { relay: s } = await chain({ channels: 2, rounds: 2, returnPath: true, onMain: (sock) => sock.on('data', (d: Buffer) => { rp = Buffer.concat([rp, d]); }) }, { channelsIn: 2 }, 2);
+    assert.equal(s['return-path'], true);
+    assert.deepEqual([...rp], [0, 2, 0, 4, 0, 0, 0, 1, 0, 1, 0, 4, 0, 0, 0, 0], 'PONG(1) then SHUT(0), from the destination');
+  });
+
+  test('multifd on one side only is refused up front', () => {
+    assert.throws(() => relay({ listen: 'tcp:127.0.0.1:0', to: 'tcp:127.0.0.1:1', channelsIn: 2, channelsOut: 0 }), /multifd on both sides or on neither/);
+  });
+});
+
+describe('relay failures', () => {
+  test('the destination dies mid-migration: the relay fails, the source\'s connections are cut, no tee file', async () => {
+    const dir = tmp();
+    const killer = createServer((s: Socket) => {
+      let n = 0;
+      s.on('data', (d: Buffer) => {
+        n += d.length;
+        if (n > 256 * 1024) s.destroy();
+      });
+      s.on('error', () => {});
+    });
+    await new Promise<void>((r) => killer.listen(0, '127.0.0.1', r));
+    const port = (killer.address() as { port: number }).port;
+    try {
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${port}`, channelsIn: 2, tee: join(dir, 'tee.mig') });
+      const from = await r.listening;
+      const source = sendSyntheticMigration(from, makeSyntheticGuest(16), { channels: 2, rounds: 3, returnPath: true });
+      const err = await r.done.then(() => undefined, (e: Error) => e);
+      assert.ok(err, 'the relay failed');
+      assert.match(err.message, /destination closed|connection closed|ECONNRESET|EPIPE/i);
+      await source.then(() => {}, () => {});
+      assert.deepEqual(readdirSync(dir), [], 'the tee file was removed, not finalised');
+    } finally {
+      killer.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('the source dies mid-migration: the destination\'s connections are closed, nothing completes', async () => {
+    const dir = tmp();
+    try {
+      const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 2, tee: join(dir, 'tee.mig') });
+      const from = await r.listening;
+      // A source that sends its header and configuration, then goes away.
+      const main = await connectTo(from);
+      main.write(Buffer.concat([encodeStreamHeader(), encodeConfiguration({ machine: 'pc-i440fx-10.0', capabilities: [] })]));
+      await new Promise((res) => setTimeout(res, 200));
+      main.destroy();
+      const err = await r.done.then(() => undefined, (e: Error) => e);
+      assert.ok(err);
+      assert.match(err.message, /source closed its main channel before the migration completed/);
+      const rxErr = await rx.done.then(() => undefined, (e: Error) => e);
+      assert.ok(rxErr, 'the destination failed too');
+      assert.ok(!existsSync(join(dir, 'tee.mig')) && !existsSync(join(dir, 'b.mig')), 'no snapshot looks complete');
+      assert.deepEqual(readdirSync(dir), []);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a destination that refuses the connection fails the relay with what to check', async () => {
+    const r = relay({ listen: 'tcp:127.0.0.1:0', to: 'tcp:127.0.0.1:1', channelsIn: 2 });
+    const from = await r.listening;
+    const source = sendSyntheticMigration(from, makeSyntheticGuest(4), { channels: 2, rounds: 1 });
+    const err = await r.done.then(() => undefined, (e: Error) => e);
+    assert.ok(err);
+    assert.match(err.message, /refused/);
+    await source.then(() => {}, () => {});
+  });
+});

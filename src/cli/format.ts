@@ -84,6 +84,39 @@ export function sendSummaryText(s: SendSummaryLike): string {
   return lines.join('\n');
 }
 
+interface RelaySummaryLike {
+  from: string;
+  to: string;
+  machine: string;
+  'total-time': number;
+  'bytes-in': number;
+  'bytes-out': number;
+  normal: number;
+  duplicate: number;
+  mbps: number;
+  'multifd-syncs': number;
+  'sync-mode': string;
+  'compression-in': string;
+  'compression-out': string;
+  'return-path': boolean;
+  tee?: { file: string; 'file-size': number; 'commit-time': number };
+  'channels-in': { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
+  'channels-out': { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
+}
+
+export function relaySummaryText(s: RelaySummaryLike): string {
+  const lines = [
+    `relayed ${s.machine} from ${s.from} to ${s.to}: the destination loaded it${s['return-path'] ? ' (the source was told)' : ''}`,
+    `  ${bytes(s['bytes-in'])} in, ${bytes(s['bytes-out'])} out, in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode, ${s['compression-in']} in, ${s['compression-out']} out)`,
+    '  from the source:',
+    ...channelLines(s['channels-in']).map((l) => '  ' + l),
+    '  to the destination:',
+    ...channelLines(s['channels-out']).map((l) => '  ' + l),
+  ];
+  if (s.tee) lines.push(`  tee: ${s.tee.file} (${bytes(s.tee['file-size'])} apparent size, ${duration(s.tee['commit-time'])} to make it durable)`);
+  return lines.join('\n');
+}
+
 function channelLines(channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[]): string[] {
   return channels.map((c) => `  channel ${c.id}: ${bytes(c.bytes)}, ${c.packets} packets, ${c.normalPages} pages, ${c.zeroPages} zero`);
 }

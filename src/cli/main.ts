@@ -4,13 +4,14 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { receive, type ReceiveProgress } from '../conversations/receive.js';
+import { relay, type RelayProgress } from '../conversations/relay.js';
 import { restore } from '../conversations/restore.js';
 import { save } from '../conversations/save.js';
 import { send, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
 import { runDemo } from '../demo/run-demo.js';
-import { sendSummaryText, summaryText } from './format.js';
-import { ProgressView, receiveSample, sendSample } from './progress.js';
+import { relaySummaryText, sendSummaryText, summaryText } from './format.js';
+import { ProgressView, receiveSample, relaySample, sendSample } from './progress.js';
 import { enableVerboseLog } from './log.js';
 import { registerFileCommands } from './file-commands.js';
 
@@ -188,6 +189,50 @@ program
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
       return h.done;
     }, sendSummaryText);
+  });
+
+program
+  .command('relay')
+  .description('relay a live migration from QEMU A to QEMU B: multifd decoded on the way in and re-encoded on the way out, each side with its own channels and compression')
+  .requiredOption('--listen <addr>', 'where A migrates to: tcp:HOST:PORT or unix:PATH')
+  .requiredOption('--to <addr>', "B's migrate-incoming address: tcp:HOST:PORT or unix:PATH")
+  .addOption(new Option('--channels-in <n>', "A's multifd-channels; 0 if A has multifd off (then B must too)").default(2).argParser(intArg(0, 255)))
+  .addOption(new Option('--channels-out <n>', "B's multifd-channels (default: --channels-in)").argParser(intArg(0, 255)))
+  .addOption(new Option('--compression-in <method>', "A's multifd-compression (auto: detect it from the first data packet)").choices(['auto', 'none', 'zlib', 'zstd']).default('auto'))
+  .addOption(new Option('--compression-out <method>', "B's multifd-compression").choices(['none', 'zlib', 'zstd']).default('none'))
+  .option('--level-out <n>', 'compression level towards B (zlib 0-9, zstd 0-20; default 1, as QEMU)', intArg(0, 20))
+  .addOption(new Option('--sync-mode <mode>', "how A's MULTIFD_FLUSH/EOS map to syncs (auto infers it from A's stream); B must use the same").choices(['auto', 'round', 'section']).default('auto'))
+  .option('--uuid <uuid>', "A's -uuid: A's channels must carry it (B's carry it too); default: whatever A sends", uuidArg)
+  .option('--tee <file>', 'also keep a mapped-ram snapshot of the migrated state (finalised only once B confirmed the load)')
+  .option('--no-direct-io', 'write the tee through the page cache (default: O_DIRECT where the file system allows it)')
+  .option('--json', 'print the final summary as JSON on stdout')
+  .addHelpText('after', `
+Start B first (qemu ... -incoming defer; multifd=on, multifd-channels=OUT,
+  multifd-compression=METHOD; migrate-incoming uri=tcp:B:PORT), then the relay, then on A:
+  migrate-set-capabilities multifd=on [return-path=on]; multifd-channels=IN;
+  migrate uri=tcp:RELAY:PORT
+With return-path on A, A completes only once B loaded the state; a failure on B's side fails
+A's migration and A keeps running.`)
+  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean }) => {
+    await report('relay', o.json, async (view) => {
+      const h = relay({
+        listen: o.listen,
+        to: o.to,
+        channelsIn: o.channelsIn,
+        ...(o.channelsOut !== undefined ? { channelsOut: o.channelsOut } : {}),
+        compressionIn: o.compressionIn,
+        compressionOut: o.compressionOut,
+        ...(o.levelOut !== undefined ? { levelOut: o.levelOut } : {}),
+        syncMode: o.syncMode,
+        ...(o.uuid ? { uuid: o.uuid } : {}),
+        ...(o.tee ? { tee: resolve(o.tee), teeDirectIo: o.directIo } : {}),
+      });
+      h.on('progress', (p: RelayProgress) => view.update(relaySample(p)));
+      const addr = await h.listening;
+      // Always (stderr, also with --json): scripts wait for this line before starting A's migrate.
+      process.stderr.write(`listening on ${addr} for ${o.channelsIn} multifd channel(s), relaying to ${o.to}\n`);
+      return h.done;
+    }, relaySummaryText);
   });
 
 program

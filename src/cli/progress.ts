@@ -2,6 +2,7 @@
 
 import cliProgress from 'cli-progress';
 import type { ReceiveProgress } from '../conversations/receive.js';
+import type { RelayProgress } from '../conversations/relay.js';
 import type { SendProgress } from '../conversations/send.js';
 import { bytes, rate } from './format.js';
 
@@ -35,6 +36,17 @@ export function sendSample(p: SendProgress): ProgressSample {
     pages: p.normal + p.duplicate,
     totalPages: p.pagesTotal,
     detail: `${p.channels} channel(s)`,
+  };
+}
+
+export function relaySample(p: RelayProgress): ProgressSample {
+  return {
+    phase: p.phase,
+    elapsedMs: p.elapsedMs,
+    transferred: p.bytesIn,
+    pages: p.normal + p.duplicate,
+    totalPages: Math.ceil(p.ramTotal / 4096),
+    detail: `round ${p.rounds} | ${p.channelsIn} → ${p.channelsOut} channels | ${bytes(p.bytesOut)} out`,
   };
 }
 

@@ -512,7 +512,7 @@ class Relay {
 
   private async writeChannel(i: number, bufs: readonly Buffer[]): Promise<void> {
     const s = await this.bChannels[i]!;
-    await this.trackB(gatherWrite(s, bufs), `destination multifd channel ${i}`);
+    await this.trackB(gatherWrite(s, bufs), `its multifd channel ${i}`);
   }
 
   private async flushMain(): Promise<void> {
@@ -520,7 +520,7 @@ class Relay {
     const bufs = this.out;
     this.out = [];
     const s = await this.bMain!;
-    await this.trackB(gatherWrite(s, bufs), 'destination main channel');
+    await this.trackB(gatherWrite(s, bufs), 'its main channel');
     this.mainBytesOut += bufs.reduce((n, b) => n + b.length, 0);
   }
 
@@ -532,7 +532,7 @@ class Relay {
     } catch (e) {
       // The destination's own verdict may still be in flight on the return path.
       await Promise.race([this.bAnswered, new Promise((r) => setTimeout(r, 500).unref())]);
-      throw this.failure ?? this.destinationError(`the destination closed the ${where} (${(e as Error).message})`);
+      throw this.failure ?? this.destinationError(`the destination closed ${where} (${(e as Error).message})`);
     } finally {
       this.bPending--;
     }

@@ -158,8 +158,7 @@ export class MultifdSender extends EventEmitter {
   async sendPacket(block: string, offsets: ArrayLike<number>, normal: number, zero: number, data: readonly Buffer[]): Promise<void> {
     if (normal + zero === 0) return;
     if (normal + zero > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a packet holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${normal + zero})`);
-    const ch = await this.acquire();
-    const slot = ch.free.pop()!;
+    const [ch, slot] = await this.acquire();
     for (let i = 0; i < normal + zero; i++) slot.normal[i] = offsets[i]!;
     const prepared = ch.prepareTail.then(async () => {
       this.check();
@@ -175,8 +174,7 @@ export class MultifdSender extends EventEmitter {
     if (batch.pages === 0) return;
     if (batch.pages > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a batch holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${batch.pages})`);
     if (!this.opts.loader) throw new Error('send() needs a page loader');
-    const ch = await this.acquire();
-    const slot = ch.free.pop()!;
+    const [ch, slot] = await this.acquire();
     const load = this.opts.loader.loadRuns(batch.block, batch.runs, batch.runs.length / 2, slot.scratch);
     // The rejection is seen by the chain below; this only keeps Node from calling it unhandled
     // while earlier packets of the channel are still being written.
@@ -266,15 +264,20 @@ export class MultifdSender extends EventEmitter {
     if (this.failure) throw this.failure;
   }
 
-  private async acquire(): Promise<Channel> {
+  /**
+   * The next channel with a free slot, and the slot: taken in the same synchronous step as the
+   * search, since concurrent callers (a relay's source channels) resume between awaits.
+   */
+  private async acquire(): Promise<[Channel, Slot]> {
     for (;;) {
       this.check();
       const n = this.channels.length;
       for (let i = 0; i < n; i++) {
         const ch = this.channels[(this.nextChannel + i) % n]!;
-        if (ch.free.length > 0) {
+        const slot = ch.free.pop();
+        if (slot) {
           this.nextChannel = (ch.id + 1) % n;
-          return ch;
+          return [ch, slot];
         }
       }
       await new Promise<void>((resolve) => this.waiters.push(resolve));

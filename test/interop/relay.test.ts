@@ -1,0 +1,307 @@
+/**
+ * relay against real QEMU 10 and 11, per version: a running test guest on QEMU A migrates live
+ * through the relay to QEMU B (started with -S, so its memory can be read before it runs):
+ *  1. 2 → 4 channels (library), A with the return path: A completes only once B confirmed;
+ *  2. 4 → 1 channels, none → zstd, with --tee (CLI as a child process): B loads it, and the tee,
+ *     restored into a third QEMU, holds the same memory as B;
+ *  3. per-section sync (multifd-flush-after-each-section=on on A and B), zstd → zlib;
+ *  4. B killed mid-migration: the relay fails, A's migration fails, A's guest runs on, and a
+ *     second migration through a new relay to a new B succeeds.
+ * On B: the guest's memory invariant holds after the migration, and again after it ran on.
+ * Every path QEMU sees is under /tmp (QEMU 11 runs in a chroot that only shares /tmp).
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
+import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
+import { BIN, cli, freePort, settle, startDestination, type Destination } from '../helpers/send.js';
+import { relay, type RelayHandle, type RelaySummary } from '../../src/conversations/relay.js';
+import type { RestoreSummary } from '../../src/conversations/restore.js';
+
+const MEM_MIB = 128;
+const DIRTY_RANGE = GUEST_DIRTY_END - GUEST_DIRTY_START;
+const PER_SECTION = ['-global', 'migration.multifd-flush-after-each-section=on'];
+
+interface Side {
+  channels: number;
+  compression?: string;
+  extraArgs?: string[];
+}
+
+/** A running guest, dirtying memory. */
+async function startSource(version: QemuVersion, extraArgs: string[] = []): Promise<QemuInstance> {
+  const q = await startQemu({ version, memMiB: MEM_MIB, bootSector: true, extraArgs });
+  await waitGuestPasses(q, 2, 30_000);
+  return q;
+}
+
+/** QEMU B: -incoming defer, -S, multifd set up, listening on a fresh port. */
+async function startB(dir: string, version: QemuVersion, o: Side): Promise<{ d: Destination; uri: string }> {
+  const d = await startDestination(dir, { version, memMiB: MEM_MIB, bootSector: true, ...(o.extraArgs ? { extraArgs: o.extraArgs } : {}) });
+  await d.q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
+  await d.q.qmp.execute('migrate-set-parameters', { 'multifd-channels': o.channels, 'multifd-compression': o.compression ?? 'none' });
+  const uri = `tcp:127.0.0.1:${await freePort()}`;
+  await d.q.qmp.execute('migrate-incoming', { uri, 'exit-on-error': false });
+  return { d, uri };
+}
+
+/** Starts A's migration to `uri` with multifd (and the return path unless told otherwise). */
+async function migrateA(a: QemuInstance, uri: string, o: Side & { returnPath?: boolean; maxBandwidth?: number; downtimeLimitMs?: number }): Promise<void> {
+  const have: { capability: string }[] = await a.qmp.execute('query-migrate-capabilities');
+  await a.qmp.execute('migrate-set-capabilities', {
+    capabilities: [
+      { capability: 'multifd', state: true },
+      { capability: 'return-path', state: o.returnPath ?? true },
+      ...(have.some((c) => c.capability === 'mapped-ram') ? [{ capability: 'mapped-ram', state: false }] : []),
+    ],
+  });
+  await a.qmp.execute('migrate-set-parameters', {
+    'max-bandwidth': o.maxBandwidth ?? 107374182400,
+    // A TCG guest dirties memory fast; a generous downtime lets the migration converge.
+    'downtime-limit': o.downtimeLimitMs ?? 20000,
+    'multifd-channels': o.channels,
+    'multifd-compression': o.compression ?? 'none',
+  });
+  await a.qmp.execute('migrate', { uri });
+}
+
+/**
+ * Keeps A iterating (a downtime it cannot meet) until it has synced its dirty bitmap `rounds`
+ * times, then lets it converge: many rounds re-send the same pages, which is what ordering needs.
+ */
+async function holdRounds(a: QemuInstance, rounds: number): Promise<number> {
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const st = await a.qmp.execute('query-migrate');
+    const n: number = st.ram?.['dirty-sync-count'] ?? 0;
+    if (st.status !== 'active' && st.status !== 'setup') throw new Error(`A's migration is ${st.status} (${st['error-desc'] ?? ''}) while holding it in iteration`);
+    if (n >= rounds || Date.now() > deadline) {
+      await a.qmp.execute('migrate-set-parameters', { 'downtime-limit': 20000 });
+      return n;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** B loaded a consistent guest, which runs on with the invariant intact. Returns B's memory as loaded. */
+async function assertGuestRunsOn(t: { diagnostic(s: string): void }, b: QemuInstance, what: string): Promise<Buffer> {
+  const st = await waitMigration(b.qmp, { timeoutMs: 60_000 });
+  assert.equal(st.status, 'completed', `${what}: B's incoming migration completed`);
+  assert.equal((await b.qmp.execute('query-status')).running, false, 'the -S destination is paused after loading');
+  const mem0 = await dumpGuestMemory(b, GUEST_DIRTY_START, DIRTY_RANGE);
+  const r0 = checkDirtyInvariant(mem0);
+  t.diagnostic(`${what}: B loaded value=${r0.value} boundary=${r0.boundary}${r0.reason ? ` (${r0.reason})` : ''}`);
+  assert.ok(r0.ok, `${what}: B's guest memory is inconsistent: ${r0.reason}`);
+  const passes = countPasses(b.serialLog());
+  await b.qmp.execute('cont');
+  await waitGuestPasses(b, passes + 2, 30_000);
+  await b.qmp.execute('stop');
+  const mem1 = await dumpGuestMemory(b, GUEST_DIRTY_START, DIRTY_RANGE);
+  const r1 = checkDirtyInvariant(mem1);
+  assert.ok(r1.ok, `${what}: B's guest broke the invariant after running: ${r1.reason}`);
+  assert.ok(!mem1.equals(mem0), `${what}: B's guest memory changed after cont`);
+  return mem0;
+}
+
+function assertRelaySummary(s: RelaySummary, inn: Side, out: Side, what: string): void {
+  assert.equal(s.status, 'completed');
+  assert.equal(s.destination, 'confirmed');
+  assert.equal(s['channels-in'].length, inn.channels, `${what}: channels in`);
+  assert.equal(s['channels-out'].length, out.channels, `${what}: channels out`);
+  assert.equal(s['compression-in'], inn.compression ?? 'none');
+  assert.equal(s['compression-out'], out.compression ?? 'none');
+  assert.ok(s.normal > DIRTY_RANGE / 4096, `${what}: the dirtied range went over at least once (normal=${s.normal})`);
+  assert.ok(s['multifd-syncs'] >= 2, `${what}: setup sync and at least one round`);
+  for (const c of s['channels-out']) assert.equal(c.syncs, s['multifd-syncs'], `${what}: B channel ${c.id} carried one SYNC per sync point`);
+  const pagesOut = s['channels-out'].reduce((n, c) => n + c.normalPages, 0);
+  const pagesIn = s['channels-in'].reduce((n, c) => n + c.normalPages, 0);
+  assert.equal(pagesOut, pagesIn, `${what}: every multifd page that came in went out`);
+}
+
+function line(s: RelaySummary): string {
+  return `${s['total-time']} ms, ${s['bytes-in']} bytes in, ${s['bytes-out']} out, ${s.normal} pages, ${s.duplicate} zero, ${s['multifd-syncs']} syncs (${s['sync-mode']}), ${s['compression-in']} → ${s['compression-out']}, ${s['channels-in'].length} → ${s['channels-out'].length} channels`;
+}
+
+async function killAll(...qs: (QemuInstance | Destination | undefined)[]): Promise<void> {
+  await Promise.all(qs.map((x) => (x ? ('q' in x ? x.q : x).kill() : undefined)));
+}
+
+/** The relay CLI as a child process; resolves once it listens (its stderr line). */
+function startCliRelay(args: string[]): Promise<{ done: Promise<{ code: number; stdout: string; stderr: string }> }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [BIN, 'relay', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
+    const done = new Promise<{ code: number; stdout: string; stderr: string }>((res) => p.on('exit', (code) => res({ code: code ?? -1, stdout, stderr })));
+    p.stderr.on('data', (b: Buffer) => {
+      stderr += b.toString();
+      if (/^listening on /m.test(stderr)) resolve({ done });
+    });
+    void done.then((r) => reject(new Error(`relay CLI exited (${r.code}) before listening: ${r.stderr}`)));
+  });
+}
+
+for (const version of ['10', '11'] as QemuVersion[]) {
+  const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)} does not run)`;
+
+  describe(`relay with QEMU ${version}`, { skip }, () => {
+    test('running guest, 2 → 4 channels: A completes once B confirmed; B runs on with the invariant', { timeout: 150_000 }, async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-relay-');
+      let a: QemuInstance | undefined;
+      let b: Destination | undefined;
+      let r: RelayHandle | undefined;
+      try {
+        a = await startSource(version);
+        const inn: Side = { channels: 2 };
+        const out: Side = { channels: 4 };
+        const B = await startB(dir, version, out);
+        b = B.d;
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: inn.channels, channelsOut: out.channels });
+        await migrateA(a, await r.listening, { ...inn, downtimeLimitMs: 1, maxBandwidth: 512 * 1024 * 1024 });
+        const held = await holdRounds(a, 6);
+        const s = await r.done;
+        t.diagnostic(`relay: ${line(s)}`);
+        const stA = await waitMigration(a.qmp, { timeoutMs: 30_000 });
+        assert.equal(stA.status, 'completed', 'A completed');
+        assertRelaySummary(s, inn, out, '2 → 4');
+        assert.ok(held >= 6, `A iterated at least 6 rounds before converging (${held})`);
+        assert.ok(s['multifd-syncs'] >= 6, `every round was a sync point through the relay (${s['multifd-syncs']})`);
+        assert.equal(s['return-path'], true, 'A opened the return path and the relay answered on it');
+        assert.equal(s['sync-mode'], 'round');
+        t.diagnostic(`A: downtime ${stA.downtime} ms, dirty-sync-count ${stA.ram?.['dirty-sync-count']}`);
+        await assertGuestRunsOn(t, b.q, '2 → 4');
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
+        await killAll(a, b);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('running guest, 4 → 1 channels, none → zstd, --tee (CLI): B and the tee restored in a third QEMU hold the same memory', { timeout: 240_000 }, async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-relay-');
+      let a: QemuInstance | undefined;
+      let b: Destination | undefined;
+      let c: Destination | undefined;
+      try {
+        a = await startSource(version);
+        const inn: Side = { channels: 4 };
+        const out: Side = { channels: 1, compression: 'zstd' };
+        const B = await startB(dir, version, out);
+        b = B.d;
+        const tee = join(dir, 'tee.mig');
+        const port = await freePort();
+        const cliRelay = await startCliRelay(['--listen', `tcp:127.0.0.1:${port}`, '--to', B.uri, '--channels-in', '4', '--channels-out', '1', '--compression-out', 'zstd', '--tee', tee, '--json']);
+        await migrateA(a, `tcp:127.0.0.1:${port}`, inn);
+        const res = await settle(cliRelay.done, 120_000, 'relay CLI');
+        assert.ok(res.ok);
+        assert.equal(res.value.code, 0, `relay CLI failed: ${res.value.stderr}`);
+        const s = JSON.parse(res.value.stdout) as RelaySummary;
+        t.diagnostic(`relay CLI: ${line(s)}; tee ${s.tee?.['file-size']} bytes, committed in ${s.tee?.['commit-time']} ms`);
+        assertRelaySummary(s, inn, out, '4 → 1 zstd');
+        assert.ok(s['channels-out'][0]!.bytes < s['channels-in'].reduce((n, ch) => n + ch.bytes, 0), 'zstd made the outgoing channel smaller than what came in');
+        assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
+        const memB = await assertGuestRunsOn(t, b.q, '4 → 1 zstd');
+        await killAll(a, b);
+        a = undefined;
+        b = undefined;
+
+        assert.ok(existsSync(tee), 'the tee file exists');
+        assert.deepEqual(readdirSync(dir).filter((f) => f.includes('tee')), ['tee.mig'], 'no temporary tee files left');
+        c = await startDestination(dir, { version, memMiB: MEM_MIB, bootSector: true });
+        const rr = await cli(['restore', tee, '--qmp', c.qmp, '--channels', '2', '--json']);
+        assert.equal(rr.code, 0, `restore of the tee failed: ${rr.stderr}`);
+        const rs = JSON.parse(rr.stdout) as RestoreSummary;
+        assert.equal(rs.destinationQemu.status, 'completed');
+        const memC = await dumpGuestMemory(c.q, GUEST_DIRTY_START, DIRTY_RANGE);
+        assert.ok(memC.equals(memB), 'the tee restored in a third QEMU holds exactly the memory B loaded');
+        await assertGuestRunsOn(t, c.q, 'tee restored');
+      } finally {
+        await killAll(a, b, c);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('running guest, per-section sync on both sides, zstd → zlib, 2 → 3 channels', { timeout: 150_000 }, async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-relay-');
+      let a: QemuInstance | undefined;
+      let b: Destination | undefined;
+      let r: RelayHandle | undefined;
+      try {
+        a = await startSource(version, PER_SECTION);
+        const inn: Side = { channels: 2, compression: 'zstd' };
+        const out: Side = { channels: 3, compression: 'zlib', extraArgs: PER_SECTION };
+        const B = await startB(dir, version, out);
+        b = B.d;
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 2, channelsOut: 3, compressionOut: 'zlib' });
+        await migrateA(a, await r.listening, inn);
+        const s = await r.done;
+        t.diagnostic(`relay: ${line(s)}`);
+        assertRelaySummary(s, inn, out, 'per-section');
+        assert.equal(s['sync-mode'], 'section');
+        assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
+        await assertGuestRunsOn(t, b.q, 'per-section');
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
+        await killAll(a, b);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('B killed mid-migration: A fails and runs on; a second migration through a new relay succeeds', { timeout: 240_000 }, async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-relay-');
+      let a: QemuInstance | undefined;
+      let b: Destination | undefined;
+      let b2: Destination | undefined;
+      let r: RelayHandle | undefined;
+      try {
+        a = await startSource(version);
+        const B = await startB(dir, version, { channels: 2 });
+        b = B.d;
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 2, progressIntervalMs: 100 });
+        const bq = b.q;
+        let killed = false;
+        // Slow enough that the kill lands in the middle of the first round.
+        r.on('progress', (p: { bytesOut: number }) => {
+          if (!killed && p.bytesOut > 24 * 1024 * 1024) {
+            killed = true;
+            bq.proc.kill('SIGKILL');
+          }
+        });
+        await migrateA(a, await r.listening, { channels: 2, maxBandwidth: 32 * 1024 * 1024 });
+        const res = await settle(r.done, 90_000, 'relay');
+        assert.ok(killed, 'B was killed during the migration');
+        assert.ok(!res.ok, 'the relay failed');
+        t.diagnostic(`relay error: ${res.error.message}`);
+        assert.match(res.error.message, /destination/i, 'the error names the destination');
+        const stA = await waitMigration(a.qmp, { timeoutMs: 30_000 });
+        t.diagnostic(`A: ${stA.status} ${stA['error-desc'] ?? ''}`);
+        assert.equal(stA.status, 'failed', "A's migration failed");
+        assert.equal((await a.qmp.execute('query-status')).status, 'running', 'A runs on');
+        const passes = countPasses(a.serialLog());
+        await waitGuestPasses(a, passes + 1, 30_000);
+        await killAll(b);
+        b = undefined;
+
+        const B2 = await startB(dir, version, { channels: 2 });
+        b2 = B2.d;
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: B2.uri, channelsIn: 2 });
+        await migrateA(a, await r.listening, { channels: 2 });
+        const s = await r.done;
+        t.diagnostic(`second relay: ${line(s)}`);
+        assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', "A's second migration completed");
+        await assertGuestRunsOn(t, b2.q, 'second migration');
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
+        await killAll(a, b, b2);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+}

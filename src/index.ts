@@ -1,4 +1,4 @@
-// The library API. Conversations (receive, save, send, restore) are the high-level entry points; the codec and
+// The library API. Conversations (receive, save, send, restore, relay) are the high-level entry points; the codec and
 // engine are exported for tools that work with migration streams and files directly.
 
 export { receive, ReceiveHandle } from './conversations/receive.js';
@@ -9,6 +9,8 @@ export { send, SendHandle, DestinationClosedError, StallError } from './conversa
 export type { SendOptions, SendProgress, SendSummary } from './conversations/send.js';
 export { restore, RestoreHandle, DestinationError } from './conversations/restore.js';
 export type { RestoreOptions, RestoreProgress, RestoreSummary } from './conversations/restore.js';
+export { relay, RelayHandle } from './conversations/relay.js';
+export type { RelayOptions, RelayProgress, RelaySummary } from './conversations/relay.js';
 export { inspect } from './conversations/inspect.js';
 export type { InspectOptions, InspectResult, InspectBlock, InspectSection, InspectDevice } from './conversations/inspect.js';
 export { verify } from './conversations/verify.js';

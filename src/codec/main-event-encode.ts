@@ -1,6 +1,7 @@
 // Main-channel events back to bytes: what a relay writes to its destination for each record it
-// parsed from its source. Records are re-encoded, not copied, so a page record always names its
-// block (CONTINUE is an optimisation, never required) and nothing unparsed slips through.
+// parsed from its source. Records are re-encoded, not copied, so nothing unparsed slips through;
+// a page record keeps the source's CONTINUE flag (the stream comes out byte for byte as it went
+// in), which is valid as long as no page record is inserted or dropped between them.
 
 import { RamFlag, SectionType } from './constants.js';
 import { encodeConfiguration } from './configuration.js';
@@ -38,9 +39,9 @@ export function encodeMainEvent(ev: MainEvent): Buffer[] {
       if (ev.block.mappedRam) throw new RangeError('a mapped-ram block entry has no stream encoding');
       return [encodeBlockEntry(ev.block.name, ev.block.usedLength, ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {})];
     case 'ram-page':
-      return [encodePageRecordHeader(RamFlag.PAGE, ev.offset, ev.block), ...ev.data];
+      return [encodePageRecordHeader(RamFlag.PAGE, ev.offset, ev.continued ? undefined : ev.block), ...ev.data];
     case 'ram-zero':
-      return [encodeZeroRecord(ev.offset, ev.block)];
+      return [encodeZeroRecord(ev.offset, ev.continued ? undefined : ev.block)];
     case 'ram-flush':
       return [encodeMultifdFlush()];
     case 'ram-eos':

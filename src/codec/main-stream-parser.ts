@@ -36,8 +36,9 @@ export type MainEvent =
   | { type: 'section'; kind: SectionKind; sectionId: number; idstr: string; instanceId: number; versionId: number }
   | { type: 'ram-mem-size'; totalBytes: number }
   | { type: 'ram-block'; block: RamBlockInfo }
-  | { type: 'ram-page'; block: string; offset: number; data: Buffer[] }
-  | { type: 'ram-zero'; block: string; offset: number }
+  /** `continued`: the record had RAM_SAVE_FLAG_CONTINUE (its block is the previous record's). */
+  | { type: 'ram-page'; block: string; offset: number; data: Buffer[]; continued: boolean }
+  | { type: 'ram-zero'; block: string; offset: number; continued: boolean }
   | { type: 'ram-flush' }
   | { type: 'ram-eos' }
   | { type: 'footer'; sectionId: number }
@@ -323,11 +324,11 @@ export class MainStreamParser {
           const fill = c.u8();
           if (fill !== 0) throw new ProtocolError('BAD_RECORD', `zero page record with fill byte 0x${fill.toString(16)}`, { offset: at });
           this.lastBlock = block;
-          return { type: 'ram-zero', block, offset };
+          return { type: 'ram-zero', block, offset, continued: (flags & RamFlag.CONTINUE) !== 0 };
         }
         const data = c.takeSlices(this.pageSize);
         this.lastBlock = block;
-        return { type: 'ram-page', block, offset, data };
+        return { type: 'ram-page', block, offset, data, continued: (flags & RamFlag.CONTINUE) !== 0 };
       }
       case RamFlag.EOS:
         if (flags & RamFlag.CONTINUE) break;

@@ -41,8 +41,10 @@ async function startSource(version: QemuVersion, extraArgs: string[] = []): Prom
 /** QEMU B: -incoming defer, -S, multifd set up, listening on a fresh port. */
 async function startB(dir: string, version: QemuVersion, o: Side): Promise<{ d: Destination; uri: string }> {
   const d = await startDestination(dir, { version, memMiB: MEM_MIB, bootSector: true, ...(o.extraArgs ? { extraArgs: o.extraArgs } : {}) });
-  await d.q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
-  await d.q.qmp.execute('migrate-set-parameters', { 'multifd-channels': o.channels, 'multifd-compression': o.compression ?? 'none' });
+  if (o.channels > 0) {
+    await d.q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
+    await d.q.qmp.execute('migrate-set-parameters', { 'multifd-channels': o.channels, 'multifd-compression': o.compression ?? 'none' });
+  }
   const uri = `tcp:127.0.0.1:${await freePort()}`;
   await d.q.qmp.execute('migrate-incoming', { uri, 'exit-on-error': false });
   return { d, uri };
@@ -53,7 +55,7 @@ async function migrateA(a: QemuInstance, uri: string, o: Side & { returnPath?: b
   const have: { capability: string }[] = await a.qmp.execute('query-migrate-capabilities');
   await a.qmp.execute('migrate-set-capabilities', {
     capabilities: [
-      { capability: 'multifd', state: true },
+      { capability: 'multifd', state: o.channels > 0 },
       { capability: 'return-path', state: o.returnPath ?? true },
       ...(have.some((c) => c.capability === 'mapped-ram') ? [{ capability: 'mapped-ram', state: false }] : []),
     ],
@@ -62,8 +64,7 @@ async function migrateA(a: QemuInstance, uri: string, o: Side & { returnPath?: b
     'max-bandwidth': o.maxBandwidth ?? 107374182400,
     // A TCG guest dirties memory fast; a generous downtime lets the migration converge.
     'downtime-limit': o.downtimeLimitMs ?? 20000,
-    'multifd-channels': o.channels,
-    'multifd-compression': o.compression ?? 'none',
+    ...(o.channels > 0 ? { 'multifd-channels': o.channels, 'multifd-compression': o.compression ?? 'none' } : {}),
   });
   await a.qmp.execute('migrate', { uri });
 }
@@ -245,6 +246,34 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(s['sync-mode'], 'section');
         assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
         await assertGuestRunsOn(t, b.q, 'per-section');
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
+        await killAll(a, b);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('running guest, multifd off on both sides, A without a return path: the relay learns B\'s verdict on its own', { timeout: 150_000 }, async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-relay-');
+      let a: QemuInstance | undefined;
+      let b: Destination | undefined;
+      let r: RelayHandle | undefined;
+      try {
+        a = await startSource(version);
+        const B = await startB(dir, version, { channels: 0 });
+        b = B.d;
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 0, channelsOut: 0 });
+        await migrateA(a, await r.listening, { channels: 0, returnPath: false });
+        const s = await r.done;
+        t.diagnostic(`relay: ${line(s)}`);
+        assert.equal(s.destination, 'confirmed', "B's SHUT(0) came back on the relay's own return path");
+        assert.equal(s['return-path'], false);
+        assert.equal(s['sync-mode'], 'none');
+        assert.deepEqual([s['channels-in'].length, s['channels-out'].length], [0, 0]);
+        assert.ok(s.normal > DIRTY_RANGE / 4096, `pages went over the main channel (normal=${s.normal})`);
+        assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
+        await assertGuestRunsOn(t, b.q, 'no multifd');
       } finally {
         r?.abort(new Error('test over'));
         await r?.done.catch(() => {});

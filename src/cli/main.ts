@@ -46,6 +46,16 @@ async function report<S>(label: string, json: boolean | undefined, start: (view:
   }
 }
 
+/**
+ * Ctrl-C or SIGTERM aborts the conversation instead of killing the process, so it cleans up: the
+ * temporary snapshot removed, the source told (SHUT 1) and its connections closed.
+ */
+function abortOnSignal(h: { abort(e: Error): void }): void {
+  const on = (sig: string): void => h.abort(new Error(`interrupted (${sig})`));
+  process.once('SIGINT', on);
+  process.once('SIGTERM', on);
+}
+
 function fail(e: unknown): never {
   const err = e as Error & { code?: string; offset?: number };
   const where = err.offset !== undefined ? ` (at byte ${err.offset})` : '';
@@ -84,6 +94,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
     await report('receive', o.json, async (view) => {
       const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, ...(o.uuid ? { uuid: o.uuid } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
+      abortOnSignal(h);
       const addr = await h.listening;
       if (!o.json) process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)\n`);
       return h.done;
@@ -228,6 +239,7 @@ A's migration and A keeps running.`)
         ...(o.tee ? { tee: resolve(o.tee), teeDirectIo: o.directIo } : {}),
       });
       h.on('progress', (p: RelayProgress) => view.update(relaySample(p)));
+      abortOnSignal(h);
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting A's migrate.
       process.stderr.write(`listening on ${addr} for ${o.channelsIn} multifd channel(s), relaying to ${o.to}\n`);

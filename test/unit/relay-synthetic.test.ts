@@ -7,13 +7,16 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { relay, type RelayOptions, type RelaySummary } from '../../src/conversations/relay.js';
 import { receive, type ReceiveSummary } from '../../src/conversations/receive.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { dirtySyntheticGuest, makeSyntheticGuest, sendSyntheticMigration, type SyntheticGuest, type SyntheticSendOptions } from '../../src/demo/synthetic-source.js';
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { encodeConfiguration } from '../../src/codec/configuration.js';
-import { encodeStreamHeader } from '../../src/codec/stream-encode.js';
+import { encodeBlockEntry, encodeMemSize, encodeSectionFull, encodeStreamHeader } from '../../src/codec/stream-encode.js';
+import { SectionType } from '../../src/codec/constants.js';
 import { connectTo } from '../../src/transports/connect.js';
 
 const tmp = (): string => mkdtempSync('/tmp/multifd-relay-test-');
@@ -170,6 +173,50 @@ describe('relay failures', () => {
       assert.ok(!existsSync(join(dir, 'tee.mig')) && !existsSync(join(dir, 'b.mig')), 'no snapshot looks complete');
       assert.deepEqual(readdirSync(dir), []);
     } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('relay CLI interrupted (SIGINT) mid-migration: exit 1 with the reason, the tee removed, the source cut off', async () => {
+    const dir = tmp();
+    const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
+    try {
+      const bin = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
+      const p = spawn(process.execPath, [bin, 'relay', '--listen', 'tcp:127.0.0.1:0', '--to', await rx.listening, '--channels-in', '2', '--tee', join(dir, 'tee.mig')], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stderr = '';
+      const exited = new Promise<number | null>((res) => p.on('exit', (code) => res(code)));
+      const addr = await new Promise<string>((res, rej) => {
+        p.stderr.on('data', (b: Buffer) => {
+          stderr += b.toString();
+          const m = /^listening on (\S+)/m.exec(stderr);
+          if (m) res(m[1]!);
+        });
+        void exited.then(() => rej(new Error(`relay CLI exited early: ${stderr}`)));
+      });
+      // A source that stops inside its RAM setup section (the tee file exists by then).
+      const main = await connectTo(addr);
+      main.on('error', () => {});
+      main.write(Buffer.concat([
+        encodeStreamHeader(),
+        encodeConfiguration({ machine: 'pc-i440fx-10.0', capabilities: [] }),
+        encodeSectionFull(SectionType.START, 2, 'ram', 0, 4),
+        encodeMemSize(1 << 20),
+        encodeBlockEntry('pc.ram', 1 << 20),
+      ]));
+      const closed = new Promise<void>((res) => main.on('close', () => res()));
+      main.resume();
+      const deadline = Date.now() + 5000;
+      while (!readdirSync(dir).some((f) => f.includes('tee.mig')) && Date.now() < deadline) await new Promise((res) => setTimeout(res, 20));
+      assert.ok(readdirSync(dir).some((f) => f.includes('tee.mig')), `the tee's temporary file was created (${readdirSync(dir).join(', ')})`);
+      p.kill('SIGINT');
+      assert.equal(await exited, 1, 'exit status 1');
+      assert.match(stderr, /multifd: error: interrupted \(SIGINT\)/);
+      await closed;
+      await rx.done.catch(() => {});
+      assert.deepEqual(readdirSync(dir), [], 'no tee, no temporary file, no destination snapshot');
+    } finally {
+      rx.abort();
+      await rx.done.catch(() => {});
       rmSync(dir, { recursive: true, force: true });
     }
   });

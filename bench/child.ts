@@ -1,15 +1,26 @@
 // One of our operations in a process of its own, so the benchmark sees its wall time and peak
 // RSS apart from the harness (and from QEMU): node dist/bench/child.js '<json>'.
+// stdout: the result as the last line. A relay first prints {"listening":"tcp:HOST:PORT"} once it
+// listens, so the harness knows where to send QEMU A.
 
+import { relay, type RelayOptions } from '../src/conversations/relay.js';
 import { restore, type RestoreOptions } from '../src/conversations/restore.js';
 import { save, type SaveOptions } from '../src/conversations/save.js';
 
-type Job = { op: 'save'; opts: SaveOptions } | { op: 'restore'; opts: RestoreOptions };
+type Job = { op: 'save'; opts: SaveOptions } | { op: 'restore'; opts: RestoreOptions } | { op: 'relay'; opts: RelayOptions };
 
 const job = JSON.parse(process.argv[2]!) as Job;
 const t0 = performance.now();
 try {
-  const summary = job.op === 'save' ? await save(job.opts).done : await restore(job.opts).done;
+  let done: Promise<unknown>;
+  if (job.op === 'save') done = save(job.opts).done;
+  else if (job.op === 'restore') done = restore(job.opts).done;
+  else {
+    const h = relay(job.opts);
+    void h.listening.then((addr) => process.stdout.write(JSON.stringify({ listening: addr }) + '\n'), () => {});
+    done = h.done;
+  }
+  const summary = await done;
   const wallMs = performance.now() - t0;
   const u = process.resourceUsage();
   // CPU of the whole process (all threads: main, thread pool, zstd workers).

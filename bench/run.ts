@@ -6,6 +6,7 @@
 //   npm run bench -- --quick            smoke: 256 MiB, 2 channels, none, 1 rep (what CI runs)
 //   npm run bench -- --sizes 1 --channels 2,4 --methods none --reps 5
 //   npm run bench -- --methods zlib,zstd --name compressed   results in bench/results/compressed.*
+//   npm run bench -- --scenarios relay --sizes 1 --channels 2 --methods none --reps 1 --name relay-try
 //   MULTIFD_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" npm run bench -- --ours-only ...
 //
 // Pairs (same guest, same channel count, same method):
@@ -14,7 +15,11 @@
 //   save     our save, wall time            vs  QEMU migrate file:   time ratio, goal ≤ 1.2
 //   restore  our restore, wall time         vs  QEMU → QEMU          throughput, goal ≥ 1; QEMU's file restore is the floor
 //   live     running guest → our save       vs  running QEMU → QEMU  total time and downtime (method none; --no-live skips)
-// CPU: each job's CPU time, ours plus the QEMU peer's, against QEMU's two sides (or QEMU alone for file jobs).
+//   relay    QEMU A → our relay → QEMU B   vs  QEMU → QEMU          throughput, goal ≥ 0.8; relay peak RSS goal ≤ 256 MiB (4 GiB guest)
+// --scenarios receive,send,save,restore,live,relay picks pairs (default all; live not with --quick
+// or --no-live). The QEMU → QEMU run is measured once per rep and shared by receive/send/restore/relay.
+// CPU: each job's CPU time, ours plus the QEMU peer's (both QEMUs for relay), against QEMU's two
+// sides (or QEMU alone for file jobs); our process's own CPU time is recorded too (oursCpuMs).
 // Peak RSS of our process (a child of this harness) is recorded for every run.
 
 import { spawn } from 'node:child_process';
@@ -43,9 +48,14 @@ interface Args {
   oursOnly: boolean;
   /** Also the running-guest runs (method none): total time and downtime. */
   live: boolean;
+  /** The pairs to measure (--scenarios; default all, live only without --quick/--no-live). */
+  scenarios: Scenario[];
   /** File stem under bench/results/ (default latest; quick for --quick). */
   name: string | undefined;
 }
+
+const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay'] as const;
+type Scenario = (typeof SCENARIOS)[number];
 
 function parseArgs(argv: string[]): Args {
   const get = (name: string): string | undefined => {
@@ -54,6 +64,13 @@ function parseArgs(argv: string[]): Args {
   };
   const quick = argv.includes('--quick');
   const list = (name: string, dflt: string): string[] => (get(name) ?? dflt).split(',').filter(Boolean);
+  const liveByDefault = !argv.includes('--no-live') && !quick;
+  const scenarios = list('scenarios', SCENARIOS.filter((x) => x !== 'live' || liveByDefault).join(','));
+  const unknown = scenarios.filter((x) => !(SCENARIOS as readonly string[]).includes(x));
+  if (unknown.length) {
+    console.error(`bench: unknown scenario(s) ${unknown.join(', ')}; known: ${SCENARIOS.join(', ')}`);
+    process.exit(2);
+  }
   return {
     quick,
     sizes: list('sizes', quick ? '0.25' : '1,4').map(Number),
@@ -62,7 +79,8 @@ function parseArgs(argv: string[]): Args {
     reps: Number(get('reps') ?? (quick ? 1 : 3)),
     version: (get('qemu') ?? '10') as '10' | '11',
     oursOnly: argv.includes('--ours-only'),
-    live: !argv.includes('--no-live') && !quick,
+    live: scenarios.includes('live'),
+    scenarios: scenarios as Scenario[],
     name: get('name'),
   };
 }
@@ -105,15 +123,36 @@ function qemuCpuMs(q: QemuInstance): number {
 }
 const CLOCK_TICKS = 100;
 
-async function child(job: unknown): Promise<{ ok: boolean; wallMs: number; cpuMs: number; maxRssKiB: number; summary?: any; error?: string }> {
-  return new Promise((resolve, reject) => {
-    // MULTIFD_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles our side of every run.
-    const nodeArgs = (process.env.MULTIFD_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
-    const p = spawn(process.execPath, [...nodeArgs, CHILD, JSON.stringify(job)], { stdio: ['ignore', 'pipe', 'inherit'] });
-    let out = '';
-    p.stdout.on('data', (d) => { out += d; });
+interface ChildResult { ok: boolean; wallMs: number; cpuMs: number; maxRssKiB: number; summary?: any; error?: string }
+
+interface ChildRun {
+  /** The address a relay child listens on (its first stdout line); rejects if it exits first. */
+  listening: Promise<string>;
+  result: Promise<ChildResult>;
+  /** Kills the child if it is still running (a relay whose source never came). */
+  kill(): void;
+}
+
+function startChild(job: unknown): ChildRun {
+  // MULTIFD_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles our side of every run.
+  const nodeArgs = (process.env.MULTIFD_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  const p = spawn(process.execPath, [...nodeArgs, CHILD, JSON.stringify(job)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  let exited = false;
+  let onListening: (addr: string) => void = () => {};
+  let noListening: (e: Error) => void = () => {};
+  const listening = new Promise<string>((res, rej) => { onListening = res; noListening = rej; });
+  listening.catch(() => {});
+  p.stdout.on('data', (d) => {
+    out += d;
+    const m = /^\{"listening":"([^"]+)"\}$/m.exec(out);
+    if (m) onListening(m[1]!);
+  });
+  const result = new Promise<ChildResult>((resolve, reject) => {
     p.on('error', reject);
     p.on('close', () => {
+      exited = true;
+      noListening(new Error(`bench child exited before listening: ${out}`));
       try {
         resolve(JSON.parse(out.trim().split('\n').at(-1)!));
       } catch {
@@ -121,6 +160,11 @@ async function child(job: unknown): Promise<{ ok: boolean; wallMs: number; cpuMs
       }
     });
   });
+  return { listening, result, kill: () => { if (!exited) p.kill('SIGKILL'); } };
+}
+
+async function child(job: unknown): Promise<ChildResult> {
+  return startChild(job).result;
 }
 
 async function setMigration(q: QemuInstance, channels: number, method: string, caps: Record<string, boolean> = {}, extra: Record<string, unknown> = {}): Promise<void> {
@@ -222,8 +266,8 @@ async function oursSave(c: Ctx, file: string): Promise<{ save: Row['result']; re
     // The job's CPU: ours plus the QEMU source's (QEMU→QEMU counts both of its sides likewise).
     const cpuMs = r.cpuMs + qemuCpuMs(src) - cpu0;
     return {
-      save: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs },
-      receive: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs },
+      save: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs, oursCpuMs: r.cpuMs },
+      receive: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs, oursCpuMs: r.cpuMs },
     };
   } finally {
     await src.kill();
@@ -240,10 +284,47 @@ async function oursRestore(c: Ctx, file: string): Promise<{ restore: Row['result
     if (!r.ok) throw new Error(`restore: ${r.error}`);
     const cpuMs = r.cpuMs + qemuCpuMs(dst) - cpu0;
     return {
-      restore: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs },
-      send: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs },
+      restore: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs, oursCpuMs: r.cpuMs },
+      send: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs, oursCpuMs: r.cpuMs },
     };
   } finally {
+    await dst.kill();
+  }
+}
+
+/**
+ * QEMU A → our relay (a child process) → QEMU B, both QEMUs set up exactly as for QEMU → QEMU and
+ * timed the same way: from A's `migrate` to B's `completed`. The relay takes A's channel count and
+ * method on both sides. cpuMs is the job's (the relay plus both QEMUs, against QEMU → QEMU's two
+ * sides); oursCpuMs and rssMiB are the relay process's alone.
+ */
+async function oursRelay(c: Ctx): Promise<Row['result']> {
+  const src = await source(c);
+  const dst = await destination(c);
+  let r: ChildRun | undefined;
+  try {
+    await setMigration(src, c.channels, c.method);
+    await setMigration(dst, c.channels, c.method);
+    const to = `tcp:127.0.0.1:${port++}`;
+    await dst.qmp.execute('migrate-incoming', { uri: to });
+    r = startChild({ op: 'relay', opts: { listen: `tcp:127.0.0.1:${port++}`, to, channelsIn: c.channels, channelsOut: c.channels, compressionIn: c.method, compressionOut: c.method } });
+    const uri = await r.listening;
+    const cpu0 = qemuCpuMs(src) + qemuCpuMs(dst);
+    const t0 = performance.now();
+    await src.qmp.execute('migrate', { uri });
+    const m = await waitMigration(dst.qmp, { timeoutMs: 600_000, intervalMs: 5 });
+    const ms = performance.now() - t0;
+    if (m.status !== 'completed') throw new Error(`relay: QEMU B ${m.status}: ${m['error-desc']}`);
+    const qemuCpu = qemuCpuMs(src) + qemuCpuMs(dst) - cpu0;
+    const s = await waitMigration(src.qmp, { timeoutMs: 60_000, intervalMs: 5 });
+    if (s.status !== 'completed') throw new Error(`relay: QEMU A ${s.status}: ${s['error-desc']}`);
+    const res = await r.result;
+    if (!res.ok) throw new Error(`relay: ${res.error}`);
+    if (res.summary.destination !== 'confirmed') throw new Error(`relay: B did not confirm (${JSON.stringify(res.summary.destination)})`);
+    return { ms, wireBytes: res.summary['bytes-out'], rssMiB: res.maxRssKiB / 1024, cpuMs: res.cpuMs + qemuCpu, oursCpuMs: res.cpuMs };
+  } finally {
+    r?.kill();
+    await src.kill();
     await dst.kill();
   }
 }
@@ -308,11 +389,13 @@ async function main(): Promise<void> {
   mkdirSync(WORK, { recursive: true });
   mkdirSync(RESULTS, { recursive: true });
   const rows: Row[] = [];
+  const want = (s: Scenario): boolean => a.scenarios.includes(s);
   const started = new Date().toISOString();
   const record = (r: Omit<Row, 'version'>): void => {
     const row = { ...r, version: a.version };
     rows.push(row);
-    const rss = (row.result.rssMiB !== undefined ? ` rss ${row.result.rssMiB.toFixed(0)} MiB` : '') +
+    const rss = (row.result.oursCpuMs !== undefined ? ` own cpu ${row.result.oursCpuMs.toFixed(0)} ms` : '') +
+      (row.result.rssMiB !== undefined ? ` rss ${row.result.rssMiB.toFixed(0)} MiB` : '') +
       (row.result.cpuMs !== undefined ? ` cpu ${row.result.cpuMs.toFixed(0)} ms` : '') +
       (row.result.downtimeMs !== undefined ? ` downtime ${row.result.downtimeMs} ms` : '');
     console.error(`  ${row.pair.padEnd(8)} ${row.impl.padEnd(12)} ${row.sizeGiB} GiB ${row.channels} ch ${row.method.padEnd(4)} rep ${row.rep}: ${row.result.ms.toFixed(0)} ms${rss}`);
@@ -330,22 +413,33 @@ async function main(): Promise<void> {
           // Which side runs first alternates: on this VM memory that was just freed is cheaper to
           // touch again than memory the host took back, and that favours whoever comes second.
           const qemuFirst = rep % 2 === 1;
+          // The QEMU → QEMU run is the baseline of receive, send, restore and relay alike.
+          const direct = ['receive', 'send', 'restore', 'relay'] as const;
           const runQemu = async (): Promise<void> => {
             if (a.oursOnly) return;
-            const qq = await qemuToQemu(c);
-            for (const pair of ['receive', 'send', 'restore'] as const) record({ ...base, rep, pair, impl: 'qemu→qemu', result: qq });
-            if (method === 'none') {
-              record({ ...base, rep, pair: 'save', impl: 'qemu file', result: await qemuFileSave(c, qfile) });
-              record({ ...base, rep, pair: 'restore', impl: 'qemu file', result: await qemuFileRestore(c, qfile) });
+            if (direct.some(want)) {
+              const qq = await qemuToQemu(c);
+              for (const pair of direct) if (want(pair)) record({ ...base, rep, pair, impl: 'qemu→qemu', result: qq });
+            }
+            if (method === 'none' && (want('save') || want('restore'))) {
+              const saved = await qemuFileSave(c, qfile);
+              if (want('save')) record({ ...base, rep, pair: 'save', impl: 'qemu file', result: saved });
+              if (want('restore')) record({ ...base, rep, pair: 'restore', impl: 'qemu file', result: await qemuFileRestore(c, qfile) });
             }
           };
           const runOurs = async (): Promise<void> => {
-            const ours = await oursSave(c, file);
-            record({ ...base, rep, pair: 'receive', impl: 'ours', result: ours.receive });
-            record({ ...base, rep, pair: 'save', impl: 'ours', result: ours.save });
-            const back = await oursRestore(c, file);
-            record({ ...base, rep, pair: 'send', impl: 'ours', result: back.send });
-            record({ ...base, rep, pair: 'restore', impl: 'ours', result: back.restore });
+            // Our restore sends the file our save wrote, so send/restore need the save too.
+            if (want('receive') || want('save') || want('send') || want('restore')) {
+              const ours = await oursSave(c, file);
+              if (want('receive')) record({ ...base, rep, pair: 'receive', impl: 'ours', result: ours.receive });
+              if (want('save')) record({ ...base, rep, pair: 'save', impl: 'ours', result: ours.save });
+              if (want('send') || want('restore')) {
+                const back = await oursRestore(c, file);
+                if (want('send')) record({ ...base, rep, pair: 'send', impl: 'ours', result: back.send });
+                if (want('restore')) record({ ...base, rep, pair: 'restore', impl: 'ours', result: back.restore });
+              }
+            }
+            if (want('relay')) record({ ...base, rep, pair: 'relay', impl: 'ours', result: await oursRelay(c) });
           };
           if (qemuFirst) {
             await runQemu();

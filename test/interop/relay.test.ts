@@ -6,7 +6,9 @@
  *     restored into a third QEMU, holds the same memory as B;
  *  3. per-section sync (multifd-flush-after-each-section=on on A and B), zstd → zlib;
  *  4. B killed mid-migration: the relay fails, A's migration fails, A's guest runs on, and a
- *     second migration through a new relay to a new B succeeds.
+ *     second migration through a new relay to a new B succeeds;
+ *  5. A killed mid-migration: the relay fails, B's incoming migration fails, no tee file;
+ *  6. multifd off on both sides, A without a return path (the relay opens its own to B).
  * On B: the guest's memory invariant holds after the migration, and again after it ran on.
  * Every path QEMU sees is under /tmp (QEMU 11 runs in a chroot that only shares /tmp).
  */
@@ -274,6 +276,43 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.ok(s.normal > DIRTY_RANGE / 4096, `pages went over the main channel (normal=${s.normal})`);
         assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
         await assertGuestRunsOn(t, b.q, 'no multifd');
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
+        await killAll(a, b);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('A killed mid-migration: the relay fails, B\'s incoming migration fails, the tee is not finalised', { timeout: 150_000 }, async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-relay-');
+      let a: QemuInstance | undefined;
+      let b: Destination | undefined;
+      let r: RelayHandle | undefined;
+      try {
+        a = await startSource(version);
+        const B = await startB(dir, version, { channels: 2 });
+        b = B.d;
+        const tee = join(dir, 'tee.mig');
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 2, tee, progressIntervalMs: 100 });
+        const aq = a;
+        let killed = false;
+        r.on('progress', (p: { bytesIn: number }) => {
+          if (!killed && p.bytesIn > 24 * 1024 * 1024) {
+            killed = true;
+            aq.proc.kill('SIGKILL');
+          }
+        });
+        await migrateA(a, await r.listening, { channels: 2, maxBandwidth: 32 * 1024 * 1024 });
+        const res = await settle(r.done, 90_000, 'relay');
+        assert.ok(killed, 'A was killed during the migration');
+        assert.ok(!res.ok, 'the relay failed');
+        t.diagnostic(`relay error: ${res.error.message}`);
+        assert.match(res.error.message, /source/i, 'the error names the source');
+        const stB = await waitMigration(b.q.qmp, { timeoutMs: 30_000 });
+        t.diagnostic(`B: ${stB.status} ${stB['error-desc'] ?? ''}`);
+        assert.equal(stB.status, 'failed', "B's incoming migration failed");
+        assert.deepEqual(readdirSync(dir).filter((f) => f.includes('tee')), [], 'no tee file, not even a temporary one');
       } finally {
         r?.abort(new Error('test over'));
         await r?.done.catch(() => {});

@@ -56,6 +56,11 @@ function abortOnSignal(h: { abort(e: Error): void }): void {
   process.once('SIGTERM', on);
 }
 
+/** A stray connection (not a migration channel) was closed; the migration goes on. */
+function warnStrays(h: { on(ev: 'stray', fn: (e: Error) => void): unknown }): void {
+  h.on('stray', (e: Error) => process.stderr.write(`multifd: warning: ignored ${e.message}\n`));
+}
+
 function fail(e: unknown): never {
   const err = e as Error & { code?: string; offset?: number };
   const where = err.offset !== undefined ? ` (at byte ${err.offset})` : '';
@@ -95,6 +100,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
       const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, ...(o.uuid ? { uuid: o.uuid } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       abortOnSignal(h);
+      warnStrays(h);
       const addr = await h.listening;
       if (!o.json) process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)\n`);
       return h.done;
@@ -240,6 +246,7 @@ A's migration and A keeps running.`)
       });
       h.on('progress', (p: RelayProgress) => view.update(relaySample(p)));
       abortOnSignal(h);
+      warnStrays(h);
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting A's migrate.
       process.stderr.write(`listening on ${addr} for ${o.channelsIn} multifd channel(s), relaying to ${o.to}\n`);

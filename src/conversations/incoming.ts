@@ -1,5 +1,10 @@
 // Telling an incoming migration connection's kind from its first four bytes, as QEMU's
 // destination does: "QEVM" opens the main channel, 0x11223344 a multifd channel.
+//
+// Anything else on the port — a scanner, a health check, a connection that never speaks — is a
+// stray: it is closed and reported, and never fails the migration that is (or will be) under
+// way. Strays may not pile up either: past a few connections still waiting to identify
+// themselves, new ones are closed at once.
 
 import type { Socket } from 'node:net';
 import { MULTIFD_MAGIC, QEVM_MAGIC } from '../codec/constants.js';
@@ -8,15 +13,23 @@ import { chunksWithPrefix, describePeer, readAtLeast } from '../transports/socke
 
 export type ConnectionKind = 'main' | 'multifd';
 
+/** A connection that was closed without being taken as a migration channel. */
+export class StrayConnectionError extends Error {
+  constructor(readonly peer: string, reason: string) {
+    super(`connection from ${peer}: ${reason}`);
+    this.name = 'StrayConnectionError';
+  }
+}
+
 /**
  * Waits for the connection's magic and hands its bytes (magic included) to `onKind`. A silent,
- * closed or unknown connection is destroyed and reported to `onError` with its peer named.
+ * closed or unknown connection is destroyed and reported to `onStray` with its peer named.
  */
 export function classifyConnection(
   sock: Socket,
   timeoutMs: number,
   onKind: (kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string) => void,
-  onError: (e: Error) => void,
+  onStray: (e: StrayConnectionError) => void,
 ): void {
   sock.setNoDelay(true);
   // Errors surface through the readers; this keeps an ECONNRESET from crashing the process.
@@ -31,11 +44,50 @@ export function classifyConnection(
         return;
       }
       sock.destroy();
-      onError(new ProtocolError('BAD_MAGIC', `unknown channel magic 0x${magic.toString(16).padStart(8, '0')} from ${peer} (expected QEVM or 0x11223344)`));
+      const bad = new ProtocolError('BAD_MAGIC', `unknown channel magic 0x${magic.toString(16).padStart(8, '0')} (expected QEVM or 0x11223344)`);
+      onStray(new StrayConnectionError(peer, bad.message));
     },
     (e: Error) => {
       sock.destroy();
-      onError(new Error(`connection from ${peer}: ${e.message}`));
+      onStray(new StrayConnectionError(peer, e.message));
     },
   );
+}
+
+export interface IncomingOptions {
+  /** How long a new connection may take to send its magic. */
+  identifyTimeoutMs: number;
+  /** Connections allowed to be waiting for their magic at once; more are closed at once. */
+  maxPending: number;
+  onKind: (sock: Socket, kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string) => void;
+  onStray: (e: StrayConnectionError) => void;
+}
+
+/** The listening side's sorter: classifies each connection, with a cap on those still unidentified. */
+export class IncomingConnections {
+  private pending = 0;
+
+  constructor(private readonly o: IncomingOptions) {}
+
+  accept(sock: Socket): void {
+    if (this.pending >= this.o.maxPending) {
+      const peer = describePeer(sock);
+      sock.destroy();
+      this.o.onStray(new StrayConnectionError(peer, `closed at once: ${this.pending} connections are already waiting to identify themselves`));
+      return;
+    }
+    this.pending++;
+    classifyConnection(
+      sock,
+      this.o.identifyTimeoutMs,
+      (kind, source, peer) => {
+        this.pending--;
+        this.o.onKind(sock, kind, source, peer);
+      },
+      (e) => {
+        this.pending--;
+        this.o.onStray(e);
+      },
+    );
+  }
 }

@@ -18,7 +18,7 @@ import { getMethod } from '../engine/methods/registry.js';
 import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
 import type { RamBlock } from '../engine/page-store.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
-import { classifyConnection } from './incoming.js';
+import { IncomingConnections, StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
 
@@ -37,8 +37,10 @@ export interface ReceiveOptions {
   syncMode?: SyncMode;
   /** Required uuid in multifd init messages (the source's -uuid); default: accept any. */
   uuid?: Buffer;
-  /** How long a new connection may take to send its first 4 bytes. */
+  /** How long a new connection may take to send its first 4 bytes (default 10 s); a silent one is closed as a stray. */
   identifyTimeoutMs?: number;
+  /** Connections allowed to wait for identification at once (default 16); more are closed at once. */
+  maxPendingConnections?: number;
   /** How long a sync waits for channels that never connected. */
   channelTimeoutMs?: number;
   /** Largest device state (everything after RAM) kept for verification. */
@@ -132,8 +134,15 @@ class Receiver {
   private returnPath = false;
   private readonly syncPoints: SyncPoints;
   private ramTotal = 0;
+  private readonly incoming: IncomingConnections;
 
   constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary>) {
+    this.incoming = new IncomingConnections({
+      identifyTimeoutMs: opts.identifyTimeoutMs ?? 10_000,
+      maxPending: opts.maxPendingConnections ?? 16,
+      onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
+      onStray: (e) => this.onStray(e),
+    });
     this.channels = opts.channels ?? 2;
     this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
@@ -205,12 +214,13 @@ class Receiver {
     }
     this.sockets.add(sock);
     sock.on('close', () => this.sockets.delete(sock));
-    classifyConnection(
-      sock,
-      this.opts.identifyTimeoutMs ?? 30000,
-      (kind, source, peer) => this.identify(sock, kind, source, peer),
-      (e) => { if (!this.failure && !this.finished) this.fail(e); },
-    );
+    this.incoming.accept(sock);
+  }
+
+  /** A connection that is no migration channel: closed and reported, the migration goes on. */
+  private onStray(e: StrayConnectionError): void {
+    publish('stray-connection', { error: e });
+    this.handle.emit('stray', e);
   }
 
   private identify(sock: Socket, kind: 'main' | 'multifd', source: AsyncIterable<Buffer>, peer: string): void {
@@ -218,7 +228,7 @@ class Receiver {
     if (kind === 'main') {
       if (this.main) {
         sock.destroy();
-        this.fail(new ProtocolError('BAD_RECORD', 'a second main channel (QEVM) connected'));
+        this.onStray(new StrayConnectionError(peer, 'a second main channel (QEVM) while one is in use; closed'));
         return;
       }
       this.main = sock;

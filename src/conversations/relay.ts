@@ -32,7 +32,7 @@ import { MultifdSender, type SendChannelStats } from '../engine/multifd-sender.j
 import type { RamBlock } from '../engine/page-store.js';
 import { connectTo, gatherWrite } from '../transports/connect.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
-import { classifyConnection } from './incoming.js';
+import { IncomingConnections, StrayConnectionError, type ConnectionKind } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { StallError } from './send.js';
 import { SnapshotOutput } from './snapshot-output.js';
@@ -60,7 +60,10 @@ export interface RelayOptions {
   teeDirectIo?: boolean;
   /** How A's MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from A's setup section. */
   syncMode?: 'auto' | SyncMode;
+  /** How long a new connection may take to send its first 4 bytes (default 10 s); a silent one is closed as a stray. */
   identifyTimeoutMs?: number;
+  /** Connections allowed to wait for identification at once (default 16); more are closed at once. */
+  maxPendingConnections?: number;
   /** How long a sync waits for A channels that never connected. */
   channelTimeoutMs?: number;
   connectTimeoutMs?: number;
@@ -182,7 +185,15 @@ class Relay {
   private bPending = 0;
   private bProgressAt = Date.now();
 
+  private readonly incoming: IncomingConnections;
+
   constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary>) {
+    this.incoming = new IncomingConnections({
+      identifyTimeoutMs: opts.identifyTimeoutMs ?? 10_000,
+      maxPending: opts.maxPendingConnections ?? 16,
+      onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
+      onStray: (e) => this.onStray(e),
+    });
     this.channelsIn = opts.channelsIn ?? 2;
     this.channelsOut = opts.channelsOut ?? this.channelsIn;
     for (const [name, n] of [['channels-in', this.channelsIn], ['channels-out', this.channelsOut]] as const) {
@@ -280,36 +291,39 @@ class Relay {
     }
     this.aSockets.add(sock);
     sock.on('close', () => this.aSockets.delete(sock));
-    classifyConnection(
-      sock,
-      this.opts.identifyTimeoutMs ?? 30000,
-      (kind, source, peer) => {
-        if (this.failure) return;
-        if (kind === 'main') {
-          if (this.aMain) {
-            sock.destroy();
-            this.fail(new ProtocolError('BAD_RECORD', 'a second main channel (QEVM) connected'));
-            return;
-          }
-          this.aMain = sock;
-          this.phase = 'setup';
-          publish('relay-source', { peer });
-          void this.runMain(source);
-          return;
-        }
-        if (!this.receiver) {
-          sock.destroy();
-          this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the relay expects none (--channels-in 0); does the source have multifd on?'));
-          return;
-        }
-        if (this.receiver.connected >= this.channelsIn) {
-          sock.destroy();
-          return;
-        }
-        void this.receiver.runChannel(source, `source multifd connection from ${peer}`);
-      },
-      (e) => { if (!this.failure && !this.completed) this.fail(e); },
-    );
+    this.incoming.accept(sock);
+  }
+
+  /** A connection that is no migration channel: closed and reported, the migration goes on. */
+  private onStray(e: StrayConnectionError): void {
+    publish('stray-connection', { error: e });
+    this.handle.emit('stray', e);
+  }
+
+  private identify(sock: Socket, kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string): void {
+    if (this.failure) return;
+    if (kind === 'main') {
+      if (this.aMain) {
+        sock.destroy();
+        this.onStray(new StrayConnectionError(peer, 'a second main channel (QEVM) while one is in use; closed'));
+        return;
+      }
+      this.aMain = sock;
+      this.phase = 'setup';
+      publish('relay-source', { peer });
+      void this.runMain(source);
+      return;
+    }
+    if (!this.receiver) {
+      sock.destroy();
+      this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the relay expects none (--channels-in 0); does the source have multifd on?'));
+      return;
+    }
+    if (this.receiver.connected >= this.channelsIn) {
+      sock.destroy();
+      return;
+    }
+    void this.receiver.runChannel(source, `source multifd connection from ${peer}`);
   }
 
   private async runMain(source: AsyncIterable<Buffer>): Promise<void> {

@@ -193,9 +193,67 @@ describe('receive failures', () => {
       /main channel: migration stream version 2 is obsolete/);
   });
 
-  test('an unknown channel magic', async () => {
-    await expectFailure(1, (a) => rawMigration(a, [Buffer.from('GET / HTTP/1.0\r\n\r\n')], [], { keepOpen: true }),
-      /unknown channel magic 0x47455420/);
+  test('stray connections (garbage, silent, a flood) are closed and reported; the migration completes', async () => {
+    const dir = tmp();
+    const open: Socket[] = [];
+    const dial = async (addr: string): Promise<Socket> => {
+      const [host, port] = addr.replace(/^tcp:/, '').split(/:(?=\d+$)/) as [string, string];
+      const s = connect(Number(port), host);
+      s.on('error', () => {});
+      await once(s, 'connect');
+      open.push(s);
+      return s;
+    };
+    try {
+      const h = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'vm.mig'), channels: 2, identifyTimeoutMs: 300, maxPendingConnections: 3 });
+      const strays: Error[] = [];
+      h.on('stray', (e: Error) => strays.push(e));
+      const addr = await h.listening;
+      (await dial(addr)).write('GET / HTTP/1.0\r\n\r\n');
+      await new Promise((r) => setTimeout(r, 50));
+      for (let i = 0; i < 4; i++) await dial(addr);
+      await new Promise((r) => setTimeout(r, 500));
+      const guest = makeSyntheticGuest(4);
+      const expected = makeSyntheticGuest(4);
+      dirtySyntheticGuest(expected, 2);
+      await sendSyntheticMigration(addr, guest, { channels: 2, rounds: 2 });
+      const summary = await h.done;
+      assert.equal(summary.status, 'completed');
+      const msgs = strays.map((e) => e.message);
+      assert.ok(msgs.some((m) => /unknown channel magic 0x47455420/.test(m)), `garbage reported: ${msgs.join(' | ')}`);
+      assert.equal(msgs.filter((m) => /already waiting to identify/.test(m)).length, 1, `the 4th silent connection was closed at once: ${msgs.join(' | ')}`);
+      assert.equal(msgs.filter((m) => /sent 0 bytes in 0.3s/.test(m)).length, 3, `3 silent connections timed out: ${msgs.join(' | ')}`);
+      const snap = await MappedRamSnapshot.open(join(dir, 'vm.mig'));
+      try {
+        for (const b of expected.blocks) assert.ok((await snap.readPages(b.name, 0, b.data.length / TARGET_PAGE_SIZE)).equals(b.data), `block ${b.name}`);
+      } finally {
+        await snap.close();
+      }
+    } finally {
+      for (const s of open) s.destroy();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a second QEVM connection while the main channel is in use is closed as a stray', async () => {
+    const h = receive({ listen: 'tcp:127.0.0.1:0', out: join(tmp(), 'vm.mig'), channels: 1 });
+    const addr = await h.listening;
+    const strays: Error[] = [];
+    const stray = new Promise<void>((r) => h.on('stray', (e: Error) => { strays.push(e); r(); }));
+    const socks = await rawMigration(addr, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n)]], { keepOpen: true });
+    try {
+      await new Promise((r) => setTimeout(r, 100));
+      const [second] = await rawMigration(addr, [encodeStreamHeader()], [], { keepOpen: true });
+      socks.push(second!);
+      await stray;
+      assert.match(strays[0]!.message, /a second main channel \(QEVM\) while one is in use/);
+      const state = await Promise.race([h.done.then(() => 'completed', () => 'failed'), new Promise((r) => setTimeout(() => r('pending'), 200))]);
+      assert.equal(state, 'pending', 'the migration goes on');
+    } finally {
+      h.abort(new Error('test over'));
+      await h.done.catch(() => {});
+      for (const s of socks) s.destroy();
+    }
   });
 
   test('PING before OPEN_RETURN_PATH', async () => {

@@ -121,6 +121,29 @@ describe('relay between the synthetic source and receive', () => {
     assert.deepEqual([...rp], [0, 2, 0, 4, 0, 0, 0, 1, 0, 1, 0, 4, 0, 0, 0, 0], 'PONG(1) then SHUT(0), from the destination');
   });
 
+  test('a stray connection (garbage) is closed and reported; the migration through the relay completes', async () => {
+    const dir = tmp();
+    try {
+      const guest = makeSyntheticGuest(4);
+      const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 2 });
+      const strays: Error[] = [];
+      r.on('stray', (e: Error) => strays.push(e));
+      const from = await r.listening;
+      const junk = await connectTo(from);
+      junk.on('error', () => {});
+      junk.write('SSH-2.0-OpenSSH_9.6\r\n');
+      await new Promise((res) => setTimeout(res, 100));
+      const [s] = await Promise.all([r.done, rx.done, sendSyntheticMigration(from, guest, { channels: 2, rounds: 2 })]);
+      junk.destroy();
+      assert.equal(s.status, 'completed');
+      assert.equal(strays.length, 1);
+      assert.match(strays[0]!.message, /unknown channel magic 0x5353482d/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('multifd on one side only is refused up front', () => {
     assert.throws(() => relay({ listen: 'tcp:127.0.0.1:0', to: 'tcp:127.0.0.1:1', channelsIn: 2, channelsOut: 0 }), /multifd on both sides or on neither/);
   });

@@ -8,6 +8,7 @@ import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
+import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { fileURLToPath } from 'node:url';
 import { relay, type RelayOptions, type RelaySummary } from '../../src/conversations/relay.js';
 import { receive, type ReceiveSummary } from '../../src/conversations/receive.js';
@@ -203,6 +204,13 @@ describe('relay failures', () => {
   test('relay CLI interrupted (SIGINT) mid-migration: exit 1 with the reason, the tee removed, the source cut off', async () => {
     const dir = tmp();
     const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
+    const bSawConfiguration = new Promise<void>((res) => {
+      const on = (): void => {
+        unsubscribe('multifd:configuration', on);
+        res();
+      };
+      subscribe('multifd:configuration', on);
+    });
     try {
       const bin = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
       const p = spawn(process.execPath, [bin, 'relay', '--listen', 'tcp:127.0.0.1:0', '--to', await rx.listening, '--channels-in', '2', '--tee', join(dir, 'tee.mig')], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -228,8 +236,8 @@ describe('relay failures', () => {
       ]));
       const closed = new Promise<void>((res) => main.on('close', () => res()));
       main.resume();
-      const deadline = Date.now() + 5000;
-      while (!readdirSync(dir).some((f) => f.includes('tee.mig')) && Date.now() < deadline) await new Promise((res) => setTimeout(res, 20));
+      // The relay has passed A's setup on to B (and created the tee) once B saw the configuration.
+      await bSawConfiguration;
       assert.ok(readdirSync(dir).some((f) => f.includes('tee.mig')), `the tee's temporary file was created (${readdirSync(dir).join(', ')})`);
       p.kill('SIGINT');
       assert.equal(await exited, 1, 'exit status 1');

@@ -9,6 +9,7 @@ import { restore } from '../conversations/restore.js';
 import { save } from '../conversations/save.js';
 import { send, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
+import type { TlsCreds } from '../transports/tls.js';
 import { runDemo } from '../demo/run-demo.js';
 import { relaySummaryText, sendSummaryText, summaryText } from './format.js';
 import { ProgressView, receiveSample, relaySample, sendSample } from './progress.js';
@@ -61,6 +62,24 @@ function warnStrays(h: { on(ev: 'stray', fn: (e: Error) => void): unknown }): vo
   h.on('stray', (e: Error) => process.stderr.write(`multifd: warning: ignored ${e.message}\n`));
 }
 
+interface TlsArgs {
+  tlsCreds?: string;
+  tlsHostname?: string;
+  tlsVerifyPeer: boolean;
+}
+
+/** --tls-creds DIR [--tls-hostname NAME] [--no-tls-verify-peer] as the library's TlsCreds. */
+function tlsCreds(o: TlsArgs, hostname = o.tlsHostname): TlsCreds | undefined {
+  if (!o.tlsCreds) return undefined;
+  return { dir: resolve(o.tlsCreds), verifyPeer: o.tlsVerifyPeer, ...(hostname ? { hostname } : {}) };
+}
+
+const TLS_HELP = `
+TLS (--tls-creds DIR): the folder holds PEM files named as for QEMU's tls-creds-x509 object:
+  ca-cert.pem, server-cert.pem + server-key.pem (listening side), client-cert.pem +
+  client-key.pem (connecting side). On QEMU: -object tls-creds-x509,id=tls0,dir=DIR,endpoint=...
+  and migrate-set-parameters tls-creds=tls0. Plain connections are refused while TLS is on.`;
+
 function fail(e: unknown): never {
   const err = e as Error & { code?: string; offset?: number };
   const where = err.offset !== undefined ? ` (at byte ${err.offset})` : '';
@@ -88,6 +107,8 @@ program
   .option('--uuid <uuid>', "require this uuid in the multifd channels (the source's -uuid)", uuidArg)
   .addOption(new Option('--compression <method>', "the source's multifd-compression (auto: detect it from the first data packet)").choices(['auto', 'none', 'zlib', 'zstd']).default('auto'))
   .option('--no-direct-io', 'write pages through the page cache (default: O_DIRECT where the file system allows it)')
+  .option('--tls-creds <dir>', 'accept TLS only, with server-cert.pem, server-key.pem and ca-cert.pem from DIR')
+  .option('--no-tls-verify-peer', "with TLS: do not ask for the source's client certificate")
   .option('--json', 'print the final summary as JSON on stdout')
   .addHelpText('after', `
 On the QEMU side:
@@ -95,14 +116,17 @@ On the QEMU side:
   (and raise max-bandwidth, 128 MiB/s by default); migrate uri=tcp:HOST:PORT
 The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   migrate-incoming uri=file:FILE`)
-  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; json?: boolean }) => {
+  .addHelpText('after', TLS_HELP)
+  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; json?: boolean } & TlsArgs) => {
     await report('receive', o.json, async (view) => {
-      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, ...(o.uuid ? { uuid: o.uuid } : {}) });
+      const tls = tlsCreds(o);
+      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       abortOnSignal(h);
       warnStrays(h);
       const addr = await h.listening;
-      if (!o.json) process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)\n`);
+      // Always (stderr, also with --json): scripts wait for this line before starting the source.
+      process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)${o.tlsCreds ? ' (TLS)' : ''}\n`);
       return h.done;
     }, summaryText);
   });
@@ -152,16 +176,22 @@ program
   .option('--no-return-path', 'do not open the return path (then success cannot be confirmed without QMP)')
   .addOption(new Option('--compression <method>', "multifd-compression (must equal the destination's)").choices(['none', 'zlib', 'zstd']).default('none'))
   .option('--level <n>', 'compression level (zlib 0-9, zstd 0-20; default 1, as QEMU)', intArg(0, 20))
+  .option('--tls-creds <dir>', 'TLS on every channel, with ca-cert.pem (and client-cert.pem, client-key.pem) from DIR')
+  .option('--tls-hostname <name>', "the name the destination's certificate must carry (default: the host of --to)")
+  .option('--no-tls-verify-peer', "with TLS: do not check the destination's certificate")
   .option('--json', 'print the final summary as JSON on stdout')
+  .addHelpText('after', TLS_HELP)
   .addHelpText('after', `
 On the QEMU side (before running send):
   qemu-system-x86_64 ... -incoming defer
   migrate-set-capabilities multifd=on; migrate-set-parameters multifd-channels=N
   migrate-incoming uri=tcp:HOST:PORT
 Or let restore do all of it over QMP.`)
-  .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; compression: string; level?: number; json?: boolean }) => {
+  .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; compression: string; level?: number; json?: boolean } & TlsArgs) => {
     await report('send', o.json, (view) => {
+      const tls = tlsCreds(o);
       const h = send({
+        ...(tls ? { tls } : {}),
         file: resolve(file),
         to: o.to,
         channels: o.channels,
@@ -222,6 +252,10 @@ program
   .option('--uuid <uuid>', "A's -uuid: A's channels must carry it (B's carry it too); default: whatever A sends", uuidArg)
   .option('--tee <file>', 'also keep a mapped-ram snapshot of the migrated state (finalised only once B confirmed the load)')
   .option('--no-direct-io', 'write the tee through the page cache (default: O_DIRECT where the file system allows it)')
+  .option('--tls-creds-in <dir>', "TLS from A: server-cert.pem, server-key.pem, ca-cert.pem from DIR (A's tls-creds endpoint=client)")
+  .option('--tls-creds-out <dir>', "TLS to B: ca-cert.pem, client-cert.pem, client-key.pem from DIR (B's tls-creds endpoint=server)")
+  .option('--tls-hostname-out <name>', "the name B's certificate must carry (default: the host of --to)")
+  .option('--no-tls-verify-peer', 'with TLS: do not check the peers\' certificates')
   .option('--json', 'print the final summary as JSON on stdout')
   .addHelpText('after', `
 Start B first (qemu ... -incoming defer; multifd=on, multifd-channels=OUT,
@@ -230,9 +264,13 @@ Start B first (qemu ... -incoming defer; multifd=on, multifd-channels=OUT,
   migrate uri=tcp:RELAY:PORT
 With return-path on A, A completes only once B loaded the state; a failure on B's side fails
 A's migration and A keeps running.`)
-  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean }) => {
+  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean }) => {
     await report('relay', o.json, async (view) => {
+      const tlsIn = tlsCreds({ tlsCreds: o.tlsCredsIn, tlsVerifyPeer: o.tlsVerifyPeer });
+      const tlsOut = tlsCreds({ tlsCreds: o.tlsCredsOut, tlsVerifyPeer: o.tlsVerifyPeer }, o.tlsHostnameOut);
       const h = relay({
+        ...(tlsIn ? { tlsIn } : {}),
+        ...(tlsOut ? { tlsOut } : {}),
         listen: o.listen,
         to: o.to,
         channelsIn: o.channelsIn,

@@ -18,6 +18,7 @@ import { getMethod } from '../engine/methods/registry.js';
 import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
 import type { RamBlock } from '../engine/page-store.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
+import type { TlsCreds } from '../transports/tls.js';
 import { IncomingConnections, StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
@@ -41,6 +42,8 @@ export interface ReceiveOptions {
   identifyTimeoutMs?: number;
   /** Connections allowed to wait for identification at once (default 16); more are closed at once. */
   maxPendingConnections?: number;
+  /** Accept TLS connections only, with server credentials as for QEMU's tls-creds-x509 (the source's tls-creds). */
+  tls?: TlsCreds;
   /** How long a sync waits for channels that never connected. */
   channelTimeoutMs?: number;
   /** Largest device state (everything after RAM) kept for verification. */
@@ -173,7 +176,11 @@ class Receiver {
         this.multifd.on('error', (e: Error) => this.fail(e));
         this.multifd.on('sync', (n: number) => { this.rounds = n; });
       }
-      this.listener = await listen(this.opts.listen, (s) => this.onConnection(s));
+      this.listener = await listen(this.opts.listen, (s) => this.onConnection(s), {
+        ...(this.opts.tls ? { tls: this.opts.tls } : {}),
+        handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? 10_000,
+        onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
+      });
       if (this.opts.signal) {
         if (this.opts.signal.aborted) throw new Error('aborted');
         this.opts.signal.addEventListener('abort', () => this.fail(new Error('aborted')), { once: true });

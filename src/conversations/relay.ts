@@ -32,6 +32,7 @@ import { MultifdSender, type SendChannelStats } from '../engine/multifd-sender.j
 import type { RamBlock } from '../engine/page-store.js';
 import { connectTo, gatherWrite } from '../transports/connect.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
+import type { TlsCreds } from '../transports/tls.js';
 import { IncomingConnections, StrayConnectionError, type ConnectionKind } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { StallError } from './send.js';
@@ -64,6 +65,10 @@ export interface RelayOptions {
   identifyTimeoutMs?: number;
   /** Connections allowed to wait for identification at once (default 16); more are closed at once. */
   maxPendingConnections?: number;
+  /** TLS towards A: accept TLS connections only, with server credentials (A's tls-creds is a client). */
+  tlsIn?: TlsCreds;
+  /** TLS towards B: client credentials (B's tls-creds is a server). */
+  tlsOut?: TlsCreds;
   /** How long a sync waits for A channels that never connected. */
   channelTimeoutMs?: number;
   connectTimeoutMs?: number;
@@ -242,7 +247,11 @@ class Relay {
         this.receiver.on('error', (e: Error) => this.fail(e));
         this.receiver.on('channel', (_id: number, uuid: Buffer) => this.openChannelsToB(this.opts.uuid ?? uuid));
       }
-      this.listener = await listen(this.opts.listen, (s) => this.onConnection(s));
+      this.listener = await listen(this.opts.listen, (s) => this.onConnection(s), {
+        ...(this.opts.tlsIn ? { tls: this.opts.tlsIn } : {}),
+        handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? 10_000,
+        onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
+      });
       if (this.opts.signal) {
         if (this.opts.signal.aborted) throw new Error('aborted');
         this.opts.signal.addEventListener('abort', () => this.fail(new Error('aborted')), { once: true });
@@ -343,7 +352,17 @@ class Relay {
       if (this.failure) return;
       await this.sourceEnded(st, parser);
     } catch (e) {
-      const err = e as Error;
+      const err = e as Error & { code?: string };
+      // A that got B's SHUT(0) has completed; it may drop the connection without a clean close
+      // (QEMU 11 over TLS resets it). With the whole stream passed on, that is the end.
+      if (err.code === 'ECONNRESET' && this.aShutSent && this.bShut === 0 && st.ended && st.tail.isComplete && !this.failure) {
+        try {
+          await this.sourceEnded(st, parser);
+        } catch (e2) {
+          this.fail(new ChannelError('source main channel', e2 as Error));
+        }
+        return;
+      }
       this.fail(err instanceof ChannelError ? err : new ChannelError('source main channel', err));
     }
   }
@@ -479,7 +498,7 @@ class Relay {
   private connectMainToB(): void {
     if (this.bMain) return;
     const timeout = this.opts.connectTimeoutMs ?? 10000;
-    this.bMain = connectTo(this.opts.to, timeout).then((s) => {
+    this.bMain = connectTo(this.opts.to, timeout, this.opts.tlsOut).then((s) => {
       this.adoptB(s);
       this.bMainSocket = s;
       this.listenReturnPath(s);
@@ -500,7 +519,7 @@ class Relay {
     this.connectMainToB();
     const main = this.bMain!;
     for (let i = 0; i < this.channelsOut; i++) {
-      const s = main.then(() => connectTo(this.opts.to, timeout)).then((sock) => {
+      const s = main.then(() => connectTo(this.opts.to, timeout, this.opts.tlsOut)).then((sock) => {
         this.adoptB(sock);
         return sock;
       });

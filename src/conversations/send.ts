@@ -37,6 +37,7 @@ import { getMethod } from '../engine/methods/registry.js';
 import { MultifdSender, type PageBatch, type SendChannelStats } from '../engine/multifd-sender.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
+import type { TlsCreds } from '../transports/tls.js';
 import { connectTo, gatherWrite } from '../transports/connect.js';
 
 export interface SendOptions {
@@ -56,6 +57,8 @@ export interface SendOptions {
   syncMode?: 'auto' | 'round' | 'section';
   /** Open the return path (default true): the only way to learn without QMP whether loading succeeded. */
   returnPath?: boolean;
+  /** TLS on every channel, with client credentials as for QEMU's tls-creds-x509 (the destination's tls-creds). */
+  tls?: TlsCreds;
   /** Pages found all-zero are listed, not sent ('multifd', default) or sent as data ('none'). */
   zeroPageDetection?: 'multifd' | 'none';
   connectTimeoutMs?: number;
@@ -269,7 +272,7 @@ class Sender {
 
     this.phase = 'connecting';
     const connectTimeout = this.opts.connectTimeoutMs ?? 10000;
-    this.main = await connectTo(this.opts.to, connectTimeout);
+    this.main = await connectTo(this.opts.to, connectTimeout, this.opts.tls);
     this.adopt(this.main);
     if (returnPath) this.listenReturnPath(this.main);
     // The prologue goes out at once: QEMU blocks its main loop peeking at a new connection's
@@ -310,7 +313,7 @@ class Sender {
       // Each channel writes its init and setup SYNC as soon as it is connected (see above).
       await Promise.all(
         Array.from({ length: this.channels }, async (_, i) => {
-          const s = await connectTo(this.opts.to, connectTimeout);
+          const s = await connectTo(this.opts.to, connectTimeout, this.opts.tls);
           socks[i] = s;
           this.adopt(s);
           await sender.setupChannel(i);

@@ -1,7 +1,9 @@
 // Outgoing migration connections (tcp or unix) and gather writes onto them.
 
 import { connect as netConnect, type Socket } from 'node:net';
+import { connect as tlsConnect } from 'node:tls';
 import { parseAddress } from './address.js';
+import { clientTlsOptions, type TlsCreds } from './tls.js';
 
 export class ConnectError extends Error {
   constructor(readonly address: string, readonly code: string | undefined, message: string) {
@@ -24,23 +26,28 @@ function explain(address: string, e: NodeJS.ErrnoException): string {
 }
 
 /** Connects with TCP_NODELAY; rejects with a ConnectError that says what to check. */
-export function connectTo(address: string, timeoutMs = 10000): Promise<Socket> {
+export function connectTo(address: string, timeoutMs = 10000, tlsCreds?: TlsCreds): Promise<Socket> {
   const a = parseAddress(address);
+  // With TLS, the handshake is part of connecting: the socket is handed over once it is secure.
+  const tlsOpts = tlsCreds ? clientTlsOptions(tlsCreds, a.kind === 'tcp' ? a.host : undefined) : undefined;
   return new Promise((resolve, reject) => {
-    const s = a.kind === 'unix' ? netConnect(a.path) : netConnect(a.port, a.host);
+    let s: Socket;
+    if (tlsOpts) s = a.kind === 'unix' ? tlsConnect({ ...tlsOpts, path: a.path }) : tlsConnect({ ...tlsOpts, host: a.host, port: a.port });
+    else s = a.kind === 'unix' ? netConnect(a.path) : netConnect(a.port, a.host);
     s.setNoDelay(true);
     const timer = setTimeout(() => {
       s.destroy();
       reject(new ConnectError(address, 'ETIMEDOUT', explain(address, Object.assign(new Error('timeout'), { code: 'ETIMEDOUT' }))));
     }, timeoutMs);
-    s.once('connect', () => {
+    s.once(tlsOpts ? 'secureConnect' : 'connect', () => {
       clearTimeout(timer);
       s.off('error', onError);
       resolve(s);
     });
     const onError = (e: NodeJS.ErrnoException): void => {
       clearTimeout(timer);
-      reject(new ConnectError(address, e.code, explain(address, e)));
+      s.destroy();
+      reject(new ConnectError(address, e.code, tlsOpts && !e.syscall ? `TLS handshake with ${address} failed: ${e.message} (do both sides use certificates from the same CA, and does the server's name match?)` : explain(address, e)));
     };
     s.once('error', onError);
   });

@@ -144,10 +144,15 @@ program
   .addOption(new Option('--compression <method>', 'multifd-compression on the wire (the snapshot holds plain pages)').choices(['none', 'zlib', 'zstd']).default('none'))
   .option('--level <n>', 'compression level (multifd-zlib-level 0-9, multifd-zstd-level 0-20)', intArg(0, 20))
   .option('--no-direct-io', 'write pages through the page cache (default: O_DIRECT where the file system allows it)')
+  .option('--tls-creds <dir>', "TLS: DIR holds ca-cert.pem, server-cert/-key.pem (ours) and client-cert/-key.pem (the VM's); added to the VM as a tls-creds-x509 object for the migration")
+  .option('--tls-hostname <name>', 'the name QEMU checks our certificate against (default: the listening host)')
+  .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; json?: boolean }) => {
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; json?: boolean } & TlsArgs) => {
     await report('save', o.json, (view) => {
+      const tls = tlsCreds(o);
       const h = save({
+        ...(tls ? { tls } : {}),
         qmp: o.qmp,
         out: resolve(o.out),
         channels: o.channels,
@@ -219,10 +224,15 @@ program
   .addOption(new Option('--sync-mode <mode>', "the destination's multifd sync mode").choices(['auto', 'round', 'section']).default('auto'))
   .addOption(new Option('--compression <method>', 'multifd-compression on the wire (set on the destination too)').choices(['none', 'zlib', 'zstd']).default('none'))
   .option('--level <n>', 'compression level (zlib 0-9, zstd 0-20; default 1, as QEMU)', intArg(0, 20))
+  .option('--tls-creds <dir>', "TLS: DIR holds ca-cert.pem, server-cert/-key.pem (the destination's) and client-cert/-key.pem (ours); added to the destination as a tls-creds-x509 object")
+  .option('--tls-hostname <name>', "the name the destination's certificate must carry (default: the host of --incoming)")
+  .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (file: string, o: { qmp: string; channels: number; incoming?: string; resume?: boolean; uuid?: Buffer; syncMode: 'auto' | 'round' | 'section'; compression: string; level?: number; json?: boolean }) => {
+  .action(async (file: string, o: { qmp: string; channels: number; incoming?: string; resume?: boolean; uuid?: Buffer; syncMode: 'auto' | 'round' | 'section'; compression: string; level?: number; json?: boolean } & TlsArgs) => {
     await report('restore', o.json, (view) => {
+      const tls = tlsCreds(o);
       const h = restore({
+        ...(tls ? { tls } : {}),
         file: resolve(file),
         qmp: o.qmp,
         channels: o.channels,

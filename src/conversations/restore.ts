@@ -3,6 +3,7 @@
 // snapshot, migrate-incoming with exit-on-error off so QEMU's own error can be shown), streams
 // the snapshot with `send`, waits for QEMU to report completed, and optionally runs `cont`.
 
+import type { TlsCreds } from '../transports/tls.js';
 import { EventEmitter } from 'node:events';
 import { unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -30,6 +31,11 @@ export interface RestoreOptions {
   syncMode?: SendOptions['syncMode'];
   zeroPageDetection?: SendOptions['zeroPageDetection'];
   progressIntervalMs?: number;
+  /**
+   * TLS: the folder must hold ca-cert.pem, server-cert.pem/-key.pem (QEMU's) and client-cert.pem/
+   * -key.pem (ours). We add a tls-creds-x509 object to the destination pointing at it.
+   */
+  tls?: TlsCreds;
   /** How long to wait for QEMU to report completed once everything is sent. Default 60 s. */
   completionTimeoutMs?: number;
   signal?: AbortSignal;
@@ -94,6 +100,10 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
         .map(([capability, state]) => ({ capability, state })),
     });
     if (channels > 0) await qmp.execute('migrate-set-parameters', { 'multifd-channels': channels, 'multifd-compression': opts.compression ?? 'none' });
+    if (opts.tls) {
+      await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'multifd-restore-tls', dir: opts.tls.dir, endpoint: 'server', 'verify-peer': opts.tls.verifyPeer ?? true });
+      await qmp.execute('migrate-set-parameters', { 'tls-creds': 'multifd-restore-tls' });
+    }
 
     const incoming = opts.incoming ?? defaultIncoming(opts.qmp);
     if (incoming.startsWith('unix:')) socketPath = incoming.slice(5);
@@ -108,6 +118,7 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
       channels,
       ...(opts.uuid ? { uuid: opts.uuid } : {}),
       ...(opts.compression ? { compression: opts.compression } : {}),
+      ...(opts.tls ? { tls: opts.tls } : {}),
       ...(opts.level !== undefined ? { level: opts.level } : {}),
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.zeroPageDetection ? { zeroPageDetection: opts.zeroPageDetection } : {}),

@@ -3,6 +3,7 @@
 // sides, and restores the source's migration settings afterwards. Whatever fails, the source
 // VM is left running (a failed migration does not stop it; we cancel ours on our errors).
 
+import type { TlsCreds } from '../transports/tls.js';
 import { EventEmitter } from 'node:events';
 import { QmpClient } from '../transports/qmp-client.js';
 import { receive, type ReceiveHandle, type ReceiveProgress, type ReceiveSummary, type SyncMode } from './receive.js';
@@ -28,6 +29,12 @@ export interface SaveOptions {
   level?: number;
   /** See ReceiveOptions.directIo. */
   directIo?: boolean;
+  /**
+   * TLS: the folder must hold ca-cert.pem, server-cert.pem/-key.pem (ours) and client-cert.pem/
+   * -key.pem (QEMU's). We add a tls-creds-x509 object to the VM pointing at it (so QEMU must be able
+   * to read the folder) and remove it afterwards.
+   */
+  tls?: TlsCreds;
   progressIntervalMs?: number;
   signal?: AbortSignal;
 }
@@ -71,7 +78,12 @@ export function save(opts: SaveOptions): SaveHandle {
 interface Snapshot {
   caps: { capability: string; state: boolean }[];
   params: Record<string, unknown>;
+  /** We added the TLS credentials object (removed again afterwards). */
+  tlsObject?: boolean;
 }
+
+/** The id of the tls-creds-x509 object save adds to the VM for the migration. */
+const TLS_OBJECT = 'multifd-save-tls';
 
 async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSummary> {
   const channels = opts.channels ?? 2;
@@ -110,6 +122,12 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       throw new Error(`compression ${opts.compression} needs multifd channels (--channels ≥ 1)`);
     }
     if (opts.downtimeLimitMs !== undefined) params['downtime-limit'] = opts.downtimeLimitMs;
+    if (opts.tls) {
+      await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: TLS_OBJECT, dir: opts.tls.dir, endpoint: 'client', 'verify-peer': opts.tls.verifyPeer ?? true });
+      saved.tlsObject = true;
+      params['tls-creds'] = TLS_OBJECT;
+      if (opts.tls.hostname) params['tls-hostname'] = opts.tls.hostname;
+    }
     await qmp.execute('migrate-set-parameters', params);
 
     rx = receive({
@@ -121,6 +139,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       ...(opts.directIo !== undefined ? { directIo: opts.directIo } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
+      ...(opts.tls ? { tls: opts.tls } : {}),
     });
     const addr = await rx.listening;
     handle.emit('listening', addr);
@@ -196,8 +215,9 @@ async function restoreSettings(qmp: QmpClient, s: Snapshot): Promise<void> {
     capabilities: s.caps.filter((c) => touched.includes(c.capability)).map((c) => ({ capability: c.capability, state: c.state })),
   });
   const params: Record<string, unknown> = {};
-  for (const k of ['max-bandwidth', 'multifd-channels', 'multifd-compression', 'multifd-zlib-level', 'multifd-zstd-level', 'downtime-limit']) {
+  for (const k of ['max-bandwidth', 'multifd-channels', 'multifd-compression', 'multifd-zlib-level', 'multifd-zstd-level', 'downtime-limit', 'tls-creds', 'tls-hostname']) {
     if (s.params[k] !== undefined) params[k] = s.params[k];
   }
   await qmp.execute('migrate-set-parameters', params);
+  if (s.tlsObject) await qmp.execute('object-del', { id: TLS_OBJECT });
 }

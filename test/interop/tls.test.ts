@@ -7,6 +7,8 @@
  *  2. QEMU A (TLS) → `relay --tls-creds-in/--tls-creds-out` → QEMU B (TLS), 2 → 3 channels;
  *  3. a plain QEMU source into a TLS receive: refused (a stray warning per connection), the source's
  *     migration fails and it runs on;
+ *  5. save/restore --tls-creds: the credentials object added to each QEMU over QMP (and removed
+ *     from the source again);
  *  4. send with certificates of another CA: the handshake fails with an error that says so, and the
  *     destination's incoming migration fails.
  * Every path QEMU sees is under /tmp (QEMU 11 runs in a chroot that only shares /tmp).
@@ -136,6 +138,41 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         t.diagnostic(`send over TLS: ${ss.transferred} bytes in ${ss['total-time']} ms, destination ${ss.destination}`);
         assert.equal(ss.destination, 'confirmed');
         await assertGuestRunsOn(b.q, 'TLS round trip');
+      } finally {
+        await killAll(a, b);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('save --tls-creds (running guest) → restore --tls-creds: the credentials objects are added over QMP; the guest runs on', { timeout: 150_000 }, async (t) => {
+      const dir = mkdtempSync(join(work, 'qmp-'));
+      let a: QemuInstance | undefined;
+      let b: Destination | undefined;
+      try {
+        const sock = join(dir, 'save-qmp.sock');
+        a = await startQemu({ version, memMiB: MEM_MIB, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+        await waitGuestPasses(a, 2, 30_000);
+        const file = join(dir, 'vm.mig');
+        const r = await cli(['save', '--qmp', `unix:${sock}`, '--out', file, '--channels', '2', '--downtime-limit', '20000', '--tls-creds', creds, '--json']);
+        assert.equal(r.code, 0, `save failed: ${r.stderr}`);
+        const s = JSON.parse(r.stdout) as ReceiveSummary & { source: { status: string } };
+        t.diagnostic(`save over TLS: ${s.transferred} bytes in ${s['total-time']} ms, source ${s.source.status}`);
+        assert.equal(s.source.status, 'completed');
+        const params = await a.qmp.execute('query-migrate-parameters');
+        assert.equal(params['tls-creds'], '', "the source's tls-creds is put back");
+        const objs: { id: string }[] = await a.qmp.execute('qom-list', { path: '/objects' });
+        assert.ok(!objs.some((o) => o.id === 'multifd-save-tls'), 'the credentials object is removed again');
+        await killAll(a);
+        a = undefined;
+
+        b = await startDestination(dir, { version, memMiB: MEM_MIB, bootSector: true });
+        const rr = await cli(['restore', file, '--qmp', b.qmp, '--channels', '2', '--incoming', `tcp:127.0.0.1:${await freePort()}`, '--tls-creds', creds, '--json']);
+        assert.equal(rr.code, 0, `restore failed: ${rr.stderr}`);
+        const rs = JSON.parse(rr.stdout) as SendSummary & { destinationQemu: { status: string } };
+        t.diagnostic(`restore over TLS: ${rs.transferred} bytes in ${rs['total-time']} ms`);
+        assert.equal(rs.destinationQemu.status, 'completed');
+        assert.equal((await b.q.qmp.execute('query-migrate-parameters'))['tls-creds'], 'multifd-restore-tls', 'the destination used TLS');
+        await assertGuestRunsOn(b.q, 'save/restore over TLS');
       } finally {
         await killAll(a, b);
         rmSync(dir, { recursive: true, force: true });

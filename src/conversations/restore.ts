@@ -3,7 +3,7 @@
 // snapshot, migrate-incoming with exit-on-error off so QEMU's own error can be shown), streams
 // the snapshot with `send`, waits for QEMU to report completed, and optionally runs `cont`.
 
-import type { TlsCreds } from '../transports/tls.js';
+import { tlsKind, type TlsCreds } from '../transports/tls.js';
 import { EventEmitter } from 'node:events';
 import { unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -101,7 +101,9 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
     });
     if (channels > 0) await qmp.execute('migrate-set-parameters', { 'multifd-channels': channels, 'multifd-compression': opts.compression ?? 'none' });
     if (opts.tls) {
-      await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'multifd-restore-tls', dir: opts.tls.dir, endpoint: 'server', 'verify-peer': opts.tls.verifyPeer ?? true });
+      await qmp.execute('object-add', tlsKind(opts.tls) === 'psk'
+        ? { 'qom-type': 'tls-creds-psk', id: 'multifd-restore-tls', dir: opts.tls.dir, endpoint: 'server' }
+        : { 'qom-type': 'tls-creds-x509', id: 'multifd-restore-tls', dir: opts.tls.dir, endpoint: 'server', 'verify-peer': opts.tls.verifyPeer ?? true });
       await qmp.execute('migrate-set-parameters', { 'tls-creds': 'multifd-restore-tls' });
     }
 

@@ -3,7 +3,7 @@
 // sides, and restores the source's migration settings afterwards. Whatever fails, the source
 // VM is left running (a failed migration does not stop it; we cancel ours on our errors).
 
-import type { TlsCreds } from '../transports/tls.js';
+import { tlsKind, type TlsCreds } from '../transports/tls.js';
 import { EventEmitter } from 'node:events';
 import { QmpClient } from '../transports/qmp-client.js';
 import { receive, type ReceiveHandle, type ReceiveProgress, type ReceiveSummary, type SyncMode } from './receive.js';
@@ -123,7 +123,9 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     }
     if (opts.downtimeLimitMs !== undefined) params['downtime-limit'] = opts.downtimeLimitMs;
     if (opts.tls) {
-      await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: TLS_OBJECT, dir: opts.tls.dir, endpoint: 'client', 'verify-peer': opts.tls.verifyPeer ?? true });
+      await qmp.execute('object-add', tlsKind(opts.tls) === 'psk'
+        ? { 'qom-type': 'tls-creds-psk', id: TLS_OBJECT, dir: opts.tls.dir, endpoint: 'client', username: opts.tls.pskUsername ?? 'qemu' }
+        : { 'qom-type': 'tls-creds-x509', id: TLS_OBJECT, dir: opts.tls.dir, endpoint: 'client', 'verify-peer': opts.tls.verifyPeer ?? true });
       saved.tlsObject = true;
       params['tls-creds'] = TLS_OBJECT;
       if (opts.tls.hostname) params['tls-hostname'] = opts.tls.hostname;

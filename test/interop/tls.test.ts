@@ -9,6 +9,7 @@
  *     migration fails and it runs on;
  *  5. save/restore --tls-creds: the credentials object added to each QEMU over QMP (and removed
  *     from the source again);
+ *  6. the same with pre-shared keys (keys.psk; QEMU's tls-creds-psk);
  *  4. send with certificates of another CA: the handshake fails with an error that says so, and the
  *     destination's incoming migration fails.
  * Every path QEMU sees is under /tmp (QEMU 11 runs in a chroot that only shares /tmp).
@@ -16,7 +17,8 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
@@ -173,6 +175,34 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(rs.destinationQemu.status, 'completed');
         assert.equal((await b.q.qmp.execute('query-migrate-parameters'))['tls-creds'], 'multifd-restore-tls', 'the destination used TLS');
         await assertGuestRunsOn(b.q, 'save/restore over TLS');
+      } finally {
+        await killAll(a, b);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('pre-shared keys (keys.psk, tls-creds-psk): save --tls-creds → restore --tls-creds', { timeout: 150_000 }, async (t) => {
+      const dir = mkdtempSync(join(work, 'psk-'));
+      let a: QemuInstance | undefined;
+      let b: Destination | undefined;
+      try {
+        const pskDir = join(dir, 'psk');
+        mkdirSync(pskDir);
+        writeFileSync(join(pskDir, 'keys.psk'), `qemu:${randomBytes(32).toString('hex')}\n`);
+        const sock = join(dir, 'save-qmp.sock');
+        a = await startQemu({ version, memMiB: MEM_MIB, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+        await waitGuestPasses(a, 2, 30_000);
+        const file = join(dir, 'vm.mig');
+        const r = await cli(['save', '--qmp', `unix:${sock}`, '--out', file, '--channels', '2', '--downtime-limit', '20000', '--tls-creds', pskDir, '--json']);
+        assert.equal(r.code, 0, `save failed: ${r.stderr}`);
+        t.diagnostic(`save over TLS-PSK: ${(JSON.parse(r.stdout) as ReceiveSummary).transferred} bytes`);
+        await killAll(a);
+        a = undefined;
+        b = await startDestination(dir, { version, memMiB: MEM_MIB, bootSector: true });
+        const rr = await cli(['restore', file, '--qmp', b.qmp, '--channels', '2', '--incoming', `tcp:127.0.0.1:${await freePort()}`, '--tls-creds', pskDir, '--json']);
+        assert.equal(rr.code, 0, `restore failed: ${rr.stderr}`);
+        assert.equal((await b.q.qmp.execute('query-migrate-parameters'))['tls-creds'], 'multifd-restore-tls');
+        await assertGuestRunsOn(b.q, 'save/restore over TLS-PSK');
       } finally {
         await killAll(a, b);
         rmSync(dir, { recursive: true, force: true });

@@ -107,6 +107,7 @@ program
   .option('--uuid <uuid>', "require this uuid in the multifd channels (the source's -uuid)", uuidArg)
   .addOption(new Option('--compression <method>', "the source's multifd-compression (auto: detect it from the first data packet)").choices(['auto', 'none', 'zlib', 'zstd']).default('auto'))
   .option('--no-direct-io', 'write pages through the page cache (default: O_DIRECT where the file system allows it)')
+  .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never)').default(300).argParser(intArg(0, 86400)))
   .option('--tls-creds <dir>', 'accept TLS only, with server-cert.pem, server-key.pem and ca-cert.pem from DIR')
   .option('--no-tls-verify-peer', "with TLS: do not ask for the source's client certificate")
   .option('--json', 'print the final summary as JSON on stdout')
@@ -117,10 +118,10 @@ On the QEMU side:
 The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   migrate-incoming uri=file:FILE`)
   .addHelpText('after', TLS_HELP)
-  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; json?: boolean } & TlsArgs) => {
+  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
     await report('receive', o.json, async (view) => {
       const tls = tlsCreds(o);
-      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}) });
+      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       abortOnSignal(h);
       warnStrays(h);
@@ -262,6 +263,7 @@ program
   .option('--uuid <uuid>', "A's -uuid: A's channels must carry it (B's carry it too); default: whatever A sends", uuidArg)
   .option('--tee <file>', 'also keep a mapped-ram snapshot of the migrated state (finalised only once B confirmed the load)')
   .option('--no-direct-io', 'write the tee through the page cache (default: O_DIRECT where the file system allows it)')
+  .addOption(new Option('--idle-timeout <s>', 'fail when A sends nothing for this long mid-migration (0: never)').default(300).argParser(intArg(0, 86400)))
   .option('--tls-creds-in <dir>', "TLS from A: server-cert.pem, server-key.pem, ca-cert.pem from DIR (A's tls-creds endpoint=client)")
   .option('--tls-creds-out <dir>', "TLS to B: ca-cert.pem, client-cert.pem, client-key.pem from DIR (B's tls-creds endpoint=server)")
   .option('--tls-hostname-out <name>', "the name B's certificate must carry (default: the host of --to)")
@@ -274,11 +276,12 @@ Start B first (qemu ... -incoming defer; multifd=on, multifd-channels=OUT,
   migrate uri=tcp:RELAY:PORT
 With return-path on A, A completes only once B loaded the state; a failure on B's side fails
 A's migration and A keeps running.`)
-  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean }) => {
+  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean; idleTimeout: number }) => {
     await report('relay', o.json, async (view) => {
       const tlsIn = tlsCreds({ tlsCreds: o.tlsCredsIn, tlsVerifyPeer: o.tlsVerifyPeer });
       const tlsOut = tlsCreds({ tlsCreds: o.tlsCredsOut, tlsVerifyPeer: o.tlsVerifyPeer }, o.tlsHostnameOut);
       const h = relay({
+        idleTimeoutMs: o.idleTimeout * 1000,
         ...(tlsIn ? { tlsIn } : {}),
         ...(tlsOut ? { tlsOut } : {}),
         listen: o.listen,

@@ -19,6 +19,7 @@ import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/mult
 import type { RamBlock } from '../engine/page-store.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
 import type { TlsCreds } from '../transports/tls.js';
+import { IdleWatch } from './idle-watch.js';
 import { IncomingConnections, StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
@@ -46,6 +47,8 @@ export interface ReceiveOptions {
   tls?: TlsCreds;
   /** How long a sync waits for channels that never connected. */
   channelTimeoutMs?: number;
+  /** Fails when the source sends nothing for this long mid-migration (default 300 s; 0: never). */
+  idleTimeoutMs?: number;
   /** Largest device state (everything after RAM) kept for verification. */
   maxDeviceStateBytes?: number;
   /**
@@ -138,6 +141,7 @@ class Receiver {
   private readonly syncPoints: SyncPoints;
   private ramTotal = 0;
   private readonly incoming: IncomingConnections;
+  private idle: IdleWatch | undefined;
 
   constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary>) {
     this.incoming = new IncomingConnections({
@@ -187,6 +191,13 @@ class Receiver {
       }
       const interval = this.opts.progressIntervalMs ?? 250;
       this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), interval);
+      this.idle = new IdleWatch(
+        this.opts.idleTimeoutMs ?? 300_000,
+        () => this.progress().transferred,
+        () => this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state',
+        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (paused or gone?)`)),
+      );
+      this.idle.start();
       this.progressTimer.unref();
       const addr = formatAddress(this.listener.address);
       publish('listening', { address: addr });
@@ -451,6 +462,7 @@ class Receiver {
 
   private async cleanup(): Promise<void> {
     if (this.progressTimer) clearInterval(this.progressTimer);
+    this.idle?.stop();
     for (const s of this.sockets) s.end(() => s.destroy());
     // Give a clean end a moment; anything left is destroyed so the source sees the failure now.
     setTimeout(() => { for (const s of this.sockets) s.destroy(); }, this.failure ? 0 : 2000).unref();

@@ -33,6 +33,7 @@ import type { RamBlock } from '../engine/page-store.js';
 import { connectTo, gatherWrite } from '../transports/connect.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
 import type { TlsCreds } from '../transports/tls.js';
+import { IdleWatch } from './idle-watch.js';
 import { IncomingConnections, StrayConnectionError, type ConnectionKind } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { StallError } from './send.js';
@@ -71,6 +72,8 @@ export interface RelayOptions {
   tlsOut?: TlsCreds;
   /** How long a sync waits for A channels that never connected. */
   channelTimeoutMs?: number;
+  /** Fails when A sends nothing for this long mid-migration (default 300 s; 0: never). */
+  idleTimeoutMs?: number;
   connectTimeoutMs?: number;
   /** Fails when B accepted nothing (no byte written, no message) for this long while we wait on it. Default 60 s. */
   stallTimeoutMs?: number;
@@ -191,6 +194,7 @@ class Relay {
   private bProgressAt = Date.now();
 
   private readonly incoming: IncomingConnections;
+  private idle: IdleWatch | undefined;
 
   constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary>) {
     this.incoming = new IncomingConnections({
@@ -257,6 +261,14 @@ class Relay {
         this.opts.signal.addEventListener('abort', () => this.fail(new Error('aborted')), { once: true });
       }
       this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), this.opts.progressIntervalMs ?? 250);
+      this.idle = new IdleWatch(
+        this.opts.idleTimeoutMs ?? 300_000,
+        () => this.progress().bytesIn,
+        // Waiting on B is the stall watchdog's business, not A's silence.
+        () => (this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state') && this.bPending === 0,
+        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (paused or gone?)`)),
+      );
+      this.idle.start();
       this.progressTimer.unref();
       const stall = this.opts.stallTimeoutMs ?? 60000;
       this.watchdog = setInterval(() => {
@@ -675,6 +687,7 @@ class Relay {
 
   private async cleanup(): Promise<void> {
     if (this.progressTimer) clearInterval(this.progressTimer);
+    this.idle?.stop();
     if (this.watchdog) clearInterval(this.watchdog);
     this.sender?.close();
     const failing = this.failure !== undefined;

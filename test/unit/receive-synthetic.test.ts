@@ -256,6 +256,12 @@ describe('receive failures', () => {
     }
   });
 
+  test('a source that goes silent mid-migration fails it after idleTimeoutMs', async () => {
+    const e = await expectFailure(1, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n)]], { keepOpen: true }),
+      /the source sent nothing for \d+ s during (setup|ram) \(paused or gone\?\)/, { idleTimeoutMs: 400 });
+    assert.ok(e);
+  });
+
   test('PING before OPEN_RETURN_PATH', async () => {
     await expectFailure(1, (a) => rawMigration(a, [encodeStreamHeader(), encodeConfiguration({ machine: 'm', capabilities: [] }), encodeCommand(Command.PING, Buffer.from([0, 0, 0, 1]))], [], { keepOpen: true }),
       /main channel: PING before OPEN_RETURN_PATH/);

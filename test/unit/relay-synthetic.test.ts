@@ -252,6 +252,26 @@ describe('relay failures', () => {
     }
   });
 
+  test('a source that goes silent mid-migration fails the relay after idleTimeoutMs; the destination is cut off', async () => {
+    const dir = tmp();
+    const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
+    try {
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 2, idleTimeoutMs: 400 });
+      const main = await connectTo(await r.listening);
+      main.on('error', () => {});
+      main.write(Buffer.concat([encodeStreamHeader(), encodeConfiguration({ machine: 'pc-i440fx-10.0', capabilities: [] })]));
+      const err = await r.done.then(() => undefined, (e: Error) => e);
+      main.destroy();
+      assert.ok(err);
+      assert.match(err.message, /the source sent nothing for \d+ s during setup \(paused or gone\?\)/);
+      assert.ok(await rx.done.then(() => false, () => true), 'the destination failed too');
+    } finally {
+      rx.abort();
+      await rx.done.catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('a destination that refuses the connection fails the relay with what to check', async () => {
     const r = relay({ listen: 'tcp:127.0.0.1:0', to: 'tcp:127.0.0.1:1', channelsIn: 2 });
     const from = await r.listening;

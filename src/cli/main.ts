@@ -113,7 +113,7 @@ program
   .option('--json', 'print the final summary as JSON on stdout')
   .addHelpText('after', `
 On the QEMU side:
-  migrate-set-capabilities multifd=on; migrate-set-parameters multifd-channels=N
+  migrate-set-capabilities multifd=on return-path=on; migrate-set-parameters multifd-channels=N
   (and raise max-bandwidth, 128 MiB/s by default); migrate uri=tcp:HOST:PORT
 The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   migrate-incoming uri=file:FILE`)
@@ -152,7 +152,11 @@ program
   .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; json?: boolean } & TlsArgs) => {
     await report('save', o.json, (view) => {
       const tls = tlsCreds(o);
+      // Ctrl-C: our receive stops, the source's migration is cancelled and its settings put back.
+      const ac = new AbortController();
+      abortOnSignal({ abort: (e: Error) => ac.abort(e) });
       const h = save({
+        signal: ac.signal,
         ...(tls ? { tls } : {}),
         qmp: o.qmp,
         out: resolve(o.out),
@@ -190,7 +194,7 @@ program
   .addHelpText('after', `
 On the QEMU side (before running send):
   qemu-system-x86_64 ... -incoming defer
-  migrate-set-capabilities multifd=on; migrate-set-parameters multifd-channels=N
+  migrate-set-capabilities multifd=on return-path=on; migrate-set-parameters multifd-channels=N
   migrate-incoming uri=tcp:HOST:PORT
 Or let restore do all of it over QMP.`)
   .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; compression: string; level?: number; json?: boolean } & TlsArgs) => {

@@ -187,7 +187,10 @@ class Receiver {
       });
       if (this.opts.signal) {
         if (this.opts.signal.aborted) throw new Error('aborted');
-        this.opts.signal.addEventListener('abort', () => this.fail(new Error('aborted')), { once: true });
+        this.opts.signal.addEventListener('abort', () => {
+          const why: unknown = this.opts.signal!.reason;
+          this.fail(why instanceof Error ? why : new Error('aborted'));
+        }, { once: true });
       }
       const interval = this.opts.progressIntervalMs ?? 250;
       this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), interval);
@@ -195,7 +198,7 @@ class Receiver {
         this.opts.idleTimeoutMs ?? 300_000,
         () => this.progress().transferred,
         () => this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state',
-        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (paused or gone?)`)),
+        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
       );
       this.idle.start();
       this.progressTimer.unref();

@@ -192,6 +192,8 @@ class Relay {
   /** B writes in flight (or an awaited answer) and when B last made progress, for the stall watchdog. */
   private bPending = 0;
   private bProgressAt = Date.now();
+  /** A's whole stream (up to a VMDESCRIPTION that walks the device sections) was passed on to B. */
+  private streamComplete = false;
 
   private readonly incoming: IncomingConnections;
   private idle: IdleWatch | undefined;
@@ -247,6 +249,7 @@ class Relay {
           blocks: this.blocks,
           ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
           ...(this.opts.channelTimeoutMs !== undefined ? { channelTimeoutMs: this.opts.channelTimeoutMs } : {}),
+          channelName: 'source multifd channel',
         });
         this.receiver.on('error', (e: Error) => this.fail(e));
         this.receiver.on('channel', (_id: number, uuid: Buffer) => this.openChannelsToB(this.opts.uuid ?? uuid));
@@ -258,7 +261,10 @@ class Relay {
       });
       if (this.opts.signal) {
         if (this.opts.signal.aborted) throw new Error('aborted');
-        this.opts.signal.addEventListener('abort', () => this.fail(new Error('aborted')), { once: true });
+        this.opts.signal.addEventListener('abort', () => {
+          const why: unknown = this.opts.signal!.reason;
+          this.fail(why instanceof Error ? why : new Error('aborted'));
+        }, { once: true });
       }
       this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), this.opts.progressIntervalMs ?? 250);
       this.idle = new IdleWatch(
@@ -266,7 +272,7 @@ class Relay {
         () => this.progress().bytesIn,
         // Waiting on B is the stall watchdog's business, not A's silence.
         () => (this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state') && this.bPending === 0,
-        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (paused or gone?)`)),
+        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
       );
       this.idle.start();
       this.progressTimer.unref();
@@ -461,7 +467,7 @@ class Relay {
       case 'device-state':
         if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
         this.phase = 'device-state';
-        st.tail.append(ev.data);
+        if (st.tail.append(ev.data)) this.streamComplete = true;
         if (this.tee) await this.tee.deviceState(ev.data, st.sectionId, st.switchoverStart);
         break;
     }
@@ -486,7 +492,9 @@ class Relay {
 
   /** A closed its main channel: after a complete stream, hand B the end and wait for its verdict. */
   private async sourceEnded(st: MainState, parser: MainStreamParser): Promise<void> {
-    if (!st.ended || st.tail.length === 0) {
+    // A complete stream ends in a VMDESCRIPTION that walks the device sections; anything less
+    // would leave B waiting for device state that never comes.
+    if (!st.ended || !st.tail.isComplete) {
       throw new ProtocolError('TRUNCATED', `the source closed its main channel before the migration completed, at stream offset ${parser.offset} (source gone?)`);
     }
     await this.flushMain();
@@ -511,8 +519,8 @@ class Relay {
     if (this.bMain) return;
     const timeout = this.opts.connectTimeoutMs ?? 10000;
     this.bMain = connectTo(this.opts.to, timeout, this.opts.tlsOut).then((s) => {
-      this.adoptB(s);
       this.bMainSocket = s;
+      this.adoptB(s, 'its main channel');
       this.listenReturnPath(s);
       publish('relay-destination', { to: this.opts.to });
       return s;
@@ -532,7 +540,7 @@ class Relay {
     const main = this.bMain!;
     for (let i = 0; i < this.channelsOut; i++) {
       const s = main.then(() => connectTo(this.opts.to, timeout, this.opts.tlsOut)).then((sock) => {
-        this.adoptB(sock);
+        this.adoptB(sock, `its multifd channel ${i}`);
         return sock;
       });
       s.catch(() => {});
@@ -545,12 +553,18 @@ class Relay {
     publish('relay-channels', { channelsOut: this.channelsOut });
   }
 
-  private adoptB(s: Socket): void {
+  private adoptB(s: Socket, which: string): void {
     this.bSockets.add(s);
     s.on('error', () => {});
     s.on('close', () => {
       this.bSockets.delete(s);
       if (s === this.bMainSocket) this.resolveBAnswered();
+      // B gone before its verdict: A must not wait for a SHUT that never comes. Once the whole
+      // stream went out, B closing its multifd channels is B finishing its load, not a failure.
+      if (this.completed || this.failure || this.bShut !== undefined) return;
+      if (s === this.bMainSocket || !this.streamComplete) {
+        this.fail(new Error(`the destination closed ${which} ${this.streamComplete ? 'without confirming the load' : `during ${this.phase}`} (QEMU gone or failed? see its log)`));
+      }
     });
     if (this.failure) s.destroy();
   }

@@ -167,9 +167,14 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     });
     sourceFailed.catch(() => {});
 
-    await qmp.execute('migrate', { uri: addr });
+    await startMigration(qmp, addr);
     migrating = true;
-    const summary = await Promise.race([rx.done, sourceFailed]);
+    const summary = await Promise.race([rx.done, sourceFailed]).catch(async (e: Error) => {
+      // Our own failure makes the source fail too (SHUT 1); when both show, ours says why
+      // ("ENOSPC ...", not the source's "Sibling indicated error 1").
+      const ours = await Promise.race([rx!.done.then(() => undefined, (x: Error) => x), new Promise<undefined>((r) => setTimeout(r, 1000))]);
+      throw ours ?? e;
+    });
     // Our file is complete; QEMU reports completed once it has handed everything over.
     for (let i = 0; i < 100 && source.status !== 'completed'; i++) {
       source = await qmp.execute('query-migrate');
@@ -201,6 +206,23 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     if (poll) clearInterval(poll);
     if (saved) await restoreSettings(qmp, saved).catch(() => {});
     qmp.close();
+  }
+}
+
+/**
+ * `migrate`, retried for a few seconds on "duplicate yank instance": right after a failed
+ * migration QEMU reports `failed` before it has unregistered that migration's yank instance, and
+ * a new `migrate` in that window is refused (seen with QEMU 10.0).
+ */
+async function startMigration(qmp: QmpClient, uri: string): Promise<void> {
+  for (let waited = 0; ; waited += 100) {
+    try {
+      await qmp.execute('migrate', { uri });
+      return;
+    } catch (e) {
+      if (!/duplicate yank instance/i.test((e as Error).message) || waited >= 5000) throw e;
+      await new Promise((r) => setTimeout(r, 100));
+    }
   }
 }
 

@@ -63,7 +63,7 @@ export class MappedRamWriter implements PageStore {
       fh = await open(tempPath, 'wx', 0o600);
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
-      throw new Error(`cannot create the snapshot in ${dirname(finalPath)}: ${err.code ?? ''} ${err.message}`.trim());
+      throw new Error(`cannot create the snapshot in ${dirname(finalPath)}: ${err.message}`);
     }
     let direct: FileHandle | undefined;
     if ((opts.directIo ?? true) && fsConstants.O_DIRECT !== undefined && pageSize % DIRECT_ALIGN === 0) {

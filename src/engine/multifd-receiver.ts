@@ -36,6 +36,8 @@ export interface MultifdReceiverOptions {
   windowBytes?: number;
   /** How long a sync waits for channels that never connected. */
   channelTimeoutMs?: number;
+  /** Names a channel in errors, before its id (default "multifd channel"; a relay says "source multifd channel"). */
+  channelName?: string;
 }
 
 export class ChannelError extends Error {
@@ -92,7 +94,7 @@ export class MultifdReceiver extends EventEmitter {
         for (let ev = parser.next(); ev !== null; ev = parser.next()) {
           if (ev.type === 'init') {
             id = this.register(ev.init.id, ev.init.uuid);
-            where = `multifd channel ${id}`;
+            where = `${this.opts.channelName ?? 'multifd channel'} ${id}`;
             continue;
           }
           const st = this.stats.get(id)!;

@@ -258,7 +258,7 @@ describe('receive failures', () => {
 
   test('a source that goes silent mid-migration fails it after idleTimeoutMs', async () => {
     const e = await expectFailure(1, (a) => rawMigration(a, mainSetup(), [[encodeMultifdInit(0), encodeSyncPacket(0n)]], { keepOpen: true }),
-      /the source sent nothing for \d+ s during (setup|ram) \(paused or gone\?\)/, { idleTimeoutMs: 400 });
+      /the source sent nothing for \d+ s during (setup|ram) \(a stalled channel, a paused source, or gone\?\)/, { idleTimeoutMs: 400 });
     assert.ok(e);
   });
 

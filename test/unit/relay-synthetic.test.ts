@@ -263,7 +263,7 @@ describe('relay failures', () => {
       const err = await r.done.then(() => undefined, (e: Error) => e);
       main.destroy();
       assert.ok(err);
-      assert.match(err.message, /the source sent nothing for \d+ s during setup \(paused or gone\?\)/);
+      assert.match(err.message, /the source sent nothing for \d+ s during setup \(a stalled channel, a paused source, or gone\?\)/);
       assert.ok(await rx.done.then(() => false, () => true), 'the destination failed too');
     } finally {
       rx.abort();

@@ -293,7 +293,12 @@ class Receiver {
         throw new ProtocolError('TRUNCATED', `closed before the migration completed, ${where} (source gone?)`);
       }
     } catch (e) {
-      const err = e as Error;
+      const err = e as Error & { code?: string };
+      // A source killed outright resets the connection instead of closing it: same news.
+      if (err.code === 'ECONNRESET' || err.code === 'EPIPE') {
+        this.fail(new ChannelError('main channel', new ProtocolError('TRUNCATED', `the connection was reset before the migration completed, at stream offset ${parser.offset} (source gone?)`)));
+        return;
+      }
       this.fail(err instanceof ChannelError ? err : new ChannelError('main channel', err));
     }
   }

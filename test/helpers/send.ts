@@ -6,7 +6,7 @@
  *
  * Every path QEMU is given lives under /tmp (QEMU 11 runs in a chroot that shares only /tmp).
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -31,6 +31,25 @@ export function cli(args: string[], timeoutMs = 120_000): Promise<CliResult> {
       const code = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
       resolve({ code, stdout, stderr: err && err.killed ? `${stderr}\n[killed after ${timeoutMs} ms]` : stderr, ms: Date.now() - t0 });
     });
+  });
+}
+
+/**
+ * A CLI command that listens (receive, relay) as a child process; resolves once it printed its
+ * "listening on" line on stderr (it does so also with --json), so the source can be started.
+ */
+export function startListeningCli(args: string[]): Promise<{ done: Promise<Omit<CliResult, 'ms'>> }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
+    const done = new Promise<Omit<CliResult, 'ms'>>((res) => p.on('exit', (code) => res({ code: code ?? -1, stdout, stderr })));
+    p.stderr.on('data', (b: Buffer) => {
+      stderr += b.toString();
+      if (/^listening on /m.test(stderr)) resolve({ done });
+    });
+    void done.then((r) => reject(new Error(`CLI exited (${r.code}) before listening: ${r.stderr}`)));
   });
 }
 

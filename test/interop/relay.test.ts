@@ -14,12 +14,11 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
-import { BIN, cli, freePort, settle, startDestination, type Destination } from '../helpers/send.js';
+import { cli, freePort, settle, startDestination, startListeningCli, type Destination } from '../helpers/send.js';
 import { relay, type RelayHandle, type RelaySummary } from '../../src/conversations/relay.js';
 import type { RestoreSummary } from '../../src/conversations/restore.js';
 
@@ -132,22 +131,6 @@ async function killAll(...qs: (QemuInstance | Destination | undefined)[]): Promi
   await Promise.all(qs.map((x) => (x ? ('q' in x ? x.q : x).kill() : undefined)));
 }
 
-/** The relay CLI as a child process; resolves once it listens (its stderr line). */
-function startCliRelay(args: string[]): Promise<{ done: Promise<{ code: number; stdout: string; stderr: string }> }> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [BIN, 'relay', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
-    const done = new Promise<{ code: number; stdout: string; stderr: string }>((res) => p.on('exit', (code) => res({ code: code ?? -1, stdout, stderr })));
-    p.stderr.on('data', (b: Buffer) => {
-      stderr += b.toString();
-      if (/^listening on /m.test(stderr)) resolve({ done });
-    });
-    void done.then((r) => reject(new Error(`relay CLI exited (${r.code}) before listening: ${r.stderr}`)));
-  });
-}
-
 for (const version of ['10', '11'] as QemuVersion[]) {
   const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)} does not run)`;
 
@@ -198,7 +181,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         b = B.d;
         const tee = join(dir, 'tee.mig');
         const port = await freePort();
-        const cliRelay = await startCliRelay(['--listen', `tcp:127.0.0.1:${port}`, '--to', B.uri, '--channels-in', '4', '--channels-out', '1', '--compression-out', 'zstd', '--tee', tee, '--json']);
+        const cliRelay = await startListeningCli(['relay', '--listen', `tcp:127.0.0.1:${port}`, '--to', B.uri, '--channels-in', '4', '--channels-out', '1', '--compression-out', 'zstd', '--tee', tee, '--json']);
         await migrateA(a, `tcp:127.0.0.1:${port}`, inn);
         const res = await settle(cliRelay.done, 120_000, 'relay CLI');
         assert.ok(res.ok);

@@ -16,13 +16,12 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
-import { BIN, cli, freePort, settle, startDestination, type Destination } from '../helpers/send.js';
+import { cli, freePort, settle, startDestination, startListeningCli, type Destination } from '../helpers/send.js';
 import { makeTlsCreds } from '../helpers/tls.js';
 import { receive } from '../../src/conversations/receive.js';
 import type { ReceiveSummary } from '../../src/conversations/receive.js';
@@ -83,22 +82,6 @@ async function assertGuestRunsOn(b: QemuInstance, what: string): Promise<void> {
   await b.qmp.execute('stop');
   const r1 = checkDirtyInvariant(await dumpGuestMemory(b, GUEST_DIRTY_START, DIRTY_RANGE));
   assert.ok(r1.ok, `${what}: the guest broke the invariant after running: ${r1.reason}`);
-}
-
-/** A CLI command that listens, as a child process; resolves once it printed its listening line. */
-function startListeningCli(args: string[]): Promise<{ done: Promise<{ code: number; stdout: string; stderr: string }> }> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
-    const done = new Promise<{ code: number; stdout: string; stderr: string }>((res) => p.on('exit', (code) => res({ code: code ?? -1, stdout, stderr })));
-    p.stderr.on('data', (b: Buffer) => {
-      stderr += b.toString();
-      if (/^listening on /m.test(stderr)) resolve({ done });
-    });
-    void done.then((r) => reject(new Error(`CLI exited (${r.code}) before listening: ${r.stderr}`)));
-  });
 }
 
 async function killAll(...qs: (QemuInstance | Destination | undefined)[]): Promise<void> {

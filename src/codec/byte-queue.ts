@@ -56,7 +56,7 @@ export class ByteQueue {
 
   /** Views covering [start, start+n) relative to the queue head; no copy. */
   slices(start: number, n: number): Buffer[] {
-    if (start + n > this.size) throw new NeedMoreData();
+    if (start + n > this.size) throw new NeedMoreData(start + n);
     const out: Buffer[] = [];
     let skip = start + this.headOffset;
     for (const c of this.chunks) {
@@ -81,13 +81,13 @@ export class ByteQueue {
   }
 
   byteAt(i: number): number {
-    if (i >= this.size) throw new NeedMoreData();
+    if (i >= this.size) throw new NeedMoreData(i + 1);
     let idx = i + this.headOffset;
     for (const c of this.chunks) {
       if (idx < c.length) return c[idx]!;
       idx -= c.length;
     }
-    throw new NeedMoreData();
+    throw new NeedMoreData(i + 1);
   }
 
   cursor(): Cursor {
@@ -112,7 +112,7 @@ export class Cursor {
   }
 
   need(n: number): void {
-    if (this.pos + n > this.q.length) throw new NeedMoreData();
+    if (this.pos + n > this.q.length) throw new NeedMoreData(this.pos + n);
   }
 
   peekU8(ahead = 0): number {

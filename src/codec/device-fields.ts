@@ -60,6 +60,12 @@ export interface DecodeOptions {
 
 const MAX_DEPTH = 64;
 const DEFAULT_MAX_VALUES = 4_000_000;
+/**
+ * Values that occupy no bytes (zero-size fields, struct elements that read nothing) cost memory
+ * but no input: a tiny file could otherwise make one call build DEFAULT_MAX_VALUES of them
+ * (hundreds of MB and seconds, fuzz regression vmdesc-*). Every other value consumes a byte at least.
+ */
+const MAX_EMPTY_VALUES = 65_536;
 const NULLPTR_MARKER = 0x30; // '0'
 
 /** vmstate integer types; "int32 le" means "less or equal" (a load-time check), not little-endian. */
@@ -73,6 +79,7 @@ const INT_TYPES: Record<string, boolean> = {
 class Decoder {
   pos: number;
   values = 0;
+  emptyValues = 0;
   readonly issues: DecodeIssue[] = [];
   constructor(readonly buf: Buffer, start: number, readonly base: number, readonly maxValues: number) {
     this.pos = start;
@@ -134,6 +141,10 @@ class Decoder {
         out.values.push(s);
       } else {
         out.values.push(this.scalar(f, `${path}.${f.name}`));
+      }
+      // An element that read nothing is paid for by no input byte: bounded on its own.
+      if (this.pos === at && ++this.emptyValues > MAX_EMPTY_VALUES) {
+        this.fail(`more than ${MAX_EMPTY_VALUES} values that occupy no bytes (array_len ${count} of ${path}.${f.name} too large?)`, at);
       }
     }
     return out;

@@ -44,7 +44,16 @@ export class DeviceStateTail {
     }
     if (add === 0) return this.complete;
     const tail = this.bytes();
-    this.candidates.push(...vmdescCandidates(tail, Math.max(1, before)));
+    // A loop, not push(...found): one large append can hold more candidates than a call takes arguments.
+    for (const p of vmdescCandidates(tail, Math.max(1, before))) this.candidates.push(p);
+    // Only the latest candidate (and any inside its 5-byte header) can still turn out to be the
+    // trailing VMDESCRIPTION: an earlier one's JSON would contain the latest one's 0x00 byte,
+    // which JSON.parse refuses. Keeping them all made every append that ends in "}" cost
+    // O(candidates), quadratic over a device state full of fake record headers.
+    const last = this.candidates[this.candidates.length - 1];
+    if (last !== undefined && this.candidates[0]! < last - 5) {
+      this.candidates.splice(0, this.candidates.findIndex((p) => p >= last - 5));
+    }
     const found = trailingVmdesc(tail, this.candidates);
     if (!found) return (this.complete = false);
     const layout = walkDeviceState(tail, found.vmdesc, 0);

@@ -35,9 +35,14 @@ export class ProtocolError extends Error {
   }
 }
 
-/** Thrown by cursors when the buffered bytes end inside a structure; parsers roll back and wait. */
+/**
+ * Thrown by cursors when the buffered bytes end inside a structure; parsers roll back and wait.
+ * `need` is how many buffered bytes (from the queue head) the read that failed wanted: a retry
+ * with fewer fails the same way, so a parser can wait for that many instead of re-parsing the
+ * structure on every push (which made a record that arrives in n pieces cost O(n²)). 0: unknown.
+ */
 export class NeedMoreData extends Error {
-  constructor() {
+  constructor(readonly need = 0) {
     super('need more data');
     this.name = 'NeedMoreData';
   }

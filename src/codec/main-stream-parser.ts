@@ -141,17 +141,26 @@ export class MainStreamParser {
 
   private externalSkip = 0;
 
+  /** Buffered bytes the structure at the head needs before another attempt can succeed. */
+  private wantLength = 0;
+
   next(): MainEvent | null {
+    // A record that arrives in many small pieces is parsed once it is whole, not once per piece.
+    if (this.q.length < this.wantLength) return null;
     for (;;) {
       const c = this.q.cursor();
       let ev: MainEvent | null | undefined;
       try {
         ev = this.step(c);
       } catch (e) {
-        if (e instanceof NeedMoreData) return null;
+        if (e instanceof NeedMoreData) {
+          this.wantLength = e.need;
+          return null;
+        }
         if (e instanceof ProtocolError && e.offset === undefined) e.offset = this.q.streamOffset + this.externalSkip;
         throw e;
       }
+      this.wantLength = 0;
       this.q.consume(c.pos);
       if (ev === null) return null;
       if (ev !== undefined) return ev;

@@ -66,10 +66,24 @@ function isId(v: unknown): v is QmpId {
   return typeof v === 'string' || typeof v === 'number';
 }
 
+/**
+ * A short text of a value for an error message. JSON.stringify recurses: a line that JSON.parse
+ * accepted (it nests as deep as it likes) could make it throw a RangeError instead of our error.
+ */
+function preview(v: unknown): string {
+  let text: string;
+  try {
+    text = JSON.stringify(v) ?? String(v);
+  } catch {
+    text = Array.isArray(v) ? '[...]' : isObject(v) ? `{${Object.keys(v).slice(0, 8).map((k) => JSON.stringify(k)).join(', ')}: ...}` : String(v);
+  }
+  return text.length > 200 ? text.slice(0, 200) + '...' : text;
+}
+
 /** Classifies one parsed JSON value; throws if it is not any QMP server message. */
 export function classifyQmpMessage(v: unknown): QmpMessage {
   if (!isObject(v)) {
-    throw new QmpProtocolError('UNKNOWN_MESSAGE', `QMP message is not a JSON object: ${JSON.stringify(v)}`);
+    throw new QmpProtocolError('UNKNOWN_MESSAGE', `QMP message is not a JSON object: ${preview(v)}`);
   }
   if ('QMP' in v && isObject(v['QMP'])) {
     return { kind: 'greeting', QMP: v['QMP'] as QmpGreeting['QMP'] };
@@ -100,11 +114,7 @@ export function classifyQmpMessage(v: unknown): QmpMessage {
       },
     };
   }
-  const text = JSON.stringify(v);
-  throw new QmpProtocolError(
-    'UNKNOWN_MESSAGE',
-    `unrecognised QMP message: ${text.length > 200 ? text.slice(0, 200) + '...' : text}`,
-  );
+  throw new QmpProtocolError('UNKNOWN_MESSAGE', `unrecognised QMP message: ${preview(v)}`);
 }
 
 export interface QmpLineSplitterOptions {

@@ -11,13 +11,39 @@ const SUB_PAGE_BITS = 'configuration/target-page-bits';
 const SUB_CAPS = 'configuration/capabilities';
 const SUB_UUID = 'configuration/uuid';
 
-/** JSON in QEMU's json-writer layout. */
+/**
+ * JSON in QEMU's json-writer layout. Iterative: the VMDESCRIPTION comes from the file, and
+ * JSON.parse accepts nesting far deeper than a recursive encoder's stack (a few thousand levels
+ * made convert die with a RangeError).
+ */
 export function encodeQemuJson(v: unknown): string {
-  if (Array.isArray(v)) return `[${v.map(encodeQemuJson).join(', ')}]`;
-  if (v !== null && typeof v === 'object') {
-    return `{${Object.entries(v).filter(([, x]) => x !== undefined).map(([k, x]) => `${JSON.stringify(k)}: ${encodeQemuJson(x)}`).join(', ')}}`;
+  const out: string[] = [];
+  const stack: { items: (readonly [string | undefined, unknown])[]; i: number; close: string }[] = [];
+  const open = (x: unknown): void => {
+    if (Array.isArray(x)) {
+      out.push('[');
+      stack.push({ items: x.map((e) => [undefined, e] as const), i: 0, close: ']' });
+    } else if (x !== null && typeof x === 'object') {
+      out.push('{');
+      stack.push({ items: Object.entries(x).filter(([, e]) => e !== undefined), i: 0, close: '}' });
+    } else {
+      out.push(JSON.stringify(x) ?? 'null');
+    }
+  };
+  open(v);
+  while (stack.length > 0) {
+    const f = stack[stack.length - 1]!;
+    if (f.i === f.items.length) {
+      out.push(f.close);
+      stack.pop();
+      continue;
+    }
+    if (f.i > 0) out.push(', ');
+    const [k, x] = f.items[f.i++]!;
+    if (k !== undefined) out.push(`${JSON.stringify(k)}: `);
+    open(x);
   }
-  return JSON.stringify(v) ?? 'null';
+  return out.join('');
 }
 
 function capabilitiesEntry(caps: readonly string[]): VmdescStruct {
@@ -37,7 +63,8 @@ export function vmdescForConfiguration(vmdesc: Vmdesc, config: Configuration): V
   const current = subs.find((s) => s?.vmsd_name === SUB_CAPS);
   const want = config.capabilities.length > 0 ? capabilitiesEntry(config.capabilities) : undefined;
   if (encodeQemuJson(current) === encodeQemuJson(want)) return undefined;
-  const rank = (s: VmdescStruct): number => [SUB_PAGE_BITS, SUB_CAPS, SUB_UUID].indexOf(s.vmsd_name ?? '');
+  // Entries come from the file: one that is not an object (null, a number) must not crash the sort.
+  const rank = (s: unknown): number => [SUB_PAGE_BITS, SUB_CAPS, SUB_UUID].indexOf(typeof s === 'object' && s !== null ? ((s as VmdescStruct).vmsd_name ?? '') : '');
   const next = subs.filter((s) => s?.vmsd_name !== SUB_CAPS);
   if (want) next.push(want);
   next.sort((a, b) => rank(a) - rank(b));

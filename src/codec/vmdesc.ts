@@ -115,9 +115,12 @@ class Walker {
   struct(desc: VmdescStruct, depth: number): void {
     if (depth > MAX_DEPTH) this.fail('VMDESCRIPTION nests too deeply');
     for (const f of this.list(desc.fields, 'fields')) {
+      // The same rules as decodeDeviceFields (device-fields.ts): verify and inspect decode with
+      // it, receive and restore walk with this, and both must agree on where a section ends.
+      if (typeof f.name !== 'string' || typeof f.type !== 'string') this.fail('a VMDESCRIPTION field has no name or type');
       const count = f.array_len ?? 1;
-      if (!Number.isInteger(count) || count < 0) this.fail(`field ${f.name} has a bad array_len`);
-      if (f.type === 'struct' && f.struct) {
+      if (!Number.isSafeInteger(count) || count < 0) this.fail(`field ${f.name} has a bad array_len`);
+      if (f.type === 'struct' && typeof f.struct === 'object' && f.struct !== null) {
         for (let i = 0; i < count; i++) {
           const at = this.pos;
           this.struct(f.struct, depth + 1);
@@ -125,8 +128,13 @@ class Walker {
           if (this.pos === at) break;
         }
       } else {
-        if (!Number.isInteger(f.size) || f.size < 0) this.fail(`field ${f.name} has a bad size`);
-        this.skip(f.size * count);
+        if (!Number.isSafeInteger(f.size) || f.size < 0) this.fail(`field ${f.name} has a bad size`);
+        if (f.type === 'capability') {
+          // A counted string whatever the size says (QEMU's configuration entry); each reads a byte at least.
+          for (let i = 0; i < count; i++) this.skip(this.u8());
+        } else {
+          this.skip(f.size * count);
+        }
       }
     }
     for (const sub of this.list(desc.subsections, 'subsections')) {
@@ -206,8 +214,14 @@ export function vmdescCandidates(buf: Buffer, from: number, to = buf.length): nu
 /** The candidate whose record ends exactly at the end of `buf` and parses, if any. */
 export function trailingVmdesc(buf: Buffer, candidates: readonly number[]): { vmdesc: Vmdesc; vmdescOffset: number } | undefined {
   if (buf.length < 7 || buf[buf.length - 1] !== 0x7d /* } */) return undefined;
+  // Every candidate has a 0x00 byte before it, and JSON.parse refuses a raw U+0000: a candidate
+  // whose JSON would contain the latest candidate's 0x00 cannot parse, so only the latest ones
+  // (within its 5-byte header) are tried. Trying them all converted the rest of the buffer to a
+  // string per candidate: quadratic, minutes for a file whose device state is full of fake headers.
+  let latest = -1;
+  for (const p of candidates) if (p > latest) latest = p;
   for (const p of candidates) {
-    if (p + 5 > buf.length) continue;
+    if (p < latest - 5 || p + 5 > buf.length) continue;
     const len = buf.readUInt32BE(p + 1);
     if (p + 5 + len !== buf.length || len > MAX_VMDESC_BYTES) continue;
     try {

@@ -22,32 +22,34 @@ async function main(): Promise<void> {
   };
   const target = targetByName(job.target);
   await target.setup?.();
+  // 'done' is posted after teardown: the parent ends the worker as soon as it reads it.
+  let done: WorkerMessage = { type: 'done' };
   try {
     if (job.mode === 'replay') {
       for (const x of job.inputs ?? []) {
         const o = await execute(target, Buffer.from(x.data));
         post({ type: 'replayed', name: x.name, kind: o.kind, detail: o.detail + (o.stack ? `\n${o.stack}` : ''), signature: o.signature, ms: o.ms });
       }
-      post({ type: 'done' });
-      return;
+    } else {
+      const extra = job.withRegressions ? listRegressions(target.name).map((r) => ({ name: r.file, data: r.data })) : [];
+      const opts: Parameters<typeof campaign>[1] = {
+        seed: job.seed,
+        extraInputs: extra,
+        minimiseMs: job.minimiseMs ?? 20000,
+        progressMs: job.progressMs ?? 5000,
+        onProgress: (stats) => post({ type: 'progress', stats }),
+        onFailure: (f) => post({ type: 'failure', failure: { ...f, input: new Uint8Array(f.input), minimised: new Uint8Array(f.minimised) } }),
+      };
+      if (job.knownSignatures) opts.knownSignatures = job.knownSignatures;
+      if (job.iterations !== undefined) opts.iterations = job.iterations;
+      if (job.durationMs !== undefined) opts.durationMs = job.durationMs;
+      const { stats } = await campaign(target, opts);
+      done = { type: 'done', stats };
     }
-    const extra = job.withRegressions ? listRegressions(target.name).map((r) => ({ name: r.file, data: r.data })) : [];
-    const opts: Parameters<typeof campaign>[1] = {
-      seed: job.seed,
-      extraInputs: extra,
-      minimiseMs: job.minimiseMs ?? 20000,
-      progressMs: job.progressMs ?? 5000,
-      onProgress: (stats) => post({ type: 'progress', stats }),
-      onFailure: (f) => post({ type: 'failure', failure: { ...f, input: new Uint8Array(f.input), minimised: new Uint8Array(f.minimised) } }),
-    };
-    if (job.knownSignatures) opts.knownSignatures = job.knownSignatures;
-    if (job.iterations !== undefined) opts.iterations = job.iterations;
-    if (job.durationMs !== undefined) opts.durationMs = job.durationMs;
-    const { stats } = await campaign(target, opts);
-    post({ type: 'done', stats });
   } finally {
     await target.teardown?.();
   }
+  post(done);
 }
 
 main().catch((e: unknown) => post({ type: 'fatal', message: e instanceof Error ? (e.stack ?? e.message) : String(e) }));

@@ -2,6 +2,13 @@
 // ends in a VMDESCRIPTION whose device list walks the sections before it exactly (PROTOCOL.md
 // §1.7). Appends copy into one doubling buffer (linear, not quadratic) and only new positions
 // are scanned for candidates, since a candidate needs just the byte before it.
+//
+// Completeness is a guess at every read boundary: bytes inside a device section (guest-written
+// ones, like CMOS NVRAM) can look like a trailing VMDESCRIPTION when a read happens to end right
+// after them. A candidate that does not walk is therefore no error (the real description may
+// still come); its failure is kept for the message when the stream ends there. One that does walk
+// is only as good as the next read: callers commit after the stream has stayed quiet (receive)
+// or after the peer confirmed (relay).
 
 import { ProtocolError } from './errors.js';
 import { trailingVmdesc, vmdescCandidates, walkDeviceState } from './vmdesc.js';
@@ -11,6 +18,7 @@ export class DeviceStateTail {
   private used = 0;
   private readonly candidates: number[] = [];
   private complete = false;
+  private lastWalkError: Error | undefined;
 
   constructor(private readonly maxBytes = 64 * 1024 * 1024) {}
 
@@ -20,6 +28,11 @@ export class DeviceStateTail {
 
   get isComplete(): boolean {
     return this.complete;
+  }
+
+  /** Why the latest VMDESCRIPTION candidate was rejected, if it was. */
+  get rejection(): Error | undefined {
+    return this.complete ? undefined : this.lastWalkError;
   }
 
   bytes(): Buffer {
@@ -54,10 +67,19 @@ export class DeviceStateTail {
     if (last !== undefined && this.candidates[0]! < last - 5) {
       this.candidates.splice(0, this.candidates.findIndex((p) => p >= last - 5));
     }
+    this.complete = false;
     const found = trailingVmdesc(tail, this.candidates);
-    if (!found) return (this.complete = false);
-    const layout = walkDeviceState(tail, found.vmdesc, 0);
-    this.complete = layout.vmdescOffset === found.vmdescOffset && layout.end === tail.length;
+    if (!found) return false;
+    try {
+      const layout = walkDeviceState(tail, found.vmdesc, 0);
+      this.complete = layout.vmdescOffset === found.vmdescOffset && layout.end === tail.length;
+      if (!this.complete) {
+        this.lastWalkError = new ProtocolError('BAD_VMDESC', `the VMDESCRIPTION at device-state offset ${found.vmdescOffset} does not follow the sections it describes`);
+      }
+    } catch (e) {
+      if (!(e instanceof ProtocolError)) throw e;
+      this.lastWalkError = e;
+    }
     return this.complete;
   }
 }

@@ -52,6 +52,11 @@ export interface ReceiveOptions {
   /** Largest device state (everything after RAM) kept for verification. */
   maxDeviceStateBytes?: number;
   /**
+   * How long the main channel must stay quiet after a complete-looking VMDESCRIPTION before the
+   * snapshot is committed (default 20 ms); end of stream commits at once.
+   */
+  completionQuietMs?: number;
+  /**
    * Write pages with O_DIRECT where the file system supports it (default true): cheaper than the
    * page cache for a whole guest, but the file is not cached for an immediate restore.
    */
@@ -276,8 +281,29 @@ class Receiver {
   private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
     const parser = new MainStreamParser();
     const st = new MainState(new DeviceStateTail(this.opts.maxDeviceStateBytes));
+    const chunks = source[Symbol.asyncIterator]();
     try {
-      for await (const chunk of source) {
+      for (;;) {
+        const next = chunks.next();
+        let r: IteratorResult<Buffer>;
+        if (st.tail.isComplete) {
+          // The bytes so far end in a VMDESCRIPTION that walks, but guest-written bytes can look
+          // like one at a read boundary: commit only once the stream stays quiet (a real source
+          // sends nothing more until our SHUT) or ends.
+          const quiet = await quietFor(next, this.opts.completionQuietMs ?? 20);
+          if (quiet === 'quiet') {
+            next.then((more) => {
+              if (!more.done) publish('late-data', { bytes: more.value.length, message: 'bytes arrived on the main channel after the snapshot was committed' });
+            }, () => {});
+            await this.complete(st);
+            return;
+          }
+          r = quiet;
+        } else {
+          r = await next;
+        }
+        if (r.done) break;
+        const chunk = r.value;
         if (this.failure || this.finished) return;
         this.mainBytes += chunk.length;
         parser.push(chunk);
@@ -287,8 +313,13 @@ class Receiver {
         }
       }
       if (!this.finished && !this.failure) {
+        if (st.tail.isComplete) {
+          await this.complete(st);
+          return;
+        }
+        const why = st.tail.rejection ? `: ${st.tail.rejection.message}` : '; is the machine\'s suppress-vmdesc on?';
         const where = st.tail.length > 0
-          ? `in the device state (${st.tail.length} bytes received, no complete VMDESCRIPTION; is the machine's suppress-vmdesc on?)`
+          ? `in the device state (${st.tail.length} bytes received, no complete VMDESCRIPTION${why})`
           : `at stream offset ${parser.offset}`;
         throw new ProtocolError('TRUNCATED', `closed before the migration completed, ${where} (source gone?)`);
       }
@@ -406,9 +437,8 @@ class Receiver {
     if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
     this.phase = 'device-state';
     // The stream is complete when it ends in a VMDESCRIPTION that walks the device sections exactly.
-    const complete = st.tail.append(data);
+    st.tail.append(data);
     await this.output!.deviceState(data, st.sectionId, st.switchoverStart);
-    if (complete) await this.complete(st);
   }
 
   private async complete(st: MainState): Promise<void> {
@@ -489,4 +519,15 @@ class MainState {
   blockList: RamBlockInfo[] = [];
   headWritten = false;
   constructor(readonly tail: DeviceStateTail) {}
+}
+
+/** Resolves with the next read, or 'quiet' when none came within `ms`. */
+async function quietFor<T>(next: Promise<T>, ms: number): Promise<T | 'quiet'> {
+  let timer: NodeJS.Timeout | undefined;
+  const quiet = new Promise<'quiet'>((resolve) => { timer = setTimeout(() => resolve('quiet'), ms); });
+  try {
+    return await Promise.race([next, quiet]);
+  } finally {
+    clearTimeout(timer);
+  }
 }

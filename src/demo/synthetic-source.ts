@@ -111,6 +111,8 @@ export interface SyntheticSendOptions {
   uuid?: Buffer;
   /** Called with the main socket once connected (e.g. to read the return path). */
   onMain?: (s: Socket) => void;
+  /** Stop for `ms` after `at` bytes of the device section's body (read-boundary tests). */
+  deviceStatePause?: { at: number; ms: number };
 }
 
 /**
@@ -190,9 +192,16 @@ export async function sendSyntheticMigration(addr: string, g: SyntheticGuest, op
     const vmdesc = Buffer.from(g.vmdesc);
     const len = Buffer.alloc(4);
     len.writeUInt32BE(vmdesc.length);
+    let body = g.deviceState;
+    if (opts.deviceStatePause) {
+      const { at, ms } = opts.deviceStatePause;
+      await write(main, [encodeSectionFull(SectionType.FULL, 3, 'demo-device', 0, 1), body.subarray(0, at)]);
+      await new Promise((resolve) => setTimeout(resolve, ms));
+      body = body.subarray(at);
+    }
     await write(main, [
-      encodeSectionFull(SectionType.FULL, 3, 'demo-device', 0, 1),
-      g.deviceState,
+      ...(opts.deviceStatePause ? [] : [encodeSectionFull(SectionType.FULL, 3, 'demo-device', 0, 1)]),
+      body,
       encodeFooter(3),
       Buffer.from([SectionType.EOF, SectionType.VMDESCRIPTION]),
       len,

@@ -65,6 +65,47 @@ describe('receive from the synthetic source', () => {
     assert.equal(s['multifd-syncs'], 3);
   });
 
+  // The guest controls bytes inside device sections (CMOS NVRAM, buffers): here the device's body
+  // holds a complete-looking end of stream (footer, EOF, a VMDESCRIPTION that describes the
+  // device as shorter) and the source pauses right after it, as a read boundary there would.
+  test('guest bytes that look like the end of the stream at a read boundary: no early commit, no failure', async () => {
+    const guest = makeSyntheticGuest(8);
+    const real = 4096;
+    const fakeDesc = Buffer.from(JSON.stringify({
+      page_size: TARGET_PAGE_SIZE,
+      devices: [{ name: 'demo-device', instance_id: 0, vmsd_name: 'demo-device', version: 1, fields: [{ name: 'state', type: 'buffer', size: 16 }] }],
+    }));
+    const fakeLen = Buffer.alloc(4);
+    fakeLen.writeUInt32BE(fakeDesc.length);
+    const fake = Buffer.concat([Buffer.alloc(16, 0x41), encodeFooter(3), Buffer.from([SectionType.EOF, SectionType.VMDESCRIPTION]), fakeLen, fakeDesc]);
+    const body = Buffer.alloc(real, 0x42);
+    fake.copy(body);
+    guest.deviceState = body;
+    guest.vmdesc = guest.vmdesc.replace(/"size":\d+/, `"size":${real}`);
+    for (const [pauseMs, returnPath] of [[60, true], [0, false]] as const) {
+      const dir = tmp();
+      const out = join(dir, 'vm.mig');
+      try {
+        const h = receive({ listen: 'tcp:127.0.0.1:0', out, channels: 2, completionQuietMs: 30 });
+        const addr = await h.listening;
+        const send = sendSyntheticMigration(addr, guest, { channels: 2, returnPath, deviceStatePause: { at: fake.length, ms: pauseMs } });
+        const [summary] = await Promise.all([h.done, send]);
+        const snap = await MappedRamSnapshot.open(out);
+        try {
+          const sections = snap.deviceState.sections;
+          assert.equal(sections.length, 1);
+          // Header (1+4+1+11+4+4) + body + footer (5): the whole real section, not the fake's 16 bytes.
+          assert.equal(sections[0]!.length, 25 + real + 5, `pause ${pauseMs} ms: the committed device section is the real one`);
+        } finally {
+          await snap.close();
+        }
+        assert.equal(summary['device-state-bytes'] > real, true);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    }
+  });
+
   test('return path: answers PING with PONG and ends with SHUT(0)', async () => {
     let rp = Buffer.alloc(0);
     const s = await roundTrip({

@@ -19,6 +19,7 @@ import {
   encodeStreamHeader,
   encodeZeroRecord,
 } from './stream-encode.js';
+import { encodePackagedHeader } from './postcopy.js';
 
 /** The buffers of one event, in order (views of the event's own data where it has any). */
 export function encodeMainEvent(ev: MainEvent): Buffer[] {
@@ -29,6 +30,8 @@ export function encodeMainEvent(ev: MainEvent): Buffer[] {
       return [encodeConfiguration(ev.config)];
     case 'command':
       return [encodeCommand(ev.cmd, ev.payload)];
+    case 'package':
+      return [encodePackagedHeader(ev.data.length), ev.data];
     case 'section':
       return ev.kind === 'start' || ev.kind === 'full'
         ? [encodeSectionFull(ev.kind === 'start' ? SectionType.START : SectionType.FULL, ev.sectionId, ev.idstr, ev.instanceId, ev.versionId)]

@@ -33,6 +33,8 @@ export type MainEvent =
   | { type: 'header'; version: number }
   | { type: 'configuration'; config: Configuration }
   | { type: 'command'; cmd: number; payload: Buffer }
+  /** A PACKAGED command with its package (postcopy: LISTEN, device sections, PINGs, RUN; §6.2). */
+  | { type: 'package'; data: Buffer }
   | { type: 'section'; kind: SectionKind; sectionId: number; idstr: string; instanceId: number; versionId: number }
   | { type: 'ram-mem-size'; totalBytes: number }
   | { type: 'ram-block'; block: RamBlockInfo }
@@ -50,6 +52,8 @@ export interface MainStreamParserOptions {
   fileOffset?: number;
   /** Largest number of RAM blocks accepted in a MEM_SIZE list. */
   maxBlocks?: number;
+  /** Largest PACKAGED command accepted (QEMU allows 4 GiB; the package is buffered whole). */
+  maxPackageBytes?: number;
 }
 
 type State =
@@ -79,6 +83,7 @@ export class MainStreamParser {
   private readonly pageSize: number;
   private readonly fileOffset: number;
   private readonly maxBlocks: number;
+  private readonly maxPackageBytes: number;
 
   private ramSectionId: number | undefined;
   private currentSectionId = 0;
@@ -94,6 +99,7 @@ export class MainStreamParser {
     this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
     this.fileOffset = opts.fileOffset ?? 0;
     this.maxBlocks = opts.maxBlocks ?? 4096;
+    this.maxPackageBytes = opts.maxPackageBytes ?? 64 * 1024 * 1024;
   }
 
   push(chunk: Buffer): void {
@@ -248,6 +254,13 @@ export class MainStreamParser {
           throw new ProtocolError('BAD_RECORD', `POSTCOPY_ADVISE has length ${len}, expected 0 or 16`, { offset: at });
         }
         const payload = Buffer.from(c.take(len));
+        if (cmd === Command.PACKAGED) {
+          const size = payload.readUInt32BE(0);
+          if (size > this.maxPackageBytes) {
+            throw new ProtocolError('LIMIT_EXCEEDED', `PACKAGED command of ${size} bytes (limit ${this.maxPackageBytes})`, { offset: at });
+          }
+          return { type: 'package', data: Buffer.from(c.take(size)) };
+        }
         return { type: 'command', cmd, payload };
       }
       case SectionType.START:
@@ -289,6 +302,9 @@ export class MainStreamParser {
         return { type: 'section', kind: t === SectionType.PART ? 'part' : 'end', sectionId, idstr: RAM_SECTION_NAME, instanceId: 0, versionId: RAM_SECTION_VERSION };
       }
       case SectionType.EOF:
+        // Kept as the first device-state byte (as a first device section is): consumers that
+        // store or forward the device state must not lose it, and a postcopy stream ends here.
+        c.pos = 0;
         this.state = 'device-state';
         return undefined;
       default:

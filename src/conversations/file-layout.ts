@@ -243,6 +243,10 @@ class Scan {
         }
         return true;
       }
+      case 'package':
+        l.commands.push({ cmd: Command.PACKAGED, name: commandName(Command.PACKAGED), offset: at, size: parser.offset - at });
+        this.problem('error', 'UNSUPPORTED', at, `command ${Command.PACKAGED} (${commandName(Command.PACKAGED)}) in a migration file: it needs a live peer`);
+        return true;
       case 'section':
         return this.onSection(ev, at);
       case 'ram-mem-size':

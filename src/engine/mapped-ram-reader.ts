@@ -88,6 +88,8 @@ export class MappedRamSnapshot implements SnapshotSource {
           } else if (ev.type === 'command') {
             if (ev.cmd === Command.SWITCHOVER_START) switchoverStart = true;
             else if (ev.cmd !== Command.POSTCOPY_ADVISE) throw new ProtocolError('UNSUPPORTED', `command ${ev.cmd} in a snapshot file (only SWITCHOVER_START belongs there)`, { offset: parser.offset });
+          } else if (ev.type === 'package') {
+            throw new ProtocolError('UNSUPPORTED', 'PACKAGED command in a snapshot file (postcopy needs a live peer)', { offset: parser.offset });
           } else if (ev.type === 'ram-page' || ev.type === 'ram-zero' || ev.type === 'ram-flush') {
             throw new ProtocolError('BAD_RECORD', `${ev.type} record in a mapped-ram file`);
           } else if (ev.type === 'device-state') {

@@ -61,6 +61,11 @@ export interface IncomingOptions {
   maxPending: number;
   onKind: (sock: Socket, kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string) => void;
   onStray: (e: StrayConnectionError) => void;
+  /**
+   * Takes a connection before it identifies itself, when the conversation knows what it must be:
+   * a postcopy preempt channel has no magic (PROTOCOL.md §6.3). True when taken.
+   */
+  claim?: (sock: Socket) => boolean;
 }
 
 /** The listening side's sorter: classifies each connection, with a cap on those still unidentified. */
@@ -70,6 +75,7 @@ export class IncomingConnections {
   constructor(private readonly o: IncomingOptions) {}
 
   accept(sock: Socket): void {
+    if (this.o.claim?.(sock)) return;
     if (this.pending >= this.o.maxPending) {
       const peer = describePeer(sock);
       sock.destroy();

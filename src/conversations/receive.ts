@@ -6,9 +6,10 @@
 // device state, kept byte for byte until a VMDESCRIPTION proves it complete → commit.
 
 import type { Socket } from 'node:net';
-import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { Command, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { DeviceStateTail } from '../codec/device-state-tail.js';
+import { PageRecordParser, decodeDiscard, encodeEofAndVmdesc, findDeviceSections, splitPackage, synthesizeVmdesc, type FoundSection } from '../codec/postcopy.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodePong, encodeShut } from '../codec/return-path.js';
@@ -19,6 +20,7 @@ import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/mult
 import type { RamBlock } from '../engine/page-store.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
 import type { TlsCreds } from '../transports/tls.js';
+import { describePeer } from '../transports/socket-io.js';
 import { IdleWatch } from './idle-watch.js';
 import { IncomingConnections, StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
@@ -67,7 +69,7 @@ export interface ReceiveOptions {
 }
 
 export interface ReceiveProgress {
-  phase: 'listening' | 'setup' | 'ram' | 'device-state' | 'committing' | 'completed' | 'failed';
+  phase: 'listening' | 'setup' | 'ram' | 'device-state' | 'postcopy' | 'committing' | 'completed' | 'failed';
   elapsedMs: number;
   transferred: number;
   normal: number;
@@ -109,6 +111,17 @@ export interface ReceiveSummary {
   'file-size': number;
   blocks: { name: string; 'used-length': number; 'pages-present': number }[];
   channels: ChannelStats[];
+  /** Present when the source switched to postcopy (device state came in its PACKAGED command). */
+  postcopy?: {
+    /** Since the start of the migration. */
+    'switched-at-ms': number;
+    /** Page records on the main channel after the switch. */
+    'main-pages': number;
+    /** Page records on the preempt channel. */
+    'preempt-pages': number;
+    'discard-ranges': number;
+    'preempt-channel': boolean;
+  };
 }
 
 export class ReceiveHandle extends ListeningHandle<ReceiveSummary> {}
@@ -147,6 +160,15 @@ class Receiver {
   private ramTotal = 0;
   private readonly incoming: IncomingConnections;
   private idle: IdleWatch | undefined;
+  private postcopyAdvised = false;
+  private preempt: Socket | undefined;
+  private preemptPages = 0;
+  private postcopyMainPages = 0;
+  private discardRanges = 0;
+  private switchedAt: number | undefined;
+  /** Resolves when precopy is sealed (every multifd write done): preempt pages wait for it. */
+  private readonly postcopyStarted: Promise<void>;
+  private resolvePostcopyStarted!: () => void;
 
   constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary>) {
     this.incoming = new IncomingConnections({
@@ -154,7 +176,9 @@ class Receiver {
       maxPending: opts.maxPendingConnections ?? 16,
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
+      claim: (sock) => this.claimPreempt(sock),
     });
+    this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channels = opts.channels ?? 2;
     this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
@@ -202,7 +226,7 @@ class Receiver {
       this.idle = new IdleWatch(
         this.opts.idleTimeoutMs ?? 300_000,
         () => this.progress().transferred,
-        () => this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state',
+        () => this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state' || this.phase === 'postcopy',
         (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
       );
       this.idle.start();
@@ -247,6 +271,49 @@ class Receiver {
   private onStray(e: StrayConnectionError): void {
     publish('stray-connection', { error: e });
     this.handle.emit('stray', e);
+  }
+
+  /**
+   * The postcopy preempt channel has no magic: like QEMU, take the connection that comes after
+   * the main channel and all multifd channels of a source that advised postcopy (§6.3).
+   */
+  private claimPreempt(sock: Socket): boolean {
+    if (!this.postcopyAdvised || !this.main || this.preempt || this.failure || this.finished) return false;
+    if ((this.multifd?.connected ?? 0) < this.channels) return false;
+    this.preempt = sock;
+    sock.setNoDelay(true);
+    sock.on('error', () => {});
+    publish('channel', { kind: 'preempt', peer: describePeer(sock) });
+    void this.runPreempt(sock);
+    return true;
+  }
+
+  private async runPreempt(sock: Socket): Promise<void> {
+    const parser = new PageRecordParser(new Map([...this.blocks].map(([name, b]) => [name, b.usedLength])));
+    try {
+      for await (const chunk of sock as AsyncIterable<Buffer>) {
+        if (this.failure || this.finished) return;
+        this.mainBytes += chunk.length;
+        parser.push(chunk);
+        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+          // A page here answers a request made in postcopy: it must land after every precopy page.
+          await this.postcopyStarted;
+          if (ev.type === 'page') {
+            this.preemptPages++;
+            await this.output!.store.writePages(ev.block, [ev.offset], 1, ev.data);
+          } else if (ev.type === 'zero') {
+            this.preemptPages++;
+            await this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
+          }
+        }
+      }
+      if (!parser.atBoundary && !this.finished) throw new ProtocolError('TRUNCATED', 'closed inside a page record');
+    } catch (e) {
+      if (this.finished) return;
+      const err = e as Error & { code?: string };
+      if (err.code === 'ECONNRESET' || err.code === 'EPIPE') return;
+      this.fail(new ChannelError('postcopy preempt channel', err));
+    }
   }
 
   private identify(sock: Socket, kind: 'main' | 'multifd', source: AsyncIterable<Buffer>, peer: string): void {
@@ -347,6 +414,8 @@ class Receiver {
         return;
       case 'command':
         return this.onCommand(ev.cmd, ev.payload, st);
+      case 'package':
+        return this.onPackage(ev.data, st);
       case 'section':
         if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
         st.sectionId = ev.sectionId;
@@ -374,21 +443,25 @@ class Receiver {
       case 'ram-page':
         if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'page record before the block list');
         this.mainPages++;
+        if (st.postcopy) this.postcopyMainPages++;
         await this.output!.store.writePages(ev.block, [ev.offset], 1, ev.data);
         return;
       case 'ram-zero':
         if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'zero record before the block list');
         this.mainZero++;
+        if (st.postcopy) this.postcopyMainPages++;
         this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
         return;
       case 'ram-flush':
+        if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
         this.syncPoints.flush(st.sectionKind === 'start');
         if (!this.multifd) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the receiver expects no multifd channels (--channels 0); does the source have multifd on?');
         this.phase = 'ram';
         await this.multifd.sync();
         return;
       case 'ram-eos': {
-        if (!this.multifd) return;
+        // After the switch multifd is over: an EOS closes a batch of postcopy pages, nothing more.
+        if (!this.multifd || st.postcopy) return;
         const point = this.syncPoints.eos(st.sectionKind === 'start');
         if (point.decided) publish('sync-mode', { mode: point.decided });
         if (point.sync) {
@@ -421,7 +494,24 @@ class Receiver {
         return;
       case Command.POSTCOPY_ADVISE:
         // Advice only: a source with postcopy-ram that never switches still migrates as precopy.
+        if (payload.length === 16 && payload.readBigUInt64BE(8) !== BigInt(TARGET_PAGE_SIZE)) {
+          throw new ProtocolError('UNSUPPORTED', `POSTCOPY_ADVISE with target page size ${payload.readBigUInt64BE(8)} (only ${TARGET_PAGE_SIZE} is supported)`);
+        }
+        this.postcopyAdvised = payload.length === 16;
         return;
+      case Command.POSTCOPY_RAM_DISCARD: {
+        // The discarded pages are the ones the source still sends in postcopy: each arrives again,
+        // so the snapshot keeps its older copy until then. Checked, not acted on.
+        if (!this.postcopyAdvised) throw new ProtocolError('BAD_RECORD', 'POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE');
+        const d = decodeDiscard(payload);
+        const b = this.blocks.get(d.block);
+        if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `POSTCOPY_RAM_DISCARD names unknown RAM block "${d.block}"`);
+        for (const r of d.ranges) {
+          if (r.start + r.length > b.usedLength) throw new ProtocolError('OFFSET_OUT_OF_RANGE', `POSTCOPY_RAM_DISCARD range 0x${r.start.toString(16)}+0x${r.length.toString(16)} is outside block "${d.block}"`);
+        }
+        this.discardRanges += d.ranges.length;
+        return;
+      }
       default:
         throw new ProtocolError('UNSUPPORTED', `command ${cmd} is not supported by receive (postcopy and COLO are not)`);
     }
@@ -433,8 +523,51 @@ class Receiver {
     st.headWritten = true;
   }
 
+  /**
+   * The switch to postcopy (§6.2, §6.4): the package holds LISTEN, the device sections, PINGs
+   * and RUN. The destination's vCPUs would start at RUN; ours is a file, so it answers the PINGs
+   * at once and stores the device sections where a precopy snapshot has them.
+   */
+  private async onPackage(data: Buffer, st: MainState): Promise<void> {
+    if (!this.postcopyAdvised) throw new ProtocolError('BAD_RECORD', 'PACKAGED command without POSTCOPY_ADVISE');
+    if (!this.returnPath) throw new ProtocolError('BAD_RECORD', 'PACKAGED command without a return path (postcopy needs one)');
+    if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'a second PACKAGED command');
+    if (!st.headWritten || st.ended) throw new ProtocolError('BAD_RECORD', 'PACKAGED command outside the RAM migration');
+    const pkg = splitPackage(data);
+    if (pkg.leading.length !== 1 || pkg.leading[0]!.cmd !== Command.POSTCOPY_LISTEN) {
+      throw new ProtocolError('BAD_RECORD', `package starts with commands ${pkg.leading.map((c) => c.cmd).join(',') || 'none'} (expected POSTCOPY_LISTEN)`);
+    }
+    if (pkg.trailing.at(-1)?.cmd !== Command.POSTCOPY_RUN) throw new ProtocolError('BAD_RECORD', 'package does not end with POSTCOPY_RUN');
+    st.sections = findDeviceSections(pkg.devices);
+    st.postcopy = true;
+    this.switchedAt = Date.now();
+    this.phase = 'postcopy';
+    publish('postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
+    // Every precopy page is in place before any postcopy page: the prepare FLUSH synced the
+    // channels; later multifd packets are refused.
+    await this.multifd?.finish('the switch to postcopy');
+    this.resolvePostcopyStarted();
+    st.tail.append([pkg.devices]);
+    await this.output!.deviceState([pkg.devices], st.sectionId, st.switchoverStart);
+    for (const c of pkg.trailing) if (c.cmd === Command.PING) this.main!.write(encodePong(c.payload.readUInt32BE(0)));
+  }
+
   private async onDeviceState(data: Buffer[], st: MainState): Promise<void> {
     if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
+    if (st.postcopy) {
+      // A postcopy stream ends with EOF after RAM END: no device sections, no VMDESCRIPTION.
+      const bytes = Buffer.concat(data);
+      if (st.postcopyEof || bytes.length !== 1 || bytes[0] !== SectionType.EOF) {
+        throw new ProtocolError('BAD_RECORD', `${bytes.length} unexpected bytes after RAM END in a postcopy stream (expected only EOF)`);
+      }
+      st.postcopyEof = true;
+      // Our own tools walk the device state by its description; QEMU ignores it when loading.
+      const end = encodeEofAndVmdesc(synthesizeVmdesc(st.sections));
+      if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');
+      await this.output!.deviceState(end, st.sectionId, st.switchoverStart);
+      await this.complete(st);
+      return;
+    }
     this.phase = 'device-state';
     // The stream is complete when it ends in a VMDESCRIPTION that walks the device sections exactly.
     st.tail.append(data);
@@ -473,6 +606,15 @@ class Receiver {
       'return-path': this.returnPath,
       'main-bytes': this.mainBytes,
       'device-state-bytes': st.tail.length,
+      ...(st.postcopy ? {
+        postcopy: {
+          'switched-at-ms': (this.switchedAt ?? this.startedAt) - this.startedAt,
+          'main-pages': this.postcopyMainPages,
+          'preempt-pages': this.preemptPages,
+          'discard-ranges': this.discardRanges,
+          'preempt-channel': this.preempt !== undefined,
+        },
+      } : {}),
       'file-size': this.output!.store.streamEnd,
       blocks: st.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.output!.store.bitmap(b.name)?.count() ?? 0 })),
       channels: this.multifd?.channelStats() ?? [],
@@ -515,6 +657,9 @@ class MainState {
   started = false;
   ended = false;
   switchoverStart = false;
+  postcopy = false;
+  postcopyEof = false;
+  sections: FoundSection[] = [];
   memSizeRemaining = 0;
   blockList: RamBlockInfo[] = [];
   headWritten = false;

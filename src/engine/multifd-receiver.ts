@@ -101,7 +101,7 @@ export class MultifdReceiver extends EventEmitter {
           st.bytes += ev.wireBytes;
           st.packets++;
           const h = ev.header;
-          if (this.finished) throw new ProtocolError('BAD_RECORD', 'packet after the final sync');
+          if (this.finished) throw new ProtocolError('BAD_RECORD', `packet after ${this.finishedAt}`);
           if (h.normalPages + h.zeroPages > 0) {
             const write = this.applyPages(id, h, ev.payload, st);
             if (write) {
@@ -183,11 +183,14 @@ export class MultifdReceiver extends EventEmitter {
   }
 
   /** After the main channel's final sync: later packets are errors; waits for writes in flight. */
-  async finish(): Promise<void> {
+  async finish(at = 'the final sync'): Promise<void> {
+    if (!this.finished) this.finishedAt = at;
     this.finished = true;
     await Promise.all(this.inflight);
     if (this.failure) throw this.failure;
   }
+
+  private finishedAt = 'the final sync';
 
   fail(err: Error): void {
     if (this.failure) return;

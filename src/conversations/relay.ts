@@ -15,7 +15,8 @@
 // connections closed), so A keeps running and can migrate again.
 
 import type { Socket } from 'node:net';
-import { Command, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { Command, ReturnPathMessage, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { PageRecordParser, decodeDiscard, encodeEofAndVmdesc, findDeviceSections, splitPackage, synthesizeVmdesc, type FoundSection } from '../codec/postcopy.js';
 import type { Configuration } from '../codec/configuration.js';
 import { DeviceStateTail } from '../codec/device-state-tail.js';
 import { ProtocolError } from '../codec/errors.js';
@@ -83,7 +84,7 @@ export interface RelayOptions {
 }
 
 export interface RelayProgress {
-  phase: 'listening' | 'setup' | 'ram' | 'device-state' | 'waiting' | 'committing' | 'completed' | 'failed';
+  phase: 'listening' | 'setup' | 'ram' | 'postcopy' | 'device-state' | 'waiting' | 'committing' | 'completed' | 'failed';
   elapsedMs: number;
   /** Bytes read from A (main and multifd channels). */
   bytesIn: number;
@@ -119,6 +120,18 @@ export interface RelaySummary {
   /** B confirmed the load (SHUT 0 on the return path). */
   destination: 'confirmed';
   'device-state-bytes': number;
+  /** Present when A switched to postcopy: B ran from the package on, pages followed on demand. */
+  postcopy?: {
+    'switched-at-ms': number;
+    /** Page records relayed on the main channel after the switch. */
+    'main-pages': number;
+    /** Bytes relayed on the preempt channel (requested pages, A → B). */
+    'preempt-bytes': number;
+    'preempt-pages': number;
+    'preempt-channel': boolean;
+    /** Page requests relayed from B to A. */
+    'page-requests': number;
+  };
   tee?: { file: string; 'file-size': number; 'commit-time': number; 'direct-io': boolean };
   'channels-in': ChannelStats[];
   'channels-out': SendChannelStats[];
@@ -134,8 +147,8 @@ export function relay(opts: RelayOptions): RelayHandle {
   });
 }
 
-/** Commands a precopy relay forwards; postcopy and COLO ones are refused (issue #8). */
-const FORWARDED_COMMANDS = new Set<number>([Command.OPEN_RETURN_PATH, Command.PING, Command.POSTCOPY_ADVISE, Command.SWITCHOVER_START]);
+/** Commands the relay forwards (PACKAGED is an event of its own); COLO and postcopy recovery are refused. */
+const FORWARDED_COMMANDS = new Set<number>([Command.OPEN_RETURN_PATH, Command.PING, Command.POSTCOPY_ADVISE, Command.SWITCHOVER_START, Command.POSTCOPY_RAM_DISCARD]);
 
 class MainState {
   config: Configuration | undefined;
@@ -144,6 +157,8 @@ class MainState {
   started = false;
   ended = false;
   switchoverStart = false;
+  postcopy = false;
+  sections: FoundSection[] = [];
   memSizeRemaining = 0;
   blockList: RamBlockInfo[] = [];
   constructor(readonly tail: DeviceStateTail) {}
@@ -197,6 +212,16 @@ class Relay {
 
   private readonly incoming: IncomingConnections;
   private idle: IdleWatch | undefined;
+  private postcopyAdvised = false;
+  private switchedAt: number | undefined;
+  private aPreempt: Socket | undefined;
+  private preemptBytes = 0;
+  private preemptPages = 0;
+  private postcopyMainPages = 0;
+  private pageRequests = 0;
+  /** Resolves once precopy is sealed: tee writes of preempt pages wait for it. */
+  private readonly postcopyStarted: Promise<void>;
+  private resolvePostcopyStarted!: () => void;
 
   constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary>) {
     this.incoming = new IncomingConnections({
@@ -204,7 +229,9 @@ class Relay {
       maxPending: opts.maxPendingConnections ?? 16,
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
+      claim: (sock) => this.claimPreempt(sock),
     });
+    this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channelsIn = opts.channelsIn ?? 2;
     this.channelsOut = opts.channelsOut ?? this.channelsIn;
     for (const [name, n] of [['channels-in', this.channelsIn], ['channels-out', this.channelsOut]] as const) {
@@ -327,6 +354,60 @@ class Relay {
     this.handle.emit('stray', e);
   }
 
+  /** A's postcopy preempt channel (no magic): the connection after main and all multifd (§6.3). */
+  private claimPreempt(sock: Socket): boolean {
+    if (!this.postcopyAdvised || !this.aMain || this.aPreempt || this.failure || this.completed) return false;
+    if ((this.receiver?.connected ?? 0) < this.channelsIn) return false;
+    this.aPreempt = sock;
+    sock.setNoDelay(true);
+    sock.on('error', () => {});
+    void this.runPreempt(sock);
+    return true;
+  }
+
+  /**
+   * Relays A's preempt channel to a preempt channel of our own to B, opened after B's main and
+   * multifd channels so B takes it as preempt too. Bytes pass unchanged (block names are the
+   * same on both sides); they are parsed to check them and for the tee.
+   */
+  private async runPreempt(sock: Socket): Promise<void> {
+    const timeout = this.opts.connectTimeoutMs ?? 10000;
+    const b = (async () => {
+      await this.bMain;
+      await Promise.all(this.bChannels);
+      const s = await connectTo(this.opts.to, timeout, this.opts.tlsOut);
+      s.setNoDelay(true);
+      this.adoptB(s, 'its postcopy preempt channel');
+      return s;
+    })();
+    b.catch(() => {});
+    publish('relay-preempt', {});
+    const parser = new PageRecordParser(new Map([...this.blocks].map(([name, bl]) => [name, bl.usedLength])), 'source preempt channel');
+    try {
+      for await (const chunk of sock as AsyncIterable<Buffer>) {
+        if (this.failure) return;
+        this.preemptBytes += chunk.length;
+        parser.push(chunk);
+        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+          if (ev.type === 'eos') continue;
+          this.preemptPages++;
+          if (!this.tee) continue;
+          await this.postcopyStarted;
+          if (ev.type === 'page') await this.tee.store.writePages(ev.block, [ev.offset], 1, ev.data);
+          else await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
+        }
+        await this.trackB(gatherWrite(await b, [chunk]), 'its postcopy preempt channel');
+      }
+      if (!parser.atBoundary) throw new ProtocolError('TRUNCATED', 'closed inside a page record');
+      (await b).end();
+    } catch (e) {
+      if (this.completed || this.failure) return;
+      const err = e as Error & { code?: string };
+      if ((err.code === 'ECONNRESET' || err.code === 'EPIPE') && this.bShut === 0) return;
+      this.fail(new ChannelError('source postcopy preempt channel', err));
+    }
+  }
+
   private identify(sock: Socket, kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string): void {
     if (this.failure) return;
     if (kind === 'main') {
@@ -409,7 +490,20 @@ class Relay {
           throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');
         } else if (ev.cmd === Command.SWITCHOVER_START) {
           st.switchoverStart = true;
+        } else if (ev.cmd === Command.POSTCOPY_ADVISE) {
+          this.postcopyAdvised = ev.payload.length === 16;
+        } else if (ev.cmd === Command.POSTCOPY_RAM_DISCARD) {
+          if (!this.postcopyAdvised) throw new ProtocolError('BAD_RECORD', 'POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE');
+          const d = decodeDiscard(ev.payload);
+          const b = this.blocks.get(d.block);
+          if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `POSTCOPY_RAM_DISCARD names unknown RAM block "${d.block}"`);
+          for (const r of d.ranges) {
+            if (r.start + r.length > b.usedLength) throw new ProtocolError('OFFSET_OUT_OF_RANGE', `POSTCOPY_RAM_DISCARD range 0x${r.start.toString(16)}+0x${r.length.toString(16)} is outside block "${d.block}"`);
+          }
         }
+        break;
+      case 'package':
+        await this.onPackage(ev.data, st);
         break;
       case 'section':
         if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
@@ -443,19 +537,23 @@ class Relay {
         break;
       case 'ram-page':
         this.mainPages++;
+        if (st.postcopy) this.postcopyMainPages++;
         if (this.tee) await this.tee.store.writePages(ev.block, [ev.offset], 1, ev.data);
         break;
       case 'ram-zero':
         this.mainZero++;
+        if (st.postcopy) this.postcopyMainPages++;
         if (this.tee) await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
         break;
       case 'ram-flush':
+        if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
         this.syncPoints.flush(st.sectionKind === 'start');
         if (!this.receiver) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the relay expects no multifd channels (--channels-in 0); does the source have multifd on?');
         await this.syncRound();
         break;
       case 'ram-eos':
-        if (this.receiver) {
+        // After the switch an EOS closes a batch of postcopy pages; multifd is over.
+        if (this.receiver && !st.postcopy) {
           const point = this.syncPoints.eos(st.sectionKind === 'start');
           if (point.decided) publish('sync-mode', { mode: point.decided });
           if (point.sync) await this.syncRound();
@@ -466,12 +564,51 @@ class Relay {
         break;
       case 'device-state':
         if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
+        if (st.postcopy) {
+          // A postcopy stream ends with EOF after RAM END. B gets exactly that; the tail (and the
+          // tee) get a description of the package's sections, as receive writes it.
+          const bytes = Buffer.concat(ev.data);
+          if (this.streamComplete || bytes.length !== 1 || bytes[0] !== SectionType.EOF) {
+            throw new ProtocolError('BAD_RECORD', `${bytes.length} unexpected bytes after RAM END in a postcopy stream (expected only EOF)`);
+          }
+          const end = encodeEofAndVmdesc(synthesizeVmdesc(st.sections));
+          if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');
+          this.streamComplete = true;
+          if (this.tee) await this.tee.deviceState(end, st.sectionId, st.switchoverStart);
+          break;
+        }
         this.phase = 'device-state';
         if (st.tail.append(ev.data)) this.streamComplete = true;
         if (this.tee) await this.tee.deviceState(ev.data, st.sectionId, st.switchoverStart);
         break;
     }
     this.out.push(...encodeMainEvent(ev));
+  }
+
+  /**
+   * A's switch to postcopy (§6.2, §6.4): the package goes to B unchanged (B answers its PINGs;
+   * B's PONGs, page requests and SHUT come back through the return path). Multifd is over: the
+   * prepare FLUSH before it was the last sync, so later multifd packets from A are refused.
+   */
+  private async onPackage(data: Buffer, st: MainState): Promise<void> {
+    if (!this.postcopyAdvised) throw new ProtocolError('BAD_RECORD', 'PACKAGED command without POSTCOPY_ADVISE');
+    if (!this.aReturnPath) throw new ProtocolError('BAD_RECORD', 'PACKAGED command without a return path (postcopy needs one)');
+    if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'a second PACKAGED command');
+    if (!st.started || st.ended) throw new ProtocolError('BAD_RECORD', 'PACKAGED command outside the RAM migration');
+    const pkg = splitPackage(data);
+    if (pkg.leading.length !== 1 || pkg.leading[0]!.cmd !== Command.POSTCOPY_LISTEN) {
+      throw new ProtocolError('BAD_RECORD', `package starts with commands ${pkg.leading.map((c) => c.cmd).join(',') || 'none'} (expected POSTCOPY_LISTEN)`);
+    }
+    if (pkg.trailing.at(-1)?.cmd !== Command.POSTCOPY_RUN) throw new ProtocolError('BAD_RECORD', 'package does not end with POSTCOPY_RUN');
+    st.sections = findDeviceSections(pkg.devices);
+    st.postcopy = true;
+    this.switchedAt = Date.now();
+    this.phase = 'postcopy';
+    publish('relay-postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
+    await this.receiver?.finish('the switch to postcopy');
+    this.resolvePostcopyStarted();
+    st.tail.append([pkg.devices]);
+    if (this.tee) await this.tee.deviceState([pkg.devices], st.sectionId, st.switchoverStart);
   }
 
   private async teeHead(st: MainState): Promise<void> {
@@ -610,6 +747,7 @@ class Relay {
         rp.push(chunk);
         for (let m = rp.next(); m !== null; m = rp.next()) {
           if (m.type === ReturnPathMessage.SHUT) this.bShut = m.payload.readUInt32BE(0);
+          if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
           publish('relay-return-path', { type: m.type });
           // Forwarded message by message: A may have opened its return path after ours.
           if (this.aReturnPath && this.aMain && !this.aMain.destroyed) {
@@ -668,6 +806,16 @@ class Relay {
       'return-path': this.aReturnPath,
       destination: 'confirmed',
       'device-state-bytes': st.tail.length,
+      ...(st.postcopy ? {
+        postcopy: {
+          'switched-at-ms': (this.switchedAt ?? this.startedAt) - this.startedAt,
+          'main-pages': this.postcopyMainPages,
+          'preempt-bytes': this.preemptBytes,
+          'preempt-pages': this.preemptPages,
+          'preempt-channel': this.aPreempt !== undefined,
+          'page-requests': this.pageRequests,
+        },
+      } : {}),
       ...(tee ? { tee } : {}),
       'channels-in': this.receiver?.channelStats() ?? [],
       'channels-out': this.sender?.stats() ?? [],

@@ -7,14 +7,15 @@ import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { once } from 'node:events';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { receive, type ReceiveOptions } from '../../src/conversations/receive.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { dirtySyntheticGuest, makeSyntheticGuest, sendSyntheticMigration, type SyntheticSendOptions } from '../../src/demo/synthetic-source.js';
-import { Command, MultifdFlag, SectionType, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import { Command, MultifdFlag, RamFlag, SectionType, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { encodeConfiguration } from '../../src/codec/configuration.js';
 import { encodeMultifdInit } from '../../src/codec/multifd-init.js';
 import { encodeMultifdPacketHeader, encodeSyncPacket } from '../../src/codec/multifd-packet.js';
-import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodeSectionFull, encodeStreamHeader } from '../../src/codec/stream-encode.js';
+import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePageRecordHeader, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../../src/codec/stream-encode.js';
 
 function tmp(): string {
   return mkdtempSync('/tmp/multifd-rx-test-');
@@ -319,6 +320,88 @@ describe('receive failures', () => {
       await assert.rejects(h.done, /stopped by the test/);
       for (const s of socks) s.destroy();
       assert.deepEqual(readdirSync(dir), []);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+// Postcopy (issue #8): precopy pages travel on multifd and are synced by the prepare FLUSH; after
+// the package, pages come on main (and preempt). A postcopy page is newer than any precopy copy.
+describe('receive: a source that switches to postcopy', () => {
+  const pkg = (): Buffer => {
+    const dev = Buffer.concat([encodeSectionFull(SectionType.FULL, 2, 'dev', 0, 1), Buffer.alloc(8, 7), encodeFooter(2)]);
+    const ping = (v: number): Buffer => encodeCommand(Command.PING, Buffer.from([0, 0, 0, v]));
+    const inner = Buffer.concat([encodeCommand(Command.POSTCOPY_LISTEN), dev, ping(3), ping(0x42), encodeCommand(Command.POSTCOPY_RUN)]);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(inner.length);
+    return Buffer.concat([encodeCommand(Command.PACKAGED, len), inner]);
+  };
+  const advise = (): Buffer => {
+    const p = Buffer.alloc(16);
+    p.writeBigUInt64BE(4096n, 0);
+    p.writeBigUInt64BE(4096n, 8);
+    return encodeCommand(Command.POSTCOPY_ADVISE, p);
+  };
+  const pageOnMain = (offset: number, fill: number): Buffer[] => [encodePageRecordHeader(RamFlag.PAGE, offset, BLOCK), Buffer.alloc(TARGET_PAGE_SIZE, fill)];
+  const start = (): Buffer[] => {
+    const s = mainSetup();
+    // OPEN_RETURN_PATH, PING(1), ADVISE go before the START section, as QEMU sends them.
+    return [s[0]!, s[1]!, encodeCommand(Command.OPEN_RETURN_PATH), encodeCommand(Command.PING, Buffer.from([0, 0, 0, 1])), advise(), ...s.slice(2)];
+  };
+
+  test('the postcopy copy of a page wins over its precopy copy; PINGs in the package are answered', async () => {
+    const dir = tmp();
+    try {
+      const out = join(dir, 'pc.mig');
+      const h = receive({ listen: 'tcp:127.0.0.1:0', out, channels: 1 });
+      const addr = await h.listening;
+      const main = [
+        ...start(),
+        // Round 1 on multifd (page 0 = 0x5a), then the prepare: FLUSH after one SYNC per channel.
+        encodeSectionShort(SectionType.PART, 1), encodeMultifdFlush(), encodeEos(), encodeFooter(1),
+        encodeCommand(Command.SWITCHOVER_START), pkg(),
+        encodeSectionShort(SectionType.PART, 1), ...pageOnMain(0, 0x77), encodeEos(), encodeFooter(1),
+        encodeSectionShort(SectionType.END, 1), encodeEos(), encodeFooter(1), Buffer.from([SectionType.EOF]),
+      ];
+      const chan = [encodeMultifdInit(0), encodeSyncPacket(0n), ...dataPacket(1n, [0, TARGET_PAGE_SIZE]), encodeSyncPacket(2n)];
+      const socks = await rawMigration(addr, main, [chan], { keepOpen: true });
+      let rp = Buffer.alloc(0);
+      socks[0]!.on('data', (d: Buffer) => { rp = Buffer.concat([rp, d]); });
+      const s = await h.done;
+      // SHUT(0) was written before done resolved; give it the moment to arrive.
+      for (let i = 0; i < 50 && rp.length < 32; i++) await sleep(20);
+      for (const x of socks) x.destroy();
+      assert.ok(s.postcopy, 'postcopy reported');
+      assert.equal(s.postcopy['main-pages'], 1);
+      const snap = await MappedRamSnapshot.open(out);
+      try {
+        assert.ok((await snap.readPages(BLOCK, 0, 1)).equals(Buffer.alloc(TARGET_PAGE_SIZE, 0x77)), 'page 0 holds its postcopy copy');
+        assert.ok((await snap.readPages(BLOCK, TARGET_PAGE_SIZE, 1)).equals(Buffer.alloc(TARGET_PAGE_SIZE, 0x5a)), 'page 1 holds its precopy copy');
+        assert.equal(snap.deviceState.sections.length, 1, 'the package\'s device section is in the snapshot');
+      } finally {
+        await snap.close();
+      }
+      // PONG(1), PONG(3), PONG(0x42), SHUT(0).
+      assert.deepEqual([...rp], [0, 2, 0, 4, 0, 0, 0, 1, 0, 2, 0, 4, 0, 0, 0, 3, 0, 2, 0, 4, 0, 0, 0, 0x42, 0, 1, 0, 4, 0, 0, 0, 0]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a multifd packet after the switch is refused (it could overwrite a newer postcopy page)', async () => {
+    const dir = tmp();
+    try {
+      const h = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'pc.mig'), channels: 1 });
+      const addr = await h.listening;
+      const main = [...start(), encodeSectionShort(SectionType.PART, 1), encodeMultifdFlush(), encodeEos(), encodeFooter(1), pkg()];
+      const socks = await rawMigration(addr, main, [[encodeMultifdInit(0), encodeSyncPacket(0n), encodeSyncPacket(1n)]], { keepOpen: true });
+      socks[0]!.resume();
+      await sleep(200);
+      socks[1]!.write(Buffer.concat(dataPacket(2n, [0])));
+      await assert.rejects(h.done, /packet after the switch to postcopy/);
+      for (const x of socks) x.destroy();
+      assert.deepEqual(readdirSync(dir), [], 'no snapshot left');
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -214,7 +214,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
  * migration QEMU reports `failed` before it has unregistered that migration's yank instance, and
  * a new `migrate` in that window is refused (seen with QEMU 10.0).
  */
-async function startMigration(qmp: QmpClient, uri: string): Promise<void> {
+export async function startMigration(qmp: QmpClient, uri: string): Promise<void> {
   for (let waited = 0; ; waited += 100) {
     try {
       await qmp.execute('migrate', { uri });

@@ -14,6 +14,8 @@
  *   would if the sender died then; see quiet()). A hold is final: the test then kills a peer
  *   and/or calls cut(), which destroys every connection on both sides (what either end sees when
  *   the other one dies). stall() stops forwarding one multifd channel while the rest go on.
+ * - MigrateRedirect: a QMP proxy for `save`, which hands QEMU the address it listens on itself:
+ *   it rewrites the URI of save's `migrate` to a GateProxy in front of that address.
  * - spawnCli: the CLI as a child process with its pid, stderr so far, and a signal to send.
  * - tmpfs mounts (small, or read-only) for disk-full and read-only output folders.
  *
@@ -23,6 +25,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
+import { StringDecoder } from 'node:string_decoder';
 import { MULTIFD_MAGIC, QEVM_MAGIC } from '../../src/codec/constants.js';
 import { MainStreamParser } from '../../src/codec/main-stream-parser.js';
 
@@ -304,6 +307,86 @@ export class GateProxy {
     const h = this.hold;
     this.hold = undefined;
     h?.resolve({ ...this.stats, phase: h.spec.phase, atMs: Date.now() - this.startedAt });
+  }
+}
+
+/**
+ * A QMP proxy between `save` and its VM. save listens on a free port and hands that same address to
+ * QEMU in `migrate`, so a GateProxy cannot be put between them on the command line; this proxy
+ * forwards a QMP unix socket line by line and rewrites the URI of `migrate` to a GateProxy in front
+ * of save's address. `arm` runs on the GateProxy before QEMU sees the command, so a hold armed there
+ * sees the stream from its first byte. A retried `migrate` (save retries "duplicate yank instance")
+ * goes through the same GateProxy. Closing either side of a QMP connection closes the other.
+ */
+export class MigrateRedirect {
+  /** The GateProxy, once save issued `migrate`. */
+  gateProxy: GateProxy | undefined;
+  /** Resolves with the GateProxy once save issued `migrate` (its hold already armed). */
+  readonly gate: Promise<GateProxy>;
+  private gateResolve!: (g: GateProxy) => void;
+  private readonly conns = new Set<Socket>();
+
+  private constructor(private readonly server: Server, readonly address: string, private readonly qemuSocket: string, private readonly arm: (gate: GateProxy) => void) {
+    this.gate = new Promise((resolve) => { this.gateResolve = resolve; });
+  }
+
+  /** Listens on unix:`listenPath` and forwards to QEMU's QMP unix socket `qemuSocket`. */
+  static async start(qemuSocket: string, listenPath: string, arm: (gate: GateProxy) => void): Promise<MigrateRedirect> {
+    let r: MigrateRedirect | undefined;
+    const server = createServer((s) => r?.accept(s));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(listenPath, () => resolve());
+    });
+    r = new MigrateRedirect(server, `unix:${listenPath}`, qemuSocket, arm);
+    return r;
+  }
+
+  async close(): Promise<void> {
+    for (const c of this.conns) c.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await this.gateProxy?.close();
+  }
+
+  private accept(client: Socket): void {
+    const qemu = connect(this.qemuSocket);
+    for (const s of [client, qemu]) {
+      this.conns.add(s);
+      s.on('error', () => {});
+      s.on('close', () => this.conns.delete(s));
+    }
+    client.on('close', () => qemu.destroy());
+    qemu.on('close', () => client.destroy());
+    qemu.pipe(client);
+    // save → QEMU: one JSON command per line, in order (a rewrite may wait for the GateProxy).
+    const text = new StringDecoder('utf8');
+    let buf = '';
+    let chain = Promise.resolve();
+    client.on('data', (chunk: Buffer) => {
+      buf += text.write(chunk);
+      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+        const line = buf.slice(0, nl + 1);
+        buf = buf.slice(nl + 1);
+        chain = chain.then(() => this.rewrite(line)).then((out) => { if (!qemu.destroyed) qemu.write(out); }, () => { qemu.destroy(); });
+      }
+    });
+  }
+
+  private async rewrite(line: string): Promise<string> {
+    let msg: { execute?: unknown; arguments?: { uri?: unknown } };
+    try {
+      msg = JSON.parse(line);
+    } catch {
+      return line;
+    }
+    if (msg.execute !== 'migrate' || typeof msg.arguments?.uri !== 'string') return line;
+    if (!this.gateProxy) {
+      this.gateProxy = await GateProxy.start(msg.arguments.uri);
+      this.arm(this.gateProxy);
+      this.gateResolve(this.gateProxy);
+    }
+    msg.arguments.uri = this.gateProxy.address;
+    return JSON.stringify(msg) + '\n';
   }
 }
 

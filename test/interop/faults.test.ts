@@ -9,18 +9,21 @@
  * proxy alone closes every connection: our side failing, as the QEMU sees it, and the QEMU
  * survives. Also: one multifd channel stalled (stallTimeoutMs / channelTimeoutMs 2 s), the disk
  * filling up during a save or a relay's tee (a 64 MiB tmpfs), a read-only or missing output folder,
- * and save interrupted with Ctrl-C.
+ * and save interrupted with Ctrl-C. save hands QEMU its own listening address, so for its setup and
+ * device-state rows a MigrateRedirect on save's QMP connection rewrites the URI of its `migrate` to
+ * the GateProxy; our side's faults there are save SIGKILLed or interrupted (SIGINT). save stopped
+ * (SIGSTOP) in the device state and then continued must still complete.
  *
  * Every case checks: a clear error (it names what happened), a non-zero exit for the CLI, no file
  * at the output path and no temporary file, and when the QEMU source survives: its migration
  * failed, the VM is running, the guest makes progress and a second migration (into receive())
  * completes. Each case observes everything first and asserts last, so the row printed for the
  * table (`row {...}` diagnostics; MULTIFD_FAULTS_REPORT=FILE writes them all as JSON) is complete
- * even when the case fails.
+ * even when the case fails. A SIGKILLed save cannot remove its temporary file: there the check is
+ * that nothing but that file (no vm.mig) is left.
  *
- * Every QEMU case runs on QEMU 10 and on QEMU 11 (about 90 s per version on 2 cores, a third of it
- * spent waiting on the cases that hang); the cases where the CLI refuses its output folder before
- * listening need no QEMU and run once.
+ * Every QEMU case runs on QEMU 10 and on QEMU 11 (about 75 s per version on 2 cores); the cases
+ * where the CLI refuses its output folder before listening need no QEMU and run once.
  * Every path QEMU sees is under /tmp (QEMU 11 runs in a chroot that only shares /tmp).
  */
 import { after, before, describe, test, type TestContext } from 'node:test';
@@ -30,9 +33,10 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { countPasses, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { freePort, qemuSave, settle } from '../helpers/send.js';
-import { GateProxy, canMountTmpfs, mountTmpfs, spawnCli, type CliRun, type Held, type HoldSpec, type Phase } from '../helpers/faults.js';
+import { GateProxy, MigrateRedirect, canMountTmpfs, mountTmpfs, spawnCli, type CliRun, type Held, type HoldSpec, type Phase } from '../helpers/faults.js';
 import { receive } from '../../src/conversations/receive.js';
 import { relay } from '../../src/conversations/relay.js';
+import { startMigration } from '../../src/conversations/save.js';
 import { send } from '../../src/conversations/send.js';
 import { openSnapshot } from '../../src/engine/open-snapshot.js';
 
@@ -141,16 +145,8 @@ async function migrateSource(q: QemuInstance, uri: string, o: { returnPath?: boo
   });
   await q.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 107374182400, 'downtime-limit': o.downtimeLimitMs ?? 20000, 'multifd-channels': 2 });
   // Right after a failed migration QEMU 10 may still hold its yank instance ("duplicate yank
-  // instance") for a moment: retry, as save does.
-  for (let waited = 0; ; waited += 100) {
-    try {
-      await q.qmp.execute('migrate', { uri });
-      return;
-    } catch (e) {
-      if (!/duplicate yank instance/i.test((e as Error).message) || waited >= 5000) throw e;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
+  // instance") for a moment: save's startMigration retries.
+  await startMigration(q.qmp, uri);
 }
 
 /** The hold for a QEMU source's stream (receive, relay A side) and the downtime-limit that gets it there. */
@@ -201,11 +197,12 @@ async function qemuState(q: QemuInstance): Promise<string> {
 }
 
 /**
- * A source that should survive: its migration failed, the VM runs, the guest makes progress, and a
+ * A source that should survive: its migration failed (or one of `ended`), the VM runs, the guest makes progress, and a
  * second migration (into receive()) completes. Observes without throwing; `problems` lists what
  * was not so.
  */
-async function observeSurvivor(q: QemuInstance): Promise<{ text: string; problems: string[] }> {
+async function observeSurvivor(q: QemuInstance, o: { ended?: string[] } = {}): Promise<{ text: string; problems: string[] }> {
+  const ended = o.ended ?? ['failed'];
   const problems: string[] = [];
   let st: any;
   try {
@@ -216,7 +213,7 @@ async function observeSurvivor(q: QemuInstance): Promise<{ text: string; problem
   }
   const run = await q.qmp.execute('query-status', undefined, { timeoutMs: 5000 });
   let text = `migration ${st.status}${st['error-desc'] ? ` ("${st['error-desc']}")` : ''}; VM ${run.status}`;
-  if (st.status !== 'failed') problems.push(`the source's migration ${st.status}, not failed`);
+  if (!ended.includes(st.status)) problems.push(`the source's migration ${st.status}, not ${ended.join(' or ')}`);
   if (run.status !== 'running') problems.push(`the source VM is ${run.status}, not running`);
   if (problems.length) return { text, problems };
   try {
@@ -420,11 +417,174 @@ for (const version of ['10', '11'] as QemuVersion[]) {
 
     // ---------------- save: our CLI driving the source over QMP ----------------
     /** A source with a second QMP socket for save (QEMU serves one client per socket). */
-    async function startSaveSource(dir: string): Promise<{ q: QemuInstance; qmp: string }> {
+    async function startSaveSource(dir: string): Promise<{ q: QemuInstance; qmp: string; sock: string }> {
       const sock = join(dir, 'save.sock');
       const q = await startSource(version, ['-qmp', `unix:${sock},server=on,wait=off`]);
-      return { q, qmp: `unix:${sock}` };
+      return { q, qmp: `unix:${sock}`, sock };
     }
+
+    // Setup and device state (switchover). save hands QEMU the address it listens on, so the
+    // GateProxy goes in through save's QMP connection: a MigrateRedirect rewrites the URI of its
+    // `migrate` to the proxy, which holds the stream at the phase as for receive. Then: the source
+    // is SIGKILLed, or save is (our side dies: nothing can clean up), or save gets SIGINT (it
+    // cancels the migration and puts the settings back); the proxy then closes every connection,
+    // as the kernel does when either end goes away.
+    const savePhaseCases: { fault: 'kill-source' | 'kill-save' | 'sigint-save'; phase: Phase }[] = (['setup', 'device-state'] as Phase[]).flatMap((phase) => [
+      { fault: 'kill-source' as const, phase },
+      { fault: 'kill-save' as const, phase },
+      { fault: 'sigint-save' as const, phase },
+    ]);
+    for (const c of savePhaseCases) {
+      const what = c.fault === 'kill-source' ? 'source SIGKILLed' : c.fault === 'kill-save' ? 'save SIGKILLed' : 'save interrupted (SIGINT)';
+      const expect = c.fault === 'kill-source' ? 'exit 1, nothing left'
+        : c.fault === 'kill-save' ? 'no snapshot (only its temporary file), source runs on and migrates again'
+          : 'exit 1, nothing left, settings restored, source runs on and migrates again';
+      test(`save CLI: ${what} in ${c.phase}: ${expect}`, { timeout: 90_000, todo: todo(`save ${c.fault} ${c.phase} ${version}`) }, async (t) => {
+        const r = newRow(
+          c.fault === 'kill-source' ? `source killed in ${c.phase}` : c.fault === 'kill-save' ? `save SIGKILLed in ${c.phase} (our side dies)` : `save interrupted with SIGINT in ${c.phase} (our side fails)`,
+          'save (CLI)', qv);
+        await record(t, r, async () => {
+          const dir = mkdtempSync('/tmp/multifd-faults-');
+          const outDir = mkdtempSync('/tmp/multifd-faults-out-');
+          let src: QemuInstance | undefined;
+          let cli: CliRun | undefined;
+          let redirect: MigrateRedirect | undefined;
+          try {
+            const s = await startSaveSource(dir);
+            src = s.q;
+            const before = await migrationSettings(src);
+            const { spec, downtimeLimitMs } = sourceHold(c.phase);
+            let held: Promise<Held> | undefined;
+            redirect = await MigrateRedirect.start(s.sock, join(dir, 'save-redirect.sock'), (g) => { held = g.holdAt(spec); });
+            cli = spawnCli(['save', '--qmp', redirect.address, '--out', join(outDir, 'vm.mig'), '--downtime-limit', String(downtimeLimitMs)]);
+            const g = await settle(Promise.race([redirect.gate, cli.exited.then((x) => { throw new Error(`save exited (${exitText(x)}) before migrate: ${errorLine(x.stderr)}`); })]), 30_000, 'save issuing migrate');
+            if (!g.ok) throw g.error;
+            const gate = g.value;
+            r.happened = await holdReached(gate, held!, c.phase);
+            const at = (await src.qmp.execute('query-migrate')).status;
+            if (c.fault === 'kill-source') {
+              await killQemu(src);
+              r.happened += `; source ("${at}") SIGKILLed`;
+            } else if (c.fault === 'kill-save') {
+              cli.kill('SIGKILL');
+              await cli.exited;
+              r.happened += `; source "${at}"; save SIGKILLed`;
+            } else {
+              // save closes its connections itself and cancels the migration over QMP; the held
+              // proxy passes nothing on, so QEMU learns it from migrate_cancel alone (as with a
+              // dead network). The proxy closes the connections once save is gone.
+              cli.kill('SIGINT');
+              r.happened += `; source "${at}"; SIGINT to save`;
+            }
+            if (c.fault !== 'sigint-save') {
+              gate.cut();
+              r.happened += '; proxy closed both sides';
+            }
+            const res = await cliExit(cli, `save CLI after the ${c.fault}`);
+            if (c.fault === 'sigint-save') {
+              gate.cut();
+              r.happened += '; proxy closed both sides once save had exited';
+            }
+            // What save left (before the second migration sets the source up again).
+            const afterSettings = c.fault === 'kill-source' ? '' : await migrationSettings(src);
+            r.exit = exitText(res) + (res.hung ? ` (${res.hung})` : '');
+            r.error = c.fault === 'kill-save' ? `(none: killed)${res.stderr.trim() ? `; stderr: ${res.stderr.trim()}` : ''}` : errorLine(res.stderr);
+            const left = leftovers(outDir);
+            r.files = c.fault === 'kill-save' && left.length && left.every((n) => n.startsWith('.vm.mig.partial-'))
+              ? `its temporary file (${left.join(', ')}; SIGKILL leaves no time to remove it), no vm.mig`
+              : filesText(left);
+            if (c.fault === 'kill-source') {
+              r.source = 'killed';
+            } else {
+              const surv = await observeSurvivor(src, { ended: c.fault === 'sigint-save' ? ['failed', 'cancelled'] : ['failed'] });
+              r.source = `${surv.text}; settings ${afterSettings === before ? 'restored' : `left as save set them (${afterSettings}; before: ${before})`}`;
+              assert.deepEqual(surv.problems, [], 'the source survives');
+              if (c.fault === 'sigint-save') assert.equal(afterSettings, before, "the source's migration settings are restored");
+            }
+
+            assert.equal(res.hung, undefined, 'save exits by itself');
+            if (c.fault === 'kill-save') {
+              assert.equal(res.signal, 'SIGKILL');
+              assert.ok(left.every((n) => n.startsWith('.vm.mig.partial-')), `no complete-looking snapshot: ${left.join(', ')}`);
+            } else {
+              assert.equal(res.code, 1, res.stderr);
+              assert.match(r.error, c.fault === 'kill-source' ? /^multifd: error: .*(closed|source)/ : /^multifd: error: interrupted \(SIGINT\)/);
+              assert.deepEqual(left, [], 'no snapshot and no temporary file');
+            }
+          } finally {
+            await stopAll(cli, src);
+            await redirect?.close();
+            rmSync(dir, { recursive: true, force: true });
+            rmSync(outDir, { recursive: true, force: true });
+          }
+        });
+      });
+    }
+
+    test('save CLI: stopped (SIGSTOP) for 3 s in device state, then continued: completes, the guest paused meanwhile, runs on with --resume', { timeout: 90_000, todo: todo(`save stall-save device-state ${version}`) }, async (t) => {
+      const r = newRow('save stopped (SIGSTOP) 3 s in device state, then SIGCONT (our side stalls)', 'save (CLI)', qv);
+      await record(t, r, async () => {
+        const dir = mkdtempSync('/tmp/multifd-faults-');
+        const outDir = mkdtempSync('/tmp/multifd-faults-out-');
+        const out = join(outDir, 'vm.mig');
+        let src: QemuInstance | undefined;
+        let cli: CliRun | undefined;
+        try {
+          const s = await startSaveSource(dir);
+          src = s.q;
+          const before = await migrationSettings(src);
+          cli = spawnCli(['save', '--qmp', s.qmp, '--out', out, '--downtime-limit', '20000', '--resume']);
+          // No proxy (a hold is final): poll the source until it is in its switchover.
+          let status = '';
+          const deadline = Date.now() + 30_000;
+          while (!['device', 'completed', 'failed', 'cancelled'].includes(status) && Date.now() < deadline) {
+            status = (await src.qmp.execute('query-migrate')).status ?? '';
+          }
+          assert.equal(status, 'device', 'the source was seen in "device" (switchover)');
+          cli.kill('SIGSTOP');
+          await sleep(3000);
+          const during = await qemuState(src);
+          const passes = countPasses(src.serialLog());
+          await sleep(500);
+          const stillPaused = countPasses(src.serialLog()) === passes;
+          cli.kill('SIGCONT');
+          r.happened = `save SIGSTOPped as soon as the source said "device"; 3 s later: ${during}${stillPaused ? ', guest not progressing' : ', guest PROGRESSING'}; SIGCONT`;
+          const res = await cliExit(cli, 'save CLI after SIGCONT');
+          r.exit = exitText(res) + (res.hung ? ` (${res.hung})` : '');
+          r.error = res.code === 0 ? '(none)' : errorLine(res.stderr);
+          r.files = filesText(leftovers(outDir));
+          let opens = false;
+          if (existsSync(out)) {
+            const snap = await openSnapshot(out);
+            await snap.close();
+            opens = true;
+            r.files += ' (the snapshot opens)';
+          }
+          const st = await waitMigration(src.qmp, { timeoutMs: 20_000 });
+          const run = await src.qmp.execute('query-status');
+          const afterSettings = await migrationSettings(src);
+          r.source = `migration ${st.status}${st['error-desc'] ? ` ("${st['error-desc']}")` : ''}; VM ${run.status}; settings ${afterSettings === before ? 'restored' : `changed: ${afterSettings}`}`;
+          if (run.status === 'running') {
+            await waitGuestPasses(src, countPasses(src.serialLog()) + 1, 20_000);
+            r.source += '; guest runs on';
+          }
+
+          assert.equal(res.hung, undefined);
+          assert.equal(res.code, 0, res.stderr);
+          assert.ok(stillPaused, 'the guest stays paused while save is stopped in the switchover');
+          assert.deepEqual(leftovers(outDir), ['vm.mig']);
+          assert.ok(opens);
+          assert.equal(st.status, 'completed');
+          assert.equal(run.status, 'running');
+          assert.equal(afterSettings, before);
+        } finally {
+          if (cli) cli.kill('SIGCONT');
+          await stopAll(cli, src);
+          rmSync(dir, { recursive: true, force: true });
+          rmSync(outDir, { recursive: true, force: true });
+        }
+      });
+    });
 
     test('save CLI: source SIGKILLed mid-iteration: exit 1, nothing left', { timeout: 90_000 }, async (t) => {
       const r = newRow('source killed in iteration', 'save (CLI)', qv);

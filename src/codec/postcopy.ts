@@ -319,3 +319,49 @@ export class PageRecordParser {
     return { type: 'page', block, offset, data };
   }
 }
+
+/** The block of the previous page record on a channel: CONTINUE refers to it (PROTOCOL.md §2.3). */
+export interface PageRecordState {
+  lastBlock?: string | undefined;
+}
+
+/**
+ * PAGE and ZERO records for pages of one block, as I/O vectors: `data[i]` is page i's bytes, or
+ * undefined for a zero page (a ZERO record, fill byte 0). The first record names the block unless
+ * the channel's previous record was of the same block; `state` is updated. One header buffer is
+ * allocated for the whole batch.
+ */
+export function encodePageRecords(state: PageRecordState, block: string, offsets: ArrayLike<number>, data: readonly (Buffer | undefined)[]): Buffer[] {
+  const name = Buffer.from(block, 'latin1');
+  if (name.length === 0 || name.length > 255) throw new RangeError(`RAM block name "${block}" must be 1..255 bytes`);
+  const n = data.length;
+  if (n === 0) return [];
+  const named = state.lastBlock !== block;
+  const headers = Buffer.alloc(n * 9 + (named ? 1 + name.length : 0));
+  const out: Buffer[] = [];
+  let at = 0;
+  // Headers of consecutive ZERO records are adjacent in `headers`: one vector for all of them.
+  let pending = 0;
+  for (let i = 0; i < n; i++) {
+    const page = data[i];
+    const flags = (page ? RamFlag.PAGE : RamFlag.ZERO) | (i === 0 && named ? 0 : RamFlag.CONTINUE);
+    headers.writeBigUInt64BE(BigInt(offsets[i]!) | BigInt(flags), at);
+    at += 8;
+    if (i === 0 && named) {
+      headers[at] = name.length;
+      name.copy(headers, at + 1);
+      at += 1 + name.length;
+    }
+    if (page) {
+      if (page.length !== TARGET_PAGE_SIZE) throw new RangeError(`page ${i} is ${page.length} bytes`);
+      out.push(headers.subarray(pending, at), page);
+      pending = at;
+    } else {
+      headers[at] = 0;
+      at += 1;
+    }
+  }
+  if (at > pending) out.push(headers.subarray(pending, at));
+  state.lastBlock = block;
+  return out;
+}

@@ -12,7 +12,7 @@ import { VALIDATED_CAPABILITIES } from '../codec/constants.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { parseQmpAddress, QmpClient, QmpConnectionError } from '../transports/qmp-client.js';
-import { DestinationClosedError, StallError, send, type SendOptions, type SendProgress, type SendSummary } from './send.js';
+import { DestinationClosedError, POSTCOPY_LOSS_TEXT, PostcopyDestinationLostError, StallError, send, type PostcopyOptions, type SendOptions, type SendProgress, type SendSummary } from './send.js';
 
 export interface RestoreOptions {
   file: string;
@@ -36,6 +36,14 @@ export interface RestoreOptions {
    * -key.pem (ours). We add a tls-creds-x509 object to the destination pointing at it.
    */
   tls?: TlsCreds;
+  /**
+   * Instant restore: postcopy-ram (and postcopy-preempt with `preempt`) on the destination, the
+   * device state right after the switch, so the guest runs almost at once while its pages follow
+   * on demand. QEMU 10.0 cannot combine postcopy with multifd: there the pages go over the main
+   * channel (channels 0), which the summary notes. If the destination dies in postcopy, the guest
+   * it was running is lost (the snapshot is not touched).
+   */
+  postcopy?: boolean | PostcopyOptions;
   /** How long to wait for QEMU to report completed once everything is sent. Default 60 s. */
   completionTimeoutMs?: number;
   signal?: AbortSignal;
@@ -51,6 +59,12 @@ export interface RestoreSummary extends SendSummary {
     'run-state-after': string;
     resumed: boolean;
   };
+  /** ms from the start of restore until the destination's guest ran (its RESUME event), if it did. */
+  'time-to-running'?: number;
+  /** ms from the start of restore until the destination reported completed (every page in place). */
+  'time-to-complete': number;
+  /** Adjustments restore made, e.g. multifd left off because the destination cannot combine it with postcopy. */
+  notes?: string[];
 }
 
 export class RestoreHandle extends EventEmitter {
@@ -75,13 +89,21 @@ export class DestinationError extends Error {
 }
 
 async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<RestoreSummary> {
-  const channels = opts.channels ?? 2;
+  const t0 = Date.now();
+  let channels = opts.channels ?? 2;
+  const pc: PostcopyOptions | undefined = opts.postcopy === true ? {} : opts.postcopy ? opts.postcopy : undefined;
+  const notes: string[] = [];
   // Validate before touching QEMU: a corrupt file must not leave the destination half set up.
   const source: SnapshotSource = await openSnapshot(opts.file);
   let qmp: QmpClient | undefined;
   let socketPath: string | undefined;
   try {
     qmp = await QmpClient.connect(opts.qmp);
+    // The guest starts with QEMU's RESUME event: the moment it runs on the destination.
+    let runningAt: number | undefined;
+    qmp.on('event', (name) => {
+      if (name === 'RESUME' && runningAt === undefined) runningAt = Date.now() - t0;
+    });
     const run = await qmp.execute('query-status');
     if (run.status !== 'inmigrate') {
       throw new Error(`the destination is not waiting for an incoming migration (its state is "${run.status}"); start it with -incoming defer`);
@@ -91,14 +113,30 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
       throw new Error(`the destination already has an incoming migration in state "${mig.status}" (migrate-incoming was issued before; start a fresh QEMU with -incoming defer)`);
     }
     const have: { capability: string; state: boolean }[] = await qmp.execute('query-migrate-capabilities');
-    const wanted: Record<string, boolean> = { multifd: channels > 0, 'mapped-ram': false };
-    // Validated capabilities must match the stream's configuration record exactly.
-    for (const cap of VALIDATED_CAPABILITIES) if (cap !== 'mapped-ram') wanted[cap] = source.configuration.capabilities.includes(cap);
-    await qmp.execute('migrate-set-capabilities', {
+    const wantedCaps = (multifd: boolean): Record<string, boolean> => {
+      const wanted: Record<string, boolean> = { multifd, 'mapped-ram': false, 'postcopy-ram': pc !== undefined, 'postcopy-preempt': pc?.preempt === true };
+      // Validated capabilities must match the stream's configuration record exactly.
+      for (const cap of VALIDATED_CAPABILITIES) if (cap !== 'mapped-ram') wanted[cap] = source.configuration.capabilities.includes(cap);
+      return wanted;
+    };
+    for (const [name, state] of Object.entries(wantedCaps(channels > 0))) {
+      if (state && !have.some((c) => c.capability === name)) throw new Error(`the destination QEMU has no "${name}" migration capability`);
+    }
+    const setCaps = (wanted: Record<string, boolean>) => qmp!.execute('migrate-set-capabilities', {
       capabilities: Object.entries(wanted)
         .filter(([name, state]) => have.some((c) => c.capability === name && c.state !== state))
         .map(([capability, state]) => ({ capability, state })),
     });
+    try {
+      await setCaps(wantedCaps(channels > 0));
+    } catch (e) {
+      // QEMU 10.0: "Postcopy is not yet compatible with multifd". Its postcopy works without
+      // multifd, with every page on the main channel.
+      if (!pc || channels === 0 || !/multifd/i.test((e as Error).message)) throw e;
+      notes.push(`the destination cannot combine postcopy with multifd (${(e as Error).message}): pages went over the main channel (channels 0)`);
+      channels = 0;
+      await setCaps(wantedCaps(false));
+    }
     if (channels > 0) await qmp.execute('migrate-set-parameters', { 'multifd-channels': channels, 'multifd-compression': opts.compression ?? 'none' });
     if (opts.tls) {
       await qmp.execute('object-add', tlsKind(opts.tls) === 'psk'
@@ -114,29 +152,50 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
 
     let destStatus = 'setup';
     let destError: string | undefined;
+    const compression = channels > 0 ? opts.compression : undefined;
     const tx = send({
       file: source,
       to,
       channels,
       ...(opts.uuid ? { uuid: opts.uuid } : {}),
-      ...(opts.compression ? { compression: opts.compression } : {}),
+      ...(compression ? { compression } : {}),
       ...(opts.tls ? { tls: opts.tls } : {}),
-      ...(opts.level !== undefined ? { level: opts.level } : {}),
+      ...(opts.level !== undefined && compression && compression !== 'none' ? { level: opts.level } : {}),
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.zeroPageDetection ? { zeroPageDetection: opts.zeroPageDetection } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
+      ...(pc ? { postcopy: pc } : {}),
     });
     tx.on('progress', (p: SendProgress) => handle.emit('progress', { ...p, destinationStatus: destStatus } satisfies RestoreProgress));
+    const client = qmp;
+    let resumed = false;
+    let resuming: Promise<void> | undefined;
+    const resume = async (): Promise<void> => {
+      const st = await client.execute('query-status');
+      if (st.running) return;
+      await client.execute('cont');
+      resumed = true;
+    };
+    if (pc) {
+      // PONG(0x42): the devices are loaded and RUN is next. With --resume the guest gets going now
+      // (`cont` on a destination started with -S), not when the last page arrived.
+      tx.on('postcopy-running', () => {
+        handle.emit('postcopy-running', { elapsedMs: Date.now() - t0 });
+        if (opts.resume) resuming = resume().catch(() => {});
+      });
+    }
 
     // QEMU's view, polled while we send: a failure there is the better error message.
-    const client = qmp;
     const poll = setInterval(() => {
       client.execute('query-migrate').then((s) => {
         destStatus = s.status ?? destStatus;
         if (s.status === 'failed') {
           destError = s['error-desc'];
           tx.abort(new DestinationError(`the destination QEMU failed to load the snapshot${destError ? `: ${destError}` : ''}`, destError));
+        } else if (typeof s.status === 'string' && s.status.startsWith('postcopy-') && s.status !== 'postcopy-active' && s.status !== 'postcopy-device') {
+          // postcopy-paused: its connection to us broke; it waits for a recovery we do not offer.
+          tx.abort(new PostcopyDestinationLostError('main channel', s.status, `the destination QEMU went to "${s.status}" ${POSTCOPY_LOSS_TEXT}`));
         }
       }, () => {});
     }, 200);
@@ -158,14 +217,26 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
       if (Date.now() > deadline) throw new Error(`everything was sent but the destination still reports "${s.status}" after ${Math.round((opts.completionTimeoutMs ?? 60000) / 1000)} s`);
       await new Promise((r) => setTimeout(r, 50));
     }
-    let resumed = false;
+    const completeAt = Date.now() - t0;
+    if (resuming) await resuming;
     let after = await qmp.execute('query-status');
     if (opts.resume && !after.running) {
       await qmp.execute('cont');
       resumed = true;
       after = await qmp.execute('query-status');
     }
-    return { ...summary, destinationQemu: { status: destStatus, 'run-state-after': after.status, resumed } };
+    if (after.running && runningAt === undefined) {
+      // The RESUME event may still be on its way.
+      await new Promise((r) => setTimeout(r, 20));
+      runningAt ??= Date.now() - t0;
+    }
+    return {
+      ...summary,
+      destinationQemu: { status: destStatus, 'run-state-after': after.status, resumed },
+      ...(runningAt !== undefined && after.running ? { 'time-to-running': runningAt } : {}),
+      'time-to-complete': completeAt,
+      ...(notes.length > 0 ? { notes } : {}),
+    };
   } finally {
     qmp?.close();
     await source.close().catch(() => {});
@@ -205,9 +276,13 @@ async function explainFailure(qmp: QmpClient, e: Error): Promise<Error> {
         const gone = qe.message.includes('timed out') ? 'stopped answering on QMP' : 'went away (its QMP connection closed)';
         // The stage hints of a refusal do not apply to a QEMU that died: say only what we saw.
         const seen = e instanceof DestinationClosedError ? `the ${e.where} closed: ${e.detail}` : e.message;
+        if (e instanceof PostcopyDestinationLostError) return new PostcopyDestinationLostError(e.where, e.detail, `the destination QEMU ${gone} ${POSTCOPY_LOSS_TEXT} (${seen})`);
         return new DestinationError(`the destination QEMU ${gone} while we were sending; the guest was not restored (${seen})`, undefined);
       }
       return e;
+    }
+    if (s?.status === 'failed' && e instanceof PostcopyDestinationLostError) {
+      return new PostcopyDestinationLostError(e.where, e.detail, `the destination QEMU failed ${POSTCOPY_LOSS_TEXT}: ${s['error-desc'] ?? 'no error-desc'} (our side: ${e.message})`);
     }
     if (s?.status === 'failed') {
       return new DestinationError(`the destination QEMU failed to load the snapshot: ${s['error-desc'] ?? 'no error-desc'} (our side: ${e.message})`, s['error-desc']);

@@ -15,11 +15,14 @@
 
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
-import { Command, MULTIFD_PAGES_PER_PACKET, RamFlag, ReturnPathMessage, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { Command, MULTIFD_PAGES_PER_PACKET, ReturnPathMessage, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { encodeConfiguration, withCapability } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
 import { defaultSyncMode } from '../codec/machine-type.js';
 import { ReturnPathParser } from '../codec/return-path.js';
+import { decodePageRequest, encodeDiscards, encodePageRecords, encodePackagedHeader, encodePostcopyAdvise, encodePostcopyListen, encodePostcopyRun, type PageRecordState } from '../codec/postcopy.js';
+import { PageRequestError, PostcopyPages } from '../engine/postcopy-pages.js';
+import { PostcopyPhase } from './postcopy-phase.js';
 import {
   encodeBlockEntry,
   encodeCommand,
@@ -27,7 +30,6 @@ import {
   encodeFooter,
   encodeMemSize,
   encodeMultifdFlush,
-  encodePageRecordHeader,
   encodeSectionFull,
   encodeSectionShort,
   encodeStreamHeader,
@@ -61,6 +63,13 @@ export interface SendOptions {
   tls?: TlsCreds;
   /** Pages found all-zero are listed, not sent ('multifd', default) or sent as data ('none'). */
   zeroPageDetection?: 'multifd' | 'none';
+  /**
+   * Postcopy ("instant restore", PROTOCOL.md §6.2): the device state goes right after the switch,
+   * the destination starts the guest, and the pages follow — the ones its guest touches first, the
+   * rest in the background. The destination needs postcopy-ram on (and postcopy-preempt for
+   * `preempt`). If the destination dies in postcopy, the guest it was running is lost.
+   */
+  postcopy?: boolean | PostcopyOptions;
   connectTimeoutMs?: number;
   /** Fails when no byte could be written and no answer came for this long. Default 60 s. */
   stallTimeoutMs?: number;
@@ -68,8 +77,51 @@ export interface SendOptions {
   signal?: AbortSignal;
 }
 
+export interface PostcopyOptions {
+  /** Answer page requests on a second connection (the destination has postcopy-preempt on). */
+  preempt?: boolean;
+  /** Page bytes to send before the switch (multifd, or main without it). Default 0: switch at once. */
+  precopyBytes?: number;
+  /** Switch after this long at the latest (ms). Default: no time limit. */
+  precopyMs?: number;
+  /** Bytes/s for the background pages after the switch (requested pages are never held back). Default: unlimited. */
+  bandwidth?: number;
+  /** Pages per background batch after the switch. Default 128. */
+  batchPages?: number;
+}
+
+/** What happened in postcopy; times in ms since send started. */
+export interface PostcopySummary {
+  preempt: boolean;
+  /** Pages that went before the switch. */
+  'precopy-pages': number;
+  /** Pages sent after the switch (every page of the guest not sent before it, absent ones as ZERO records). */
+  'postcopy-pages': number;
+  'discard-ranges': number;
+  /** When the switch began (end of the precopy phase). */
+  'switch-time': number;
+  /** The package (LISTEN, device state, RUN) was written. */
+  'package-time': number;
+  /** PONG(3): the destination loaded the device state. */
+  'devices-loaded-time'?: number;
+  /** PONG(0x42), the last ping before RUN in the package: the guest starts now (unless the destination runs with -S). */
+  'run-time'?: number;
+  /** Every page written. */
+  'pages-time': number;
+  /** SHUT(0): the destination has every page and finished. */
+  'complete-time': number;
+  /** Page requests (REQ_PAGES / REQ_PAGES_ID) from the destination. */
+  requests: number;
+  /** Pages sent because they were requested, ahead of the background scan. */
+  'requested-pages': number;
+  /** Requested pages that were already on their way (not sent twice). */
+  'requests-already-sent': number;
+  'preempt-pages': number;
+  'preempt-bytes': number;
+}
+
 export interface SendProgress {
-  phase: 'validating' | 'connecting' | 'ram' | 'device-state' | 'waiting' | 'completed' | 'failed';
+  phase: 'validating' | 'connecting' | 'ram' | 'device-state' | 'postcopy' | 'waiting' | 'completed' | 'failed';
   elapsedMs: number;
   transferred: number;
   normal: number;
@@ -99,6 +151,7 @@ export interface SendSummary {
   'device-state-bytes': number;
   blocks: { name: string; 'used-length': number; 'pages-sent': number }[];
   channels: SendChannelStats[];
+  postcopy?: PostcopySummary;
 }
 
 /** The destination closed a connection we were writing to; `where` names it, `detail` the socket error. */
@@ -108,6 +161,20 @@ export class DestinationClosedError extends Error {
     this.name = 'DestinationClosedError';
   }
 }
+
+/**
+ * The destination went away (or failed) in postcopy, after its guest had started: that guest ran on
+ * memory that was only partly there, so it is lost (QEMU's own postcopy has the same risk). The
+ * snapshot is untouched and can be restored again.
+ */
+export class PostcopyDestinationLostError extends DestinationClosedError {
+  constructor(where: string, detail: string, message: string) {
+    super(where, detail, message);
+    this.name = 'PostcopyDestinationLostError';
+  }
+}
+
+export const POSTCOPY_LOSS_TEXT = 'in postcopy, after the guest had started there: that guest ran on memory the destination had only partly received, so it is lost (the snapshot file is intact; restore it again into a fresh QEMU)';
 
 /** Nothing moved for stallTimeoutMs: the destination waits for something we do not send. */
 export class StallError extends Error {
@@ -136,10 +203,24 @@ export function send(opts: SendOptions): SendHandle {
 /** PING values: each marks a stage the destination has loaded when it answers. */
 const PING_CONFIG = 1;
 const PING_RAM_SETUP = 2;
+/** Postcopy pings, numbered as QEMU's source numbers them (§6.2). */
+const PING_DISCARDED = 2;
+const PING_DEVICES = 3;
+/** QEMU 11.1's "package loaded" ping: the last thing in the package before RUN. */
+const PING_PACKAGE_LOADED = 0x42;
+const PING_LISTENING = 4;
 const STAGE_TEXT: Record<number, string> = {
   0: 'before it accepted the configuration record or the multifd channels (machine type, capabilities, channel count, uuid or compression differ?)',
   [PING_CONFIG]: 'after the configuration record, while setting up RAM or the multifd channels (RAM block sizes, channel count or uuid differ? same machine type and -m as the snapshot?)',
   [PING_RAM_SETUP]: 'after RAM setup, while loading pages or the device state (multifd-compression or devices differ? same compression, machine type and devices as the snapshot?)',
+};
+
+const POSTCOPY_STAGE_TEXT: Record<number, string> = {
+  0: STAGE_TEXT[0]!,
+  [PING_CONFIG]: 'after the configuration record, during RAM setup, the pages before the switch or the discards (RAM block sizes, channel count or uuid differ? postcopy-ram on at the destination?)',
+  [PING_DISCARDED]: 'after the discards, while reading or loading the device state in the package (devices differ? same machine type and devices as the snapshot?)',
+  [PING_DEVICES]: POSTCOPY_LOSS_TEXT,
+  [PING_LISTENING]: POSTCOPY_LOSS_TEXT,
 };
 
 const DEVICE_CHUNK = 1024 * 1024;
@@ -164,12 +245,24 @@ class Sender {
   private resolveAnswered!: () => void;
   private lastActivity = Date.now();
   private readonly channels: number;
+  /** Postcopy settings when postcopy is on. */
+  private readonly pc: PostcopyOptions | undefined;
+  /** Pages handed out after LISTEN (and the precopy pages the destination keeps); exists from the switch on. */
+  private pages: PostcopyPages | undefined;
+  private postcopyPhase: PostcopyPhase | undefined;
+  /** PING values answered, with when (ms since start). */
+  private readonly pongs = new Map<number, number>();
+  /** Set once the package went out: from then on the destination's guest may be running. */
+  private inPostcopy = false;
+  /** CONTINUE state of the main channel's page records. */
+  private readonly mainRecords: PageRecordState = {};
 
   constructor(private readonly opts: SendOptions, private readonly handle: SendHandle, private readonly signal: AbortSignal) {
     this.channels = opts.channels ?? 2;
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
       throw new RangeError(`channels must be 0..255 (got ${opts.channels})`);
     }
+    this.pc = opts.postcopy === true ? {} : opts.postcopy ? opts.postcopy : undefined;
     this.failed = new Promise<never>((_, reject) => { this.rejectFailed = reject; });
     this.failed.catch(() => {});
     this.answered = new Promise<void>((resolve) => { this.resolveAnswered = resolve; });
@@ -177,12 +270,13 @@ class Sender {
 
   progress(): SendProgress {
     const st = this.multifd?.stats() ?? [];
+    const pc = this.postcopyPhase?.stats;
     return {
       phase: this.phase,
       elapsedMs: Date.now() - this.startedAt,
-      transferred: this.mainBytes + st.reduce((n, c) => n + c.bytes, 0),
-      normal: this.mainPages + st.reduce((n, c) => n + c.normalPages, 0),
-      duplicate: this.mainZero + st.reduce((n, c) => n + c.zeroPages, 0),
+      transferred: this.mainBytes + st.reduce((n, c) => n + c.bytes, 0) + (pc?.preemptBytes ?? 0),
+      normal: this.mainPages + st.reduce((n, c) => n + c.normalPages, 0) + (pc?.normal ?? 0),
+      duplicate: this.mainZero + st.reduce((n, c) => n + c.zeroPages, 0) + (pc?.zero ?? 0),
       pagesTotal: this.pagesTotal,
       channels: this.channels,
     };
@@ -200,7 +294,11 @@ class Sender {
     const watchdog = setInterval(() => {
       if (Date.now() - this.lastActivity > stall) {
         const pong = this.lastPong;
-        this.fail(new StallError(`no progress for ${Math.round(stall / 1000)} s: the destination stopped reading ${STAGE_TEXT[pong] ?? ''}. A destination waiting for more multifd channels than we opened (--channels ${this.channels}), or one whose multifd sync mode differs (multifd-flush-after-each-section; --sync-mode), also stalls like this.`));
+        if (this.inPostcopy) {
+          this.fail(new StallError(`no progress for ${Math.round(stall / 1000)} s ${POSTCOPY_LOSS_TEXT.replace('so it is lost', 'so it is stuck and will be lost')}: the destination stopped reading and answering`));
+          return;
+        }
+        this.fail(new StallError(`no progress for ${Math.round(stall / 1000)} s: the destination stopped reading ${this.stageText(pong)}. A destination waiting for more multifd channels than we opened (--channels ${this.channels}), or one whose multifd sync mode differs (multifd-flush-after-each-section; --sync-mode), also stalls like this.`));
       }
     }, Math.min(1000, stall));
     watchdog.unref();
@@ -253,7 +351,12 @@ class Sender {
     if (this.failure) return this.failure;
     await Promise.race([this.answered, new Promise((r) => setTimeout(r, 500).unref())]);
     if (this.failure) return this.failure;
-    return new DestinationClosedError(where, e.message, `the destination closed the ${where} ${STAGE_TEXT[this.lastPong] ?? ''} (${e.message})`);
+    if (this.inPostcopy) return new PostcopyDestinationLostError(where, e.message, `the destination closed the ${where} ${POSTCOPY_LOSS_TEXT} (${e.message})`);
+    return new DestinationClosedError(where, e.message, `the destination closed the ${where} ${this.stageText(this.lastPong)} (${e.message})`);
+  }
+
+  private stageText(pong: number): string {
+    return (this.pc ? POSTCOPY_STAGE_TEXT[pong] : STAGE_TEXT[pong]) ?? '';
   }
 
   private async transfer(): Promise<SendSummary> {
@@ -267,8 +370,16 @@ class Sender {
       if (method.name === 'none') throw new Error('a compression level needs a compression method (zlib or zstd)');
       if (!Number.isInteger(this.opts.level) || this.opts.level < 0 || this.opts.level > max) throw new RangeError(`${method.name} level must be 0..${max}, as QEMU's multifd-${method.name}-level (got ${this.opts.level})`);
     }
-    for (const b of src.blockList) this.pagesTotal += src.presentPages(b.name);
-    publish('send-start', { file: src.path, format: src.format, pages: this.pagesTotal, syncMode });
+    const pc = this.pc;
+    if (pc) {
+      if (!returnPath) throw new Error('postcopy needs the return path (page requests and the end of the migration come over it)');
+      if (src.blockList.some((b) => b.mrAddr !== undefined)) throw new Error('postcopy of a snapshot taken with x-ignore-shared is not supported');
+      // Every page of the guest goes once: before the switch (present pages) or after it (all the others).
+      for (const b of src.blockList) this.pagesTotal += Math.ceil(b.usedLength / TARGET_PAGE_SIZE);
+    } else {
+      for (const b of src.blockList) this.pagesTotal += src.presentPages(b.name);
+    }
+    publish('send-start', { file: src.path, format: src.format, pages: this.pagesTotal, syncMode, postcopy: pc !== undefined });
 
     this.phase = 'connecting';
     const connectTimeout = this.opts.connectTimeoutMs ?? 10000;
@@ -283,13 +394,15 @@ class Sender {
       encodeStreamHeader(),
       encodeConfiguration(config),
       ...(returnPath ? [encodeCommand(Command.OPEN_RETURN_PATH), ping(PING_CONFIG)] : []),
+      // With postcopy-ram QEMU's source advises before RAM setup (host and target page size).
+      ...(pc ? [encodePostcopyAdvise()] : []),
       encodeSectionFull(SectionType.START, sid, 'ram', src.ramSection.instanceId, src.ramSection.versionId),
       encodeMemSize(src.blockList.reduce((n, b) => n + b.usedLength, 0)),
       ...src.blockList.map((b) => encodeBlockEntry(b.name, b.usedLength, b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {})),
       ...(syncMode === 'round' ? [encodeMultifdFlush()] : []),
       encodeEos(),
       encodeFooter(sid),
-      ...(returnPath ? [ping(PING_RAM_SETUP)] : []),
+      ...(returnPath && !pc ? [ping(PING_RAM_SETUP)] : []),
     ]);
 
     if (this.channels > 0) {
@@ -323,21 +436,29 @@ class Sender {
     }
 
     this.phase = 'ram';
-    const perBlock = await this.sendPages();
-
-    // Final sync: every page written before the barrier the destination waits on.
-    if (this.multifd) await this.multifd.sync();
-    await this.write([
-      ...(src.switchoverStart ? [encodeCommand(Command.SWITCHOVER_START)] : []),
-      encodeSectionShort(SectionType.END, sid),
-      ...(syncMode === 'round' ? [encodeMultifdFlush()] : []),
-      encodeEos(),
-      encodeFooter(sid),
-    ]);
-
-    this.phase = 'device-state';
     const ds = src.deviceState;
-    await this.forward(ds.fileOffset, ds.end);
+    let perBlock: Map<string, number>;
+    let postcopy: PostcopySummary | undefined;
+    if (pc) {
+      const r = await this.postcopyTransfer(pc, syncMode, connectTimeout);
+      perBlock = r.perBlock;
+      postcopy = r.summary;
+    } else {
+      perBlock = await this.sendPages();
+
+      // Final sync: every page written before the barrier the destination waits on.
+      if (this.multifd) await this.multifd.sync();
+      await this.write([
+        ...(src.switchoverStart ? [encodeCommand(Command.SWITCHOVER_START)] : []),
+        encodeSectionShort(SectionType.END, sid),
+        ...(syncMode === 'round' ? [encodeMultifdFlush()] : []),
+        encodeEos(),
+        encodeFooter(sid),
+      ]);
+
+      this.phase = 'device-state';
+      await this.forward(ds.fileOffset, ds.end);
+    }
 
     this.phase = 'waiting';
     let destination: SendSummary['destination'] = 'closed';
@@ -345,12 +466,22 @@ class Sender {
       await this.answered;
       this.check();
       if (this.shut === undefined) {
-        throw new Error(`the destination closed the connection without confirming the load ${STAGE_TEXT[this.lastPong]}`);
+        if (this.inPostcopy) throw new PostcopyDestinationLostError('main channel', 'closed', `the destination closed the connection ${POSTCOPY_LOSS_TEXT}, before it confirmed that it had every page`);
+        throw new Error(`the destination closed the connection without confirming the load ${this.stageText(this.lastPong)}`);
       }
       if (this.shut !== 0) {
-        throw new Error(`the destination reported a failure (SHUT ${this.shut}) ${STAGE_TEXT[this.lastPong]}`);
+        if (this.inPostcopy) throw new PostcopyDestinationLostError('main channel', `SHUT ${this.shut}`, `the destination reported a failure (SHUT ${this.shut}) ${POSTCOPY_LOSS_TEXT}`);
+        throw new Error(`the destination reported a failure (SHUT ${this.shut}) ${this.stageText(this.lastPong)}`);
       }
       destination = 'confirmed';
+    }
+    if (postcopy) {
+      postcopy['complete-time'] = Date.now() - this.startedAt;
+      // PONG(3) and PONG(0x42) come once the destination loaded the devices, which may be late.
+      const devicesLoaded = this.pongs.get(PING_DEVICES);
+      const run = this.pongs.get(PING_PACKAGE_LOADED);
+      if (devicesLoaded !== undefined) postcopy['devices-loaded-time'] = devicesLoaded;
+      if (run !== undefined) postcopy['run-time'] = run;
     }
     for (const s of this.sockets) s.end();
     this.phase = 'completed';
@@ -375,9 +506,116 @@ class Sender {
       'device-state-bytes': ds.end,
       blocks: src.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-sent': perBlock.get(b.name) ?? 0 })),
       channels: this.multifd?.stats() ?? [],
+      ...(postcopy ? { postcopy } : {}),
     };
     publish('send-completed', { summary });
     return summary;
+  }
+
+  /**
+   * Postcopy (PROTOCOL.md §6.2, §6.4): pages before the switch within the budget, then the switch
+   * in QEMU's order — one SYNC per multifd channel and a RAM PART (FLUSH in round mode, EOS),
+   * SWITCHOVER_START, discards for every page not sent yet, PING(2), the package (LISTEN, device
+   * sections, PING(3), PING(0x42), RUN), PING(4) — then every remaining page exactly once, requested
+   * ones first, and END (EOS, no FLUSH), EOF. No VMDESCRIPTION: QEMU's postcopy destination stops
+   * reading at EOF (its listen thread ends there), and QEMU's postcopy source sends none.
+   */
+  private async postcopyTransfer(pc: PostcopyOptions, syncMode: SendSummary['sync-mode'], connectTimeout: number): Promise<{ perBlock: Map<string, number>; summary: PostcopySummary }> {
+    const src = this.source;
+    const sid = src.ramSection.sectionId;
+    const pages = new PostcopyPages(src);
+    this.pages = pages;
+
+    // Pages before the switch: in file order, within the budget. QEMU places them as in precopy.
+    const budgetBytes = pc.precopyBytes ?? 0;
+    const deadline = pc.precopyMs !== undefined ? this.startedAt + pc.precopyMs : undefined;
+    const perBlock = budgetBytes > 0 || (pc.precopyMs ?? 0) > 0
+      ? await this.sendPages({ bytes: budgetBytes > 0 ? budgetBytes : Infinity, ...(deadline !== undefined ? { deadline } : {}) })
+      : new Map<string, number>();
+    const precopyPages = src.blockList.reduce((n, b) => n + (perBlock.get(b.name) ?? 0), 0);
+    const switchTime = Date.now() - this.startedAt;
+    publish('send-postcopy-switch', { precopyPages });
+    this.handle.emit('postcopy-switch', { elapsedMs: switchTime, precopyPages });
+
+    // The preempt channel connects first (QEMU's source does so before its multifd sync): the
+    // destination takes the connection after main and every multifd channel as preempt.
+    let preempt: Socket | undefined;
+    if (pc.preempt) {
+      preempt = await connectTo(this.opts.to, connectTimeout, this.opts.tls);
+      this.adopt(preempt);
+    }
+
+    // Finish multifd: every page before the barrier, which the destination passes before LISTEN
+    // (multifd writes pages non-atomically). Afterwards the channels stay open but idle.
+    if (this.multifd) await this.multifd.sync();
+    const ranges = src.blockList.map((b) => ({ block: b.name, ranges: pages.unsentRanges(b.name) }));
+    const discards = ranges.flatMap((r) => encodeDiscards(r.block, r.ranges));
+    const ds = src.deviceState;
+    const devicesLength = ds.eofOffset;
+    const packageLength = 5 + devicesLength + 9 + 9 + 5;
+    await this.write([
+      encodeSectionShort(SectionType.PART, sid),
+      ...(syncMode === 'round' ? [encodeMultifdFlush()] : []),
+      encodeEos(),
+      encodeFooter(sid),
+      ...(src.switchoverStart ? [encodeCommand(Command.SWITCHOVER_START)] : []),
+      ...discards,
+      ping(PING_DISCARDED),
+      encodePackagedHeader(packageLength),
+      encodePostcopyListen(),
+    ]);
+    this.phase = 'device-state';
+    // The device sections, without EOF and VMDESCRIPTION (the package is a stream without header).
+    await this.forward(ds.fileOffset, devicesLength);
+    // From RUN on the destination's guest may run: a failure from here loses it.
+    this.inPostcopy = true;
+    await this.write([ping(PING_DEVICES), ping(PING_PACKAGE_LOADED), encodePostcopyRun(), ping(PING_LISTENING)]);
+    const packageTime = Date.now() - this.startedAt;
+    this.phase = 'postcopy';
+    publish('send-postcopy-package', { bytes: packageLength });
+
+    // Every page not sent yet, exactly once; the main channel's next record names its block.
+    this.mainRecords.lastBlock = undefined;
+    const phase = new PostcopyPhase({
+      source: src,
+      pages,
+      mainRecords: this.mainRecords,
+      writeMain: (bufs) => this.write(bufs),
+      ...(preempt ? { writePreempt: (bufs: Buffer[]) => this.writeTo(preempt, 'preempt channel', bufs) } : {}),
+      ...(pc.bandwidth !== undefined ? { bandwidth: pc.bandwidth } : {}),
+      ...(pc.batchPages !== undefined ? { batchPages: pc.batchPages } : {}),
+      failed: this.failed,
+    });
+    this.postcopyPhase = phase;
+    await phase.run();
+    const pagesTime = Date.now() - this.startedAt;
+    await this.write([encodeSectionShort(SectionType.END, sid), encodeEos(), encodeFooter(sid), Buffer.from([SectionType.EOF])]);
+    publish('send-postcopy-pages-done', { stats: phase.stats, pages: pages.stats });
+
+    for (const b of src.blockList) perBlock.set(b.name, Math.ceil(b.usedLength / TARGET_PAGE_SIZE));
+    const summary: PostcopySummary = {
+      preempt: preempt !== undefined,
+      'precopy-pages': precopyPages,
+      'postcopy-pages': phase.stats.normal + phase.stats.zero,
+      'discard-ranges': ranges.reduce((n, r) => n + r.ranges.length, 0),
+      'switch-time': switchTime,
+      'package-time': packageTime,
+      'pages-time': pagesTime,
+      'complete-time': 0,
+      requests: pages.stats.requests,
+      'requested-pages': pages.stats.requestedPages,
+      'requests-already-sent': pages.stats.alreadySent,
+      'preempt-pages': phase.stats.preemptPages,
+      'preempt-bytes': phase.stats.preemptBytes,
+    };
+    return { perBlock, summary };
+  }
+
+  /** A gather write to another connection than main (the preempt channel). */
+  private async writeTo(sock: Socket, where: string, bufs: Buffer[]): Promise<void> {
+    this.check();
+    await gatherWrite(sock, bufs).catch(async (e: Error) => { throw await this.connectionLost(where, e); });
+    this.lastActivity = Date.now();
   }
 
   private adopt(s: Socket): void {
@@ -397,29 +635,46 @@ class Sender {
         rp.push(chunk);
         for (let m = rp.next(); m !== null; m = rp.next()) {
           if (m.type === ReturnPathMessage.PONG) {
-            this.lastPong = Math.max(this.lastPong, m.payload.readUInt32BE(0));
-            publish('send-pong', { value: this.lastPong });
+            const v = m.payload.readUInt32BE(0);
+            if (!this.pongs.has(v)) this.pongs.set(v, Date.now() - this.startedAt);
+            // Stages are 0..4; 0x42 (package loaded) is not one of them.
+            if (v <= PING_LISTENING) this.lastPong = Math.max(this.lastPong, v);
+            publish('send-pong', { value: v });
+            if (this.pc && v === PING_PACKAGE_LOADED) this.handle.emit('postcopy-running', { elapsedMs: Date.now() - this.startedAt });
           } else if (m.type === ReturnPathMessage.SHUT) {
             this.shut = m.payload.readUInt32BE(0);
             this.resolveAnswered();
+          } else if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) {
+            const req = decodePageRequest(m.type, m.payload);
+            if (!this.pages || !this.inPostcopy) {
+              throw new ProtocolError('BAD_RECORD', `page request (${req.block ?? 'same block'} at 0x${req.start.toString(16)}) before the destination was told to listen: ${this.pc ? 'it was not in postcopy yet' : 'this is not a postcopy migration'}`);
+            }
+            // A bad request throws a PageRequestError naming what was wrong.
+            this.pages.request(req);
+            publish('send-page-request', req);
           }
           // SWITCHOVER_ACK and others need no answer from a sender that never waits on them.
         }
       } catch (e) {
-        this.fail(new ProtocolError('BAD_RECORD', `return path: ${(e as Error).message}`));
+        this.fail(e instanceof ProtocolError || e instanceof PageRequestError ? e : new ProtocolError('BAD_RECORD', `return path: ${(e as Error).message}`));
       }
     });
     s.on('end', () => this.resolveAnswered());
   }
 
-  /** Every present page once: batches of ≤ 128 pages of one block, in block order. */
-  private async sendPages(): Promise<Map<string, number>> {
+  /**
+   * Every present page once: batches of ≤ 128 pages of one block, in block order. With a budget
+   * (postcopy's pages before the switch), stops at the first batch boundary past it.
+   */
+  private async sendPages(budget?: { bytes: number; deadline?: number }): Promise<Map<string, number>> {
     const src = this.source;
     const perBlock = new Map<string, number>();
+    let spent = 0;
+    const exhausted = (): boolean => budget !== undefined && (spent >= budget.bytes || (budget.deadline !== undefined && Date.now() >= budget.deadline));
     for (const b of src.blockList) {
       let next = 0;
       let sent = 0;
-      for (;;) {
+      while (!exhausted()) {
         const runs: number[] = [];
         let pages = 0;
         src.forEachRun(b.name, (first, count) => {
@@ -431,9 +686,15 @@ class Sender {
         }, next);
         if (pages === 0) break;
         const batch: PageBatch = { block: b.name, runs, pages };
-        if (this.multifd) await this.multifd.send(batch);
-        else await this.sendOnMain(batch);
+        if (this.multifd) {
+          // QEMU ≥ 11.1 with postcopy-ram writes multifd zero pages too, so all of them count as placed.
+          if (this.pages) for (let i = 0; i < runs.length; i += 2) this.pages.markSent(b.name, runs[i]!, runs[i + 1]!);
+          await this.multifd.send(batch);
+        } else {
+          await this.sendOnMain(batch);
+        }
         sent += pages;
+        spent += pages * TARGET_PAGE_SIZE;
         this.check();
       }
       perBlock.set(b.name, sent);
@@ -442,38 +703,45 @@ class Sender {
   }
 
   private mainScratch: Buffer | undefined;
-  private lastNamedBlock: string | undefined;
   private readonly zeroPage = Buffer.alloc(TARGET_PAGE_SIZE);
 
-  /** Without multifd, pages travel as PAGE records in a PART section of the main channel. */
+  /**
+   * Without multifd, pages travel as PAGE records in a PART section of the main channel. All-zero
+   * pages stay at home: a fresh destination's RAM is zero (with postcopy they are left to the
+   * postcopy phase, which must place every page the destination has not received).
+   */
   private async sendOnMain(batch: PageBatch): Promise<void> {
     const src = this.source;
     this.mainScratch ??= Buffer.allocUnsafe(src.scratchBytes(MULTIFD_PAGES_PER_PACKET));
     const views = await src.loadRuns(batch.block, batch.runs, batch.runs.length / 2, this.mainScratch);
-    const out: Buffer[] = [encodeSectionShort(SectionType.PART, src.ramSection.sectionId)];
-    // CONTINUE refers to the block of the previous record on the channel, across sections.
-    let named = this.lastNamedBlock === batch.block;
+    const offsets: number[] = [];
+    const data: Buffer[] = [];
     let v = 0;
     let vPos = 0;
     const zeroDetect = (this.opts.zeroPageDetection ?? 'multifd') === 'multifd';
     for (let r = 0; r < batch.runs.length; r += 2) {
       for (let p = batch.runs[r]!; p < batch.runs[r]! + batch.runs[r + 1]!; p++) {
         while (vPos >= views[v]!.length) { v++; vPos = 0; }
-        const data = views[v]!.subarray(vPos, vPos + TARGET_PAGE_SIZE);
+        const page = views[v]!.subarray(vPos, vPos + TARGET_PAGE_SIZE);
         vPos += TARGET_PAGE_SIZE;
-        // A fresh destination's RAM is zero already: an all-zero page need not travel.
-        if (zeroDetect && data.equals(this.zeroPage)) {
-          this.mainZero++;
+        if (zeroDetect && page.equals(this.zeroPage)) {
+          if (!this.pages) this.mainZero++;
           continue;
         }
-        out.push(encodePageRecordHeader(RamFlag.PAGE, p * TARGET_PAGE_SIZE, named ? undefined : batch.block), data);
-        named = true;
-        this.lastNamedBlock = batch.block;
+        offsets.push(p * TARGET_PAGE_SIZE);
+        data.push(page);
+        this.pages?.markSent(batch.block, p, 1);
         this.mainPages++;
       }
     }
-    out.push(encodeEos(), encodeFooter(src.ramSection.sectionId));
-    await this.write(out);
+    if (data.length === 0) return;
+    // CONTINUE refers to the block of the previous record on the channel, across sections.
+    await this.write([
+      encodeSectionShort(SectionType.PART, src.ramSection.sectionId),
+      ...encodePageRecords(this.mainRecords, batch.block, offsets, data),
+      encodeEos(),
+      encodeFooter(src.ramSection.sectionId),
+    ]);
   }
 
   /** Copies [position, position + length) of the file to the main channel. */

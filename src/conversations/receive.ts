@@ -163,6 +163,9 @@ class Receiver {
   private postcopyAdvised = false;
   private preempt: Socket | undefined;
   private preemptPages = 0;
+  /** When the preempt channel last delivered bytes, and whether it is inside a record or a write. */
+  private preemptAt = 0;
+  private preemptBusy = false;
   private postcopyMainPages = 0;
   private discardRanges = 0;
   private switchedAt: number | undefined;
@@ -294,6 +297,8 @@ class Receiver {
       for await (const chunk of sock as AsyncIterable<Buffer>) {
         if (this.failure || this.finished) return;
         this.mainBytes += chunk.length;
+        this.preemptAt = Date.now();
+        this.preemptBusy = true;
         parser.push(chunk);
         for (let ev = parser.next(); ev !== null; ev = parser.next()) {
           // A page here answers a request made in postcopy: it must land after every precopy page.
@@ -306,6 +311,8 @@ class Receiver {
             await this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
           }
         }
+        this.preemptBusy = !parser.atBoundary;
+        this.preemptAt = Date.now();
       }
       if (!parser.atBoundary && !this.finished) throw new ProtocolError('TRUNCATED', 'closed inside a page record');
     } catch (e) {
@@ -314,6 +321,21 @@ class Receiver {
       if (err.code === 'ECONNRESET' || err.code === 'EPIPE') return;
       this.fail(new ChannelError('postcopy preempt channel', err));
     }
+  }
+
+  /**
+   * Pages the source wrote on the preempt channel before its EOF on main may still be on their
+   * way (another socket): commit once that channel is between records, written, and quiet.
+   */
+  private async preemptSettled(): Promise<void> {
+    if (!this.preempt) return;
+    const quiet = this.opts.completionQuietMs ?? 20;
+    const limit = Date.now() + (this.opts.channelTimeoutMs ?? 15000);
+    while (!this.failure && (this.preemptBusy || Date.now() - this.preemptAt < quiet)) {
+      if (Date.now() > limit) throw new ProtocolError('TRUNCATED', 'the postcopy preempt channel stopped inside a page record at the end of the migration');
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    if (this.failure) throw this.failure;
   }
 
   private identify(sock: Socket, kind: 'main' | 'multifd', source: AsyncIterable<Buffer>, peer: string): void {
@@ -561,6 +583,7 @@ class Receiver {
         throw new ProtocolError('BAD_RECORD', `${bytes.length} unexpected bytes after RAM END in a postcopy stream (expected only EOF)`);
       }
       st.postcopyEof = true;
+      await this.preemptSettled();
       // Our own tools walk the device state by its description; QEMU ignores it when loading.
       const end = encodeEofAndVmdesc(synthesizeVmdesc(st.sections));
       if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');

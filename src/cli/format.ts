@@ -67,6 +67,20 @@ interface SendSummaryLike {
   channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   blocks: { name: string; 'used-length': number; 'pages-sent': number }[];
   destinationQemu?: { status: string; 'run-state-after': string; resumed: boolean };
+  postcopy?: {
+    preempt: boolean;
+    'precopy-pages': number;
+    'postcopy-pages': number;
+    'run-time'?: number;
+    'complete-time': number;
+    requests: number;
+    'requested-pages': number;
+    'requests-already-sent': number;
+    'preempt-pages': number;
+  };
+  'time-to-running'?: number;
+  'time-to-complete'?: number;
+  notes?: string[];
 }
 
 export function sendSummaryText(s: SendSummaryLike): string {
@@ -76,6 +90,18 @@ export function sendSummaryText(s: SendSummaryLike): string {
   ];
   lines.push(...channelLines(s.channels));
   for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b['pages-sent']} pages sent`);
+  const pc = s.postcopy;
+  if (pc) {
+    lines.push(`  postcopy${pc.preempt ? ' (preempt channel)' : ''}: ${pc['precopy-pages']} pages before the switch, ${pc['postcopy-pages']} after; ` +
+      `${pc.requests} page requests, ${pc['requested-pages']} pages sent ahead for them${pc.preempt ? ` (${pc['preempt-pages']} on the preempt channel)` : ''}, ${pc['requests-already-sent']} already on their way`);
+  }
+  if (s['time-to-complete'] !== undefined) {
+    const running = s['time-to-running'] !== undefined ? `guest running after ${duration(s['time-to-running'])}` : 'guest paused';
+    lines.push(`  ${running}, every page in place after ${duration(s['time-to-complete'])}`);
+  } else if (pc) {
+    lines.push(`  ${pc['run-time'] !== undefined ? `devices loaded and RUN reached after ${duration(pc['run-time'])}, ` : ''}every page confirmed after ${duration(pc['complete-time'])}`);
+  }
+  for (const n of s.notes ?? []) lines.push(`  note: ${n}`);
   if (s.destinationQemu) {
     lines.push(`  destination: ${s.destinationQemu.status}, now ${s.destinationQemu['run-state-after']}${s.destinationQemu.resumed ? ' (resumed)' : ''}`);
   } else {

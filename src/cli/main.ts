@@ -7,7 +7,7 @@ import { receive, type ReceiveProgress } from '../conversations/receive.js';
 import { relay, type RelayProgress } from '../conversations/relay.js';
 import { restore } from '../conversations/restore.js';
 import { save } from '../conversations/save.js';
-import { send, type SendProgress } from '../conversations/send.js';
+import { send, type PostcopyOptions, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
 import type { TlsCreds } from '../transports/tls.js';
 import { runDemo } from '../demo/run-demo.js';
@@ -24,6 +24,46 @@ function intArg(min: number, max: number) {
     if (!Number.isInteger(n) || n < min || n > max) throw new InvalidArgumentError(`expected an integer from ${min} to ${max}`);
     return n;
   };
+}
+
+/** A byte count: 123, 64K, 512M, 2G (binary units). */
+function sizeArg(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?$/i.exec(v.trim());
+  if (!m) throw new InvalidArgumentError('expected a size like 512M or 2G');
+  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  return Math.round(Number(m[1]) * mult);
+}
+
+/** --postcopy-after: bytes (512M) or a time (2s, 500ms). */
+function budgetArg(v: string): { precopyBytes?: number; precopyMs?: number } {
+  const t = /^(\d+(?:\.\d+)?)(ms|s)$/i.exec(v.trim());
+  if (t) return { precopyMs: Math.round(Number(t[1]) * (t[2]!.toLowerCase() === 's' ? 1000 : 1)) };
+  return { precopyBytes: sizeArg(v) };
+}
+
+interface PostcopyArgs {
+  postcopy?: boolean;
+  postcopyPreempt?: boolean;
+  postcopyAfter?: { precopyBytes?: number; precopyMs?: number };
+  postcopyBandwidth?: number;
+}
+
+/** The library's postcopy option from the CLI flags (--postcopy-preempt and friends imply --postcopy). */
+function postcopyOption(o: PostcopyArgs): PostcopyOptions | undefined {
+  if (!o.postcopy && !o.postcopyPreempt && !o.postcopyAfter && o.postcopyBandwidth === undefined) return undefined;
+  return {
+    ...(o.postcopyPreempt ? { preempt: true } : {}),
+    ...(o.postcopyAfter ?? {}),
+    ...(o.postcopyBandwidth !== undefined ? { bandwidth: o.postcopyBandwidth } : {}),
+  };
+}
+
+function addPostcopyOptions(c: Command): Command {
+  return c
+    .option('--postcopy', 'instant restore: the guest starts right after the device state, its pages follow on demand (the destination needs postcopy-ram; if it dies in postcopy, the guest it was running is lost)')
+    .option('--postcopy-preempt', 'with --postcopy: answer page requests on a second connection (postcopy-preempt)')
+    .option('--postcopy-after <amount>', 'with --postcopy: send this much (512M, 2G) or for this long (2s, 500ms) before the switch (default: switch at once)', budgetArg)
+    .option('--postcopy-bandwidth <bytes>', 'with --postcopy: bytes/s for the pages pushed in the background after the switch (512M); requested pages are never held back', sizeArg);
 }
 
 function uuidArg(v: string): Buffer {
@@ -174,6 +214,7 @@ program
     }, summaryText);
   });
 
+addPostcopyOptions(
 program
   .command('send')
   .description('stream a snapshot (mapped-ram or QEMU stream file) into a QEMU waiting with -incoming')
@@ -197,10 +238,13 @@ On the QEMU side (before running send):
   migrate-set-capabilities multifd=on return-path=on; migrate-set-parameters multifd-channels=N
   migrate-incoming uri=tcp:HOST:PORT
 Or let restore do all of it over QMP.`)
-  .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; compression: string; level?: number; json?: boolean } & TlsArgs) => {
+  )
+  .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; compression: string; level?: number; json?: boolean } & TlsArgs & PostcopyArgs) => {
     await report('send', o.json, (view) => {
       const tls = tlsCreds(o);
+      const postcopy = postcopyOption(o);
       const h = send({
+        ...(postcopy ? { postcopy } : {}),
         ...(tls ? { tls } : {}),
         file: resolve(file),
         to: o.to,
@@ -217,6 +261,7 @@ Or let restore do all of it over QMP.`)
     }, sendSummaryText);
   });
 
+addPostcopyOptions(
 program
   .command('restore')
   .description('load a snapshot into a QEMU started with -incoming defer: set it up over QMP, send, wait for completed')
@@ -233,10 +278,13 @@ program
   .option('--tls-hostname <name>', "the name the destination's certificate must carry (default: the host of --incoming)")
   .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (file: string, o: { qmp: string; channels: number; incoming?: string; resume?: boolean; uuid?: Buffer; syncMode: 'auto' | 'round' | 'section'; compression: string; level?: number; json?: boolean } & TlsArgs) => {
+  )
+  .action(async (file: string, o: { qmp: string; channels: number; incoming?: string; resume?: boolean; uuid?: Buffer; syncMode: 'auto' | 'round' | 'section'; compression: string; level?: number; json?: boolean } & TlsArgs & PostcopyArgs) => {
     await report('restore', o.json, (view) => {
       const tls = tlsCreds(o);
+      const postcopy = postcopyOption(o);
       const h = restore({
+        ...(postcopy ? { postcopy } : {}),
         ...(tls ? { tls } : {}),
         file: resolve(file),
         qmp: o.qmp,

@@ -532,7 +532,8 @@ class Sender {
     const perBlock = budgetBytes > 0 || (pc.precopyMs ?? 0) > 0
       ? await this.sendPages({ bytes: budgetBytes > 0 ? budgetBytes : Infinity, ...(deadline !== undefined ? { deadline } : {}) })
       : new Map<string, number>();
-    const precopyPages = src.blockList.reduce((n, b) => n + (perBlock.get(b.name) ?? 0), 0);
+    // Pages the destination has for good (without multifd, all-zero pages are left to postcopy).
+    const precopyPages = this.pagesTotal - pages.unsent;
     const switchTime = Date.now() - this.startedAt;
     publish('send-postcopy-switch', { precopyPages });
     this.handle.emit('postcopy-switch', { elapsedMs: switchTime, precopyPages });
@@ -541,6 +542,10 @@ class Sender {
     // destination takes the connection after main and every multifd channel as preempt.
     let preempt: Socket | undefined;
     if (pc.preempt) {
+      // Only once the destination answered PING(1), as QEMU's source does: then it has accepted
+      // main and every multifd channel, so this connection is the one after them. Earlier, it can
+      // find the listen backlog (sized for the multifd channels) full: EAGAIN on a unix socket.
+      await this.pongArrived(PING_CONFIG);
       preempt = await connectTo(this.opts.to, connectTimeout, this.opts.tls);
       this.adopt(preempt);
     }
@@ -611,6 +616,21 @@ class Sender {
     return { perBlock, summary };
   }
 
+  private readonly pongWaiters = new Map<number, (() => void)[]>();
+
+  /** Resolves when PONG(value) has arrived (the stall watchdog and failures end the wait). */
+  private pongArrived(value: number): Promise<void> {
+    if (this.pongs.has(value)) return Promise.resolve();
+    return Promise.race([
+      new Promise<void>((resolve) => {
+        const list = this.pongWaiters.get(value) ?? [];
+        list.push(resolve);
+        this.pongWaiters.set(value, list);
+      }),
+      this.failed,
+    ]);
+  }
+
   /** A gather write to another connection than main (the preempt channel). */
   private async writeTo(sock: Socket, where: string, bufs: Buffer[]): Promise<void> {
     this.check();
@@ -637,6 +657,8 @@ class Sender {
           if (m.type === ReturnPathMessage.PONG) {
             const v = m.payload.readUInt32BE(0);
             if (!this.pongs.has(v)) this.pongs.set(v, Date.now() - this.startedAt);
+            for (const w of this.pongWaiters.get(v) ?? []) w();
+            this.pongWaiters.delete(v);
             // Stages are 0..4; 0x42 (package loaded) is not one of them.
             if (v <= PING_LISTENING) this.lastPong = Math.max(this.lastPong, v);
             publish('send-pong', { value: v });

@@ -109,3 +109,82 @@ export class PageBitmap {
     }
   }
 }
+
+/** Bitmap bytes per SparsePageBitmap chunk: 32768 pages (128 MiB of guest memory). */
+const SPARSE_CHUNK_BYTES = 4096;
+const SPARSE_CHUNK_PAGES = SPARSE_CHUNK_BYTES * 8;
+
+/**
+ * The same bitmap (same bytes once written out) for a writer, held sparsely: a chunk of
+ * SPARSE_CHUNK_BYTES is allocated when its first bit is set, so memory follows the pages written,
+ * not the block's claimed used_length (a stream claiming a 16 TiB block would otherwise cost a
+ * 512 MiB bitmap before a single page arrived). Chunks never allocated are all zero, which is
+ * what the hole they leave in a fresh file reads as.
+ */
+export class SparsePageBitmap {
+  private readonly chunks = new Map<number, Uint8Array>();
+  private lastKey = -1;
+  private lastChunk: Uint8Array | undefined;
+
+  constructor(readonly pages: number) {}
+
+  private chunk(key: number, create: boolean): Uint8Array | undefined {
+    if (key === this.lastKey && this.lastChunk !== undefined) return this.lastChunk;
+    let c = this.chunks.get(key);
+    if (c === undefined) {
+      if (!create) return undefined;
+      c = new Uint8Array(SPARSE_CHUNK_BYTES);
+      this.chunks.set(key, c);
+    }
+    this.lastKey = key;
+    this.lastChunk = c;
+    return c;
+  }
+
+  set(page: number): void {
+    const c = this.chunk(Math.floor(page / SPARSE_CHUNK_PAGES), true)!;
+    const i = page % SPARSE_CHUNK_PAGES;
+    c[i >>> 3]! |= 1 << (i & 7);
+  }
+  clear(page: number): void {
+    const c = this.chunk(Math.floor(page / SPARSE_CHUNK_PAGES), false);
+    if (c === undefined) return;
+    const i = page % SPARSE_CHUNK_PAGES;
+    c[i >>> 3]! &= ~(1 << (i & 7));
+  }
+  test(page: number): boolean {
+    const c = this.chunk(Math.floor(page / SPARSE_CHUNK_PAGES), false);
+    if (c === undefined) return false;
+    const i = page % SPARSE_CHUNK_PAGES;
+    return (c[i >>> 3]! & (1 << (i & 7))) !== 0;
+  }
+  /** Set bits (bits are only ever set for pages < `pages`). */
+  count(): number {
+    let n = 0;
+    for (const c of this.chunks.values()) {
+      for (let i = 0; i < c.length; i++) {
+        let v = c[i]!;
+        while (v) { v &= v - 1; n++; }
+      }
+    }
+    return n;
+  }
+  /** Bitmap bytes allocated so far. */
+  get allocatedBytes(): number {
+    return this.chunks.size * SPARSE_CHUNK_BYTES;
+  }
+  /**
+   * The allocated chunks in file order, as [byte offset in the bitmap, bytes], clipped to the
+   * bitmap's length (bitmapBytes): writing them at bitmap_offset over a region that reads zero
+   * gives PageBitmap's bytes.
+   */
+  pieces(): [number, Uint8Array][] {
+    const total = Math.ceil(this.pages / 64) * 8;
+    return [...this.chunks.entries()]
+      .sort((a, b) => a[0] - b[0])
+      .map(([key, c]): [number, Uint8Array] => {
+        const at = key * SPARSE_CHUNK_BYTES;
+        return [at, c.subarray(0, Math.min(SPARSE_CHUNK_BYTES, total - at))];
+      });
+  }
+}

@@ -8,7 +8,7 @@ import { constants as fsConstants } from 'node:fs';
 import { dirname } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
-import { encodeMappedRamHeader, PageBitmap, planBlock, type MappedRamHeader } from '../codec/mapped-ram.js';
+import { encodeMappedRamHeader, planBlock, SparsePageBitmap, type MappedRamHeader } from '../codec/mapped-ram.js';
 import { encodeBlockEntry } from '../codec/stream-encode.js';
 import { coalescePages, type PageRun } from './coalesce.js';
 import { syncDirectory, temporaryName, writeExactly } from './write-exactly.js';
@@ -20,7 +20,8 @@ const WRITEBACK_BYTES = 64 * 1024 * 1024;
 
 interface BlockLayout extends RamBlock {
   header: MappedRamHeader & { headerOffset: number; end: number };
-  bitmap: PageBitmap;
+  /** Sparse: a block's used_length is the peer's claim; memory follows the pages written. */
+  bitmap: SparsePageBitmap;
 }
 
 export class MappedRamWriter implements PageStore {
@@ -90,7 +91,7 @@ export class MappedRamWriter implements PageStore {
       if (this.blocks.has(b.name)) throw new ProtocolError('BAD_RECORD', `RAM block "${b.name}" listed twice`);
       const entry = encodeBlockEntry(b.name, b.usedLength, b.mrAddr === undefined ? {} : { mrAddr: b.mrAddr });
       const header = planBlock(pos + entry.length, b.usedLength, this.pageSize);
-      const layout: BlockLayout = { name: b.name, usedLength: b.usedLength, header, bitmap: new PageBitmap(b.usedLength / this.pageSize) };
+      const layout: BlockLayout = { name: b.name, usedLength: b.usedLength, header, bitmap: new SparsePageBitmap(b.usedLength / this.pageSize) };
       this.blocks.set(b.name, layout);
       this.order.push(layout);
       await this.writeAll([entry, encodeMappedRamHeader(header)], pos);
@@ -184,7 +185,7 @@ export class MappedRamWriter implements PageStore {
     for (let i = start; i < start + count; i++) b.bitmap.clear(offsets[i]! / this.pageSize);
   }
 
-  bitmap(block: string): PageBitmap | undefined {
+  bitmap(block: string): SparsePageBitmap | undefined {
     return this.blocks.get(block)?.bitmap;
   }
 
@@ -214,7 +215,24 @@ export class MappedRamWriter implements PageStore {
     await this.pageChain;
     await this.writeback;
     if (this.writebackError) throw new Error(`writing the snapshot failed: ${this.writebackError.message}`);
-    for (const b of this.order) await this.writeAll([b.bitmap.bytes], b.header.bitmapOffset);
+    // Only the bitmap chunks that hold a set bit: the rest of each bitmap region was never
+    // written in this fresh file, so it reads as zero (a hole).
+    // Adjacent chunks go out as one writev (a dense 1 TiB guest has 8192 of them).
+    for (const b of this.order) {
+      let run: Buffer[] = [];
+      let runAt = 0;
+      let runEnd = -1;
+      for (const [at, bytes] of b.bitmap.pieces()) {
+        if (at !== runEnd && run.length > 0) {
+          await this.writeAll(run, b.header.bitmapOffset + runAt);
+          run = [];
+        }
+        if (run.length === 0) runAt = at;
+        run.push(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
+        runEnd = at + bytes.length;
+      }
+      if (run.length > 0) await this.writeAll(run, b.header.bitmapOffset + runAt);
+    }
     // A file shorter than its last pages region would not load: extend to the stream's end.
     await this.fh.truncate(this.streamCursor);
     await this.fh.sync();

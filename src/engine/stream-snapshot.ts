@@ -1,6 +1,11 @@
 // Opens a plain stream snapshot (`migrate file:PATH` without mapped-ram): the whole file is read
 // once, front to back, and each page's final state is indexed as the file offset of the data of
 // its last PAGE record (0 = zero). Pages are later read with positioned reads from those offsets.
+//
+// The index is sparse (PageIndex): a block's used_length is a header claim, and a file can
+// legitimately hold far fewer pages than its blocks (x-ignore-shared blocks, virtio-mem and
+// free-page-hinted memory are never sent), so the index grows with the data pages the file
+// actually holds, never with the claim.
 
 import { open, type FileHandle } from 'node:fs/promises';
 import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
@@ -18,12 +23,108 @@ const CONTINUE_HEADER = 8;
 const RECORD_STRIDE = CONTINUE_HEADER + TARGET_PAGE_SIZE;
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 
+/** Pages per index chunk: 512 offsets, 4 KiB, allocated when a data page first lands in it. */
+const CHUNK_PAGES = 512;
+
+/**
+ * Per page of one block: the file offset of the data of its last PAGE record, or 0 when the page
+ * ends up zero. Chunks of CHUNK_PAGES offsets are allocated only when a non-zero PAGE record
+ * lands in them; a PAGE record takes at least 8 + 4096 file bytes, so the index never holds more
+ * than about one byte per file byte, whatever used_length the block claims (a 67-byte file
+ * claiming a 16 TiB block costs nothing). A real file's pages are dense, and the chunk map then
+ * costs one map lookup per 512 pages.
+ */
+export class PageIndex {
+  private readonly chunks = new Map<number, Float64Array>();
+  /** Chunk numbers in ascending order, rebuilt after a change (the index is frozen after open). */
+  private sorted: number[] | undefined;
+  private lastKey = -1;
+  private lastChunk: Float64Array | undefined;
+  /** Pages with a non-zero offset. */
+  present = 0;
+
+  constructor(readonly pages: number) {}
+
+  /** Chunks allocated so far (each CHUNK_PAGES × 8 bytes). */
+  get chunkCount(): number {
+    return this.chunks.size;
+  }
+
+  private chunk(key: number): Float64Array | undefined {
+    if (key === this.lastKey) return this.lastChunk;
+    const c = this.chunks.get(key);
+    this.lastKey = key;
+    this.lastChunk = c;
+    return c;
+  }
+
+  get(page: number): number {
+    const c = this.chunk(Math.floor(page / CHUNK_PAGES));
+    return c === undefined ? 0 : c[page % CHUNK_PAGES]!;
+  }
+
+  set(page: number, offset: number): void {
+    const key = Math.floor(page / CHUNK_PAGES);
+    let c = this.chunk(key);
+    if (c === undefined) {
+      // Zero is what an absent chunk already says.
+      if (offset === 0) return;
+      c = new Float64Array(CHUNK_PAGES);
+      this.chunks.set(key, c);
+      this.sorted = undefined;
+      this.lastKey = key;
+      this.lastChunk = c;
+    }
+    const i = page % CHUNK_PAGES;
+    const was = c[i]!;
+    if (was === 0 && offset !== 0) this.present++;
+    else if (was !== 0 && offset === 0) this.present--;
+    c[i] = offset;
+  }
+
+  /** Runs of non-zero pages at or after fromPage, in order, joined across chunk boundaries. */
+  forEachRun(visit: (firstPage: number, count: number) => boolean | void, fromPage = 0): void {
+    const keys = (this.sorted ??= [...this.chunks.keys()].sort((a, b) => a - b));
+    const start = Math.max(0, Math.ceil(fromPage));
+    // First chunk that can hold start: binary search.
+    let lo = 0;
+    let hi = keys.length;
+    const startKey = Math.floor(start / CHUNK_PAGES);
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (keys[mid]! < startKey) lo = mid + 1;
+      else hi = mid;
+    }
+    let runFirst = -1;
+    let runEnd = -1;
+    for (let k = lo; k < keys.length; k++) {
+      const key = keys[k]!;
+      const c = this.chunks.get(key)!;
+      const base = key * CHUNK_PAGES;
+      const n = Math.min(CHUNK_PAGES, this.pages - base);
+      let i = Math.max(0, start - base);
+      while (i < n) {
+        while (i < n && c[i] === 0) i++;
+        if (i >= n) break;
+        const first = i;
+        while (i < n && c[i] !== 0) i++;
+        if (runFirst >= 0 && runEnd === base + first) {
+          runEnd = base + i;
+        } else {
+          if (runFirst >= 0 && visit(runFirst, runEnd - runFirst) === false) return;
+          runFirst = base + first;
+          runEnd = base + i;
+        }
+      }
+    }
+    if (runFirst >= 0) visit(runFirst, runEnd - runFirst);
+  }
+}
+
 interface BlockIndex {
   name: string;
   usedLength: number;
-  /** Per page: file offset of the data of its last PAGE record, or 0 when the page ends up zero. */
-  offsets: Float64Array;
-  present: number;
+  index: PageIndex;
 }
 
 interface Prologue {
@@ -135,13 +236,8 @@ export class StreamSnapshot implements SnapshotSource {
               break;
             case 'ram-block': {
               const { name, usedLength, mrAddr } = ev.block;
-              let offsets: Float64Array;
-              try {
-                offsets = new Float64Array(usedLength / TARGET_PAGE_SIZE);
-              } catch {
-                throw new ProtocolError('LIMIT_EXCEEDED', `RAM block "${name}" (0x${usedLength.toString(16)} bytes) is too large to index`, { offset: parser.offset });
-              }
-              blocks.set(name, { name, usedLength, offsets, present: 0 });
+              // Nothing is allocated for the claim itself (PageIndex): only pages the file holds cost memory.
+              blocks.set(name, { name, usedLength, index: new PageIndex(usedLength / TARGET_PAGE_SIZE) });
               blockInfo.push({ name, usedLength, ...(mrAddr !== undefined ? { mrAddr } : {}) });
               break;
             }
@@ -150,19 +246,13 @@ export class StreamSnapshot implements SnapshotSource {
               if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `page record names unknown RAM block "${ev.block}"`, { offset: parser.offset });
               const page = ev.offset / TARGET_PAGE_SIZE;
               // The parser has consumed the page data when it returns the event.
-              const dataAt = isZeroPage(ev.data) ? 0 : parser.offset - TARGET_PAGE_SIZE;
-              const was = b.offsets[page]!;
-              if (was === 0 && dataAt !== 0) b.present++;
-              else if (was !== 0 && dataAt === 0) b.present--;
-              b.offsets[page] = dataAt;
+              b.index.set(page, isZeroPage(ev.data) ? 0 : parser.offset - TARGET_PAGE_SIZE);
               break;
             }
             case 'ram-zero': {
               const b = blocks.get(ev.block);
               if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `zero record names unknown RAM block "${ev.block}"`, { offset: parser.offset });
-              const page = ev.offset / TARGET_PAGE_SIZE;
-              if (b.offsets[page] !== 0) b.present--;
-              b.offsets[page] = 0;
+              b.index.set(ev.offset / TARGET_PAGE_SIZE, 0);
               break;
             }
             case 'ram-flush':
@@ -216,20 +306,11 @@ export class StreamSnapshot implements SnapshotSource {
   }
 
   presentPages(block: string): number {
-    return this.block(block).present;
+    return this.block(block).index.present;
   }
 
   forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage = 0): void {
-    const idx = this.block(block).offsets;
-    const n = idx.length;
-    let p = Math.max(0, Math.ceil(fromPage));
-    while (p < n) {
-      while (p < n && idx[p] === 0) p++;
-      if (p >= n) return;
-      const first = p;
-      while (p < n && idx[p] !== 0) p++;
-      if (visit(first, p - first) === false) return;
-    }
+    this.block(block).index.forEachRun(visit, fromPage);
   }
 
   /** Worst case: every page in one CONTINUE chain, read with the record headers in between. */
@@ -243,9 +324,8 @@ export class StreamSnapshot implements SnapshotSource {
    * other pages are read one by one, packed in scratch so neighbours share a view.
    */
   async loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]> {
-    const b = this.block(block);
-    const idx = b.offsets;
-    const pages = idx.length;
+    const idx = this.block(block).index;
+    const pages = idx.pages;
     let total = 0;
     for (let i = 0; i < runCount; i++) {
       const first = runs[2 * i]!;
@@ -281,7 +361,7 @@ export class StreamSnapshot implements SnapshotSource {
       const first = runs[2 * i]!;
       const end = first + runs[2 * i + 1]!;
       for (let p = first; p < end; p++) {
-        const off = idx[p]!;
+        const off = idx.get(p);
         if (off !== 0 && chainPos >= 0 && off === chainPos + chainLen + CONTINUE_HEADER) {
           // Extends the chain: the 8 header bytes are read too but left out of the views.
           need(RECORD_STRIDE);

@@ -8,7 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { MappedRamWriter } from '../../src/engine/mapped-ram-writer.js';
-import { decodeMappedRamHeader, PageBitmap } from '../../src/codec/mapped-ram.js';
+import { decodeMappedRamHeader, PageBitmap, SparsePageBitmap } from '../../src/codec/mapped-ram.js';
+import { open } from 'node:fs/promises';
 import { encodeBlockEntry } from '../../src/codec/stream-encode.js';
 
 const PAGE = 4096;
@@ -84,6 +85,78 @@ test('MappedRamWriter: abort removes the temporary file, direct writes included'
     await w.abort();
     assert.deepEqual(readdirSync(dir), []);
     assert.equal(existsSync(join(dir, 'vm.mig')), false);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('SparsePageBitmap: its pieces written over zeros give PageBitmap bytes', () => {
+  // Odd page count: the last piece is clipped to the bitmap's 64-bit words.
+  const pages = 3 * 32768 + 1000;
+  const dense = new PageBitmap(pages);
+  const sparse = new SparsePageBitmap(pages);
+  let seed = 7;
+  const next = (): number => (seed = (seed * 1103515245 + 12345) % 2 ** 31) % pages;
+  for (let i = 0; i < 5000; i++) {
+    const p = next();
+    if (i % 3 === 2) {
+      dense.clear(p);
+      sparse.clear(p);
+    } else {
+      dense.set(p);
+      sparse.set(p);
+    }
+  }
+  sparse.set(pages - 1);
+  dense.set(pages - 1);
+  const out = Buffer.alloc(dense.bytes.length);
+  for (const [at, bytes] of sparse.pieces()) out.set(bytes, at);
+  assert.ok(out.equals(dense.bytes));
+  assert.equal(sparse.count(), dense.count());
+  for (let p = 0; p < pages; p += 97) assert.equal(sparse.test(p), dense.test(p), `page ${p}`);
+  const untouched = new SparsePageBitmap(1 << 20);
+  untouched.clear(5);
+  assert.equal(untouched.allocatedBytes, 0, 'clearing allocates nothing');
+  assert.deepEqual(untouched.pieces(), []);
+});
+
+test('MappedRamWriter: a 1 TiB block costs bitmap memory for the pages written only, and the file reads right', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'multifd-writer-'));
+  try {
+    const out = join(dir, 'vm.mig');
+    const used = 2 ** 40;
+    const last = used / PAGE - 1;
+    const w = await MappedRamWriter.create(out, { directIo: false });
+    const head = Buffer.from('head-of-stream');
+    await w.writeHead(head, [{ name: BLOCK, usedLength: used }]);
+    const pages = [0, 40_000, last];
+    const data = randomBytes(pages.length * PAGE);
+    await w.writePages(BLOCK, pages.map((p) => p * PAGE), pages.length, [data]);
+    w.zeroPages(BLOCK, [40_000 * PAGE], 0, 1);
+    assert.equal(w.bitmap(BLOCK)!.allocatedBytes, 3 * 4096, 'three bitmap chunks, not the 32 MiB bitmap of the whole block');
+    assert.equal(w.bitmap(BLOCK)!.count(), 2);
+    await w.commit();
+    const fh = await open(out, 'r');
+    try {
+      const at = head.length + encodeBlockEntry(BLOCK, used).length;
+      const hb = Buffer.alloc(64);
+      await fh.read(hb, 0, hb.length, at);
+      const h = decodeMappedRamHeader(hb, at);
+      const byteAt = async (pos: number): Promise<number> => {
+        const b = Buffer.alloc(1);
+        await fh.read(b, 0, 1, pos);
+        return b[0]!;
+      };
+      assert.equal(await byteAt(h.bitmapOffset), 0b1);
+      assert.equal(await byteAt(h.bitmapOffset + (40_000 >>> 3)), 0, 'the zeroed page is clear');
+      assert.equal(await byteAt(h.bitmapOffset + (last >>> 3)), 0x80);
+      assert.equal(await byteAt(h.bitmapOffset + 12345), 0, 'an untouched chunk reads as zero');
+      const lastPage = Buffer.alloc(PAGE);
+      await fh.read(lastPage, 0, PAGE, h.pagesOffset + last * PAGE);
+      assert.ok(lastPage.equals(data.subarray(2 * PAGE)));
+    } finally {
+      await fh.close();
+    }
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -5,7 +5,7 @@
 import { test, describe, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command, RamFlag, SectionType, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
@@ -26,7 +26,7 @@ import {
   encodeZeroRecord,
 } from '../../src/codec/stream-encode.js';
 import { StreamSnapshot } from '../../src/engine/stream-snapshot.js';
-import { BLOB_OFFSET, guestBlob, scenarios, type CheckBlockMemory } from '../helpers/fixtures.js';
+import { BLOB_OFFSET, FIXTURES_DIR, guestBlob, scenarios, type CheckBlockMemory } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 const STRIDE = PAGE + 8;
@@ -543,5 +543,58 @@ describe('StreamSnapshot on a synthetic running-guest file', () => {
     // One byte more of state than the vmdesc describes: the footer is not where it must be.
     dev[1] = Buffer.concat([encodeSectionFull(SectionType.FULL, 3, 'test-device', 0, 1), Buffer.from('synthetic device state!!'), encodeFooter(3)]);
     await assert.rejects(openBytes(assemble(pieces).data), isCode('BAD_VMDESC', /footer/));
+  });
+});
+
+describe('StreamSnapshot: the page index follows the pages in the file, not the claimed block size', () => {
+  /** Pieces of the synthetic file with ram0 claiming `ramBytes` and `extra` data pages of ram0 added. */
+  function hugeBlockFile(ramBytes: number, extra: number[]): Buffer {
+    const pieces = syntheticPieces();
+    const set = (label: string, bytes: Buffer): void => {
+      pieces.find(([l]) => l === label)![1] = bytes;
+    };
+    set('mem-size', encodeMemSize(ramBytes + ROM_PAGES * PAGE));
+    set('block-ram', encodeBlockEntry(RAM, ramBytes));
+    const i = pieces.findIndex(([l]) => l === 'part2-eos');
+    pieces.splice(i, 0, ...extra.map((p, k): Piece => [`extra-${p}`, Buffer.concat([page(RamFlag.PAGE, p, RAM), pageOf(0x9000 + k)])]));
+    return assemble(pieces).data;
+  }
+  const chunksOf = (s: StreamSnapshot, block: string): number => (s as unknown as { blocks: Map<string, { index: { chunkCount: number } }> }).blocks.get(block)!.index.chunkCount;
+
+  test('a 16 TiB block with pages at both ends and a run across an index chunk boundary', async () => {
+    const huge = 2 ** 44;
+    const last = huge / PAGE - 1;
+    const extra = [510, 511, 512, 513, 2 ** 31, last];
+    const s = await openBytes(hugeBlockFile(huge, extra));
+    try {
+      assert.deepEqual(s.blockList[0], { name: RAM, usedLength: huge });
+      const runs: [number, number][] = [];
+      s.forEachRun(RAM, (f, c) => void runs.push([f, c]));
+      assert.deepEqual(runs, [[5, 1], [CHAIN_FIRST, CHAIN_LAST - CHAIN_FIRST + 1], [30, 1], [510, 4], [2 ** 31, 1], [last, 1]]);
+      assert.equal(s.presentPages(RAM), expectedRam.size + extra.length);
+      // Pages 0..511 share a chunk, 512.. the next; one each for 2^31 and the last page.
+      assert.equal(chunksOf(s, RAM), 4);
+      const from: [number, number][] = [];
+      s.forEachRun(RAM, (f, c) => void from.push([f, c]), 512);
+      assert.deepEqual(from, [[512, 2], [2 ** 31, 1], [last, 1]]);
+      const scratch = Buffer.alloc(s.scratchBytes(6));
+      const views = await s.loadRuns(RAM, [510, 4, 2 ** 31, 1, last, 1], 3, scratch);
+      assert.ok(Buffer.concat(views).equals(Buffer.concat(extra.map((_, k) => pageOf(0x9000 + k)))));
+    } finally {
+      await s.close();
+    }
+  });
+
+  test('a claim near 2^53 bytes opens without allocating for it; the fuzz fixture is refused as truncated', async () => {
+    const huge = Math.floor(Number.MAX_SAFE_INTEGER / PAGE) * PAGE - ROM_PAGES * PAGE;
+    const s = await openBytes(hugeBlockFile(huge, [huge / PAGE - 1]));
+    try {
+      assert.equal(s.presentPages(RAM), expectedRam.size + 1);
+      assert.equal(chunksOf(s, RAM), 2);
+    } finally {
+      await s.close();
+    }
+    const fixture = readFileSync(join(FIXTURES_DIR, 'fuzz-regressions', 'stream-file-577026ee19fdd142.bin'));
+    await assert.rejects(openBytes(fixture), isCode('TRUNCATED', /inside RAM section/));
   });
 });

@@ -15,8 +15,10 @@ export interface Configuration {
   uuid?: Buffer;
 }
 
-const MAX_MACHINE_NAME = 256;
-const MAX_CAPABILITIES = 64;
+/** Our cap (QEMU reads any u32 length): machine type names are ~20 bytes ("pc-q35-10.0"). */
+export const MAX_MACHINE_NAME = 256;
+/** Our cap (QEMU has about 20 migration capabilities, a handful of them validated). */
+export const MAX_CAPABILITIES = 64;
 const SUB_PAGE_BITS = 'configuration/target-page-bits';
 const SUB_CAPS = 'configuration/capabilities';
 const SUB_UUID = 'configuration/uuid';
@@ -81,6 +83,7 @@ function subsectionHeader(name: string): Buffer {
 export function encodeConfiguration(config: Configuration): Buffer {
   const parts: Buffer[] = [];
   const name = Buffer.from(config.machine, 'latin1');
+  if (name.length > MAX_MACHINE_NAME) throw new RangeError(`machine name is ${name.length} bytes (at most ${MAX_MACHINE_NAME})`);
   const head = Buffer.alloc(5);
   head[0] = SectionType.CONFIGURATION;
   head.writeUInt32BE(name.length, 1);
@@ -96,6 +99,7 @@ export function encodeConfiguration(config: Configuration): Buffer {
     parts.push(subsectionHeader(SUB_CAPS), count);
     for (const cap of config.capabilities) {
       const s = Buffer.from(cap, 'latin1');
+      if (s.length > 255) throw new RangeError(`capability name is ${s.length} bytes (at most 255)`);
       parts.push(Buffer.from([s.length]), s);
     }
   }

@@ -86,9 +86,11 @@ export function decodeMultifdPacketHeader(b: Buffer, expectedCompressionFlags: n
     }
   }
 
-  const nameField = b.subarray(64, 64 + RAMBLOCK_FIELD);
+  // QEMU terminates the field itself (ramblock[255] = 0): a name has at most 255 bytes, as a
+  // block idstr does, and a 256th byte is ignored rather than making a name no block can have.
+  const nameField = b.subarray(64, 64 + RAMBLOCK_FIELD - 1);
   const nul = nameField.indexOf(0);
-  const ramblock = nameField.subarray(0, nul < 0 ? RAMBLOCK_FIELD : nul).toString('latin1');
+  const ramblock = nameField.subarray(0, nul < 0 ? nameField.length : nul).toString('latin1');
 
   const count = normalPages + zeroPages;
   const offsets = new Float64Array(count);

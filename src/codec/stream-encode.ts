@@ -3,6 +3,13 @@
 
 import { Command, QEVM_MAGIC, QEVM_VERSION, RamFlag, SectionType, TARGET_PAGE_SIZE } from './constants.js';
 
+/** A u8-counted name (section idstr, block idstr): at most 255 bytes, or the length byte would wrap. */
+function countedName(name: string, what: string): Buffer {
+  const id = Buffer.from(name, 'latin1');
+  if (id.length > 255) throw new RangeError(`${what} "${name.slice(0, 40)}..." is ${id.length} bytes; a counted name has at most 255`);
+  return id;
+}
+
 export function encodeStreamHeader(): Buffer {
   const b = Buffer.alloc(8);
   b.writeUInt32BE(QEVM_MAGIC, 0);
@@ -11,7 +18,7 @@ export function encodeStreamHeader(): Buffer {
 }
 
 export function encodeSectionFull(type: typeof SectionType.START | typeof SectionType.FULL, sectionId: number, idstr: string, instanceId: number, versionId: number): Buffer {
-  const id = Buffer.from(idstr, 'latin1');
+  const id = countedName(idstr, 'section idstr');
   const b = Buffer.alloc(1 + 4 + 1 + id.length + 8);
   b[0] = type;
   b.writeUInt32BE(sectionId, 1);
@@ -62,7 +69,7 @@ export function encodeMemSize(totalBytes: number): Buffer {
 
 /** One block entry of the MEM_SIZE list: counted idstr + be64 used_length (+ optional fields). */
 export function encodeBlockEntry(name: string, usedLength: number, extra: { mrAddr?: number } = {}): Buffer {
-  const id = Buffer.from(name, 'latin1');
+  const id = countedName(name, 'block name');
   const b = Buffer.alloc(1 + id.length + 8 + (extra.mrAddr !== undefined ? 8 : 0));
   b[0] = id.length;
   id.copy(b, 1);
@@ -73,7 +80,7 @@ export function encodeBlockEntry(name: string, usedLength: number, extra: { mrAd
 
 /** Header of a PAGE or ZERO record; `block` is omitted when CONTINUE applies. */
 export function encodePageRecordHeader(flag: typeof RamFlag.PAGE | typeof RamFlag.ZERO, offset: number, block: string | undefined): Buffer {
-  const id = block === undefined ? undefined : Buffer.from(block, 'latin1');
+  const id = block === undefined ? undefined : countedName(block, 'block name');
   const b = Buffer.alloc(8 + (id ? 1 + id.length : 0));
   b.writeBigUInt64BE(BigInt(offset) | BigInt(flag | (id ? 0 : RamFlag.CONTINUE)));
   if (id) {

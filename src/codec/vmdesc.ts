@@ -54,7 +54,11 @@ export interface DeviceStateLayout {
 }
 
 const MAX_DEPTH = 64;
-const MAX_VMDESC_BYTES = 64 * 1024 * 1024;
+/**
+ * Largest VMDESCRIPTION JSON looked at (QEMU writes a be32 length and skips the record on load
+ * without a limit; a real one is tens of KB, a few MB with thousands of devices).
+ */
+export const MAX_VMDESC_BYTES = 64 * 1024 * 1024;
 
 export function parseVmdesc(json: Buffer | string, offset?: number): Vmdesc {
   const at = offset === undefined ? {} : { offset };
@@ -236,4 +240,20 @@ export function trailingVmdesc(buf: Buffer, candidates: readonly number[]): { vm
 /** One-shot form for a complete buffer. */
 export function findTrailingVmdesc(buf: Buffer): { vmdesc: Vmdesc; vmdescOffset: number } | undefined {
   return trailingVmdesc(buf, vmdescCandidates(buf, 0));
+}
+
+/**
+ * The length a VMDESCRIPTION header near the end of `buf` claims when that record would end
+ * exactly at the end but is larger than MAX_VMDESC_BYTES (trailingVmdesc skips such a candidate):
+ * lets a caller that found no description say why. Undefined when there is none.
+ */
+export function oversizedTrailingVmdesc(buf: Buffer): number | undefined {
+  // A record of more than MAX_VMDESC_BYTES starts before the last MAX_VMDESC_BYTES + 5 bytes.
+  const to = buf.length - MAX_VMDESC_BYTES - 5;
+  if (to < 1 || buf[buf.length - 1] !== 0x7d /* } */) return undefined;
+  for (const p of vmdescCandidates(buf, 1, to)) {
+    const len = buf.readUInt32BE(p + 1);
+    if (len > MAX_VMDESC_BYTES && p + 5 + len === buf.length) return len;
+  }
+  return undefined;
 }

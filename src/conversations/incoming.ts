@@ -54,6 +54,11 @@ export function classifyConnection(
   );
 }
 
+/** Default cap on connections still waiting to send their magic (receive, relay: maxPendingConnections). */
+export const DEFAULT_MAX_PENDING = 16;
+/** Default time a new connection has to send its magic (receive, relay: identifyTimeoutMs). */
+export const DEFAULT_IDENTIFY_TIMEOUT_MS = 10_000;
+
 export interface IncomingOptions {
   /** How long a new connection may take to send its magic. */
   identifyTimeoutMs: number;

@@ -40,6 +40,9 @@ export interface MultifdReceiverOptions {
   channelName?: string;
 }
 
+/** QEMU's multifd-channels parameter is 1..255 (a uint8, and the init message's id is one byte). */
+export const MAX_MULTIFD_CHANNELS = 255;
+
 export class ChannelError extends Error {
   constructor(readonly where: string, override readonly cause: Error) {
     super(`${where}: ${cause.message}`);
@@ -58,9 +61,14 @@ export class MultifdReceiver extends EventEmitter {
   private readonly pageSize: number;
   private readonly windowBytes: number;
   private method: MultifdMethod | undefined;
+  /** Connections in runChannel, identified or not: at most opts.channels. */
+  private open = 0;
 
   constructor(private readonly opts: MultifdReceiverOptions) {
     super();
+    if (!Number.isInteger(opts.channels) || opts.channels < 1 || opts.channels > MAX_MULTIFD_CHANNELS) {
+      throw new RangeError(`multifd channels must be 1..${MAX_MULTIFD_CHANNELS} (got ${opts.channels})`);
+    }
     this.method = opts.method;
     this.barrier = new SyncBarrier(opts.channels);
     this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
@@ -69,6 +77,14 @@ export class MultifdReceiver extends EventEmitter {
 
   get connected(): number {
     return this.stats.size;
+  }
+
+  /**
+   * Connections being run, including those that have not sent their init message yet (a caller
+   * that owns the sockets should refuse a new one when this reaches the channel count).
+   */
+  get openConnections(): number {
+    return this.open;
   }
 
   channelStats(): ChannelStats[] {
@@ -80,6 +96,26 @@ export class MultifdReceiver extends EventEmitter {
    * to fail(), which fails the barrier and emits 'error' once.
    */
   async runChannel(source: AsyncIterable<Buffer>, label: string): Promise<void> {
+    if (this.open >= this.opts.channels) {
+      // A source opens exactly `channels` connections; more at once is a stray (or a flood) that
+      // would otherwise hold a parser and a socket each while it never identifies itself. It is
+      // refused, not failed: QEMU's own extra connection would fail on its id, a stray must not
+      // fail the migration.
+      const err = new ProtocolError('LIMIT_EXCEEDED', `${this.open} multifd connections are already open for ${this.opts.channels} channel(s); closed`);
+      publish('refused', { where: label, error: err });
+      this.emit('refused', new ChannelError(label, err));
+      await source[Symbol.asyncIterator]().return?.();
+      return;
+    }
+    this.open++;
+    try {
+      await this.runOpenChannel(source, label);
+    } finally {
+      this.open--;
+    }
+  }
+
+  private async runOpenChannel(source: AsyncIterable<Buffer>, label: string): Promise<void> {
     const parser = new MultifdChannelParser(MultifdFlag.NOCOMP, this.pageSize);
     // Not yet known: accept any method here; methodFor() keeps all packets on the first one seen.
     parser.setExpectedCompression(this.method?.flags);

@@ -4,7 +4,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { ProtocolError } from '../codec/errors.js';
-import { findTrailingVmdesc, walkDeviceState, type DeviceStateLayout } from '../codec/vmdesc.js';
+import { findTrailingVmdesc, MAX_VMDESC_BYTES, oversizedTrailingVmdesc, walkDeviceState, type DeviceStateLayout } from '../codec/vmdesc.js';
 
 export async function readExactly(fh: FileHandle, into: Buffer, position: number, what: string): Promise<void> {
   let done = 0;
@@ -32,6 +32,10 @@ export async function readAtExactly(fh: FileHandle, position: number, length: nu
 export function verifiedDeviceState(tail: Buffer, deviceStart: number, fileSize: number): DeviceStateLayout & { fileOffset: number } {
   const found = findTrailingVmdesc(tail);
   if (!found) {
+    const over = oversizedTrailingVmdesc(tail);
+    if (over !== undefined) {
+      throw new ProtocolError('LIMIT_EXCEEDED', `the VMDESCRIPTION at the end of the file is ${over} bytes, more than the ${MAX_VMDESC_BYTES} accepted`, { offset: deviceStart });
+    }
     throw new ProtocolError('TRUNCATED', `file is truncated or incomplete: its device state (from 0x${deviceStart.toString(16)} to the end, 0x${fileSize.toString(16)}) does not end with a VMDESCRIPTION`, { offset: deviceStart });
   }
   const layout = walkDeviceState(tail, found.vmdesc, 0, deviceStart);

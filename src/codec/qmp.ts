@@ -43,6 +43,12 @@ export type QmpProtocolErrorCode = 'LINE_TOO_LONG' | 'INVALID_JSON' | 'UNKNOWN_M
 
 export class QmpProtocolError extends Error {
   readonly code: QmpProtocolErrorCode;
+  /**
+   * Set by QmpLineSplitter.push: the complete messages of the same push that came before the bad
+   * line, in order. They are good messages (a reply, an event); deliver them before handling the
+   * error.
+   */
+  messages: QmpMessage[] = [];
   constructor(code: QmpProtocolErrorCode, message: string) {
     super(message);
     this.name = 'QmpProtocolError';
@@ -135,8 +141,24 @@ export class QmpLineSplitter {
     this.maxLineBytes = opts.maxLineBytes ?? DEFAULT_QMP_MAX_LINE;
   }
 
+  /**
+   * The complete messages in `chunk` (with what earlier pushes left). A bad line throws a
+   * QmpProtocolError whose `messages` holds the messages this push parsed before it, so that one
+   * chunk carrying a reply and then garbage does not lose the reply; the rest of the chunk after
+   * the bad line is dropped (the connection is not usable after it).
+   */
   push(chunk: Buffer): QmpMessage[] {
     const out: QmpMessage[] = [];
+    try {
+      this.split(chunk, out);
+    } catch (e) {
+      if (e instanceof QmpProtocolError) e.messages = out;
+      throw e;
+    }
+    return out;
+  }
+
+  private split(chunk: Buffer, out: QmpMessage[]): void {
     let start = 0;
     for (;;) {
       const nl = chunk.indexOf(0x0a, start);
@@ -157,7 +179,6 @@ export class QmpLineSplitter {
       this.pending.push(Buffer.from(rest));
       this.pendingLen += rest.length;
     }
-    return out;
   }
 
   /** Bytes received after the last newline, not yet forming a complete message. */

@@ -6,6 +6,7 @@ import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import {
   QmpLineSplitter,
+  QmpProtocolError,
   encodeQmpCommand,
   type QmpGreeting,
   type QmpMessage,
@@ -232,6 +233,9 @@ export class QmpClient extends EventEmitter {
     try {
       msgs = this.splitter.push(chunk);
     } catch (err) {
+      // The replies and events that came before the bad line are real: a command waiting for
+      // one of them gets it instead of the protocol error.
+      if (err instanceof QmpProtocolError) for (const m of err.messages) this.dispatch(m);
       this.socket.destroy();
       this.shutdown(new QmpConnectionError(this.address, `QMP protocol error on ${this.address}: ${(err as Error).message}`, { cause: err }));
       return;

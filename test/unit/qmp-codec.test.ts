@@ -116,6 +116,42 @@ test('invalid JSON throws INVALID_JSON', () => {
   );
 });
 
+test('a bad line after good ones in the same chunk: the good messages come with the error, whatever the chunking', () => {
+  const good = ['{"return": {"status": "active"}, "id": "multifd-7"}', '{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}'];
+  const expected = new QmpLineSplitter().push(Buffer.from(good.join('\n') + '\n'));
+  assert.equal(expected.length, 2);
+  const bytes = Buffer.from(good.join('\r\n') + '\n{"return": oops}\n{"return": {}}\n');
+  const s = new QmpLineSplitter();
+  assert.throws(() => s.push(bytes), (e: unknown) => {
+    assert.ok(e instanceof QmpProtocolError && e.code === 'INVALID_JSON');
+    assert.deepEqual(e.messages, expected, 'the messages before the bad line are handed over with the error');
+    return true;
+  });
+  // Delivered by the pushes before the error, or with it: every split gives the same two messages.
+  for (let cut = 0; cut <= bytes.length; cut++) {
+    const sp = new QmpLineSplitter();
+    const got: QmpMessage[] = [];
+    let err: QmpProtocolError | undefined;
+    try {
+      for (const part of [bytes.subarray(0, cut), bytes.subarray(cut)]) got.push(...sp.push(part));
+    } catch (e) {
+      assert.ok(e instanceof QmpProtocolError);
+      err = e;
+      got.push(...e.messages);
+    }
+    assert.equal(err?.code, 'INVALID_JSON', `split at ${cut}`);
+    assert.deepEqual(got, expected, `split at ${cut}`);
+  }
+  // The same for a line over the limit and for a line that is JSON but no QMP message.
+  const long = new QmpLineSplitter({ maxLineBytes: 80 });
+  assert.throws(() => long.push(Buffer.from(`${good[0]}\n{"return": "${'x'.repeat(100)}"}\n`)), (e: unknown) =>
+    e instanceof QmpProtocolError && e.code === 'LINE_TOO_LONG' && e.messages.length === 1 && e.messages[0]!.kind === 'return');
+  assert.throws(() => new QmpLineSplitter().push(Buffer.from(`${good[1]}\n[1]\n`)), (e: unknown) =>
+    e instanceof QmpProtocolError && e.code === 'UNKNOWN_MESSAGE' && e.messages.length === 1 && e.messages[0]!.kind === 'event');
+  // An error on the chunk's first line has nothing to hand over.
+  assert.throws(() => new QmpLineSplitter().push(Buffer.from('nope\n')), (e: unknown) => e instanceof QmpProtocolError && e.messages.length === 0);
+});
+
 test('blank lines are ignored', () => {
   assert.deepEqual(new QmpLineSplitter().push(Buffer.from('\n\r\n  \n')), []);
 });
@@ -201,6 +237,23 @@ describe('QmpClient against a scripted server', () => {
           e instanceof QmpCommandError && e.errorClass === 'CommandNotFound' && e.command === 'migrate'
           && e.message === 'QMP migrate failed: The command migrate has not been found');
         c.close();
+      },
+    );
+  });
+
+  test('a reply followed by a bad line in the same segment still resolves its command', async () => {
+    const events: string[] = [];
+    await withServer(
+      (cmd, sock) => {
+        sock.write(`{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}\n${JSON.stringify({ return: { ok: 1 }, id: cmd.id })}\n{garbage\n`);
+      },
+      async (address) => {
+        const c = await QmpClient.connect(address);
+        c.on('event', (name: string) => events.push(name));
+        const closed = new Promise<Error | undefined>((r) => c.once('close', r));
+        assert.deepEqual(await c.execute('query-something'), { ok: 1 });
+        assert.match(String(await closed), /QMP protocol error .*invalid JSON/);
+        assert.deepEqual(events, ['RESUME']);
       },
     );
   });

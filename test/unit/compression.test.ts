@@ -9,12 +9,13 @@ import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
-import { deflateSync, constants as zc } from 'node:zlib';
+import zlib, { deflateSync, constants as zc } from 'node:zlib';
 import { MultifdChannelParser } from '../../src/codec/multifd-channel-parser.js';
 import { MainStreamParser } from '../../src/codec/main-stream-parser.js';
 import { MultifdFlag, TARGET_PAGE_SIZE, compressionFlag } from '../../src/codec/constants.js';
 import { isSync, type MultifdPacketHeader } from '../../src/codec/multifd-packet.js';
 import { getMethod } from '../../src/engine/methods/registry.js';
+import { gatherPieces } from '../../src/engine/methods/zlib.js';
 import { receive } from '../../src/conversations/receive.js';
 import { send } from '../../src/conversations/send.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
@@ -75,6 +76,44 @@ describe('zlib and zstd methods', () => {
       assert.notEqual(second.subarray(0, 2).toString('hex'), magic, 'only the first packet carries the zlib header');
       for (const p of [first, second]) assert.equal(p.subarray(-4).toString('hex'), '0000ffff');
       tx.cleanup();
+    }
+  });
+
+  test('zlib: a packet whose payload arrives one byte at a time decodes to its pages, in few stream writes', async () => {
+    const tx = getMethod('zlib').sendSetup(0, PAGE, { level: 1 });
+    const rx = getMethod('zlib').recvSetup(0, PAGE);
+    const proto = zlib.Inflate.prototype as unknown as { write: (...a: unknown[]) => boolean };
+    const write = proto.write;
+    let writes = 0;
+    proto.write = function (this: unknown, ...a: unknown[]) {
+      writes++;
+      return write.apply(this, a);
+    };
+    try {
+      // Two packets: the second decodes with the dictionary the first left in the stream.
+      for (const [k, n] of [[1, 128], [2, 37]] as const) {
+        const pg = pages(n, k);
+        const p = await tx.prepare(pg, n);
+        const wire = Buffer.concat(p.payload);
+        // Views of one buffer, as a socket's tiny reads would be.
+        const bytes = Array.from({ length: wire.length }, (_, i) => wire.subarray(i, i + 1));
+        writes = 0;
+        const got = await rx.recv(header(n, MultifdFlag.ZLIB, wire.length), bytes);
+        assert.ok(Buffer.concat(got).equals(Buffer.concat(pg)), `packet ${k}: ${n} pages`);
+        assert.ok(writes <= Math.ceil(wire.length / (64 * 1024)) + 1, `packet ${k}: ${wire.length} one-byte pieces went in ${writes} writes`);
+      }
+      // Big pieces pass through as they are; small runs between them are gathered.
+      const big = Buffer.alloc(20_000, 1);
+      const pieces = [Buffer.alloc(3, 2), Buffer.alloc(5, 3), big, Buffer.alloc(7, 4)];
+      const gathered = gatherPieces(pieces);
+      assert.equal(gathered.length, 3);
+      assert.equal(gathered[1], big, 'a big piece is not copied');
+      assert.ok(Buffer.concat(gathered).equals(Buffer.concat(pieces)));
+      assert.deepEqual(gatherPieces([Buffer.alloc(0)]), []);
+    } finally {
+      proto.write = write;
+      tx.cleanup();
+      rx.cleanup();
     }
   });
 

@@ -15,6 +15,43 @@ export const DEFAULT_ZLIB_LEVEL = 1;
 /** Output buffer per thread-pool round trip: fewer trips per 512 KiB packet than the 16 KiB default. */
 const CHUNK = 256 * 1024;
 
+/** Payload pieces shorter than this are gathered before they reach the stream; longer ones go as they are. */
+const SMALL_PIECE = 16 * 1024;
+/** Size of a buffer of gathered small pieces. */
+const GATHER = 64 * 1024;
+
+/**
+ * The payload as few stream writes: a received payload is views of socket chunks, and a peer
+ * sending tiny segments (or a slow link) makes it thousands of them; each stream.write costs a
+ * Transform round and a thread-pool trip of its own. Runs of small pieces are copied into buffers
+ * of about GATHER bytes; pieces of SMALL_PIECE bytes or more are passed through without a copy, so
+ * at most one GATHER-sized run of small bytes is copied between two big ones.
+ */
+export function gatherPieces(input: readonly Buffer[]): Buffer[] {
+  const out: Buffer[] = [];
+  let run: Buffer[] = [];
+  let runLen = 0;
+  const endRun = (): void => {
+    if (run.length === 1) out.push(run[0]!);
+    else if (run.length > 1) out.push(Buffer.concat(run, runLen));
+    run = [];
+    runLen = 0;
+  };
+  for (const b of input) {
+    if (b.length === 0) continue;
+    if (b.length >= SMALL_PIECE) {
+      endRun();
+      out.push(b);
+      continue;
+    }
+    run.push(b);
+    runLen += b.length;
+    if (runLen >= GATHER) endRun();
+  }
+  endRun();
+  return out;
+}
+
 /** Feeds `input` to a zlib stream, sync-flushes it, and returns what came out. */
 function pump(stream: zlib.Deflate | zlib.Inflate, input: readonly Buffer[], limit: number): Promise<Buffer[]> {
   return new Promise((resolve, reject) => {
@@ -53,7 +90,7 @@ function pump(stream: zlib.Deflate | zlib.Inflate, input: readonly Buffer[], lim
       done(new ProtocolError('BAD_RECORD', 'zlib stream already closed (an earlier packet failed)'));
       return;
     }
-    for (const b of input) if (b.length > 0) stream.write(b);
+    for (const b of gatherPieces(input)) stream.write(b);
     stream.flush(SYNC, () => {
       if (!stream.destroyed) done();
     });

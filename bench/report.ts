@@ -3,8 +3,9 @@
 
 export interface Row {
   version: string;
-  pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay';
-  impl: 'ours' | 'qemu→qemu' | 'qemu file';
+  pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy';
+  /** postcopy rows: 'restore' (plain, --resume), 'postcopy', 'postcopy+preempt' (all ours). */
+  impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy';
   sizeGiB: number;
   channels: number;
   method: string;
@@ -20,6 +21,10 @@ export interface Row {
     oursCpuMs?: number;
     /** Running-guest runs: the downtime the source reports. */
     downtimeMs?: number;
+    /** postcopy rows: ms until the destination's guest ran (its RESUME event); `ms` is then the time until every page was in place. */
+    runningMs?: number;
+    /** postcopy rows: page requests the destination sent. */
+    requests?: number;
   };
 }
 
@@ -98,7 +103,7 @@ export function writeMarkdown(res: BenchResult): string {
     '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | CPU s ours / QEMU | own CPU s | downtime ms ours / QEMU | peak RSS MiB | QEMU file floor ms |',
     '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ];
-  for (const [k, rs] of groups(res.rows)) {
+  for (const [k, rs] of groups(res.rows.filter((r) => r.pair !== 'postcopy'))) {
     const [pair, size, ch, method] = k.split('|') as [Row['pair'], string, string, string];
     const ours = cell(rs.filter((r) => r.impl === 'ours'));
     if (!ours) continue;
@@ -121,7 +126,59 @@ export function writeMarkdown(res: BenchResult): string {
         `${ours.rss !== undefined ? ours.rss.toFixed(0) + rssMet : '–'} | ${floor ? fmt(floor) : '–'} |`,
     );
   }
+  lines.push(...postcopyTable(res.rows.filter((r) => r.pair === 'postcopy')));
   return lines.join('\n') + '\n';
+}
+
+/**
+ * Instant restore: our snapshot restored into a paused destination with --resume, plainly and with
+ * --postcopy (± preempt): time until the guest runs and until every page is in place.
+ */
+function postcopyTable(rows: Row[]): string[] {
+  if (rows.length === 0) return [];
+  const lines = [
+    '',
+    '## Instant restore (restore --postcopy) against plain restore',
+    '',
+    'Our own snapshot of the paused guest restored by us into a fresh destination started with -S,',
+    'with --resume. running = from the start of restore (file validation included) until the',
+    "destination's RESUME event: plain restore resumes once everything is loaded, --postcopy as soon as",
+    'the device state is (PONG(0x42)). complete = until the destination reported completed (every page',
+    'in place). The guest (SeaBIOS finding no boot disk) runs during postcopy and asks for pages.',
+    'Reference: QEMU → QEMU postcopy of the same paused guest, switched at once (migrate-start-postcopy',
+    "right after migrate): running = until the destination reported postcopy-active (RUN; with -S it",
+    'stays paused there), complete = until it reported completed. QEMU 10 has no multifd with postcopy.',
+    '',
+    '| size | ch | variant | running ms | complete ms | running vs plain | complete vs plain | requests | wire MB | peak RSS MiB | own CPU s |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
+  ];
+  const g = new Map<string, Row[]>();
+  for (const r of rows) g.set(`${r.sizeGiB}|${r.channels}`, [...(g.get(`${r.sizeGiB}|${r.channels}`) ?? []), r]);
+  for (const [k, rs] of g) {
+    const [size, ch] = k.split('|');
+    const stat = (impl: Row['impl']): { run: number[]; done: Cell } | undefined => {
+      const sel = rs.filter((r) => r.impl === impl);
+      const done = cell(sel);
+      if (!done) return undefined;
+      return { run: sel.map((r) => r.result.runningMs).filter((x): x is number => x !== undefined), done };
+    };
+    const plain = stat('restore');
+    for (const impl of ['restore', 'postcopy', 'postcopy+preempt', 'qemu→qemu postcopy'] as const) {
+      const s = stat(impl);
+      if (!s) continue;
+      const sel = rs.filter((r) => r.impl === impl);
+      const run = s.run.length ? { median: median(s.run), min: Math.min(...s.run), max: Math.max(...s.run) } : undefined;
+      const plainRun = plain && plain.run.length ? median(plain.run) : undefined;
+      const req = sel.map((r) => r.result.requests).filter((x): x is number => x !== undefined);
+      lines.push(
+        `| ${size} GiB | ${ch} | ${({ restore: 'plain restore', postcopy: 'restore --postcopy', 'postcopy+preempt': 'restore --postcopy --postcopy-preempt', 'qemu→qemu postcopy': 'QEMU → QEMU postcopy' } as const)[impl]} | ` +
+          `${run ? `${run.median.toFixed(0)} (${run.min.toFixed(0)}–${run.max.toFixed(0)})` : '–'} | ${fmt(s.done)} | ` +
+          `${run && plainRun ? (run.median / plainRun).toFixed(3) : '–'} | ${plain ? (s.done.median / plain.done.median).toFixed(2) : '–'} | ` +
+          `${req.length ? median(req).toFixed(0) : '–'} | ${(s.done.wire / 1e6).toFixed(0)} | ${s.done.rss !== undefined ? s.done.rss.toFixed(0) : '–'} | ${s.done.ownCpu !== undefined ? (s.done.ownCpu / 1000).toFixed(1) : '–'} |`,
+      );
+    }
+  }
+  return lines;
 }
 
 /** Throughput (Mbit/s) against channel count: ours (receive, send, relay) and QEMU→QEMU's, method none. */

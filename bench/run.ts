@@ -16,6 +16,10 @@
 //   restore  our restore, wall time         vs  QEMU → QEMU          throughput, goal ≥ 1; QEMU's file restore is the floor
 //   live     running guest → our save       vs  running QEMU → QEMU  total time and downtime (method none; --no-live skips)
 //   relay    QEMU A → our relay → QEMU B   vs  QEMU → QEMU          throughput, goal ≥ 0.8; relay peak RSS goal ≤ 256 MiB (4 GiB guest)
+//   postcopy our restore --postcopy [--postcopy-preempt] vs our plain restore, both --resume: time until
+//            the guest runs and until every page is in place (multifd with postcopy needs --qemu 11;
+//            QEMU 10 restores over the main channel). Not part of the default set:
+//   npm run bench -- --scenarios postcopy --qemu 11 --sizes 1,4 --channels 2 --methods none --reps 3 --name postcopy
 // --scenarios receive,send,save,restore,live,relay picks pairs (default all; live not with --quick
 // or --no-live). The QEMU → QEMU run is measured once per rep and shared by receive/send/restore/relay.
 // CPU: each job's CPU time, ours plus the QEMU peer's (both QEMUs for relay), against QEMU's two
@@ -54,7 +58,9 @@ interface Args {
   name: string | undefined;
 }
 
-const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay'] as const;
+const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postcopy'] as const;
+/** Measured only when asked for with --scenarios. */
+const OPT_IN: readonly Scenario[] = ['postcopy'];
 type Scenario = (typeof SCENARIOS)[number];
 
 function parseArgs(argv: string[]): Args {
@@ -65,7 +71,7 @@ function parseArgs(argv: string[]): Args {
   const quick = argv.includes('--quick');
   const list = (name: string, dflt: string): string[] => (get(name) ?? dflt).split(',').filter(Boolean);
   const liveByDefault = !argv.includes('--no-live') && !quick;
-  const scenarios = list('scenarios', SCENARIOS.filter((x) => x !== 'live' || liveByDefault).join(','));
+  const scenarios = list('scenarios', SCENARIOS.filter((x) => (x !== 'live' || liveByDefault) && !OPT_IN.includes(x)).join(','));
   const unknown = scenarios.filter((x) => !(SCENARIOS as readonly string[]).includes(x));
   if (unknown.length) {
     console.error(`bench: unknown scenario(s) ${unknown.join(', ')}; known: ${SCENARIOS.join(', ')}`);
@@ -293,6 +299,71 @@ async function oursRestore(c: Ctx, file: string): Promise<{ restore: Row['result
 }
 
 /**
+ * The reference for instant restore: QEMU → QEMU with postcopy-ram, switched at once
+ * (migrate-start-postcopy right after migrate), unlimited postcopy bandwidth. ms = until the
+ * destination completed; runningMs = until it reported postcopy-active (RUN; it stays paused
+ * there with -S, so this is when its guest could run). QEMU 10 refuses multifd with postcopy: 0 channels there.
+ */
+async function qemuPostcopy(c: Ctx): Promise<Row['result']> {
+  const src = await source(c);
+  const dst = await destination(c);
+  try {
+    const channels = c.version === '10' ? 0 : c.channels;
+    await setMigration(src, channels, 'none', { 'postcopy-ram': true }, { 'max-postcopy-bandwidth': 0 });
+    await setMigration(dst, channels, 'none', { 'postcopy-ram': true });
+    const uri = `tcp:127.0.0.1:${port++}`;
+    await dst.qmp.execute('migrate-incoming', { uri });
+    const cpu0 = qemuCpuMs(src) + qemuCpuMs(dst);
+    const t0 = performance.now();
+    await src.qmp.execute('migrate', { uri });
+    await src.qmp.execute('migrate-start-postcopy');
+    let runningMs: number | undefined;
+    for (;;) {
+      const m = await dst.qmp.execute('query-migrate');
+      if (runningMs === undefined && m.status === 'postcopy-active') runningMs = performance.now() - t0;
+      if (m.status === 'completed') break;
+      if (m.status === 'failed') throw new Error(`QEMU → QEMU postcopy: ${m['error-desc']}`);
+      if (performance.now() - t0 > 600_000) throw new Error('QEMU → QEMU postcopy did not complete');
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    const ms = performance.now() - t0;
+    const cpuMs = qemuCpuMs(src) + qemuCpuMs(dst) - cpu0;
+    const s = await waitMigration(src.qmp, { timeoutMs: 60_000, intervalMs: 5 });
+    return { ms, ...(runningMs !== undefined ? { runningMs } : {}), requests: s.ram?.['postcopy-requests'] ?? 0, wireBytes: s.ram?.transferred ?? 0, cpuMs };
+  } finally {
+    await src.kill();
+    await dst.kill();
+  }
+}
+
+/**
+ * Our restore of `file` into a paused destination with --resume: plainly, or with postcopy. ms =
+ * until the destination completed; runningMs = until its guest ran (RESUME).
+ */
+async function oursRestoreTimed(c: Ctx, file: string, postcopy: { preempt?: boolean } | undefined): Promise<Row['result']> {
+  const qmp = join(WORK, `restore-${process.pid}-${port++}.sock`);
+  const dst = await destination(c, ['-qmp', `unix:${qmp},server=on,wait=off`]);
+  try {
+    const cpu0 = qemuCpuMs(dst);
+    const r = await child({ op: 'restore', opts: { file, qmp: `unix:${qmp}`, channels: c.channels, incoming: `tcp:127.0.0.1:${port++}`, resume: true, ...(postcopy ? { postcopy } : {}) } });
+    if (!r.ok) throw new Error(`restore${postcopy ? ' --postcopy' : ''}: ${r.error}`);
+    const s = r.summary;
+    if (s['time-to-running'] === undefined) throw new Error(`restore${postcopy ? ' --postcopy' : ''}: the guest did not run (${s.destinationQemu?.['run-state-after']})`);
+    return {
+      ms: s['time-to-complete'],
+      runningMs: s['time-to-running'],
+      ...(s.postcopy ? { requests: s.postcopy.requests } : {}),
+      wireBytes: s.transferred,
+      rssMiB: r.maxRssKiB / 1024,
+      cpuMs: r.cpuMs + qemuCpuMs(dst) - cpu0,
+      oursCpuMs: r.cpuMs,
+    };
+  } finally {
+    await dst.kill();
+  }
+}
+
+/**
  * QEMU A → our relay (a child process) → QEMU B, both QEMUs set up exactly as for QEMU → QEMU and
  * timed the same way: from A's `migrate` to B's `completed`. The relay takes A's channel count and
  * method on both sides. cpuMs is the job's (the relay plus both QEMUs, against QEMU → QEMU's two
@@ -394,7 +465,9 @@ async function main(): Promise<void> {
   const record = (r: Omit<Row, 'version'>): void => {
     const row = { ...r, version: a.version };
     rows.push(row);
-    const rss = (row.result.oursCpuMs !== undefined ? ` own cpu ${row.result.oursCpuMs.toFixed(0)} ms` : '') +
+    const rss = (row.result.runningMs !== undefined ? ` running after ${row.result.runningMs.toFixed(0)} ms` : '') +
+      (row.result.requests !== undefined ? ` ${row.result.requests} requests` : '') +
+      (row.result.oursCpuMs !== undefined ? ` own cpu ${row.result.oursCpuMs.toFixed(0)} ms` : '') +
       (row.result.rssMiB !== undefined ? ` rss ${row.result.rssMiB.toFixed(0)} MiB` : '') +
       (row.result.cpuMs !== undefined ? ` cpu ${row.result.cpuMs.toFixed(0)} ms` : '') +
       (row.result.downtimeMs !== undefined ? ` downtime ${row.result.downtimeMs} ms` : '');
@@ -421,6 +494,7 @@ async function main(): Promise<void> {
               const qq = await qemuToQemu(c);
               for (const pair of direct) if (want(pair)) record({ ...base, rep, pair, impl: 'qemu→qemu', result: qq });
             }
+            if (want('postcopy')) record({ ...base, rep, pair: 'postcopy', impl: 'qemu→qemu postcopy', result: await qemuPostcopy(c) });
             if (method === 'none' && (want('save') || want('restore'))) {
               const saved = await qemuFileSave(c, qfile);
               if (want('save')) record({ ...base, rep, pair: 'save', impl: 'qemu file', result: saved });
@@ -440,6 +514,16 @@ async function main(): Promise<void> {
               }
             }
             if (want('relay')) record({ ...base, rep, pair: 'relay', impl: 'ours', result: await oursRelay(c) });
+            if (want('postcopy')) {
+              if (!existsSync(file)) await oursSave(c, file);
+              // Alternating order, as above.
+              const variants: ({ preempt?: boolean } | undefined)[] = [undefined, {}, { preempt: true }];
+              const order = rep % 2 === 1 ? variants : [...variants].reverse();
+              for (const v of order) {
+                const impl = v === undefined ? 'restore' : v.preempt ? 'postcopy+preempt' : 'postcopy';
+                record({ ...base, rep, pair: 'postcopy', impl, result: await oursRestoreTimed(c, file, v) });
+              }
+            }
           };
           if (qemuFirst) {
             await runQemu();
@@ -472,7 +556,7 @@ async function main(): Promise<void> {
   }
   const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model, memGiB: Math.round(totalmem() / GiB), node: process.version, qemu: qemuVersionOf(a.version === '10' ? 'qemu-system-x86_64' : 'qemu-system-x86_64-latest')?.text, accel };
   const result = { started, finished: new Date().toISOString(), args: a, machine, rows };
-  const stem = a.name ?? (a.quick ? 'quick' : a.oursOnly ? 'ours-only' : 'latest');
+  const stem = a.name ?? (a.quick ? 'quick' : a.oursOnly ? 'ours-only' : a.scenarios.length === 1 && a.scenarios[0] === 'postcopy' ? 'postcopy' : 'latest');
   writeFileSync(join(RESULTS, `${stem}.json`), JSON.stringify(result, null, 2) + '\n');
   const md = writeMarkdown(result);
   writeFileSync(join(RESULTS, `${stem}.md`), md);

@@ -256,7 +256,12 @@ export class PageRecordParser {
   private lastBlock: string | undefined;
   private want = 0;
 
-  constructor(private readonly blocks: ReadonlyMap<string, number>, private readonly what = 'preempt channel') {}
+  private readonly usedLength: (block: string) => number | undefined;
+
+  /** `blocks`: each block's used_length, or a lookup (the block list may still be arriving). */
+  constructor(blocks: ReadonlyMap<string, number> | ((block: string) => number | undefined), private readonly what = 'preempt channel') {
+    this.usedLength = typeof blocks === 'function' ? blocks : (b) => blocks.get(b);
+  }
 
   push(chunk: Buffer): void {
     this.q.push(chunk);
@@ -302,7 +307,7 @@ export class PageRecordParser {
     } else {
       block = c.countedString();
     }
-    const used = this.blocks.get(block);
+    const used = this.usedLength(block);
     if (used === undefined) throw new ProtocolError('UNKNOWN_BLOCK', `${this.what}: page record names unknown RAM block "${block}"`, { offset: at });
     if (offsetBig > BigInt(used - TARGET_PAGE_SIZE)) {
       throw new ProtocolError('OFFSET_OUT_OF_RANGE', `${this.what}: page offset 0x${offsetBig.toString(16)} is outside block "${block}" (used_length 0x${used.toString(16)})`, { offset: at });

@@ -30,6 +30,7 @@ export function classifyConnection(
   timeoutMs: number,
   onKind: (kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string) => void,
   onStray: (e: StrayConnectionError) => void,
+  adoptUnknown?: (source: AsyncIterable<Buffer>, peer: string) => boolean,
 ): void {
   sock.setNoDelay(true);
   // Errors surface through the readers; this keeps an ECONNRESET from crashing the process.
@@ -43,6 +44,7 @@ export function classifyConnection(
         onKind(magic === QEVM_MAGIC ? 'main' : 'multifd', chunksWithPrefix(first, sock), peer);
         return;
       }
+      if (adoptUnknown?.(chunksWithPrefix(first, sock), peer)) return;
       sock.destroy();
       const bad = new ProtocolError('BAD_MAGIC', `unknown channel magic 0x${magic.toString(16).padStart(8, '0')} (expected QEVM or 0x11223344)`);
       onStray(new StrayConnectionError(peer, bad.message));
@@ -71,6 +73,11 @@ export interface IncomingOptions {
    * a postcopy preempt channel has no magic (PROTOCOL.md §6.3). True when taken.
    */
   claim?: (sock: Socket) => boolean;
+  /**
+   * Offered a connection whose first bytes are no known magic before it is closed as a stray: a
+   * preempt channel that connected before every multifd channel identified itself. True when taken.
+   */
+  adoptUnknown?: (sock: Socket, source: AsyncIterable<Buffer>, peer: string) => boolean;
 }
 
 /** The listening side's sorter: classifies each connection, with a cap on those still unidentified. */
@@ -99,6 +106,13 @@ export class IncomingConnections {
         this.pending--;
         this.o.onStray(e);
       },
+      this.o.adoptUnknown
+        ? (source, peer) => {
+          if (!this.o.adoptUnknown!(sock, source, peer)) return false;
+          this.pending--;
+          return true;
+        }
+        : undefined,
     );
   }
 }

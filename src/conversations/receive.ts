@@ -180,6 +180,7 @@ class Receiver {
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
       claim: (sock) => this.claimPreempt(sock),
+      adoptUnknown: (sock, source) => this.adoptPreempt(sock, source),
     });
     this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channels = opts.channels ?? 2;
@@ -283,26 +284,34 @@ class Receiver {
   private claimPreempt(sock: Socket): boolean {
     if (!this.postcopyAdvised || !this.main || this.preempt || this.failure || this.finished) return false;
     if ((this.multifd?.connected ?? 0) < this.channels) return false;
-    this.preempt = sock;
     sock.setNoDelay(true);
     sock.on('error', () => {});
+    return this.adoptPreempt(sock, sock as AsyncIterable<Buffer>);
+  }
+
+  /** Also for a connection that came before every multifd channel identified itself. */
+  private adoptPreempt(sock: Socket, source: AsyncIterable<Buffer>): boolean {
+    if (!this.postcopyAdvised || !this.main || this.preempt || this.failure || this.finished) return false;
+    this.preempt = sock;
     publish('channel', { kind: 'preempt', peer: describePeer(sock) });
-    void this.runPreempt(sock);
+    void this.runPreempt(source);
     return true;
   }
 
-  private async runPreempt(sock: Socket): Promise<void> {
-    const parser = new PageRecordParser(new Map([...this.blocks].map(([name, b]) => [name, b.usedLength])));
+  private async runPreempt(source: AsyncIterable<Buffer>): Promise<void> {
+    const parser = new PageRecordParser((name) => this.blocks.get(name)?.usedLength);
     try {
-      for await (const chunk of sock as AsyncIterable<Buffer>) {
+      for await (const chunk of source) {
         if (this.failure || this.finished) return;
         this.mainBytes += chunk.length;
         this.preemptAt = Date.now();
         this.preemptBusy = true;
+        // A page here answers a request made in postcopy: it must land after every precopy page
+        // (and its block be known). Waiting before the next read also bounds what an early
+        // sender can make us buffer: the socket is not read meanwhile.
+        await this.postcopyStarted;
         parser.push(chunk);
         for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          // A page here answers a request made in postcopy: it must land after every precopy page.
-          await this.postcopyStarted;
           if (ev.type === 'page') {
             this.preemptPages++;
             await this.output!.store.writePages(ev.block, [ev.offset], 1, ev.data);

@@ -382,17 +382,19 @@ class Relay {
     })();
     b.catch(() => {});
     publish('relay-preempt', {});
-    const parser = new PageRecordParser(new Map([...this.blocks].map(([name, bl]) => [name, bl.usedLength])), 'source preempt channel');
+    const parser = new PageRecordParser((name) => this.blocks.get(name)?.usedLength, 'source preempt channel');
     try {
       for await (const chunk of sock as AsyncIterable<Buffer>) {
         if (this.failure) return;
         this.preemptBytes += chunk.length;
+        // Pages on preempt belong after the switch (the block list known, precopy sealed); the
+        // socket is not read meanwhile, so an early sender cannot make us buffer without bound.
+        await this.postcopyStarted;
         parser.push(chunk);
         for (let ev = parser.next(); ev !== null; ev = parser.next()) {
           if (ev.type === 'eos') continue;
           this.preemptPages++;
           if (!this.tee) continue;
-          await this.postcopyStarted;
           if (ev.type === 'page') await this.tee.store.writePages(ev.block, [ev.offset], 1, ev.data);
           else await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
         }

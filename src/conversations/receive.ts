@@ -25,6 +25,7 @@ import { IdleWatch } from './idle-watch.js';
 import { IncomingConnections, StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
+import { PostcopyFailedError } from './postcopy-failure.js';
 
 export type SyncMode = 'auto' | 'round' | 'section';
 
@@ -416,7 +417,9 @@ class Receiver {
           return;
         }
         const why = st.tail.rejection ? `: ${st.tail.rejection.message}` : '; is the machine\'s suppress-vmdesc on?';
-        const where = st.tail.length > 0
+        const where = st.postcopy
+          ? `in postcopy (RAM ${st.ended ? 'complete, EOF missing' : 'pages still to come'}), at stream offset ${parser.offset}`
+          : st.tail.length > 0
           ? `in the device state (${st.tail.length} bytes received, no complete VMDESCRIPTION${why})`
           : `at stream offset ${parser.offset}`;
         throw new ProtocolError('TRUNCATED', `closed before the migration completed, ${where} (source gone?)`);
@@ -659,6 +662,7 @@ class Receiver {
 
   fail(err: Error): void {
     if (this.failure || this.phase === 'completed') return;
+    if (this.switchedAt !== undefined) err = new PostcopyFailedError(err, 'receive');
     this.failure = err;
     this.phase = 'failed';
     publish('failed', { error: err });

@@ -39,6 +39,7 @@ import { IncomingConnections, StrayConnectionError, type ConnectionKind } from '
 import { ListeningHandle } from './listening-handle.js';
 import { StallError } from './send.js';
 import { SnapshotOutput } from './snapshot-output.js';
+import { PostcopyFailedError } from './postcopy-failure.js';
 
 export interface RelayOptions {
   /** Where A connects: tcp:HOST:PORT or unix:PATH (port 0 picks one, see handle.listening). */
@@ -830,6 +831,7 @@ class Relay {
 
   fail(err: Error): void {
     if (this.failure || this.completed) return;
+    if (this.switchedAt !== undefined) err = new PostcopyFailedError(err, 'relay');
     this.failure = err;
     this.phase = 'failed';
     publish('relay-failed', { error: err });

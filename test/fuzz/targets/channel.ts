@@ -6,7 +6,7 @@ import { ProtocolError } from '../../../src/codec/errors.js';
 import { MultifdChannelParser, type ChannelEvent } from '../../../src/codec/multifd-channel-parser.js';
 import { decodeMultifdInit, encodeMultifdInit } from '../../../src/codec/multifd-init.js';
 import { decodeMultifdPacketHeader, encodeMultifdPacketHeader, payloadSize, validatePacketPages, type MultifdPacketHeader } from '../../../src/codec/multifd-packet.js';
-import { ChannelError, MultifdReceiver } from '../../../src/engine/multifd-receiver.js';
+import { ChannelError, MAX_MULTIFD_CHANNELS, MultifdReceiver } from '../../../src/engine/multifd-receiver.js';
 import type { PageStore } from '../../../src/engine/page-store.js';
 import { getMethod } from '../../../src/engine/methods/registry.js';
 import { chunkPlan, chunks } from '../mutators.js';
@@ -262,7 +262,8 @@ export interface ReceiverRun {
 export async function driveReceiver(input: Buffer, blocks: ReadonlyMap<string, { name: string; usedLength: number }>, plan: readonly number[], windowBytes: number, keepLog = false): Promise<ReceiverRun> {
   const id = input.length > 24 ? input[24]! : 0;
   const store = new RecordingStore(blocks, keepLog);
-  const receiver = new MultifdReceiver({ channels: id + 1, store, blocks, windowBytes, channelTimeoutMs: 2 ** 31 - 1 });
+  // At most 255 channels (QEMU's multifd-channels): id 255 is then one too many (BAD_CHANNEL_ID).
+  const receiver = new MultifdReceiver({ channels: Math.min(id + 1, MAX_MULTIFD_CHANNELS), store, blocks, windowBytes, channelTimeoutMs: 2 ** 31 - 1 });
   receiver.barrier.setParties(1);
   let failure: Error | undefined;
   receiver.on('error', (e: Error) => {

@@ -77,6 +77,11 @@ const FIXED_COMMAND_LEN: Record<number, number> = {
   [Command.SWITCHOVER_START]: 0,
 };
 
+/** RAM blocks accepted in one MEM_SIZE list (QEMU has no cap; a pc has a handful). */
+export const MAX_RAM_BLOCKS = 4096;
+/** Largest PACKAGED command (QEMU allows 4 GiB; it holds the device state, buffered whole). */
+export const MAX_PACKAGE_BYTES = 64 * 1024 * 1024;
+
 export class MainStreamParser {
   private readonly q = new ByteQueue();
   private state: State = 'header';
@@ -98,8 +103,8 @@ export class MainStreamParser {
   constructor(opts: MainStreamParserOptions = {}) {
     this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
     this.fileOffset = opts.fileOffset ?? 0;
-    this.maxBlocks = opts.maxBlocks ?? 4096;
-    this.maxPackageBytes = opts.maxPackageBytes ?? 64 * 1024 * 1024;
+    this.maxBlocks = opts.maxBlocks ?? MAX_RAM_BLOCKS;
+    this.maxPackageBytes = opts.maxPackageBytes ?? MAX_PACKAGE_BYTES;
   }
 
   push(chunk: Buffer): void {

@@ -22,7 +22,7 @@ import { formatAddress, listen, type Listener } from '../transports/listener.js'
 import type { TlsCreds } from '../transports/tls.js';
 import { describePeer } from '../transports/socket-io.js';
 import { IdleWatch } from './idle-watch.js';
-import { IncomingConnections, StrayConnectionError } from './incoming.js';
+import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
@@ -176,8 +176,8 @@ class Receiver {
 
   constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary>) {
     this.incoming = new IncomingConnections({
-      identifyTimeoutMs: opts.identifyTimeoutMs ?? 10_000,
-      maxPending: opts.maxPendingConnections ?? 16,
+      identifyTimeoutMs: opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
+      maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING,
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
       claim: (sock) => this.claimPreempt(sock),
@@ -216,7 +216,7 @@ class Receiver {
       }
       this.listener = await listen(this.opts.listen, (s) => this.onConnection(s), {
         ...(this.opts.tls ? { tls: this.opts.tls } : {}),
-        handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? 10_000,
+        handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
         onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
       });
       if (this.opts.signal) {
@@ -368,9 +368,11 @@ class Receiver {
         this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the receiver expects none (--channels 0); does the source have multifd on?'));
         return;
       }
-      if (this.multifd.connected >= this.channels) {
-        // QEMU ignores extra connections too; an id check would report it if it sends an init.
+      // Counted with the ones still sending their init: a connection that sent the magic and
+      // stalls holds a place too. QEMU ignores extra connections; we close and report them.
+      if (this.multifd.openConnections >= this.channels) {
         sock.destroy();
+        this.onStray(new StrayConnectionError(peer, `a multifd connection beyond the ${this.channels} channels; closed`));
         return;
       }
       void this.multifd.runChannel(source, `multifd connection from ${peer}`);

@@ -35,7 +35,7 @@ import { connectTo, gatherWrite } from '../transports/connect.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
 import type { TlsCreds } from '../transports/tls.js';
 import { IdleWatch } from './idle-watch.js';
-import { IncomingConnections, StrayConnectionError, type ConnectionKind } from './incoming.js';
+import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, StrayConnectionError, type ConnectionKind } from './incoming.js';
 import { ListeningHandle } from './listening-handle.js';
 import { StallError } from './send.js';
 import { SnapshotOutput } from './snapshot-output.js';
@@ -226,8 +226,8 @@ class Relay {
 
   constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary>) {
     this.incoming = new IncomingConnections({
-      identifyTimeoutMs: opts.identifyTimeoutMs ?? 10_000,
-      maxPending: opts.maxPendingConnections ?? 16,
+      identifyTimeoutMs: opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
+      maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING,
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
       claim: (sock) => this.claimPreempt(sock),
@@ -284,7 +284,7 @@ class Relay {
       }
       this.listener = await listen(this.opts.listen, (s) => this.onConnection(s), {
         ...(this.opts.tlsIn ? { tls: this.opts.tlsIn } : {}),
-        handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? 10_000,
+        handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
         onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
       });
       if (this.opts.signal) {
@@ -430,8 +430,11 @@ class Relay {
       this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the relay expects none (--channels-in 0); does the source have multifd on?'));
       return;
     }
-    if (this.receiver.connected >= this.channelsIn) {
+    // Counted with the ones still sending their init: a connection that sent the magic and
+    // stalls holds a place too. QEMU ignores extra connections; we close and report them.
+    if (this.receiver.openConnections >= this.channelsIn) {
       sock.destroy();
+      this.onStray(new StrayConnectionError(peer, `a multifd connection beyond the ${this.channelsIn} channels; closed`));
       return;
     }
     void this.receiver.runChannel(source, `source multifd connection from ${peer}`);

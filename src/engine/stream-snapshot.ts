@@ -223,6 +223,8 @@ export class StreamSnapshot implements SnapshotSource {
               }
               break;
             }
+            case 'package':
+              throw new ProtocolError('UNSUPPORTED', 'PACKAGED command in a snapshot file (postcopy needs a live peer)', { offset: parser.offset });
             case 'command':
               if (ev.cmd === Command.SWITCHOVER_START) switchoverStart = true;
               else if (ev.cmd !== Command.POSTCOPY_ADVISE) {

@@ -188,8 +188,9 @@ program
   .option('--tls-creds <dir>', "TLS: DIR holds ca-cert.pem, server-cert/-key.pem (ours) and client-cert/-key.pem (the VM's); added to the VM as a tls-creds-x509 object for the migration")
   .option('--tls-hostname <name>', 'the name QEMU checks our certificate against (default: the listening host)')
   .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
+  .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never); the source is told and runs on').default(300).argParser(intArg(0, 86400)))
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; json?: boolean } & TlsArgs) => {
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
     await report('save', o.json, (view) => {
       const tls = tlsCreds(o);
       // Ctrl-C: our receive stops, the source's migration is cancelled and its settings put back.
@@ -207,6 +208,7 @@ program
         ...(o.resume ? { resume: true } : {}),
         compression: o.compression,
         directIo: o.directIo,
+        idleTimeoutMs: o.idleTimeout * 1000,
         ...(o.level !== undefined ? { level: o.level } : {}),
       });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));

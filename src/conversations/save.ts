@@ -35,6 +35,8 @@ export interface SaveOptions {
    * to read the folder) and remove it afterwards.
    */
   tls?: TlsCreds;
+  /** Fails when the source sends nothing for this long mid-migration (default 300 s; 0: never). */
+  idleTimeoutMs?: number;
   progressIntervalMs?: number;
   signal?: AbortSignal;
 }
@@ -139,6 +141,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       compression: opts.compression ?? 'none',
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.directIo !== undefined ? { directIo: opts.directIo } : {}),
+      ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
       ...(opts.tls ? { tls: opts.tls } : {}),

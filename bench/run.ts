@@ -196,11 +196,12 @@ interface Ctx {
 const accel = 'kvm:tcg';
 
 async function source(c: Ctx, extra: string[] = []): Promise<QemuInstance> {
-  return startQemu({ version: c.version, memMiB: c.memMiB, paused: true, accel, extraArgs: [...c.blobs, ...extra] });
+  // Loading GiBs of loader blobs can take QEMU longer than the default 15 s to bring QMP up.
+  return startQemu({ version: c.version, memMiB: c.memMiB, paused: true, accel, extraArgs: [...c.blobs, ...extra], startTimeoutMs: 60_000 });
 }
 
 async function destination(c: Ctx, extra: string[] = []): Promise<QemuInstance> {
-  return startQemu({ version: c.version, memMiB: c.memMiB, paused: true, accel, incoming: 'defer', extraArgs: extra });
+  return startQemu({ version: c.version, memMiB: c.memMiB, paused: true, accel, incoming: 'defer', extraArgs: extra, startTimeoutMs: 60_000 });
 }
 
 /** QEMU → QEMU over tcp: time from `migrate` to the destination's `completed`. */

@@ -36,6 +36,7 @@ interface SummaryLike {
   channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   blocks: { name: string; 'used-length': number; 'pages-present': number }[];
   source?: { status: string; downtime?: number; 'run-state-after': string };
+  postcopy?: { 'switched-at-ms': number; 'main-pages': number; 'preempt-pages': number; 'discard-ranges': number; 'preempt-channel': boolean };
 }
 
 export function summaryText(s: SummaryLike): string {
@@ -45,6 +46,10 @@ export function summaryText(s: SummaryLike): string {
   ];
   lines.push(...channelLines(s.channels));
   for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b['pages-present']} pages stored`);
+  if (s.postcopy) {
+    const pc = s.postcopy;
+    lines.push(`  postcopy: switched after ${duration(pc['switched-at-ms'])}; device state from the package; ${pc['main-pages']} pages after the switch on main${pc['preempt-channel'] ? `, ${pc['preempt-pages']} on the preempt channel` : ''}; ${pc['discard-ranges']} discard ranges`);
+  }
   if (s.source) {
     lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}, now ${s.source['run-state-after']}`);
   }
@@ -126,6 +131,7 @@ interface RelaySummaryLike {
   'compression-out': string;
   'return-path': boolean;
   tee?: { file: string; 'file-size': number; 'commit-time': number };
+  postcopy?: { 'switched-at-ms': number; 'main-pages': number; 'preempt-bytes': number; 'preempt-pages': number; 'preempt-channel': boolean; 'page-requests': number };
   'channels-in': { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   'channels-out': { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
 }
@@ -139,6 +145,10 @@ export function relaySummaryText(s: RelaySummaryLike): string {
     '  to the destination:',
     ...channelLines(s['channels-out']).map((l) => '  ' + l),
   ];
+  if (s.postcopy) {
+    const pc = s.postcopy;
+    lines.push(`  postcopy: switched after ${duration(pc['switched-at-ms'])}, the guest ran on the destination from then on; ${pc['page-requests']} page requests passed to the source; ${pc['main-pages']} pages on main${pc['preempt-channel'] ? `, ${pc['preempt-pages']} on the preempt channel (${bytes(pc['preempt-bytes'])})` : ''}`);
+  }
   if (s.tee) lines.push(`  tee: ${s.tee.file} (${bytes(s.tee['file-size'])} apparent size, ${duration(s.tee['commit-time'])} to make it durable)`);
   return lines.join('\n');
 }

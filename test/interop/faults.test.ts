@@ -12,7 +12,8 @@
  * and save interrupted with Ctrl-C. save hands QEMU its own listening address, so for its setup and
  * device-state rows a MigrateRedirect on save's QMP connection rewrites the URI of its `migrate` to
  * the GateProxy; our side's faults there are save SIGKILLed or interrupted (SIGINT). save stopped
- * (SIGSTOP) in the device state and then continued must still complete.
+ * (SIGSTOP) in the device state and then continued must still complete. save's stall row stalls a
+ * multifd channel through the same redirect and gives save --idle-timeout 2.
  *
  * Every case checks: a clear error (it names what happened), a non-zero exit for the CLI, no file
  * at the output path and no temporary file, and when the QEMU source survives: its migration
@@ -649,6 +650,57 @@ for (const version of ['10', '11'] as QemuVersion[]) {
           assert.deepEqual(surv.problems, []);
         } finally {
           await stopAll(cli, src);
+          rmSync(dir, { recursive: true, force: true });
+          rmSync(outDir, { recursive: true, force: true });
+        }
+      });
+    });
+
+    // One multifd channel stalled mid-RAM, as for receive, but through save's own address: the
+    // MigrateRedirect arms the stall on its GateProxy before QEMU sees `migrate`. save gets
+    // --idle-timeout 2 (its receive's idleTimeoutMs; save has no channel timeout of its own).
+    test('save CLI: one multifd channel stalled mid-RAM (--idle-timeout 2): exit 1 with a timeout, nothing left, settings restored, source runs on and migrates again', { timeout: 90_000, todo: todo(`save stall ${version}`) }, async (t) => {
+      const r = newRow(`one multifd channel stalled mid-RAM (--idle-timeout ${STALL_TIMEOUT_MS / 1000})`, 'save (CLI)', qv);
+      await record(t, r, async () => {
+        const dir = mkdtempSync('/tmp/multifd-faults-');
+        const outDir = mkdtempSync('/tmp/multifd-faults-out-');
+        let src: QemuInstance | undefined;
+        let cli: CliRun | undefined;
+        let redirect: MigrateRedirect | undefined;
+        try {
+          const s = await startSaveSource(dir);
+          src = s.q;
+          const before = await migrationSettings(src);
+          let stalled: Promise<unknown> | undefined;
+          redirect = await MigrateRedirect.start(s.sock, join(dir, 'save-redirect.sock'), (g) => { stalled = g.stall(0, 4 * MiB); });
+          cli = spawnCli(['save', '--qmp', redirect.address, '--out', join(outDir, 'vm.mig'), '--downtime-limit', '20000', '--idle-timeout', String(STALL_TIMEOUT_MS / 1000)]);
+          const g = await settle(Promise.race([redirect.gate, cli.exited.then((x) => { throw new Error(`save exited (${exitText(x)}) before migrate: ${errorLine(x.stderr)}`); })]), 30_000, 'save issuing migrate');
+          if (!g.ok) throw g.error;
+          const st = await settle(stalled!, 30_000, 'the stall');
+          assert.ok(st.ok);
+          const stalledAt = Date.now();
+          const res = await cliExit(cli, 'save CLI with a stalled channel', () => qemuState(src!));
+          const ms = Date.now() - stalledAt;
+          r.happened = `multifd channel 0 stopped after 4 MiB; save exited ${ms} ms later`;
+          // What save left (before the second migration sets the source up again).
+          const afterSettings = await migrationSettings(src);
+          r.exit = exitText(res) + (res.hung ? ` (${res.hung})` : '');
+          r.error = errorLine(res.stderr);
+          const left = leftovers(outDir);
+          r.files = filesText(left);
+          const surv = await observeSurvivor(src, { ended: ['failed', 'cancelled'] });
+          r.source = `${surv.text}; settings ${afterSettings === before ? 'restored' : `left as save set them (${afterSettings}; before: ${before})`}`;
+
+          assert.equal(res.hung, undefined, 'save exits by itself');
+          assert.ok(ms <= STALL_BOUND_MS, `save reported the stall within ${STALL_BOUND_MS} ms (${ms} ms)`);
+          assert.equal(res.code, 1, res.stderr);
+          assert.match(r.error, /^multifd: error: .*(stall|timed? ?out|no progress|sent nothing)/i, 'the error says the source stopped sending');
+          assert.deepEqual(left, [], 'no snapshot and no temporary file');
+          assert.equal(afterSettings, before, "the source's migration settings are restored");
+          assert.deepEqual(surv.problems, [], 'the source survives');
+        } finally {
+          await stopAll(cli, src);
+          await redirect?.close();
           rmSync(dir, { recursive: true, force: true });
           rmSync(outDir, { recursive: true, force: true });
         }

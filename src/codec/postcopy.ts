@@ -350,7 +350,10 @@ export function encodePageRecords(state: PageRecordState, block: string, offsets
   for (let i = 0; i < n; i++) {
     const page = data[i];
     const flags = (page ? RamFlag.PAGE : RamFlag.ZERO) | (i === 0 && named ? 0 : RamFlag.CONTINUE);
-    headers.writeBigUInt64BE(BigInt(offsets[i]!) | BigInt(flags), at);
+    // be64 offset | flags, as two be32 halves (no BigInt per page); offsets are page aligned.
+    const off = offsets[i]!;
+    headers.writeUInt32BE(Math.floor(off / 0x100000000), at);
+    headers.writeUInt32BE(((off % 0x100000000) | flags) >>> 0, at + 4);
     at += 8;
     if (i === 0 && named) {
       headers[at] = name.length;

@@ -6,8 +6,8 @@
 // postcopy loader refuses), pages the snapshot lacks as ZERO records: a page the destination
 // never receives would stay missing in its guest.
 //
-// Memory is bounded: a sent bitmap (PostcopyPages), two read buffers for the main channel and one
-// for the preempt channel, whatever the guest size.
+// Memory is bounded: a sent bitmap (PostcopyPages), a few read buffers of one batch for the main
+// channel and one for the preempt channel, whatever the guest size.
 
 import { encodePageRecords, type PageRecordState } from '../codec/postcopy.js';
 import { SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
@@ -30,6 +30,8 @@ export interface PostcopyPhaseOptions {
   batchPages?: number;
   /** Pages per answer to a request. Default 64. */
   requestPages?: number;
+  /** Background batches read ahead of the one being written (unthrottled). Default 3. */
+  readAhead?: number;
   /** Rejects once the conversation failed (stops the loops). */
   failed: Promise<never>;
 }
@@ -58,8 +60,10 @@ export class PostcopyPhase {
   readonly stats: PostcopyPhaseStats = { normal: 0, zero: 0, mainBytes: 0, preemptBytes: 0, preemptPages: 0, completedAt: 0 };
   private readonly batchPages: number;
   private readonly requestPages: number;
-  private readonly mainScratch: Buffer[];
-  private mainTurn = 0;
+  /** Read buffers for background batches: one being written plus the ones read ahead. */
+  private readonly freeScratch: Buffer[];
+  private readonly requestScratch: Buffer;
+  private readonly readAhead: number;
   private preemptScratch: Buffer | undefined;
   private readonly preemptRecords: PageRecordState = {};
   private backgroundBytes = 0;
@@ -70,8 +74,11 @@ export class PostcopyPhase {
     this.batchPages = o.batchPages ?? 128;
     this.requestPages = o.requestPages ?? 64;
     const bytes = o.source.scratchBytes(Math.max(this.batchPages, this.requestPages));
-    // Main: one batch being written while the next is read, plus one for a request answered in between.
-    this.mainScratch = [Buffer.allocUnsafe(bytes), Buffer.allocUnsafe(bytes), Buffer.allocUnsafe(bytes)];
+    // Main: one batch being written while the next ones are read (file reads, O_DIRECT where
+    // possible, take longer than a socket write), plus one for a request answered in between.
+    this.readAhead = Math.max(1, o.readAhead ?? 3);
+    this.freeScratch = Array.from({ length: this.readAhead + 1 }, () => Buffer.allocUnsafe(bytes));
+    this.requestScratch = Buffer.allocUnsafe(bytes);
     this.sid = o.source.ramSection.sectionId;
   }
 
@@ -87,39 +94,58 @@ export class PostcopyPhase {
   private async mainLoop(): Promise<void> {
     const pages = this.o.pages;
     const serveRequests = !this.o.writePreempt;
-    let ahead: Promise<Loaded> | undefined;
-    for (;;) {
-      if (serveRequests) {
-        // Requests jump ahead of the background batch already read.
-        const req = pages.nextRequested(this.requestPages);
-        if (req) {
-          await this.writeSection(await this.load(req, this.mainScratch[2]!), 'main');
-          continue;
+    const ahead: { loaded: Promise<Loaded>; scratch: Buffer }[] = [];
+    try {
+      for (;;) {
+        if (serveRequests) {
+          // Requests jump ahead of the background batches already read.
+          const req = pages.nextRequested(this.requestPages);
+          if (req) {
+            await this.writeSection(await this.load(req, this.requestScratch), 'main');
+            continue;
+          }
         }
+        // Under a bandwidth limit the wait comes before the next batch is planned, so that pages
+        // the guest asks for meanwhile are not stuck in a batch waiting for its turn.
+        if (ahead.length === 0) {
+          await this.throttle();
+          // The wait ends early for a request: serve it first.
+          if (serveRequests && pages.pendingRequests) continue;
+          const next = this.loadNextBackground();
+          if (!next) break;
+          ahead.push(next);
+        }
+        const current = ahead.shift()!;
+        // Unthrottled, the next batches are read while this one is written.
+        if (!this.o.bandwidth) {
+          while (ahead.length < this.readAhead) {
+            const next = this.loadNextBackground();
+            if (!next) break;
+            ahead.push(next);
+          }
+        }
+        const batch = await current.loaded;
+        await this.writeSection(batch, 'main');
+        this.freeScratch.push(current.scratch);
+        this.backgroundBytes += batch.plan.pages * TARGET_PAGE_SIZE;
       }
-      // Under a bandwidth limit the wait comes before the next batch is planned, so that pages
-      // the guest asks for meanwhile are not stuck in a batch waiting for its turn.
-      if (!ahead) await this.throttle();
-      const current = ahead ?? this.loadNextBackground();
-      ahead = undefined;
-      if (!current) break;
-      const batch = await current;
-      // Unthrottled, the next batch is read while this one is written.
-      if (!this.o.bandwidth) {
-        ahead = this.loadNextBackground();
-        ahead?.catch(() => {});
-      }
-      await this.writeSection(batch, 'main');
-      this.backgroundBytes += batch.plan.pages * TARGET_PAGE_SIZE;
+    } finally {
+      // A failure leaves reads in flight; their rejections are the failure already reported.
+      for (const a of ahead) a.loaded.catch(() => {});
     }
   }
 
-  private loadNextBackground(): Promise<Loaded> | undefined {
+  private loadNextBackground(): { loaded: Promise<Loaded>; scratch: Buffer } | undefined {
+    const scratch = this.freeScratch.pop();
+    if (!scratch) throw new Error('internal: no free read buffer');
     const plan = this.o.pages.nextBackground(this.batchPages);
-    if (!plan) return undefined;
-    const scratch = this.mainScratch[this.mainTurn]!;
-    this.mainTurn ^= 1;
-    return this.load(plan, scratch);
+    if (!plan) {
+      this.freeScratch.push(scratch);
+      return undefined;
+    }
+    const loaded = this.load(plan, scratch);
+    loaded.catch(() => {});
+    return { loaded, scratch };
   }
 
   /** Answers requests on the preempt channel until every page has been handed out. */

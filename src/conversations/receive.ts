@@ -6,10 +6,10 @@
 // device state, kept byte for byte until a VMDESCRIPTION proves it complete → commit.
 
 import type { Socket } from 'node:net';
-import { Command, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { DeviceStateTail } from '../codec/device-state-tail.js';
-import { PageRecordParser, decodeDiscard, encodeEofAndVmdesc, findDeviceSections, splitPackage, synthesizeVmdesc, type FoundSection } from '../codec/postcopy.js';
+import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodePong, encodeShut } from '../codec/return-path.js';
@@ -26,6 +26,7 @@ import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, 
 import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
+import { checkDiscard, openPackage, postcopyEnd } from './postcopy-stream.js';
 
 export type SyncMode = 'auto' | 'round' | 'section';
 
@@ -538,14 +539,7 @@ class Receiver {
       case Command.POSTCOPY_RAM_DISCARD: {
         // The discarded pages are the ones the source still sends in postcopy: each arrives again,
         // so the snapshot keeps its older copy until then. Checked, not acted on.
-        if (!this.postcopyAdvised) throw new ProtocolError('BAD_RECORD', 'POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE');
-        const d = decodeDiscard(payload);
-        const b = this.blocks.get(d.block);
-        if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `POSTCOPY_RAM_DISCARD names unknown RAM block "${d.block}"`);
-        for (const r of d.ranges) {
-          if (r.start + r.length > b.usedLength) throw new ProtocolError('OFFSET_OUT_OF_RANGE', `POSTCOPY_RAM_DISCARD range 0x${r.start.toString(16)}+0x${r.length.toString(16)} is outside block "${d.block}"`);
-        }
-        this.discardRanges += d.ranges.length;
+        this.discardRanges += checkDiscard(payload, this.postcopyAdvised, this.blocks);
         return;
       }
       default:
@@ -565,16 +559,8 @@ class Receiver {
    * at once and stores the device sections where a precopy snapshot has them.
    */
   private async onPackage(data: Buffer, st: MainState): Promise<void> {
-    if (!this.postcopyAdvised) throw new ProtocolError('BAD_RECORD', 'PACKAGED command without POSTCOPY_ADVISE');
-    if (!this.returnPath) throw new ProtocolError('BAD_RECORD', 'PACKAGED command without a return path (postcopy needs one)');
-    if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'a second PACKAGED command');
-    if (!st.headWritten || st.ended) throw new ProtocolError('BAD_RECORD', 'PACKAGED command outside the RAM migration');
-    const pkg = splitPackage(data);
-    if (pkg.leading.length !== 1 || pkg.leading[0]!.cmd !== Command.POSTCOPY_LISTEN) {
-      throw new ProtocolError('BAD_RECORD', `package starts with commands ${pkg.leading.map((c) => c.cmd).join(',') || 'none'} (expected POSTCOPY_LISTEN)`);
-    }
-    if (pkg.trailing.at(-1)?.cmd !== Command.POSTCOPY_RUN) throw new ProtocolError('BAD_RECORD', 'package does not end with POSTCOPY_RUN');
-    st.sections = findDeviceSections(pkg.devices);
+    const pkg = openPackage(data, { advised: this.postcopyAdvised, returnPath: this.returnPath, switched: st.postcopy, inRam: st.headWritten && !st.ended });
+    st.sections = pkg.sections;
     st.postcopy = true;
     this.switchedAt = Date.now();
     this.phase = 'postcopy';
@@ -585,21 +571,15 @@ class Receiver {
     this.resolvePostcopyStarted();
     st.tail.append([pkg.devices]);
     await this.output!.deviceState([pkg.devices], st.sectionId, st.switchoverStart);
-    for (const c of pkg.trailing) if (c.cmd === Command.PING) this.main!.write(encodePong(c.payload.readUInt32BE(0)));
+    for (const v of pkg.pings) this.main!.write(encodePong(v));
   }
 
   private async onDeviceState(data: Buffer[], st: MainState): Promise<void> {
     if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
     if (st.postcopy) {
-      // A postcopy stream ends with EOF after RAM END: no device sections, no VMDESCRIPTION.
-      const bytes = Buffer.concat(data);
-      if (st.postcopyEof || bytes.length !== 1 || bytes[0] !== SectionType.EOF) {
-        throw new ProtocolError('BAD_RECORD', `${bytes.length} unexpected bytes after RAM END in a postcopy stream (expected only EOF)`);
-      }
+      const end = postcopyEnd(data, st.sections, st.postcopyEof);
       st.postcopyEof = true;
       await this.preemptSettled();
-      // Our own tools walk the device state by its description; QEMU ignores it when loading.
-      const end = encodeEofAndVmdesc(synthesizeVmdesc(st.sections));
       if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');
       await this.output!.deviceState(end, st.sectionId, st.switchoverStart);
       await this.complete(st);

@@ -15,8 +15,8 @@
 // connections closed), so A keeps running and can migrate again.
 
 import type { Socket } from 'node:net';
-import { Command, ReturnPathMessage, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { PageRecordParser, decodeDiscard, encodeEofAndVmdesc, findDeviceSections, splitPackage, synthesizeVmdesc, type FoundSection } from '../codec/postcopy.js';
+import { Command, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
 import type { Configuration } from '../codec/configuration.js';
 import { DeviceStateTail } from '../codec/device-state-tail.js';
 import { ProtocolError } from '../codec/errors.js';
@@ -40,6 +40,7 @@ import { ListeningHandle } from './listening-handle.js';
 import { StallError } from './send.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
+import { checkDiscard, openPackage, postcopyEnd } from './postcopy-stream.js';
 
 export interface RelayOptions {
   /** Where A connects: tcp:HOST:PORT or unix:PATH (port 0 picks one, see handle.listening). */
@@ -499,13 +500,7 @@ class Relay {
         } else if (ev.cmd === Command.POSTCOPY_ADVISE) {
           this.postcopyAdvised = ev.payload.length === 16;
         } else if (ev.cmd === Command.POSTCOPY_RAM_DISCARD) {
-          if (!this.postcopyAdvised) throw new ProtocolError('BAD_RECORD', 'POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE');
-          const d = decodeDiscard(ev.payload);
-          const b = this.blocks.get(d.block);
-          if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `POSTCOPY_RAM_DISCARD names unknown RAM block "${d.block}"`);
-          for (const r of d.ranges) {
-            if (r.start + r.length > b.usedLength) throw new ProtocolError('OFFSET_OUT_OF_RANGE', `POSTCOPY_RAM_DISCARD range 0x${r.start.toString(16)}+0x${r.length.toString(16)} is outside block "${d.block}"`);
-          }
+          checkDiscard(ev.payload, this.postcopyAdvised, this.blocks);
         }
         break;
       case 'package':
@@ -573,11 +568,7 @@ class Relay {
         if (st.postcopy) {
           // A postcopy stream ends with EOF after RAM END. B gets exactly that; the tail (and the
           // tee) get a description of the package's sections, as receive writes it.
-          const bytes = Buffer.concat(ev.data);
-          if (this.streamComplete || bytes.length !== 1 || bytes[0] !== SectionType.EOF) {
-            throw new ProtocolError('BAD_RECORD', `${bytes.length} unexpected bytes after RAM END in a postcopy stream (expected only EOF)`);
-          }
-          const end = encodeEofAndVmdesc(synthesizeVmdesc(st.sections));
+          const end = postcopyEnd(ev.data, st.sections, this.streamComplete);
           if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');
           this.streamComplete = true;
           if (this.tee) await this.tee.deviceState(end, st.sectionId, st.switchoverStart);
@@ -597,16 +588,8 @@ class Relay {
    * prepare FLUSH before it was the last sync, so later multifd packets from A are refused.
    */
   private async onPackage(data: Buffer, st: MainState): Promise<void> {
-    if (!this.postcopyAdvised) throw new ProtocolError('BAD_RECORD', 'PACKAGED command without POSTCOPY_ADVISE');
-    if (!this.aReturnPath) throw new ProtocolError('BAD_RECORD', 'PACKAGED command without a return path (postcopy needs one)');
-    if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'a second PACKAGED command');
-    if (!st.started || st.ended) throw new ProtocolError('BAD_RECORD', 'PACKAGED command outside the RAM migration');
-    const pkg = splitPackage(data);
-    if (pkg.leading.length !== 1 || pkg.leading[0]!.cmd !== Command.POSTCOPY_LISTEN) {
-      throw new ProtocolError('BAD_RECORD', `package starts with commands ${pkg.leading.map((c) => c.cmd).join(',') || 'none'} (expected POSTCOPY_LISTEN)`);
-    }
-    if (pkg.trailing.at(-1)?.cmd !== Command.POSTCOPY_RUN) throw new ProtocolError('BAD_RECORD', 'package does not end with POSTCOPY_RUN');
-    st.sections = findDeviceSections(pkg.devices);
+    const pkg = openPackage(data, { advised: this.postcopyAdvised, returnPath: this.aReturnPath, switched: st.postcopy, inRam: st.started && !st.ended });
+    st.sections = pkg.sections;
     st.postcopy = true;
     this.switchedAt = Date.now();
     this.phase = 'postcopy';

@@ -25,23 +25,13 @@ import { encodeDiscards, encodePackagedHeader, encodePostcopyAdvise, encodePostc
 import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePageRecordHeader, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../../src/codec/stream-encode.js';
 import { receive } from '../../src/conversations/receive.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
+import { prng } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 const PAGES = 48;
 const BLOCK = 'ram0';
 const POSTCOPY_ROUND = 99;
 const SCALE = Math.max(1, Number(process.env.MULTIFD_FUZZ_SCALE ?? 1) || 1);
-
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Page p as sent in round r: both in its first bytes, the rest a fill that depends on them. */
 function content(p: number, r: number): Buffer {

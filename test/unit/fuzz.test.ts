@@ -30,6 +30,8 @@ const BUDGET: Record<string, number> = {
   vmdesc: 150,
   'return-path': 1500,
   qmp: 1500,
+  'postcopy-package': 300,
+  'postcopy-records': 1500,
 };
 /** MULTIFD_FUZZ_SCALE=10 runs ten times the inputs (as for properties.test.ts). */
 const SCALE = Math.max(0.01, Number(process.env.MULTIFD_FUZZ_SCALE ?? 1) || 1);

@@ -6,6 +6,7 @@ import { mappedRamFileTarget, mappedRamHeaderTarget, streamFileTarget } from './
 import { qmpTarget, returnPathTarget } from './misc.js';
 import { configurationTarget, mainStreamTarget, ramRecordsTarget } from './stream.js';
 import { vmdescTarget } from './vmdesc.js';
+import { postcopyPackageTarget, preemptTarget } from './postcopy.js';
 
 export const TARGETS: readonly Target[] = [
   mainStreamTarget,
@@ -23,6 +24,8 @@ export const TARGETS: readonly Target[] = [
   vmdescTarget,
   returnPathTarget,
   qmpTarget,
+  postcopyPackageTarget,
+  preemptTarget,
 ];
 
 export function targetByName(name: string): Target {

@@ -252,8 +252,10 @@ class Sender {
   private postcopyPhase: PostcopyPhase | undefined;
   /** PING values answered, with when (ms since start). */
   private readonly pongs = new Map<number, number>();
-  /** Set once the package went out: from then on the destination's guest may be running. */
+  /** Set once RUN went out: from then on the destination's guest may be running. */
   private inPostcopy = false;
+  /** Set once POSTCOPY_LISTEN went out: page requests may come from then on. */
+  private listenSent = false;
   /** CONTINUE state of the main channel's page records. */
   private readonly mainRecords: PageRecordState = {};
 
@@ -569,12 +571,13 @@ class Sender {
       encodePackagedHeader(packageLength),
       encodePostcopyListen(),
     ]);
+    this.listenSent = true;
     this.phase = 'device-state';
     // The device sections, without EOF and VMDESCRIPTION (the package is a stream without header).
     await this.forward(ds.fileOffset, devicesLength);
+    await this.write([ping(PING_DEVICES), ping(PING_PACKAGE_LOADED), encodePostcopyRun(), ping(PING_LISTENING)]);
     // From RUN on the destination's guest may run: a failure from here loses it.
     this.inPostcopy = true;
-    await this.write([ping(PING_DEVICES), ping(PING_PACKAGE_LOADED), encodePostcopyRun(), ping(PING_LISTENING)]);
     const packageTime = Date.now() - this.startedAt;
     this.phase = 'postcopy';
     publish('send-postcopy-package', { bytes: packageLength });
@@ -668,7 +671,8 @@ class Sender {
             this.resolveAnswered();
           } else if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) {
             const req = decodePageRequest(m.type, m.payload);
-            if (!this.pages || !this.inPostcopy) {
+            // Legitimate from LISTEN on: loading the devices in the package may touch guest memory.
+            if (!this.pages || !this.listenSent) {
               throw new ProtocolError('BAD_RECORD', `page request (${req.block ?? 'same block'} at 0x${req.start.toString(16)}) before the destination was told to listen: ${this.pc ? 'it was not in postcopy yet' : 'this is not a postcopy migration'}`);
             }
             // A bad request throws a PageRequestError naming what was wrong.

@@ -152,7 +152,11 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
 
     let destStatus = 'setup';
     let destError: string | undefined;
-    const compression = channels > 0 ? opts.compression : undefined;
+    // Compression travels on multifd only: when restore turned multifd off for postcopy, it goes too
+    // (noted above); otherwise send refuses a method without channels, as before.
+    const fellBack = channels === 0 && (opts.channels ?? 2) > 0;
+    if (fellBack && opts.compression && opts.compression !== 'none') notes.push(`multifd-compression ${opts.compression} was not used (it needs multifd)`);
+    const compression = fellBack ? undefined : opts.compression;
     const tx = send({
       file: source,
       to,
@@ -160,7 +164,7 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
       ...(opts.uuid ? { uuid: opts.uuid } : {}),
       ...(compression ? { compression } : {}),
       ...(opts.tls ? { tls: opts.tls } : {}),
-      ...(opts.level !== undefined && compression && compression !== 'none' ? { level: opts.level } : {}),
+      ...(opts.level !== undefined && !fellBack ? { level: opts.level } : {}),
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.zeroPageDetection ? { zeroPageDetection: opts.zeroPageDetection } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),

@@ -15,7 +15,7 @@
  *
  * Every path QEMU sees is under /tmp (QEMU 11 runs in a chroot that only shares /tmp).
  */
-import { after, before, describe, test } from 'node:test';
+import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -23,7 +23,7 @@ import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../gues
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { firstDifference } from '../helpers/snapshot.js';
 import { settle, startDestination, type Destination } from '../helpers/send.js';
-import { restore, type RestoreSummary } from '../../src/conversations/restore.js';
+import { restore, type RestoreHandle, type RestoreSummary } from '../../src/conversations/restore.js';
 import { save } from '../../src/conversations/save.js';
 import { PostcopyDestinationLostError, type PostcopyOptions } from '../../src/conversations/send.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
@@ -97,6 +97,18 @@ function assertPostcopySummary(s: RestoreSummary, c: Config, totalPages: number)
   if (!c.preempt) assert.equal(pc['preempt-pages'], 0);
 }
 
+/** The summary of a restore that must succeed, checked; QEMU's stderr in the log when it failed. */
+async function completed(t: TestContext, h: RestoreHandle, q: QemuInstance, c: Config, totalPages: number, what: string): Promise<RestoreSummary> {
+  const r = await settle(h.done, 90_000, what);
+  if (!r.ok) {
+    t.diagnostic(`destination stderr: ${q.stderr()}`);
+    throw r.error;
+  }
+  t.diagnostic(describeRestore(r.value));
+  assertPostcopySummary(r.value, c, totalPages);
+  return r.value;
+}
+
 async function killAll(...qs: (QemuInstance | Destination | undefined)[]): Promise<void> {
   await Promise.all(qs.map((x) => (x ? ('q' in x ? x.q : x).kill() : undefined)));
 }
@@ -146,14 +158,7 @@ for (const version of ['11', '10'] as QemuVersion[]) {
           const h = restore({ file, qmp: d.qmp, channels: c.channels, postcopy });
           let runningEvent: number | undefined;
           h.on('postcopy-running', (e: { elapsedMs: number }) => { runningEvent = e.elapsedMs; });
-          const r = await settle(h.done, 90_000, 'restore --postcopy');
-          if (!r.ok) {
-            t.diagnostic(`destination stderr: ${dq.stderr()}`);
-            throw r.error;
-          }
-          const s = r.value;
-          t.diagnostic(describeRestore(s));
-          assertPostcopySummary(s, c, totalPages);
+          const s = await completed(t, h, dq, c, totalPages, 'restore --postcopy');
           assert.ok(runningEvent !== undefined, 'postcopy-running was emitted');
           assert.ok(s['time-to-running'] !== undefined, 'the destination guest ran (RESUME)');
           assert.ok(s['time-to-running'] < s['time-to-complete'], `the guest ran (${s['time-to-running']} ms) before every page was there (${s['time-to-complete']} ms)`);
@@ -196,14 +201,7 @@ for (const version of ['11', '10'] as QemuVersion[]) {
             during = dumpGuestMemory(dq, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
             during.catch(() => {});
           });
-          const r = await settle(h.done, 90_000, 'restore --postcopy into a paused destination');
-          if (!r.ok) {
-            t.diagnostic(`destination stderr: ${dq.stderr()}`);
-            throw r.error;
-          }
-          const s = r.value;
-          t.diagnostic(describeRestore(s));
-          assertPostcopySummary(s, c, totalPages);
+          const s = await completed(t, h, dq, c, totalPages, 'restore --postcopy into a paused destination');
           assert.equal(s['time-to-running'], undefined, 'the guest stays paused (-S, no --resume)');
           assert.equal(s.destinationQemu['run-state-after'], 'paused');
           assert.ok(ran, 'postcopy-running was emitted');

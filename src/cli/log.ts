@@ -3,7 +3,7 @@
 import diagnostics_channel from 'node:diagnostics_channel';
 import { pino } from 'pino';
 
-const EVENTS = ['listening', 'main-channel', 'channel', 'configuration', 'sync-mode', 'sync', 'return-path', 'completed', 'failed', 'error', 'send-start', 'send-channels', 'send-pong', 'send-completed', 'send-failed', 'relay-listening', 'relay-source', 'relay-destination', 'relay-channels', 'relay-return-path', 'relay-completed', 'relay-failed', 'stray-connection', 'late-data'];
+const EVENTS = ['listening', 'main-channel', 'channel', 'configuration', 'sync-mode', 'sync', 'return-path', 'completed', 'failed', 'error', 'send-start', 'send-channels', 'send-pong', 'send-completed', 'send-failed', 'relay-listening', 'relay-source', 'relay-destination', 'relay-channels', 'relay-return-path', 'relay-completed', 'relay-failed', 'stray-connection', 'late-data', 'postcopy', 'relay-postcopy', 'relay-preempt', 'refused', 'send-postcopy-switch', 'send-postcopy-package', 'send-postcopy-pages-done'];
 
 export function enableVerboseLog(): void {
   const log = pino({ base: null }, pino.destination(2));

@@ -69,15 +69,12 @@ export interface IncomingOptions {
   onKind: (sock: Socket, kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string) => void;
   onStray: (e: StrayConnectionError) => void;
   /**
-   * Takes a connection before it identifies itself, when the conversation knows what it must be:
-   * a postcopy preempt channel has no magic (PROTOCOL.md §6.3). True when taken.
+   * A postcopy preempt channel has no magic (PROTOCOL.md §6.3): offered every new connection
+   * before it identifies itself (`byOrder`: QEMU's rule, the one after main and all multifd
+   * channels), and one whose first bytes are no known magic before it is closed as a stray (a
+   * preempt channel that raced a multifd channel's init). True when taken.
    */
-  claim?: (sock: Socket) => boolean;
-  /**
-   * Offered a connection whose first bytes are no known magic before it is closed as a stray: a
-   * preempt channel that connected before every multifd channel identified itself. True when taken.
-   */
-  adoptUnknown?: (sock: Socket, source: AsyncIterable<Buffer>, peer: string) => boolean;
+  takePreempt?: (sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean) => boolean;
 }
 
 /** The listening side's sorter: classifies each connection, with a cap on those still unidentified. */
@@ -87,7 +84,7 @@ export class IncomingConnections {
   constructor(private readonly o: IncomingOptions) {}
 
   accept(sock: Socket): void {
-    if (this.o.claim?.(sock)) return;
+    if (this.o.takePreempt?.(sock, sock as AsyncIterable<Buffer>, true)) return;
     if (this.pending >= this.o.maxPending) {
       const peer = describePeer(sock);
       sock.destroy();
@@ -106,9 +103,9 @@ export class IncomingConnections {
         this.pending--;
         this.o.onStray(e);
       },
-      this.o.adoptUnknown
-        ? (source, peer) => {
-          if (!this.o.adoptUnknown!(sock, source, peer)) return false;
+      this.o.takePreempt
+        ? (source) => {
+          if (!this.o.takePreempt!(sock, source, false)) return false;
           this.pending--;
           return true;
         }

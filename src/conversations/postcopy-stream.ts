@@ -55,3 +55,13 @@ export function postcopyEnd(data: readonly Buffer[], sections: readonly FoundSec
   }
   return encodeEofAndVmdesc(synthesizeVmdesc(sections));
 }
+
+/**
+ * Whether a new connection is the source's preempt channel (it has no magic, PROTOCOL.md §6.3):
+ * while one is possible (postcopy advised, main channel there, no preempt yet), the connection
+ * after all multifd channels identified themselves, as QEMU's destination takes it (`byOrder`),
+ * or one whose first bytes are no magic (it raced a multifd channel's init).
+ */
+export function preemptExpected(possible: boolean, multifdConnected: number, channels: number, byOrder: boolean): boolean {
+  return possible && (!byOrder || multifdConnected >= channels);
+}

@@ -26,7 +26,7 @@ import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, 
 import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
-import { checkDiscard, openPackage, postcopyEnd } from './postcopy-stream.js';
+import { checkDiscard, openPackage, postcopyEnd, preemptExpected } from './postcopy-stream.js';
 
 export type SyncMode = 'auto' | 'round' | 'section';
 
@@ -181,8 +181,7 @@ class Receiver {
       maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING,
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
-      claim: (sock) => this.claimPreempt(sock),
-      adoptUnknown: (sock, source) => this.adoptPreempt(sock, source),
+      takePreempt: (sock, source, byOrder) => this.takePreempt(sock, source, byOrder),
     });
     this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channels = opts.channels ?? 2;
@@ -283,18 +282,11 @@ class Receiver {
    * The postcopy preempt channel has no magic: like QEMU, take the connection that comes after
    * the main channel and all multifd channels of a source that advised postcopy (§6.3).
    */
-  private claimPreempt(sock: Socket): boolean {
-    if (!this.postcopyAdvised || !this.main || this.preempt || this.failure || this.finished) return false;
-    if ((this.multifd?.connected ?? 0) < this.channels) return false;
+  private takePreempt(sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean): boolean {
+    if (!preemptExpected(this.postcopyAdvised && !!this.main && !this.preempt && !this.failure && !this.finished, this.multifd?.connected ?? 0, this.channels, byOrder)) return false;
+    this.preempt = sock;
     sock.setNoDelay(true);
     sock.on('error', () => {});
-    return this.adoptPreempt(sock, sock as AsyncIterable<Buffer>);
-  }
-
-  /** Also for a connection that came before every multifd channel identified itself. */
-  private adoptPreempt(sock: Socket, source: AsyncIterable<Buffer>): boolean {
-    if (!this.postcopyAdvised || !this.main || this.preempt || this.failure || this.finished) return false;
-    this.preempt = sock;
     publish('channel', { kind: 'preempt', peer: describePeer(sock) });
     void this.runPreempt(source);
     return true;

@@ -40,7 +40,7 @@ import { ListeningHandle } from './listening-handle.js';
 import { StallError } from './send.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
-import { checkDiscard, openPackage, postcopyEnd } from './postcopy-stream.js';
+import { checkDiscard, openPackage, postcopyEnd, preemptExpected } from './postcopy-stream.js';
 
 export interface RelayOptions {
   /** Where A connects: tcp:HOST:PORT or unix:PATH (port 0 picks one, see handle.listening). */
@@ -231,7 +231,7 @@ class Relay {
       maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING,
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
-      claim: (sock) => this.claimPreempt(sock),
+      takePreempt: (sock, source, byOrder) => this.takePreempt(sock, source, byOrder),
     });
     this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channelsIn = opts.channelsIn ?? 2;
@@ -357,13 +357,12 @@ class Relay {
   }
 
   /** A's postcopy preempt channel (no magic): the connection after main and all multifd (§6.3). */
-  private claimPreempt(sock: Socket): boolean {
-    if (!this.postcopyAdvised || !this.aMain || this.aPreempt || this.failure || this.completed) return false;
-    if ((this.receiver?.connected ?? 0) < this.channelsIn) return false;
+  private takePreempt(sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean): boolean {
+    if (!preemptExpected(this.postcopyAdvised && !!this.aMain && !this.aPreempt && !this.failure && !this.completed, this.receiver?.connected ?? 0, this.channelsIn, byOrder)) return false;
     this.aPreempt = sock;
     sock.setNoDelay(true);
     sock.on('error', () => {});
-    void this.runPreempt(sock);
+    void this.runPreempt(source);
     return true;
   }
 
@@ -372,7 +371,7 @@ class Relay {
    * multifd channels so B takes it as preempt too. Bytes pass unchanged (block names are the
    * same on both sides); they are parsed to check them and for the tee.
    */
-  private async runPreempt(sock: Socket): Promise<void> {
+  private async runPreempt(source: AsyncIterable<Buffer>): Promise<void> {
     const timeout = this.opts.connectTimeoutMs ?? 10000;
     const b = (async () => {
       await this.bMain;
@@ -386,7 +385,7 @@ class Relay {
     publish('relay-preempt', {});
     const parser = new PageRecordParser((name) => this.blocks.get(name)?.usedLength, 'source preempt channel');
     try {
-      for await (const chunk of sock as AsyncIterable<Buffer>) {
+      for await (const chunk of source) {
         if (this.failure) return;
         this.preemptBytes += chunk.length;
         // Pages on preempt belong after the switch (the block list known, precopy sealed); the

@@ -63,7 +63,32 @@ const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postc
 const OPT_IN: readonly Scenario[] = ['postcopy'];
 type Scenario = (typeof SCENARIOS)[number];
 
+const USAGE = `usage: npm run bench -- [options]
+  --scenarios LIST   ${SCENARIOS.join(',')} (default: all but ${OPT_IN.join(', ')})
+  --sizes LIST       guest sizes in GiB (default 1,4; --quick 0.25)
+  --channels LIST    multifd channels (default 1,2,4; --quick 2)
+  --methods LIST     none,zlib,zstd (default all; --quick none)
+  --reps N           repetitions per job (default 3; --quick 1)
+  --qemu 10|11       QEMU version (default 10)
+  --ours-only        skip the QEMU counterparts (for profiling)
+  --no-live          skip the running-guest runs
+  --quick            a short smoke run
+  --name NAME        write bench/results/NAME.{json,md,svg} (default: latest)
+  --help             this text`;
+
+const KNOWN_FLAGS = new Set(['--scenarios', '--sizes', '--channels', '--methods', '--reps', '--qemu', '--name', '--ours-only', '--no-live', '--quick', '--help', '-h']);
+
 function parseArgs(argv: string[]): Args {
+  if (argv.includes('--help') || argv.includes('-h')) {
+    console.log(USAGE);
+    process.exit(0);
+  }
+  // An unknown flag must not start an hour of benchmarks that overwrites the latest results.
+  const bad = argv.filter((a) => a.startsWith('-') && !KNOWN_FLAGS.has(a));
+  if (bad.length) {
+    console.error(`bench: unknown option(s) ${bad.join(', ')}\n${USAGE}`);
+    process.exit(2);
+  }
   const get = (name: string): string | undefined => {
     const i = argv.indexOf(`--${name}`);
     return i >= 0 ? argv[i + 1] : undefined;

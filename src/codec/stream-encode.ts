@@ -54,6 +54,13 @@ export function encodeCommand(cmd: number, payload: Buffer = Buffer.alloc(0)): B
 
 export const encodeSwitchoverStart = (): Buffer => encodeCommand(Command.SWITCHOVER_START);
 
+/** PING with a be32 value: the destination answers PONG(value) on the return path. */
+export function encodePing(value: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(value);
+  return encodeCommand(Command.PING, b);
+}
+
 export function encodeRamFlags(flags: number, offset = 0): Buffer {
   const b = Buffer.alloc(8);
   b.writeBigUInt64BE(BigInt(offset) | BigInt(flags));

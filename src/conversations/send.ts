@@ -30,6 +30,7 @@ import {
   encodeFooter,
   encodeMemSize,
   encodeMultifdFlush,
+  encodePing,
   encodeSectionFull,
   encodeSectionShort,
   encodeStreamHeader,
@@ -395,7 +396,7 @@ class Sender {
     await this.write([
       encodeStreamHeader(),
       encodeConfiguration(config),
-      ...(returnPath ? [encodeCommand(Command.OPEN_RETURN_PATH), ping(PING_CONFIG)] : []),
+      ...(returnPath ? [encodeCommand(Command.OPEN_RETURN_PATH), encodePing(PING_CONFIG)] : []),
       // With postcopy-ram QEMU's source advises before RAM setup (host and target page size).
       ...(pc ? [encodePostcopyAdvise()] : []),
       encodeSectionFull(SectionType.START, sid, 'ram', src.ramSection.instanceId, src.ramSection.versionId),
@@ -404,7 +405,7 @@ class Sender {
       ...(syncMode === 'round' ? [encodeMultifdFlush()] : []),
       encodeEos(),
       encodeFooter(sid),
-      ...(returnPath && !pc ? [ping(PING_RAM_SETUP)] : []),
+      ...(returnPath && !pc ? [encodePing(PING_RAM_SETUP)] : []),
     ]);
 
     if (this.channels > 0) {
@@ -567,7 +568,7 @@ class Sender {
       encodeFooter(sid),
       ...(src.switchoverStart ? [encodeCommand(Command.SWITCHOVER_START)] : []),
       ...discards,
-      ping(PING_DISCARDED),
+      encodePing(PING_DISCARDED),
       encodePackagedHeader(packageLength),
       encodePostcopyListen(),
     ]);
@@ -575,7 +576,7 @@ class Sender {
     this.phase = 'device-state';
     // The device sections, without EOF and VMDESCRIPTION (the package is a stream without header).
     await this.forward(ds.fileOffset, devicesLength);
-    await this.write([ping(PING_DEVICES), ping(PING_PACKAGE_LOADED), encodePostcopyRun(), ping(PING_LISTENING)]);
+    await this.write([encodePing(PING_DEVICES), encodePing(PING_PACKAGE_LOADED), encodePostcopyRun(), encodePing(PING_LISTENING)]);
     // From RUN on the destination's guest may run: a failure from here loses it.
     this.inPostcopy = true;
     const packageTime = Date.now() - this.startedAt;
@@ -782,8 +783,3 @@ class Sender {
   }
 }
 
-function ping(value: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(value);
-  return encodeCommand(Command.PING, b);
-}

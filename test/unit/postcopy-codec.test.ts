@@ -21,14 +21,9 @@ import {
   type PageRecordEvent,
 } from '../../src/codec/postcopy.js';
 import { ReturnPathParser } from '../../src/codec/return-path.js';
-import { encodeCommand, encodeEos, encodeFooter, encodePageRecordHeader, encodeSectionFull, encodeZeroRecord } from '../../src/codec/stream-encode.js';
+import { encodeCommand, encodePing, encodeEos, encodeFooter, encodePageRecordHeader, encodeSectionFull, encodeZeroRecord } from '../../src/codec/stream-encode.js';
 import { walkDeviceState, parseVmdesc } from '../../src/codec/vmdesc.js';
 
-const ping = (v: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(v);
-  return encodeCommand(Command.PING, b);
-};
 const section = (id: number, idstr: string, body: Buffer): Buffer => Buffer.concat([encodeSectionFull(SectionType.FULL, id, idstr, 0, 1), body, encodeFooter(id)]);
 
 describe('postcopy codec', () => {
@@ -62,7 +57,7 @@ describe('postcopy codec', () => {
     // ends with bytes that look like the start of a PING.
     const fake = Buffer.concat([Buffer.from('abc'), encodeFooter(7), Buffer.from([SectionType.FULL, 1, 2])]);
     const devs = [section(3, 'timer', Buffer.alloc(20, 1)), section(7, 'cpu', fake), section(9, 'rtc', Buffer.from([8, 0, 2, 0, 4]))];
-    const pkg = Buffer.concat([encodePostcopyListen(), ...devs, ping(3), ping(0x42), encodePostcopyRun()]);
+    const pkg = Buffer.concat([encodePostcopyListen(), ...devs, encodePing(3), encodePing(0x42), encodePostcopyRun()]);
     const parts = splitPackage(pkg);
     assert.deepEqual(parts.leading.map((c) => c.cmd), [Command.POSTCOPY_LISTEN]);
     assert.deepEqual(parts.trailing.map((c) => c.cmd), [Command.PING, Command.PING, Command.POSTCOPY_RUN]);

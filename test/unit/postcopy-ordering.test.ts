@@ -22,7 +22,7 @@ import { encodeConfiguration } from '../../src/codec/configuration.js';
 import { encodeMultifdInit } from '../../src/codec/multifd-init.js';
 import { encodeMultifdPacketHeader, encodeSyncPacket } from '../../src/codec/multifd-packet.js';
 import { encodeDiscards, encodePackagedHeader, encodePostcopyAdvise, encodePostcopyListen, encodePostcopyRun } from '../../src/codec/postcopy.js';
-import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePageRecordHeader, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../../src/codec/stream-encode.js';
+import { encodeBlockEntry, encodeCommand, encodeEos, encodePing, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePageRecordHeader, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../../src/codec/stream-encode.js';
 import { receive } from '../../src/conversations/receive.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { prng } from '../helpers/fixtures.js';
@@ -41,11 +41,6 @@ function content(p: number, r: number): Buffer {
   return b;
 }
 
-const ping = (v: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(v);
-  return encodeCommand(Command.PING, b);
-};
 
 interface Plan {
   channels: number;
@@ -129,7 +124,7 @@ async function runSource(port: number, plan: Plan): Promise<void> {
   const chanBufs: Buffer[][] = chans.map((_, i) => [encodeMultifdInit(i), encodeSyncPacket(num++)]);
   const mainBufs: Buffer[] = [
     // ADVISE before PING(1) (QEMU sends it after): PONG(1) then means the receiver knows of postcopy.
-    encodeCommand(Command.OPEN_RETURN_PATH), encodePostcopyAdvise(), ping(1),
+    encodeCommand(Command.OPEN_RETURN_PATH), encodePostcopyAdvise(), encodePing(1),
     encodeSectionFull(SectionType.START, 1, 'ram', 0, 4), encodeMemSize(PAGES * PAGE), encodeBlockEntry(BLOCK, PAGES * PAGE),
     encodeMultifdFlush(), encodeEos(), encodeFooter(1),
   ];
@@ -147,10 +142,10 @@ async function runSource(port: number, plan: Plan): Promise<void> {
   });
   const post = [...plan.postMain, ...plan.postPreempt].sort((a, b) => a - b);
   const ranges = post.map((p) => ({ start: p * PAGE, length: PAGE }));
-  mainBufs.push(encodeCommand(Command.SWITCHOVER_START), ...encodeDiscards(BLOCK, ranges), ping(2));
+  mainBufs.push(encodeCommand(Command.SWITCHOVER_START), ...encodeDiscards(BLOCK, ranges), encodePing(2));
   const dev = Buffer.concat([encodeSectionFull(SectionType.FULL, 2, 'dev', 0, 1), Buffer.alloc(16, 3), encodeFooter(2)]);
-  const pkg = Buffer.concat([encodePostcopyListen(), dev, ping(3), ping(0x42), encodePostcopyRun()]);
-  const postcopyMain: Buffer[] = [encodePackagedHeader(pkg.length), pkg, ping(4)];
+  const pkg = Buffer.concat([encodePostcopyListen(), dev, encodePing(3), encodePing(0x42), encodePostcopyRun()]);
+  const postcopyMain: Buffer[] = [encodePackagedHeader(pkg.length), pkg, encodePing(4)];
   for (let i = 0; i < plan.postMain.length; i += 5) {
     postcopyMain.push(encodeSectionShort(SectionType.PART, 1));
     for (const p of plan.postMain.slice(i, i + 5)) postcopyMain.push(encodePageRecordHeader(RamFlag.PAGE, p * PAGE, BLOCK), content(p, POSTCOPY_ROUND));

@@ -15,7 +15,7 @@ import { Command, MultifdFlag, RamFlag, SectionType, TARGET_PAGE_SIZE } from '..
 import { encodeConfiguration } from '../../src/codec/configuration.js';
 import { encodeMultifdInit } from '../../src/codec/multifd-init.js';
 import { encodeMultifdPacketHeader, encodeSyncPacket } from '../../src/codec/multifd-packet.js';
-import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePageRecordHeader, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../../src/codec/stream-encode.js';
+import { encodeBlockEntry, encodeCommand, encodeEos, encodePing, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePageRecordHeader, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../../src/codec/stream-encode.js';
 
 function tmp(): string {
   return mkdtempSync('/tmp/multifd-rx-test-');
@@ -331,8 +331,7 @@ describe('receive failures', () => {
 describe('receive: a source that switches to postcopy', () => {
   const pkg = (): Buffer => {
     const dev = Buffer.concat([encodeSectionFull(SectionType.FULL, 2, 'dev', 0, 1), Buffer.alloc(8, 7), encodeFooter(2)]);
-    const ping = (v: number): Buffer => encodeCommand(Command.PING, Buffer.from([0, 0, 0, v]));
-    const inner = Buffer.concat([encodeCommand(Command.POSTCOPY_LISTEN), dev, ping(3), ping(0x42), encodeCommand(Command.POSTCOPY_RUN)]);
+    const inner = Buffer.concat([encodeCommand(Command.POSTCOPY_LISTEN), dev, encodePing(3), encodePing(0x42), encodeCommand(Command.POSTCOPY_RUN)]);
     const len = Buffer.alloc(4);
     len.writeUInt32BE(inner.length);
     return Buffer.concat([encodeCommand(Command.PACKAGED, len), inner]);

@@ -2,7 +2,7 @@
 // sections delimited by their footers, a synthesized VMDESCRIPTION that must walk them exactly),
 // and the preempt channel's bare page records together with discards and page requests.
 
-import { Command, RamFlag, ReturnPathMessage, TARGET_PAGE_SIZE } from '../../../src/codec/constants.js';
+import { RamFlag, ReturnPathMessage, TARGET_PAGE_SIZE } from '../../../src/codec/constants.js';
 import { ProtocolError } from '../../../src/codec/errors.js';
 import {
   PageRecordParser,
@@ -17,18 +17,13 @@ import {
   splitPackage,
   synthesizeVmdesc,
 } from '../../../src/codec/postcopy.js';
-import { encodeCommand, encodeEos, encodePageRecordHeader, encodeZeroRecord } from '../../../src/codec/stream-encode.js';
+import { encodeEos, encodePing, encodePageRecordHeader, encodeZeroRecord } from '../../../src/codec/stream-encode.js';
 import { parseVmdesc, walkDeviceState } from '../../../src/codec/vmdesc.js';
 import { chunkPlan, chunks, findVmdescRecord } from '../mutators.js';
 import { firstDevice, mainStreams, unique } from '../seeds.js';
 import { check, type Target } from '../target.js';
 import { isProtocolError, protocolSignature } from './stream.js';
 
-const ping = (v: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(v);
-  return encodeCommand(Command.PING, b);
-};
 
 export const postcopyPackageTarget: Target = {
   name: 'postcopy-package',
@@ -39,7 +34,7 @@ export const postcopyPackageTarget: Target = {
       // The device sections: everything up to the EOF byte before the VMDESCRIPTION.
       const v = findVmdescRecord(dev) ?? dev.length + 1;
       const sections = dev.subarray(0, v - 1);
-      return { name: s.label, data: Buffer.concat([encodePostcopyListen(), sections, ping(3), ping(0x42), encodePostcopyRun()]) };
+      return { name: s.label, data: Buffer.concat([encodePostcopyListen(), sections, encodePing(3), encodePing(0x42), encodePostcopyRun()]) };
     })),
   run(input) {
     const pkg = splitPackage(input);

@@ -285,6 +285,8 @@ class Receiver {
   private takePreempt(sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean): boolean {
     if (!preemptExpected(this.postcopyAdvised && !!this.main && !this.preempt && !this.failure && !this.finished, this.multifd?.connected ?? 0, this.channels, byOrder)) return false;
     this.preempt = sock;
+    // Its quiet window starts now: pages sent before EOF may not have been read yet.
+    this.preemptAt = Date.now();
     sock.setNoDelay(true);
     sock.on('error', () => {});
     publish('channel', { kind: 'preempt', peer: describePeer(sock) });

@@ -11,6 +11,13 @@ type Job = { op: 'save'; opts: SaveOptions } | { op: 'restore'; opts: RestoreOpt
 
 const job = JSON.parse(process.argv[2]!) as Job;
 const t0 = performance.now();
+// MULTIFD_BENCH_MEM=1: where the peak RSS goes (V8 heap, external, array buffers), sampled.
+const memPeak: Record<string, number> = {};
+const memTimer = process.env.MULTIFD_BENCH_MEM
+  ? setInterval(() => {
+      for (const [k, v] of Object.entries(process.memoryUsage())) memPeak[k] = Math.max(memPeak[k] ?? 0, v);
+    }, 20).unref()
+  : undefined;
 try {
   let done: Promise<unknown>;
   if (job.op === 'save') done = save(job.opts).done;
@@ -25,6 +32,11 @@ try {
   const u = process.resourceUsage();
   // CPU of the whole process (all threads: main, thread pool, zstd workers).
   const cpuMs = (u.userCPUTime + u.systemCPUTime) / 1000;
+  if (memTimer) {
+    clearInterval(memTimer);
+    const mib = Object.entries(memPeak).map(([k, v]) => `${k} ${(v / 2 ** 20).toFixed(0)}`).join(', ');
+    process.stderr.write(`peak MiB: ${mib}\n`);
+  }
   process.stdout.write(JSON.stringify({ ok: true, wallMs, cpuMs, maxRssKiB: u.maxRSS, summary }) + '\n');
 } catch (e) {
   process.stdout.write(JSON.stringify({ ok: false, error: (e as Error).message, maxRssKiB: process.resourceUsage().maxRSS }) + '\n');

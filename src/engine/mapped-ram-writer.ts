@@ -127,7 +127,9 @@ export class MappedRamWriter implements PageStore {
     if (this.slots && count * this.pageSize <= this.slots.slotBytes) return this.writeDirect(b.header.pagesOffset, runs, this.slots);
     const writes: Promise<void>[] = [];
     for (const r of runs) writes.push(this.queuePageWrite(() => this.writeAll(r.data, b.header.pagesOffset + r.offset), r.pages));
-    await Promise.all(writes);
+    // Settled, not just the first failure: the caller may reuse `data` once this returns.
+    const failed = (await Promise.allSettled(writes)).find((r) => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 
   /**

@@ -300,7 +300,7 @@ export class MultifdReceiver extends EventEmitter {
     const decoded = h.normalPages > 0 ? ch.recv(h, payload) : undefined;
     if (this.opts.store.writePacket) {
       st.zeroPages += h.zeroPages;
-      return this.forwardPacket(h, decoded, st);
+      return this.forwardPacket(h, decoded, st, ch);
     }
     // Awaited in writeNormal; this only keeps a rejection during the zero-page write from counting as unhandled.
     if (decoded instanceof Promise) decoded.catch(() => {});
@@ -308,17 +308,22 @@ export class MultifdReceiver extends EventEmitter {
     if (h.zeroPages > 0) {
       st.zeroPages += h.zeroPages;
       const z = this.opts.store.zeroPages(h.ramblock, h.offsets, h.normalPages, h.zeroPages);
-      if (z instanceof Promise) return decoded ? z.then(() => this.writeNormal(h, decoded, st)) : z;
+      if (z instanceof Promise) return decoded ? z.then(() => this.writeNormal(h, decoded, st, ch)) : z;
     }
     if (!decoded) return undefined;
-    return this.writeNormal(h, decoded, st);
+    return this.writeNormal(h, decoded, st, ch);
   }
 
-  private async forwardPacket(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]> | undefined, st: ChannelStats): Promise<void> {
+  private async forwardPacket(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]> | undefined, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
     const pages = decoded ? await decoded : [];
-    this.checkDecoded(h, pages);
-    st.normalPages += h.normalPages;
-    await this.opts.store.writePacket!(h.ramblock, h.offsets, h.normalPages, h.zeroPages, pages);
+    try {
+      this.checkDecoded(h, pages);
+      st.normalPages += h.normalPages;
+      await this.opts.store.writePacket!(h.ramblock, h.offsets, h.normalPages, h.zeroPages, pages);
+    } finally {
+      // The store is done with the bytes once its write settled (PageStore's contract).
+      if (decoded) ch.release?.(pages);
+    }
   }
 
   private checkDecoded(h: MultifdPacketHeader, pages: readonly Buffer[]): void {
@@ -328,10 +333,14 @@ export class MultifdReceiver extends EventEmitter {
     }
   }
 
-  private async writeNormal(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]>, st: ChannelStats): Promise<void> {
+  private async writeNormal(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]>, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
     const pages = await decoded;
-    this.checkDecoded(h, pages);
-    st.normalPages += h.normalPages;
-    await this.opts.store.writePages(h.ramblock, h.offsets, h.normalPages, pages);
+    try {
+      this.checkDecoded(h, pages);
+      st.normalPages += h.normalPages;
+      await this.opts.store.writePages(h.ramblock, h.offsets, h.normalPages, pages);
+    } finally {
+      ch.release?.(pages);
+    }
   }
 }

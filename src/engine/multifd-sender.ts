@@ -202,7 +202,11 @@ export class MultifdSender extends EventEmitter {
     const written = ch.tail.then(async () => {
       this.check();
       const p = await prepared;
-      await ch.sink.write([slot.header, ...p.payload]);
+      try {
+        await ch.sink.write([slot.header, ...p.payload]);
+      } finally {
+        if (p.normal > 0) ch.method.release?.(p);
+      }
       ch.stats.packets++;
       ch.stats.normalPages += p.normal;
       ch.stats.zeroPages += p.zero;

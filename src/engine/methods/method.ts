@@ -7,6 +7,11 @@ import type { MultifdPacketHeader } from '../../codec/multifd-packet.js';
 export interface RecvMethodChannel {
   /** Page bytes for the packet's normal pages, exactly normalPages × pageSize long (as views). */
   recv(header: MultifdPacketHeader, payload: Buffer[]): Buffer[] | Promise<Buffer[]>;
+  /**
+   * Optional: the receiver is done with pages that recv returned (stored, or failed), so the
+   * method may reuse their memory. Called at most once per recv result.
+   */
+  release?(pages: readonly Buffer[]): void;
   cleanup(): void;
 }
 
@@ -20,10 +25,12 @@ export interface SendPrepared {
 export interface SendMethodChannel {
   /**
    * Turns the normal pages of one packet (views totalling normalPages × pageSize bytes) into its
-   * payload. The channel writes the result before it calls prepare again, so a method may reuse
-   * its output buffers from one packet to the next.
+   * payload. prepare of the next packet may run while this one is still being written, so output
+   * buffers are the method's to reuse only once release() gave them back.
    */
   prepare(pages: readonly Buffer[], normalPages: number): SendPrepared | Promise<SendPrepared>;
+  /** Optional: the payload prepare returned was written (or failed); its memory may be reused. */
+  release?(prepared: SendPrepared): void;
   cleanup(): void;
 }
 

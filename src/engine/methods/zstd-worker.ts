@@ -8,8 +8,8 @@ import binding from 'zstd-napi/binding.js';
 type Request =
   | { id: number; op: 'csetup'; key: string; level: number }
   | { id: number; op: 'dsetup'; key: string }
-  | { id: number; op: 'compress'; key: string; data: Uint8Array }
-  | { id: number; op: 'decompress'; key: string; data: Uint8Array; expected: number }
+  | { id: number; op: 'compress'; key: string; data: Uint8Array; out: Uint8Array }
+  | { id: number; op: 'decompress'; key: string; data: Uint8Array; out: Uint8Array }
   | { id: number; op: 'free'; key: string };
 
 const cctx = new Map<string, binding.CCtx>();
@@ -17,10 +17,10 @@ const dctx = new Map<string, binding.DCtx>();
 /** Streams that failed: their state is lost, so every later packet fails with the first error. */
 const failed = new Map<string, string>();
 
-function compress(key: string, src: Uint8Array): Uint8Array {
+function compress(key: string, src: Uint8Array, out: Uint8Array): Uint8Array {
   const c = cctx.get(key);
   if (!c) throw new Error(`no zstd compression context ${key}`);
-  let dst: Uint8Array = Buffer.allocUnsafeSlow(src.length + (src.length >> 7) + 65536);
+  let dst: Uint8Array = out;
   let produced = 0;
   let consumed = 0;
   for (;;) {
@@ -39,10 +39,11 @@ function compress(key: string, src: Uint8Array): Uint8Array {
   return dst.subarray(0, produced);
 }
 
-function decompress(key: string, src: Uint8Array, expected: number): Uint8Array {
+/** Decodes into `dst`, whose length is what the packet header announces. */
+function decompress(key: string, src: Uint8Array, dst: Uint8Array): Uint8Array {
   const d = dctx.get(key);
   if (!d) throw new Error(`no zstd decompression context ${key}`);
-  const dst = Buffer.allocUnsafeSlow(expected);
+  const expected = dst.length;
   const probe = new Uint8Array(1);
   const tooMuch = (): Error => new Error(`zstd payload decodes to more than the ${expected} bytes its header announces`);
   let produced = 0;
@@ -87,14 +88,11 @@ parentPort!.on('message', (m: Request) => {
         dctx.set(m.key, new binding.DCtx());
         parentPort!.postMessage({ id: m.id });
         return;
-      case 'compress': {
-        const out = compress(m.key, m.data);
-        parentPort!.postMessage({ id: m.id, data: out }, [out.buffer as ArrayBuffer]);
-        return;
-      }
+      case 'compress':
       case 'decompress': {
-        const out = decompress(m.key, m.data, m.expected);
-        parentPort!.postMessage({ id: m.id, data: out }, [out.buffer as ArrayBuffer]);
+        const out = m.op === 'compress' ? compress(m.key, m.data, m.out) : decompress(m.key, m.data, m.out);
+        // Both buffers go back: the caller's pools reuse them.
+        parentPort!.postMessage({ id: m.id, data: out, input: m.data }, [out.buffer as ArrayBuffer, m.data.buffer as ArrayBuffer]);
         return;
       }
       case 'free':

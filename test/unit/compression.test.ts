@@ -67,6 +67,33 @@ describe('zlib and zstd methods', () => {
     });
   }
 
+  test('zstd: pooled packet buffers stay intact until released, with many packets in flight and out of order', async () => {
+    const m = getMethod('zstd');
+    const tx = m.sendSetup(0, PAGE, { level: 1 });
+    const rx = m.recvSetup(0, PAGE);
+    try {
+      const held: { pages: Buffer[]; want: Buffer }[] = [];
+      for (let k = 0; k < 120; k++) {
+        const pg = pages(128 - (k % 7), k);
+        const p = await tx.prepare(pg, pg.length);
+        // Decoded before its payload is released: the payload buffer goes back to the pool after.
+        const d = await rx.recv(header(pg.length, m.flags, p.size), p.payload);
+        tx.release?.(p);
+        held.push({ pages: d, want: Buffer.concat(pg) });
+        // Up to 24 packets' pages stay held (a receiver's window), released in a shuffled order.
+        while (held.length > 24 || (k === 119 && held.length > 0)) {
+          const i = (k * 7) % held.length;
+          const [h] = held.splice(i, 1);
+          assert.ok(Buffer.concat(h!.pages).equals(h!.want), `pages of a packet held while later ones decoded (packet ${k})`);
+          rx.release?.(h!.pages);
+        }
+      }
+    } finally {
+      tx.cleanup();
+      rx.cleanup();
+    }
+  });
+
   test('zlib framing as QEMU writes it: 78 01 at level 1, 78 da at level 9, every payload ends in a sync flush', async () => {
     for (const [level, magic] of [[1, '7801'], [9, '78da']] as const) {
       const tx = getMethod('zlib').sendSetup(0, PAGE, { level });

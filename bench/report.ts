@@ -5,7 +5,7 @@ export interface Row {
   version: string;
   pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy';
   /** postcopy rows: 'restore' (plain, --resume), 'postcopy', 'postcopy+preempt' (all ours). */
-  impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy';
+  impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'socat pipe' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy';
   sizeGiB: number;
   channels: number;
   method: string;
@@ -21,6 +21,8 @@ export interface Row {
     oursCpuMs?: number;
     /** Running-guest runs: the downtime the source reports. */
     downtimeMs?: number;
+    /** QEMU file save: ms until its file was durable (its `completed`, then an fsync of the file). */
+    durableMs?: number;
     /** postcopy rows: ms until the destination's guest ran (its RESUME event); `ms` is then the time until every page was in place. */
     runningMs?: number;
     /** postcopy rows: page requests the destination sent. */
@@ -99,8 +101,11 @@ export function writeMarkdown(res: BenchResult): string {
     '→ our relay → QEMU B (same channels and method on both sides) vs QEMU A → QEMU B, both timed from',
     "A's migrate to B's completed; ratio = relay throughput ÷ direct (goal ≥ 0.8), CPU ours = relay + both",
     'QEMUs, and the relay\'s peak RSS (goal ≤ 256 MiB with a 4 GiB guest). Own CPU = our process alone.',
+    "Floor: QEMU's own file restore (restore rows); QEMU A → socat → QEMU B, a byte pipe that parses",
+    "nothing (relay rows, when socat is installed). Save rows: QEMU's file save until its file is",
+    'durable (`completed`, then fsync; QEMU itself does not sync), the point at which our save reports done.',
     '',
-    '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | CPU s ours / QEMU | own CPU s | downtime ms ours / QEMU | peak RSS MiB | QEMU file floor ms |',
+    '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | CPU s ours / QEMU | own CPU s | downtime ms ours / QEMU | peak RSS MiB | floor ms |',
     '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const [k, rs] of groups(res.rows.filter((r) => r.pair !== 'postcopy'))) {
@@ -110,7 +115,10 @@ export function writeMarkdown(res: BenchResult): string {
     const baseImpl = pair === 'save' ? 'qemu file' : 'qemu→qemu';
     const num = (v: number | undefined, f: (x: number) => string): string => (v === undefined ? '–' : f(v));
     const base = cell(rs.filter((r) => r.impl === baseImpl));
-    const floor = pair === 'restore' ? cell(rs.filter((r) => r.impl === 'qemu file')) : undefined;
+    const floor = pair === 'restore' ? cell(rs.filter((r) => r.impl === 'qemu file')) : pair === 'relay' ? cell(rs.filter((r) => r.impl === 'socat pipe')) : undefined;
+    // save: QEMU's time until its file was durable, as ours is when it reports done.
+    const durableRows = pair === 'save' ? rs.filter((r) => r.impl === 'qemu file' && r.result.durableMs !== undefined) : [];
+    const durable = cell(durableRows.map((r) => ({ ...r, result: { ...r.result, ms: r.result.durableMs! } })));
     const bytes = rs[0]!.guestBytes;
     const ratio = base ? (pair === 'save' ? ours.median / base.median : base.median / ours.median) : undefined;
     const goal = pair === 'save' ? '≤ 1.2' : pair === 'relay' ? '≥ 0.8, RSS ≤ 256' : '≥ 1.0';
@@ -123,7 +131,7 @@ export function writeMarkdown(res: BenchResult): string {
         `${num(ours.cpu, (x) => (x / 1000).toFixed(1))} / ${num(base?.cpu, (x) => (x / 1000).toFixed(1))} | ` +
         `${num(ours.ownCpu, (x) => (x / 1000).toFixed(1))} | ` +
         `${num(ours.downtime, (x) => x.toFixed(0))} / ${num(base?.downtime, (x) => x.toFixed(0))} | ` +
-        `${ours.rss !== undefined ? ours.rss.toFixed(0) + rssMet : '–'} | ${floor ? fmt(floor) : '–'} |`,
+        `${ours.rss !== undefined ? ours.rss.toFixed(0) + rssMet : '–'} | ${floor ? fmt(floor) : durable ? `${fmt(durable)}, ours ÷ it ${(ours.median / durable.median).toFixed(2)}` : '–'} |`,
     );
   }
   lines.push(...postcopyTable(res.rows.filter((r) => r.pair === 'postcopy')));

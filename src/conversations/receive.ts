@@ -201,7 +201,7 @@ class Receiver {
     try {
       const compression = this.opts.compression ?? 'auto';
       const method = compression === 'auto' ? undefined : getMethod(compression);
-      this.output = await SnapshotOutput.create(this.opts.out, this.opts.directIo === undefined ? {} : { directIo: this.opts.directIo });
+      this.output = await SnapshotOutput.create(this.opts.out, { channels: this.channels, ...(this.opts.directIo === undefined ? {} : { directIo: this.opts.directIo }) });
       if (this.channels > 0) {
         this.multifd = new MultifdReceiver({
           channels: this.channels,

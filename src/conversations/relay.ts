@@ -263,7 +263,7 @@ class Relay {
       if (methodOut.name !== 'none' && this.channelsOut === 0) throw new RangeError(`compression ${methodOut.name} needs multifd channels towards the destination`);
       const compressionIn = this.opts.compressionIn ?? 'auto';
       const methodIn = compressionIn === 'auto' ? undefined : getMethod(compressionIn);
-      if (this.opts.tee) this.tee = await SnapshotOutput.create(this.opts.tee, this.opts.teeDirectIo === undefined ? {} : { directIo: this.opts.teeDirectIo });
+      if (this.opts.tee) this.tee = await SnapshotOutput.create(this.opts.tee, { channels: this.channelsIn, ...(this.opts.teeDirectIo === undefined ? {} : { directIo: this.opts.teeDirectIo }) });
       if (this.channelsOut > 0) {
         this.sender = new MultifdSender({
           channels: Array.from({ length: this.channelsOut }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.writeChannel(i, bufs) })),

@@ -6,6 +6,7 @@ import { Command, SectionType } from '../codec/constants.js';
 import { encodeConfiguration, withCapability, type Configuration } from '../codec/configuration.js';
 import type { RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
+import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 
 export class SnapshotOutput {
@@ -14,8 +15,14 @@ export class SnapshotOutput {
 
   private constructor(readonly store: MappedRamWriter) {}
 
-  static async create(path: string, opts: { directIo?: boolean } = {}): Promise<SnapshotOutput> {
-    return new SnapshotOutput(await MappedRamWriter.create(path, opts.directIo === undefined ? {} : { directIo: opts.directIo }));
+  /** `channels`: multifd channels that will feed it (sizes the O_DIRECT staging slots). */
+  static async create(path: string, opts: { directIo?: boolean; channels?: number } = {}): Promise<SnapshotOutput> {
+    return new SnapshotOutput(
+      await MappedRamWriter.create(path, {
+        ...(opts.directIo === undefined ? {} : { directIo: opts.directIo }),
+        slots: packetSlotsFor(opts.channels ?? 0),
+      }),
+    );
   }
 
   get headWritten(): boolean {

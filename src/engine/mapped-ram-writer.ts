@@ -45,8 +45,9 @@ export class MappedRamWriter implements PageStore {
     private readonly fh: FileHandle,
     private readonly pageSize: number,
     private direct: FileHandle | undefined,
+    slots: number,
   ) {
-    if (direct) this.slots = new AlignedSlots(PACKET_SLOT_BYTES, PACKET_SLOTS);
+    if (direct) this.slots = new AlignedSlots(PACKET_SLOT_BYTES, slots);
   }
 
   /**
@@ -56,7 +57,10 @@ export class MappedRamWriter implements PageStore {
    * the most expensive part of a save (perf: copy into fresh page-cache pages dominated), and
    * a fresh snapshot is not read back soon. Everything else in the file is written buffered.
    */
-  static async create(finalPath: string, opts: { pageSize?: number; directIo?: boolean } = {}): Promise<MappedRamWriter> {
+  static async create(finalPath: string, opts: { pageSize?: number; directIo?: boolean; slots?: number } = {}): Promise<MappedRamWriter> {
+    if (opts.slots !== undefined && !(Number.isInteger(opts.slots) && opts.slots >= 1 && opts.slots <= 1024)) {
+      throw new RangeError(`slots must be an integer from 1 to 1024 (got ${opts.slots})`);
+    }
     const tempPath = temporaryName(finalPath);
     const pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
     let fh: FileHandle;
@@ -71,7 +75,7 @@ export class MappedRamWriter implements PageStore {
       // A file system without O_DIRECT refuses the open (EINVAL): buffered writes then.
       direct = await open(tempPath, fsConstants.O_WRONLY | fsConstants.O_DIRECT).catch(() => undefined);
     }
-    return new MappedRamWriter(finalPath, tempPath, fh, pageSize, direct);
+    return new MappedRamWriter(finalPath, tempPath, fh, pageSize, direct, opts.slots ?? PACKET_SLOTS);
   }
 
   /** Whether page data goes to disk with O_DIRECT (see create). */

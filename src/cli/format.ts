@@ -129,6 +129,7 @@ interface RelaySummaryLike {
   'sync-mode': string;
   'compression-in': string;
   'compression-out': string;
+  'passed-encoded'?: number;
   'return-path': boolean;
   tee?: { file: string; 'file-size': number; 'commit-time': number };
   postcopy?: { 'switched-at-ms': number; 'main-pages': number; 'preempt-bytes': number; 'preempt-pages': number; 'preempt-channel': boolean; 'page-requests': number };
@@ -139,7 +140,7 @@ interface RelaySummaryLike {
 export function relaySummaryText(s: RelaySummaryLike): string {
   const lines = [
     `relayed ${s.machine} from ${s.from} to ${s.to}: the destination loaded it${s['return-path'] ? ' (the source was told)' : ''}`,
-    `  ${bytes(s['bytes-in'])} in, ${bytes(s['bytes-out'])} out, in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode, ${s['compression-in']} in, ${s['compression-out']} out)`,
+    `  ${bytes(s['bytes-in'])} in, ${bytes(s['bytes-out'])} out, in ${duration(s['total-time'])} (${s.mbps} Mbit/s), ${s.normal} pages with data, ${s.duplicate} zero, ${s['multifd-syncs']} multifd syncs (${s['sync-mode']} mode, ${s['compression-in']} in, ${s['compression-out']} out${(s['passed-encoded'] ?? 0) > 0 ? `, ${s['passed-encoded']} packets passed on still compressed` : ''})`,
     '  from the source:',
     ...channelLines(s['channels-in']).map((l) => '  ' + l),
     '  to the destination:',

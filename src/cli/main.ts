@@ -305,14 +305,15 @@ program
 
 program
   .command('relay')
-  .description('relay a live migration from QEMU A to QEMU B: multifd decoded on the way in and re-encoded on the way out, each side with its own channels and compression')
+  .description('relay a live migration from QEMU A to QEMU B: multifd decoded on the way in and re-encoded on the way out, each side with its own channels and compression (compressed packets pass as they are when both sides match)')
   .requiredOption('--listen <addr>', 'where A migrates to: tcp:HOST:PORT or unix:PATH')
   .requiredOption('--to <addr>', "B's migrate-incoming address: tcp:HOST:PORT or unix:PATH")
   .addOption(new Option('--channels-in <n>', "A's multifd-channels; 0 if A has multifd off (then B must too)").default(2).argParser(intArg(0, 255)))
   .addOption(new Option('--channels-out <n>', "B's multifd-channels (default: --channels-in)").argParser(intArg(0, 255)))
   .addOption(new Option('--compression-in <method>', "A's multifd-compression (auto: detect it from the first data packet)").choices(['auto', 'none', 'zlib', 'zstd']).default('auto'))
   .addOption(new Option('--compression-out <method>', "B's multifd-compression").choices(['none', 'zlib', 'zstd']).default('none'))
-  .option('--level-out <n>', 'compression level towards B (zlib 0-9, zstd 0-20; default 1, as QEMU)', intArg(0, 20))
+  .option('--level-out <n>', 'compression level towards B (zlib 0-9, zstd 0-20; default 1, as QEMU); re-encodes every packet', intArg(0, 20))
+  .option('--recompress', 'decode and re-encode compressed packets even when A and B use the same method and channel count (default: passed on as they came)')
   .addOption(new Option('--sync-mode <mode>', "how A's MULTIFD_FLUSH/EOS map to syncs (auto infers it from A's stream); B must use the same").choices(['auto', 'round', 'section']).default('auto'))
   .option('--uuid <uuid>', "A's -uuid: A's channels must carry it (B's carry it too); default: whatever A sends", uuidArg)
   .option('--tee <file>', 'also keep a mapped-ram snapshot of the migrated state (finalised only once B confirmed the load)')
@@ -330,7 +331,7 @@ Start B first (qemu ... -incoming defer; multifd=on, multifd-channels=OUT,
   migrate uri=tcp:RELAY:PORT
 With return-path on A, A completes only once B loaded the state; a failure on B's side fails
 A's migration and A keeps running.`)
-  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean; idleTimeout: number }) => {
+  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; recompress?: boolean; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean; idleTimeout: number }) => {
     await report('relay', o.json, async (view) => {
       const tlsIn = tlsCreds({ tlsCreds: o.tlsCredsIn, tlsVerifyPeer: o.tlsVerifyPeer });
       const tlsOut = tlsCreds({ tlsCreds: o.tlsCredsOut, tlsVerifyPeer: o.tlsVerifyPeer }, o.tlsHostnameOut);
@@ -345,6 +346,7 @@ A's migration and A keeps running.`)
         compressionIn: o.compressionIn,
         compressionOut: o.compressionOut,
         ...(o.levelOut !== undefined ? { levelOut: o.levelOut } : {}),
+        ...(o.recompress ? { recompress: true } : {}),
         syncMode: o.syncMode,
         ...(o.uuid ? { uuid: o.uuid } : {}),
         ...(o.tee ? { tee: resolve(o.tee), teeDirectIo: o.directIo } : {}),

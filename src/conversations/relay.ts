@@ -55,8 +55,18 @@ export interface RelayOptions {
   compressionIn?: string;
   /** B's multifd-compression: none (default), zlib or zstd. */
   compressionOut?: string;
-  /** Compression level towards B (zlib 1–9, zstd 1–20); the method's default when unset. */
+  /**
+   * Compression level towards B (zlib 1–9, zstd 1–20); the method's default when unset. Setting
+   * it re-encodes every packet (see recompress).
+   */
   levelOut?: number;
+  /**
+   * Decode and re-encode compressed packets even when A and B use the same method on as many
+   * channels. By default such packets go on as they came (each A channel's stream continues on the
+   * B channel of the same number), which costs no compression work; with levelOut set they are
+   * always re-encoded.
+   */
+  recompress?: boolean;
   /** A's -uuid: A's init messages must carry it and B's carry it too. Default: B's carry A's. */
   uuid?: Buffer;
   /** Also write a mapped-ram snapshot of the migrated state here (committed once B confirmed). */
@@ -117,6 +127,8 @@ export interface RelaySummary {
   'sync-mode': SyncMode | 'none';
   'compression-in': string;
   'compression-out': string;
+  /** Compressed packets passed on as they came, without decoding and re-encoding (see recompress). */
+  'passed-encoded': number;
   /** A opened the return path (A completed only after B confirmed). */
   'return-path': boolean;
   /** B confirmed the load (SHUT 0 on the return path). */
@@ -274,7 +286,9 @@ class Relay {
         this.receiver = new MultifdReceiver({
           channels: this.channelsIn,
           ...(methodIn ? { method: methodIn } : {}),
-          store: new ForwardingStore(this.sender, this.tee?.store),
+          store: new ForwardingStore(this.sender, this.tee?.store, {
+            passEncoded: this.channelsIn === this.channelsOut && this.opts.levelOut === undefined && this.opts.recompress !== true,
+          }),
           blocks: this.blocks,
           ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
           ...(this.opts.channelTimeoutMs !== undefined ? { channelTimeoutMs: this.opts.channelTimeoutMs } : {}),
@@ -791,6 +805,7 @@ class Relay {
       'sync-mode': this.receiver ? (this.syncPoints.mode ?? 'round') : 'none',
       'compression-in': this.receiver?.compression ?? (this.opts.compressionIn && this.opts.compressionIn !== 'auto' ? this.opts.compressionIn : 'none'),
       'compression-out': this.opts.compressionOut ?? 'none',
+      'passed-encoded': this.receiver?.encodedPackets ?? 0,
       'return-path': this.aReturnPath,
       destination: 'confirmed',
       'device-state-bytes': st.tail.length,

@@ -6,11 +6,36 @@
 import type { MultifdSender } from './multifd-sender.js';
 import type { PageStore } from './page-store.js';
 
+export interface ForwardingOptions {
+  /**
+   * Compressed packets whose method is the sender's go on as they came, on the channel of the
+   * same number, without decoding and re-encoding (needs as many channels on both sides, and the
+   * same level is then the source's). Default false.
+   */
+  passEncoded?: boolean;
+}
+
 export class ForwardingStore implements PageStore {
   constructor(
     private readonly sender: MultifdSender,
     private readonly copy?: PageStore,
+    private readonly opts: ForwardingOptions = {},
   ) {}
+
+  acceptsEncoded(method: string): boolean {
+    return this.opts.passEncoded === true && method !== 'none' && method === this.sender.methodName;
+  }
+
+  get keepsPages(): boolean {
+    return this.copy !== undefined;
+  }
+
+  writeEncodedPacket(channel: number, block: string, offsets: Float64Array, normal: number, zero: number, payload: readonly Buffer[], pages: readonly Buffer[] | undefined): Promise<void> {
+    const sent = this.sender.sendEncodedPacket(channel, block, offsets, normal, zero, payload);
+    if (!this.copy) return sent;
+    const kept = this.keep(block, offsets, normal, zero, pages ?? []);
+    return Promise.all([sent, kept]).then(() => {});
+  }
 
   writePacket(block: string, offsets: Float64Array, normal: number, zero: number, data: readonly Buffer[]): Promise<void> {
     const sent = this.sender.sendPacket(block, offsets, normal, zero, data);

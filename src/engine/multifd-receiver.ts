@@ -65,6 +65,7 @@ export class MultifdReceiver extends EventEmitter {
   private finished = false;
   private readonly pageSize: number;
   private readonly windowOption: number | undefined;
+  private encodedCount = 0;
 
   private get windowBytes(): number {
     return this.windowOption ?? (this.method && this.method.name !== 'none' ? 4 : 8) * 1024 * 1024;
@@ -287,6 +288,11 @@ export class MultifdReceiver extends EventEmitter {
     return this.method?.name;
   }
 
+  /** Packets passed to the store still encoded (writeEncodedPacket). */
+  get encodedPackets(): number {
+    return this.encodedCount;
+  }
+
   private applyPages(id: number, h: MultifdPacketHeader, payload: Buffer[], st: ChannelStats): Promise<void> | undefined {
     const block = this.opts.blocks.get(h.ramblock);
     validatePacketPages(h, block?.usedLength, this.pageSize);
@@ -295,6 +301,14 @@ export class MultifdReceiver extends EventEmitter {
     if (!ch) {
       ch = method.recvSetup(id, this.pageSize);
       this.methods.set(id, ch);
+    }
+    const store = this.opts.store;
+    if (store.writeEncodedPacket && store.acceptsEncoded?.(method.name)) {
+      // Passed on still encoded; decoded only for a store that keeps a copy.
+      const pages = store.keepsPages && h.normalPages > 0 ? ch.recv(h, payload) : undefined;
+      st.zeroPages += h.zeroPages;
+      this.encodedCount++;
+      return this.forwardEncoded(id, h, payload, pages, st, ch);
     }
     // Decoding starts now, in packet order: a compressed stream's state runs from packet to packet.
     const decoded = h.normalPages > 0 ? ch.recv(h, payload) : undefined;
@@ -323,6 +337,17 @@ export class MultifdReceiver extends EventEmitter {
     } finally {
       // The store is done with the bytes once its write settled (PageStore's contract).
       if (decoded) ch.release?.(pages);
+    }
+  }
+
+  private async forwardEncoded(id: number, h: MultifdPacketHeader, payload: Buffer[], decoded: Promise<Buffer[]> | Buffer[] | undefined, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
+    const pages = decoded ? await decoded : undefined;
+    try {
+      if (pages) this.checkDecoded(h, pages);
+      st.normalPages += h.normalPages;
+      await this.opts.store.writeEncodedPacket!(id, h.ramblock, h.offsets, h.normalPages, h.zeroPages, payload, pages);
+    } finally {
+      if (pages) ch.release?.(pages);
     }
   }
 

@@ -72,6 +72,8 @@ interface Prepared {
   size: number;
   normal: number;
   zero: number;
+  /** The payload came from this channel's method (so goes back to it once written). */
+  fromMethod: boolean;
 }
 
 interface Channel {
@@ -79,6 +81,8 @@ interface Channel {
   sink: SendChannel;
   method: SendMethodChannel;
   free: Slot[];
+  /** Callers of sendEncodedPacket waiting for a slot of this channel, in call order. */
+  slotWaiters: ((slot: Slot) => void)[];
   /** Writes (and syncs) in assignment order. */
   tail: Promise<void>;
   /** Prepares in assignment order, one at a time. */
@@ -113,6 +117,7 @@ export class MultifdSender extends EventEmitter {
         normal: new Float64Array(MULTIFD_PAGES_PER_PACKET),
         zero: new Float64Array(MULTIFD_PAGES_PER_PACKET),
       })),
+      slotWaiters: [],
       tail: Promise.resolve(),
       prepareTail: Promise.resolve(),
       stats: { id, packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 },
@@ -121,6 +126,11 @@ export class MultifdSender extends EventEmitter {
 
   get channelCount(): number {
     return this.channels.length;
+  }
+
+  /** The compression method's name (none, zlib, zstd). */
+  get methodName(): string {
+    return this.opts.method.name;
   }
 
   /** Init message and the setup SYNC on every channel (pairs with the setup FLUSH or EOS). */
@@ -164,7 +174,32 @@ export class MultifdSender extends EventEmitter {
       this.check();
       const p = normal > 0 ? await ch.method.prepare(data, normal) : { payload: [], size: 0 };
       this.encodeHeader(slot, block, normal, zero, p.size);
-      return { ...p, normal, zero };
+      return { ...p, normal, zero, fromMethod: normal > 0 };
+    });
+    return this.enqueueWrite(ch, slot, prepared);
+  }
+
+  /**
+   * One packet whose payload is already encoded with this sender's method (a relay passing A's
+   * compressed packets on as they are), on channel `id` and no other: a compressed stream
+   * continues only on its own channel, in order. Calls for one channel are written in call order.
+   * Resolves once written, when `payload` may be reused.
+   */
+  async sendEncodedPacket(id: number, block: string, offsets: ArrayLike<number>, normal: number, zero: number, payload: readonly Buffer[]): Promise<void> {
+    if (normal + zero === 0) return;
+    if (normal + zero > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a packet holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${normal + zero})`);
+    const ch = this.channels[id];
+    if (!ch) throw new RangeError(`no channel ${id} (the sender has ${this.channels.length})`);
+    this.check();
+    // FIFO per channel: a free slot only if nobody is queued before this call.
+    const free = ch.slotWaiters.length === 0 ? ch.free.pop() : undefined;
+    const slot = free ?? (await new Promise<Slot>((resolve) => ch.slotWaiters.push(resolve)));
+    for (let i = 0; i < normal + zero; i++) slot.normal[i] = offsets[i]!;
+    const size = payload.reduce((n, b) => n + b.length, 0);
+    const prepared = ch.prepareTail.then(() => {
+      this.check();
+      this.encodeHeader(slot, block, normal, zero, size);
+      return { payload: [...payload], size, normal, zero, fromMethod: false };
     });
     return this.enqueueWrite(ch, slot, prepared);
   }
@@ -205,7 +240,7 @@ export class MultifdSender extends EventEmitter {
       try {
         await ch.sink.write([slot.header, ...p.payload]);
       } finally {
-        if (p.normal > 0) ch.method.release?.(p);
+        if (p.fromMethod) ch.method.release?.(p);
       }
       ch.stats.packets++;
       ch.stats.normalPages += p.normal;
@@ -256,6 +291,8 @@ export class MultifdSender extends EventEmitter {
     if (this.failure) return;
     this.failure = err;
     for (const w of this.waiters.splice(0)) w();
+    // Their sendEncodedPacket calls go on to a write that fails at once (check()).
+    for (const ch of this.channels) for (const w of ch.slotWaiters.splice(0)) w(ch.free.pop() ?? this.spareSlot());
     for (const ch of this.channels) ch.method.cleanup();
     this.emit('error', err);
   }
@@ -289,8 +326,15 @@ export class MultifdSender extends EventEmitter {
   }
 
   private release(ch: Channel, slot: Slot): void {
+    const next = ch.slotWaiters.shift();
+    if (next) return next(slot);
     ch.free.push(slot);
     this.waiters.shift()?.();
+  }
+
+  /** A throwaway slot for a waiter released by fail(): its write never happens. */
+  private spareSlot(): Slot {
+    return { scratch: Buffer.alloc(0), header: Buffer.alloc(MULTIFD_PACKET_HEADER_SIZE), normal: new Float64Array(MULTIFD_PAGES_PER_PACKET), zero: new Float64Array(MULTIFD_PAGES_PER_PACKET) };
   }
 
   private encodeHeader(slot: Slot, block: string, normal: number, zero: number, size: number): void {
@@ -349,7 +393,7 @@ export class MultifdSender extends EventEmitter {
     slot.normal.set(slot.zero.subarray(0, zero), normal);
     const prepared = normal > 0 ? await ch.method.prepare(pagesData, normal) : { payload: [], size: 0 };
     this.encodeHeader(slot, batch.block, normal, zero, prepared.size);
-    return { payload: prepared.payload, size: prepared.size, normal, zero };
+    return { payload: prepared.payload, size: prepared.size, normal, zero, fromMethod: normal > 0 };
   }
 }
 

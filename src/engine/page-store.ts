@@ -21,4 +21,16 @@ export interface PageStore {
    * When present the receiver calls it instead of writePages and zeroPages.
    */
   writePacket?(block: string, offsets: Float64Array, normal: number, zero: number, data: readonly Buffer[]): Promise<void>;
+  /**
+   * Optional: whether packets compressed with `method` may reach writeEncodedPacket still
+   * encoded (a relay whose next hop uses the same method on the same channels).
+   */
+  acceptsEncoded?(method: string): boolean;
+  /** With acceptsEncoded: whether writeEncodedPacket needs the decoded pages as well (it keeps a copy). */
+  readonly keepsPages?: boolean;
+  /**
+   * One packet as it arrived on source channel `channel`: `payload` is still encoded; `pages` are
+   * its decoded pages when keepsPages. offsets as for writePacket.
+   */
+  writeEncodedPacket?(channel: number, block: string, offsets: Float64Array, normal: number, zero: number, payload: readonly Buffer[], pages: readonly Buffer[] | undefined): Promise<void>;
 }

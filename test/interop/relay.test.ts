@@ -8,7 +8,8 @@
  *  4. B killed mid-migration: the relay fails, A's migration fails, A's guest runs on, and a
  *     second migration through a new relay to a new B succeeds;
  *  5. A killed mid-migration: the relay fails, B's incoming migration fails, no tee file;
- *  6. multifd off on both sides, A without a return path (the relay opens its own to B).
+ *  6. multifd off on both sides, A without a return path (the relay opens its own to B);
+ *  7. zstd and zlib on 2 channels on both sides: A's compressed packets go on to B as they came.
  * On B: the guest's memory invariant holds after the migration, and again after it ran on.
  * Every path QEMU sees is under /tmp (QEMU 11 runs in a chroot that only shares /tmp).
  */
@@ -238,6 +239,36 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         rmSync(dir, { recursive: true, force: true });
       }
     });
+
+    for (const method of ['zstd', 'zlib'] as const) {
+      test(`running guest, ${method} on 2 channels on both sides: packets passed on as they came`, { timeout: 150_000 }, async (t) => {
+        const dir = mkdtempSync('/tmp/multifd-relay-');
+        let a: QemuInstance | undefined;
+        let b: Destination | undefined;
+        let r: RelayHandle | undefined;
+        try {
+          a = await startSource(version);
+          const side: Side = { channels: 2, compression: method };
+          const B = await startB(dir, version, side);
+          b = B.d;
+          r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 2, channelsOut: 2, compressionOut: method });
+          await migrateA(a, await r.listening, side);
+          const s = await r.done;
+          t.diagnostic(`relay: ${line(s)}, ${s['passed-encoded']} passed encoded`);
+          assertRelaySummary(s, side, side, `${method} passed on`);
+          const dataPackets = s['channels-in'].reduce((n, c) => n + c.packets - c.syncs, 0);
+          assert.ok(dataPackets > 0);
+          assert.equal(s['passed-encoded'], dataPackets, 'every packet with pages went on still compressed');
+          assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
+          await assertGuestRunsOn(t, b.q, `${method} passed on`);
+        } finally {
+          r?.abort(new Error('test over'));
+          await r?.done.catch(() => {});
+          await killAll(a, b);
+          rmSync(dir, { recursive: true, force: true });
+        }
+      });
+    }
 
     test('running guest, multifd off on both sides, A without a return path: the relay learns B\'s verdict on its own', { timeout: 150_000 }, async (t) => {
       const dir = mkdtempSync('/tmp/multifd-relay-');

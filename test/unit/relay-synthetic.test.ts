@@ -107,6 +107,36 @@ describe('relay between the synthetic source and receive', () => {
     }
   });
 
+  for (const method of ['zstd', 'zlib'] as const) {
+    for (const mode of ['as they came', 'recompress', 'levelOut'] as const) {
+      test(`${method} in and out on 3 channels each, ${mode}: B and the tee hold the source's final state`, async () => {
+        const dir = tmp();
+        try {
+          const guest = makeSyntheticGuest(8);
+          const expected = makeSyntheticGuest(8);
+          for (let r = 2; r <= 3; r++) dirtySyntheticGuest(expected, r);
+          const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 3, compression: method });
+          const second = relay({
+            listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 3, channelsOut: 3, compressionOut: method, tee: join(dir, 'tee.mig'),
+            ...(mode === 'recompress' ? { recompress: true } : mode === 'levelOut' ? { levelOut: method === 'zstd' ? 5 : 6 } : {}),
+          });
+          // The synthetic source sends plain pages: a first relay compresses them for the second.
+          const first = relay({ listen: 'tcp:127.0.0.1:0', to: await second.listening, channelsIn: 2, channelsOut: 3, compressionOut: method });
+          const [s1, s2, received] = await Promise.all([first.done, second.done, rx.done, sendSyntheticMigration(await first.listening, guest, { channels: 2, rounds: 3 })]);
+          assert.equal(s1['passed-encoded'], 0, 'none in, compressed out: every packet encoded by the first relay');
+          const dataPackets = s2['channels-in'].reduce((n, c) => n + c.packets - c.syncs, 0);
+          assert.ok(dataPackets > 10, `packets with pages reached the second relay (${dataPackets})`);
+          assert.equal(s2['passed-encoded'], mode === 'as they came' ? dataPackets : 0, 'packets passed on still compressed');
+          assert.equal(received.compression, method);
+          await assertSnapshotIs(join(dir, 'b.mig'), expected, `destination after ${method} ${mode}`);
+          await assertSnapshotIs(join(dir, 'tee.mig'), expected, `tee after ${method} ${mode}`);
+        } finally {
+          rmSync(dir, { recursive: true, force: true });
+        }
+      });
+    }
+  }
+
   test('per-section sync mode: every RAM EOS is a sync point on both sides', async () => {
     const { relay: s, received } = await chain({ channels: 2, rounds: 2, syncMode: 'section' }, { channelsIn: 2, channelsOut: 2 }, 2);
     assert.equal(s['sync-mode'], 'section');

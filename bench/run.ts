@@ -8,6 +8,8 @@
 //   npm run bench -- --methods zlib,zstd --name compressed   results in bench/results/compressed.*
 //   npm run bench -- --scenarios relay --sizes 1 --channels 2 --methods none --reps 1 --name relay-try
 //   MULTIFD_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" npm run bench -- --ours-only ...
+//   MULTIFD_BENCH_MEM=1 (peak heap/external/array buffers of our side on stderr),
+//   MULTIFD_BENCH_DIRECT_IO=0 (our saves without O_DIRECT), MULTIFD_BENCH_DOWNTIME_MS (live runs)
 //
 // Pairs (same guest, same channel count, same method):
 //   receive  QEMU → our save (receive)      vs  QEMU → QEMU          throughput, goal ≥ 1
@@ -303,7 +305,7 @@ async function oursSave(c: Ctx, file: string): Promise<{ save: Row['result']; re
   try {
     rmSync(file, { force: true });
     const cpu0 = qemuCpuMs(src);
-    const r = await child({ op: 'save', opts: { qmp: `unix:${qmp}`, out: file, channels: c.channels, compression: c.method } });
+    const r = await child({ op: 'save', opts: { qmp: `unix:${qmp}`, out: file, channels: c.channels, compression: c.method, ...BUFFERED } });
     if (!r.ok) throw new Error(`save: ${r.error}`);
     // The job's CPU: ours plus the QEMU source's (QEMU→QEMU counts both of its sides likewise).
     const cpuMs = r.cpuMs + qemuCpuMs(src) - cpu0;
@@ -315,6 +317,9 @@ async function oursSave(c: Ctx, file: string): Promise<{ save: Row['result']; re
     await src.kill();
   }
 }
+
+/** MULTIFD_BENCH_DIRECT_IO=0: our saves write pages through the page cache (for A/B runs). */
+const BUFFERED = process.env.MULTIFD_BENCH_DIRECT_IO === '0' ? { directIo: false } : {};
 
 /** Our restore (QMP + send over tcp) in a child process. */
 async function oursRestore(c: Ctx, file: string): Promise<{ restore: Row['result']; send: Row['result'] }> {

@@ -126,6 +126,16 @@ function asBuffer(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }
 
+/** A sender may clean a channel up twice (on failure, then on close); the count must not drop twice. */
+function once(fn: () => void): () => void {
+  let done = false;
+  return () => {
+    if (done) return;
+    done = true;
+    fn();
+  };
+}
+
 function opened(): void {
   openChannels++;
 }
@@ -158,10 +168,10 @@ export function zstdMethod(): MultifdMethod {
         release: (prepared) => {
           for (const b of prepared.payload) payloadPool.give(b.buffer);
         },
-        cleanup: () => {
+        cleanup: once(() => {
           w.call({ op: 'free', key }).catch(() => {});
           closed();
-        },
+        }),
       };
     },
     recvSetup(channelId: number, pageSize: number): RecvMethodChannel {
@@ -180,10 +190,10 @@ export function zstdMethod(): MultifdMethod {
         release: (pages) => {
           for (const b of pages) pagePool.give(b.buffer);
         },
-        cleanup: () => {
+        cleanup: once(() => {
           w.call({ op: 'free', key }).catch(() => {});
           closed();
-        },
+        }),
       };
     },
   };

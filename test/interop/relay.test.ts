@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { cli, freePort, settle, startDestination, startListeningCli, type Destination } from '../helpers/send.js';
-import { relay, type RelayHandle, type RelaySummary } from '../../src/conversations/relay.js';
+import { relay, type RelayHandle, type RelayOptions, type RelaySummary } from '../../src/conversations/relay.js';
 import type { RestoreSummary } from '../../src/conversations/restore.js';
 
 const MEM_MIB = 128;
@@ -132,25 +132,46 @@ async function killAll(...qs: (QemuInstance | Destination | undefined)[]): Promi
   await Promise.all(qs.map((x) => (x ? ('q' in x ? x.q : x).kill() : undefined)));
 }
 
+type MigrateSide = Side & { returnPath?: boolean; maxBandwidth?: number; downtimeLimitMs?: number };
+
+/**
+ * The skeleton of most tests below: a running guest on A migrates through a library relay to B
+ * (started for `out`); `check` gets the relay's summary while A and B are still up, and both are
+ * torn down whatever happens. holdRounds: A's rounds to hold in iteration first (see holdRounds).
+ */
+async function relayRun(
+  version: QemuVersion,
+  o: { sourceArgs?: string[]; inn: MigrateSide; out: Side; relay?: Partial<RelayOptions>; holdRounds?: number },
+  check: (run: { a: QemuInstance; b: Destination; s: RelaySummary; held: number }) => Promise<void>,
+): Promise<void> {
+  const dir = mkdtempSync('/tmp/multifd-relay-');
+  let a: QemuInstance | undefined;
+  let b: Destination | undefined;
+  let r: RelayHandle | undefined;
+  try {
+    a = await startSource(version, o.sourceArgs);
+    const B = await startB(dir, version, o.out);
+    b = B.d;
+    r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: o.inn.channels, channelsOut: o.out.channels, ...o.relay });
+    await migrateA(a, await r.listening, o.inn);
+    const held = o.holdRounds ? await holdRounds(a, o.holdRounds) : 0;
+    await check({ a, b, s: await r.done, held });
+  } finally {
+    r?.abort(new Error('test over'));
+    await r?.done.catch(() => {});
+    await killAll(a, b);
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 for (const version of ['10', '11'] as QemuVersion[]) {
   const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)} does not run)`;
 
   describe(`relay with QEMU ${version}`, { skip }, () => {
     test('running guest, 2 → 4 channels: A completes once B confirmed; B runs on with the invariant', { timeout: 150_000 }, async (t) => {
-      const dir = mkdtempSync('/tmp/multifd-relay-');
-      let a: QemuInstance | undefined;
-      let b: Destination | undefined;
-      let r: RelayHandle | undefined;
-      try {
-        a = await startSource(version);
-        const inn: Side = { channels: 2 };
-        const out: Side = { channels: 4 };
-        const B = await startB(dir, version, out);
-        b = B.d;
-        r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: inn.channels, channelsOut: out.channels });
-        await migrateA(a, await r.listening, { ...inn, downtimeLimitMs: 1, maxBandwidth: 512 * 1024 * 1024 });
-        const held = await holdRounds(a, 6);
-        const s = await r.done;
+      const inn: Side = { channels: 2 };
+      const out: Side = { channels: 4 };
+      await relayRun(version, { inn: { ...inn, downtimeLimitMs: 1, maxBandwidth: 512 * 1024 * 1024 }, out, holdRounds: 6 }, async ({ a, b, s, held }) => {
         t.diagnostic(`relay: ${line(s)}`);
         const stA = await waitMigration(a.qmp, { timeoutMs: 30_000 });
         assert.equal(stA.status, 'completed', 'A completed');
@@ -161,12 +182,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(s['sync-mode'], 'round');
         t.diagnostic(`A: downtime ${stA.downtime} ms, dirty-sync-count ${stA.ram?.['dirty-sync-count']}`);
         await assertGuestRunsOn(t, b.q, '2 → 4');
-      } finally {
-        r?.abort(new Error('test over'));
-        await r?.done.catch(() => {});
-        await killAll(a, b);
-        rmSync(dir, { recursive: true, force: true });
-      }
+      });
     });
 
     test('running guest, 4 → 1 channels, none → zstd, --tee (CLI): B and the tee restored in a third QEMU hold the same memory', { timeout: 240_000 }, async (t) => {
@@ -214,46 +230,21 @@ for (const version of ['10', '11'] as QemuVersion[]) {
     });
 
     test('running guest, per-section sync on both sides, zstd → zlib, 2 → 3 channels', { timeout: 150_000 }, async (t) => {
-      const dir = mkdtempSync('/tmp/multifd-relay-');
-      let a: QemuInstance | undefined;
-      let b: Destination | undefined;
-      let r: RelayHandle | undefined;
-      try {
-        a = await startSource(version, PER_SECTION);
-        const inn: Side = { channels: 2, compression: 'zstd' };
-        const out: Side = { channels: 3, compression: 'zlib', extraArgs: PER_SECTION };
-        const B = await startB(dir, version, out);
-        b = B.d;
-        r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 2, channelsOut: 3, compressionOut: 'zlib' });
-        await migrateA(a, await r.listening, inn);
-        const s = await r.done;
+      const inn: Side = { channels: 2, compression: 'zstd' };
+      const out: Side = { channels: 3, compression: 'zlib', extraArgs: PER_SECTION };
+      await relayRun(version, { sourceArgs: PER_SECTION, inn, out, relay: { compressionOut: 'zlib' } }, async ({ a, b, s }) => {
         t.diagnostic(`relay: ${line(s)}`);
         assertRelaySummary(s, inn, out, 'per-section');
         assert.equal(s['sync-mode'], 'section');
         assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
         await assertGuestRunsOn(t, b.q, 'per-section');
-      } finally {
-        r?.abort(new Error('test over'));
-        await r?.done.catch(() => {});
-        await killAll(a, b);
-        rmSync(dir, { recursive: true, force: true });
-      }
+      });
     });
 
     for (const method of ['zstd', 'zlib'] as const) {
       test(`running guest, ${method} on 2 channels on both sides: packets passed on as they came`, { timeout: 150_000 }, async (t) => {
-        const dir = mkdtempSync('/tmp/multifd-relay-');
-        let a: QemuInstance | undefined;
-        let b: Destination | undefined;
-        let r: RelayHandle | undefined;
-        try {
-          a = await startSource(version);
-          const side: Side = { channels: 2, compression: method };
-          const B = await startB(dir, version, side);
-          b = B.d;
-          r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 2, channelsOut: 2, compressionOut: method });
-          await migrateA(a, await r.listening, side);
-          const s = await r.done;
+        const side: Side = { channels: 2, compression: method };
+        await relayRun(version, { inn: side, out: side, relay: { compressionOut: method } }, async ({ a, b, s }) => {
           t.diagnostic(`relay: ${line(s)}, ${s['passed-encoded']} passed encoded`);
           assertRelaySummary(s, side, side, `${method} passed on`);
           const dataPackets = s['channels-in'].reduce((n, c) => n + c.packets - c.syncs, 0);
@@ -261,27 +252,12 @@ for (const version of ['10', '11'] as QemuVersion[]) {
           assert.equal(s['passed-encoded'], dataPackets, 'every packet with pages went on still compressed');
           assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
           await assertGuestRunsOn(t, b.q, `${method} passed on`);
-        } finally {
-          r?.abort(new Error('test over'));
-          await r?.done.catch(() => {});
-          await killAll(a, b);
-          rmSync(dir, { recursive: true, force: true });
-        }
+        });
       });
     }
 
     test('running guest, multifd off on both sides, A without a return path: the relay learns B\'s verdict on its own', { timeout: 150_000 }, async (t) => {
-      const dir = mkdtempSync('/tmp/multifd-relay-');
-      let a: QemuInstance | undefined;
-      let b: Destination | undefined;
-      let r: RelayHandle | undefined;
-      try {
-        a = await startSource(version);
-        const B = await startB(dir, version, { channels: 0 });
-        b = B.d;
-        r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 0, channelsOut: 0 });
-        await migrateA(a, await r.listening, { channels: 0, returnPath: false });
-        const s = await r.done;
+      await relayRun(version, { inn: { channels: 0, returnPath: false }, out: { channels: 0 } }, async ({ a, b, s }) => {
         t.diagnostic(`relay: ${line(s)}`);
         assert.equal(s.destination, 'confirmed', "B's SHUT(0) came back on the relay's own return path");
         assert.equal(s['return-path'], false);
@@ -290,12 +266,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.ok(s.normal > DIRTY_RANGE / 4096, `pages went over the main channel (normal=${s.normal})`);
         assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed');
         await assertGuestRunsOn(t, b.q, 'no multifd');
-      } finally {
-        r?.abort(new Error('test over'));
-        await r?.done.catch(() => {});
-        await killAll(a, b);
-        rmSync(dir, { recursive: true, force: true });
-      }
+      });
     });
 
     test('A killed mid-migration: the relay fails, B\'s incoming migration fails, the tee is not finalised', { timeout: 150_000 }, async (t) => {

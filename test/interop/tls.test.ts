@@ -20,7 +20,7 @@ import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
-import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
+import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, runStateSoon, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { cli, freePort, settle, startDestination, startListeningCli, type Destination } from '../helpers/send.js';
 import { makeTlsCreds } from '../helpers/tls.js';
 import { receive } from '../../src/conversations/receive.js';
@@ -235,7 +235,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(st.status, 'failed', "the plain source's migration failed");
         assert.ok(strays.length >= 1, 'the refused connections were reported');
         assert.match(strays[0]!.message, /TLS handshake failed/);
-        assert.equal((await a.qmp.execute('query-status')).status, 'running', 'the source runs on');
+        assert.equal(await runStateSoon(a, 'running'), 'running', 'the source runs on');
         assert.ok(!readdirSync(dir).includes('vm.mig'), 'no snapshot');
         h.abort(new Error('test over'));
         await h.done.catch(() => {});

@@ -843,6 +843,13 @@ class Relay {
     }
     this.receiver?.fail(err);
     this.sender?.fail(err);
+    // B reads its main channel only once all its multifd channels connected: when A failed before
+    // they were opened, B would wait in setup for ever. They connect and close at once, so B fails.
+    if (this.bMain && this.bChannels.length === 0 && this.channelsOut > 0) {
+      for (let i = 0; i < this.channelsOut; i++) {
+        this.bMain.then(() => connectTo(this.opts.to, 2000, this.opts.tlsOut)).then((s) => s.destroy(), () => {});
+      }
+    }
     void (async () => {
       await this.cleanup();
       await this.receiver?.quiesce();

@@ -328,24 +328,31 @@ export class MultifdReceiver extends EventEmitter {
     return this.writeNormal(h, decoded, st, ch);
   }
 
-  private async forwardPacket(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]> | undefined, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
-    const pages = decoded ? await decoded : [];
-    try {
-      this.checkDecoded(h, pages);
-      st.normalPages += h.normalPages;
-      await this.opts.store.writePacket!(h.ramblock, h.offsets, h.normalPages, h.zeroPages, pages);
-    } finally {
-      // The store is done with the bytes once its write settled (PageStore's contract).
-      if (decoded) ch.release?.(pages);
-    }
+  private forwardPacket(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]> | undefined, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
+    return this.storeDecoded(h, decoded, st, ch, (pages) => this.opts.store.writePacket!(h.ramblock, h.offsets, h.normalPages, h.zeroPages, pages ?? []));
   }
 
-  private async forwardEncoded(id: number, h: MultifdPacketHeader, payload: Buffer[], decoded: Promise<Buffer[]> | Buffer[] | undefined, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
+  private forwardEncoded(id: number, h: MultifdPacketHeader, payload: Buffer[], decoded: Promise<Buffer[]> | Buffer[] | undefined, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
+    return this.storeDecoded(h, decoded, st, ch, (pages) => this.opts.store.writeEncodedPacket!(id, h.ramblock, h.offsets, h.normalPages, h.zeroPages, payload, pages));
+  }
+
+  /**
+   * Waits for a packet's decoded pages (none when it has no normal pages, or when they were not
+   * decoded), checks their size, counts them, hands them to `write`, and gives them back to the
+   * method once the store is done with them (PageStore's contract: when its write settled).
+   */
+  private async storeDecoded(
+    h: MultifdPacketHeader,
+    decoded: Buffer[] | Promise<Buffer[]> | undefined,
+    st: ChannelStats,
+    ch: RecvMethodChannel,
+    write: (pages: Buffer[] | undefined) => Promise<void>,
+  ): Promise<void> {
     const pages = decoded ? await decoded : undefined;
     try {
       if (pages) this.checkDecoded(h, pages);
       st.normalPages += h.normalPages;
-      await this.opts.store.writeEncodedPacket!(id, h.ramblock, h.offsets, h.normalPages, h.zeroPages, payload, pages);
+      await write(pages);
     } finally {
       if (pages) ch.release?.(pages);
     }
@@ -358,14 +365,7 @@ export class MultifdReceiver extends EventEmitter {
     }
   }
 
-  private async writeNormal(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]>, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
-    const pages = await decoded;
-    try {
-      this.checkDecoded(h, pages);
-      st.normalPages += h.normalPages;
-      await this.opts.store.writePages(h.ramblock, h.offsets, h.normalPages, pages);
-    } finally {
-      ch.release?.(pages);
-    }
+  private writeNormal(h: MultifdPacketHeader, decoded: Buffer[] | Promise<Buffer[]>, st: ChannelStats, ch: RecvMethodChannel): Promise<void> {
+    return this.storeDecoded(h, decoded, st, ch, (pages) => this.opts.store.writePages(h.ramblock, h.offsets, h.normalPages, pages!));
   }
 }

@@ -126,25 +126,36 @@ function asBuffer(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }
 
-/** A sender may clean a channel up twice (on failure, then on close); the count must not drop twice. */
-function once(fn: () => void): () => void {
-  let done = false;
-  return () => {
-    if (done) return;
-    done = true;
-    fn();
-  };
-}
-
-function opened(): void {
+/**
+ * A channel's stream context in its worker. `run` sends the views (copied into a buffer from
+ * `from`) and an output buffer from `to` for `op`, returns the input buffer to `from` and the
+ * result as a view of its output buffer (which goes back to `to` through the method's release()).
+ */
+function workerChannel(channelId: number, setup: { op: 'csetup'; level: number } | { op: 'dsetup' }) {
+  const w = workerFor(channelId);
+  const key = `${setup.op === 'csetup' ? 'c' : 'd'}${contexts++}`;
   openChannels++;
-}
-
-/** With the last channel gone, the pools' memory goes too (a library process lives on). */
-function closed(): void {
-  if (--openChannels > 0) return;
-  pagePool.clear();
-  payloadPool.clear();
+  w.call({ ...setup, key }).catch(() => {});
+  let cleaned = false;
+  return {
+    async run(op: 'compress' | 'decompress', views: readonly Buffer[], from: BufferPool, to: BufferPool, outBytes: number): Promise<Buffer> {
+      const data = packed(views, from);
+      const out = to.take(outBytes);
+      const r = await w.call({ op, key, data, out }, [data.buffer as ArrayBuffer, out.buffer as ArrayBuffer]);
+      from.give(r.input!.buffer);
+      return asBuffer(r.data!);
+    },
+    /** Once only: a sender may clean a channel up twice (on failure, then on close). */
+    cleanup(): void {
+      if (cleaned) return;
+      cleaned = true;
+      w.call({ op: 'free', key }).catch(() => {});
+      // With the last channel gone, the pools' memory goes too (a library process lives on).
+      if (--openChannels > 0) return;
+      pagePool.clear();
+      payloadPool.clear();
+    },
+  };
 }
 
 export function zstdMethod(): MultifdMethod {
@@ -152,48 +163,26 @@ export function zstdMethod(): MultifdMethod {
     name: 'zstd',
     flags: MultifdFlag.ZSTD,
     sendSetup(channelId: number, _pageSize: number, opts = {}): SendMethodChannel {
-      const w = workerFor(channelId);
-      const key = `c${contexts++}`;
-      opened();
-      w.call({ op: 'csetup', key, level: opts.level ?? DEFAULT_ZSTD_LEVEL }).catch(() => {});
+      const ch = workerChannel(channelId, { op: 'csetup', level: opts.level ?? DEFAULT_ZSTD_LEVEL });
       return {
         prepare: async (pages) => {
-          const data = packed(pages, pagePool);
-          const out = payloadPool.take(payloadPool.size);
-          const r = await w.call({ op: 'compress', key, data, out }, [data.buffer as ArrayBuffer, out.buffer as ArrayBuffer]);
-          pagePool.give(r.input!.buffer);
-          const payload = asBuffer(r.data!);
+          const payload = await ch.run('compress', pages, pagePool, payloadPool, payloadPool.size);
           return { payload: [payload], size: payload.length };
         },
         release: (prepared) => {
           for (const b of prepared.payload) payloadPool.give(b.buffer);
         },
-        cleanup: once(() => {
-          w.call({ op: 'free', key }).catch(() => {});
-          closed();
-        }),
+        cleanup: () => ch.cleanup(),
       };
     },
     recvSetup(channelId: number, pageSize: number): RecvMethodChannel {
-      const w = workerFor(channelId);
-      const key = `d${contexts++}`;
-      opened();
-      w.call({ op: 'dsetup', key }).catch(() => {});
+      const ch = workerChannel(channelId, { op: 'dsetup' });
       return {
-        recv: async (header, payload) => {
-          const data = packed(payload, payloadPool);
-          const out = pagePool.take(header.normalPages * pageSize);
-          const r = await w.call({ op: 'decompress', key, data, out }, [data.buffer as ArrayBuffer, out.buffer as ArrayBuffer]);
-          payloadPool.give(r.input!.buffer);
-          return [asBuffer(r.data!)];
-        },
+        recv: async (header, payload) => [await ch.run('decompress', payload, payloadPool, pagePool, header.normalPages * pageSize)],
         release: (pages) => {
           for (const b of pages) pagePool.give(b.buffer);
         },
-        cleanup: once(() => {
-          w.call({ op: 'free', key }).catch(() => {});
-          closed();
-        }),
+        cleanup: () => ch.cleanup(),
       };
     },
   };

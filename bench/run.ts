@@ -29,7 +29,7 @@
 // sides (or QEMU alone for file jobs); our process's own CPU time is recorded too (oursCpuMs).
 // Peak RSS of our process (a child of this harness) is recorded for every run.
 
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, existsSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
@@ -411,31 +411,51 @@ async function oursRestoreTimed(c: Ctx, file: string, postcopy: { preempt?: bool
  * sides); oursCpuMs and rssMiB are the relay process's alone.
  */
 async function oursRelay(c: Ctx): Promise<Row['result']> {
+  let r: ChildRun | undefined;
+  try {
+    return await throughMiddle(c, 'relay', async (to) => {
+      r = startChild({ op: 'relay', opts: { listen: `tcp:127.0.0.1:${port++}`, to, channelsIn: c.channels, channelsOut: c.channels, compressionIn: c.method, compressionOut: c.method } });
+      return r.listening;
+    }, async (src, ms, qemuCpu) => {
+      const s = await waitMigration(src.qmp, { timeoutMs: 60_000, intervalMs: 5 });
+      if (s.status !== 'completed') throw new Error(`relay: QEMU A ${s.status}: ${s['error-desc']}`);
+      const res = await r!.result;
+      if (!res.ok) throw new Error(`relay: ${res.error}`);
+      if (res.summary.destination !== 'confirmed') throw new Error(`relay: B did not confirm (${JSON.stringify(res.summary.destination)})`);
+      return { ms, wireBytes: res.summary['bytes-out'], rssMiB: res.maxRssKiB / 1024, cpuMs: res.cpuMs + qemuCpu, oursCpuMs: res.cpuMs };
+    });
+  } finally {
+    r?.kill();
+  }
+}
+
+/**
+ * QEMU A → a middle → QEMU B, both QEMUs set up as for QEMU → QEMU. `middle` gets B's incoming
+ * address and returns where A migrates to; the time runs from A's migrate to B's completed, and
+ * `done` turns it and both QEMUs' CPU over that time into the row (A and B still up).
+ */
+async function throughMiddle(
+  c: Ctx,
+  what: string,
+  middle: (to: string) => Promise<string>,
+  done: (src: QemuInstance, ms: number, qemuCpu: number) => Promise<Row['result']>,
+): Promise<Row['result']> {
   const src = await source(c);
   const dst = await destination(c);
-  let r: ChildRun | undefined;
   try {
     await setMigration(src, c.channels, c.method);
     await setMigration(dst, c.channels, c.method);
     const to = `tcp:127.0.0.1:${port++}`;
     await dst.qmp.execute('migrate-incoming', { uri: to });
-    r = startChild({ op: 'relay', opts: { listen: `tcp:127.0.0.1:${port++}`, to, channelsIn: c.channels, channelsOut: c.channels, compressionIn: c.method, compressionOut: c.method } });
-    const uri = await r.listening;
+    const uri = await middle(to);
     const cpu0 = qemuCpuMs(src) + qemuCpuMs(dst);
     const t0 = performance.now();
     await src.qmp.execute('migrate', { uri });
     const m = await waitMigration(dst.qmp, { timeoutMs: 600_000, intervalMs: 5 });
     const ms = performance.now() - t0;
-    if (m.status !== 'completed') throw new Error(`relay: QEMU B ${m.status}: ${m['error-desc']}`);
-    const qemuCpu = qemuCpuMs(src) + qemuCpuMs(dst) - cpu0;
-    const s = await waitMigration(src.qmp, { timeoutMs: 60_000, intervalMs: 5 });
-    if (s.status !== 'completed') throw new Error(`relay: QEMU A ${s.status}: ${s['error-desc']}`);
-    const res = await r.result;
-    if (!res.ok) throw new Error(`relay: ${res.error}`);
-    if (res.summary.destination !== 'confirmed') throw new Error(`relay: B did not confirm (${JSON.stringify(res.summary.destination)})`);
-    return { ms, wireBytes: res.summary['bytes-out'], rssMiB: res.maxRssKiB / 1024, cpuMs: res.cpuMs + qemuCpu, oursCpuMs: res.cpuMs };
+    if (m.status !== 'completed') throw new Error(`${what}: QEMU B ${m.status}: ${m['error-desc']}`);
+    return await done(src, ms, qemuCpuMs(src) + qemuCpuMs(dst) - cpu0);
   } finally {
-    r?.kill();
     await src.kill();
     await dst.kill();
   }
@@ -447,7 +467,10 @@ const SOCAT = ['/usr/bin/socat', '/usr/local/bin/socat'].find((f) => existsSync(
 /** Whether something listens on 127.0.0.1:port (from /proc/net/tcp, without connecting to it). */
 function listening(port: number): boolean {
   const hex = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`;
-  return readFileSync('/proc/net/tcp', 'utf8').split('\n').some((l) => l.trim().split(/\s+/)[1] === hex && l.trim().split(/\s+/)[3] === '0A');
+  return readFileSync('/proc/net/tcp', 'utf8').split('\n').some((l) => {
+    const f = l.trim().split(/\s+/);
+    return f[1] === hex && f[3] === '0A';
+  });
 }
 
 /**
@@ -456,31 +479,21 @@ function listening(port: number): boolean {
  * machine before any protocol work: every byte crosses loopback twice instead of once.
  */
 async function pipeRelay(c: Ctx, socat: string): Promise<Row['result']> {
-  const src = await source(c);
-  const dst = await destination(c);
-  const listenPort = port++;
-  const toPort = port++;
-  const pipe = spawn(socat, [`TCP-LISTEN:${listenPort},bind=127.0.0.1,fork,reuseaddr`, `TCP:127.0.0.1:${toPort}`], { stdio: 'ignore' });
+  let pipe: ChildProcess | undefined;
+  // socat's own CPU is not counted (its forks are not ours to measure): QEMUs only.
   try {
-    await setMigration(src, c.channels, c.method);
-    await setMigration(dst, c.channels, c.method);
-    await dst.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${toPort}` });
-    for (let i = 0; !listening(listenPort); i++) {
-      if (i > 200 || pipe.exitCode !== null) throw new Error('socat did not listen');
-      await new Promise((r) => setTimeout(r, 10));
-    }
-    const cpu0 = qemuCpuMs(src) + qemuCpuMs(dst);
-    const t0 = performance.now();
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${listenPort}` });
-    const m = await waitMigration(dst.qmp, { timeoutMs: 600_000, intervalMs: 5 });
-    const ms = performance.now() - t0;
-    if (m.status !== 'completed') throw new Error(`socat relay: QEMU B ${m.status}: ${m['error-desc']}`);
-    // socat's own CPU is not counted (its forks are not ours to measure): QEMUs only.
-    return { ms, wireBytes: 0, cpuMs: qemuCpuMs(src) + qemuCpuMs(dst) - cpu0 };
+    return await throughMiddle(c, 'socat relay', async (to) => {
+      const listenPort = port++;
+      const p = spawn(socat, [`TCP-LISTEN:${listenPort},bind=127.0.0.1,fork,reuseaddr`, to.replace(/^tcp:/, 'TCP:')], { stdio: 'ignore' });
+      pipe = p;
+      for (let i = 0; !listening(listenPort); i++) {
+        if (i > 200 || p.exitCode !== null) throw new Error('socat did not listen');
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      return `tcp:127.0.0.1:${listenPort}`;
+    }, async (_src, ms, qemuCpu) => ({ ms, wireBytes: 0, cpuMs: qemuCpu }));
   } finally {
-    pipe.kill();
-    await src.kill();
-    await dst.kill();
+    pipe?.kill();
   }
 }
 

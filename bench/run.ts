@@ -36,6 +36,7 @@ import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { haveQemu, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
+import { holdHostMemory } from './host-memory.js';
 import { writeChart, writeMarkdown, type Row } from './report.js';
 
 const GiB = 1024 ** 3;
@@ -59,6 +60,8 @@ interface Args {
   scenarios: Scenario[];
   /** File stem under bench/results/ (default latest; quick for --quick). */
   name: string | undefined;
+  /** Where the snapshot files of save/restore go, ours and QEMU's (--dir; default WORK). */
+  dir: string;
 }
 
 const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postcopy'] as const;
@@ -77,9 +80,11 @@ const USAGE = `usage: npm run bench -- [options]
   --no-live          skip the running-guest runs
   --quick            a short smoke run
   --name NAME        write bench/results/NAME.{json,md,svg} (default: latest)
+  --dir DIR          where the snapshot files go, ours and QEMU's (default ${WORK};
+                     /dev/shm takes the disk out of receive, save, send and restore)
   --help             this text`;
 
-const KNOWN_FLAGS = new Set(['--scenarios', '--sizes', '--channels', '--methods', '--reps', '--qemu', '--name', '--ours-only', '--no-live', '--quick', '--help', '-h']);
+const KNOWN_FLAGS = new Set(['--scenarios', '--sizes', '--channels', '--methods', '--reps', '--qemu', '--name', '--dir', '--ours-only', '--no-live', '--quick', '--help', '-h']);
 
 function parseArgs(argv: string[]): Args {
   if (argv.includes('--help') || argv.includes('-h')) {
@@ -116,6 +121,7 @@ function parseArgs(argv: string[]): Args {
     live: scenarios.includes('live'),
     scenarios: scenarios as Scenario[],
     name: get('name'),
+    dir: get('dir') ?? WORK,
   };
 }
 
@@ -558,7 +564,11 @@ async function main(): Promise<void> {
     process.exit(1);
   }
   mkdirSync(WORK, { recursive: true });
+  mkdirSync(a.dir, { recursive: true });
   mkdirSync(RESULTS, { recursive: true });
+  // Enough for a source and a destination of the largest guest, and the page cache beside them.
+  const hostMemory = holdHostMemory(a.quick ? 0 : 2 * Math.max(...a.sizes) + 4);
+  if (hostMemory.reporting === 'held') console.error(`bench: free page reporting held back; warmed ${hostMemory.warmedGiB} GiB in ${hostMemory.warmMs} ms`);
   const rows: Row[] = [];
   const want = (s: Scenario): boolean => a.scenarios.includes(s);
   const started = new Date().toISOString();
@@ -579,8 +589,8 @@ async function main(): Promise<void> {
     for (const channels of a.channels) {
       for (const method of a.methods) {
         const c: Ctx = { version: a.version, memMiB, blobs, guestBytes: randomBytes, channels, method };
-        const file = join(WORK, `ours-${sizeGiB}g-${channels}-${method}.mig`);
-        const qfile = join(WORK, `qemu-${sizeGiB}g-${channels}.mig`);
+        const file = join(a.dir, `ours-${sizeGiB}g-${channels}-${method}.mig`);
+        const qfile = join(a.dir, `qemu-${sizeGiB}g-${channels}.mig`);
         const base = { sizeGiB, channels, method, guestBytes: randomBytes };
         for (let rep = 1; rep <= a.reps; rep++) {
           // Which side runs first alternates: on this VM memory that was just freed is cheaper to
@@ -655,7 +665,9 @@ async function main(): Promise<void> {
       }
     }
   }
-  const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model, memGiB: Math.round(totalmem() / GiB), node: process.version, qemu: qemuVersionOf(a.version === '10' ? 'qemu-system-x86_64' : 'qemu-system-x86_64-latest')?.text, accel };
+  const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model, memGiB: Math.round(totalmem() / GiB), node: process.version,
+    hostMemory: { reporting: hostMemory.reporting, warmedGiB: hostMemory.warmedGiB, warmMs: hostMemory.warmMs, reportedMiB: hostMemory.reportedMiB() },
+    qemu: qemuVersionOf(a.version === '10' ? 'qemu-system-x86_64' : 'qemu-system-x86_64-latest')?.text, accel };
   const result = { started, finished: new Date().toISOString(), args: a, machine, rows };
   const stem = a.name ?? (a.quick ? 'quick' : a.oursOnly ? 'ours-only' : a.scenarios.length === 1 && a.scenarios[0] === 'postcopy' ? 'postcopy' : 'latest');
   writeFileSync(join(RESULTS, `${stem}.json`), JSON.stringify(result, null, 2) + '\n');

@@ -3,9 +3,25 @@
 // stdout: the result as the last line. A relay first prints {"listening":"tcp:HOST:PORT"} once it
 // listens, so the harness knows where to send QEMU A.
 
+import { readdirSync, readFileSync } from 'node:fs';
 import { relay, type RelayOptions } from '../src/conversations/relay.js';
 import { restore, type RestoreOptions } from '../src/conversations/restore.js';
 import { save, type SaveOptions } from '../src/conversations/save.js';
+
+/** MULTIFD_BENCH_CPU=1: user/system split, page faults and CPU per thread (main, pool, workers). */
+function cpuBreakdown(u: NodeJS.ResourceUsage): string {
+  const threads = new Map<string, number>(); // name/tid → ms
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      const [comm, rest] = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8').split(/\((.*)\) /).slice(1);
+      const f = rest!.split(' ');
+      threads.set(`${comm}/${tid}`, (Number(f[11]) + Number(f[12])) * 10);
+    } catch { /* the thread ended meanwhile */ }
+  }
+  const per = [...threads].sort((a, b) => b[1] - a[1]).map(([k, v]) => `${k} ${v}`).join(', ');
+  return `cpu ms: user ${(u.userCPUTime / 1000).toFixed(0)}, system ${(u.systemCPUTime / 1000).toFixed(0)}; ` +
+    `minor faults ${u.minorPageFault}; voluntary switches ${u.voluntaryContextSwitches}; threads: ${per}`;
+}
 
 type Job = { op: 'save'; opts: SaveOptions } | { op: 'restore'; opts: RestoreOptions } | { op: 'relay'; opts: RelayOptions };
 
@@ -37,6 +53,7 @@ try {
     const mib = Object.entries(memPeak).map(([k, v]) => `${k} ${(v / 2 ** 20).toFixed(0)}`).join(', ');
     process.stderr.write(`peak MiB: ${mib}\n`);
   }
+  if (process.env.MULTIFD_BENCH_CPU) process.stderr.write(`${cpuBreakdown(u)}\n`);
   process.stdout.write(JSON.stringify({ ok: true, wallMs, cpuMs, maxRssKiB: u.maxRSS, summary }) + '\n');
 } catch (e) {
   process.stdout.write(JSON.stringify({ ok: false, error: (e as Error).message, maxRssKiB: process.resourceUsage().maxRSS }) + '\n');

@@ -9,7 +9,15 @@
 import type { Socket } from 'node:net';
 import { MULTIFD_MAGIC, QEVM_MAGIC } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
+import { ringSource } from '../transports/ring-reader.js';
 import { chunksWithPrefix, describePeer, readAtLeast } from '../transports/socket-io.js';
+
+/**
+ * A multifd channel's read ring: the multifd receiver's default window of writes in flight
+ * (8 MiB) plus two of the largest packets (1 MiB compressed payload each) and change. A larger
+ * window only makes reading pause until writes settle.
+ */
+const MULTIFD_RING_BYTES = 12 * 1024 * 1024;
 
 export type ConnectionKind = 'main' | 'multifd';
 
@@ -40,8 +48,13 @@ export function classifyConnection(
   readAtLeast(sock, 4, timeoutMs).then(
     (first) => {
       const magic = first.readUInt32BE(0);
-      if (magic === QEVM_MAGIC || magic === MULTIFD_MAGIC) {
-        onKind(magic === QEVM_MAGIC ? 'main' : 'multifd', chunksWithPrefix(first, sock), peer);
+      if (magic === QEVM_MAGIC) {
+        onKind('main', chunksWithPrefix(first, sock), peer);
+        return;
+      }
+      if (magic === MULTIFD_MAGIC) {
+        // The bulk of a migration: read into reused memory where the socket allows it.
+        onKind('multifd', ringSource(sock, first, { capacity: MULTIFD_RING_BYTES }) ?? chunksWithPrefix(first, sock), peer);
         return;
       }
       if (adoptUnknown?.(chunksWithPrefix(first, sock), peer)) return;

@@ -3,7 +3,7 @@
 
 import { EventEmitter } from 'node:events';
 import { MultifdChannelParser } from '../codec/multifd-channel-parser.js';
-import { MultifdFlag, TARGET_PAGE_SIZE, compressionFromFlags } from '../codec/constants.js';
+import { MULTIFD_PACKET_HEADER_SIZE, MultifdFlag, TARGET_PAGE_SIZE, compressionFromFlags } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
 import { formatUuid } from '../codec/multifd-init.js';
 import { isSync, validatePacketPages, type MultifdPacketHeader } from '../codec/multifd-packet.js';
@@ -12,6 +12,7 @@ import { getMethod } from './methods/registry.js';
 import type { PageStore, RamBlock } from './page-store.js';
 import { SyncBarrier } from './sync-barrier.js';
 import { publish } from './diagnostics.js';
+import { isReleasingSource } from './chunk-source.js';
 
 export interface ChannelStats {
   id: number;
@@ -133,6 +134,19 @@ export class MultifdReceiver extends EventEmitter {
     let id = -1;
     const windowed = new Set<Promise<void>>();
     let windowBytes = 0;
+    // A source that reuses its memory (a ring) gets told which bytes are still referenced: those
+    // of packets whose writes are in flight (in stream order), and what the parser holds.
+    const ring = isReleasingSource(source) ? source : undefined;
+    const held: { start: number; done: boolean }[] = [];
+    let heldHead = 0;
+    const releaseRing = (): void => {
+      while (heldHead < held.length && held[heldHead]!.done) heldHead++;
+      if (heldHead > 256 && heldHead * 2 > held.length) {
+        held.splice(0, heldHead);
+        heldHead = 0;
+      }
+      ring!.release(heldHead < held.length ? held[heldHead]!.start : parser.offset);
+    };
     try {
       for await (const chunk of source) {
         if (this.failure) return;
@@ -153,12 +167,18 @@ export class MultifdReceiver extends EventEmitter {
             if (write) {
               const bytes = h.normalPages * this.pageSize;
               windowBytes += bytes;
+              const hold = ring ? { start: parser.offset - (ev.wireBytes - MULTIFD_PACKET_HEADER_SIZE), done: false } : undefined;
+              if (hold) held.push(hold);
               // A failed write or decode fails the migration here, once: the tracking promise
               // itself never rejects, so no waiter can miss the failure or see it unhandled.
               const done = (): void => {
                 windowed.delete(tracked);
                 this.inflight.delete(tracked);
                 windowBytes -= bytes;
+                if (hold) {
+                  hold.done = true;
+                  releaseRing();
+                }
               };
               const tracked: Promise<void> = write.then(done, (e: Error) => {
                 done();
@@ -178,6 +198,7 @@ export class MultifdReceiver extends EventEmitter {
             await this.barrier.arrive(id);
           }
         }
+        if (ring) releaseRing();
       }
       await Promise.all(windowed);
       if (this.failure) return;

@@ -109,6 +109,8 @@ export function writeMarkdown(res: BenchResult): string {
     'durable (`completed`, then fsync; QEMU itself does not sync), the point at which our save reports done.',
     '[slow k/n]: QEMU→QEMU reps whose two QEMUs used over 1.2 CPU-s per GiB, the slow of the two modes',
     'of this kind of VM (a destination faulting in memory the host took back); guests of 1 GiB and up.',
+    "Where the VM reports free memory to its host (machine.hostMemory), the bench holds that back and",
+    'warms memory before each guest size, as on a bare-metal host; a slow rep then means it came anyway.',
     '',
     '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | CPU s ours / QEMU | own CPU s | downtime ms ours / QEMU | peak RSS MiB | floor ms |',
     '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',

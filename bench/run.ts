@@ -566,9 +566,8 @@ async function main(): Promise<void> {
   mkdirSync(WORK, { recursive: true });
   mkdirSync(a.dir, { recursive: true });
   mkdirSync(RESULTS, { recursive: true });
-  // Enough for a source and a destination of the largest guest, and the page cache beside them.
-  const hostMemory = holdHostMemory(a.quick ? 0 : 2 * Math.max(...a.sizes) + 4);
-  if (hostMemory.reporting === 'held') console.error(`bench: free page reporting held back; warmed ${hostMemory.warmedGiB} GiB in ${hostMemory.warmMs} ms`);
+  const hostMemory = holdHostMemory();
+  const warmed: { sizeGiB: number; gib: number; ms: number }[] = [];
   const rows: Row[] = [];
   const want = (s: Scenario): boolean => a.scenarios.includes(s);
   const started = new Date().toISOString();
@@ -585,6 +584,12 @@ async function main(): Promise<void> {
   };
   for (const sizeGiB of a.sizes) {
     const { args: blobs, randomBytes } = guestBlobs(sizeGiB);
+    if (hostMemory.reporting === 'held' && !a.quick) {
+      // A source and a destination of this size, and the page cache beside them.
+      const w = hostMemory.warm(2 * sizeGiB + 4);
+      warmed.push({ sizeGiB, ...w });
+      console.error(`bench: free page reporting held back; warmed ${w.gib} GiB in ${w.ms} ms`);
+    }
     const memMiB = Math.round(sizeGiB * 1024);
     for (const channels of a.channels) {
       for (const method of a.methods) {
@@ -666,7 +671,7 @@ async function main(): Promise<void> {
     }
   }
   const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model, memGiB: Math.round(totalmem() / GiB), node: process.version,
-    hostMemory: { reporting: hostMemory.reporting, warmedGiB: hostMemory.warmedGiB, warmMs: hostMemory.warmMs, reportedMiB: hostMemory.reportedMiB() },
+    hostMemory: { reporting: hostMemory.reporting, warmed, reportedMiB: hostMemory.reportedMiB() },
     qemu: qemuVersionOf(a.version === '10' ? 'qemu-system-x86_64' : 'qemu-system-x86_64-latest')?.text, accel };
   const result = { started, finished: new Date().toISOString(), args: a, machine, rows };
   const stem = a.name ?? (a.quick ? 'quick' : a.oursOnly ? 'ours-only' : a.scenarios.length === 1 && a.scenarios[0] === 'postcopy' ? 'postcopy' : 'latest');

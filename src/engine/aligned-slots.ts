@@ -19,6 +19,13 @@ export function packetSlotsFor(channels: number): number {
   return Math.min(32, Math.max(PACKET_SLOTS, 4 * channels));
 }
 
+/** `bytes` of page-aligned memory (a multiple of DIRECT_ALIGN), for O_DIRECT transfers. */
+export function alignedBuffer(bytes: number): Buffer {
+  if (bytes % DIRECT_ALIGN !== 0) throw new RangeError(`${bytes} bytes is not a multiple of ${DIRECT_ALIGN}`);
+  const pages = Math.max(1, Math.ceil(bytes / WASM_PAGE));
+  return Buffer.from(new WebAssembly.Memory({ initial: pages, maximum: pages }).buffer, 0, bytes);
+}
+
 export class AlignedSlots {
   private readonly memory: WebAssembly.Memory;
   private readonly free: Buffer[] = [];

@@ -4,7 +4,7 @@
 
 import { open, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants } from 'node:fs';
-import { AlignedSlots, DIRECT_ALIGN, PACKET_SLOT_BYTES, PACKET_SLOTS } from './aligned-slots.js';
+import { AlignedSlots, alignedBuffer, DIRECT_ALIGN, PACKET_SLOT_BYTES, PACKET_SLOTS } from './aligned-slots.js';
 import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
@@ -159,6 +159,16 @@ export class MappedRamSnapshot implements SnapshotSource {
     return pages * TARGET_PAGE_SIZE;
   }
 
+  /** Page-aligned scratch, which loadRuns fills with O_DIRECT reads directly (no staging copy). */
+  allocScratch(bytes: number): Buffer {
+    if (bytes === 0 || bytes % DIRECT_ALIGN !== 0) return Buffer.allocUnsafe(bytes);
+    const b = alignedBuffer(bytes);
+    this.alignedScratch.add(b.buffer);
+    return b;
+  }
+
+  private readonly alignedScratch = new WeakSet<ArrayBufferLike>();
+
   /**
    * One positioned read per run: the pages region holds page k at pagesOffset + k × pageSize.
    * Where O_DIRECT is on, the runs are read into an aligned slot and copied to `scratch`: a
@@ -182,7 +192,13 @@ export class MappedRamSnapshot implements SnapshotSource {
     if (total > scratch.length) throw new RangeError(`scratch of ${scratch.length} bytes is too small for the runs`);
     const views = spans.map((sp) => scratch.subarray(sp.at, sp.at + sp.len));
     const slots = this.slots;
-    if (!slots || b.header.pagesOffset % DIRECT_ALIGN !== 0 || total > slots.slotBytes) {
+    const aligned = b.header.pagesOffset % DIRECT_ALIGN === 0;
+    if (slots && aligned && this.alignedScratch.has(scratch.buffer) && scratch.byteOffset % DIRECT_ALIGN === 0) {
+      // Runs are whole pages, so every view of aligned scratch starts aligned too.
+      await Promise.all(spans.map((sp, i) => this.readDirect(views[i]!, sp.pos)));
+      return views;
+    }
+    if (!slots || !aligned || total > slots.slotBytes) {
       await Promise.all(spans.map((sp, i) => readExactly(this.fh, views[i]!, sp.pos, this.path)));
       return views;
     }

@@ -25,6 +25,11 @@ export interface SendChannel {
 /** Fills `scratch` with the pages of `runs` (flat firstPage,count pairs) and returns views of them in order. */
 export interface PageLoader {
   scratchBytes(pages: number): number;
+  /**
+   * Optional: memory for one slot's scratch. A loader that reads with O_DIRECT hands out
+   * page-aligned memory that it can read pages into directly, without a staging copy.
+   */
+  allocScratch?(bytes: number): Buffer;
   loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]>;
 }
 
@@ -112,7 +117,7 @@ export class MultifdSender extends EventEmitter {
       sink,
       method: opts.method.sendSetup(id, this.pageSize, opts.level !== undefined ? { level: opts.level } : {}),
       free: Array.from({ length: depth }, () => ({
-        scratch: Buffer.allocUnsafe(scratchBytes),
+        scratch: opts.loader?.allocScratch?.(scratchBytes) ?? Buffer.allocUnsafe(scratchBytes),
         header: Buffer.alloc(MULTIFD_PACKET_HEADER_SIZE),
         normal: new Float64Array(MULTIFD_PAGES_PER_PACKET),
         zero: new Float64Array(MULTIFD_PAGES_PER_PACKET),

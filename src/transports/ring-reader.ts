@@ -85,7 +85,7 @@ class RingReader implements RingSource {
   private ring: Buffer | undefined;
   private readonly capacity: number;
   private readonly readBytes: number;
-  /** Where libuv reads while the ring is full (the socket is paused then; one read may land). */
+  /** Where libuv reads first, and while the ring is full (the socket is paused then; one read may land). */
   private spare: Buffer | undefined;
   /** Ring bytes the consumer may still reference, in stream order. */
   private readonly segs: Segment[] = [];
@@ -100,6 +100,7 @@ class RingReader implements RingSource {
   private paused = false;
   /** Times reading stopped because the ring was full (tests, diagnostics). */
   pauses = 0;
+  private reads = 0;
   private readonly queue: Buffer[];
   private qHead = 0;
   private waiter: { resolve: (r: IteratorResult<Buffer>) => void; reject: (e: Error) => void } | undefined;
@@ -124,10 +125,12 @@ class RingReader implements RingSource {
 
   /** Called by Node for the buffer of the next read (after every read, and once at the start). */
   nextBuffer(): Buffer {
-    this.ring ??= Buffer.allocUnsafeSlow(this.capacity);
-    const pos = this.room();
+    // The ring comes with the first read: a connection closed before it sends anything more (a
+    // channel beyond the count) never costs one.
+    if (!this.ring && this.reads > 0) this.ring = Buffer.allocUnsafeSlow(this.capacity);
+    const pos = this.ring ? this.room() : -1;
     if (pos < 0) {
-      if (!this.paused) {
+      if (!this.paused && this.ring) {
         this.paused = true;
         this.pauses++;
         this.sock.pause();
@@ -138,14 +141,15 @@ class RingReader implements RingSource {
     }
     this.headPos = pos;
     this.current = pos;
-    return this.ring.subarray(pos, pos + Math.min(this.readBytes, this.contiguousAt(pos)));
+    return this.ring!.subarray(pos, pos + Math.min(this.readBytes, this.contiguousAt(pos)));
   }
 
   /** Called by Node after a read of `n` bytes into `buf` (the last nextBuffer()). */
   onRead(n: number, buf: Buffer): boolean {
+    this.reads++;
     let chunk: Buffer;
     if (buf === this.spare || this.current < 0) {
-      // A read that landed in the spare: copied out, not kept in the ring.
+      // A read that landed in the spare (the first one, or one while paused): copied out.
       chunk = Buffer.from(buf.subarray(0, n));
     } else {
       const pos = this.current;

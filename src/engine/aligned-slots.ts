@@ -27,7 +27,6 @@ export function alignedBuffer(bytes: number): Buffer {
 }
 
 export class AlignedSlots {
-  private readonly memory: WebAssembly.Memory;
   private readonly free: Buffer[] = [];
   private readonly waiters: ((slot: Buffer) => void)[] = [];
 
@@ -36,9 +35,7 @@ export class AlignedSlots {
     readonly count: number,
   ) {
     if (slotBytes % DIRECT_ALIGN !== 0) throw new RangeError(`slot size ${slotBytes} is not a multiple of ${DIRECT_ALIGN}`);
-    const pages = Math.ceil((slotBytes * count) / WASM_PAGE);
-    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
-    const all = Buffer.from(this.memory.buffer);
+    const all = alignedBuffer(slotBytes * count);
     for (let i = 0; i < count; i++) this.free.push(all.subarray(i * slotBytes, (i + 1) * slotBytes));
   }
 

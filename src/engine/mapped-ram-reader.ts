@@ -171,10 +171,11 @@ export class MappedRamSnapshot implements SnapshotSource {
 
   /**
    * One positioned read per run: the pages region holds page k at pagesOffset + k × pageSize.
-   * Where O_DIRECT is on, the runs are read into an aligned slot and copied to `scratch`: a
-   * snapshot is read once, usually long after it was written (ours are written with O_DIRECT, so
-   * they are not cached), and going through the page cache would cost a fresh cache page per
-   * guest page, which on this kind of VM costs more CPU than the copy.
+   * Where O_DIRECT is on, the runs are read straight into `scratch` when it came from
+   * allocScratch (page-aligned), else into an aligned slot and copied to `scratch`: a snapshot
+   * is read once, usually long after it was written (ours are written with O_DIRECT, so they are
+   * not cached), and going through the page cache would cost a fresh cache page per guest page,
+   * which on this kind of VM costs more CPU than the copy.
    */
   async loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]> {
     const b = this.block(block);

@@ -279,8 +279,9 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         const B = await startB(dir, version, { channels: 2 });
         b = B.d;
         const tee = join(dir, 'tee.mig');
-        // Progress every 10 ms and a kill after 8 MiB: multifd channels are not held to A's
-        // max-bandwidth, and a faster relay once took the whole ~190 MB between two 100 ms ticks.
+        // Progress every 10 ms and a kill after 8 MiB: A's multifd traffic outruns its
+        // max-bandwidth here (the whole test takes under 0.5 s), and with 100 ms ticks and 24 MiB
+        // the relay once finished, A presumably killed only after it had completed.
         r = relay({ listen: 'tcp:127.0.0.1:0', to: B.uri, channelsIn: 2, tee, progressIntervalMs: 10 });
         const aq = a;
         let killed = false;

@@ -172,7 +172,7 @@ export class MultifdSender extends EventEmitter {
    */
   async sendPacket(block: string, offsets: ArrayLike<number>, normal: number, zero: number, data: readonly Buffer[]): Promise<void> {
     if (normal + zero === 0) return;
-    if (normal + zero > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a packet holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${normal + zero})`);
+    checkPageCount(normal + zero, 'packet');
     const [ch, slot] = await this.acquire();
     for (let i = 0; i < normal + zero; i++) slot.normal[i] = offsets[i]!;
     const prepared = ch.prepareTail.then(async () => {
@@ -192,7 +192,7 @@ export class MultifdSender extends EventEmitter {
    */
   async sendEncodedPacket(id: number, block: string, offsets: ArrayLike<number>, normal: number, zero: number, payload: readonly Buffer[]): Promise<void> {
     if (normal + zero === 0) return;
-    if (normal + zero > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a packet holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${normal + zero})`);
+    checkPageCount(normal + zero, 'packet');
     const ch = this.channels[id];
     if (!ch) throw new RangeError(`no channel ${id} (the sender has ${this.channels.length})`);
     this.check();
@@ -212,7 +212,7 @@ export class MultifdSender extends EventEmitter {
   /** Hands a batch to the next channel with a free slot; resolves when assigned (not yet written). */
   async send(batch: PageBatch): Promise<void> {
     if (batch.pages === 0) return;
-    if (batch.pages > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a batch holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${batch.pages})`);
+    checkPageCount(batch.pages, 'batch');
     if (!this.opts.loader) throw new Error('send() needs a page loader');
     const [ch, slot] = await this.acquire();
     const load = this.opts.loader.loadRuns(batch.block, batch.runs, batch.runs.length / 2, slot.scratch);
@@ -402,3 +402,7 @@ export class MultifdSender extends EventEmitter {
   }
 }
 
+/** A packet (or the batch for one) holds at most MULTIFD_PAGES_PER_PACKET pages. */
+function checkPageCount(pages: number, what: 'packet' | 'batch'): void {
+  if (pages > MULTIFD_PAGES_PER_PACKET) throw new RangeError(`a ${what} holds at most ${MULTIFD_PAGES_PER_PACKET} pages (got ${pages})`);
+}

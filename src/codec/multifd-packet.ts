@@ -95,9 +95,12 @@ export function decodeMultifdPacketHeader(b: Buffer, expectedCompressionFlags: n
   const count = normalPages + zeroPages;
   const offsets = new Float64Array(count);
   for (let i = 0; i < count; i++) {
-    const v = b.readBigUInt64BE(320 + 8 * i);
-    // Anything beyond 2^53 is out of range for every block; keep it visible to the range check.
-    offsets[i] = v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(v);
+    // Two 32-bit halves, not a BigInt per offset (up to 128 per packet, on every packet).
+    const hi = b.readUInt32BE(320 + 8 * i);
+    const lo = b.readUInt32BE(324 + 8 * i);
+    // Anything from 2^53 on (hi ≥ 2^21) is out of range for every block; keep it visible to the
+    // range check.
+    offsets[i] = hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x1_0000_0000 + lo;
   }
   return { flags, pagesAlloc, normalPages, nextPacketSize, packetNum, zeroPages, ramblock, offsets };
 }

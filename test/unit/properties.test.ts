@@ -68,6 +68,17 @@ describe('round trips', () => {
       };
     });
 
+  test('multifd packet offsets: every 64-bit value decodes exactly, or as MAX_SAFE_INTEGER from 2^53 on', () => {
+    const edges = [0n, 2n ** 32n - 1n, 2n ** 32n, 2n ** 53n - 1n, 2n ** 53n, 2n ** 64n - 1n];
+    const offset = fc.oneof(fc.constantFrom(...edges), fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }), fc.bigInt({ min: 0n, max: 2n ** 53n }));
+    fc.assert(fc.property(offset, (v) => {
+      const b = encodeMultifdPacketHeader({ flags: MultifdFlag.NOCOMP, pagesAlloc: 128, normalPages: 0, zeroPages: 1, nextPacketSize: 0, packetNum: 1n, ramblock: 'pc.ram', offsets: [0] });
+      b.writeBigUInt64BE(v, 320);
+      const want = v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(v);
+      assert.equal(decodeMultifdPacketHeader(b, MultifdFlag.NOCOMP).offsets[0], want);
+    }), { numRuns: 2000 });
+  });
+
   test('multifd packet header (fresh and reused buffers)', () => {
     const reused = Buffer.alloc(MULTIFD_PACKET_HEADER_SIZE, 0xaa);
     fc.assert(fc.property(header, (o) => {

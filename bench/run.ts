@@ -216,7 +216,11 @@ async function setMigration(q: QemuInstance, channels: number, method: string, c
   await q.qmp.execute('migrate-set-parameters', params);
 }
 
-let port = 47000;
+// Below the kernel's ephemeral range (32768–60999 by default): ports picked from inside it
+// collided with the local ports of the bench's own outgoing connections ("Address already in
+// use" from QEMU's migrate-incoming). Offset by pid, so runs after one another do not meet
+// each other's TIME_WAIT sockets either.
+let port = 20000 + (process.pid % 10) * 1000;
 
 interface Ctx {
   version: '10' | '11';
@@ -584,12 +588,16 @@ async function main(): Promise<void> {
   };
   for (const sizeGiB of a.sizes) {
     const { args: blobs, randomBytes } = guestBlobs(sizeGiB);
-    if (hostMemory.reporting === 'held' && !a.quick) {
-      // A source and a destination of this size, and the page cache beside them.
+    // Before every repetition: a repetition at 4 GiB outlasts the hold (5 minutes) for memory it
+    // does not reuse, and its last jobs (the relay: two QEMUs beside QEMU's save file in the page
+    // cache) reach past what the earlier ones churned. A source and a destination of this size,
+    // and the page cache beside them.
+    const warm = (): void => {
+      if (hostMemory.reporting !== 'held' || a.quick) return;
       const w = hostMemory.warm(2 * sizeGiB + 4);
       warmed.push({ sizeGiB, ...w });
       console.error(`bench: free page reporting held back; warmed ${w.gib} GiB in ${w.ms} ms`);
-    }
+    };
     const memMiB = Math.round(sizeGiB * 1024);
     for (const channels of a.channels) {
       for (const method of a.methods) {
@@ -598,6 +606,7 @@ async function main(): Promise<void> {
         const qfile = join(a.dir, `qemu-${sizeGiB}g-${channels}.mig`);
         const base = { sizeGiB, channels, method, guestBytes: randomBytes };
         for (let rep = 1; rep <= a.reps; rep++) {
+          warm();
           // Which side runs first alternates: on this VM memory that was just freed is cheaper to
           // touch again than memory the host took back, and that favours whoever comes second.
           const qemuFirst = rep % 2 === 1;

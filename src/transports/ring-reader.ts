@@ -77,7 +77,8 @@ export function ringSource(sock: Socket, prefix: Buffer, opts: RingOptions): Rin
   return reader;
 }
 
-interface Segment { end: number; pos: number; len: number }
+/** Ring bytes of one read: where they sit, and the stream offset just past them. */
+interface Segment { end: number; pos: number }
 
 const MIN_READ = 64 * 1024;
 
@@ -153,7 +154,7 @@ class RingReader implements RingSource {
       chunk = Buffer.from(buf.subarray(0, n));
     } else {
       const pos = this.current;
-      this.segs.push({ end: this.offset + n, pos, len: n });
+      this.segs.push({ end: this.offset + n, pos });
       this.headPos = pos + n;
       chunk = this.ring!.subarray(pos, pos + n);
     }

@@ -2,10 +2,16 @@
 // drops what is reported. A process that later touches such memory pays a fault on the host for
 // every page: ~2 CPU-s per GiB against ~0.4 for memory that stayed backed. QEMU's destination
 // touches its whole guest RAM, so a QEMU→QEMU run took 1.2 s or 0.25 s for the same 1 GiB
-// depending on whether the memory it got had been reported meanwhile (it is after ~20 s idle).
-// A bare-metal host has no such cost, so the bench holds reporting back while it runs and warms
-// the memory the runs will get; both are undone at exit. MULTIFD_BENCH_HOST_REPORTING=keep
-// measures the machine as it is.
+// depending on whether the memory it got had been reported meanwhile. A bare-metal host has no
+// such cost, so the bench stops reporting while it runs and warms the memory the runs will get
+// (memory reported before the bench started stays cold until touched); both are undone at exit.
+// MULTIFD_BENCH_HOST_REPORTING=keep measures the machine as it is.
+//
+// Stopping it takes page_reporting_order above the largest block the buddy allocator keeps
+// (order 10 on x86-64), so that no free block qualifies. This kernel's own min_free_ms (freed
+// memory waits that long before it is reported) does not hold: with it at its maximum, 4-11 GiB
+// were reported within one 4 GiB repetition, seconds after QEMUs exited, apparently because a
+// block allocated and freed between two of its passes looks as if it had been free all along.
 import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { freemem } from 'node:os';
@@ -14,14 +20,19 @@ const PARAMS = '/sys/module/page_reporting/parameters';
 const GiB = 1024 ** 3;
 /** The longest this kernel lets freed memory wait before it is reported (it refuses more). */
 const HOLD_MS = 300_000;
+/** Above MAX_PAGE_ORDER (10 on x86-64): no free block is large enough to be reported. */
+const NO_ORDER = '11';
 
 export interface HostMemory {
-  /** 'held': reporting held back; 'as-is': left alone; 'absent': no such knob. */
-  reporting: 'held' | 'as-is' | 'absent';
+  /**
+   * 'stopped': nothing is reported while the bench runs; 'held': only delayed (this kernel's
+   * min_free_ms, which leaks, see above); 'as-is': left alone; 'absent': no such knob.
+   */
+  reporting: 'stopped' | 'held' | 'as-is' | 'absent';
   /**
    * Touches `gib` of memory in a child that then exits, so the runs that follow get memory the
-   * host still backs (only while held; memory left unused for HOLD_MS is reported again, so call
-   * it again before each group of runs). Returns what it did.
+   * host still backs. Cheap once warm (~0.5 s per GiB), so it can run before each group of runs.
+   * Returns what it did.
    */
   warm(gib: number): { gib: number; ms: number };
   /** MiB the kernel reported to the host since the bench started (read when called). */
@@ -50,28 +61,37 @@ function touch(want: number): { gib: number; ms: number } {
 }
 
 /**
- * Holds free page reporting back: freed memory must stay free for HOLD_MS before it is
- * reported, and up to 64 GiB may wait. The original settings come back when the process exits,
- * however it exits.
+ * Stops free page reporting (or, where that knob is refused, delays it as long as this kernel
+ * allows). The original settings come back when the process exits, however it exits.
  */
 export function holdHostMemory(): HostMemory {
   const reported0 = Number(read('reported_kib') ?? NaN);
   const reportedMiB = (): number => Math.round((Number(read('reported_kib') ?? NaN) - reported0) / 1024);
   const none = (reporting: HostMemory['reporting']): HostMemory => ({ reporting, warm: () => ({ gib: 0, ms: 0 }), reportedMiB });
-  if (!existsSync(`${PARAMS}/min_free_ms`)) return none('absent');
+  if (!existsSync(`${PARAMS}/page_reporting_order`) && !existsSync(`${PARAMS}/min_free_ms`)) return none('absent');
   if (process.env.MULTIFD_BENCH_HOST_REPORTING === 'keep') return none('as-is');
-  const saved = { min_free_ms: read('min_free_ms'), max_waiting_mib: read('max_waiting_mib') };
-  try {
-    writeFileSync(`${PARAMS}/min_free_ms`, String(HOLD_MS));
-    writeFileSync(`${PARAMS}/max_waiting_mib`, '65536');
-  } catch (e) {
-    console.error(`bench: cannot hold free page reporting back (${(e as Error).message}); measuring as is`);
-    return none('as-is');
-  }
+  const knobs = ['page_reporting_order', 'min_free_ms', 'max_waiting_mib'] as const;
+  const saved = new Map(knobs.map((k) => [k, read(k)] as const));
   const restore = (): void => {
-    for (const [k, v] of Object.entries(saved)) if (v !== undefined) try { writeFileSync(`${PARAMS}/${k}`, v); } catch { /* best effort at exit */ }
+    for (const [k, v] of saved) if (v !== undefined) try { writeFileSync(`${PARAMS}/${k}`, v); } catch { /* best effort at exit */ }
+  };
+  const set = (k: (typeof knobs)[number], v: string): boolean => {
+    if (saved.get(k) === undefined) return false;
+    try {
+      writeFileSync(`${PARAMS}/${k}`, v);
+      return read(k) === v;
+    } catch {
+      return false;
+    }
   };
   process.once('exit', restore);
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => { restore(); process.exit(130); });
-  return { reporting: 'held', warm: touch, reportedMiB };
+  if (set('page_reporting_order', NO_ORDER)) return { reporting: 'stopped', warm: touch, reportedMiB };
+  if (set('min_free_ms', String(HOLD_MS)) && set('max_waiting_mib', '65536')) {
+    console.error('bench: free page reporting could only be delayed, not stopped; 4 GiB runs may meet memory the host took back');
+    return { reporting: 'held', warm: touch, reportedMiB };
+  }
+  console.error('bench: cannot stop free page reporting; measuring as is');
+  restore();
+  return none('as-is');
 }

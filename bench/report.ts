@@ -127,8 +127,9 @@ export function writeMarkdown(res: BenchResult): string {
     // QEMU→QEMU on this kind of VM runs in two modes (see docs/performance.md): a destination
     // that faults in memory the host took back costs ~2 CPU-s per GiB, otherwise ~0.5. Marked
     // per cell, so a median that mixes them can be read as such. Not below 1 GiB, where the
-    // QEMUs' fixed CPU (start, setup) alone exceeds the threshold per GiB.
-    const marked = baseImpl === 'qemu→qemu' && baseRows.length > 0 && Number(size) >= 1;
+    // QEMUs' fixed CPU (start, setup) alone exceeds the threshold per GiB, and not for compressed
+    // migrations, whose (de)compression alone does (zlib: ~16 CPU-s per GiB).
+    const marked = baseImpl === 'qemu→qemu' && baseRows.length > 0 && Number(size) >= 1 && method === 'none';
     const slowReps = marked ? baseRows.filter((r) => (r.result.cpuMs ?? 0) / r.sizeGiB > SLOW_MODE_CPU_MS_PER_GIB).length : 0;
     const mode = marked ? ` [slow ${slowReps}/${baseRows.length}]` : '';
     const floor = pair === 'restore' ? cell(rs.filter((r) => r.impl === 'qemu file')) : pair === 'relay' ? cell(rs.filter((r) => r.impl === 'socat pipe')) : undefined;

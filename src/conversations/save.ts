@@ -59,8 +59,15 @@ export interface SaveSummary extends ReceiveSummary {
 }
 
 const DEFAULT_BANDWIDTH = 100 * 1024 * 1024 * 1024;
-/** query-migrate states in which a migration is under way (capabilities cannot change). */
-const ACTIVE_STATES = new Set(['setup', 'active', 'device', 'pre-switchover', 'postcopy-active', 'cancelling', 'wait-unplug']);
+/**
+ * query-migrate states in which a migration is under way and capabilities cannot change: QEMU
+ * 10.0's migration_is_running(), plus 11.1's postcopy-device and failing (on its way to failed).
+ */
+const ACTIVE_STATES = new Set([
+  'setup', 'active', 'device', 'pre-switchover', 'wait-unplug', 'cancelling', 'colo',
+  'postcopy-active', 'postcopy-device', 'postcopy-paused', 'postcopy-recover-setup', 'postcopy-recover',
+  'failing',
+]);
 
 export class SaveHandle extends EventEmitter {
   /** Resolves with the summary once the snapshot is complete and the source reports completed. */

@@ -5,6 +5,8 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { createServer, type AddressInfo, type Socket } from 'node:net';
+import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuVersion } from '../helpers/qemu.js';
@@ -88,6 +90,36 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(existsSync(join(dir, 'missing-dir')), false);
       } finally {
         await src.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('a save refuses a source that is already migrating, and leaves that migration alone', async () => {
+      const dir = mkdtempSync('/tmp/multifd-save-test-');
+      const saveSock = join(dir, 'save.sock');
+      // A destination that accepts and never reads: the source's migration stays under way.
+      const held: Socket[] = [];
+      const sink = createServer((s) => held.push(s));
+      sink.listen(0, '127.0.0.1');
+      await once(sink, 'listening');
+      const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${saveSock},server=on,wait=off`] });
+      try {
+        await waitGuestPasses(src, 2);
+        await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${(sink.address() as AddressInfo).port}` });
+        const caps = await src.qmp.execute('query-migrate-capabilities');
+        const r = await cli(['save', '--qmp', `unix:${saveSock}`, '--out', join(dir, 'vm.mig')]);
+        assert.equal(r.code, 1);
+        assert.match(r.stderr, /the source already has a migration in state "(setup|active)"/);
+        assert.equal(existsSync(join(dir, 'vm.mig')), false);
+        const m = await src.qmp.execute('query-migrate');
+        assert.ok(m.status === 'active' || m.status === 'setup', `the source's own migration went on (${m.status})`);
+        assert.deepEqual(await src.qmp.execute('query-migrate-capabilities'), caps, 'capabilities untouched');
+        assert.equal((await src.qmp.execute('query-status')).status, 'running');
+      } finally {
+        await src.qmp.execute('migrate_cancel').catch(() => {});
+        await src.kill();
+        for (const s of held) s.destroy();
+        sink.close();
         rmSync(dir, { recursive: true, force: true });
       }
     });

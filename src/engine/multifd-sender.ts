@@ -16,7 +16,6 @@ import { encodeMultifdInit } from '../codec/multifd-init.js';
 import { encodeMultifdPacketHeader, encodeSyncPacket } from '../codec/multifd-packet.js';
 import type { MultifdMethod, SendMethodChannel } from './methods/method.js';
 
-/** Where a channel's bytes go (a socket, a pipe, a test sink). */
 /**
  * Batches in flight over all channels when they are loaded (a snapshot read with O_DIRECT waits
  * for the device): with two per channel, one channel's reads and writes took turns. 1 GiB send
@@ -25,6 +24,7 @@ import type { MultifdMethod, SendMethodChannel } from './methods/method.js';
  */
 const LOADER_BATCHES = 8;
 
+/** Where a channel's bytes go (a socket, a pipe, a test sink). */
 export interface SendChannel {
   /** Writes the buffers in order as one gather write; resolves once the buffers may be reused. */
   write(bufs: readonly Buffer[]): Promise<void>;

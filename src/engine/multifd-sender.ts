@@ -20,7 +20,8 @@ import type { MultifdMethod, SendMethodChannel } from './methods/method.js';
  * Batches in flight over all channels when they are loaded (a snapshot read with O_DIRECT waits
  * for the device): with two per channel, one channel's reads and writes took turns. 1 GiB send
  * from a snapshot, ours only, A/B/A/B/A/B of 3 reps: 1 ch 697–1046 ms at depth 2 against 487–789
- * at 6; 2 ch 589–849 against 535–892 at 4 (medians 743 and 669).
+ * at 6; 2 ch 589–849 against 535–892 at 4 (medians 743 and 669). 4 GiB 1 ch, 2 × 2 reps at depth
+ * 2 and 8 (what 1 ch gets now): 2547–3833 against 2446–3132 ms.
  */
 const LOADER_BATCHES = 8;
 

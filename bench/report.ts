@@ -5,7 +5,11 @@ export interface Row {
   version: string;
   pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy';
   /** postcopy rows: 'restore' (plain, --resume), 'postcopy', 'postcopy+preempt' (all ours). */
-  impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'socat pipe' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy';
+  /**
+   * 'disk': the disk alone moving the snapshot's bytes (a durable write under receive/save, a read
+   * under send/restore; bench/disk-floor.ts).
+   */
+  impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'socat pipe' | 'disk' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy';
   sizeGiB: number;
   channels: number;
   method: string;
@@ -27,6 +31,8 @@ export interface Row {
     runningMs?: number;
     /** postcopy rows: page requests the destination sent. */
     requests?: number;
+    /** disk rows: whether the disk was measured with O_DIRECT (false: through the page cache). */
+    direct?: boolean;
   };
 }
 
@@ -112,9 +118,15 @@ export function writeMarkdown(res: BenchResult): string {
     "Where the VM reports free memory to its host (machine.hostMemory), the bench stops that while it",
     'runs and warms memory before each repetition, as on a bare-metal host; a slow rep then means the',
     'memory a QEMU got was cold anyway (reportedMiB says whether anything was reported meanwhile).',
+    'disk ms: the disk alone, in the same repetitions, moving the bytes the snapshot holds: written',
+    '(O_DIRECT, 2 MiB blocks, 4 in flight, then fdatasync) for receive and save, read back for send and',
+    'restore. QEMU → QEMU touches no disk, so "ratio ≤" is the best ratio any tool that stores or loads',
+    'the snapshot on this disk could reach (QEMU ms ÷ disk ms; for save, the least our time ÷ QEMU\'s',
+    'could be), and "ours ÷ disk" how far our job is from the disk itself. [buffered]: the file system',
+    'refused O_DIRECT, so the page cache was measured instead.',
     '',
-    '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | CPU s ours / QEMU | own CPU s | downtime ms ours / QEMU | peak RSS MiB | floor ms |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| job | size | ch | method | ours ms | QEMU ms | ratio | goal | ours Mbit/s | QEMU Mbit/s | wire ours / QEMU | CPU s ours / QEMU | own CPU s | downtime ms ours / QEMU | peak RSS MiB | floor ms | disk ms |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const [k, rs] of groups(res.rows.filter((r) => r.pair !== 'postcopy'))) {
     const [pair, size, ch, method] = k.split('|') as [Row['pair'], string, string, string];
@@ -138,6 +150,13 @@ export function writeMarkdown(res: BenchResult): string {
     const durable = cell(durableRows.map((r) => ({ ...r, result: { ...r.result, ms: r.result.durableMs! } })));
     const bytes = rs[0]!.guestBytes;
     const ratio = base ? (pair === 'save' ? ours.median / base.median : base.median / ours.median) : undefined;
+    const diskRows = rs.filter((r) => r.impl === 'disk');
+    const disk = cell(diskRows);
+    const diskText = !disk
+      ? '–'
+      : `${fmt(disk)}${diskRows.some((r) => r.result.direct === false) ? ' [buffered]' : ''}` +
+        (base ? `, ratio ${pair === 'save' ? '≥' : '≤'} ${(pair === 'save' ? disk.median / base.median : base.median / disk.median).toFixed(2)}` : '') +
+        `, ours ÷ disk ${(ours.median / disk.median).toFixed(2)}`;
     const goal = pair === 'save' ? '≤ 1.2' : pair === 'relay' ? '≥ 0.8, RSS ≤ 256' : '≥ 1.0';
     const met = ratio === undefined ? '' : (pair === 'save' ? ratio <= 1.2 : ratio >= (pair === 'relay' ? 0.8 : 1)) ? ' ✓' : ' ✗';
     const rssMet = pair === 'relay' && ours.rss !== undefined ? (ours.rss <= 256 ? ' ✓' : ' ✗') : '';
@@ -148,7 +167,7 @@ export function writeMarkdown(res: BenchResult): string {
         `${num(ours.cpu, (x) => (x / 1000).toFixed(1))} / ${num(base?.cpu, (x) => (x / 1000).toFixed(1))} | ` +
         `${num(ours.ownCpu, (x) => (x / 1000).toFixed(1))} | ` +
         `${num(ours.downtime, (x) => x.toFixed(0))} / ${num(base?.downtime, (x) => x.toFixed(0))} | ` +
-        `${ours.rss !== undefined ? ours.rss.toFixed(0) + rssMet : '–'} | ${floor ? fmt(floor) : durable ? `${fmt(durable)}, ours ÷ it ${(ours.median / durable.median).toFixed(2)}` : '–'} |`,
+        `${ours.rss !== undefined ? ours.rss.toFixed(0) + rssMet : '–'} | ${floor ? fmt(floor) : durable ? `${fmt(durable)}, ours ÷ it ${(ours.median / durable.median).toFixed(2)}` : '–'} | ${diskText} |`,
     );
   }
   lines.push(...postcopyTable(res.rows.filter((r) => r.pair === 'postcopy')));
@@ -206,7 +225,10 @@ function postcopyTable(rows: Row[]): string[] {
   return lines;
 }
 
-/** Throughput (Mbit/s) against channel count: ours (receive, send, relay) and QEMU→QEMU's, method none. */
+/**
+ * Throughput (Mbit/s) against channel count: ours (receive, send, relay), QEMU→QEMU's and the disk's
+ * (the write under receive, the read under send), method none.
+ */
 export function writeChart(rows: Row[]): string {
   const W = 720;
   const H = 420;
@@ -215,10 +237,10 @@ export function writeChart(rows: Row[]): string {
   const ours = ['receive', 'send', 'relay'];
   for (const [k, rs] of groups(rows.filter((r) => r.method === 'none' && ours.includes(r.pair)))) {
     const [pair, size, ch] = k.split('|');
-    for (const impl of ['ours', 'qemu→qemu'] as const) {
+    for (const impl of ['ours', 'qemu→qemu', 'disk'] as const) {
       const c = cell(rs.filter((r) => r.impl === impl));
       if (!c) continue;
-      const name = impl === 'ours' ? `ours ${pair} ${size} GiB` : `QEMU→QEMU ${size} GiB`;
+      const name = impl === 'ours' ? `ours ${pair} ${size} GiB` : impl === 'disk' ? `disk ${pair === 'receive' ? 'write' : 'read'} ${size} GiB` : `QEMU→QEMU ${size} GiB`;
       const p = series.get(name) ?? [];
       // QEMU→QEMU is one run recorded under each pair it is the baseline of: plot it once.
       if (impl === 'qemu→qemu' && p.some(([x]) => x === Number(ch))) continue;
@@ -246,7 +268,7 @@ export function writeChart(rows: Row[]): string {
   [...series.entries()].forEach(([name, p], i) => {
     const col = colors[i % colors.length]!;
     const sorted = p.sort((a, b) => a[0] - b[0]);
-    const dash = name.startsWith('QEMU') ? ' stroke-dasharray="6 4"' : '';
+    const dash = name.startsWith('QEMU') ? ' stroke-dasharray="6 4"' : name.startsWith('disk') ? ' stroke-dasharray="2 3"' : '';
     out.push(`<polyline fill="none" stroke="${col}" stroke-width="2"${dash} points="${sorted.map(([cx, cy]) => `${x(cx)},${y(cy)}`).join(' ')}"/>`);
     for (const [cx, cy] of sorted) out.push(`<circle cx="${x(cx)}" cy="${y(cy)}" r="3" fill="${col}"/>`);
     out.push(`<text x="${W - pad.r + 10}" y="${pad.t + 16 * i + 10}" fill="${col}">${name}</text>`);

@@ -16,6 +16,8 @@
 //   send     our restore (send phase)       vs  QEMU → QEMU          throughput, goal ≥ 1
 //   save     our save, wall time            vs  QEMU migrate file:   time ratio, goal ≤ 1.2
 //   restore  our restore, wall time         vs  QEMU → QEMU          throughput, goal ≥ 1; QEMU's file restore is the floor
+//   (receive, save, send and restore also get the disk's own time for the snapshot's bytes, written
+//   or read with O_DIRECT in the same repetition: bench/disk-floor.ts)
 //   live     running guest → our save       vs  running QEMU → QEMU  total time and downtime (method none; --no-live skips)
 //   relay    QEMU A → our relay → QEMU B   vs  QEMU → QEMU          throughput, goal ≥ 0.8; relay peak RSS goal ≤ 256 MiB (4 GiB guest);
 //            with socat installed, QEMU A → socat → QEMU B (a byte pipe) is the floor
@@ -36,6 +38,7 @@ import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { haveQemu, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
+import { diskFloor } from './disk-floor.js';
 import { holdHostMemory } from './host-memory.js';
 import { writeChart, writeMarkdown, type Row } from './report.js';
 
@@ -575,9 +578,10 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   const want = (s: Scenario): boolean => a.scenarios.includes(s);
   const started = new Date().toISOString();
-  const record = (r: Omit<Row, 'version'>): void => {
+  const record = (r: Omit<Row, 'version'>, log = true): void => {
     const row = { ...r, version: a.version };
     rows.push(row);
+    if (!log) return;
     const rss = (row.result.runningMs !== undefined ? ` running after ${row.result.runningMs.toFixed(0)} ms` : '') +
       (row.result.requests !== undefined ? ` ${row.result.requests} requests` : '') +
       (row.result.oursCpuMs !== undefined ? ` own cpu ${row.result.oursCpuMs.toFixed(0)} ms` : '') +
@@ -606,6 +610,16 @@ async function main(): Promise<void> {
         const base = { sizeGiB, channels, method, guestBytes: randomBytes };
         for (let rep = 1; rep <= a.reps; rep++) {
           warm();
+          // The disk alone, for the jobs that store or load the snapshot: the least they can take.
+          const diskJobs = (['receive', 'save', 'send', 'restore'] as const).filter(want);
+          if (diskJobs.length) {
+            const d = await diskFloor(a.dir, randomBytes);
+            for (const pair of diskJobs) {
+              const ms = pair === 'receive' || pair === 'save' ? d.writeMs : d.readMs;
+              record({ ...base, rep, pair, impl: 'disk', result: { ms, wireBytes: 0, direct: d.direct } }, false);
+            }
+            console.error(`  disk     ${d.direct ? 'O_DIRECT' : 'buffered'}     ${sizeGiB} GiB rep ${rep}: write ${d.writeMs.toFixed(0)} ms, read ${d.readMs.toFixed(0)} ms`);
+          }
           // Which side runs first alternates: on this VM memory that was just freed is cheaper to
           // touch again than memory the host took back, and that favours whoever comes second.
           const qemuFirst = rep % 2 === 1;

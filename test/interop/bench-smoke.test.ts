@@ -18,7 +18,7 @@ test('bench --quick runs every pair against QEMU', { skip: haveQemu('10') ? fals
   assert.equal(code, 0, 'bench exits 0');
   const r = JSON.parse(readFileSync(RESULT, 'utf8')) as { rows: { pair: string; impl: string; result: { ms: number; rssMiB?: number } }[] };
   const seen = new Set(r.rows.map((x) => `${x.pair}/${x.impl}`));
-  for (const k of ['receive/ours', 'receive/qemu→qemu', 'send/ours', 'save/ours', 'save/qemu file', 'restore/ours', 'restore/qemu file', 'relay/ours', 'relay/qemu→qemu']) assert.ok(seen.has(k), `${k} measured`);
+  for (const k of ['receive/ours', 'receive/qemu→qemu', 'send/ours', 'save/ours', 'save/qemu file', 'restore/ours', 'restore/qemu file', 'relay/ours', 'relay/qemu→qemu', 'receive/disk', 'save/disk', 'send/disk', 'restore/disk']) assert.ok(seen.has(k), `${k} measured`);
   assert.ok(r.rows.every((x) => x.result.ms > 0));
   assert.ok(r.rows.filter((x) => x.impl === 'ours').every((x) => (x.result.rssMiB ?? 0) > 0), 'peak RSS recorded for our runs');
 });

@@ -1,0 +1,63 @@
+// The bench's disk floor and how the report turns it into bounds: synthetic rows with known
+// medians, so every number in the disk column can be checked by hand.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { diskFloor } from '../../bench/disk-floor.js';
+import { writeChart, writeMarkdown, type Row } from '../../bench/report.js';
+
+const row = (pair: Row['pair'], impl: Row['impl'], ms: number, rep: number, extra: Partial<Row['result']> = {}): Row => ({
+  version: '10', pair, impl, sizeGiB: 1, channels: 2, method: 'none', guestBytes: 768 * 1024 * 1024, rep,
+  result: { ms, wireBytes: 0, ...extra },
+});
+
+const lineOf = (md: string, job: string): string => {
+  const l = md.split('\n').find((x) => x.startsWith(`| ${job} |`));
+  assert.ok(l, `a ${job} row`);
+  return l;
+};
+
+test('the disk column gives the disk time, the ratio it allows and ours against it', () => {
+  const rows = [
+    ...[1, 2, 3].map((rep) => row('receive', 'qemu→qemu', 300, rep)),
+    ...[[800, 1], [900, 2], [1000, 3]].map(([ms, rep]) => row('receive', 'ours', ms!, rep!)),
+    ...[[580, 1], [600, 2], [640, 3]].map(([ms, rep]) => row('receive', 'disk', ms!, rep!, { direct: true })),
+    ...[1, 2].map((rep) => row('save', 'qemu file', 500, rep)),
+    ...[1, 2].map((rep) => row('save', 'ours', 750, rep)),
+    ...[1, 2].map((rep) => row('save', 'disk', 600, rep, { direct: false })),
+  ];
+  const md = writeMarkdown({ started: 'now', machine: {}, args: {}, rows });
+  const receive = lineOf(md, 'receive').split(' | ');
+  // QEMU 300 ÷ disk 600 = 0.50 at best; ours 900 ÷ disk 600 = 1.50.
+  assert.equal(receive.at(-1), '600 (580–640), ratio ≤ 0.50, ours ÷ disk 1.50 |');
+  const save = lineOf(md, 'save').split(' | ');
+  // save's ratio is ours ÷ QEMU: no durable save can go below disk 600 ÷ QEMU 500.
+  assert.equal(save.at(-1), '600 (600–600) [buffered], ratio ≥ 1.20, ours ÷ disk 1.25 |');
+  assert.match(writeChart(rows), />disk write 1 GiB</);
+});
+
+test('rows without disk measurements keep a dash in the disk column', () => {
+  const rows = [row('relay', 'qemu→qemu', 300, 1), row('relay', 'ours', 600, 1)];
+  const md = writeMarkdown({ started: 'now', machine: {}, args: {}, rows });
+  assert.ok(lineOf(md, 'relay').endsWith('| – | – |'));
+});
+
+test('diskFloor writes, reads back and removes its scratch file', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'disk-floor-'));
+  try {
+    // 5 MiB: not a whole number of 2 MiB blocks, and fewer blocks than lanes.
+    const d = await diskFloor(dir, 5 * 1024 * 1024);
+    assert.ok(d.writeMs > 0 && d.readMs > 0, `times ${d.writeMs}, ${d.readMs}`);
+    assert.equal(typeof d.direct, 'boolean');
+    assert.deepEqual(readdirSync(dir), [], 'nothing left behind');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('diskFloor fails with the reason when the directory is not there', async () => {
+  await assert.rejects(diskFloor('/nonexistent-dir-for-disk-floor', 4096), /ENOENT/);
+});

@@ -6,8 +6,8 @@ export interface Row {
   pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy';
   /** postcopy rows: 'restore' (plain, --resume), 'postcopy', 'postcopy+preempt' (all ours). */
   /**
-   * 'disk': the disk alone moving the snapshot's bytes (a durable write under receive/save, a read
-   * under send/restore; bench/disk-floor.ts).
+   * 'disk': the disk alone moving the snapshot's bytes (a durable write under receive/save/live, a
+   * read under send/restore; bench/disk-floor.ts).
    */
   impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'socat pipe' | 'disk' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy';
   sizeGiB: number;
@@ -119,8 +119,8 @@ export function writeMarkdown(res: BenchResult): string {
     'runs and warms memory before each repetition, as on a bare-metal host; a slow rep then means the',
     'memory a QEMU got was cold anyway (reportedMiB says whether anything was reported meanwhile).',
     'disk ms: the disk alone, in the same repetitions, moving the bytes the snapshot holds: written',
-    '(O_DIRECT, 2 MiB blocks, 4 in flight, then fdatasync) for receive and save, read back for send and',
-    'restore. QEMU → QEMU touches no disk, so "ratio ≤" is the best ratio any tool that stores or loads',
+    '(O_DIRECT, 2 MiB blocks, 4 in flight, then fdatasync) for receive, save and live, read back for send',
+    'and restore. QEMU → QEMU touches no disk, so "ratio ≤" is the best ratio any tool that stores or loads',
     'the snapshot on this disk could reach (QEMU ms ÷ disk ms; for save, the least our time ÷ QEMU\'s',
     'could be), and "ours ÷ disk" how far our job is from the disk itself. [buffered]: the file system',
     'refused O_DIRECT, so the page cache was measured instead.',

@@ -16,11 +16,11 @@
 //   send     our restore (send phase)       vs  QEMU → QEMU          throughput, goal ≥ 1
 //   save     our save, wall time            vs  QEMU migrate file:   time ratio, goal ≤ 1.2
 //   restore  our restore, wall time         vs  QEMU → QEMU          throughput, goal ≥ 1; QEMU's file restore is the floor
-//   (receive, save, send and restore also get the disk's own time for the snapshot's bytes, written
-//   or read with O_DIRECT in the same repetition: bench/disk-floor.ts)
 //   live     running guest → our save       vs  running QEMU → QEMU  total time and downtime (method none; --no-live skips)
 //   relay    QEMU A → our relay → QEMU B   vs  QEMU → QEMU          throughput, goal ≥ 0.8; relay peak RSS goal ≤ 256 MiB (4 GiB guest);
 //            with socat installed, QEMU A → socat → QEMU B (a byte pipe) is the floor
+//   receive, save, live, send and restore also get the disk's own time for the snapshot's bytes,
+//   written or read with O_DIRECT in the same repetition (bench/disk-floor.ts): the least they can take.
 //   postcopy our restore --postcopy [--postcopy-preempt] vs our plain restore, both --resume: time until
 //            the guest runs and until every page is in place (multifd with postcopy needs --qemu 11;
 //            QEMU 10 restores over the main channel). Not part of the default set:
@@ -610,12 +610,16 @@ async function main(): Promise<void> {
         const base = { sizeGiB, channels, method, guestBytes: randomBytes };
         for (let rep = 1; rep <= a.reps; rep++) {
           warm();
+          // One channel count for the running-guest runs (2, QEMU's default, when measured): each
+          // boots the guest under TCG and waits for it to dirty memory, which takes a while.
+          const liveChannels = a.channels.includes(2) ? 2 : a.channels[0];
+          const liveNow = a.live && method === 'none' && channels === liveChannels;
           // The disk alone, for the jobs that store or load the snapshot: the least they can take.
-          const diskJobs = (['receive', 'save', 'send', 'restore'] as const).filter(want);
+          const diskJobs = (['receive', 'save', 'send', 'restore', 'live'] as const).filter((p) => (p === 'live' ? liveNow : want(p)));
           if (diskJobs.length) {
             const d = await diskFloor(a.dir, randomBytes);
             for (const pair of diskJobs) {
-              const ms = pair === 'receive' || pair === 'save' ? d.writeMs : d.readMs;
+              const ms = pair === 'send' || pair === 'restore' ? d.readMs : d.writeMs;
               record({ ...base, rep, pair, impl: 'disk', result: { ms, wireBytes: 0, direct: d.direct } }, false);
             }
             console.error(`  disk     ${d.direct ? 'O_DIRECT' : 'buffered'}     ${sizeGiB} GiB rep ${rep}: write ${d.writeMs.toFixed(0)} ms, read ${d.readMs.toFixed(0)} ms`);
@@ -670,10 +674,7 @@ async function main(): Promise<void> {
             await runOurs();
             await runQemu();
           }
-          // One channel count for the running-guest runs (2, QEMU's default, when measured): each
-          // boots the guest under TCG and waits for it to dirty memory, which takes a while.
-          const liveChannels = a.channels.includes(2) ? 2 : a.channels[0];
-          if (a.live && method === 'none' && channels === liveChannels) {
+          if (liveNow) {
             const runLiveQemu = async (): Promise<void> => {
               if (!a.oursOnly) record({ ...base, rep, pair: 'live', impl: 'qemu→qemu', result: await liveQemuToQemu(c) });
             };

@@ -252,7 +252,7 @@ export function writeChart(rows: Row[]): string {
   const ymax = Math.max(1, ...pts.map((p) => p[1])) * 1.1;
   const x = (v: number): number => pad.l + (xs.length <= 1 ? (W - pad.l - pad.r) / 2 : ((xs.indexOf(v)) / (xs.length - 1)) * (W - pad.l - pad.r));
   const y = (v: number): number => H - pad.b - (v / ymax) * (H - pad.t - pad.b);
-  const colors = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf'];
+  const colors = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf', '#bcbd22', '#7f7f7f', '#393b79', '#ad494a'];
   const out = [`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
     `<rect width="${W}" height="${H}" fill="white"/>`,
     `<text x="${pad.l}" y="18" font-size="14">Throughput against multifd channels (paused guest, 75% random, no compression)</text>`,

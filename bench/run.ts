@@ -590,6 +590,9 @@ async function main(): Promise<void> {
       (row.result.downtimeMs !== undefined ? ` downtime ${row.result.downtimeMs} ms` : '');
     console.error(`  ${row.pair.padEnd(8)} ${row.impl.padEnd(12)} ${row.sizeGiB} GiB ${row.channels} ch ${row.method.padEnd(4)} rep ${row.rep}: ${row.result.ms.toFixed(0)} ms${rss}`);
   };
+  // One channel count for the running-guest runs (2, QEMU's default, when measured): each boots
+  // the guest under TCG and waits for it to dirty memory, which takes a while.
+  const liveChannels = a.channels.includes(2) ? 2 : a.channels[0];
   for (const sizeGiB of a.sizes) {
     const { args: blobs, randomBytes } = guestBlobs(sizeGiB);
     // Before every repetition: a source and a destination of this size, and the page cache
@@ -608,12 +611,9 @@ async function main(): Promise<void> {
         const file = join(a.dir, `ours-${sizeGiB}g-${channels}-${method}.mig`);
         const qfile = join(a.dir, `qemu-${sizeGiB}g-${channels}.mig`);
         const base = { sizeGiB, channels, method, guestBytes: randomBytes };
+        const liveNow = a.live && method === 'none' && channels === liveChannels;
         for (let rep = 1; rep <= a.reps; rep++) {
           warm();
-          // One channel count for the running-guest runs (2, QEMU's default, when measured): each
-          // boots the guest under TCG and waits for it to dirty memory, which takes a while.
-          const liveChannels = a.channels.includes(2) ? 2 : a.channels[0];
-          const liveNow = a.live && method === 'none' && channels === liveChannels;
           // The disk alone, for the jobs that store or load the snapshot: the least they can take.
           const diskJobs = (['receive', 'save', 'send', 'restore', 'live'] as const).filter((p) => (p === 'live' ? liveNow : want(p)));
           if (diskJobs.length) {

@@ -14,7 +14,7 @@ import { access, constants as fsConstants } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import type { Transform } from 'node:stream';
-import { decodeLibvirtData, decodeLibvirtHeader, LIBVIRT_HEADER_BYTES, LIBVIRT_MAGIC_PREFIX, looksLikeLibvirtImage, type LibvirtFormat, type LibvirtImage } from '../codec/libvirt-image.js';
+import { decodeLibvirtData, decodeLibvirtHeader, finishedMagic, LIBVIRT_HEADER_BYTES, LIBVIRT_MAGIC_PREFIX, looksLikeLibvirtImage, type LibvirtFormat, type LibvirtImage } from '../codec/libvirt-image.js';
 import { ProtocolError } from '../codec/errors.js';
 
 /** The libvirt image at `path`, or undefined when the file does not start with a libvirt magic. */
@@ -110,5 +110,21 @@ export async function decompressLibvirtStream(path: string, image: LibvirtImage)
   } catch (e) {
     await remove();
     throw e;
+  }
+}
+
+/**
+ * Turns a complete, durable `…Part` image into a `…Save` one (libvirt's virQEMUSaveDataFinish):
+ * the last step of writing an image, so that an interrupted write never looks restorable.
+ */
+export async function finishLibvirtImage(path: string): Promise<void> {
+  const fh = await open(path, 'r+');
+  try {
+    const magic = finishedMagic();
+    const { bytesWritten } = await fh.write(magic, 0, magic.length, 0);
+    if (bytesWritten !== magic.length) throw new Error(`${path}: short write of the libvirt header magic`);
+    await fh.sync();
+  } finally {
+    await fh.close();
   }
 }

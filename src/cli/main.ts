@@ -271,7 +271,8 @@ program
   .requiredOption('--qmp <addr>', "the destination's QMP socket: unix:PATH or tcp:HOST:PORT")
   .addOption(new Option('--channels <n>', 'multifd channels (0: no multifd)').default(2).argParser(intArg(0, 255)))
   .option('--incoming <addr>', 'where the destination listens (default: a unix socket in the temp dir; tcp:127.0.0.1:0 with a tcp QMP)')
-  .option('--resume', 'run the guest once loaded (QEMU keeps it paused if it was paused when saved, or with -S)')
+  .option('--resume', 'run the guest once loaded (QEMU keeps it paused if it was paused when saved, or with -S; a libvirt image resumes if it was running)')
+  .option('--no-resume', 'leave the guest paused, even from a libvirt image saved running')
   .option('--uuid <uuid>', "the destination's -uuid", uuidArg)
   .addOption(new Option('--sync-mode <mode>', "the destination's multifd sync mode").choices(['auto', 'round', 'section']).default('auto'))
   .addOption(new Option('--compression <method>', 'multifd-compression on the wire (set on the destination too)').choices(['none', 'zlib', 'zstd']).default('none'))
@@ -295,7 +296,7 @@ program
         compression: o.compression,
         ...(o.level !== undefined ? { level: o.level } : {}),
         ...(o.incoming ? { incoming: o.incoming } : {}),
-        ...(o.resume ? { resume: true } : {}),
+        ...(o.resume !== undefined ? { resume: o.resume } : {}),
         ...(o.uuid ? { uuid: o.uuid } : {}),
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));

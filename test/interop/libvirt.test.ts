@@ -278,7 +278,7 @@ describe('libvirt save images with a real libvirtd', { skip, timeout: 900_000 },
     });
   }
 
-  test('convert a classic virsh image to sparse → virsh restore --parallel-channels 4; sparse → classic → virsh restore', async () => {
+  test('convert a classic virsh image to sparse → virsh restore --parallel-channels 4; sparse → classic → plain QEMU file', async () => {
     const d = await runningGuest();
     const classic = join(dir, `virsh-${seq++}.sav`);
     await virsh('save', d.name, classic);
@@ -290,14 +290,12 @@ describe('libvirt save images with a real libvirtd', { skip, timeout: 900_000 },
     await virsh('restore', sparse, '--paused', '--parallel-channels', '4');
     await assertRunsOnFrom(d, saved, 'classic → sparse → virsh restore --parallel-channels 4');
     await destroy(d.name);
-    // And back: the sparse image to a classic one and to a plain QEMU file.
+    // And back (virsh restore of our classic images is covered above): sparse → classic → a plain QEMU file.
     const back = join(dir, `conv-${seq++}.sav`);
     assert.equal((await cli('convert', sparse, back, '--to', 'libvirt')).code, 0);
-    await virsh('restore', back, '--paused');
-    await assertRunsOnFrom(d, saved, 'sparse → classic → virsh restore');
-    await destroy(d.name);
+    assert.ok((await extractedRange(back)).equals(saved), 'the classic image holds the same RAM');
     const plain = join(dir, `conv-${seq++}.mig`);
-    assert.equal((await cli('convert', sparse, plain, '--to', 'stream')).code, 0);
+    assert.equal((await cli('convert', back, plain, '--to', 'stream')).code, 0);
     assert.equal(readFileSync(plain).toString('latin1', 0, 4), 'QEVM');
     assert.ok((await extractedRange(plain)).equals(saved), 'plain QEMU file holds the same RAM');
   });

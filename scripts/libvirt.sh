@@ -65,10 +65,21 @@ install() {
   apt-get update -qq >/dev/null
   local args=()
   for p in "${PACKAGES[@]}"; do args+=("$p/${codename}-backports"); done
+  # The QEMU driver needs systemd-container (or sysvinit-core), which needs the systemd of its
+  # own version: asking for the one that matches the installed systemd leaves systemd alone.
+  local sd
+  sd=$(dpkg-query -W -f='${Version}' systemd 2>/dev/null || true)
+  if [ -n "$sd" ] && apt-get -s install --no-install-recommends "${args[@]}" "systemd-container=$sd" >/dev/null 2>&1; then
+    args+=("systemd-container=$sd")
+  fi
   local plan
   plan=$(apt-get -s install --no-install-recommends "${args[@]}")
   if grep -E '^(Inst|Remv) qemu-' <<<"$plan" >&2; then
     echo "libvirt.sh: apt would replace or remove QEMU (above); not installing" >&2
+    exit 1
+  fi
+  if grep -E '^Inst systemd .*backports' <<<"$plan" >&2; then
+    echo "libvirt.sh: apt would take systemd from backports (above); not installing" >&2
     exit 1
   fi
   apt-get install -y -qq --no-install-recommends "${args[@]}" >/dev/null

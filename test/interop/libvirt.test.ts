@@ -13,8 +13,10 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant, writeBootSector } from '../guest/bootsector.js';
-import { countPasses } from '../helpers/qemu.js';
+import { countPasses, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration } from '../helpers/qemu.js';
 import { QmpClient } from '../../src/transports/qmp-client.js';
+import { openSnapshot } from '../../src/engine/open-snapshot.js';
+import type { SnapshotSource } from '../../src/engine/snapshot.js';
 
 const BIN = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
 const URI = 'qemu:///system';
@@ -334,4 +336,52 @@ describe('libvirt save images with a real libvirtd', { skip, timeout: 900_000 },
     assert.equal(c.code, 1);
     assert.match(c.stderr, /header is truncated: 80 bytes, the header has 92/);
   });
+});
+
+/** pc.ram's dirty range as a snapshot source reads it (pages it does not hold are zero). */
+async function dirtyRangeOf(src: SnapshotSource): Promise<Buffer> {
+  const PAGE = 4096;
+  const out = Buffer.alloc(GUEST_DIRTY_END - GUEST_DIRTY_START);
+  const runs: [number, number][] = [];
+  src.forEachRun('pc.ram', (first, count) => {
+    const end = Math.min(first + count, GUEST_DIRTY_END / PAGE);
+    for (let p = Math.max(first, GUEST_DIRTY_START / PAGE); p < end; p += 1024) runs.push([p, Math.min(1024, end - p)]);
+  }, GUEST_DIRTY_START / PAGE);
+  const scratch = Buffer.alloc(src.scratchBytes(1024));
+  for (const [first, count] of runs) {
+    Buffer.concat(await src.loadRuns('pc.ram', [first, count], 1, scratch)).copy(out, first * PAGE - GUEST_DIRTY_START);
+  }
+  return out;
+}
+
+// The layout libvirt's sparse images rely on, without libvirt: QEMU told `file:PATH,offset=N`.
+describe('QEMU files written at file:PATH,offset=N', { skip: haveQemu('10') ? false : `QEMU 10 not available (${qemuBinary('10')})`, timeout: 180_000 }, () => {
+  for (const mappedRam of [false, true]) {
+    test(`${mappedRam ? 'mapped-ram (absolute block offsets)' : 'plain stream'}: read with the base offset, the guest invariant holds`, async () => {
+      const q = await startQemu({ version: '10', memMiB: MEM_MIB, bootSector: true });
+      try {
+        await waitGuestPasses(q, 2);
+        await q.qmp.execute('stop');
+        if (mappedRam) await q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }] });
+        const f = join(q.dir, 'at-offset.mig');
+        const offset = 70_000;
+        await q.qmp.execute('migrate', { uri: `file:${f},offset=${offset}` });
+        const m = await waitMigration(q.qmp);
+        assert.equal(m.status, 'completed', m['error-desc']);
+        await assert.rejects(openSnapshot(f), /not a QEMU migration file/, 'without the offset the file is not a migration file');
+        const src = await openSnapshot(f, { offset });
+        try {
+          assert.equal(src.format, mappedRam ? 'mapped-ram' : 'stream');
+          assert.equal(src.baseOffset, offset);
+          assert.ok(src.deviceState.fileOffset > offset);
+          const inv = checkDirtyInvariant(await dirtyRangeOf(src));
+          assert.ok(inv.ok, inv.reason);
+        } finally {
+          await src.close();
+        }
+      } finally {
+        await q.kill();
+      }
+    });
+  }
 });

@@ -4,7 +4,8 @@
 import { Option, type Command } from 'commander';
 import { resolve } from 'node:path';
 import { ProtocolError } from '../codec/errors.js';
-import { convert, type ConvertProgress } from '../conversations/convert.js';
+import { readFile } from 'node:fs/promises';
+import { convert, type ConvertProgress, type ConvertTarget } from '../conversations/convert.js';
 import { extract, type ExtractProgress } from '../conversations/extract.js';
 import { inspect } from '../conversations/inspect.js';
 import { verify } from '../conversations/verify.js';
@@ -76,16 +77,20 @@ export function registerFileCommands(program: Command): void {
 
   program
     .command('convert')
-    .description('rewrite a migration file as mapped-ram or as a plain stream, page for page, device state unchanged')
+    .description('rewrite a migration file as mapped-ram, as a plain stream or as a libvirt save image, page for page, device state unchanged')
     .argument('<in>', 'input migration file')
     .argument('<out>', 'output file (written under a temporary name, renamed when complete)')
-    .addOption(new Option('--to <format>', 'output format').choices(['mapped-ram', 'stream']).makeOptionMandatory())
+    .addOption(new Option('--to <format>', 'output format').choices(['mapped-ram', 'stream', 'libvirt', 'libvirt-sparse']).makeOptionMandatory())
+    .option('--domain-xml <file>', 'libvirt output: the domain XML (virsh dumpxml --migratable); default: a libvirt input\'s own')
+    .option('--paused', 'libvirt output: virsh restore leaves the guest paused (default: as the libvirt input says, else resumed)')
     .option('--force', 'overwrite OUT if it exists')
     .option('--json', 'print the summary as JSON on stdout')
     .addHelpText('after', `
 Load the result into QEMU with migrate-incoming uri=file:OUT, with capability
-mapped-ram on for a mapped-ram file and off for a stream file.`)
-    .action(async (input: string, output: string, o: { to: 'mapped-ram' | 'stream'; force?: boolean; json?: boolean }) => {
+mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
+(libvirt: classic, libvirt-sparse: parallel) is restored with virsh restore OUT
+(libvirt-sparse also with --parallel-channels N).`)
+    .action(async (input: string, output: string, o: { to: ConvertTarget; domainXml?: string; paused?: boolean; force?: boolean; json?: boolean }) => {
       const view = new ProgressView(process.stderr.isTTY === true, 'convert');
       const intr = interruptible();
       try {
@@ -93,6 +98,8 @@ mapped-ram on for a mapped-ram file and off for a stream file.`)
           input: resolve(input),
           output: resolve(output),
           to: o.to,
+          ...(o.domainXml !== undefined ? { domainXml: await readFile(resolve(o.domainXml), 'utf8') } : {}),
+          ...(o.paused ? { wasRunning: false } : {}),
           force: o.force === true,
           signal: intr.signal,
           onProgress: (p: ConvertProgress) => view.update({ phase: p.phase, elapsedMs: p.elapsedMs, transferred: p.written, pages: p.pagesDone, totalPages: p.pagesTotal, detail: `${p.pagesDone}/${p.pagesTotal} pages` }),

@@ -7,6 +7,7 @@ import { receive, type ReceiveProgress } from '../conversations/receive.js';
 import { relay, type RelayProgress } from '../conversations/relay.js';
 import { restore } from '../conversations/restore.js';
 import { save } from '../conversations/save.js';
+import { saveLibvirtImage, type SaveLibvirtSummary } from '../conversations/save-libvirt.js';
 import { send, type PostcopyOptions, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
 import type { TlsCreds } from '../transports/tls.js';
@@ -182,6 +183,8 @@ program
   .addOption(new Option('--max-bandwidth <bytes/s>', "source bandwidth limit (QEMU's default is 128 MiB/s)").default(100 * 1024 ** 3).argParser(intArg(1, Number.MAX_SAFE_INTEGER)))
   .option('--downtime-limit <ms>', 'downtime QEMU may plan for at switchover', intArg(1, 2_000_000))
   .option('--resume', 'let the VM run on after saving (QEMU pauses it when migration completes)')
+  .option('--domain-xml <file>', 'write a libvirt save image for `virsh restore`, with this domain XML (virsh dumpxml --migratable DOMAIN)')
+  .addOption(new Option('--to <format>', 'with --domain-xml: libvirt (classic) or libvirt-sparse (parallel, the default)').choices(['libvirt', 'libvirt-sparse']))
   .addOption(new Option('--compression <method>', 'multifd-compression on the wire (the snapshot holds plain pages)').choices(['none', 'zlib', 'zstd']).default('none'))
   .option('--level <n>', 'compression level (multifd-zlib-level 0-9, multifd-zstd-level 0-20)', intArg(0, 20))
   .option('--no-direct-io', 'write pages through the page cache (default: O_DIRECT where the file system allows it)')
@@ -190,13 +193,15 @@ program
   .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
   .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never); the source is told and runs on').default(300).argParser(intArg(0, 86400)))
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; domainXml?: string; to?: 'libvirt' | 'libvirt-sparse'; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
+    if (o.to && o.domainXml === undefined) program.error('error: --to needs --domain-xml (the domain XML goes into the libvirt image)');
+    const domainXml = o.domainXml !== undefined ? readFileSync(resolve(o.domainXml), 'utf8') : undefined;
     await report('save', o.json, (view) => {
       const tls = tlsCreds(o);
       // Ctrl-C: our receive stops, the source's migration is cancelled and its settings put back.
       const ac = new AbortController();
       abortOnSignal({ abort: (e: Error) => ac.abort(e) });
-      const h = save({
+      const saveOpts = {
         signal: ac.signal,
         ...(tls ? { tls } : {}),
         qmp: o.qmp,
@@ -210,10 +215,14 @@ program
         directIo: o.directIo,
         idleTimeoutMs: o.idleTimeout * 1000,
         ...(o.level !== undefined ? { level: o.level } : {}),
-      });
+      };
+      const h = domainXml !== undefined ? saveLibvirtImage({ ...saveOpts, domainXml, ...(o.to ? { to: o.to } : {}) }) : save(saveOpts);
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       return h.done;
-    }, summaryText);
+    }, (s) => {
+      const l = (s as Partial<SaveLibvirtSummary>).libvirt;
+      return summaryText(s) + (l ? `\n  libvirt ${l.format} image (${l['was-running'] ? 'restores running' : 'restores paused'}), rewritten from the snapshot in ${l['convert-ms']} ms` : '');
+    });
   });
 
 addPostcopyOptions(
@@ -271,7 +280,8 @@ program
   .requiredOption('--qmp <addr>', "the destination's QMP socket: unix:PATH or tcp:HOST:PORT")
   .addOption(new Option('--channels <n>', 'multifd channels (0: no multifd)').default(2).argParser(intArg(0, 255)))
   .option('--incoming <addr>', 'where the destination listens (default: a unix socket in the temp dir; tcp:127.0.0.1:0 with a tcp QMP)')
-  .option('--resume', 'run the guest once loaded (QEMU keeps it paused if it was paused when saved, or with -S)')
+  .option('--resume', 'run the guest once loaded (QEMU keeps it paused if it was paused when saved, or with -S; a libvirt image resumes if it was running)')
+  .option('--no-resume', 'leave the guest paused, even from a libvirt image saved running')
   .option('--uuid <uuid>', "the destination's -uuid", uuidArg)
   .addOption(new Option('--sync-mode <mode>', "the destination's multifd sync mode").choices(['auto', 'round', 'section']).default('auto'))
   .addOption(new Option('--compression <method>', 'multifd-compression on the wire (set on the destination too)').choices(['none', 'zlib', 'zstd']).default('none'))
@@ -295,7 +305,7 @@ program
         compression: o.compression,
         ...(o.level !== undefined ? { level: o.level } : {}),
         ...(o.incoming ? { incoming: o.incoming } : {}),
-        ...(o.resume ? { resume: true } : {}),
+        ...(o.resume !== undefined ? { resume: o.resume } : {}),
         ...(o.uuid ? { uuid: o.uuid } : {}),
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));

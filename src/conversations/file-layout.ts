@@ -110,6 +110,8 @@ export interface FileLayout {
 export interface ScanOptions {
   /** Decode every device's fields (inspect --devices); the walk checks them either way. */
   keepDeviceState?: boolean;
+  /** Where QEMU's stream starts in the file (libvirt images, `file:PATH,offset=N`). */
+  baseOffset?: number;
 }
 
 function commandName(cmd: number): string {
@@ -138,11 +140,12 @@ class Scan {
 
   async run(): Promise<FileLayout> {
     const size = this.layout.fileSize;
-    const parser = new MainStreamParser();
+    const base = this.opts.baseOffset ?? 0;
+    const parser = new MainStreamParser({ fileOffset: base });
     const device: Buffer[] = [];
     let deviceBytes = 0;
-    let pos = 0;
-    let last = 0;
+    let pos = base;
+    let last = base;
     let stopped = false;
     try {
       while (pos < size && !stopped) {
@@ -188,7 +191,7 @@ class Scan {
           }
         }
       }
-      if (!stopped) this.finishStream(parser, size);
+      if (!stopped) this.finishStream(parser, size - base, base);
     } catch (e) {
       this.fromError(e, parser.offset);
       stopped = true;
@@ -208,17 +211,19 @@ class Scan {
     else if (!this.ramComplete) this.problem('error', 'BAD_RECORD', at, `device state begins before the END of RAM section ${ram.sectionId}`);
   }
 
-  private finishStream(parser: MainStreamParser, size: number): void {
+  /** `size`: bytes of QEMU's stream (from `base` to the end of the file). */
+  private finishStream(parser: MainStreamParser, size: number, base: number): void {
     const l = this.layout;
     if (!l.configuration) {
       const what = size < 8 ? `${size} bytes, shorter than the 8-byte stream header` : 'no configuration record after the stream header';
-      this.problem('error', size < 8 ? 'TRUNCATED' : 'BAD_RECORD', Math.min(size, 8), `file is truncated or not a migration file: ${what}`);
+      this.problem('error', size < 8 ? 'TRUNCATED' : 'BAD_RECORD', base + Math.min(size, 8), `file is truncated or not a migration file: ${what}`);
       return;
     }
     if (l.deviceStart === undefined) {
       const where = !l.ramSectionName ? 'before the RAM section' : this.ramComplete ? 'after the RAM section, before the device state' : `inside RAM section ${l.ramSectionName.sectionId}`;
-      const partial = parser.offset < size ? `, in the record that starts at 0x${parser.offset.toString(16)}` : '';
-      this.problem('error', 'TRUNCATED', parser.offset, `file is truncated: it ends at 0x${size.toString(16)} ${where}${partial}`);
+      const end = base + size;
+      const partial = parser.offset < end ? `, in the record that starts at 0x${parser.offset.toString(16)}` : '';
+      this.problem('error', 'TRUNCATED', parser.offset, `file is truncated: it ends at 0x${end.toString(16)} ${where}${partial}`);
       return;
     }
     l.streamComplete = true;
@@ -470,7 +475,7 @@ class Scan {
   /** After a failed stream walk: is there at least a complete VMDESCRIPTION at the end? */
   private async probeTail(): Promise<void> {
     const size = this.layout.fileSize;
-    if (size < 8) return;
+    if (size - (this.opts.baseOffset ?? 0) < 8) return;
     const n = Math.min(size, TAIL_PROBE);
     const buf = Buffer.alloc(n);
     await this.fh.read(buf, 0, n, size - n);

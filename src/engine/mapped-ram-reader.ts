@@ -52,17 +52,21 @@ export class MappedRamSnapshot implements SnapshotSource {
     this.blockList = blockInfo;
   }
 
-  /** directIo (default true): read pages with O_DIRECT where the file system allows it. */
-  static async open(path: string, opts: { directIo?: boolean } = {}): Promise<MappedRamSnapshot> {
+  /**
+   * directIo (default true): read pages with O_DIRECT where the file system allows it.
+   * baseOffset: where QEMU's stream starts (`file:PATH,offset=N`, libvirt images); block headers
+   * hold absolute offsets either way.
+   */
+  static async open(path: string, opts: { directIo?: boolean; baseOffset?: number } = {}): Promise<MappedRamSnapshot> {
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
-      const parser = new MainStreamParser();
+      const parser = new MainStreamParser({ fileOffset: opts.baseOffset ?? 0 });
       const blocks = new Map<string, SnapshotBlock>();
       const blockInfo: SnapshotBlockInfo[] = [];
       let ramSection: SnapshotRamSection | undefined;
       let switchoverStart = false;
-      let pos = 0;
+      let pos = opts.baseOffset ?? 0;
       let device: Buffer[] = [];
       let deviceStart = -1;
       let deviceBytes = 0;

@@ -165,11 +165,12 @@ export class StreamSnapshot implements SnapshotSource {
     this.blockList = blockInfo;
   }
 
-  static async open(path: string): Promise<StreamSnapshot> {
+  /** baseOffset: where QEMU's stream starts in the file (`file:PATH,offset=N`, libvirt images). */
+  static async open(path: string, opts: { baseOffset?: number } = {}): Promise<StreamSnapshot> {
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
-      const parser = new MainStreamParser();
+      const parser = new MainStreamParser({ fileOffset: opts.baseOffset ?? 0 });
       const blocks = new Map<string, BlockIndex>();
       const blockInfo: SnapshotBlockInfo[] = [];
       let sawHeader = false;
@@ -183,7 +184,7 @@ export class StreamSnapshot implements SnapshotSource {
       let device: Buffer[] = [];
       let deviceStart = -1;
       let deviceBytes = 0;
-      let pos = 0;
+      let pos = opts.baseOffset ?? 0;
       while (pos < size) {
         // A fresh buffer per chunk: the parser hands out views into what it was given and keeps
         // a partial record's bytes across pushes.
@@ -280,7 +281,7 @@ export class StreamSnapshot implements SnapshotSource {
           }
         }
       }
-      if (!sawHeader) throw new ProtocolError('TRUNCATED', `file is truncated: ${size} bytes, shorter than the 8-byte stream header`, { offset: size });
+      if (!sawHeader) throw new ProtocolError('TRUNCATED', `file is truncated: ${size - (opts.baseOffset ?? 0)} bytes, shorter than the 8-byte stream header`, { offset: size });
       if (!config) {
         const where = parser.offset < size ? 'inside the configuration record' : 'right after the stream header, before the configuration record';
         throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)}, ${where}`, { offset: size });

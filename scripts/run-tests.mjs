@@ -7,6 +7,7 @@
 //   node scripts/run-tests.mjs unit            # only test/unit
 //   node scripts/run-tests.mjs test/unit/compression.test.ts dist/test/interop/save.test.js
 //   node scripts/run-tests.mjs --concurrency 4 unit
+//   node scripts/run-tests.mjs --test-name-pattern=zstd unit   # --test-* flags go to node
 //
 // Test files are listed here, one by one, from the sources (test/<group>/*.test.ts), not passed
 // as folders: Node 20 expands a folder given to --test, Node 22 and later take it as a module
@@ -23,9 +24,12 @@ const GROUPS = ['unit', 'interop'];
 const args = process.argv.slice(2);
 let concurrency = '1';
 const wanted = [];
+/** node:test flags passed on as they are, e.g. --test-name-pattern=zstd */
+const nodeFlags = [];
 for (let i = 0; i < args.length; i++) {
   if (args[i] === '--concurrency') concurrency = args[++i];
   else if (args[i].startsWith('--concurrency=')) concurrency = args[i].slice('--concurrency='.length);
+  else if (args[i].startsWith('--test-')) nodeFlags.push(args[i]);
   else wanted.push(args[i]);
 }
 
@@ -75,6 +79,7 @@ const child = spawn(
     '--test-reporter-destination=stdout',
     `--test-reporter=${reporter}`,
     `--test-reporter-destination=${resultsFile}`,
+    ...nodeFlags,
     ...files,
   ],
   { stdio: 'inherit', cwd: root },
@@ -157,7 +162,8 @@ function summary(results) {
     return `${passed} tests passed${failed ? `, ${failed} FAILED` : ''}`;
   };
   const unit = tops.filter((t) => t.group === 'unit');
-  if (unit.length) lines.push(`unit: ${count(unit)} in ${new Set(unit.map((t) => t.file)).size} files`);
+  const unitFiles = new Set(unit.map((t) => t.file)).size;
+  if (unit.length) lines.push(`unit: ${count(unit)} in ${unitFiles} file${unitFiles === 1 ? '' : 's'}`);
 
   const interop = tops.filter((t) => t.group === 'interop');
   const install = [];
@@ -173,7 +179,7 @@ function summary(results) {
       const ran = mine.filter((t) => t.skip === undefined);
       const skipped = mine.filter((t) => t.skip !== undefined);
       const state = p.text ? `${p.bin}: ${p.text}` : `${p.bin} not installed (or not QEMU ${q.version})`;
-      let what = `${ran.length} groups ran, ${count(ran)}`;
+      let what = `${ran.length} group${ran.length === 1 ? '' : 's'} ran, ${count(ran)}`;
       if (skipped.length) what += `; ${skipped.length} groups SKIPPED`;
       lines.push(`QEMU ${q.version} (${state}): ${what}`);
       if (!p.text) install.push(asRoot(q.script));

@@ -21,7 +21,7 @@ function statOrUndefined(path: string): ReturnType<typeof statSync> | undefined 
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     if (err.code === 'ENOENT' || err.code === 'ENOTDIR') return undefined;
-    if (err.code === 'EACCES') throw new PathError('EACCES', `${path}: permission denied`);
+    if (err.code === 'EACCES') throw new PathError('EACCES', `${path}: permission denied (EACCES)`);
     throw e;
   }
 }
@@ -29,8 +29,8 @@ function statOrUndefined(path: string): ReturnType<typeof statSync> | undefined 
 /** A file to read: it must exist and not be a directory. */
 export function checkInputFile(path: string): void {
   const st = statOrUndefined(path);
-  if (!st) throw new PathError('ENOENT', `${path}: no such file`);
-  if (st.isDirectory()) throw new PathError('EISDIR', `${path} is a directory, not a migration file`);
+  if (!st) throw new PathError('ENOENT', `${path}: no such file (ENOENT)`);
+  if (st.isDirectory()) throw new PathError('EISDIR', `${path} is a directory, not a migration file (EISDIR)`);
 }
 
 /**

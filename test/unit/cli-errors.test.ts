@@ -57,10 +57,10 @@ describe('input files: a missing file or a directory is named, with the problem'
       const withOut = (f: string): string[] => (cmd[0] === 'convert' ? ['convert', f, join(dir, 'conv.mig'), ...cmd.slice(1)] : [cmd[0], f, ...cmd.slice(1)]);
       const r1 = await cli(withOut(missing));
       assert.equal(r1.code, 1);
-      assert.equal(r1.stderr, `multifd: error: ${missing}: no such file\n`);
+      assert.equal(r1.stderr, `multifd: error: ${missing}: no such file (ENOENT)\n`);
       const r2 = await cli(withOut(aDir));
       assert.equal(r2.code, 1);
-      assert.equal(r2.stderr, `multifd: error: ${aDir} is a directory, not a migration file\n`);
+      assert.equal(r2.stderr, `multifd: error: ${aDir} is a directory, not a migration file (EISDIR)\n`);
     });
   }
 

@@ -22,6 +22,7 @@
 # Environment:
 #   MULTIFD_FRESH_CACHE   cache folder (default /tmp/multifd-fresh)
 #   MULTIFD_FRESH_NODES   Node majors to try (default "20 24")
+#   MULTIFD_FRESH_PARALLEL 1 (default): the Node versions run side by side; 0: one after the other
 #   DEBIAN_MIRROR         Debian archive for debootstrap (default: the one apt already uses)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -178,5 +179,19 @@ cleanup_root() {
   done
 }
 
-for major in $nodes; do run_in_root "$major"; done
+# Fetch the Node builds first (npm's cache is not for concurrent writers), then run the versions
+# side by side: each run is mostly one busy thread (tests go one file at a time).
+for major in $nodes; do node_for "$major" >/dev/null; done
+pids=()
+for major in $nodes; do
+  if [ "${MULTIFD_FRESH_PARALLEL:-1}" = 1 ]; then
+    ( run_in_root "$major" ) &
+    pids+=($!)
+  else
+    ( run_in_root "$major" ) || { say "FAILED"; exit 1; }
+  fi
+done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=1; done
+[ $failed = 0 ] || die "see the messages above"
 say "all passed in $(( $(date +%s) - started )) s"

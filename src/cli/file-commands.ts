@@ -11,6 +11,7 @@ import { inspect } from '../conversations/inspect.js';
 import { verify } from '../conversations/verify.js';
 import { convertText, extractText, hex, inspectText, verifyText } from './file-format.js';
 import { ProgressView } from './progress.js';
+import { checkInputFile } from './paths.js';
 
 /** One line on stderr naming the file and, when known, the offset; never a stack trace. */
 function fail(e: unknown, file: string, code = 1): never {
@@ -53,6 +54,7 @@ export function registerFileCommands(program: Command): void {
     .option('--json', 'print JSON on stdout')
     .action(async (file: string, o: { devices?: boolean; json?: boolean }) => {
       try {
+        checkInputFile(resolve(file));
         const r = await inspect(resolve(file), { devices: o.devices === true });
         print(o.json, r, () => inspectText(r));
       } catch (e) {
@@ -67,6 +69,7 @@ export function registerFileCommands(program: Command): void {
     .option('--json', 'print the result as JSON on stdout')
     .action(async (file: string, o: { json?: boolean }) => {
       try {
+        checkInputFile(resolve(file));
         const r = await verify(resolve(file));
         print(o.json, r, () => verifyText(r));
         process.exitCode = r.ok ? 0 : 1;
@@ -94,6 +97,7 @@ mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
       const view = new ProgressView(process.stderr.isTTY === true, 'convert');
       const intr = interruptible();
       try {
+        checkInputFile(resolve(input));
         const s = await convert({
           input: resolve(input),
           output: resolve(output),
@@ -126,6 +130,7 @@ mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
       const view = new ProgressView(process.stderr.isTTY === true, 'extract');
       const intr = interruptible();
       try {
+        checkInputFile(resolve(file));
         const s = await extract({
           file: resolve(file),
           out: resolve(o.out),

@@ -18,7 +18,8 @@ const MAX_DEVICE_STATE = 256 * 1024 * 1024;
 /** How much of the file's end is searched for a VMDESCRIPTION when the stream walk failed. */
 const TAIL_PROBE = 16 * 1024 * 1024;
 
-export type Severity = 'error' | 'warning';
+/** info: worth knowing, needs no action (e.g. a quirk of QEMU's own files). */
+export type Severity = 'error' | 'warning' | 'info';
 
 export interface Problem {
   severity: Severity;
@@ -453,7 +454,8 @@ class Scan {
 
   /**
    * QEMU ignores the vmdesc's description of the configuration record, but analyze-migration.py
-   * reads the record with it: a mismatch (e.g. a capability added without updating it) is a warning.
+   * reads the record with it. A mismatch (e.g. a capability added without updating it) is what
+   * QEMU itself writes in some files, and loading never looks at it: an informational line.
    */
   private async checkConfigurationEntry(): Promise<void> {
     const l = this.layout;
@@ -468,7 +470,7 @@ class Scan {
       end = -1;
     }
     if (end !== buf.length) {
-      this.problem('warning', 'BAD_VMDESC', l.vmdescOffset ?? l.configurationOffset, "the VMDESCRIPTION's configuration entry does not describe the configuration record (QEMU ignores it; analyze-migration.py cannot read the file)");
+      this.problem('info', 'BAD_VMDESC', l.vmdescOffset ?? l.configurationOffset, "the VMDESCRIPTION's configuration entry does not describe the configuration record: a quirk of QEMU's own files, harmless (QEMU ignores that entry when loading; only analyze-migration.py cannot read the file); no action needed");
     }
   }
 
@@ -503,5 +505,6 @@ export async function scanFile(path: string, opts: ScanOptions = {}): Promise<Fi
 
 /** Errors first, then by offset. */
 export function sortProblems(problems: readonly Problem[]): Problem[] {
-  return [...problems].sort((a, b) => (a.severity === b.severity ? a.offset - b.offset : a.severity === 'error' ? -1 : 1));
+  const rank = { error: 0, warning: 1, info: 2 } as const;
+  return [...problems].sort((a, b) => rank[a.severity] - rank[b.severity] || a.offset - b.offset);
 }

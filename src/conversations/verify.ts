@@ -18,7 +18,7 @@ export interface VerifyResult {
   ok: boolean;
   errors: number;
   warnings: number;
-  /** Errors first, each group by offset. */
+  /** Errors first, then warnings, then informational notes (severity info), each group by offset. */
   problems: Problem[];
   checked: { blocks: number; 'ram-sections': number; devices: number; 'pages-present'?: number };
   /** A libvirt save image: its header fields (offsets of problems in a compressed one are within the decompressed stream). */
@@ -83,7 +83,7 @@ async function verifyStream(path: string, streamPath: string, image: LibvirtImag
     'file-size': layout.fileSize,
     ok: errors === 0,
     errors,
-    warnings: sorted.length - errors,
+    warnings: sorted.filter((p) => p.severity === 'warning').length,
     problems: sorted,
     checked: { blocks: layout.blocks.length, 'ram-sections': layout.ramSections.length, devices: layout.devices.length },
   };

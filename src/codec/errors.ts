@@ -17,7 +17,8 @@ export type ProtocolErrorCode =
   | 'TRUNCATED'
   | 'BAD_FOOTER'
   | 'BAD_VMDESC'
-  | 'BAD_MAPPED_RAM';
+  | 'BAD_MAPPED_RAM'
+  | 'BAD_PACKED';
 
 export class ProtocolError extends Error {
   readonly code: ProtocolErrorCode;

@@ -238,6 +238,7 @@ export function decodePackedPreamble(b: Buffer, objectSize?: number): PackedPrea
   const presentPages = u64(b, 40, 'present page count', 0);
   const fileSize = u64(b, 48, 'file size', 0);
   const crc = b.readUInt32BE(56);
+  if (b.readUInt32BE(60) !== 0) throw new ProtocolError('BAD_PACKED', `reserved preamble word is 0x${b.readUInt32BE(60).toString(16)}, not 0`, { offset: 60 });
   const skeletonEnd = PACKED_PREAMBLE_SIZE + indexLength + skeletonLength;
   if (pagesOffset % pageSize !== 0 || pagesOffset < skeletonEnd || pagesOffset - skeletonEnd >= pageSize) {
     throw new ProtocolError('BAD_PACKED', `pages offset 0x${pagesOffset.toString(16)} is not the first page boundary after the skeleton (ends at 0x${skeletonEnd.toString(16)})`, { offset: 32 });

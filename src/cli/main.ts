@@ -2,7 +2,6 @@
 
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
 import { receive, type ReceiveProgress } from '../conversations/receive.js';
 import { relay, type RelayProgress } from '../conversations/relay.js';
 import { restore } from '../conversations/restore.js';
@@ -15,6 +14,7 @@ import { relaySummaryText, sendSummaryText, summaryText } from './format.js';
 import { ProgressView, receiveSample, relaySample, sendSample } from './progress.js';
 import { enableVerboseLog } from './log.js';
 import { registerFileCommands } from './file-commands.js';
+import { addObjectStoreOptions, resolve } from './object-store-options.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -136,6 +136,7 @@ program
   .hook('preAction', (cmd) => {
     if (cmd.opts().verbose) enableVerboseLog();
   });
+addObjectStoreOptions(program);
 
 program
   .command('receive')

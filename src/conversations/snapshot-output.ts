@@ -8,21 +8,46 @@ import type { RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
 import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
+import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
+import { objectStoreSettings, recordUpload, removeStaging, stagingDirectory, uploadPackedSnapshot } from './object-store.js';
+
+/** An s3:// output: staged as a local mapped-ram file, uploaded packed by commit(). */
+interface ObjectTarget {
+  url: string;
+  dir: string;
+}
 
 export class SnapshotOutput {
   private headDone = false;
   private preludeDone = false;
 
-  private constructor(readonly store: MappedRamWriter) {}
+  private constructor(readonly store: MappedRamWriter, private readonly object?: ObjectTarget) {}
 
-  /** `channels`: multifd channels that will feed it (sizes the O_DIRECT staging slots). */
+  /**
+   * `channels`: multifd channels that will feed it (sizes the O_DIRECT staging slots). An
+   * s3://bucket/key path is staged in a private temp directory and uploaded by commit(); its
+   * bucket is checked here, before any migration starts.
+   */
   static async create(path: string, opts: { directIo?: boolean; channels?: number } = {}): Promise<SnapshotOutput> {
-    return new SnapshotOutput(
-      await MappedRamWriter.create(path, {
-        ...(opts.directIo === undefined ? {} : { directIo: opts.directIo }),
-        slots: packetSlotsFor(opts.channels ?? 0),
-      }),
-    );
+    let object: ObjectTarget | undefined;
+    let file = path;
+    if (isObjectUrl(path)) {
+      await checkBucket(s3Client(objectStoreSettings()), parseObjectUrl(path));
+      object = { url: path, dir: await stagingDirectory() };
+      file = `${object.dir}/snapshot.mig`;
+    }
+    try {
+      return new SnapshotOutput(
+        await MappedRamWriter.create(file, {
+          ...(opts.directIo === undefined ? {} : { directIo: opts.directIo }),
+          slots: packetSlotsFor(opts.channels ?? 0),
+        }),
+        object,
+      );
+    } catch (e) {
+      if (object) await removeStaging(object.dir);
+      throw e;
+    }
   }
 
   get headWritten(): boolean {
@@ -58,11 +83,24 @@ export class SnapshotOutput {
     await this.store.appendStream(data as Buffer[]);
   }
 
-  commit(): Promise<void> {
-    return this.store.commit();
+  /** For an object: durable locally first, then uploaded; the object exists only if this resolves. */
+  async commit(): Promise<void> {
+    if (!this.object) return this.store.commit();
+    try {
+      await this.store.commit();
+      const localAt = new Date().toISOString();
+      const report = await uploadPackedSnapshot(this.store.finalPath, this.object.url);
+      recordUpload({ ...report, 'local-durable-at': localAt });
+    } finally {
+      await removeStaging(this.object.dir);
+    }
   }
 
-  abort(): Promise<void> {
-    return this.store.abort();
+  async abort(): Promise<void> {
+    try {
+      await this.store.abort();
+    } finally {
+      if (this.object) await removeStaging(this.object.dir);
+    }
   }
 }

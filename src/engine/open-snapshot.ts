@@ -12,6 +12,8 @@ import { StreamSnapshot } from './stream-snapshot.js';
 const PROBE_BYTES = 64 * 1024;
 
 export async function snapshotFormat(path: string): Promise<'mapped-ram' | 'stream'> {
+  // Objects are packed mapped-ram snapshots (docs/s3-layout.md).
+  if (snapshotOpenerFor(path)) return 'mapped-ram';
   const fh = await open(path, 'r');
   try {
     const buf = Buffer.alloc(PROBE_BYTES);
@@ -37,6 +39,22 @@ export async function snapshotFormat(path: string): Promise<'mapped-ram' | 'stre
 }
 
 export async function openSnapshot(path: string): Promise<SnapshotSource> {
+  const byUrl = snapshotOpenerFor(path);
+  if (byUrl) return byUrl(path);
   const format = await snapshotFormat(path);
   return format === 'mapped-ram' ? MappedRamSnapshot.open(path) : StreamSnapshot.open(path);
+}
+
+/** Opens snapshots named by URL (s3://…): registered by the layer that owns the client. */
+export type SnapshotOpener = (url: string) => Promise<SnapshotSource>;
+const openers = new Map<string, SnapshotOpener>();
+
+export function registerSnapshotScheme(scheme: string, open: SnapshotOpener): void {
+  openers.set(scheme.toLowerCase(), open);
+}
+
+/** The opener for `path` when it is a URL of a registered scheme. */
+export function snapshotOpenerFor(path: string): SnapshotOpener | undefined {
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(path)?.[1];
+  return scheme === undefined ? undefined : openers.get(scheme.toLowerCase());
 }

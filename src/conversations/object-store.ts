@@ -1,0 +1,186 @@
+// Snapshots in object storage (docs/s3.md): s3:// URLs open as packed snapshots wherever a
+// snapshot is read (restore, send, inspect, verify, extract, convert), and a local mapped-ram
+// snapshot goes up packed in one multipart upload that completes only at the very end.
+
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { encodePackedPrefix } from '../codec/packed-snapshot.js';
+import { MappedRamSnapshot } from '../engine/mapped-ram-reader.js';
+import { registerSnapshotScheme } from '../engine/open-snapshot.js';
+import { PackedSnapshot, type PackedReadOptions } from '../engine/packed-snapshot-source.js';
+import {
+  checkBucket, formatObjectUrl, MultipartUpload, parseObjectUrl, partSizeFor, RangedObject, s3Client, type S3Settings,
+} from '../transports/s3.js';
+
+export { isObjectUrl, ObjectStoreError } from '../transports/s3.js';
+
+export interface ObjectStoreSettings extends S3Settings, PackedReadOptions {
+  /** Where snapshots are staged before their upload (default: the OS temp dir). */
+  stagingDir?: string;
+}
+
+let settings: ObjectStoreSettings = {};
+
+/** Settings for every s3:// URL from now on (the CLI's --s3-* flags). */
+export function configureObjectStore(s: ObjectStoreSettings): void {
+  settings = { ...s };
+}
+
+export function objectStoreSettings(): ObjectStoreSettings {
+  return settings;
+}
+
+/** Opens s3://bucket/key as a SnapshotSource; errors name what is wrong before anything else happens. */
+export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = settings): Promise<PackedSnapshot & { object: RangedObject }> {
+  const obj = await RangedObject.open(s3Client(s), parseObjectUrl(url));
+  const snap = await PackedSnapshot.open(obj, {
+    ...(s.chunkBytes !== undefined ? { chunkBytes: s.chunkBytes } : {}),
+    ...(s.readAhead !== undefined ? { readAhead: s.readAhead } : {}),
+  });
+  return Object.assign(snap, { object: obj });
+}
+
+registerSnapshotScheme('s3', (url) => openObjectSnapshot(url));
+
+export interface UploadReport {
+  url: string;
+  /** Bytes of the object (what the store keeps) and of the mapped-ram file it expands to. */
+  'object-size': number;
+  'file-size': number;
+  'present-pages': number;
+  parts: number;
+  'part-size': number;
+  requests: number;
+  retries: number;
+  'upload-ms': number;
+  /** When the staged snapshot was complete and synced on local disk, and when the object was complete in the store. */
+  'local-durable-at'?: string;
+  'store-durable-at': string;
+  'upload-bytes-per-s': number;
+}
+
+export interface UploadProgress {
+  sent: number;
+  total: number;
+}
+
+/**
+ * Uploads the mapped-ram file at `local` as a packed object at `url`. The object appears only
+ * when every part is in (CompleteMultipartUpload); on any failure the upload is aborted, so
+ * neither an object nor an orphaned multipart upload remains, and the error is thrown.
+ */
+export async function uploadPackedSnapshot(local: string, url: string, opts: { settings?: ObjectStoreSettings; onProgress?: (p: UploadProgress) => void; signal?: AbortSignal } = {}): Promise<UploadReport> {
+  const s = opts.settings ?? settings;
+  const started = Date.now();
+  const where = parseObjectUrl(url);
+  const client = s3Client(s);
+  await checkBucket(client, where);
+  const src = await MappedRamSnapshot.open(local);
+  try {
+    const blocks = src.blockList.map((b) => src.blocks.get(b.name)!).sort((a, b) => a.header.pagesOffset - b.header.pagesOffset);
+    const skeleton: Buffer[] = [];
+    let cursor = 0;
+    for (const b of blocks) {
+      skeleton.push(await src.readAt(cursor, b.header.pagesOffset - cursor));
+      cursor = b.header.pagesOffset + b.usedLength;
+    }
+    skeleton.push(await src.readAt(cursor, src.fileSize - cursor));
+    const { prefix, layout } = encodePackedPrefix({
+      pageSize: TARGET_PAGE_SIZE,
+      fileSize: src.fileSize,
+      blocks: blocks.map((b) => ({ name: b.name, usedLength: b.usedLength, pagesOffset: b.header.pagesOffset, bitmapOffset: b.header.bitmapOffset, bitmap: b.bitmap.bytes })),
+      skeleton,
+    });
+    const total = layout.objectSize;
+    const partSize = partSizeFor(total, s.partSize);
+    const up = await MultipartUpload.create(client, where, { concurrency: s.uploadConcurrency ?? 4 });
+    try {
+      let sent = 0;
+      let part = Buffer.allocUnsafe(Math.min(partSize, total));
+      let fill = 0;
+      const flushIfFull = async (): Promise<void> => {
+        if (fill < part.length) return;
+        if (opts.signal?.aborted) throw new Error(`upload of ${url} interrupted`);
+        await up.add(part);
+        sent += part.length;
+        opts.onProgress?.({ sent, total });
+        part = Buffer.allocUnsafe(Math.min(partSize, total - sent));
+        fill = 0;
+      };
+      for (let at = 0; at < prefix.length;) {
+        const n = prefix.copy(part, fill, at);
+        fill += n;
+        at += n;
+        await flushIfFull();
+      }
+      for (const b of blocks) {
+        let next = 0;
+        for (;;) {
+          const room = (part.length - fill) / TARGET_PAGE_SIZE;
+          const runs: number[] = [];
+          let pages = 0;
+          src.forEachRun(b.name, (first, count) => {
+            const take = Math.min(count, room - pages);
+            runs.push(first, take);
+            pages += take;
+            next = first + take;
+            return pages < room;
+          }, next);
+          if (pages === 0) break;
+          await src.loadRuns(b.name, runs, runs.length / 2, part.subarray(fill, fill + pages * TARGET_PAGE_SIZE));
+          fill += pages * TARGET_PAGE_SIZE;
+          await flushIfFull();
+        }
+      }
+      if (sent !== total || fill !== 0) throw new Error(`internal: ${sent} of ${total} object bytes produced (the staged snapshot changed?)`);
+      await up.complete();
+    } catch (e) {
+      // The abort's own failure (store unreachable past its deadline) names the upload id.
+      await up.abort().catch((abortErr: Error) => {
+        (e as Error).message += `; ${abortErr.message}`;
+      });
+      throw e;
+    }
+    const ms = Date.now() - started;
+    return {
+      url: formatObjectUrl(where),
+      'object-size': total,
+      'file-size': src.fileSize,
+      'present-pages': layout.presentPages,
+      parts: up.partCount,
+      'part-size': partSize,
+      requests: up.stats.requests + 2,
+      retries: up.stats.retries,
+      'upload-ms': ms,
+      'store-durable-at': new Date().toISOString(),
+      'upload-bytes-per-s': Math.round(total / Math.max(ms, 1) * 1000),
+    };
+  } finally {
+    await src.close();
+  }
+}
+
+/** A private directory for staging one snapshot; removed by the caller. */
+export async function stagingDirectory(s: ObjectStoreSettings = settings): Promise<string> {
+  return mkdtemp(join(s.stagingDir ?? tmpdir(), 'multifd-s3-'));
+}
+
+export async function removeStaging(dir: string): Promise<void> {
+  await rm(dir, { recursive: true, force: true });
+}
+
+/** Reports of finished uploads by URL, for summaries built where the upload is not visible. */
+const reports = new Map<string, UploadReport>();
+
+export function recordUpload(r: UploadReport): void {
+  reports.set(r.url, r);
+}
+
+/** The report of the last upload to `url` (once; undefined when none). */
+export function takeUploadReport(url: string): UploadReport | undefined {
+  const r = reports.get(url);
+  reports.delete(url);
+  return r;
+}

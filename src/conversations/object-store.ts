@@ -11,7 +11,7 @@ import { MappedRamSnapshot } from '../engine/mapped-ram-reader.js';
 import { registerSnapshotScheme } from '../engine/open-snapshot.js';
 import { PackedSnapshot, type PackedReadOptions } from '../engine/packed-snapshot-source.js';
 import {
-  checkBucket, formatObjectUrl, MultipartUpload, parseObjectUrl, partSizeFor, RangedObject, s3Client, type S3Settings,
+  checkBucket, formatObjectUrl, MultipartUpload, ObjectStoreError, objectSize, parseObjectUrl, partSizeFor, RangedObject, s3Client, type S3Settings,
 } from '../transports/s3.js';
 
 export { isObjectUrl, ObjectStoreError } from '../transports/s3.js';
@@ -183,4 +183,27 @@ export function takeUploadReport(url: string): UploadReport | undefined {
   const r = reports.get(url);
   reports.delete(url);
   return r;
+}
+
+/**
+ * A snapshot file (or object) as a packed object at `url`: a local mapped-ram file goes up as it
+ * is; anything else is converted to mapped-ram in the staging directory first (`toMappedRam`).
+ * An existing object is replaced only with `force`.
+ */
+export async function storeAsObject(input: string, url: string, opts: { force?: boolean; toMappedRam: (output: string) => Promise<unknown>; isLocalMappedRam: boolean }): Promise<UploadReport> {
+  const where = parseObjectUrl(url);
+  const client = s3Client(settings);
+  await checkBucket(client, where);
+  if (!opts.force && (await objectSize(client, where)) !== undefined) {
+    throw new ObjectStoreError('S3_EXISTS', `${url} already exists (use --force to replace it)`);
+  }
+  if (opts.isLocalMappedRam) return uploadPackedSnapshot(input, url);
+  const dir = await stagingDirectory();
+  try {
+    const staged = join(dir, 'snapshot.mig');
+    await opts.toMappedRam(staged);
+    return await uploadPackedSnapshot(staged, url);
+  } finally {
+    await removeStaging(dir);
+  }
 }

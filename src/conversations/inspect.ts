@@ -5,6 +5,7 @@
 import { structToJson, type DecodedStruct, type JsonValue } from '../codec/device-fields.js';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
+import { describePacked, PackedSnapshot, type PackedDescription } from '../engine/packed-snapshot-source.js';
 import { scanFile, sortProblems, type MappedRamRegions, type Problem } from './file-layout.js';
 
 export interface InspectOptions {
@@ -75,6 +76,8 @@ export interface InspectResult {
   devices?: InspectDevice[];
   /** Anything the structural check found (inspect shows a loadable file even with warnings). */
   problems: Problem[];
+  /** An s3:// object: how it is stored (docs/s3-layout.md); offsets above are in the file it expands to. */
+  object?: PackedDescription;
 }
 
 function uuidText(u: Buffer): string {
@@ -139,6 +142,7 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
       blocks,
       problems: sortProblems(layout.problems),
     };
+    if (src instanceof PackedSnapshot) result.object = describePacked(src);
     if (config.uuid) result.uuid = uuidText(config.uuid);
     if (config.targetPageBits !== undefined) result['target-page-bits'] = config.targetPageBits;
     if (opts.devices) {

@@ -272,6 +272,32 @@ export class PackedSnapshot implements SnapshotSource {
   }
 }
 
+export interface PackedDescription {
+  layout: 'packed';
+  version: number;
+  'object-size': number;
+  'present-pages': number;
+  'skeleton-offset': number;
+  'skeleton-length': number;
+  'pages-offset': number;
+  /** Per block: where its pages start among the packed pages, and in the object. */
+  blocks: { name: string; present: number; 'first-rank': number; 'object-offset': number }[];
+}
+
+export function describePacked(p: PackedSnapshot): PackedDescription {
+  const l = p.layout;
+  return {
+    layout: 'packed',
+    version: l.version,
+    'object-size': l.objectSize,
+    'present-pages': l.presentPages,
+    'skeleton-offset': l.skeletonOffset,
+    'skeleton-length': l.skeletonLength,
+    'pages-offset': l.pagesOffset,
+    blocks: l.blocks.map((b) => ({ name: b.name, present: b.present, 'first-rank': b.firstRank, 'object-offset': l.pagesOffset + b.firstRank * l.pageSize })),
+  };
+}
+
 /**
  * The main stream of the file the object expands to, parsed as mapped-ram-reader parses a file:
  * the parser's skips over pages regions are taken without reading (they are not in the skeleton).

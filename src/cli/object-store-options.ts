@@ -34,8 +34,9 @@ export function addObjectStoreOptions(program: Command): void {
     .addOption(new Option('--s3-part-size <MiB>', 'multipart upload part size').default(16).argParser(positive(5 * 1024)))
     .addOption(new Option('--s3-upload-concurrency <n>', 'parts uploaded in parallel').default(4).argParser(positive(64)))
     .addOption(new Option('--s3-read-ahead <n>', '8 MiB ranged GETs in flight ahead of a sequential reader').default(6).argParser(positive(64)))
+    .addOption(new Option('--s3-read-around <KiB>', 'bytes fetched around a page read out of order (restore --postcopy page requests)').default(256).argParser(positive(64 * 1024)))
     .hook('preAction', (cmd) => {
-      const o = cmd.opts() as { s3Endpoint?: string; s3Region?: string; s3PathStyle?: boolean; s3StagingDir?: string; s3PartSize: number; s3UploadConcurrency: number; s3ReadAhead: number };
+      const o = cmd.opts() as { s3Endpoint?: string; s3Region?: string; s3PathStyle?: boolean; s3StagingDir?: string; s3PartSize: number; s3UploadConcurrency: number; s3ReadAhead: number; s3ReadAround: number };
       configureObjectStore({
         ...(o.s3Endpoint ? { endpoint: o.s3Endpoint } : {}),
         ...(o.s3Region ? { region: o.s3Region } : {}),
@@ -44,6 +45,7 @@ export function addObjectStoreOptions(program: Command): void {
         partSize: o.s3PartSize * MiB,
         uploadConcurrency: o.s3UploadConcurrency,
         readAhead: o.s3ReadAhead,
+        readAround: o.s3ReadAround * 1024,
       });
     })
     .hook('postAction', () => closeS3Clients());

@@ -38,6 +38,7 @@ export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = s
   const snap = await PackedSnapshot.open(obj, {
     ...(s.chunkBytes !== undefined ? { chunkBytes: s.chunkBytes } : {}),
     ...(s.readAhead !== undefined ? { readAhead: s.readAhead } : {}),
+    ...(s.readAround !== undefined ? { readAround: s.readAround } : {}),
   });
   return Object.assign(snap, { object: obj });
 }

@@ -29,7 +29,16 @@ export interface PackedReadOptions {
   chunkBytes?: number;
   /** Sequential GETs in flight ahead of the reader (default 6). */
   readAhead?: number;
+  /**
+   * Bytes fetched around a page read out of order (postcopy's page requests), kept for the
+   * requests that follow: default 256 KiB, measured in docs/s3.md (a GET of up to 256 KiB costs
+   * about what a 4 KiB one does; present neighbours of a faulting page are often next).
+   */
+  readAround?: number;
 }
+
+/** Read-around windows kept (most recently used). */
+const AROUND_WINDOWS = 16;
 
 /** The prefix holds the device state (≤ 256 MiB, mapped-ram-reader's limit) and the bitmaps. */
 const MAX_PREFIX = 512 * 1024 * 1024;
@@ -46,15 +55,20 @@ export interface PackedReadStats {
   /** GETs for pages: sequential chunks and out-of-order reads. */
   chunkGets: number;
   randomGets: number;
+  /** Out-of-order reads served from an earlier read-around window. */
+  aroundHits: number;
   bytesFetched: number;
 }
 
 export class PackedSnapshot implements SnapshotSource {
   readonly format = 'mapped-ram';
   readonly fileSize: number;
-  readonly stats: PackedReadStats = { chunkGets: 0, randomGets: 0, bytesFetched: 0 };
+  readonly stats: PackedReadStats = { chunkGets: 0, randomGets: 0, aroundHits: 0, bytesFetched: 0 };
   private readonly chunkBytes: number;
   private readonly readAhead: number;
+  private readonly readAround: number;
+  /** Read-around windows by their first byte's offset among the pages (insertion order = LRU order). */
+  private readonly around = new Map<number, Promise<Buffer>>();
   private readonly chunks = new Map<number, Promise<Buffer>>();
   /** The highest chunk a sequential read has touched. */
   private cursor = -1;
@@ -75,6 +89,7 @@ export class PackedSnapshot implements SnapshotSource {
     this.fileSize = layout.fileSize;
     this.chunkBytes = Math.max(TARGET_PAGE_SIZE, Math.floor((opts.chunkBytes ?? 8 * 1024 * 1024) / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE);
     this.readAhead = Math.max(1, opts.readAhead ?? 6);
+    this.readAround = Math.max(TARGET_PAGE_SIZE, Math.floor((opts.readAround ?? 256 * 1024) / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE);
   }
 
   get path(): string {
@@ -190,12 +205,7 @@ export class PackedSnapshot implements SnapshotSource {
     const c1 = Math.floor((rel + len - 1) / this.chunkBytes);
     // Sequential: at, or just past, what was read before (or the very start).
     const sequential = this.chunks.has(c0) || c0 === this.cursor + 1 || c0 === this.cursor || (this.cursor < 0 && c0 === 0);
-    if (!sequential) {
-      this.stats.randomGets++;
-      this.stats.bytesFetched += len;
-      await this.reader.read(obj, len, into);
-      return;
-    }
+    if (!sequential) return this.fetchAround(rel, len, into);
     if (c1 > this.cursor) this.cursor = c1;
     // Chunks behind the reader are done with: one back is kept for reads that finish late.
     for (const k of this.chunks.keys()) if (k < c0 - 1) this.chunks.delete(k);
@@ -207,6 +217,46 @@ export class PackedSnapshot implements SnapshotSource {
       const start = this.layout.pagesOffset + k * this.chunkBytes;
       const from = Math.max(obj, start) - start;
       const to = Math.min(obj + len, start + buf.length) - start;
+      buf.copy(into, done, from, to);
+      done += to - from;
+    }
+  }
+
+  /**
+   * An out-of-order read: through aligned read-around windows (one GET each, kept for the next
+   * requests), or one GET of its own when it is larger than a window.
+   */
+  private async fetchAround(rel: number, len: number, into: Buffer): Promise<void> {
+    const w = this.readAround;
+    const w0 = Math.floor(rel / w);
+    const w1 = Math.floor((rel + len - 1) / w);
+    if (w1 - w0 > 1) {
+      this.stats.randomGets++;
+      this.stats.bytesFetched += len;
+      await this.reader.read(this.layout.pagesOffset + rel, len, into);
+      return;
+    }
+    const pagesBytes = this.layout.objectSize - this.layout.pagesOffset;
+    let done = 0;
+    for (let k = w0; k <= w1; k++) {
+      let p = this.around.get(k);
+      if (p) {
+        this.stats.aroundHits++;
+        this.around.delete(k);
+      } else {
+        const start = k * w;
+        const n = Math.min(w, pagesBytes - start);
+        this.stats.randomGets++;
+        this.stats.bytesFetched += n;
+        const got = this.reader.read(this.layout.pagesOffset + start, n);
+        got.catch(() => { if (this.around.get(k) === got) this.around.delete(k); });
+        p = got;
+      }
+      this.around.set(k, p);
+      if (this.around.size > AROUND_WINDOWS) this.around.delete(this.around.keys().next().value!);
+      const buf = await p;
+      const from = Math.max(rel, k * w) - k * w;
+      const to = Math.min(rel + len, k * w + buf.length) - k * w;
       buf.copy(into, done, from, to);
       done += to - from;
     }
@@ -269,6 +319,7 @@ export class PackedSnapshot implements SnapshotSource {
   async close(): Promise<void> {
     this.closed = true;
     this.chunks.clear();
+    this.around.clear();
   }
 }
 

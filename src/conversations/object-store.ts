@@ -5,11 +5,10 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { encodePackedPrefix } from '../codec/packed-snapshot.js';
 import { MappedRamSnapshot } from '../engine/mapped-ram-reader.js';
 import { registerSnapshotScheme } from '../engine/open-snapshot.js';
 import { PackedSnapshot, type PackedReadOptions } from '../engine/packed-snapshot-source.js';
+import { packedParts, packedPrefixOf } from '../engine/packed-snapshot-writer.js';
 import {
   checkBucket, formatObjectUrl, MultipartUpload, ObjectStoreError, objectSize, parseObjectUrl, partSizeFor, RangedObject, s3Client, type S3Settings,
 } from '../transports/s3.js';
@@ -80,62 +79,18 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: { s
   await checkBucket(client, where);
   const src = await MappedRamSnapshot.open(local);
   try {
-    const blocks = src.blockList.map((b) => src.blocks.get(b.name)!).sort((a, b) => a.header.pagesOffset - b.header.pagesOffset);
-    const skeleton: Buffer[] = [];
-    let cursor = 0;
-    for (const b of blocks) {
-      skeleton.push(await src.readAt(cursor, b.header.pagesOffset - cursor));
-      cursor = b.header.pagesOffset + b.usedLength;
-    }
-    skeleton.push(await src.readAt(cursor, src.fileSize - cursor));
-    const { prefix, layout } = encodePackedPrefix({
-      pageSize: TARGET_PAGE_SIZE,
-      fileSize: src.fileSize,
-      blocks: blocks.map((b) => ({ name: b.name, usedLength: b.usedLength, pagesOffset: b.header.pagesOffset, bitmapOffset: b.header.bitmapOffset, bitmap: b.bitmap.bytes })),
-      skeleton,
-    });
+    const { prefix, layout } = await packedPrefixOf(src);
     const total = layout.objectSize;
     const partSize = partSizeFor(total, s.partSize);
     const up = await MultipartUpload.create(client, where, { concurrency: s.uploadConcurrency ?? 4 });
     try {
       let sent = 0;
-      let part = Buffer.allocUnsafe(Math.min(partSize, total));
-      let fill = 0;
-      const flushIfFull = async (): Promise<void> => {
-        if (fill < part.length) return;
+      for await (const part of packedParts(src, prefix, layout, partSize)) {
         if (opts.signal?.aborted) throw new Error(`upload of ${url} interrupted`);
         await up.add(part);
         sent += part.length;
         opts.onProgress?.({ sent, total });
-        part = Buffer.allocUnsafe(Math.min(partSize, total - sent));
-        fill = 0;
-      };
-      for (let at = 0; at < prefix.length;) {
-        const n = prefix.copy(part, fill, at);
-        fill += n;
-        at += n;
-        await flushIfFull();
       }
-      for (const b of blocks) {
-        let next = 0;
-        for (;;) {
-          const room = (part.length - fill) / TARGET_PAGE_SIZE;
-          const runs: number[] = [];
-          let pages = 0;
-          src.forEachRun(b.name, (first, count) => {
-            const take = Math.min(count, room - pages);
-            runs.push(first, take);
-            pages += take;
-            next = first + take;
-            return pages < room;
-          }, next);
-          if (pages === 0) break;
-          await src.loadRuns(b.name, runs, runs.length / 2, part.subarray(fill, fill + pages * TARGET_PAGE_SIZE));
-          fill += pages * TARGET_PAGE_SIZE;
-          await flushIfFull();
-        }
-      }
-      if (sent !== total || fill !== 0) throw new Error(`internal: ${sent} of ${total} object bytes produced (the staged snapshot changed?)`);
       await up.complete();
     } catch (e) {
       // The abort's own failure (store unreachable past its deadline) names the upload id.

@@ -1,0 +1,75 @@
+// A mapped-ram snapshot file as the bytes of a packed object (docs/s3-layout.md), produced in
+// parts of a given size: the prefix (index, skeleton) and then every present page in bitmap
+// order, read with the reader's positioned reads straight into the part buffers.
+
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { encodePackedPrefix, type PackedLayout } from '../codec/packed-snapshot.js';
+import type { MappedRamSnapshot, SnapshotBlock } from './mapped-ram-reader.js';
+
+/** Prefix and layout of the object `src` packs into. */
+export async function packedPrefixOf(src: MappedRamSnapshot): Promise<{ prefix: Buffer; layout: PackedLayout }> {
+  const blocks = orderedBlocks(src);
+  const skeleton: Buffer[] = [];
+  let cursor = 0;
+  for (const b of blocks) {
+    skeleton.push(await src.readAt(cursor, b.header.pagesOffset - cursor));
+    cursor = b.header.pagesOffset + b.usedLength;
+  }
+  skeleton.push(await src.readAt(cursor, src.fileSize - cursor));
+  return encodePackedPrefix({
+    pageSize: TARGET_PAGE_SIZE,
+    fileSize: src.fileSize,
+    blocks: blocks.map((b) => ({ name: b.name, usedLength: b.usedLength, pagesOffset: b.header.pagesOffset, bitmapOffset: b.header.bitmapOffset, bitmap: b.bitmap.bytes })),
+    skeleton,
+  });
+}
+
+function orderedBlocks(src: MappedRamSnapshot): SnapshotBlock[] {
+  return src.blockList.map((b) => src.blocks.get(b.name)!).sort((a, b) => a.header.pagesOffset - b.header.pagesOffset);
+}
+
+/**
+ * The object's bytes in parts of `partSize` (the last one shorter), each a fresh buffer the
+ * consumer may keep. The total is layout.objectSize exactly, or it throws.
+ */
+export async function* packedParts(src: MappedRamSnapshot, prefix: Buffer, layout: PackedLayout, partSize: number): AsyncGenerator<Buffer> {
+  if (partSize % TARGET_PAGE_SIZE !== 0 || partSize <= 0) throw new RangeError(`part size ${partSize} is not a positive multiple of ${TARGET_PAGE_SIZE}`);
+  const total = layout.objectSize;
+  let sent = 0;
+  let part = Buffer.allocUnsafe(Math.min(partSize, total));
+  let fill = 0;
+  const full = (): boolean => fill === part.length && part.length > 0;
+  const next = (): Buffer => {
+    const out = part;
+    sent += out.length;
+    part = Buffer.allocUnsafe(Math.min(partSize, total - sent));
+    fill = 0;
+    return out;
+  };
+  for (let at = 0; at < prefix.length;) {
+    const n = prefix.copy(part, fill, at);
+    fill += n;
+    at += n;
+    if (full()) yield next();
+  }
+  for (const b of orderedBlocks(src)) {
+    let from = 0;
+    for (;;) {
+      const room = (part.length - fill) / TARGET_PAGE_SIZE;
+      const runs: number[] = [];
+      let pages = 0;
+      src.forEachRun(b.name, (first, count) => {
+        const take = Math.min(count, room - pages);
+        runs.push(first, take);
+        pages += take;
+        from = first + take;
+        return pages < room;
+      }, from);
+      if (pages === 0) break;
+      await src.loadRuns(b.name, runs, runs.length / 2, part.subarray(fill, fill + pages * TARGET_PAGE_SIZE));
+      fill += pages * TARGET_PAGE_SIZE;
+      if (full()) yield next();
+    }
+  }
+  if (sent !== total || fill !== 0) throw new Error(`internal: ${sent} of ${total} object bytes produced (the snapshot changed while it was packed?)`);
+}

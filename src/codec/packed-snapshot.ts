@@ -6,11 +6,12 @@
 //
 //   preamble (64 bytes) | block index | skeleton | zero padding to pageSize | packed pages
 //
-// The skeleton is the mapped-ram file with every block's pages region [pages_offset,
-// pages_offset + used_length) cut out: stream header, configuration, block list with mapped-ram
-// headers, bitmaps and the device state, byte for byte. The index says where the cuts were, so
-// the original file is rebuilt exactly (pages regions filled from the packed pages, holes where
-// bits are clear). A CRC-32 covers preamble, index and skeleton; page bytes are not checksummed
+// The skeleton is the mapped-ram file with every block's cut [end of its bitmap, pages_offset +
+// used_length) taken out: the alignment padding before the pages (up to 1 MiB of zeros per block)
+// and the pages region. What stays is byte for byte the stream header, configuration, block list
+// with mapped-ram headers, bitmaps and the device state. The index says where the cuts were, so
+// the original file is rebuilt exactly (padding zero, pages regions filled from the packed pages,
+// holes where bits are clear). A CRC-32 covers preamble, index and skeleton; page bytes are not checksummed
 // (a mapped-ram file has no checksum over them either).
 
 import { ProtocolError } from './errors.js';
@@ -153,8 +154,14 @@ export interface PackedBlockInput {
 
 /**
  * Everything before the packed pages: preamble, index, skeleton, padding. `skeleton` is the
- * mapped-ram file of `fileSize` bytes with the blocks' pages regions cut out, in file order.
+ * mapped-ram file of `fileSize` bytes with the blocks' cuts (cutStart .. pages region's end)
+ * taken out, in file order; the caller has checked that the padding in each cut is zero.
  */
+/** Where a block's cut starts: the end of its bitmap (the padding after it is zero in the file). */
+export function cutStart(b: { bitmapOffset: number; usedLength: number }, pageSize: number): number {
+  return b.bitmapOffset + Math.ceil(b.usedLength / pageSize / 64) * 8;
+}
+
 export function encodePackedPrefix(opts: { pageSize: number; fileSize: number; blocks: readonly PackedBlockInput[]; skeleton: readonly Buffer[] }): { prefix: Buffer; layout: PackedLayout } {
   const { pageSize, fileSize } = opts;
   if (opts.blocks.length > MAX_BLOCKS) throw new RangeError(`more than ${MAX_BLOCKS} blocks`);
@@ -307,39 +314,44 @@ function validateLayout(l: PackedLayout): void {
     if (b.firstRank !== rank) bad(`first rank ${b.firstRank}, expected ${rank}`);
     if (b.present > b.usedLength / l.pageSize) bad(`${b.present} present pages in a block of ${b.usedLength / l.pageSize}`);
     if (b.pagesOffset < fileCursor) bad(`pages region at 0x${b.pagesOffset.toString(16)} overlaps the previous one`);
-    const bitmapEnd = b.bitmapOffset + Math.ceil(b.usedLength / l.pageSize / 64) * 8;
+    const bitmapEnd = cutStart(b, l.pageSize);
     if (b.bitmapOffset < fileCursor || bitmapEnd > b.pagesOffset) bad(`bitmap [0x${b.bitmapOffset.toString(16)}, 0x${bitmapEnd.toString(16)}) is not between the previous pages region and its own`);
     if (b.pagesOffset + b.usedLength > l.fileSize) bad(`pages region ends at 0x${(b.pagesOffset + b.usedLength).toString(16)}, beyond the file (0x${l.fileSize.toString(16)})`);
     rank += b.present;
-    cut += b.usedLength;
+    cut += b.pagesOffset + b.usedLength - bitmapEnd;
     fileCursor = b.pagesOffset + b.usedLength;
   });
   if (rank !== l.presentPages) throw new ProtocolError('BAD_PACKED', `blocks hold ${rank} present pages, the preamble says ${l.presentPages}`, { offset: 40 });
-  if (l.fileSize - cut !== l.skeletonLength) throw new ProtocolError('BAD_PACKED', `skeleton is ${l.skeletonLength} bytes, the file minus its pages regions is ${l.fileSize - cut}`, { offset: 24 });
+  if (l.fileSize - cut !== l.skeletonLength) throw new ProtocolError('BAD_PACKED', `skeleton is ${l.skeletonLength} bytes, the file minus its cuts is ${l.fileSize - cut}`, { offset: 24 });
 }
 
-/** File offset → skeleton offset; throws for an offset inside a pages region. */
+/** File offset → skeleton offset; throws for an offset inside a cut (padding or pages region). */
 export function skeletonOffsetOf(l: PackedLayout, fileOffset: number): number {
   let removed = 0;
   for (const b of l.blocks) {
-    if (fileOffset < b.pagesOffset) break;
-    if (fileOffset < b.pagesOffset + b.usedLength) throw new RangeError(`file offset 0x${fileOffset.toString(16)} lies in block "${b.name}"'s pages region`);
-    removed += b.usedLength;
+    const from = cutStart(b, l.pageSize);
+    if (fileOffset < from) break;
+    if (fileOffset < b.pagesOffset + b.usedLength) throw new RangeError(`file offset 0x${fileOffset.toString(16)} lies in block "${b.name}"'s padding or pages region`);
+    removed += b.pagesOffset + b.usedLength - from;
   }
   return fileOffset - removed;
 }
 
+export type FilePiece = { fileOffset: number; length: number } & ({ kind: 'skeleton'; skeletonOffset: number } | { kind: 'zero' } | { kind: 'pages'; block: PackedBlock });
+
 /**
- * The pieces of the file in order: skeleton spans ({ skeleton: [start, end) }) and pages regions
- * ({ block }), which is how the file is rebuilt and how a reader skips the regions.
+ * The pieces of the file in order: skeleton spans, the zero padding before each pages region,
+ * and the pages regions; how the file is rebuilt and how a reader skips the regions.
  */
-export function filePieces(l: PackedLayout): ({ fileOffset: number; length: number } & ({ kind: 'skeleton'; skeletonOffset: number } | { kind: 'pages'; block: PackedBlock }))[] {
-  const out: ReturnType<typeof filePieces> = [];
+export function filePieces(l: PackedLayout): FilePiece[] {
+  const out: FilePiece[] = [];
   let file = 0;
   let skel = 0;
   for (const b of l.blocks) {
-    if (b.pagesOffset > file) out.push({ kind: 'skeleton', fileOffset: file, length: b.pagesOffset - file, skeletonOffset: skel });
-    skel += b.pagesOffset - file;
+    const from = cutStart(b, l.pageSize);
+    if (from > file) out.push({ kind: 'skeleton', fileOffset: file, length: from - file, skeletonOffset: skel });
+    skel += from - file;
+    if (b.pagesOffset > from) out.push({ kind: 'zero', fileOffset: from, length: b.pagesOffset - from });
     out.push({ kind: 'pages', fileOffset: b.pagesOffset, length: b.usedLength, block: b });
     file = b.pagesOffset + b.usedLength;
   }

@@ -10,7 +10,7 @@ import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser } from '../codec/main-stream-parser.js';
 import { PageBitmap } from '../codec/mapped-ram.js';
 import {
-  blockBitmaps, decodePackedLayout, decodePackedPreamble, filePieces, packedPageOffset, packedPrefixLength,
+  blockBitmaps, cutStart, decodePackedLayout, decodePackedPreamble, filePieces, packedPageOffset, packedPrefixLength,
   PACKED_PREAMBLE_SIZE, skeletonOffsetOf, type PackedBlock, type PackedLayout, type RankIndex,
 } from '../codec/packed-snapshot.js';
 import type { DeviceStateLayout } from '../codec/vmdesc.js';
@@ -288,6 +288,8 @@ export class PackedSnapshot implements SnapshotSource {
       if (piece.kind === 'skeleton') {
         const s = piece.skeletonOffset + (pos - piece.fileOffset);
         this.skeleton.copy(out, done, s, s + n);
+      } else if (piece.kind === 'zero') {
+        out.fill(0, done, done + n);
       } else {
         await this.readPagesRegion(piece.block.name, pos - piece.fileOffset, out.subarray(done, done + n));
       }
@@ -363,7 +365,8 @@ function parseSkeleton(layout: PackedLayout, skeleton: Buffer): {
   let switchoverStart = false;
   let deviceStart = -1;
   const device: Buffer[] = [];
-  const regions = layout.blocks.map((b) => [b.pagesOffset, b.pagesOffset + b.usedLength] as const);
+  // The cuts: padding and pages region of each block, not in the skeleton.
+  const regions = layout.blocks.map((b) => [cutStart(b, layout.pageSize), b.pagesOffset + b.usedLength] as const);
   let pos = 0;
   while (pos < layout.fileSize) {
     const skip = parser.pendingSkip;
@@ -374,7 +377,7 @@ function parseSkeleton(layout: PackedLayout, skeleton: Buffer): {
       continue;
     }
     const region = regions.find(([s, e]) => pos >= s && pos < e);
-    if (region) throw new ProtocolError('BAD_PACKED', `the main stream reaches into a pages region at file offset 0x${pos.toString(16)}`, { offset: pos });
+    if (region) throw new ProtocolError('BAD_PACKED', `the main stream reaches into a block's padding or pages region at file offset 0x${pos.toString(16)}`, { offset: pos });
     const next = regions.find(([s]) => s > pos);
     const end = Math.min(layout.fileSize, next ? next[0] : layout.fileSize, pos + 1024 * 1024);
     const s = skeletonOffsetOf(layout, pos);

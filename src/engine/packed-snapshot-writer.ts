@@ -3,7 +3,8 @@
 // order, read with the reader's positioned reads straight into the part buffers.
 
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { encodePackedPrefix, type PackedLayout } from '../codec/packed-snapshot.js';
+import { ProtocolError } from '../codec/errors.js';
+import { cutStart, encodePackedPrefix, type PackedLayout } from '../codec/packed-snapshot.js';
 import type { MappedRamSnapshot, SnapshotBlock } from './mapped-ram-reader.js';
 
 /** Prefix and layout of the object `src` packs into. */
@@ -12,7 +13,12 @@ export async function packedPrefixOf(src: MappedRamSnapshot): Promise<{ prefix: 
   const skeleton: Buffer[] = [];
   let cursor = 0;
   for (const b of blocks) {
-    skeleton.push(await src.readAt(cursor, b.header.pagesOffset - cursor));
+    const from = cutStart({ bitmapOffset: b.header.bitmapOffset, usedLength: b.usedLength }, TARGET_PAGE_SIZE);
+    skeleton.push(await src.readAt(cursor, from - cursor));
+    // The padding before the pages is not stored: it must read as zero (a hole, as QEMU leaves it).
+    const pad = await src.readAt(from, b.header.pagesOffset - from);
+    const nonZero = pad.findIndex((x) => x !== 0);
+    if (nonZero >= 0) throw new ProtocolError('BAD_MAPPED_RAM', `${src.path}: block "${b.name}" has data between its bitmap and its pages (not a mapped-ram file as QEMU writes them)`, { offset: from + nonZero });
     cursor = b.header.pagesOffset + b.usedLength;
   }
   skeleton.push(await src.readAt(cursor, src.fileSize - cursor));

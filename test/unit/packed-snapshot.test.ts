@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { ProtocolError } from '../../src/codec/errors.js';
 import {
-  blockBitmaps, countBits, crc32, decodePackedLayout, decodePackedPreamble, encodePackedPrefix, filePieces,
+  blockBitmaps, countBits, crc32, cutStart, decodePackedLayout, decodePackedPreamble, encodePackedPrefix, filePieces,
   packedPageOffset, packedPrefixLength, RankIndex, skeletonOffsetOf, PACKED_PREAMBLE_SIZE, type PackedLayout,
 } from '../../src/codec/packed-snapshot.js';
 
@@ -56,7 +56,7 @@ function pack(f: FakeFile): { object: Buffer; layout: PackedLayout } {
   const skeleton: Buffer[] = [];
   let cursor = 0;
   for (const b of f.blocks) {
-    skeleton.push(f.file.subarray(cursor, b.pagesOffset));
+    skeleton.push(f.file.subarray(cursor, cutStart(b, PAGE)));
     cursor = b.pagesOffset + b.usedLength;
   }
   skeleton.push(f.file.subarray(cursor));
@@ -81,6 +81,7 @@ function expand(object: Buffer): Buffer {
       skeleton.copy(out, piece.fileOffset, piece.skeletonOffset, piece.skeletonOffset + piece.length);
       continue;
     }
+    if (piece.kind === 'zero') continue;
     const { rank } = bitmaps.get(piece.block.name)!;
     for (let p = 0; p < rank.pages; p++) {
       if (!rank.test(p)) continue;
@@ -154,7 +155,7 @@ describe('packed snapshot layout', () => {
     // Build the 1 GiB file's layout without materialising its pages region.
     const bitmap = Buffer.from(bits);
     const pagesOffset = 0x100000;
-    const skeleton = [Buffer.alloc(pagesOffset, 1), Buffer.from('device state')];
+    const skeleton = [Buffer.alloc(0x1000 + bitmap.length, 1), Buffer.from('device state')];
     const { prefix, layout } = encodePackedPrefix({ pageSize: PAGE, fileSize: pagesOffset + pages * PAGE + 12, blocks: [{ name: 'pc.ram', usedLength: pages * PAGE, pagesOffset, bitmapOffset: 0x1000, bitmap }], skeleton });
     assert.equal(layout.objectSize, prefix.length + 10 * PAGE);
     Buffer.from(bitmap).copy(prefix, layout.skeletonOffset + 0x1000);
@@ -167,8 +168,9 @@ describe('packed snapshot layout', () => {
     const { layout } = pack(f);
     const b = layout.blocks[0]!;
     assert.equal(skeletonOffsetOf(layout, b.bitmapOffset), b.bitmapOffset);
-    assert.equal(skeletonOffsetOf(layout, b.pagesOffset + b.usedLength), b.pagesOffset);
+    assert.equal(skeletonOffsetOf(layout, b.pagesOffset + b.usedLength), cutStart(b, PAGE));
     assert.throws(() => skeletonOffsetOf(layout, b.pagesOffset), /pages region/);
+    assert.throws(() => skeletonOffsetOf(layout, cutStart(b, PAGE)), /padding/);
   });
 });
 

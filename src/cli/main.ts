@@ -14,7 +14,7 @@ import { relaySummaryText, sendSummaryText, summaryText } from './format.js';
 import { ProgressView, receiveSample, relaySample, sendSample } from './progress.js';
 import { enableVerboseLog } from './log.js';
 import { registerFileCommands } from './file-commands.js';
-import { addObjectStoreOptions, resolve } from './object-store-options.js';
+import { addObjectStoreOptions, resolve, withUploadReport } from './object-store-options.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -169,7 +169,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting the source.
       process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)${o.tlsCreds ? ' (TLS)' : ''}\n`);
-      return h.done;
+      return withUploadReport(h.done, o.out);
     }, summaryText);
   });
 

@@ -32,14 +32,47 @@ export function objectStoreSettings(): ObjectStoreSettings {
 }
 
 /** Opens s3://bucket/key as a SnapshotSource; errors name what is wrong before anything else happens. */
-export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = settings): Promise<PackedSnapshot & { object: RangedObject }> {
+export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = settings): Promise<PackedSnapshot & { object: RangedObject; openMs: number }> {
+  const t0 = Date.now();
   const obj = await RangedObject.open(s3Client(s), parseObjectUrl(url));
   const snap = await PackedSnapshot.open(obj, {
     ...(s.chunkBytes !== undefined ? { chunkBytes: s.chunkBytes } : {}),
     ...(s.readAhead !== undefined ? { readAhead: s.readAhead } : {}),
     ...(s.readAround !== undefined ? { readAround: s.readAround } : {}),
   });
-  return Object.assign(snap, { object: obj });
+  return Object.assign(snap, { object: obj, openMs: Date.now() - t0 });
+}
+
+export interface ObjectReadReport {
+  url: string;
+  'object-size': number;
+  /** HEAD, the prefix and every page read: ms to open and check the object (before QEMU is touched). */
+  'open-ms': number;
+  requests: number;
+  retries: number;
+  'bytes-read': number;
+  'chunk-gets': number;
+  'read-around-gets': number;
+  'read-around-hits': number;
+}
+
+/** `{ store: … }` for a summary when `src` was read from an object store, else `{}`. */
+export function objectReadReport(src: unknown): { store?: ObjectReadReport } {
+  if (!(src instanceof PackedSnapshot) || !('object' in src)) return {};
+  const o = (src as PackedSnapshot & { object: RangedObject; openMs: number });
+  return {
+    store: {
+      url: o.object.name,
+      'object-size': o.object.size,
+      'open-ms': o.openMs,
+      requests: o.object.stats.requests + 1,
+      retries: o.object.stats.retries,
+      'bytes-read': o.object.stats.bytes,
+      'chunk-gets': o.stats.chunkGets,
+      'read-around-gets': o.stats.randomGets,
+      'read-around-hits': o.stats.aroundHits,
+    },
+  };
 }
 
 registerSnapshotScheme('s3', (url) => openObjectSnapshot(url));
@@ -85,9 +118,12 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: { s
     const up = await MultipartUpload.create(client, where, { concurrency: s.uploadConcurrency ?? 4 });
     try {
       let sent = 0;
-      for await (const part of packedParts(src, prefix, layout, partSize)) {
+      // Part buffers are recycled once uploaded: memory is (parts in flight + 1) × part size.
+      const pool: Buffer[] = [];
+      const alloc = (n: number): Buffer => (n === partSize ? pool.pop() : undefined) ?? Buffer.allocUnsafe(n);
+      for await (const part of packedParts(src, prefix, layout, partSize, alloc)) {
         if (opts.signal?.aborted) throw new Error(`upload of ${url} interrupted`);
-        await up.add(part);
+        await up.add(part, () => { if (part.length === partSize) pool.push(part); });
         sent += part.length;
         opts.onProgress?.({ sent, total });
       }

@@ -35,20 +35,21 @@ function orderedBlocks(src: MappedRamSnapshot): SnapshotBlock[] {
 }
 
 /**
- * The object's bytes in parts of `partSize` (the last one shorter), each a fresh buffer the
- * consumer may keep. The total is layout.objectSize exactly, or it throws.
+ * The object's bytes in parts of `partSize` (the last one shorter), each from `alloc` (default: a
+ * fresh buffer the consumer may keep; a pool lets it recycle them). The total is
+ * layout.objectSize exactly, or it throws.
  */
-export async function* packedParts(src: MappedRamSnapshot, prefix: Buffer, layout: PackedLayout, partSize: number): AsyncGenerator<Buffer> {
+export async function* packedParts(src: MappedRamSnapshot, prefix: Buffer, layout: PackedLayout, partSize: number, alloc: (bytes: number) => Buffer = Buffer.allocUnsafe): AsyncGenerator<Buffer> {
   if (partSize % TARGET_PAGE_SIZE !== 0 || partSize <= 0) throw new RangeError(`part size ${partSize} is not a positive multiple of ${TARGET_PAGE_SIZE}`);
   const total = layout.objectSize;
   let sent = 0;
-  let part = Buffer.allocUnsafe(Math.min(partSize, total));
+  let part = alloc(Math.min(partSize, total));
   let fill = 0;
   const full = (): boolean => fill === part.length && part.length > 0;
   const next = (): Buffer => {
     const out = part;
     sent += out.length;
-    part = Buffer.allocUnsafe(Math.min(partSize, total - sent));
+    part = total > sent ? alloc(Math.min(partSize, total - sent)) : Buffer.alloc(0);
     fill = 0;
     return out;
   };

@@ -304,8 +304,11 @@ export class MultipartUpload {
     return this.nextPart - 1;
   }
 
-  /** Queues the next part; waits while `concurrency` parts are in flight. `body` must stay untouched until it resolves... */
-  async add(body: Buffer): Promise<void> {
+  /**
+   * Queues the next part; waits while `concurrency` parts are in flight. `body` belongs to the
+   * upload until `settled` is called (the part is in, or failed for good): then it may be reused.
+   */
+  async add(body: Buffer, settled?: () => void): Promise<void> {
     if (this.failure) throw this.failure;
     while (this.inFlight.size >= this.concurrency) {
       await Promise.race(this.inFlight);
@@ -313,15 +316,10 @@ export class MultipartUpload {
     }
     const n = this.nextPart++;
     const p = this.upload(n, body).then(
-      () => { this.inFlight.delete(p); },
-      (e: unknown) => { this.inFlight.delete(p); this.failure ??= storeError(e, `uploading part ${n} of ${formatObjectUrl(this.url)}`); },
+      () => { this.inFlight.delete(p); settled?.(); },
+      (e: unknown) => { this.inFlight.delete(p); this.failure ??= storeError(e, `uploading part ${n} of ${formatObjectUrl(this.url)}`); settled?.(); },
     );
     this.inFlight.add(p);
-  }
-
-  /** Resolves once fewer than `concurrency` parts are in flight (a buffer may be reused after). */
-  get slotFree(): Promise<void> {
-    return this.inFlight.size < this.concurrency ? Promise.resolve() : Promise.race(this.inFlight);
   }
 
   private async upload(n: number, body: Buffer): Promise<void> {

@@ -415,6 +415,7 @@ async function oursRestoreTimed(c: Ctx, file: string, postcopy: { preempt?: bool
       ms: s['time-to-complete'],
       runningMs: s['time-to-running'],
       ...(s.postcopy ? { requests: s.postcopy.requests, ...(s.postcopy['run-time'] !== undefined ? { sendRunMs: s.postcopy['run-time'], sendSwitchMs: s.postcopy['switch-time'] } : {}) } : {}),
+      ...(s.store ? { openMs: s.store['open-ms'] } : {}),
       wireBytes: s.transferred,
       rssMiB: r.maxRssKiB / 1024,
       cpuMs: r.cpuMs + qemuCpuMs(dst) - cpu0,

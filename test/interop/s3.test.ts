@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
   CreateBucketCommand, DeleteBucketCommand, DeleteObjectsCommand, GetObjectCommand, HeadObjectCommand, ListMultipartUploadsCommand,
-  ListObjectsV2Command, PutObjectCommand, S3Client,
+  ListObjectsV2Command, ListPartsCommand, PutObjectCommand, S3Client,
 } from '@aws-sdk/client-s3';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
@@ -375,18 +375,20 @@ describe('S3 faults', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not
       await waitGuestPasses(src, 3);
       // Small parts one at a time: the upload lasts long enough to be caught in the middle.
       const save = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`, '--json']);
-      let seen = false;
-      for (let i = 0; i < 600 && !seen; i++) {
-        seen = (await multipartUploads(bucket)) > 0;
-        if (!seen) await new Promise((r) => setTimeout(r, 50));
+      // Stopped once some parts are in and more are to come.
+      let parts = 0;
+      for (let i = 0; i < 1200 && parts < 2; i++) {
+        const ups = (await s3!.send(new ListMultipartUploadsCommand({ Bucket: bucket }))).Uploads ?? [];
+        if (ups[0]) parts = ((await s3!.send(new ListPartsCommand({ Bucket: bucket, Key: ups[0].Key!, UploadId: ups[0].UploadId! }))).Parts ?? []).length;
+        if (parts < 2) await new Promise((r) => setTimeout(r, 50));
       }
-      assert.ok(seen, 'the multipart upload started');
+      assert.ok(parts >= 2, 'the multipart upload had parts in');
       stopRgw();
       await new Promise((r) => setTimeout(r, 2000));
       const restart = rgwUp();
       const r = await save.done;
       await restart;
-      t.diagnostic(`save failed after ${r.ms} ms: ${r.stderr.trim().split('\n').pop()}`);
+      t.diagnostic(`radosgw stopped with ${parts} parts in; save failed after ${r.ms} ms: ${r.stderr.trim().split('\n').pop()}`);
       assert.notEqual(r.code, 0, 'save fails');
       assert.match(r.stderr, /unreachable|upload/i);
       assert.equal(await headSize(bucket, 'vm.mig'), undefined, 'no object');

@@ -13,6 +13,7 @@ import {
 export type ObjectStoreErrorCode =
   | 'S3_BAD_URL'
   | 'S3_NO_CREDENTIALS'
+  | 'S3_NO_REGION'
   | 'S3_ACCESS_DENIED'
   | 'S3_NO_BUCKET'
   | 'S3_NO_KEY'
@@ -141,6 +142,9 @@ export function storeError(e: unknown, what: string, missing: 'key' | 'bucket' =
   const code = err.code ?? '';
   if (name === 'CredentialsProviderError' || /Could not load credentials|credential/i.test(name)) {
     return new ObjectStoreError('S3_NO_CREDENTIALS', `${what}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE): ${msg}`, { cause: e });
+  }
+  if (/Region is missing/i.test(msg)) {
+    return new ObjectStoreError('S3_NO_REGION', `${what}: no S3 region (set --s3-region or AWS_REGION, or --s3-endpoint for a store other than AWS)`, { cause: e });
   }
   if (name === 'NoSuchBucket' || (missing === 'bucket' && status === 404)) {
     return new ObjectStoreError('S3_NO_BUCKET', `${what}: the bucket does not exist`, { cause: e });

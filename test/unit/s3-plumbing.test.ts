@@ -47,6 +47,7 @@ describe('S3 plumbing', () => {
     assert.equal(code(e('Error', undefined, { code: 'ECONNREFUSED' })), 'S3_UNREACHABLE');
     assert.equal(code(e('TimeoutError')), 'S3_UNREACHABLE');
     assert.equal(code(e('InternalError', 500)), 'S3_ERROR');
+    assert.equal(code(new Error('Region is missing')), 'S3_NO_REGION');
     const err = storeError(e('InternalError', 500), 's3://b/k');
     assert.match(err.message, /s3:\/\/b\/k: InternalError.*HTTP 500/);
   });

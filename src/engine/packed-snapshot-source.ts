@@ -72,6 +72,8 @@ export class PackedSnapshot implements SnapshotSource {
   private readonly chunks = new Map<number, Promise<Buffer>>();
   /** The highest chunk a sequential read has touched. */
   private cursor = -1;
+  /** Where the last read ended (relative to the first packed page). */
+  private lastEnd = -1;
   private closed = false;
 
   private constructor(
@@ -203,8 +205,10 @@ export class PackedSnapshot implements SnapshotSource {
     const rel = obj - this.layout.pagesOffset;
     const c0 = Math.floor(rel / this.chunkBytes);
     const c1 = Math.floor((rel + len - 1) / this.chunkBytes);
-    // Sequential: at, or just past, what was read before (or the very start).
-    const sequential = this.chunks.has(c0) || c0 === this.cursor + 1 || c0 === this.cursor || (this.cursor < 0 && c0 === 0);
+    // Sequential: at, or just past, what was read before, or right where the last read ended (a
+    // reader that starts in the middle, e.g. extract --block), or the very start.
+    const sequential = this.chunks.has(c0) || c0 === this.cursor + 1 || c0 === this.cursor || rel === this.lastEnd || (this.cursor < 0 && c0 === 0);
+    this.lastEnd = rel + len;
     if (!sequential) return this.fetchAround(rel, len, into);
     if (c1 > this.cursor) this.cursor = c1;
     // Chunks behind the reader are done with: one back is kept for reads that finish late.

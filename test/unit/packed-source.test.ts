@@ -120,6 +120,13 @@ for (const version of ['10.0', '11.1'] as const) {
       const fetched = obj.reads.reduce((n, [, len]) => n + len, 0);
       assert.ok(fetched >= pages * TARGET_PAGE_SIZE && fetched <= pages * TARGET_PAGE_SIZE + (3 + 1) * chunk, `fetched ${fetched} for ${pages} pages: read-ahead is bounded`);
       await p.close();
+      // A reader starting in the middle (extract --block) turns sequential at its second read.
+      const q = await PackedSnapshot.open(obj, { chunkBytes: chunk, readAhead: 3, readAround: 2 * TARGET_PAGE_SIZE });
+      const mid = present[Math.floor(present.length / 2)]!;
+      const ordered = present.filter((x) => x >= mid).slice(0, 12);
+      for (const pg of ordered) await q.loadRuns(pc, [pg, 1], 1, Buffer.alloc(TARGET_PAGE_SIZE));
+      assert.ok(q.stats.randomGets <= 2, `${q.stats.randomGets} out-of-order GETs for an in-order reader`);
+      await q.close();
     });
 
     test('a truncated or corrupted object fails at open with a code and an offset', async () => {

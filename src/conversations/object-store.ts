@@ -127,6 +127,7 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: { s
         sent += part.length;
         opts.onProgress?.({ sent, total });
       }
+      if (opts.signal?.aborted) throw new Error(`upload of ${url} interrupted`);
       await up.complete();
     } catch (e) {
       // The abort's own failure (store unreachable past its deadline) names the upload id.

@@ -21,6 +21,9 @@ export class SnapshotOutput {
   private headDone = false;
   private preludeDone = false;
 
+  /** An abort while commit() uploads stops the upload before it completes (no object appears). */
+  private readonly uploadAbort = new AbortController();
+
   private constructor(readonly store: MappedRamWriter, private readonly object?: ObjectTarget) {}
 
   /**
@@ -89,7 +92,7 @@ export class SnapshotOutput {
     try {
       await this.store.commit();
       const localAt = new Date().toISOString();
-      const report = await uploadPackedSnapshot(this.store.finalPath, this.object.url);
+      const report = await uploadPackedSnapshot(this.store.finalPath, this.object.url, { signal: this.uploadAbort.signal });
       recordUpload({ ...report, 'local-durable-at': localAt });
     } finally {
       await removeStaging(this.object.dir);
@@ -97,6 +100,7 @@ export class SnapshotOutput {
   }
 
   async abort(): Promise<void> {
+    this.uploadAbort.abort();
     try {
       await this.store.abort();
     } finally {

@@ -87,20 +87,30 @@ export class SnapshotOutput {
   }
 
   /** For an object: durable locally first, then uploaded; the object exists only if this resolves. */
-  async commit(): Promise<void> {
+  commit(): Promise<void> {
     if (!this.object) return this.store.commit();
+    this.committing = this.commitObject(this.object);
+    return this.committing;
+  }
+
+  /** The upload in progress, which abort() waits for (it aborts the multipart upload on its way out). */
+  private committing: Promise<void> | undefined;
+
+  private async commitObject(object: ObjectTarget): Promise<void> {
     try {
       await this.store.commit();
       const localAt = new Date().toISOString();
-      const report = await uploadPackedSnapshot(this.store.finalPath, this.object.url, { signal: this.uploadAbort.signal });
+      const report = await uploadPackedSnapshot(this.store.finalPath, object.url, { signal: this.uploadAbort.signal });
       recordUpload({ ...report, 'local-durable-at': localAt });
     } finally {
-      await removeStaging(this.object.dir);
+      await removeStaging(object.dir);
     }
   }
 
   async abort(): Promise<void> {
     this.uploadAbort.abort();
+    // The caller may exit once this resolves: the multipart upload must be aborted by then.
+    await this.committing?.catch(() => {});
     try {
       await this.store.abort();
     } finally {

@@ -410,6 +410,39 @@ describe('S3 faults', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not
     }
   });
 
+  test('save interrupted (SIGINT) mid-upload: no object, no multipart upload, the source runs on', async () => {
+    const dir = mkdtempSync('/tmp/multifd-s3-test-');
+    const bucket = await newBucket('interrupt');
+    const sock = join(dir, 'src.sock');
+    const src = await startQemu({ version: '10', memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+    try {
+      await waitGuestPasses(src, 3);
+      const save = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`]);
+      let parts = 0;
+      for (let i = 0; i < 1200 && parts < 2; i++) {
+        const ups = (await s3!.send(new ListMultipartUploadsCommand({ Bucket: bucket }))).Uploads ?? [];
+        if (ups[0]) parts = ((await s3!.send(new ListPartsCommand({ Bucket: bucket, Key: ups[0].Key!, UploadId: ups[0].UploadId! }))).Parts ?? []).length;
+        if (parts < 2) await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.ok(parts >= 2, 'the multipart upload had parts in');
+      process.kill(save.pid!, 'SIGINT');
+      const r = await save.done;
+      assert.notEqual(r.code, 0, 'save fails');
+      assert.match(r.stderr, /interrupted/);
+      assert.equal(await headSize(bucket, 'vm.mig'), undefined, 'no object');
+      assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
+      let status = '';
+      for (let i = 0; i < 100 && status !== 'running'; i++) {
+        status = (await src.qmp.execute('query-status')).status;
+        if (status !== 'running') await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(status, 'running', 'the source runs on');
+    } finally {
+      await src.kill();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('radosgw stopped mid-restore: a clear error', { skip: NO_RESTART }, async (t) => {
     const dir = mkdtempSync('/tmp/multifd-s3-test-');
     const bucket = await newBucket('midrestore');

@@ -217,6 +217,9 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     rx?.abort(e as Error);
     if (migrating) await qmp.execute('migrate_cancel').catch(() => {});
     if (rx) await rx.done.catch(() => {});
+    // Interrupted by the caller: that is why, whatever the source reported meanwhile (with an
+    // s3:// output our side ends only after aborting the upload, so the source's error comes first).
+    if (opts.signal?.aborted && opts.signal.reason instanceof Error) throw opts.signal.reason;
     throw e;
   } finally {
     if (poll) clearInterval(poll);

@@ -3,13 +3,14 @@
 
 export interface Row {
   version: string;
-  pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy';
+  pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy' | 's3';
   /** postcopy rows: 'restore' (plain, --resume), 'postcopy', 'postcopy+preempt' (all ours). */
   /**
    * 'disk': the disk alone moving the snapshot's bytes (a durable write under receive/save/live, a
    * read under send/restore; bench/disk-floor.ts).
    */
-  impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'socat pipe' | 'disk' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy';
+  impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'socat pipe' | 'disk' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy'
+    | 'save file' | 'save s3' | 'store put' | 'restore file' | 'restore s3' | 'store get' | 'instant file' | 'instant s3';
   sizeGiB: number;
   channels: number;
   method: string;
@@ -33,6 +34,13 @@ export interface Row {
     requests?: number;
     /** disk rows: whether the disk was measured with O_DIRECT (false: through the page cache). */
     direct?: boolean;
+    /** s3 save rows: the upload's part of the save (after the snapshot was durable locally). */
+    uploadMs?: number;
+    /** instant rows: the sender's own clock (from the start of its QEMU phase): switch, and RUN handed to the guest. */
+    sendSwitchMs?: number;
+    sendRunMs?: number;
+    /** s3 restore rows: ms to open and check the object, before QEMU is touched. */
+    openMs?: number;
   };
 }
 
@@ -171,6 +179,7 @@ export function writeMarkdown(res: BenchResult): string {
     );
   }
   lines.push(...postcopyTable(res.rows.filter((r) => r.pair === 'postcopy')));
+  lines.push(...s3Table(res.rows.filter((r) => r.pair === 's3')));
   return lines.join('\n') + '\n';
 }
 
@@ -220,6 +229,49 @@ function postcopyTable(rows: Row[]): string[] {
           `${run && plainRun ? (run.median / plainRun).toFixed(3) : '–'} | ${plain ? (s.done.median / plain.done.median).toFixed(2) : '–'} | ` +
           `${req.length ? median(req).toFixed(0) : '–'} | ${(s.done.wire / 1e6).toFixed(0)} | ${s.done.rss !== undefined ? s.done.rss.toFixed(0) : '–'} | ${s.done.ownCpu !== undefined ? (s.done.ownCpu / 1000).toFixed(1) : '–'} |`,
       );
+    }
+  }
+  return lines;
+}
+
+/** Snapshots in object storage: our save/restore to/from S3 against a local file and the store itself. */
+function s3Table(rows: Row[]): string[] {
+  if (rows.length === 0) return [];
+  const lines = [
+    '',
+    '## Snapshots in object storage (S3)',
+    '',
+    'The same paused guest saved by us to a local file and to s3:// (staged locally, uploaded packed),',
+    "restored by us from both, and the store's own throughput for the object's bytes with the same client",
+    '(multipart PUT, parts in flight as our upload; ranged 8 MiB GETs, in flight as our read-ahead).',
+    'Restore goal: ≥ 0.8 of the store GET throughput (object bytes ÷ wall time). Instant = restore',
+    '--postcopy --resume: running = until the guest ran (RESUME, from the start of restore; for s3 split',
+    "into opening the object and the QEMU phase after it); send run = the sender's own clock to RUN.",
+    '',
+    '| size | ch | job | ms | MB/s of the object | vs store | peak RSS MiB | notes |',
+    '|---|---|---|---|---|---|---|---|',
+  ];
+  const g = new Map<string, Row[]>();
+  for (const r of rows) g.set(`${r.sizeGiB}|${r.channels}`, [...(g.get(`${r.sizeGiB}|${r.channels}`) ?? []), r]);
+  for (const [k, rs] of g) {
+    const [size, ch] = k.split('|');
+    const objectBytes = rs.find((r) => r.impl === 'store get')?.result.wireBytes ?? 0;
+    const med = (impl: Row['impl'], f: (r: Row) => number | undefined = (r) => r.result.ms): number | undefined => {
+      const xs = rs.filter((r) => r.impl === impl).map(f).filter((x): x is number => x !== undefined);
+      return xs.length ? median(xs) : undefined;
+    };
+    const put = med('store put');
+    const get = med('store get');
+    for (const impl of ['save file', 'save s3', 'store put', 'restore file', 'restore s3', 'store get', 'instant file', 'instant s3'] as const) {
+      const ms = med(impl);
+      if (ms === undefined) continue;
+      const rate = objectBytes ? `${(objectBytes / 1e6 / (ms / 1000)).toFixed(0)}` : '–';
+      const vs = impl === 'restore s3' && get ? `${(get / ms).toFixed(2)} ${get / ms >= 0.8 ? '✓' : '✗'} (goal ≥ 0.8)` : impl === 'save s3' && put ? `upload ${(med(impl, (r) => r.result.uploadMs) ?? 0).toFixed(0)} ms vs PUT ${put.toFixed(0)} ms` : '–';
+      const rss = med(impl, (r) => r.result.rssMiB);
+      const open = med(impl, (r) => r.result.openMs);
+      const running = med(impl, (r) => r.result.runningMs);
+      const notes = impl.startsWith('instant') ? `running ${running?.toFixed(0) ?? '–'} ms${open !== undefined && running !== undefined ? ` (object opened in ${open.toFixed(0)}, QEMU phase ${(running - open).toFixed(0)})` : ''}; send run ${med(impl, (r) => r.result.sendRunMs)?.toFixed(0) ?? '–'} ms (switch ${med(impl, (r) => r.result.sendSwitchMs)?.toFixed(0) ?? '–'}); ${med(impl, (r) => r.result.requests)?.toFixed(0) ?? '–'} requests` : '';
+      lines.push(`| ${size} GiB | ${ch} | ${impl} | ${ms.toFixed(0)} | ${impl.startsWith('instant') ? '–' : rate} | ${vs} | ${rss !== undefined ? rss.toFixed(0) : '–'} | ${notes} |`);
     }
   }
   return lines;

@@ -25,6 +25,11 @@
 //            the guest runs and until every page is in place (multifd with postcopy needs --qemu 11;
 //            QEMU 10 restores over the main channel). Not part of the default set:
 //   npm run bench -- --scenarios postcopy --qemu 11 --sizes 1,4 --channels 2 --methods none --reps 3 --name postcopy
+//   s3       save to / restore from S3 (s3://, a real store: S3_ENDPOINT or AWS_ENDPOINT_URL and keys in
+//            the environment, e.g. . /tmp/rgw-root.env) against the same jobs on a local file, the store's
+//            own parallel PUT/GET of the same bytes (bench/s3-floor.ts), and instant restore (--postcopy
+//            --resume) from both: restore goal ≥ 0.8 of the store's GET throughput. Not in the default set:
+//   npm run bench -- --scenarios s3 --sizes 1,4 --channels 2 --methods none --reps 3 --name s3
 // --scenarios receive,send,save,restore,live,relay picks pairs (default all; live not with --quick
 // or --no-live). The QEMU → QEMU run is measured once per rep and shared by receive/send/restore/relay.
 // CPU: each job's CPU time, ours plus the QEMU peer's (both QEMUs for relay), against QEMU's two
@@ -39,6 +44,9 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { haveQemu, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
 import { diskFloor } from './disk-floor.js';
+import { CreateBucketCommand } from '@aws-sdk/client-s3';
+import { s3Client } from '../src/transports/s3.js';
+import { storeFloor } from './s3-floor.js';
 import { holdHostMemory } from './host-memory.js';
 import { writeChart, writeMarkdown, type Row } from './report.js';
 
@@ -67,9 +75,9 @@ interface Args {
   dir: string;
 }
 
-const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postcopy'] as const;
+const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postcopy', 's3'] as const;
 /** Measured only when asked for with --scenarios. */
-const OPT_IN: readonly Scenario[] = ['postcopy'];
+const OPT_IN: readonly Scenario[] = ['postcopy', 's3'];
 type Scenario = (typeof SCENARIOS)[number];
 
 const USAGE = `usage: npm run bench -- [options]
@@ -406,7 +414,8 @@ async function oursRestoreTimed(c: Ctx, file: string, postcopy: { preempt?: bool
     return {
       ms: s['time-to-complete'],
       runningMs: s['time-to-running'],
-      ...(s.postcopy ? { requests: s.postcopy.requests } : {}),
+      ...(s.postcopy ? { requests: s.postcopy.requests, ...(s.postcopy['run-time'] !== undefined ? { sendRunMs: s.postcopy['run-time'], sendSwitchMs: s.postcopy['switch-time'] } : {}) } : {}),
+      ...(s.store ? { openMs: s.store['open-ms'] } : {}),
       wireBytes: s.transferred,
       rssMiB: r.maxRssKiB / 1024,
       cpuMs: r.cpuMs + qemuCpuMs(dst) - cpu0,
@@ -564,6 +573,63 @@ async function liveOursSave(c: Ctx, file: string): Promise<Row['result']> {
   }
 }
 
+function want0(a: Args, s: Scenario): boolean {
+  return a.scenarios.includes(s);
+}
+
+/** A bucket of this run's own; the children find the store through AWS_ENDPOINT_URL. */
+async function benchBucket(): Promise<string> {
+  const endpoint = process.env.AWS_ENDPOINT_URL ?? process.env.S3_ENDPOINT;
+  if (!endpoint || !process.env.AWS_ACCESS_KEY_ID) {
+    console.error('bench: --scenarios s3 needs a store: S3_ENDPOINT or AWS_ENDPOINT_URL and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (. /tmp/rgw-root.env)');
+    process.exit(2);
+  }
+  process.env.AWS_ENDPOINT_URL = endpoint;
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+  const bucket = `multifd-bench-${process.pid}-${Date.now().toString(36)}`;
+  await s3Client({}).send(new CreateBucketCommand({ Bucket: bucket }));
+  return bucket;
+}
+
+/**
+ * Save and restore to/from S3 next to the same jobs on a local file, the store's own PUT/GET of
+ * the object's bytes, and instant restore from both. The file jobs use `file`, the S3 jobs an
+ * object of the bench's bucket.
+ */
+async function s3Jobs(c: Ctx, file: string, bucket: string, record: (impl: Row['impl'], result: Row['result']) => void): Promise<void> {
+  const url = `s3://${bucket}/ours-${c.memMiB}m-${c.channels}.mig`;
+  const local = await oursSave(c, file);
+  record('save file', local.save);
+  const remote = await oursSaveSummary(c, url);
+  record('save s3', remote.result);
+  const objectBytes = remote.summary.store['object-size'] as number;
+  const floor = await storeFloor(bucket, objectBytes);
+  record('store put', { ms: floor.putMs, wireBytes: objectBytes });
+  record('store get', { ms: floor.getMs, wireBytes: objectBytes });
+  record('restore file', (await oursRestore(c, file)).restore);
+  record('restore s3', (await oursRestore(c, url)).restore);
+  record('instant file', await oursRestoreTimed(c, file, {}));
+  record('instant s3', await oursRestoreTimed(c, url, {}));
+}
+
+/** oursSave for an s3:// output, keeping the summary (its store entry has the upload). */
+async function oursSaveSummary(c: Ctx, out: string): Promise<{ result: Row['result']; summary: any }> {
+  const qmp = join(WORK, `save-${process.pid}-${port++}.sock`);
+  const src = await source(c, ['-qmp', `unix:${qmp},server=on,wait=off`]);
+  try {
+    const cpu0 = qemuCpuMs(src);
+    const r = await child({ op: 'save', opts: { qmp: `unix:${qmp}`, out, channels: c.channels, compression: c.method } });
+    if (!r.ok) throw new Error(`save to ${out}: ${r.error}`);
+    const s = r.summary;
+    return {
+      result: { ms: r.wallMs, wireBytes: s.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs: r.cpuMs + qemuCpuMs(src) - cpu0, oursCpuMs: r.cpuMs, uploadMs: s.store['upload-ms'] },
+      summary: s,
+    };
+  } finally {
+    await src.kill();
+  }
+}
+
 async function main(): Promise<void> {
   const a = parseArgs(process.argv.slice(2));
   if (!haveQemu(a.version)) {
@@ -573,6 +639,7 @@ async function main(): Promise<void> {
   mkdirSync(WORK, { recursive: true });
   mkdirSync(a.dir, { recursive: true });
   mkdirSync(RESULTS, { recursive: true });
+  const s3Bucket = want0(a, 's3') ? await benchBucket() : undefined;
   const hostMemory = holdHostMemory();
   const warmed: { sizeGiB: number; gib: number; ms: number }[] = [];
   const rows: Row[] = [];
@@ -656,6 +723,7 @@ async function main(): Promise<void> {
               }
             }
             if (want('relay')) record({ ...base, rep, pair: 'relay', impl: 'ours', result: await oursRelay(c) });
+            if (want('s3')) await s3Jobs(c, file, s3Bucket!, (impl, result) => record({ ...base, rep, pair: 's3', impl, result }));
             if (want('postcopy')) {
               if (!existsSync(file)) await oursSave(c, file);
               // Alternating order, as above.

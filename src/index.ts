@@ -52,3 +52,6 @@ export type { Vmdesc, VmdescDevice, VmdescField, VmdescStruct } from './codec/vm
 export { MultifdChannelParser } from './codec/multifd-channel-parser.js';
 export * from './codec/constants.js';
 export { QmpClient, QmpCommandError } from './transports/qmp-client.js';
+// Snapshots in object storage (docs/s3.md); importing this registers the s3:// scheme.
+export { configureObjectStore, openObjectSnapshot, uploadPackedSnapshot, isObjectUrl, ObjectStoreError } from './conversations/object-store.js';
+export type { ObjectStoreSettings, UploadReport } from './conversations/object-store.js';

@@ -2,7 +2,7 @@
 // progress and output only; the work is in src/conversations.
 
 import { Option, type Command } from 'commander';
-import { resolve } from 'node:path';
+import { resolve } from './object-store-options.js';
 import { ProtocolError } from '../codec/errors.js';
 import { readFile } from 'node:fs/promises';
 import { convert, type ConvertProgress, type ConvertTarget } from '../conversations/convert.js';

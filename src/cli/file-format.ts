@@ -49,6 +49,7 @@ export function inspectText(r: InspectResult): string {
   const lines = [
     `file:          ${r.file} (${r['file-size']} bytes, ${bytes(r['file-size'])})`,
     `format:        ${r.format}`,
+    ...(r.object ? [`stored as:     packed object v${r.object.version}, ${r.object['object-size']} bytes (${bytes(r.object['object-size'])}): ${r.object['present-pages']} pages from 0x${r.object['pages-offset'].toString(16)}; offsets below are in the file it expands to`] : []),
     `machine:       ${r.machine}`,
     `capabilities:  ${r.capabilities.length ? r.capabilities.join(', ') : '(none validated)'}`,
     `uuid:          ${r.uuid ?? '(none)'}`,

@@ -20,6 +20,8 @@ export function duration(ms: number): string {
 }
 
 interface SummaryLike {
+  /** save/receive --out s3://… (docs/s3.md). */
+  store?: { url: string; 'object-size': number; parts: number; 'upload-ms': number; 'local-durable-at'?: string; 'store-durable-at': string };
   file: string;
   machine: string;
   'total-time': number;
@@ -52,6 +54,9 @@ export function summaryText(s: SummaryLike): string {
   }
   if (s.source) {
     lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}, now ${s.source['run-state-after']}`);
+  }
+  if (s.store) {
+    lines.push(`  store: ${s.store.url}, a ${bytes(s.store['object-size'])} object in ${s.store.parts} parts uploaded in ${duration(s.store['upload-ms'])}; durable locally at ${s.store['local-durable-at'] ?? '?'}, in the store at ${s.store['store-durable-at']}`);
   }
   return lines.join('\n');
 }

@@ -2,7 +2,6 @@
 
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
 import { receive, type ReceiveProgress } from '../conversations/receive.js';
 import { relay, type RelayProgress } from '../conversations/relay.js';
 import { restore } from '../conversations/restore.js';
@@ -18,6 +17,7 @@ import { enableVerboseLog } from './log.js';
 import { registerFileCommands } from './file-commands.js';
 import { getMethod } from '../engine/methods/registry.js';
 import { checkInputFile, checkOutputFile } from './paths.js';
+import { addObjectStoreOptions, resolve, withUploadReport } from './object-store-options.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -155,6 +155,7 @@ program
       }
     }
   });
+addObjectStoreOptions(program);
 
 program
   .command('receive')
@@ -188,7 +189,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting the source.
       process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)${o.tlsCreds ? ' (TLS)' : ''}\n`);
-      return h.done;
+      return withUploadReport(h.done, o.out);
     }, summaryText);
   });
 

@@ -4,6 +4,7 @@
 
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
+import { isObjectUrl } from '../conversations/object-store.js';
 
 export class PathError extends Error {
   constructor(
@@ -28,6 +29,8 @@ function statOrUndefined(path: string): ReturnType<typeof statSync> | undefined 
 
 /** A file to read: it must exist and not be a directory. */
 export function checkInputFile(path: string): void {
+  // An s3:// object is checked by the store itself (missing bucket or key are named there).
+  if (isObjectUrl(path)) return;
   const st = statOrUndefined(path);
   if (!st) throw new PathError('ENOENT', `${path}: no such file (ENOENT)`);
   if (st.isDirectory()) throw new PathError('EISDIR', `${path} is a directory, not a migration file (EISDIR)`);
@@ -39,6 +42,7 @@ export function checkInputFile(path: string): void {
  * to the command, which reports it in its own words.
  */
 export function checkOutputFile(path: string, flag: string, opts: { refuseExisting?: boolean } = {}): void {
+  if (isObjectUrl(path)) return;
   const st = statOrUndefined(path);
   if (!st) return;
   if (st.isDirectory()) throw new PathError('EISDIR', `${flag} ${path} is a directory; give the file to write, e.g. ${flag} ${join(path, 'vm.mig')}`);

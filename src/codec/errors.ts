@@ -19,7 +19,8 @@ export type ProtocolErrorCode =
   | 'BAD_VMDESC'
   | 'BAD_MAPPED_RAM'
   /** A libvirt save image whose save never finished (magic LibvirtQemudPart). */
-  | 'INCOMPLETE_IMAGE';
+  | 'INCOMPLETE_IMAGE'
+  | 'BAD_PACKED';
 
 export class ProtocolError extends Error {
   readonly code: ProtocolErrorCode;

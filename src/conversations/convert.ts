@@ -32,6 +32,7 @@ import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { checkOutputPath, OutputFile } from './output-file.js';
+import { convertToObject, isObjectUrl } from './object-convert.js';
 import { batchOffsets, countPresent, DEFAULT_BATCH_PAGES, presentPageBatches } from './page-batches.js';
 
 export type FileFormat = 'mapped-ram' | 'stream';
@@ -227,6 +228,7 @@ function libvirtPrologue(src: SnapshotSource, opts: ConvertOptions): Buffer {
 /** Converts `input` to `to` at `output`; the output is complete when the promise resolves. */
 export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
   const started = Date.now();
+  if (isObjectUrl(opts.output)) return convertToObject(opts, convert);
   if (await samePath(opts.input, opts.output)) throw new Error(`the output ${opts.output} is the input file`);
   await checkOutputPath(opts.output, opts.force ?? false);
   const src = await openSnapshot(opts.input);

@@ -11,6 +11,8 @@ import { decodeDeviceFields, type DecodedStruct } from '../codec/device-fields.j
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type MainEvent } from '../codec/main-stream-parser.js';
 import { PageBitmap, bitmapBytes } from '../codec/mapped-ram.js';
+import { snapshotOpenerFor } from '../engine/open-snapshot.js';
+import type { SnapshotSource } from '../engine/snapshot.js';
 import { findTrailingVmdesc, type Vmdesc, type VmdescDevice, type VmdescStruct } from '../codec/vmdesc.js';
 
 const READ_CHUNK = 1024 * 1024;
@@ -494,6 +496,16 @@ class Scan {
 
 /** Scans `path`; never throws for a malformed file (problems are in the result), only for I/O errors. */
 export async function scanFile(path: string, opts: ScanOptions = {}): Promise<FileLayout> {
+  const byUrl = snapshotOpenerFor(path);
+  if (byUrl) {
+    // An object (s3://…) is scanned as the file it expands to (docs/s3-layout.md).
+    const src = await byUrl(path);
+    try {
+      return await new Scan(path, src.fileSize, readerHandle(src), opts).run();
+    } finally {
+      await src.close();
+    }
+  }
   const fh = await open(path, 'r');
   try {
     const size = (await fh.stat()).size;
@@ -501,6 +513,16 @@ export async function scanFile(path: string, opts: ScanOptions = {}): Promise<Fi
   } finally {
     await fh.close();
   }
+}
+
+/** The positioned reads Scan makes, served by a snapshot source's readAt (short at the end, as a file). */
+function readerHandle(src: SnapshotSource): FileHandle {
+  const read = async (buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number; buffer: Buffer }> => {
+    const n = Math.max(0, Math.min(length, src.fileSize - position));
+    if (n > 0) await src.readAt(position, n, buffer.subarray(offset, offset + n));
+    return { bytesRead: n, buffer };
+  };
+  return { read } as unknown as FileHandle;
 }
 
 /** Errors first, then by offset. */

@@ -7,6 +7,7 @@ import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { stat } from 'node:fs/promises';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import { libvirtSummary, type LibvirtSummary } from './libvirt-summary.js';
+import { describePacked, PackedSnapshot, type PackedDescription } from '../engine/packed-snapshot-source.js';
 import { scanFile, sortProblems, type MappedRamRegions, type Problem } from './file-layout.js';
 
 export interface InspectOptions {
@@ -79,6 +80,8 @@ export interface InspectResult {
   problems: Problem[];
   /** A libvirt save image: header fields, domain XML and cookie (offsets above are file offsets, or within the decompressed stream for a compressed image). */
   libvirt?: LibvirtSummary;
+  /** An s3:// object: how it is stored (docs/s3-layout.md); offsets above are in the file it expands to. */
+  object?: PackedDescription;
 }
 
 function uuidText(u: Buffer): string {
@@ -148,6 +151,7 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
       result.libvirt = libvirtSummary(src.libvirt, true);
       result['file-size'] = (await stat(path)).size;
     }
+    if (src instanceof PackedSnapshot) result.object = describePacked(src);
     if (config.uuid) result.uuid = uuidText(config.uuid);
     if (config.targetPageBits !== undefined) result['target-page-bits'] = config.targetPageBits;
     if (opts.devices) {

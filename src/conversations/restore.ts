@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { VALIDATED_CAPABILITIES } from '../codec/constants.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
+import { objectReadReport, type ObjectReadReport } from './object-store.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { parseQmpAddress, QmpClient, QmpConnectionError } from '../transports/qmp-client.js';
 import { DestinationClosedError, POSTCOPY_LOSS_TEXT, PostcopyDestinationLostError, StallError, send, type PostcopyOptions, type SendOptions, type SendProgress, type SendSummary } from './send.js';
@@ -64,6 +65,8 @@ export interface RestoreSummary extends SendSummary {
   };
   /** ms from the start of restore until the destination's guest ran (its RESUME event), if it did. */
   'time-to-running'?: number;
+  /** Restored from s3://…: what was read from the store. */
+  store?: ObjectReadReport;
   /** ms from the start of restore until the destination reported completed (every page in place). */
   'time-to-complete': number;
   /** Adjustments restore made, e.g. multifd left off because the destination cannot combine it with postcopy. */
@@ -244,6 +247,8 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
       ...(runningAt !== undefined && after.running ? { 'time-to-running': runningAt } : {}),
       'time-to-complete': completeAt,
       ...(notes.length > 0 ? { notes } : {}),
+      // s3://…: bytes and requests from the store (docs/s3.md).
+      ...objectReadReport(source),
     };
   } finally {
     qmp?.close();

@@ -6,6 +6,7 @@
 import { tlsKind, type TlsCreds } from '../transports/tls.js';
 import { EventEmitter } from 'node:events';
 import { QmpClient } from '../transports/qmp-client.js';
+import { takeUploadReport, type UploadReport } from './object-store.js';
 import { receive, type ReceiveHandle, type ReceiveProgress, type ReceiveSummary, type SyncMode } from './receive.js';
 
 export interface SaveOptions {
@@ -48,6 +49,8 @@ export interface SaveProgress extends ReceiveProgress {
 }
 
 export interface SaveSummary extends ReceiveSummary {
+  /** With --out s3://…: the upload (docs/s3.md). */
+  store?: UploadReport;
   source: {
     status: string;
     'total-time'?: number;
@@ -195,8 +198,11 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     if (opts.resume && run.running) await qmp.execute('cont');
     const after = await qmp.execute('query-status');
     const qemuSyncs = source.ram?.['dirty-sync-count'];
+    // --out s3://…: when the snapshot was durable locally and when in the store (docs/s3.md).
+    const stored = takeUploadReport(opts.out);
     return {
       ...summary,
+      ...(stored ? { store: stored } : {}),
       ...(typeof qemuSyncs === 'number' ? { 'dirty-sync-count': qemuSyncs } : {}),
       source: {
         status: source.status,
@@ -211,6 +217,9 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     rx?.abort(e as Error);
     if (migrating) await qmp.execute('migrate_cancel').catch(() => {});
     if (rx) await rx.done.catch(() => {});
+    // Interrupted by the caller: that is why, whatever the source reported meanwhile (with an
+    // s3:// output our side ends only after aborting the upload, so the source's error comes first).
+    if (opts.signal?.aborted && opts.signal.reason instanceof Error) throw opts.signal.reason;
     throw e;
   } finally {
     if (poll) clearInterval(poll);

@@ -8,21 +8,49 @@ import type { RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
 import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
+import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
+import { objectStoreSettings, recordUpload, removeStaging, stagingDirectory, uploadPackedSnapshot } from './object-store.js';
+
+/** An s3:// output: staged as a local mapped-ram file, uploaded packed by commit(). */
+interface ObjectTarget {
+  url: string;
+  dir: string;
+}
 
 export class SnapshotOutput {
   private headDone = false;
   private preludeDone = false;
 
-  private constructor(readonly store: MappedRamWriter) {}
+  /** An abort while commit() uploads stops the upload before it completes (no object appears). */
+  private readonly uploadAbort = new AbortController();
 
-  /** `channels`: multifd channels that will feed it (sizes the O_DIRECT staging slots). */
+  private constructor(readonly store: MappedRamWriter, private readonly object?: ObjectTarget) {}
+
+  /**
+   * `channels`: multifd channels that will feed it (sizes the O_DIRECT staging slots). An
+   * s3://bucket/key path is staged in a private temp directory and uploaded by commit(); its
+   * bucket is checked here, before any migration starts.
+   */
   static async create(path: string, opts: { directIo?: boolean; channels?: number } = {}): Promise<SnapshotOutput> {
-    return new SnapshotOutput(
-      await MappedRamWriter.create(path, {
-        ...(opts.directIo === undefined ? {} : { directIo: opts.directIo }),
-        slots: packetSlotsFor(opts.channels ?? 0),
-      }),
-    );
+    let object: ObjectTarget | undefined;
+    let file = path;
+    if (isObjectUrl(path)) {
+      await checkBucket(s3Client(objectStoreSettings()), parseObjectUrl(path));
+      object = { url: path, dir: await stagingDirectory() };
+      file = `${object.dir}/snapshot.mig`;
+    }
+    try {
+      return new SnapshotOutput(
+        await MappedRamWriter.create(file, {
+          ...(opts.directIo === undefined ? {} : { directIo: opts.directIo }),
+          slots: packetSlotsFor(opts.channels ?? 0),
+        }),
+        object,
+      );
+    } catch (e) {
+      if (object) await removeStaging(object.dir);
+      throw e;
+    }
   }
 
   get headWritten(): boolean {
@@ -58,11 +86,35 @@ export class SnapshotOutput {
     await this.store.appendStream(data as Buffer[]);
   }
 
+  /** For an object: durable locally first, then uploaded; the object exists only if this resolves. */
   commit(): Promise<void> {
-    return this.store.commit();
+    if (!this.object) return this.store.commit();
+    this.committing = this.commitObject(this.object);
+    return this.committing;
   }
 
-  abort(): Promise<void> {
-    return this.store.abort();
+  /** The upload in progress, which abort() waits for (it aborts the multipart upload on its way out). */
+  private committing: Promise<void> | undefined;
+
+  private async commitObject(object: ObjectTarget): Promise<void> {
+    try {
+      await this.store.commit();
+      const localAt = new Date().toISOString();
+      const report = await uploadPackedSnapshot(this.store.finalPath, object.url, { signal: this.uploadAbort.signal });
+      recordUpload({ ...report, 'local-durable-at': localAt });
+    } finally {
+      await removeStaging(object.dir);
+    }
+  }
+
+  async abort(): Promise<void> {
+    this.uploadAbort.abort();
+    // The caller may exit once this resolves: the multipart upload must be aborted by then.
+    await this.committing?.catch(() => {});
+    try {
+      await this.store.abort();
+    } finally {
+      if (this.object) await removeStaging(this.object.dir);
+    }
   }
 }

@@ -19,6 +19,8 @@ export interface OpenSnapshotOptions {
 }
 
 export async function snapshotFormat(path: string, offset = 0): Promise<'mapped-ram' | 'stream'> {
+  // Objects are packed mapped-ram snapshots (docs/s3-layout.md).
+  if (snapshotOpenerFor(path)) return 'mapped-ram';
   const fh = await open(path, 'r');
   try {
     const buf = Buffer.alloc(PROBE_BYTES);
@@ -50,6 +52,8 @@ async function openAt(path: string, offset: number): Promise<SnapshotSource> {
 }
 
 export async function openSnapshot(path: string, opts: OpenSnapshotOptions = {}): Promise<SnapshotSource> {
+  const byUrl = snapshotOpenerFor(path);
+  if (byUrl) return byUrl(path);
   const image = await readLibvirtImage(path);
   if (!image) return openAt(path, opts.offset ?? 0);
   const libvirt = { ...image, imagePath: path };
@@ -81,4 +85,18 @@ export async function openSnapshot(path: string, opts: OpenSnapshotOptions = {})
       }
     },
   });
+}
+
+/** Opens snapshots named by URL (s3://…): registered by the layer that owns the client. */
+export type SnapshotOpener = (url: string) => Promise<SnapshotSource>;
+const openers = new Map<string, SnapshotOpener>();
+
+export function registerSnapshotScheme(scheme: string, open: SnapshotOpener): void {
+  openers.set(scheme.toLowerCase(), open);
+}
+
+/** The opener for `path` when it is a URL of a registered scheme. */
+export function snapshotOpenerFor(path: string): SnapshotOpener | undefined {
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(path)?.[1];
+  return scheme === undefined ? undefined : openers.get(scheme.toLowerCase());
 }

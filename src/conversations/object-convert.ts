@@ -1,0 +1,38 @@
+// convert … s3://bucket/key: the output is always a packed mapped-ram object (docs/s3-layout.md).
+
+import { openSnapshot, snapshotOpenerFor } from '../engine/open-snapshot.js';
+import type { ConvertOptions, ConvertSummary } from './convert.js';
+import { isObjectUrl, storeAsObject, type UploadReport } from './object-store.js';
+
+export { isObjectUrl };
+
+export async function convertToObject(opts: ConvertOptions, convert: (o: ConvertOptions) => Promise<ConvertSummary>): Promise<ConvertSummary & { store: UploadReport }> {
+  const started = Date.now();
+  if (opts.to !== 'mapped-ram') throw new Error(`an object holds a packed mapped-ram snapshot: convert to ${opts.output} needs --to mapped-ram`);
+  if (opts.input === opts.output) throw new Error(`the output ${opts.output} is the input`);
+  // Validates the input completely before anything is uploaded.
+  const src = await openSnapshot(opts.input);
+  const info = {
+    from: src.format,
+    machine: src.configuration.machine,
+    'device-state-bytes': src.fileSize - src.deviceState.fileOffset,
+    'input-size': src.fileSize,
+    blocks: src.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, pages: src.presentPages(b.name) })),
+  };
+  await src.close();
+  const report = await storeAsObject(opts.input, opts.output, {
+    ...(opts.force !== undefined ? { force: opts.force } : {}),
+    isLocalMappedRam: !snapshotOpenerFor(opts.input) && info.from === 'mapped-ram',
+    toMappedRam: (staged) => convert({ ...opts, output: staged, force: true }),
+  });
+  return {
+    input: opts.input,
+    output: opts.output,
+    ...info,
+    to: 'mapped-ram',
+    pages: report['present-pages'],
+    'output-size': report['object-size'],
+    'elapsed-ms': Date.now() - started,
+    store: report,
+  };
+}

@@ -1,0 +1,202 @@
+// Snapshots in object storage (docs/s3.md): s3:// URLs open as packed snapshots wherever a
+// snapshot is read (restore, send, inspect, verify, extract, convert), and a local mapped-ram
+// snapshot goes up packed in one multipart upload that completes only at the very end.
+
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { MappedRamSnapshot } from '../engine/mapped-ram-reader.js';
+import { registerSnapshotScheme } from '../engine/open-snapshot.js';
+import { PackedSnapshot, type PackedReadOptions } from '../engine/packed-snapshot-source.js';
+import { packedParts, packedPrefixOf } from '../engine/packed-snapshot-writer.js';
+import {
+  checkBucket, formatObjectUrl, MultipartUpload, ObjectStoreError, objectSize, parseObjectUrl, partSizeFor, RangedObject, s3Client, type S3Settings,
+} from '../transports/s3.js';
+
+export { isObjectUrl, ObjectStoreError } from '../transports/s3.js';
+
+export interface ObjectStoreSettings extends S3Settings, PackedReadOptions {
+  /** Where snapshots are staged before their upload (default: the OS temp dir). */
+  stagingDir?: string;
+}
+
+let settings: ObjectStoreSettings = {};
+
+/** Settings for every s3:// URL from now on (the CLI's --s3-* flags). */
+export function configureObjectStore(s: ObjectStoreSettings): void {
+  settings = { ...s };
+}
+
+export function objectStoreSettings(): ObjectStoreSettings {
+  return settings;
+}
+
+/** Opens s3://bucket/key as a SnapshotSource; errors name what is wrong before anything else happens. */
+export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = settings): Promise<PackedSnapshot & { object: RangedObject; openMs: number }> {
+  const t0 = Date.now();
+  const obj = await RangedObject.open(s3Client(s), parseObjectUrl(url));
+  const snap = await PackedSnapshot.open(obj, {
+    ...(s.chunkBytes !== undefined ? { chunkBytes: s.chunkBytes } : {}),
+    ...(s.readAhead !== undefined ? { readAhead: s.readAhead } : {}),
+    ...(s.readAround !== undefined ? { readAround: s.readAround } : {}),
+  });
+  return Object.assign(snap, { object: obj, openMs: Date.now() - t0 });
+}
+
+export interface ObjectReadReport {
+  url: string;
+  'object-size': number;
+  /** HEAD, the prefix and every page read: ms to open and check the object (before QEMU is touched). */
+  'open-ms': number;
+  requests: number;
+  retries: number;
+  'bytes-read': number;
+  'chunk-gets': number;
+  'read-around-gets': number;
+  'read-around-hits': number;
+}
+
+/** `{ store: … }` for a summary when `src` was read from an object store, else `{}`. */
+export function objectReadReport(src: unknown): { store?: ObjectReadReport } {
+  if (!(src instanceof PackedSnapshot) || !('object' in src)) return {};
+  const o = (src as PackedSnapshot & { object: RangedObject; openMs: number });
+  return {
+    store: {
+      url: o.object.name,
+      'object-size': o.object.size,
+      'open-ms': o.openMs,
+      requests: o.object.stats.requests + 1,
+      retries: o.object.stats.retries,
+      'bytes-read': o.object.stats.bytes,
+      'chunk-gets': o.stats.chunkGets,
+      'read-around-gets': o.stats.randomGets,
+      'read-around-hits': o.stats.aroundHits,
+    },
+  };
+}
+
+registerSnapshotScheme('s3', (url) => openObjectSnapshot(url));
+
+export interface UploadReport {
+  url: string;
+  /** Bytes of the object (what the store keeps) and of the mapped-ram file it expands to. */
+  'object-size': number;
+  'file-size': number;
+  'present-pages': number;
+  parts: number;
+  'part-size': number;
+  requests: number;
+  retries: number;
+  'upload-ms': number;
+  /** When the staged snapshot was complete and synced on local disk, and when the object was complete in the store. */
+  'local-durable-at'?: string;
+  'store-durable-at': string;
+  'upload-bytes-per-s': number;
+}
+
+export interface UploadProgress {
+  sent: number;
+  total: number;
+}
+
+/**
+ * Uploads the mapped-ram file at `local` as a packed object at `url`. The object appears only
+ * when every part is in (CompleteMultipartUpload); on any failure the upload is aborted, so
+ * neither an object nor an orphaned multipart upload remains, and the error is thrown.
+ */
+export async function uploadPackedSnapshot(local: string, url: string, opts: { settings?: ObjectStoreSettings; onProgress?: (p: UploadProgress) => void; signal?: AbortSignal } = {}): Promise<UploadReport> {
+  const s = opts.settings ?? settings;
+  const started = Date.now();
+  const where = parseObjectUrl(url);
+  const client = s3Client(s);
+  await checkBucket(client, where);
+  const src = await MappedRamSnapshot.open(local);
+  try {
+    const { prefix, layout } = await packedPrefixOf(src);
+    const total = layout.objectSize;
+    const partSize = partSizeFor(total, s.partSize);
+    const up = await MultipartUpload.create(client, where, { concurrency: s.uploadConcurrency ?? 4 });
+    try {
+      let sent = 0;
+      // Part buffers are recycled once uploaded: memory is (parts in flight + 1) × part size.
+      const pool: Buffer[] = [];
+      const alloc = (n: number): Buffer => (n === partSize ? pool.pop() : undefined) ?? Buffer.allocUnsafe(n);
+      for await (const part of packedParts(src, prefix, layout, partSize, alloc)) {
+        if (opts.signal?.aborted) throw new Error(`upload of ${url} interrupted`);
+        await up.add(part, () => { if (part.length === partSize) pool.push(part); });
+        sent += part.length;
+        opts.onProgress?.({ sent, total });
+      }
+      if (opts.signal?.aborted) throw new Error(`upload of ${url} interrupted`);
+      await up.complete();
+    } catch (e) {
+      // The abort's own failure (store unreachable past its deadline) names the upload id.
+      await up.abort().catch((abortErr: Error) => {
+        (e as Error).message += `; ${abortErr.message}`;
+      });
+      throw e;
+    }
+    const ms = Date.now() - started;
+    return {
+      url: formatObjectUrl(where),
+      'object-size': total,
+      'file-size': src.fileSize,
+      'present-pages': layout.presentPages,
+      parts: up.partCount,
+      'part-size': partSize,
+      requests: up.stats.requests + 2,
+      retries: up.stats.retries,
+      'upload-ms': ms,
+      'store-durable-at': new Date().toISOString(),
+      'upload-bytes-per-s': Math.round(total / Math.max(ms, 1) * 1000),
+    };
+  } finally {
+    await src.close();
+  }
+}
+
+/** A private directory for staging one snapshot; removed by the caller. */
+export async function stagingDirectory(s: ObjectStoreSettings = settings): Promise<string> {
+  return mkdtemp(join(s.stagingDir ?? tmpdir(), 'multifd-s3-'));
+}
+
+export async function removeStaging(dir: string): Promise<void> {
+  await rm(dir, { recursive: true, force: true });
+}
+
+/** Reports of finished uploads by URL, for summaries built where the upload is not visible. */
+const reports = new Map<string, UploadReport>();
+
+export function recordUpload(r: UploadReport): void {
+  reports.set(r.url, r);
+}
+
+/** The report of the last upload to `url` (once; undefined when none). */
+export function takeUploadReport(url: string): UploadReport | undefined {
+  const r = reports.get(url);
+  reports.delete(url);
+  return r;
+}
+
+/**
+ * A snapshot file (or object) as a packed object at `url`: a local mapped-ram file goes up as it
+ * is; anything else is converted to mapped-ram in the staging directory first (`toMappedRam`).
+ * An existing object is replaced only with `force`.
+ */
+export async function storeAsObject(input: string, url: string, opts: { force?: boolean; toMappedRam: (output: string) => Promise<unknown>; isLocalMappedRam: boolean }): Promise<UploadReport> {
+  const where = parseObjectUrl(url);
+  const client = s3Client(settings);
+  await checkBucket(client, where);
+  if (!opts.force && (await objectSize(client, where)) !== undefined) {
+    throw new ObjectStoreError('S3_EXISTS', `${url} already exists (use --force to replace it)`);
+  }
+  if (opts.isLocalMappedRam) return uploadPackedSnapshot(input, url);
+  const dir = await stagingDirectory();
+  try {
+    const staged = join(dir, 'snapshot.mig');
+    await opts.toMappedRam(staged);
+    return await uploadPackedSnapshot(staged, url);
+  } finally {
+    await removeStaging(dir);
+  }
+}

@@ -1,0 +1,386 @@
+// S3 client plumbing: s3://bucket/key URLs, the client's settings (flags over the standard AWS
+// chain), errors named by what went wrong, ranged reads with retries, and a multipart upload that
+// either completes or is aborted (docs/s3.md).
+
+import { Agent as HttpAgent } from 'node:http';
+import { Agent as HttpsAgent } from 'node:https';
+import { isIP } from 'node:net';
+import {
+  AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, GetObjectCommand,
+  HeadBucketCommand, HeadObjectCommand, S3Client, UploadPartCommand, type S3ClientConfig,
+} from '@aws-sdk/client-s3';
+
+export type ObjectStoreErrorCode =
+  | 'S3_BAD_URL'
+  | 'S3_NO_CREDENTIALS'
+  | 'S3_NO_REGION'
+  | 'S3_ACCESS_DENIED'
+  | 'S3_NO_BUCKET'
+  | 'S3_NO_KEY'
+  | 'S3_UNREACHABLE'
+  | 'S3_EXISTS'
+  | 'S3_SHORT_READ'
+  | 'S3_ABORT_FAILED'
+  | 'S3_ERROR';
+
+export class ObjectStoreError extends Error {
+  constructor(readonly code: ObjectStoreErrorCode, message: string, opts: { cause?: unknown } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = 'ObjectStoreError';
+  }
+}
+
+export interface ObjectUrl {
+  bucket: string;
+  key: string;
+}
+
+export function isObjectUrl(s: string): boolean {
+  return /^s3:\/\//i.test(s);
+}
+
+export function parseObjectUrl(s: string): ObjectUrl {
+  const m = /^s3:\/\/([^/]+)\/(.+)$/i.exec(s);
+  if (!m) throw new ObjectStoreError('S3_BAD_URL', `${s} is not an object URL (expected s3://BUCKET/KEY)`);
+  const bucket = m[1]!;
+  // Bucket names per S3's rules (lower case, digits, dots, hyphens; 3..63); a typo fails here, not as a 403.
+  if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw new ObjectStoreError('S3_BAD_URL', `${s}: "${bucket}" is not a valid bucket name`);
+  return { bucket, key: m[2]! };
+}
+
+export function formatObjectUrl(u: ObjectUrl): string {
+  return `s3://${u.bucket}/${u.key}`;
+}
+
+/** What the flags say; anything unset comes from the environment and the AWS config files. */
+export interface S3Settings {
+  /** --s3-endpoint; else AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL; else AWS's own endpoint. */
+  endpoint?: string;
+  /** --s3-region; else AWS_REGION, AWS_DEFAULT_REGION, the profile's region; us-east-1 for a custom endpoint. */
+  region?: string;
+  /** --s3-path-style; automatic when the endpoint's host is an IP address or localhost. */
+  pathStyle?: boolean;
+  /** Parts of a multipart upload in flight (default 4). */
+  uploadConcurrency?: number;
+  /** Bytes per part (default 16 MiB; S3's minimum is 5 MiB). */
+  partSize?: number;
+  /** Ranged GETs in flight per reader (default 8). */
+  readConcurrency?: number;
+}
+
+export const DEFAULT_PART_SIZE = 16 * 1024 * 1024;
+export const MIN_PART_SIZE = 5 * 1024 * 1024;
+/** S3 allows at most 10 000 parts; larger objects get larger parts. */
+const MAX_PARTS = 10_000;
+
+export function resolvedEndpoint(s: S3Settings, env: NodeJS.ProcessEnv = process.env): string | undefined {
+  return s.endpoint ?? env.AWS_ENDPOINT_URL_S3 ?? env.AWS_ENDPOINT_URL ?? undefined;
+}
+
+/** Path-style addressing for IP and localhost endpoints (no DNS name per bucket there). */
+export function wantsPathStyle(endpoint: string | undefined, flag?: boolean): boolean {
+  if (flag !== undefined) return flag;
+  if (!endpoint) return false;
+  let host: string;
+  try {
+    host = new URL(endpoint).hostname.replace(/^\[|\]$/g, '');
+  } catch {
+    throw new ObjectStoreError('S3_BAD_URL', `endpoint ${endpoint} is not a URL (expected http(s)://HOST[:PORT])`);
+  }
+  return isIP(host) !== 0 || host === 'localhost' || host.endsWith('.localhost');
+}
+
+const clients = new Map<string, S3Client>();
+
+/** One client per settings (it holds the keep-alive connection pool). */
+export function s3Client(s: S3Settings = {}): S3Client {
+  const endpoint = resolvedEndpoint(s);
+  const region = s.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? (endpoint ? 'us-east-1' : undefined);
+  const pathStyle = wantsPathStyle(endpoint, s.pathStyle);
+  const id = JSON.stringify([endpoint, region, pathStyle]);
+  let c = clients.get(id);
+  if (c) return c;
+  const agentOpts = { keepAlive: true, maxSockets: 64 };
+  const cfg: S3ClientConfig = {
+    ...(endpoint ? { endpoint } : {}),
+    ...(region ? { region } : {}),
+    forcePathStyle: pathStyle,
+    // Checksums only where S3 requires them: the flexible-checksum defaults of newer SDKs send
+    // headers some S3-compatible stores (Ceph before Squid, older MinIO) refuse.
+    requestChecksumCalculation: 'WHEN_REQUIRED',
+    responseChecksumValidation: 'WHEN_REQUIRED',
+    maxAttempts: 3,
+    requestHandler: { connectionTimeout: 5000, requestTimeout: 120_000, throwOnRequestTimeout: true, httpAgent: new HttpAgent(agentOpts), httpsAgent: new HttpsAgent(agentOpts) },
+  };
+  c = new S3Client(cfg);
+  clients.set(id, c);
+  return c;
+}
+
+/** Closes the clients' connection pools (so a CLI run can exit at once). */
+export function closeS3Clients(): void {
+  for (const c of clients.values()) c.destroy();
+  clients.clear();
+}
+
+interface AwsLikeError {
+  name?: string;
+  code?: string;
+  message?: string;
+  $metadata?: { httpStatusCode?: number };
+  $fault?: string;
+  Code?: string;
+}
+
+/** An SDK error as an ObjectStoreError; `missing` says which 404 it is (HEAD errors have no body). */
+export function storeError(e: unknown, what: string, missing: 'key' | 'bucket' = 'key'): ObjectStoreError {
+  if (e instanceof ObjectStoreError) return e;
+  const err = (e ?? {}) as AwsLikeError;
+  const name = err.name ?? err.Code ?? '';
+  const status = err.$metadata?.httpStatusCode;
+  const msg = err.message ?? String(e);
+  const code = err.code ?? '';
+  if (name === 'CredentialsProviderError' || /Could not load credentials|credential/i.test(name)) {
+    return new ObjectStoreError('S3_NO_CREDENTIALS', `${what}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE): ${msg}`, { cause: e });
+  }
+  if (/Region is missing/i.test(msg)) {
+    return new ObjectStoreError('S3_NO_REGION', `${what}: no S3 region (set --s3-region or AWS_REGION, or --s3-endpoint for a store other than AWS)`, { cause: e });
+  }
+  if (name === 'NoSuchBucket' || (missing === 'bucket' && status === 404)) {
+    return new ObjectStoreError('S3_NO_BUCKET', `${what}: the bucket does not exist`, { cause: e });
+  }
+  if (name === 'NoSuchKey' || name === 'NotFound' || status === 404) {
+    return new ObjectStoreError('S3_NO_KEY', `${what}: no such object`, { cause: e });
+  }
+  if (status === 403 || ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'Forbidden', 'InvalidToken', 'ExpiredToken'].includes(name)) {
+    return new ObjectStoreError('S3_ACCESS_DENIED', `${what}: access denied (${name || status}; check the credentials and the bucket's policy)`, { cause: e });
+  }
+  if (['ECONNREFUSED', 'ECONNRESET', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'ETIMEDOUT', 'EPIPE', 'EAI_AGAIN'].includes(code) || name === 'TimeoutError' || /ECONNREFUSED|socket hang up|ECONNRESET/.test(msg)) {
+    return new ObjectStoreError('S3_UNREACHABLE', `${what}: the S3 endpoint is unreachable (${code || name || msg})`, { cause: e });
+  }
+  return new ObjectStoreError('S3_ERROR', `${what}: ${name ? `${name}: ` : ''}${msg}${status ? ` (HTTP ${status})` : ''}`, { cause: e });
+}
+
+/** A 404 from HEAD object is either case: HEAD bucket tells which. */
+async function missingWhat(client: S3Client, bucket: string): Promise<'key' | 'bucket'> {
+  try {
+    await client.send(new HeadBucketCommand({ Bucket: bucket }));
+    return 'key';
+  } catch (e) {
+    return (e as AwsLikeError).$metadata?.httpStatusCode === 404 ? 'bucket' : 'key';
+  }
+}
+
+/** Fails with a named error unless the bucket exists and we may use it. */
+export async function checkBucket(client: S3Client, url: ObjectUrl): Promise<void> {
+  try {
+    await client.send(new HeadBucketCommand({ Bucket: url.bucket }));
+  } catch (e) {
+    throw storeError(e, `bucket ${url.bucket}`, 'bucket');
+  }
+}
+
+/** Object size, or undefined when there is no object under the key. */
+export async function objectSize(client: S3Client, url: ObjectUrl): Promise<number | undefined> {
+  try {
+    const h = await client.send(new HeadObjectCommand({ Bucket: url.bucket, Key: url.key }));
+    return h.ContentLength ?? 0;
+  } catch (e) {
+    const err = storeError(e, formatObjectUrl(url));
+    if (err.code === 'S3_NO_KEY' && (await missingWhat(client, url.bucket)) === 'key') return undefined;
+    if (err.code === 'S3_NO_KEY') throw new ObjectStoreError('S3_NO_BUCKET', `${formatObjectUrl(url)}: the bucket ${url.bucket} does not exist`, { cause: e });
+    throw err;
+  }
+}
+
+export interface TransferStats {
+  requests: number;
+  retries: number;
+  bytes: number;
+}
+
+/** Failures worth another try: the store is restarting, a connection dropped, a 5xx. */
+function retryable(e: ObjectStoreError): boolean {
+  if (e.code === 'S3_UNREACHABLE' || e.code === 'S3_SHORT_READ') return true;
+  const status = (e.cause as AwsLikeError | undefined)?.$metadata?.httpStatusCode;
+  return e.code === 'S3_ERROR' && (status === undefined || status >= 500);
+}
+
+/**
+ * An object read by range: `read` fills `into` with exactly `length` bytes from `position`, one
+ * GET, retried (on a fresh connection) when a connection drops or the store answers 5xx; the SDK's
+ * own retries cover the request, ours also the body, which the SDK does not retry.
+ */
+export class RangedObject {
+  readonly stats: TransferStats = { requests: 0, retries: 0, bytes: 0 };
+
+  private constructor(readonly client: S3Client, readonly url: ObjectUrl, readonly size: number, readonly etag: string | undefined, private readonly attempts: number) {}
+
+  static async open(client: S3Client, url: ObjectUrl, opts: { attempts?: number } = {}): Promise<RangedObject> {
+    let head;
+    try {
+      head = await client.send(new HeadObjectCommand({ Bucket: url.bucket, Key: url.key }));
+    } catch (e) {
+      const err = storeError(e, formatObjectUrl(url));
+      if (err.code === 'S3_NO_KEY' && (await missingWhat(client, url.bucket)) === 'bucket') {
+        throw new ObjectStoreError('S3_NO_BUCKET', `${formatObjectUrl(url)}: the bucket ${url.bucket} does not exist`, { cause: e });
+      }
+      throw err;
+    }
+    return new RangedObject(client, url, head.ContentLength ?? 0, head.ETag, opts.attempts ?? 4);
+  }
+
+  get name(): string {
+    return formatObjectUrl(this.url);
+  }
+
+  async read(position: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (position < 0 || length < 0 || position + length > this.size) {
+      throw new ObjectStoreError('S3_SHORT_READ', `${this.name}: range [${position}, +${length}) is beyond the object's ${this.size} bytes`);
+    }
+    const out = into ?? Buffer.allocUnsafe(length);
+    if (length === 0) return out;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.readOnce(position, length, out);
+        this.stats.bytes += length;
+        return out;
+      } catch (e) {
+        const err = storeError(e, `${this.name} bytes ${position}..${position + length - 1}`);
+        if (!retryable(err) || attempt >= this.attempts) throw err;
+        this.stats.retries++;
+        await new Promise((r) => setTimeout(r, 100 * 2 ** attempt));
+      }
+    }
+  }
+
+  private async readOnce(position: number, length: number, out: Buffer): Promise<void> {
+    this.stats.requests++;
+    const res = await this.client.send(new GetObjectCommand({
+      Bucket: this.url.bucket,
+      Key: this.url.key,
+      Range: `bytes=${position}-${position + length - 1}`,
+      // The object must not change under us between GETs (an overwrite mid-restore).
+      ...(this.etag ? { IfMatch: this.etag } : {}),
+    }));
+    let at = 0;
+    for await (const chunk of res.Body as AsyncIterable<Buffer>) {
+      if (at + chunk.length > length) throw new ObjectStoreError('S3_ERROR', `${this.name}: the store sent more than the ${length} bytes asked for`);
+      chunk.copy(out, at);
+      at += chunk.length;
+    }
+    if (at !== length) throw new ObjectStoreError('S3_SHORT_READ', `${this.name}: ${at} of ${length} bytes at ${position} arrived`);
+  }
+}
+
+/** Part size for an object of about `total` bytes: the wanted size, larger if 10 000 parts would not do. */
+export function partSizeFor(total: number, wanted = DEFAULT_PART_SIZE): number {
+  const size = Math.max(MIN_PART_SIZE, wanted, Math.ceil(total / MAX_PARTS));
+  return Math.ceil(size / (1024 * 1024)) * 1024 * 1024;
+}
+
+/**
+ * A multipart upload: parts go up in parallel (bounded), the object appears only at complete(),
+ * and abort() removes the upload and its parts, retrying while the store is unreachable (a store
+ * that is restarting would otherwise keep the parts as an orphaned upload).
+ */
+export class MultipartUpload {
+  readonly stats: TransferStats = { requests: 0, retries: 0, bytes: 0 };
+  private readonly parts: { PartNumber: number; ETag: string }[] = [];
+  private readonly inFlight = new Set<Promise<void>>();
+  private failure: ObjectStoreError | undefined;
+  private nextPart = 1;
+  private finished = false;
+
+  private constructor(readonly client: S3Client, readonly url: ObjectUrl, readonly uploadId: string, readonly concurrency: number) {}
+
+  static async create(client: S3Client, url: ObjectUrl, opts: { concurrency?: number } = {}): Promise<MultipartUpload> {
+    try {
+      const r = await client.send(new CreateMultipartUploadCommand({ Bucket: url.bucket, Key: url.key, ContentType: 'application/octet-stream' }));
+      if (!r.UploadId) throw new ObjectStoreError('S3_ERROR', `${formatObjectUrl(url)}: the store returned no upload id`);
+      return new MultipartUpload(client, url, r.UploadId, opts.concurrency ?? 4);
+    } catch (e) {
+      throw storeError(e, `starting the upload of ${formatObjectUrl(url)}`, 'bucket');
+    }
+  }
+
+  get partCount(): number {
+    return this.nextPart - 1;
+  }
+
+  /**
+   * Queues the next part; waits while `concurrency` parts are in flight. `body` belongs to the
+   * upload until `settled` is called (the part is in, or failed for good): then it may be reused.
+   */
+  async add(body: Buffer, settled?: () => void): Promise<void> {
+    if (this.failure) throw this.failure;
+    while (this.inFlight.size >= this.concurrency) {
+      await Promise.race(this.inFlight);
+      if (this.failure) throw this.failure;
+    }
+    const n = this.nextPart++;
+    const p = this.upload(n, body).then(
+      () => { this.inFlight.delete(p); settled?.(); },
+      (e: unknown) => { this.inFlight.delete(p); this.failure ??= storeError(e, `uploading part ${n} of ${formatObjectUrl(this.url)}`); settled?.(); },
+    );
+    this.inFlight.add(p);
+  }
+
+  private async upload(n: number, body: Buffer): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        this.stats.requests++;
+        const r = await this.client.send(new UploadPartCommand({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId, PartNumber: n, Body: body, ContentLength: body.length }));
+        if (!r.ETag) throw new ObjectStoreError('S3_ERROR', `part ${n}: the store returned no ETag`);
+        this.parts.push({ PartNumber: n, ETag: r.ETag });
+        this.stats.bytes += body.length;
+        return;
+      } catch (e) {
+        const err = storeError(e, `uploading part ${n} of ${formatObjectUrl(this.url)}`);
+        if (!retryable(err) || attempt >= 3 || this.failure) throw err;
+        this.stats.retries++;
+        await new Promise((r) => setTimeout(r, 200 * 2 ** attempt));
+      }
+    }
+  }
+
+  /** Waits for every part, then completes: the object appears under its key now, whole. */
+  async complete(): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.race(this.inFlight);
+    if (this.failure) throw this.failure;
+    this.parts.sort((a, b) => a.PartNumber - b.PartNumber);
+    try {
+      this.stats.requests++;
+      await this.client.send(new CompleteMultipartUploadCommand({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId, MultipartUpload: { Parts: this.parts } }));
+      this.finished = true;
+    } catch (e) {
+      throw storeError(e, `completing the upload of ${formatObjectUrl(this.url)}`);
+    }
+  }
+
+  /**
+   * Aborts the upload (its parts are deleted), retrying for up to `deadlineMs` while the store is
+   * unreachable; throws S3_ABORT_FAILED naming the upload id when it could not.
+   */
+  async abort(deadlineMs = 120_000): Promise<void> {
+    if (this.finished) return;
+    this.failure ??= new ObjectStoreError('S3_ERROR', 'upload aborted');
+    // Parts still in flight would otherwise land after the abort and recreate the upload's parts.
+    await Promise.allSettled([...this.inFlight]);
+    const until = Date.now() + deadlineMs;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId }));
+        this.finished = true;
+        return;
+      } catch (e) {
+        const err = storeError(e, `aborting the upload of ${formatObjectUrl(this.url)}`);
+        if (err.code === 'S3_NO_KEY') { this.finished = true; return; } // NoSuchUpload: nothing left
+        if (!retryable(err) || Date.now() >= until) {
+          throw new ObjectStoreError('S3_ABORT_FAILED', `${err.message}; multipart upload ${this.uploadId} of ${formatObjectUrl(this.url)} may be left behind (remove it with AbortMultipartUpload, or let a lifecycle rule expire it)`, { cause: e });
+        }
+        await new Promise((r) => setTimeout(r, Math.min(2000, 100 * 2 ** attempt)));
+      }
+    }
+  }
+}

@@ -1,0 +1,472 @@
+// Snapshots in object storage against a real S3 store (Ceph RGW from ../shared/ceph/start-rgw.sh,
+// its env file sourced: S3_ENDPOINT or AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY):
+// save of the running test guest to S3 → restore from S3 → the guest runs on with its invariant,
+// instant restore (postcopy) from S3, the file tools on objects, and faults: radosgw stopped
+// mid-upload and mid-restore, bad and missing credentials, missing bucket and key, an unreachable
+// endpoint, truncated and corrupted objects. Every test uses its own bucket.
+
+import { after, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import {
+  CreateBucketCommand, DeleteBucketCommand, DeleteObjectsCommand, GetObjectCommand, HeadObjectCommand, ListMultipartUploadsCommand,
+  ListObjectsV2Command, ListPartsCommand, PutObjectCommand, S3Client,
+} from '@aws-sdk/client-s3';
+import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
+import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
+import { BIN } from '../helpers/send.js';
+import { openObjectSnapshot } from '../../src/conversations/object-store.js';
+import { PACKED_PREAMBLE_SIZE } from '../../src/codec/packed-snapshot.js';
+
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+const ENDPOINT = process.env.S3_ENDPOINT ?? process.env.AWS_ENDPOINT_URL;
+const HAVE_KEYS = !!process.env.AWS_ACCESS_KEY_ID && !!process.env.AWS_SECRET_ACCESS_KEY;
+const NO_STORE = !ENDPOINT || !HAVE_KEYS
+  ? 'no S3 endpoint configured (run ../shared/ceph/start-rgw.sh and source /tmp/rgw-root.env: S3_ENDPOINT or AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)'
+  : false;
+const CEPH = fileURLToPath(new URL('../../../../shared/ceph/', import.meta.url));
+const RGW_ROOT = process.env.RGW_ROOT ?? '/tmp/rgw-root';
+const RGW_PIDFILE = join(RGW_ROOT, 'srv/ceph/run/rgw.a.hostpid');
+const NO_RESTART = NO_STORE || (!existsSync(join(CEPH, 'start-rgw.sh')) ? `no ${CEPH}start-rgw.sh to restart radosgw with` : !existsSync(RGW_PIDFILE) ? `radosgw was not started by start-rgw.sh (no ${RGW_PIDFILE})` : false);
+const MiB = 1024 * 1024;
+
+const s3 = ENDPOINT ? new S3Client({ endpoint: ENDPOINT, region: process.env.S3_REGION ?? 'us-east-1', forcePathStyle: true }) : undefined;
+const buckets: string[] = [];
+
+async function newBucket(tag: string): Promise<string> {
+  const name = `multifd-${tag}-${process.pid}-${Date.now().toString(36)}`.toLowerCase().slice(0, 63);
+  await s3!.send(new CreateBucketCommand({ Bucket: name }));
+  buckets.push(name);
+  return name;
+}
+
+async function emptyAndDelete(bucket: string): Promise<void> {
+  const list = await s3!.send(new ListObjectsV2Command({ Bucket: bucket }));
+  const keys = (list.Contents ?? []).map((o) => ({ Key: o.Key! }));
+  if (keys.length) await s3!.send(new DeleteObjectsCommand({ Bucket: bucket, Delete: { Objects: keys } }));
+  await s3!.send(new DeleteBucketCommand({ Bucket: bucket }));
+}
+
+after(async () => {
+  if (!s3) return;
+  await rgwUp().catch(() => {});
+  for (const b of buckets) await emptyAndDelete(b).catch(() => {});
+  s3.destroy();
+});
+
+async function headSize(bucket: string, key: string): Promise<number | undefined> {
+  try {
+    return (await s3!.send(new HeadObjectCommand({ Bucket: bucket, Key: key }))).ContentLength;
+  } catch (e) {
+    if ((e as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode === 404) return undefined;
+    throw e;
+  }
+}
+
+async function multipartUploads(bucket: string): Promise<number> {
+  const r = await s3!.send(new ListMultipartUploadsCommand({ Bucket: bucket }));
+  return r.Uploads?.length ?? 0;
+}
+
+interface Run { code: number; stdout: string; stderr: string; ms: number }
+
+/** The CLI with the store's endpoint; `env` replaces variables (undefined removes one). */
+function mfd(args: string[], o: { env?: Record<string, string | undefined>; timeoutMs?: number } = {}): { done: Promise<Run>; pid: number | undefined } {
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  for (const [k, v] of Object.entries(o.env ?? {})) {
+    if (v === undefined) delete env[k];
+    else env[k] = v;
+  }
+  const t0 = Date.now();
+  let pid: number | undefined;
+  const done = new Promise<Run>((resolve) => {
+    const child = execFile(process.execPath, [BIN, '--s3-endpoint', ENDPOINT!, ...args], { env, timeout: o.timeoutMs ?? 180_000, maxBuffer: 16 << 20 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, stdout, stderr, ms: Date.now() - t0 });
+    });
+    pid = child.pid;
+  });
+  return { done, pid };
+}
+
+async function cli(args: string[], o: { env?: Record<string, string | undefined>; timeoutMs?: number } = {}): Promise<Run> {
+  return mfd(args, o).done;
+}
+
+function rgwPid(): number | undefined {
+  try {
+    const pid = Number(readFileSync(RGW_PIDFILE, 'utf8').trim());
+    process.kill(pid, 0);
+    return pid;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Stops radosgw only (the monitor and OSD run on). */
+function stopRgw(): void {
+  const pid = rgwPid();
+  if (pid) process.kill(pid, 'SIGKILL');
+}
+
+/** start-rgw.sh is idempotent: it brings back whatever is not running. */
+async function rgwUp(): Promise<void> {
+  if (rgwPid() !== undefined) {
+    try {
+      await s3!.send(new ListObjectsV2Command({ Bucket: buckets[0] ?? 'multifd-probe', MaxKeys: 1 }));
+      return;
+    } catch (e) {
+      if ((e as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode) return; // answering
+    }
+  }
+  await new Promise<void>((resolve, reject) => {
+    execFile('bash', [join(CEPH, 'start-rgw.sh')], { timeout: 300_000 }, (err, _o, stderr) => (err ? reject(new Error(`start-rgw.sh: ${stderr}`)) : resolve()));
+  });
+}
+
+async function checkInvariant(q: QemuInstance, what: string): Promise<Buffer> {
+  const mem = await dumpGuestMemory(q, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+  const inv = checkDirtyInvariant(mem);
+  assert.ok(inv.ok, `${what}: ${inv.reason}`);
+  return mem;
+}
+
+/** The guest goes on running from what was restored: more passes, invariant still holds. */
+async function runsOn(q: QemuInstance, restored: Buffer): Promise<void> {
+  const passes = countPasses(q.serialLog());
+  const st = await q.qmp.execute('query-status');
+  if (st.status !== 'running') await q.qmp.execute('cont');
+  await waitGuestPasses(q, passes + 2);
+  await q.qmp.execute('stop');
+  const later = await checkInvariant(q, 'after running on');
+  assert.ok(!later.equals(restored), 'the guest ran on after the restore');
+}
+
+/** Saves a fresh running guest to s3://bucket/key; returns the save summary (source killed after). */
+async function saveGuest(version: QemuVersion, dir: string, url: string, extra: string[] = []): Promise<any> {
+  const sock = join(dir, `save-${Date.now()}.sock`);
+  const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+  try {
+    await waitGuestPasses(src, 3);
+    const r = await cli(['save', '--qmp', `unix:${sock}`, '--out', url, '--channels', '2', '--downtime-limit', '20000', '--json', ...extra]);
+    assert.equal(r.code, 0, `save failed: ${r.stderr}`);
+    return JSON.parse(r.stdout);
+  } finally {
+    await src.kill();
+  }
+}
+
+async function destination(version: QemuVersion, dir: string): Promise<{ q: QemuInstance; sock: string }> {
+  const sock = join(dir, `dst-${Date.now()}.sock`);
+  const q = await startQemu({ version, memMiB: 128, bootSector: true, incoming: 'defer', paused: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+  return { q, sock };
+}
+
+for (const version of ['10', '11'] as QemuVersion[]) {
+  const skip = NO_STORE || (haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)})`);
+  describe(`S3 snapshots with QEMU ${version}`, { skip, timeout: 600_000 }, () => {
+    test('save of the running guest to S3, restore from S3: the guest runs on with its invariant', async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-s3-test-');
+      const staging = join(dir, 'staging');
+      execFileSync('mkdir', [staging]);
+      const bucket = await newBucket(`save${version}`);
+      const url = `s3://${bucket}/vm1.mig`;
+      let dst;
+      try {
+        const s = await saveGuest(version, dir, url, ['--s3-staging-dir', staging, '--s3-part-size', '8']);
+        assert.equal(s.status, 'completed');
+        assert.equal(s.source.status, 'completed');
+        const st = s.store;
+        t.diagnostic(`QEMU ${version}: object ${st['object-size']} bytes for a ${st['file-size']}-byte mapped-ram file, ${st.parts} parts in ${st['upload-ms']} ms; durable locally ${st['local-durable-at']}, in the store ${st['store-durable-at']}`);
+        assert.equal(await headSize(bucket, 'vm1.mig'), st['object-size'], 'the object is there, its size as reported');
+        assert.ok(st['object-size'] < st['file-size'], 'the object holds the pages present, not the RAM size');
+        assert.ok(st.parts >= 2, 'a multipart upload of several parts');
+        assert.ok(Date.parse(st['local-durable-at']) <= Date.parse(st['store-durable-at']));
+        assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
+        assert.deepEqual(readdirSync(staging), [], 'the staging directory was removed');
+
+        dst = await destination(version, dir);
+        const r = await cli(['restore', url, '--qmp', `unix:${dst.sock}`, '--channels', '2', '--json']);
+        assert.equal(r.code, 0, `restore failed: ${r.stderr}`);
+        const rs = JSON.parse(r.stdout);
+        assert.equal(rs.status, 'completed');
+        assert.equal(rs.normal, st['present-pages'], 'every present page was sent once');
+        const restored = await checkInvariant(dst.q, 'restored from S3');
+        await runsOn(dst.q, restored);
+      } finally {
+        await dst?.q.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('instant restore from S3 (--postcopy): the guest runs before its memory has arrived, every page once', async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-s3-test-');
+      const bucket = await newBucket(`instant${version}`);
+      const url = `s3://${bucket}/vm.mig`;
+      let dst;
+      try {
+        const s = await saveGuest(version, dir, url);
+        dst = await destination(version, dir);
+        const r = await cli(['restore', url, '--qmp', `unix:${dst.sock}`, '--postcopy', '--resume', '--json']);
+        assert.equal(r.code, 0, `restore --postcopy failed: ${r.stderr}`);
+        const rs = JSON.parse(r.stdout);
+        const pc = rs.postcopy;
+        t.diagnostic(`QEMU ${version}: running ${pc['run-time']} ms after start, all pages in at ${pc['complete-time']} ms; ${pc.requests} requests, ${pc['requested-pages']} pages by request`);
+        assert.equal(rs.status, 'completed');
+        assert.equal(rs.destinationQemu['run-state-after'], 'running');
+        assert.ok(pc['run-time'] < pc['complete-time'], 'the guest ran before the last page arrived');
+        assert.equal(pc['precopy-pages'] + pc['postcopy-pages'], rs.blocks.reduce((n: number, b: { 'used-length': number }) => n + b['used-length'] / 4096, 0), 'each page exactly once');
+        assert.equal(rs.normal, s.store['present-pages']);
+        await dst.q.qmp.execute('stop');
+        const restored = await checkInvariant(dst.q, 'instant restore from S3');
+        await runsOn(dst.q, restored);
+      } finally {
+        await dst?.q.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+}
+
+describe('file tools on S3 objects', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not available'), timeout: 600_000 }, () => {
+  test('inspect, verify, extract, convert object → file (QEMU loads it) and file → object', async () => {
+    const dir = mkdtempSync('/tmp/multifd-s3-test-');
+    const bucket = await newBucket('tools');
+    const url = `s3://${bucket}/vm.mig`;
+    let dst;
+    try {
+      const s = await saveGuest('10', dir, url);
+      const ins = await cli(['inspect', url, '--json']);
+      assert.equal(ins.code, 0, ins.stderr);
+      const info = JSON.parse(ins.stdout);
+      assert.equal(info.format, 'mapped-ram');
+      assert.equal(info['file-size'], s.store['file-size']);
+      assert.equal(info.object.layout, 'packed');
+      assert.equal(info.object['object-size'], s.store['object-size']);
+      assert.equal(info.object['present-pages'], s.store['present-pages']);
+      const text = await cli(['inspect', url]);
+      assert.match(text.stdout, /packed/);
+      const v = await cli(['verify', url]);
+      assert.equal(v.code, 0, v.stderr + v.stdout);
+
+      // object → file: a mapped-ram file QEMU loads by itself.
+      const file = join(dir, 'back.mig');
+      const c = await cli(['convert', url, file, '--to', 'mapped-ram']);
+      assert.equal(c.code, 0, c.stderr);
+      dst = await destination('10', dir);
+      await dst.q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }] });
+      await dst.q.qmp.execute('migrate-incoming', { uri: `file:${file}` });
+      const m = await waitMigration(dst.q.qmp, { timeoutMs: 60_000 });
+      assert.equal(m.status, 'completed', m['error-desc']);
+      const restored = await checkInvariant(dst.q, 'QEMU loading the converted file');
+      await runsOn(dst.q, restored);
+
+      // file → object, and the images of both objects are the same.
+      const url2 = `s3://${bucket}/from-file.mig`;
+      const up = await cli(['convert', file, url2, '--to', 'mapped-ram', '--json']);
+      assert.equal(up.code, 0, up.stderr);
+      assert.equal(JSON.parse(up.stdout).store['present-pages'], s.store['present-pages']);
+      const again = await cli(['convert', file, url2, '--to', 'mapped-ram']);
+      assert.notEqual(again.code, 0, 'an existing object is not replaced without --force');
+      assert.match(again.stderr, /already exists/);
+      const stream = join(dir, 'vm.stream');
+      assert.equal((await cli(['convert', url2, stream, '--to', 'stream'])).code, 0);
+      const url3 = `s3://${bucket}/from-stream.mig`;
+      assert.equal((await cli(['convert', stream, url3, '--to', 'mapped-ram'])).code, 0);
+      const images = [];
+      for (const u of [url, url3]) {
+        const out = join(dir, `img-${images.length}.raw`);
+        const x = await cli(['extract', u, '--block', 'pc.ram', '--out', out]);
+        assert.equal(x.code, 0, x.stderr);
+        images.push(readFileSync(out));
+      }
+      assert.ok(images[0]!.equals(images[1]!), 'object → stream → object keeps every page');
+    } finally {
+      await dst?.q.kill();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('S3 faults', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not available'), timeout: 900_000 }, () => {
+  test('credentials, bucket, key, endpoint: named errors, before QEMU is touched', async () => {
+    const dir = mkdtempSync('/tmp/multifd-s3-test-');
+    const bucket = await newBucket('errors');
+    await s3!.send(new PutObjectCommand({ Bucket: bucket, Key: 'not-a-snapshot', Body: Buffer.alloc(4096, 0x41) }));
+    let dst;
+    try {
+      dst = await destination('10', dir);
+      const restore = (url: string, env?: Record<string, string | undefined>, extra: string[] = []): Promise<Run> => cli([...extra, 'restore', url, '--qmp', `unix:${dst!.sock}`], env ? { env } : {});
+      const noCreds = { AWS_ACCESS_KEY_ID: undefined, AWS_SECRET_ACCESS_KEY: undefined, AWS_PROFILE: undefined, AWS_SHARED_CREDENTIALS_FILE: join(dir, 'none'), AWS_CONFIG_FILE: join(dir, 'none'), AWS_EC2_METADATA_DISABLED: 'true' };
+      const cases: [string, Promise<Run>, RegExp][] = [
+        ['bad credentials', restore(`s3://${bucket}/x`, { AWS_SECRET_ACCESS_KEY: 'wrong-secret' }), /access denied/i],
+        ['no credentials', restore(`s3://${bucket}/x`, noCreds), /no S3 credentials/],
+        ['missing bucket', restore(`s3://multifd-no-such-bucket-${process.pid}/x`), /bucket .* does not exist/],
+        ['missing key', restore(`s3://${bucket}/no-such-key`), /no such object/],
+        ['unreachable endpoint', restore(`s3://${bucket}/x`, undefined, ['--s3-endpoint', 'http://127.0.0.1:9']), /unreachable/],
+        ['not a packed snapshot', restore(`s3://${bucket}/not-a-snapshot`), /not a packed snapshot/],
+      ];
+      for (const [what, run, want] of cases) {
+        const r = await run;
+        assert.notEqual(r.code, 0, `${what}: restore should fail`);
+        assert.match(r.stderr, want, `${what}: ${r.stderr}`);
+      }
+      const m = await dst.q.qmp.execute('query-migrate');
+      assert.ok(!m.status || m.status === 'none', `the destination was not touched (migration ${m.status})`);
+      assert.equal((await dst.q.qmp.execute('query-status')).status, 'inmigrate');
+      // The library names them with stable codes.
+      await assert.rejects(openObjectSnapshot(`s3://${bucket}/no-such-key`, { endpoint: ENDPOINT! }), { code: 'S3_NO_KEY' });
+      await assert.rejects(openObjectSnapshot(`s3://multifd-no-such-bucket-${process.pid}/k`, { endpoint: ENDPOINT! }), { code: 'S3_NO_BUCKET' });
+      await assert.rejects(openObjectSnapshot(`s3://${bucket}/x`, { endpoint: 'http://127.0.0.1:9' }), { code: 'S3_UNREACHABLE' });
+      // save checks the bucket before the source migrates.
+      const sock = join(dir, 'src.sock');
+      const src = await startQemu({ version: '10', memMiB: 64, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+      try {
+        const r = await cli(['save', '--qmp', `unix:${sock}`, '--out', `s3://multifd-no-such-bucket-${process.pid}/vm.mig`]);
+        assert.notEqual(r.code, 0);
+        assert.match(r.stderr, /does not exist/);
+        assert.equal((await src.qmp.execute('query-status')).status, 'running');
+      } finally {
+        await src.kill();
+      }
+    } finally {
+      await dst?.q.kill();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a truncated or corrupted object fails before QEMU is touched, with the offset', async () => {
+    const dir = mkdtempSync('/tmp/multifd-s3-test-');
+    const bucket = await newBucket('corrupt');
+    let dst;
+    try {
+      const s = await saveGuest('10', dir, `s3://${bucket}/good.mig`);
+      const head = Buffer.from(await (await s3!.send(new GetObjectCommand({ Bucket: bucket, Key: 'good.mig', Range: `bytes=0-${2 * MiB - 1}` }))).Body!.transformToByteArray());
+      await s3!.send(new PutObjectCommand({ Bucket: bucket, Key: 'truncated.mig', Body: head }));
+      const flipped = Buffer.from(head);
+      flipped[PACKED_PREAMBLE_SIZE + 200]! ^= 0x5a;
+      // Same size as the original (the rest of the object as zeros): only the checksum can tell.
+      const whole = Buffer.concat([flipped, Buffer.alloc(s.store['object-size'] - flipped.length)]);
+      await s3!.send(new PutObjectCommand({ Bucket: bucket, Key: 'corrupt.mig', Body: whole }));
+      dst = await destination('10', dir);
+      for (const [key, want] of [['truncated.mig', /truncated/], ['corrupt.mig', /checksum mismatch/]] as const) {
+        const r = await cli(['restore', `s3://${bucket}/${key}`, '--qmp', `unix:${dst.sock}`]);
+        assert.notEqual(r.code, 0);
+        assert.match(r.stderr, want, r.stderr);
+        assert.match(r.stderr, /at byte \d+/, 'the error names an offset');
+        const v = await cli(['verify', `s3://${bucket}/${key}`]);
+        assert.notEqual(v.code, 0, `verify ${key} should fail`);
+      }
+      assert.equal((await dst.q.qmp.execute('query-status')).status, 'inmigrate', 'the destination was not touched');
+    } finally {
+      await dst?.q.kill();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('radosgw stopped mid-upload: save fails, the source runs on, no object and no multipart upload left', { skip: NO_RESTART }, async (t) => {
+    const dir = mkdtempSync('/tmp/multifd-s3-test-');
+    const bucket = await newBucket('midupload');
+    const sock = join(dir, 'src.sock');
+    const src = await startQemu({ version: '10', memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+    try {
+      await waitGuestPasses(src, 3);
+      // Small parts one at a time: the upload lasts long enough to be caught in the middle.
+      const save = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`, '--json']);
+      // Stopped once some parts are in and more are to come.
+      let parts = 0;
+      for (let i = 0; i < 1200 && parts < 2; i++) {
+        const ups = (await s3!.send(new ListMultipartUploadsCommand({ Bucket: bucket }))).Uploads ?? [];
+        if (ups[0]) parts = ((await s3!.send(new ListPartsCommand({ Bucket: bucket, Key: ups[0].Key!, UploadId: ups[0].UploadId! }))).Parts ?? []).length;
+        if (parts < 2) await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.ok(parts >= 2, 'the multipart upload had parts in');
+      stopRgw();
+      await new Promise((r) => setTimeout(r, 2000));
+      const restart = rgwUp();
+      const r = await save.done;
+      await restart;
+      t.diagnostic(`radosgw stopped with ${parts} parts in; save failed after ${r.ms} ms: ${r.stderr.trim().split('\n').pop()}`);
+      assert.notEqual(r.code, 0, 'save fails');
+      assert.match(r.stderr, /unreachable|upload/i);
+      assert.equal(await headSize(bucket, 'vm.mig'), undefined, 'no object');
+      assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
+      let status = '';
+      for (let i = 0; i < 100 && status !== 'running'; i++) {
+        status = (await src.qmp.execute('query-status')).status;
+        if (status !== 'running') await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(status, 'running', 'the source runs on');
+      const passes = countPasses(src.serialLog());
+      await waitGuestPasses(src, passes + 2);
+      await src.qmp.execute('stop');
+      await checkInvariant(src, 'the source after the failed save');
+    } finally {
+      await src.kill();
+      await rgwUp();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('save interrupted (SIGINT) mid-upload: no object, no multipart upload, the source runs on', async () => {
+    const dir = mkdtempSync('/tmp/multifd-s3-test-');
+    const bucket = await newBucket('interrupt');
+    const sock = join(dir, 'src.sock');
+    const src = await startQemu({ version: '10', memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+    try {
+      await waitGuestPasses(src, 3);
+      const save = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`]);
+      let parts = 0;
+      for (let i = 0; i < 1200 && parts < 2; i++) {
+        const ups = (await s3!.send(new ListMultipartUploadsCommand({ Bucket: bucket }))).Uploads ?? [];
+        if (ups[0]) parts = ((await s3!.send(new ListPartsCommand({ Bucket: bucket, Key: ups[0].Key!, UploadId: ups[0].UploadId! }))).Parts ?? []).length;
+        if (parts < 2) await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.ok(parts >= 2, 'the multipart upload had parts in');
+      process.kill(save.pid!, 'SIGINT');
+      const r = await save.done;
+      assert.notEqual(r.code, 0, 'save fails');
+      assert.match(r.stderr, /interrupted/);
+      assert.equal(await headSize(bucket, 'vm.mig'), undefined, 'no object');
+      assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
+      let status = '';
+      for (let i = 0; i < 100 && status !== 'running'; i++) {
+        status = (await src.qmp.execute('query-status')).status;
+        if (status !== 'running') await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(status, 'running', 'the source runs on');
+    } finally {
+      await src.kill();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('radosgw stopped mid-restore: a clear error', { skip: NO_RESTART }, async (t) => {
+    const dir = mkdtempSync('/tmp/multifd-s3-test-');
+    const bucket = await newBucket('midrestore');
+    let dst;
+    try {
+      await saveGuest('10', dir, `s3://${bucket}/vm.mig`);
+      dst = await destination('10', dir);
+      const run = mfd(['--s3-read-ahead', '1', 'restore', `s3://${bucket}/vm.mig`, '--qmp', `unix:${dst.sock}`, '--channels', '1']);
+      let active = false;
+      for (let i = 0; i < 600 && !active; i++) {
+        const m = await dst.q.qmp.execute('query-migrate');
+        active = m.status === 'active';
+        if (!active) await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.ok(active, 'the restore started');
+      stopRgw();
+      const r = await run.done;
+      t.diagnostic(`restore failed after ${r.ms} ms: ${r.stderr.trim().split('\n').pop()}`);
+      assert.notEqual(r.code, 0, 'restore fails');
+      assert.match(r.stderr, /S3 endpoint is unreachable/);
+    } finally {
+      await dst?.q.kill();
+      await rgwUp();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

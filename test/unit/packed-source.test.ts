@@ -1,0 +1,146 @@
+// A packed object read through PackedSnapshot is the mapped-ram file it was packed from: QEMU's own
+// mapped-ram files (golden captures, QEMU 10 and 11) packed by packedParts at awkward part sizes,
+// read from memory through the RangeReader interface, compared with MappedRamSnapshot on the file.
+// Also: sequential reads coalesce into chunk GETs, out-of-order reads go through read-around
+// windows, and a truncated or corrupted object fails at open.
+
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import { ProtocolError } from '../../src/codec/errors.js';
+import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
+import { PackedSnapshot, type RangeReader } from '../../src/engine/packed-snapshot-source.js';
+import { packedParts, packedPrefixOf } from '../../src/engine/packed-snapshot-writer.js';
+import { loadGz } from '../helpers/fixtures.js';
+
+class MemoryObject implements RangeReader {
+  reads: [number, number][] = [];
+  constructor(readonly name: string, private readonly bytes: Buffer, readonly size = bytes.length) {}
+  async read(position: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (position + length > this.size) throw new Error(`read beyond ${this.size}`);
+    this.reads.push([position, length]);
+    const out = into ?? Buffer.alloc(length);
+    this.bytes.copy(out, 0, position, position + length);
+    return out;
+  }
+}
+
+async function pack(file: string, partSize: number): Promise<{ object: Buffer; parts: number; file: MappedRamSnapshot }> {
+  const src = await MappedRamSnapshot.open(file, { directIo: false });
+  const { prefix, layout } = await packedPrefixOf(src);
+  const parts: Buffer[] = [];
+  for await (const p of packedParts(src, prefix, layout, partSize)) parts.push(p);
+  for (const p of parts.slice(0, -1)) assert.equal(p.length, partSize);
+  const object = Buffer.concat(parts);
+  assert.equal(object.length, layout.objectSize);
+  return { object, parts: parts.length, file: src };
+}
+
+for (const version of ['10.0', '11.1'] as const) {
+  describe(`packed object of QEMU ${version}'s mapped-ram file`, () => {
+    const dir = mkdtempSync('/tmp/multifd-packed-');
+    const path = join(dir, 'file.mig');
+    const bytes = loadGz(`qemu-${version}/mapped-ram-file/file.mig.gz`);
+    writeFileSync(path, bytes);
+
+    test('reads back as the file: stream, device state, every page, every byte', async () => {
+      for (const partSize of [TARGET_PAGE_SIZE, 5 * TARGET_PAGE_SIZE, 1024 * 1024]) {
+        const { object, file } = await pack(path, partSize);
+        try {
+          const obj = new MemoryObject('mem://o', object);
+          const p = await PackedSnapshot.open(obj, { chunkBytes: 3 * TARGET_PAGE_SIZE, readAhead: 2 });
+          assert.deepEqual(p.blockList, file.blockList);
+          assert.deepEqual(p.ramSection, file.ramSection);
+          assert.equal(p.switchoverStart, file.switchoverStart);
+          assert.equal(p.configuration.machine, file.configuration.machine);
+          assert.deepEqual(p.deviceState, file.deviceState);
+          assert.equal(p.fileSize, file.fileSize);
+          assert.ok(object.length < file.fileSize, 'the object is smaller than the sparse file');
+          // The whole file through readAt (skeleton and pages regions alike).
+          assert.ok((await p.readAt(0, p.fileSize)).equals(bytes.subarray(0, p.fileSize)));
+          for (const b of p.blockList) {
+            assert.equal(p.presentPages(b.name), file.presentPages(b.name));
+            const runs: number[] = [];
+            p.forEachRun(b.name, (f, n) => { runs.push(f, n); });
+            const fileRuns: number[] = [];
+            file.forEachRun(b.name, (f, n) => { fileRuns.push(f, n); });
+            assert.deepEqual(runs, fileRuns);
+            const pages = runs.reduce((n, x, i) => (i % 2 ? n + x : n), 0);
+            if (pages === 0) continue;
+            const a = Buffer.concat(await p.loadRuns(b.name, runs, runs.length / 2, Buffer.alloc(pages * TARGET_PAGE_SIZE)));
+            const e = Buffer.concat(await file.loadRuns(b.name, runs, runs.length / 2, Buffer.alloc(pages * TARGET_PAGE_SIZE)));
+            assert.ok(a.equals(e), `block ${b.name}: pages differ`);
+            // A run over absent pages too: they read as zero.
+            const all = b.usedLength / TARGET_PAGE_SIZE;
+            const whole = Buffer.concat(await p.loadRuns(b.name, [0, all], 1, Buffer.alloc(b.usedLength)));
+            assert.ok(whole.equals(await file.readPages(b.name, 0, all)));
+          }
+          await p.close();
+        } finally {
+          await file.close();
+        }
+      }
+    });
+
+    test('sequential reads coalesce into chunks; out-of-order reads use read-around windows', async () => {
+      const { object, file } = await pack(path, 1024 * 1024);
+      await file.close();
+      const obj = new MemoryObject('mem://o', object);
+      const chunk = 4 * TARGET_PAGE_SIZE;
+      const p = await PackedSnapshot.open(obj, { chunkBytes: chunk, readAhead: 3, readAround: 2 * TARGET_PAGE_SIZE });
+      obj.reads = [];
+      const pc = p.blockList[0]!.name;
+      // Out of order: the last present page, then its neighbour in the object: one window.
+      const present: number[] = [];
+      p.forEachRun(pc, (f, n) => { for (let i = 0; i < n; i++) present.push(f + i); });
+      assert.ok(present.length > 8, 'the fixture has present pages');
+      const last = present[present.length - 1]!;
+      const prev = present[present.length - 2]!;
+      const scratch = Buffer.alloc(TARGET_PAGE_SIZE);
+      const offLast = p.pageObjectOffset(pc, last)!;
+      const offPrev = p.pageObjectOffset(pc, prev)!;
+      await p.loadRuns(pc, [last, 1], 1, scratch);
+      await p.loadRuns(pc, [prev, 1], 1, scratch);
+      const window = 2 * TARGET_PAGE_SIZE;
+      const sameWindow = Math.floor((offLast - p.layout.pagesOffset) / window) === Math.floor((offPrev - p.layout.pagesOffset) / window);
+      assert.equal(p.stats.randomGets, sameWindow ? 1 : 2);
+      assert.equal(p.stats.aroundHits, sameWindow ? 1 : 0);
+      assert.ok(obj.reads.every(([, len]) => len <= window), 'read-around GETs are window sized');
+      // Sequential from the start: chunk-sized GETs, each byte of the pages once.
+      obj.reads = [];
+      const runs: number[] = [];
+      p.forEachRun(pc, (f, n) => { runs.push(f, n); });
+      const pages = runs.reduce((n, x, i) => (i % 2 ? n + x : n), 0);
+      for (let i = 0; i < runs.length; i += 2) {
+        await p.loadRuns(pc, [runs[i]!, runs[i + 1]!], 1, Buffer.alloc(runs[i + 1]! * TARGET_PAGE_SIZE));
+      }
+      assert.ok(obj.reads.every(([pos, len]) => len <= chunk && (pos - p.layout.pagesOffset) % chunk === 0), 'sequential GETs are aligned chunks');
+      const fetched = obj.reads.reduce((n, [, len]) => n + len, 0);
+      assert.ok(fetched >= pages * TARGET_PAGE_SIZE && fetched <= pages * TARGET_PAGE_SIZE + (3 + 1) * chunk, `fetched ${fetched} for ${pages} pages: read-ahead is bounded`);
+      await p.close();
+      // A reader starting in the middle (extract --block) turns sequential at its second read.
+      const q = await PackedSnapshot.open(obj, { chunkBytes: chunk, readAhead: 3, readAround: 2 * TARGET_PAGE_SIZE });
+      const mid = present[Math.floor(present.length / 2)]!;
+      const ordered = present.filter((x) => x >= mid).slice(0, 12);
+      for (const pg of ordered) await q.loadRuns(pc, [pg, 1], 1, Buffer.alloc(TARGET_PAGE_SIZE));
+      assert.ok(q.stats.randomGets <= 2, `${q.stats.randomGets} out-of-order GETs for an in-order reader`);
+      await q.close();
+    });
+
+    test('a truncated or corrupted object fails at open with a code and an offset', async () => {
+      const { object, file } = await pack(path, 1024 * 1024);
+      await file.close();
+      for (const size of [0, 10, 100, object.length - 1]) {
+        await assert.rejects(PackedSnapshot.open(new MemoryObject('mem://t', object, size)), (e: unknown) => e instanceof ProtocolError && e.code === 'TRUNCATED' && typeof e.offset === 'number' && /mem:\/\/t/.test(e.message));
+      }
+      const bad = Buffer.from(object);
+      bad[300]! ^= 1;
+      await assert.rejects(PackedSnapshot.open(new MemoryObject('mem://c', bad)), (e: unknown) => e instanceof ProtocolError && e.code === 'BAD_PACKED' && /checksum/.test(e.message));
+      // The plain mapped-ram file is not a packed object.
+      await assert.rejects(PackedSnapshot.open(new MemoryObject('mem://f', bytes)), (e: unknown) => e instanceof ProtocolError && e.code === 'BAD_MAGIC' && e.offset === 0);
+      rmSync(dir, { recursive: true, force: true });
+    });
+  });
+}

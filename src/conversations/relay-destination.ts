@@ -12,33 +12,28 @@ import { ReturnPathParser } from '../codec/return-path.js';
 import { encodeCommand } from '../codec/stream-encode.js';
 import { publish } from '../engine/diagnostics.js';
 import type { MultifdMethod } from '../engine/methods/method.js';
+import { getMethod } from '../engine/methods/registry.js';
 import { MultifdSender } from '../engine/multifd-sender.js';
 import { connectTo, gatherWrite } from '../transports/connect.js';
 import type { TlsCreds } from '../transports/tls.js';
+import type { InboundSide } from './inbound-side.js';
+import type { RelayOptions } from './relay-types.js';
 import { StallError } from './send.js';
 
-export interface DestinationOptions {
-  to: string;
-  tls?: TlsCreds | undefined;
-  channels: number;
-  method: MultifdMethod;
-  level?: number | undefined;
-  connectTimeoutMs?: number | undefined;
-  stallTimeoutMs?: number | undefined;
+export type DestinationOptions = Pick<RelayOptions, 'to' | 'tlsOut' | 'compressionOut' | 'levelOut' | 'connectTimeoutMs' | 'stallTimeoutMs'>;
+
+/** What the destination needs of the relay. */
+export interface DestinationHost {
   /** A return-path message of B's, to go to A when A has a return path. */
   toSource(type: number, payload: Buffer): void;
   /** B closed its return path after its SHUT. */
   ended(): void;
-  /** Whether A's whole stream went out (B closing its multifd channels is then B finishing). */
-  streamComplete(): boolean;
-  /** Whether the relay is already over (completed or failed). */
-  over(): boolean;
-  phase(): string;
   fail(e: Error): void;
 }
 
 export class RelayDestination {
   readonly sender: MultifdSender | undefined;
+  readonly method: MultifdMethod;
   bytesOut = 0;
   pageRequests = 0;
   /** B's SHUT value, once it came. */
@@ -56,20 +51,30 @@ export class RelayDestination {
   private progressAt = Date.now();
   private readonly watchdog: NodeJS.Timeout;
 
-  constructor(private readonly o: DestinationOptions) {
-    this.answered = new Promise((resolve) => { this.resolveAnswered = resolve; });
-    if (o.channels > 0) {
-      this.sender = new MultifdSender({
-        channels: Array.from({ length: o.channels }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.writeChannel(i, bufs) })),
-        method: o.method,
-        ...(o.level !== undefined ? { level: o.level } : {}),
-      });
-      this.sender.on('error', (e: Error) => o.fail(e));
+  private readonly o: DestinationOptions & { channels: number; tls: TlsCreds | undefined };
+
+  constructor(opts: DestinationOptions, channels: number, private readonly host: DestinationHost, private readonly source: InboundSide) {
+    this.o = { ...opts, channels, tls: opts.tlsOut };
+    const method = this.method = getMethod(opts.compressionOut ?? 'none');
+    if (opts.levelOut !== undefined) {
+      const max = method.name === 'zlib' ? 9 : method.name === 'zstd' ? 20 : 0;
+      if (method.name === 'none') throw new RangeError('a compression level needs a compression method (zlib or zstd)');
+      if (!Number.isInteger(opts.levelOut) || opts.levelOut < 0 || opts.levelOut > max) throw new RangeError(`${method.name} level must be 0..${max} (got ${opts.levelOut})`);
     }
-    const stall = o.stallTimeoutMs ?? 60000;
+    if (method.name !== 'none' && channels === 0) throw new RangeError(`compression ${method.name} needs multifd channels towards the destination`);
+    this.answered = new Promise((resolve) => { this.resolveAnswered = resolve; });
+    if (channels > 0) {
+      this.sender = new MultifdSender({
+        channels: Array.from({ length: channels }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.writeChannel(i, bufs) })),
+        method,
+        ...(opts.levelOut !== undefined ? { level: opts.levelOut } : {}),
+      });
+      this.sender.on('error', (e: Error) => host.fail(e));
+    }
+    const stall = opts.stallTimeoutMs ?? 60000;
     this.watchdog = setInterval(() => {
       if (this.pending > 0 && Date.now() - this.progressAt > stall) {
-        o.fail(new StallError(`the destination accepted nothing for ${Math.round(stall / 1000)} s; does it expect ${o.channels} multifd channel(s) (multifd-channels), the same multifd-compression (${o.method.name}) and the same sync mode (multifd-flush-after-each-section)?`));
+        host.fail(new StallError(`the destination accepted nothing for ${Math.round(stall / 1000)} s; does it expect ${channels} multifd channel(s) (multifd-channels), the same multifd-compression (${method.name}) and the same sync mode (multifd-flush-after-each-section)?`));
       }
     }, Math.min(1000, stall));
     this.watchdog.unref();
@@ -106,7 +111,7 @@ export class RelayDestination {
       publish('relay-destination', { to: this.o.to });
       return s;
     });
-    this.main.catch((e: Error) => this.o.fail(e));
+    this.main.catch((e: Error) => this.host.fail(e));
   }
 
   /**
@@ -128,7 +133,7 @@ export class RelayDestination {
     }
     // Queued before any packet can be: the sender writes each channel's buffers in order.
     for (let i = 0; i < this.o.channels; i++) {
-      this.sender.initChannel(i, false, uuid).catch((e: Error) => this.o.fail(e));
+      this.sender.initChannel(i, false, uuid).catch((e: Error) => this.host.fail(e));
     }
     publish('relay-channels', { channelsOut: this.o.channels });
   }
@@ -203,6 +208,11 @@ export class RelayDestination {
     if (!failing) setTimeout(() => { for (const s of this.sockets) s.destroy(); }, 2000).unref();
   }
 
+  /** The relay completed or failed. */
+  private over(): boolean {
+    return this.source.finished || this.source.failure !== undefined;
+  }
+
   private adopt(s: Socket, which: string): void {
     this.sockets.add(s);
     s.on('error', () => {});
@@ -211,13 +221,14 @@ export class RelayDestination {
       if (s === this.mainSocket) this.resolveAnswered();
       // B gone before its verdict: A must not wait for a SHUT that never comes. Once the whole
       // stream went out, B closing its multifd channels is B finishing its load, not a failure.
-      if (this.o.over() || this.shut !== undefined) return;
-      const complete = this.o.streamComplete();
+      if (this.over() || this.shut !== undefined) return;
+      // Once A's whole stream went out, B closing its multifd channels is B finishing.
+      const complete = this.source.session.complete;
       if (s === this.mainSocket || !complete) {
-        this.o.fail(new Error(`the destination closed ${which} ${complete ? 'without confirming the load' : `during ${this.o.phase()}`} (QEMU gone or failed? see its log)`));
+        this.host.fail(new Error(`the destination closed ${which} ${complete ? 'without confirming the load' : `during ${this.source.phase}`} (QEMU gone or failed? see its log)`));
       }
     });
-    if (this.o.over()) s.destroy();
+    if (this.over()) s.destroy();
   }
 
   private async writeChannel(i: number, bufs: readonly Buffer[]): Promise<void> {
@@ -255,19 +266,19 @@ export class RelayDestination {
           if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
           publish('relay-return-path', { type: m.type });
           // Forwarded message by message: A may have opened its return path after ours.
-          this.o.toSource(m.type, m.payload);
+          this.host.toSource(m.type, m.payload);
           if (m.type === ReturnPathMessage.SHUT) {
             this.resolveAnswered();
-            if (this.shut !== 0) this.o.fail(this.error(''));
+            if (this.shut !== 0) this.host.fail(this.error(''));
           }
         }
       } catch (e) {
-        this.o.fail(new ProtocolError('BAD_RECORD', `destination return path: ${(e as Error).message}`));
+        this.host.fail(new ProtocolError('BAD_RECORD', `destination return path: ${(e as Error).message}`));
       }
     });
     s.on('end', () => {
       this.resolveAnswered();
-      this.o.ended();
+      this.host.ended();
     });
   }
 }

@@ -17,7 +17,9 @@ export type ProtocolErrorCode =
   | 'TRUNCATED'
   | 'BAD_FOOTER'
   | 'BAD_VMDESC'
-  | 'BAD_MAPPED_RAM';
+  | 'BAD_MAPPED_RAM'
+  /** A libvirt save image whose save never finished (magic LibvirtQemudPart). */
+  | 'INCOMPLETE_IMAGE';
 
 export class ProtocolError extends Error {
   readonly code: ProtocolErrorCode;

@@ -94,6 +94,8 @@ export interface FileLayout {
   ramSectionName?: { sectionId: number; instanceId: number; versionId: number };
   memSizeTotal?: number;
   ramSections: RamSectionRecord[];
+  /** Sections of other iterable handlers (dirty-bitmap), carried as bytes. */
+  iterableSections?: { kind: string; sectionId: number; idstr: string; offset: number; size: number }[];
   commands: CommandRecord[];
   blocks: BlockLayout[];
   deviceStart?: number;
@@ -119,6 +121,7 @@ function commandName(cmd: number): string {
 class Scan {
   readonly layout: FileLayout;
   private current: RamSectionRecord | undefined;
+  private iterableOpen: number | undefined;
   private ramEnded = false;
   private ramComplete = false;
   private readonly blockByName = new Map<string, BlockLayout>();
@@ -248,7 +251,15 @@ class Scan {
         this.problem('error', 'UNSUPPORTED', at, `command ${Command.PACKAGED} (${commandName(Command.PACKAGED)}) in a migration file: it needs a live peer`);
         return true;
       case 'section':
+        if (ev.idstr !== 'ram') {
+          // A non-RAM iterable section (dirty-bitmap) carried as bytes: listed, not walked.
+          this.iterableOpen = ev.sectionId;
+          (l.iterableSections ??= []).push({ kind: ev.kind, sectionId: ev.sectionId, idstr: ev.idstr, offset: at, size: 0 });
+          return true;
+        }
         return this.onSection(ev, at);
+      case 'iterable-data':
+        return true;
       case 'ram-mem-size':
         l.memSizeTotal = ev.totalBytes;
         return true;
@@ -256,9 +267,13 @@ class Scan {
         // Computed back from the entry's end: the parser may have skipped a previous block's
         // pages region inside the buffered chunk without an event, so `at` can be stale here.
         const b = ev.block;
-        const len = 1 + Buffer.byteLength(b.name, 'latin1') + 8 + (b.mrAddr !== undefined ? 8 : 0) + (b.mappedRam ? MAPPED_RAM_HEADER_SIZE : 0);
+        const len = 1 + Buffer.byteLength(b.name, 'latin1') + 8 + (b.pageSize !== undefined ? 8 : 0) + (b.mrAddr !== undefined ? 8 : 0) + (b.mappedRam ? MAPPED_RAM_HEADER_SIZE : 0);
         return this.onBlock(b, parser.offset - len);
       }
+      case 'ram-xbzrle':
+        // A delta needs the page it applies to; file tools read a file's pages where they lie.
+        this.problem('error', 'UNSUPPORTED', at, `XBZRLE record for block "${ev.block}" offset 0x${ev.offset.toString(16)}: a file with page deltas (xbzrle) is not supported`);
+        return false;
       case 'ram-page':
       case 'ram-zero': {
         const b = this.blockByName.get(ev.block);
@@ -279,6 +294,12 @@ class Scan {
       case 'ram-eos':
         return true;
       case 'footer':
+        if (this.iterableOpen === ev.sectionId && l.iterableSections) {
+          const s = l.iterableSections[l.iterableSections.length - 1]!;
+          s.size = parser.offset - s.offset;
+          this.iterableOpen = undefined;
+          return true;
+        }
         if (this.current) this.current.size = parser.offset - this.current.offset;
         if (this.ramEnded) this.ramComplete = true;
         this.current = undefined;

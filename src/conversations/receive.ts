@@ -6,7 +6,8 @@
 // device state, kept byte for byte until a VMDESCRIPTION proves it complete → commit.
 
 import type { Socket } from 'node:net';
-import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { Command, RAM_SECTION_NAME, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { encodeMainEvent } from '../codec/main-event-encode.js';
 import type { Configuration } from '../codec/configuration.js';
 import { DeviceStateTail } from '../codec/device-state-tail.js';
 import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
@@ -14,6 +15,7 @@ import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodePong, encodeShut } from '../codec/return-path.js';
 import { SyncPoints } from '../codec/sync-points.js';
+import { applyXbzrle } from '../codec/xbzrle.js';
 import { publish } from '../engine/diagnostics.js';
 import { getMethod } from '../engine/methods/registry.js';
 import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
@@ -108,7 +110,11 @@ export interface ReceiveSummary {
   /** multifd-compression of the source's packets (detected or as given); the snapshot holds plain pages. */
   compression: string;
   'return-path': boolean;
+  /** The source saved a background snapshot (no END section; the state of when the save started). */
+  'background-snapshot'?: boolean;
   'main-bytes': number;
+  /** XBZRLE deltas applied onto the pages held (present when the source had xbzrle on). */
+  'xbzrle-pages'?: number;
   'device-state-bytes': number;
   'file-size': number;
   blocks: { name: string; 'used-length': number; 'pages-present': number }[];
@@ -156,6 +162,7 @@ class Receiver {
   private mainBytes = 0;
   private mainPages = 0;
   private mainZero = 0;
+  private xbzrlePages = 0;
   private rounds = 0;
   private returnPath = false;
   private readonly syncPoints: SyncPoints;
@@ -448,6 +455,14 @@ class Receiver {
       case 'package':
         return this.onPackage(ev.data, st);
       case 'section':
+        if (ev.idstr !== RAM_SECTION_NAME) {
+          // dirty-bitmap & co.: carried into the snapshot as bytes (the parser knows the framing).
+          if (!st.headWritten) throw new ProtocolError('BAD_RECORD', `iterable section "${ev.idstr}" before RAM's block list`);
+          st.iterableSection = ev.sectionId;
+          this.output!.iterable(encodeMainEvent(ev));
+          return;
+        }
+        st.iterableSection = undefined;
         if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
         st.sectionId = ev.sectionId;
         st.sectionKind = ev.kind;
@@ -483,6 +498,17 @@ class Receiver {
         if (st.postcopy) this.postcopyMainPages++;
         this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
         return;
+      case 'ram-xbzrle': {
+        // The delta applies onto the page we hold (written and awaited before: main-channel
+        // records are handled in order), as a QEMU destination applies it onto guest memory.
+        if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'XBZRLE record before the block list');
+        const page = await this.output!.store.readPage(ev.block, ev.offset);
+        applyXbzrle(ev.delta, page);
+        this.mainPages++;
+        this.xbzrlePages++;
+        await this.output!.store.writePages(ev.block, [ev.offset], 1, [page]);
+        return;
+      }
       case 'ram-flush':
         if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
         this.syncPoints.flush(st.sectionKind === 'start');
@@ -501,7 +527,15 @@ class Receiver {
         }
         return;
       }
+      case 'iterable-data':
+        this.output!.iterable([ev.data]);
+        return;
       case 'footer':
+        if (st.iterableSection === ev.sectionId) {
+          this.output!.iterable(encodeMainEvent(ev));
+          st.iterableSection = undefined;
+          return;
+        }
         if (st.sectionKind === 'start') await this.output!.setupFooter(ev.sectionId);
         return;
       case 'device-state':
@@ -569,7 +603,20 @@ class Receiver {
   }
 
   private async onDeviceState(data: Buffer[], st: MainState): Promise<void> {
-    if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
+    if (!st.ended) {
+      // A background snapshot (QEMU's bg_migration_thread) has no END: the device state it saved
+      // when the save started follows the last PART once every page went out once. Only such a
+      // source may do that: it has no return path, multifd, postcopy, xbzrle or switchover.
+      const why = !st.started || st.sectionKind !== 'part' ? 'outside a RAM section'
+        : this.returnPath ? 'with a return path'
+        : this.postcopyAdvised || st.postcopy ? 'with postcopy advised'
+        : st.switchoverStart ? 'after SWITCHOVER_START'
+        : this.xbzrlePages > 0 ? 'after XBZRLE records'
+        : (this.multifd?.connected ?? 0) > 0 || this.rounds > 0 ? 'with multifd'
+        : undefined;
+      if (why !== undefined) throw new ProtocolError('BAD_RECORD', `device state before the final RAM section (END) ${why}: only a background snapshot ends without END, and it has none of that`);
+      st.background = true;
+    }
     if (st.postcopy) {
       const end = postcopyEnd(data, st.sections, st.postcopyEof);
       st.postcopyEof = true;
@@ -615,7 +662,9 @@ class Receiver {
       'sync-mode': this.multifd ? (this.syncPoints.mode ?? 'round') : 'none',
       compression: this.multifd?.compression ?? (this.opts.compression && this.opts.compression !== 'auto' ? this.opts.compression : 'none'),
       'return-path': this.returnPath,
+      ...(st.background ? { 'background-snapshot': true } : {}),
       'main-bytes': this.mainBytes,
+      ...(this.xbzrlePages > 0 ? { 'xbzrle-pages': this.xbzrlePages } : {}),
       'device-state-bytes': st.tail.length,
       ...(st.postcopy ? {
         postcopy: {
@@ -669,6 +718,10 @@ class MainState {
   started = false;
   ended = false;
   switchoverStart = false;
+  /** The stream is a background snapshot's: device state right after a PART (no END). */
+  background = false;
+  /** Id of the open non-RAM iterable section (its footer is carried with it). */
+  iterableSection: number | undefined;
   postcopy = false;
   postcopyEof = false;
   sections: FoundSection[] = [];

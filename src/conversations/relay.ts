@@ -15,12 +15,13 @@
 // connections closed), so A keeps running and can migrate again.
 
 import type { Socket } from 'node:net';
-import { Command, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { Command, RAM_SECTION_NAME, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
 import type { Configuration } from '../codec/configuration.js';
 import { DeviceStateTail } from '../codec/device-state-tail.js';
 import { ProtocolError } from '../codec/errors.js';
 import { encodeMainEvent } from '../codec/main-event-encode.js';
+import { applyXbzrle } from '../codec/xbzrle.js';
 import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { ReturnPathParser, encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
 import { encodeCommand } from '../codec/stream-encode.js';
@@ -166,6 +167,8 @@ const FORWARDED_COMMANDS = new Set<number>([Command.OPEN_RETURN_PATH, Command.PI
 
 class MainState {
   config: Configuration | undefined;
+  /** Id of the open non-RAM iterable section (dirty-bitmap), forwarded as bytes. */
+  iterableSection: number | undefined;
   sectionId = 0;
   sectionKind: 'start' | 'part' | 'end' = 'start';
   started = false;
@@ -520,6 +523,13 @@ class Relay {
         await this.onPackage(ev.data, st);
         break;
       case 'section':
+        if (ev.idstr !== RAM_SECTION_NAME) {
+          // dirty-bitmap & co.: passed on in stream order as bytes (and kept in the tee's snapshot).
+          st.iterableSection = ev.sectionId;
+          if (this.tee) this.tee.iterable(encodeMainEvent(ev));
+          break;
+        }
+        st.iterableSection = undefined;
         if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
         if (ev.kind === 'start') {
           if (st.started) throw new ProtocolError('BAD_RECORD', 'second START section for ram');
@@ -559,6 +569,17 @@ class Relay {
         if (st.postcopy) this.postcopyMainPages++;
         if (this.tee) await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
         break;
+      case 'ram-xbzrle':
+        // Passed on as it came: both sides are on the main channel (the relay has multifd on both
+        // sides or neither, and QEMU sends XBZRLE only without multifd). A snapshot kept on the
+        // way gets the delta applied onto its copy of the page.
+        this.mainPages++;
+        if (this.tee) {
+          const page = await this.tee.store.readPage(ev.block, ev.offset);
+          applyXbzrle(ev.delta, page);
+          await this.tee.store.writePages(ev.block, [ev.offset], 1, [page]);
+        }
+        break;
       case 'ram-flush':
         if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
         this.syncPoints.flush(st.sectionKind === 'start');
@@ -573,7 +594,15 @@ class Relay {
           if (point.sync) await this.syncRound();
         }
         break;
+      case 'iterable-data':
+        if (this.tee) this.tee.iterable([ev.data]);
+        break;
       case 'footer':
+        if (st.iterableSection === ev.sectionId) {
+          if (this.tee) this.tee.iterable(encodeMainEvent(ev));
+          st.iterableSection = undefined;
+          break;
+        }
         if (st.sectionKind === 'start' && this.tee) await this.tee.setupFooter(ev.sectionId);
         break;
       case 'device-state':

@@ -257,6 +257,8 @@ export class StreamSnapshot implements SnapshotSource {
               b.index.set(ev.offset / TARGET_PAGE_SIZE, 0);
               break;
             }
+            case 'ram-xbzrle':
+              throw new ProtocolError('UNSUPPORTED', `XBZRLE record for block "${ev.block}" in a stream file: page deltas (xbzrle) are not supported in files`, { offset: parser.offset });
             case 'ram-flush':
               throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH record in a plain stream file (QEMU writes multifd files only with mapped-ram; the file is corrupt or not what it claims)', { offset: parser.offset - 8 });
             case 'device-state': {

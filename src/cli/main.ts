@@ -6,7 +6,7 @@ import { resolve } from 'node:path';
 import { receive, type ReceiveProgress } from '../conversations/receive.js';
 import { relay, type RelayProgress } from '../conversations/relay.js';
 import { restore } from '../conversations/restore.js';
-import { save } from '../conversations/save.js';
+import { checkBackgroundOptions, save } from '../conversations/save.js';
 import { send, type PostcopyOptions, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
 import type { TlsCreds } from '../transports/tls.js';
@@ -189,10 +189,14 @@ program
   .option('--tls-hostname <name>', 'the name QEMU checks our certificate against (default: the listening host)')
   .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
   .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never); the source is told and runs on').default(300).argParser(intArg(0, 86400)))
+  .option('--background', "QEMU's background-snapshot: the snapshot of the moment the save starts, the guest running throughout and after it (main channel only)")
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean; background?: boolean } & TlsArgs, cmd: Command) => {
     await report('save', o.json, (view) => {
       const tls = tlsCreds(o);
+      // --background: --channels defaults to 0; given explicitly (or compression) it is an error.
+      const explicit = (name: string) => cmd.getOptionValueSource(name) === 'cli';
+      if (o.background) checkBackgroundOptions({ background: true, ...(explicit('channels') ? { channels: o.channels } : {}), compression: o.compression, ...(o.level !== undefined ? { level: o.level } : {}) });
       // Ctrl-C: our receive stops, the source's migration is cancelled and its settings put back.
       const ac = new AbortController();
       abortOnSignal({ abort: (e: Error) => ac.abort(e) });
@@ -201,7 +205,8 @@ program
         ...(tls ? { tls } : {}),
         qmp: o.qmp,
         out: resolve(o.out),
-        channels: o.channels,
+        channels: o.background ? 0 : o.channels,
+        ...(o.background ? { background: true } : {}),
         maxBandwidth: o.maxBandwidth,
         ...(o.listen ? { listen: o.listen } : {}),
         ...(o.downtimeLimit !== undefined ? { downtimeLimitMs: o.downtimeLimit } : {}),

@@ -1,0 +1,147 @@
+// Streams beyond plain precopy against real QEMU 10 and 11 (issues #24, #25): `save --background`
+// (QEMU's background-snapshot) on the running dirtying guest, and XBZRLE rounds into `receive`.
+// Every check looks at the guest's memory.
+
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
+import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuVersion } from '../helpers/qemu.js';
+import { migrateToReceive, restoreSnapshot } from '../helpers/snapshot.js';
+import { save } from '../../src/conversations/save.js';
+import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
+
+const MEM = 128;
+
+/** The dirtied range as the snapshot holds it. */
+async function snapshotRange(file: string): Promise<Buffer> {
+  const snap = await MappedRamSnapshot.open(file);
+  try {
+    return await snap.readPages('pc.ram', GUEST_DIRTY_START, (GUEST_DIRTY_END - GUEST_DIRTY_START) / 4096);
+  } finally {
+    await snap.close();
+  }
+}
+
+/** Loads the snapshot into a fresh QEMU (its own mapped-ram loader), checks the invariant, runs it on. */
+async function restoresAndRuns(version: QemuVersion, file: string, want?: Buffer): Promise<void> {
+  const dst = await restoreSnapshot({ version, memMiB: MEM, file, bootSector: true });
+  try {
+    const restored = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+    const inv = checkDirtyInvariant(restored);
+    assert.ok(inv.ok, `restored memory: ${inv.reason}`);
+    if (want) assert.ok(restored.equals(want), 'QEMU loaded what the snapshot holds');
+    const passes = countPasses(dst.serialLog());
+    await dst.qmp.execute('cont');
+    await waitGuestPasses(dst, passes + 2);
+    await dst.qmp.execute('stop');
+    const later = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+    assert.ok(checkDirtyInvariant(later).ok, 'the invariant holds after running on');
+    assert.ok(!later.equals(restored), 'the guest ran on from the snapshot');
+  } finally {
+    await dst.kill();
+  }
+}
+
+for (const version of ['10', '11'] as QemuVersion[]) {
+  const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)})`;
+
+  describe(`save --background with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    test('the guest runs throughout and after (no cont); the snapshot holds its invariant; QEMU restores it and it runs on', async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-bg-test-');
+      const out = join(dir, 'vm.mig');
+      const qmpSock = join(dir, 'save.sock');
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: ['-qmp', `unix:${qmpSock},server=on,wait=off`] });
+      try {
+        await waitGuestPasses(src, 3);
+        const capsBefore = await src.qmp.execute('query-migrate-capabilities');
+        const paramsBefore = await src.qmp.execute('query-migrate-parameters');
+        const passesAtStart = countPasses(src.serialLog());
+        const h = save({ qmp: `unix:${qmpSock}`, out, background: true });
+        const s = await h.done;
+        const passesAtEnd = countPasses(src.serialLog());
+        t.diagnostic(`QEMU ${version}: ${s.transferred} bytes in ${s['total-time']} ms, QEMU total ${s.source['total-time']} ms, downtime ${s.source.downtime} ms; guest passes during the save: ${passesAtEnd - passesAtStart}`);
+        assert.equal(s.source.status, 'completed');
+        assert.equal(s['background-snapshot'], true, 'receive saw a background snapshot');
+        assert.equal(s['return-path'], false);
+        assert.equal(s.channels.length, 0);
+        assert.equal(typeof s.source.downtime, 'number');
+        assert.equal(typeof s.source['total-time'], 'number');
+        assert.equal(s.source['run-state-after'], 'running', 'running after the save, without cont');
+        assert.ok(passesAtEnd > passesAtStart, `the guest made progress during the save (${passesAtStart} -> ${passesAtEnd} passes)`);
+        await waitGuestPasses(src, passesAtEnd + 2);
+        assert.deepEqual(await src.qmp.execute('query-migrate-capabilities'), capsBefore, 'capabilities put back');
+        const paramsAfter = await src.qmp.execute('query-migrate-parameters');
+        assert.equal(paramsAfter['max-bandwidth'], paramsBefore['max-bandwidth'], 'max-bandwidth put back');
+        assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith('.')), [], 'no temporary file left');
+
+        const held = await snapshotRange(out);
+        const inv = checkDirtyInvariant(held);
+        assert.ok(inv.ok, `snapshot: ${inv.reason}`);
+        await restoresAndRuns(version, out, held);
+      } finally {
+        await src.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('our side killed mid-save: QEMU\'s snapshot fails, the guest runs on, no complete-looking file', async () => {
+      const dir = mkdtempSync('/tmp/multifd-bg-test-');
+      const out = join(dir, 'vm.mig');
+      const qmpSock = join(dir, 'save.sock');
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: ['-qmp', `unix:${qmpSock},server=on,wait=off`] });
+      try {
+        await waitGuestPasses(src, 2);
+        const ac = new AbortController();
+        const h = save({ qmp: `unix:${qmpSock}`, out, background: true, signal: ac.signal, progressIntervalMs: 20 });
+        // Abort once pages are arriving (the guest is write-protected then).
+        await new Promise<void>((resolve) => h.on('progress', (p: { transferred: number }) => { if (p.transferred > 8 * 1024 * 1024) resolve(); }));
+        ac.abort(new Error('killed by the test'));
+        await assert.rejects(h.done, /killed by the test/);
+        const m = await waitMigration(src.qmp, { timeoutMs: 30_000 });
+        assert.ok(m.status === 'failed' || m.status === 'cancelled', `QEMU's snapshot ended ${m.status}`);
+        assert.equal((await src.qmp.execute('query-status')).status, 'running');
+        const passes = countPasses(src.serialLog());
+        await waitGuestPasses(src, passes + 2, 20_000); // write protection dropped: the guest does not hang
+        assert.equal(existsSync(out), false, 'no snapshot file');
+        assert.deepEqual(readdirSync(dir).filter((f) => f.endsWith('.mig') || f.startsWith('.')), [], 'no temporary file left');
+      } finally {
+        await src.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+
+  describe(`XBZRLE into receive with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    test('several rounds of deltas, receive --channels 0 applies them; restore holds the invariant and runs on', async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-xbzrle-test-');
+      const out = join(dir, 'vm.mig');
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true });
+      try {
+        await waitGuestPasses(src, 2);
+        await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
+        // The dirtying guest never converges: small downtime first (rounds go by), then let it end.
+        const h = await migrateToReceive(src, { channels: 0, out, params: { 'downtime-limit': 1, 'xbzrle-cache-size': 256 * 1024 * 1024 } });
+        for (;;) {
+          const m = await src.qmp.execute('query-migrate');
+          if ((m.ram?.['dirty-sync-count'] ?? 0) >= 4 || ['completed', 'failed', 'cancelled'].includes(m.status)) break;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
+        const s = await h.done;
+        const m = await waitMigration(src.qmp, { timeoutMs: 60_000 });
+        t.diagnostic(`QEMU ${version}: ${m.ram['dirty-sync-count']} syncs, xbzrle ${JSON.stringify(m['xbzrle-cache'])}; receive applied ${s['xbzrle-pages']} deltas`);
+        assert.equal(m.status, 'completed');
+        assert.ok((s['xbzrle-pages'] ?? 0) > 1000, `XBZRLE deltas were applied (${s['xbzrle-pages']})`);
+        const held = await snapshotRange(out);
+        const inv = checkDirtyInvariant(held);
+        assert.ok(inv.ok, `snapshot: ${inv.reason}`);
+        await restoresAndRuns(version, out, held);
+      } finally {
+        await src.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+}

@@ -9,6 +9,7 @@ import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type RamBlockInfo } from '../codec/main-stream-parser.js';
+import { encodeMainEvent } from '../codec/main-event-encode.js';
 import { PageBitmap, bitmapBytes, type MappedRamHeader } from '../codec/mapped-ram.js';
 import type { DeviceStateLayout } from '../codec/vmdesc.js';
 import { readAtExactly, readExactly, verifiedDeviceState } from './read-exactly.js';
@@ -36,6 +37,9 @@ export class MappedRamSnapshot implements SnapshotSource {
   readonly switchoverStart: boolean;
   private direct: FileHandle | undefined;
   private slots: AlignedSlots | undefined;
+
+  /** Non-RAM iterable sections (dirty-bitmap) the file holds, as bytes, for send to replay. */
+  iterableSections: Buffer | undefined;
 
   private constructor(
     readonly path: string,
@@ -66,6 +70,17 @@ export class MappedRamSnapshot implements SnapshotSource {
       let device: Buffer[] = [];
       let deviceStart = -1;
       let deviceBytes = 0;
+      // Non-RAM iterable sections (dirty-bitmap) as their bytes, replayed by send after RAM's END.
+      const iterable: Buffer[] = [];
+      let iterableBytes = 0;
+      let iterableOpen: number | undefined;
+      const keep = (bufs: Buffer[]): void => {
+        for (const b of bufs) {
+          iterableBytes += b.length;
+          if (iterableBytes > MAX_DEVICE_STATE) throw new ProtocolError('LIMIT_EXCEEDED', `non-RAM iterable sections larger than ${MAX_DEVICE_STATE} bytes`);
+          iterable.push(Buffer.from(b));
+        }
+      };
       const buf = Buffer.allocUnsafe(READ_CHUNK);
       while (pos < size) {
         const skip = parser.pendingSkip;
@@ -83,6 +98,14 @@ export class MappedRamSnapshot implements SnapshotSource {
           if (ev.type === 'ram-block') {
             blocks.set(ev.block.name, await loadBlock(fh, ev.block, size));
             blockInfo.push({ name: ev.block.name, usedLength: ev.block.usedLength, ...(ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {}) });
+          } else if (ev.type === 'section' && ev.idstr !== 'ram') {
+            iterableOpen = ev.sectionId;
+            keep(encodeMainEvent(ev));
+          } else if (ev.type === 'iterable-data') {
+            keep([ev.data]);
+          } else if (ev.type === 'footer' && ev.sectionId === iterableOpen) {
+            keep(encodeMainEvent(ev));
+            iterableOpen = undefined;
           } else if (ev.type === 'section' && ev.kind === 'start') {
             ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
           } else if (ev.type === 'command') {
@@ -110,6 +133,7 @@ export class MappedRamSnapshot implements SnapshotSource {
       const tail = Buffer.concat(device);
       device = [];
       const snap = new MappedRamSnapshot(path, fh, config, blocks, verifiedDeviceState(tail, deviceStart, size), size, { ramSection, switchoverStart }, blockInfo);
+      if (iterable.length > 0) snap.iterableSections = Buffer.concat(iterable);
       if (opts.directIo ?? true) await snap.enableDirectReads();
       return snap;
     } catch (e) {

@@ -211,6 +211,7 @@ export class StreamSnapshot implements SnapshotSource {
           switch (ev.type) {
             case 'section': {
               const at = parser.offset;
+              if (ev.idstr !== 'ram') throw new ProtocolError('UNSUPPORTED', `iterable section "${ev.idstr}" in a stream file: only mapped-ram snapshots carry sections other than RAM`, { offset: at });
               if (ev.kind === 'start') {
                 if (ramSection) throw new ProtocolError('BAD_RECORD', `second RAM section START (id ${ev.sectionId}); a file holds exactly one RAM section`, { offset: at });
                 ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };

@@ -170,6 +170,18 @@ describe('extended captures through receive', () => {
         if (s.entry.scenario === 'background-snapshot') assert.equal(summary['background-snapshot'], true);
         else assert.equal(summary['background-snapshot'], undefined);
         if (s.entry.scenario === 'xbzrle') assert.equal(summary['xbzrle-pages'], (s.check.main.ram_record_counts as Record<string, number>).XBZRLE);
+        // dirty-bitmap sections: stored byte for byte (header, chunks, footer), read back for send.
+        const bitmapBytes = Buffer.concat(events(s.main()).flatMap((ev, i, evs) => {
+          if (ev.type === 'section' && ev.idstr === 'dirty-bitmap') return encodeMainEvent(ev);
+          if (ev.type === 'iterable-data') return [ev.data];
+          if (ev.type === 'footer' && evs.slice(0, i).reverse().find((e) => e.type === 'section')?.type === 'section') {
+            const open = evs.slice(0, i).reverse().find((e) => e.type === 'section');
+            return open?.type === 'section' && open.idstr === 'dirty-bitmap' ? encodeMainEvent(ev) : [];
+          }
+          return [];
+        }));
+        if (s.entry.scenario === 'dirty-bitmaps') assert.ok(snap.iterableSections?.equals(bitmapBytes), 'dirty-bitmap sections kept as QEMU sent them');
+        else assert.equal(snap.iterableSections, undefined);
       } finally {
         await snap.close();
         rmSync(dir, { recursive: true, force: true });

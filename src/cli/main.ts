@@ -150,6 +150,7 @@ program
   .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never)').default(300).argParser(intArg(0, 86400)))
   .option('--tls-creds <dir>', 'accept TLS only, with server-cert.pem, server-key.pem and ca-cert.pem from DIR')
   .option('--no-tls-verify-peer', "with TLS: do not ask for the source's client certificate")
+  .option('--switchover-ack', 'the source has switchover-ack on: answer it as a QEMU destination with no device that holds the switchover back')
   .option('--json', 'print the final summary as JSON on stdout')
   .addHelpText('after', `
 On the QEMU side:
@@ -158,10 +159,10 @@ On the QEMU side:
 The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   migrate-incoming uri=file:FILE`)
   .addHelpText('after', TLS_HELP)
-  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
+  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; idleTimeout: number; json?: boolean; switchoverAck?: boolean } & TlsArgs) => {
     await report('receive', o.json, async (view) => {
       const tls = tlsCreds(o);
-      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}) });
+      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}), ...(o.switchoverAck ? { switchoverAck: true } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       abortOnSignal(h);
       warnStrays(h);

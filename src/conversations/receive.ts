@@ -13,7 +13,8 @@ import { DeviceStateTail } from '../codec/device-state-tail.js';
 import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
-import { encodePong, encodeShut } from '../codec/return-path.js';
+import { encodePong, encodeShut, encodeSwitchoverAck } from '../codec/return-path.js';
+import { sendsSwitchoverAck } from '../codec/machine-type.js';
 import { SyncPoints } from '../codec/sync-points.js';
 import { applyXbzrle } from '../codec/xbzrle.js';
 import { publish } from '../engine/diagnostics.js';
@@ -70,6 +71,11 @@ export interface ReceiveOptions {
   /** How often 'progress' is emitted. */
   progressIntervalMs?: number;
   signal?: AbortSignal;
+  /**
+   * The source has switchover-ack on (the stream does not say so; a QEMU destination knows it from
+   * its own capability): answer as a destination with no device that holds the switchover back.
+   */
+  switchoverAck?: boolean;
 }
 
 export interface ReceiveProgress {
@@ -548,6 +554,7 @@ class Receiver {
       case Command.OPEN_RETURN_PATH:
         this.returnPath = true;
         publish('return-path', {});
+        if (this.opts.switchoverAck && sendsSwitchoverAck(st.config?.machine ?? '')) this.main!.write(encodeSwitchoverAck());
         return;
       case Command.PING: {
         if (!this.returnPath) throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');

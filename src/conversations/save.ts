@@ -176,7 +176,10 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     }
     await qmp.execute('migrate-set-parameters', params);
 
+    // The source waits for our SWITCHOVER_ACK when it has switchover-ack on (return-path stays on).
+    const switchoverAck = !opts.background && caps.some((c) => c.capability === 'switchover-ack' && c.state);
     rx = receive({
+      ...(switchoverAck ? { switchoverAck: true } : {}),
       listen: opts.listen ?? 'tcp:127.0.0.1:0',
       out: opts.out,
       channels,

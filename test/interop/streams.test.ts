@@ -113,6 +113,32 @@ for (const version of ['10', '11'] as QemuVersion[]) {
     });
   });
 
+  describe(`switchover-ack with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    test('a source with switchover-ack on: save answers it as a QEMU destination, completes, the snapshot restores and runs on', async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-swack-test-');
+      const out = join(dir, 'vm.mig');
+      const qmpSock = join(dir, 'save.sock');
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: ['-qmp', `unix:${qmpSock},server=on,wait=off`] });
+      try {
+        await waitGuestPasses(src, 2);
+        await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'return-path', state: true }, { capability: 'switchover-ack', state: true }] });
+        const capsBefore = await src.qmp.execute('query-migrate-capabilities');
+        const h = save({ qmp: `unix:${qmpSock}`, out, downtimeLimitMs: 20000, idleTimeoutMs: 60_000 });
+        const s = await Promise.race([h.done, new Promise<never>((_, rej) => setTimeout(() => rej(new Error('save did not complete within 120 s (switchover never acknowledged?)')), 120_000))]);
+        t.diagnostic(`QEMU ${version} (${s.machine}): completed in ${s['total-time']} ms, downtime ${s.source.downtime} ms`);
+        assert.equal(s.source.status, 'completed');
+        assert.deepEqual(await src.qmp.execute('query-migrate-capabilities'), capsBefore, 'capabilities put back');
+        await src.kill();
+        const held = await snapshotRange(out);
+        assert.ok(checkDirtyInvariant(held).ok, checkDirtyInvariant(held).reason);
+        await restoresAndRuns(version, out, held);
+      } finally {
+        await src.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+
   describe(`XBZRLE into receive with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
     test('several rounds of deltas, receive --channels 0 applies them; restore holds the invariant and runs on', async (t) => {
       const dir = mkdtempSync('/tmp/multifd-xbzrle-test-');

@@ -30,3 +30,15 @@ export class ListeningHandle<S> extends EventEmitter {
     this.abortFn(reason);
   }
 }
+
+/** A promise with its settle functions; unhandled rejections are the awaiting caller's business. */
+export function settleable<T>(): { promise: Promise<T>; resolve: (v: T) => void; reject: (e: Error) => void } {
+  let resolve!: (v: T) => void;
+  let reject!: (e: Error) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  promise.catch(() => {});
+  return { promise, resolve, reject };
+}

@@ -1,142 +1,27 @@
 // receive: accept a live migration from an unmodified QEMU (main channel + N multifd channels)
-// and write it as a mapped-ram snapshot that QEMU restores (PROTOCOL.md §7a, §7d).
+// and write it as a mapped-ram snapshot that QEMU restores (docs/protocol.md §7a, §7d).
 //
-// Main-channel state machine: header → configuration → START ram (MEM_SIZE, blocks: the file's
-// head is written here) → RAM records and syncs (FLUSH, or EOS in per-section mode) through END →
-// device state, kept byte for byte until a VMDESCRIPTION proves it complete → commit.
+// A composition: the inbound side (inbound-side.ts) listens, sorts connections, runs the multifd
+// receiver and the preempt channel and reads the main channel through the stream session; this
+// file is its sink. The file's head is written once the block list is known, pages go to it as
+// they come, and the device state is kept byte for byte until a VMDESCRIPTION proves it complete
+// and the stream stayed quiet; then the snapshot is committed and the source gets SHUT(0).
 
-import type { Socket } from 'node:net';
-import { Command, RAM_SECTION_NAME, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { encodeMainEvent } from '../codec/main-event-encode.js';
-import type { Configuration } from '../codec/configuration.js';
-import { DeviceStateTail } from '../codec/device-state-tail.js';
-import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
-import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodePong, encodeShut, encodeSwitchoverAck } from '../codec/return-path.js';
 import { sendsSwitchoverAck } from '../codec/machine-type.js';
-import { SyncPoints } from '../codec/sync-points.js';
-import { applyXbzrle } from '../codec/xbzrle.js';
+import type { SessionEvent } from '../codec/stream-session.js';
 import { publish } from '../engine/diagnostics.js';
-import { getMethod } from '../engine/methods/registry.js';
-import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
-import type { RamBlock } from '../engine/page-store.js';
-import { formatAddress, listen, type Listener } from '../transports/listener.js';
-import type { TlsCreds } from '../transports/tls.js';
-import { describePeer } from '../transports/socket-io.js';
-import { IdleWatch } from './idle-watch.js';
-import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, StrayConnectionError } from './incoming.js';
-import { ListeningHandle } from './listening-handle.js';
+import type { MappedRamWriter } from '../engine/mapped-ram-writer.js';
+import type { MultifdReceiver } from '../engine/multifd-receiver.js';
+import { InboundSide, type InboundSink } from './inbound-side.js';
+import type { StrayConnectionError } from './incoming.js';
+import { ListeningHandle, settleable } from './listening-handle.js';
+import type { ReceiveOptions, ReceiveProgress, ReceiveSummary } from './receive-types.js';
 import { SnapshotOutput } from './snapshot-output.js';
-import { PostcopyFailedError } from './postcopy-failure.js';
-import { checkDiscard, openPackage, postcopyEnd, preemptExpected } from './postcopy-stream.js';
 
-export type SyncMode = 'auto' | 'round' | 'section';
-
-export interface ReceiveOptions {
-  /** tcp:HOST:PORT or unix:PATH; port 0 picks a free port (see handle.listening). */
-  listen: string;
-  /** Snapshot path; written as a temporary file and renamed when complete. */
-  out: string;
-  /** multifd channels the source uses; 0 = the source has multifd off. Default 2 (QEMU's). */
-  channels?: number;
-  /** The source's multifd-compression (none, zlib, zstd); 'auto' (default) detects it from the first data packet. */
-  compression?: string;
-  /** How MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from the START section. */
-  syncMode?: SyncMode;
-  /** Required uuid in multifd init messages (the source's -uuid); default: accept any. */
-  uuid?: Buffer;
-  /** How long a new connection may take to send its first 4 bytes (default 10 s); a silent one is closed as a stray. */
-  identifyTimeoutMs?: number;
-  /** Connections allowed to wait for identification at once (default 16); more are closed at once. */
-  maxPendingConnections?: number;
-  /** Accept TLS connections only, with server credentials as for QEMU's tls-creds-x509 (the source's tls-creds). */
-  tls?: TlsCreds;
-  /** How long a sync waits for channels that never connected. */
-  channelTimeoutMs?: number;
-  /** Fails when the source sends nothing for this long mid-migration (default 300 s; 0: never). */
-  idleTimeoutMs?: number;
-  /** Largest device state (everything after RAM) kept for verification. */
-  maxDeviceStateBytes?: number;
-  /**
-   * How long the main channel must stay quiet after a complete-looking VMDESCRIPTION before the
-   * snapshot is committed (default 20 ms); end of stream commits at once.
-   */
-  completionQuietMs?: number;
-  /**
-   * Write pages with O_DIRECT where the file system supports it (default true): cheaper than the
-   * page cache for a whole guest, but the file is not cached for an immediate restore.
-   */
-  directIo?: boolean;
-  /** How often 'progress' is emitted. */
-  progressIntervalMs?: number;
-  signal?: AbortSignal;
-  /**
-   * The source has switchover-ack on (the stream does not say so; a QEMU destination knows it from
-   * its own capability): answer as a destination with no device that holds the switchover back.
-   */
-  switchoverAck?: boolean;
-}
-
-export interface ReceiveProgress {
-  phase: 'listening' | 'setup' | 'ram' | 'device-state' | 'postcopy' | 'committing' | 'completed' | 'failed';
-  elapsedMs: number;
-  transferred: number;
-  normal: number;
-  duplicate: number;
-  rounds: number;
-  channelsConnected: number;
-  channels: number;
-  mainBytes: number;
-  ramTotal: number;
-}
-
-export interface ReceiveSummary {
-  status: 'completed';
-  file: string;
-  machine: string;
-  'total-time': number;
-  /** Of total-time: making the snapshot durable (fsync, bitmaps, rename) after the last byte. */
-  'commit-time': number;
-  /** Pages went to the file with O_DIRECT (see ReceiveOptions.directIo). */
-  'direct-io': boolean;
-  transferred: number;
-  normal: number;
-  'normal-bytes': number;
-  duplicate: number;
-  mbps: number;
-  /**
-   * Receive alone cannot see QEMU's dirty-bitmap syncs; it reports the multifd sync barriers it
-   * passed (one per scan wrap plus setup, or one per section). `save` replaces it with QEMU's count.
-   */
-  'dirty-sync-count': number;
-  /** Multifd sync barriers passed (setup sync included). */
-  'multifd-syncs': number;
-  'sync-mode': 'round' | 'section' | 'none';
-  /** multifd-compression of the source's packets (detected or as given); the snapshot holds plain pages. */
-  compression: string;
-  'return-path': boolean;
-  /** The source saved a background snapshot (no END section; the state of when the save started). */
-  'background-snapshot'?: boolean;
-  'main-bytes': number;
-  /** XBZRLE deltas applied onto the pages held (present when the source had xbzrle on). */
-  'xbzrle-pages'?: number;
-  'device-state-bytes': number;
-  'file-size': number;
-  blocks: { name: string; 'used-length': number; 'pages-present': number }[];
-  channels: ChannelStats[];
-  /** Present when the source switched to postcopy (device state came in its PACKAGED command). */
-  postcopy?: {
-    /** Since the start of the migration. */
-    'switched-at-ms': number;
-    /** Page records on the main channel after the switch. */
-    'main-pages': number;
-    /** Page records on the preempt channel. */
-    'preempt-pages': number;
-    'discard-ranges': number;
-    'preempt-channel': boolean;
-  };
-}
+export type { ReceiveOptions, ReceiveProgress, ReceiveSummary, SyncMode } from './receive-types.js';
 
 export class ReceiveHandle extends ListeningHandle<ReceiveSummary> {}
 
@@ -144,112 +29,38 @@ export class ReceiveHandle extends ListeningHandle<ReceiveSummary> {}
 export function receive(opts: ReceiveOptions): ReceiveHandle {
   return new ReceiveHandle((h: ListeningHandle<ReceiveSummary>) => {
     const r = new Receiver(opts, h);
-    return { listening: r.listening, done: r.done, abort: (e) => r.fail(e) };
+    return { listening: r.listening, done: r.result.promise, abort: (e) => r.fail(e) };
   });
 }
 
-class Receiver {
+class Receiver implements InboundSink {
   readonly listening: Promise<string>;
-  readonly done: Promise<ReceiveSummary>;
-  private resolveDone!: (s: ReceiveSummary) => void;
-  private rejectDone!: (e: Error) => void;
+  readonly result = settleable<ReceiveSummary>();
   private readonly channels: number;
   private readonly startedAt = Date.now();
-  private phase: ReceiveProgress['phase'] = 'listening';
-  private listener: Listener | undefined;
-  private main: Socket | undefined;
-  private readonly sockets = new Set<Socket>();
-  private multifd: MultifdReceiver | undefined;
+  private readonly inbound: InboundSide;
   private output: SnapshotOutput | undefined;
-  private readonly blocks = new Map<string, RamBlock>();
-  private failure: Error | undefined;
-  private finished = false;
-  private progressTimer: NodeJS.Timeout | undefined;
-  private mainBytes = 0;
-  private mainPages = 0;
-  private mainZero = 0;
-  private xbzrlePages = 0;
-  private rounds = 0;
-  private returnPath = false;
-  private readonly syncPoints: SyncPoints;
-  private ramTotal = 0;
-  private readonly incoming: IncomingConnections;
-  private idle: IdleWatch | undefined;
-  private postcopyAdvised = false;
-  private preempt: Socket | undefined;
-  private preemptPages = 0;
-  /** When the preempt channel last delivered bytes, and whether it is inside a record or a write. */
-  private preemptAt = 0;
-  private preemptBusy = false;
-  private postcopyMainPages = 0;
-  private discardRanges = 0;
-  private switchedAt: number | undefined;
-  /** Resolves when precopy is sealed (every multifd write done): preempt pages wait for it. */
-  private readonly postcopyStarted: Promise<void>;
-  private resolvePostcopyStarted!: () => void;
 
   constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary>) {
-    this.incoming = new IncomingConnections({
-      identifyTimeoutMs: opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
-      maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING,
-      onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
-      onStray: (e) => this.onStray(e),
-      takePreempt: (sock, source, byOrder) => this.takePreempt(sock, source, byOrder),
-    });
-    this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channels = opts.channels ?? 2;
-    this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
       throw new RangeError(`channels must be 0..255 (got ${opts.channels})`);
     }
-    this.done = new Promise((res, rej) => {
-      this.resolveDone = res;
-      this.rejectDone = rej;
+    this.inbound = new InboundSide({
+      ...opts,
+      channels: this.channels,
+      compression: opts.compression ?? 'auto',
+      completionQuietMs: opts.completionQuietMs ?? 20,
+      idlePhases: ['setup', 'ram', 'device-state', 'postcopy'],
+      conversation: 'receive',
     });
-    this.done.catch(() => {});
     this.listening = this.start();
   }
 
   private async start(): Promise<string> {
     try {
-      const compression = this.opts.compression ?? 'auto';
-      const method = compression === 'auto' ? undefined : getMethod(compression);
       this.output = await SnapshotOutput.create(this.opts.out, { channels: this.channels, ...(this.opts.directIo === undefined ? {} : { directIo: this.opts.directIo }) });
-      if (this.channels > 0) {
-        this.multifd = new MultifdReceiver({
-          channels: this.channels,
-          ...(method ? { method } : {}),
-          store: this.output.store,
-          blocks: this.blocks,
-          ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
-          ...(this.opts.channelTimeoutMs !== undefined ? { channelTimeoutMs: this.opts.channelTimeoutMs } : {}),
-        });
-        this.multifd.on('error', (e: Error) => this.fail(e));
-        this.multifd.on('sync', (n: number) => { this.rounds = n; });
-      }
-      this.listener = await listen(this.opts.listen, (s) => this.onConnection(s), {
-        ...(this.opts.tls ? { tls: this.opts.tls } : {}),
-        handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
-        onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
-      });
-      if (this.opts.signal) {
-        if (this.opts.signal.aborted) throw new Error('aborted');
-        this.opts.signal.addEventListener('abort', () => {
-          const why: unknown = this.opts.signal!.reason;
-          this.fail(why instanceof Error ? why : new Error('aborted'));
-        }, { once: true });
-      }
-      const interval = this.opts.progressIntervalMs ?? 250;
-      this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), interval);
-      this.idle = new IdleWatch(
-        this.opts.idleTimeoutMs ?? 300_000,
-        () => this.progress().transferred,
-        () => this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state' || this.phase === 'postcopy',
-        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
-      );
-      this.idle.start();
-      this.progressTimer.unref();
-      const addr = formatAddress(this.listener.address);
+      const addr = await this.inbound.open(this);
       publish('listening', { address: addr });
       return addr;
     } catch (e) {
@@ -258,404 +69,98 @@ class Receiver {
     }
   }
 
+  // ---- the sink: a snapshot ----------------------------------------------------------------
+
+  get store(): MappedRamWriter {
+    return this.output!.store;
+  }
+
+  get snapshot(): SnapshotOutput | undefined {
+    return this.output;
+  }
+
   progress(): ReceiveProgress {
-    const ch = this.multifd?.channelStats() ?? [];
-    const chBytes = ch.reduce((n, c) => n + c.bytes, 0);
+    const a = this.inbound;
+    const t = a.multifdTotals();
     return {
-      phase: this.phase,
+      phase: a.phase as ReceiveProgress['phase'],
       elapsedMs: Date.now() - this.startedAt,
-      transferred: chBytes + this.mainBytes,
-      normal: ch.reduce((n, c) => n + c.normalPages, 0) + this.mainPages,
-      duplicate: ch.reduce((n, c) => n + c.zeroPages, 0) + this.mainZero,
-      rounds: this.rounds,
-      channelsConnected: ch.length,
+      transferred: a.bytesIn(),
+      normal: t.normal + a.mainPages,
+      duplicate: t.zero + a.mainZero,
+      rounds: a.rounds,
+      channelsConnected: a.receiver?.channelStats().length ?? 0,
       channels: this.channels,
-      mainBytes: this.mainBytes,
-      ramTotal: this.ramTotal,
+      mainBytes: a.mainBytes + a.preemptBytes,
+      ramTotal: a.session.ramTotal,
     };
   }
 
-  private onConnection(sock: Socket): void {
-    if (this.failure || this.finished) {
-      sock.destroy();
-      return;
-    }
-    this.sockets.add(sock);
-    sock.on('close', () => this.sockets.delete(sock));
-    this.incoming.accept(sock);
+  tick(): void {
+    this.handle.emit('progress', this.progress());
   }
 
-  /** A connection that is no migration channel: closed and reported, the migration goes on. */
-  private onStray(e: StrayConnectionError): void {
-    publish('stray-connection', { error: e });
+  stray(e: StrayConnectionError): void {
     this.handle.emit('stray', e);
   }
 
-  /**
-   * The postcopy preempt channel has no magic: like QEMU, take the connection that comes after
-   * the main channel and all multifd channels of a source that advised postcopy (§6.3).
-   */
-  private takePreempt(sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean): boolean {
-    if (!preemptExpected(this.postcopyAdvised && !!this.main && !this.preempt && !this.failure && !this.finished, this.multifd?.connected ?? 0, this.channels, byOrder)) return false;
-    this.preempt = sock;
-    // Its quiet window starts now: pages sent before EOF may not have been read yet.
-    this.preemptAt = Date.now();
-    sock.setNoDelay(true);
-    sock.on('error', () => {});
-    publish('channel', { kind: 'preempt', peer: describePeer(sock) });
-    void this.runPreempt(source);
-    return true;
+  connected(kind: 'main' | 'preempt', peer: string): void {
+    publish(kind === 'main' ? 'main-channel' : 'channel', kind === 'main' ? {} : { kind: 'preempt', peer });
   }
 
-  private async runPreempt(source: AsyncIterable<Buffer>): Promise<void> {
-    const parser = new PageRecordParser((name) => this.blocks.get(name)?.usedLength);
-    try {
-      for await (const chunk of source) {
-        if (this.failure || this.finished) return;
-        this.mainBytes += chunk.length;
-        this.preemptAt = Date.now();
-        this.preemptBusy = true;
-        // A page here answers a request made in postcopy: it must land after every precopy page
-        // (and its block be known). Waiting before the next read also bounds what an early
-        // sender can make us buffer: the socket is not read meanwhile.
-        await this.postcopyStarted;
-        parser.push(chunk);
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          if (ev.type === 'page') {
-            this.preemptPages++;
-            await this.output!.store.writePages(ev.block, [ev.offset], 1, ev.data);
-          } else if (ev.type === 'zero') {
-            this.preemptPages++;
-            await this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
-          }
-        }
-        this.preemptBusy = !parser.atBoundary;
-        this.preemptAt = Date.now();
-      }
-      if (!parser.atBoundary && !this.finished) throw new ProtocolError('TRUNCATED', 'closed inside a page record');
-    } catch (e) {
-      if (this.finished) return;
-      const err = e as Error & { code?: string };
-      if (err.code === 'ECONNRESET' || err.code === 'EPIPE') return;
-      this.fail(new ChannelError('postcopy preempt channel', err));
+  async sync(receiver: MultifdReceiver): Promise<void> {
+    this.inbound.phase = 'ram';
+    await receiver.sync();
+  }
+
+  /** A file is the destination: it answers the source's PINGs (the package's too) at once. */
+  async event(ev: SessionEvent): Promise<void> {
+    if (ev.type === 'ping') this.inbound.main!.write(encodePong(ev.value));
+    if (ev.type === 'return-path' && this.opts.switchoverAck && sendsSwitchoverAck(this.inbound.session.configuration?.machine ?? '')) {
+      this.inbound.main!.write(encodeSwitchoverAck());
     }
-  }
-
-  /**
-   * Pages the source wrote on the preempt channel before its EOF on main may still be on their
-   * way (another socket): commit once that channel is between records, written, and quiet.
-   */
-  private async preemptSettled(): Promise<void> {
-    if (!this.preempt) return;
-    const quiet = this.opts.completionQuietMs ?? 20;
-    const limit = Date.now() + (this.opts.channelTimeoutMs ?? 15000);
-    while (!this.failure && (this.preemptBusy || Date.now() - this.preemptAt < quiet)) {
-      if (Date.now() > limit) throw new ProtocolError('TRUNCATED', 'the postcopy preempt channel stopped inside a page record at the end of the migration');
-      await new Promise((resolve) => setTimeout(resolve, 5));
+    if (ev.type === 'postcopy-switch') {
+      publish('postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
+      for (const v of ev.pings) this.inbound.main!.write(encodePong(v));
     }
-    if (this.failure) throw this.failure;
+    // A precopy stream is committed once it stays quiet (InboundSide.runMain); a postcopy one ends here.
+    if (ev.type === 'complete' && this.inbound.session.postcopy) await this.complete();
   }
 
-  private identify(sock: Socket, kind: 'main' | 'multifd', source: AsyncIterable<Buffer>, peer: string): void {
-    if (this.failure) return;
-    if (kind === 'main') {
-      if (this.main) {
-        sock.destroy();
-        this.onStray(new StrayConnectionError(peer, 'a second main channel (QEVM) while one is in use; closed'));
-        return;
-      }
-      this.main = sock;
-      this.phase = 'setup';
-      publish('main-channel', {});
-      void this.runMain(source);
-      return;
-    }
-    {
-      if (!this.multifd) {
-        sock.destroy();
-        this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the receiver expects none (--channels 0); does the source have multifd on?'));
-        return;
-      }
-      // Counted with the ones still sending their init: a connection that sent the magic and
-      // stalls holds a place too. QEMU ignores extra connections; we close and report them.
-      if (this.multifd.openConnections >= this.channels) {
-        sock.destroy();
-        this.onStray(new StrayConnectionError(peer, `a multifd connection beyond the ${this.channels} channels; closed`));
-        return;
-      }
-      void this.multifd.runChannel(source, `multifd connection from ${peer}`);
-    }
+  async mainEnded(): Promise<void> {
+    const session = this.inbound.session;
+    if (session.complete) return this.complete();
+    const why = session.rejection ? `: ${session.rejection.message}` : '; is the machine\'s suppress-vmdesc on?';
+    const where = session.postcopy
+      ? `in postcopy (RAM ${session.ramEnded ? 'complete, EOF missing' : 'pages still to come'}), at stream offset ${session.offset}`
+      : session.deviceStateBytes > 0
+      ? `in the device state (${session.deviceStateBytes} bytes received, no complete VMDESCRIPTION${why})`
+      : `at stream offset ${session.offset}`;
+    throw new ProtocolError('TRUNCATED', `closed before the migration completed, ${where} (source gone?)`);
   }
 
-  private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
-    const parser = new MainStreamParser();
-    const st = new MainState(new DeviceStateTail(this.opts.maxDeviceStateBytes));
-    const chunks = source[Symbol.asyncIterator]();
-    try {
-      for (;;) {
-        const next = chunks.next();
-        let r: IteratorResult<Buffer>;
-        if (st.tail.isComplete) {
-          // The bytes so far end in a VMDESCRIPTION that walks, but guest-written bytes can look
-          // like one at a read boundary: commit only once the stream stays quiet (a real source
-          // sends nothing more until our SHUT) or ends.
-          const quiet = await quietFor(next, this.opts.completionQuietMs ?? 20);
-          if (quiet === 'quiet') {
-            next.then((more) => {
-              if (!more.done) publish('late-data', { bytes: more.value.length, message: 'bytes arrived on the main channel after the snapshot was committed' });
-            }, () => {});
-            await this.complete(st);
-            return;
-          }
-          r = quiet;
-        } else {
-          r = await next;
-        }
-        if (r.done) break;
-        const chunk = r.value;
-        if (this.failure || this.finished) return;
-        this.mainBytes += chunk.length;
-        parser.push(chunk);
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          await this.onMainEvent(ev, st);
-          if (this.failure || this.finished) return;
-        }
-      }
-      if (!this.finished && !this.failure) {
-        if (st.tail.isComplete) {
-          await this.complete(st);
-          return;
-        }
-        const why = st.tail.rejection ? `: ${st.tail.rejection.message}` : '; is the machine\'s suppress-vmdesc on?';
-        const where = st.postcopy
-          ? `in postcopy (RAM ${st.ended ? 'complete, EOF missing' : 'pages still to come'}), at stream offset ${parser.offset}`
-          : st.tail.length > 0
-          ? `in the device state (${st.tail.length} bytes received, no complete VMDESCRIPTION${why})`
-          : `at stream offset ${parser.offset}`;
-        throw new ProtocolError('TRUNCATED', `closed before the migration completed, ${where} (source gone?)`);
-      }
-    } catch (e) {
-      const err = e as Error & { code?: string };
-      // A source killed outright resets the connection instead of closing it: same news.
-      if (err.code === 'ECONNRESET' || err.code === 'EPIPE') {
-        this.fail(new ChannelError('main channel', new ProtocolError('TRUNCATED', `the connection was reset before the migration completed, at stream offset ${parser.offset} (source gone?)`)));
-        return;
-      }
-      this.fail(err instanceof ChannelError ? err : new ChannelError('main channel', err));
-    }
-  }
+  // ---- the end -------------------------------------------------------------------------------
 
-  private async onMainEvent(ev: MainEvent, st: MainState): Promise<void> {
-    switch (ev.type) {
-      case 'header':
-        return;
-      case 'configuration':
-        if (ev.config.capabilities.includes('mapped-ram')) {
-          throw new ProtocolError('UNSUPPORTED', 'the source has mapped-ram on; turn it off to migrate over a socket');
-        }
-        st.config = ev.config;
-        publish('configuration', { machine: ev.config.machine });
-        return;
-      case 'command':
-        return this.onCommand(ev.cmd, ev.payload, st);
-      case 'package':
-        return this.onPackage(ev.data, st);
-      case 'section':
-        if (ev.idstr !== RAM_SECTION_NAME) {
-          // dirty-bitmap & co.: carried into the snapshot as bytes (the parser knows the framing).
-          if (!st.headWritten) throw new ProtocolError('BAD_RECORD', `iterable section "${ev.idstr}" before RAM's block list`);
-          st.iterableSection = ev.sectionId;
-          this.output!.iterable(encodeMainEvent(ev));
-          return;
-        }
-        st.iterableSection = undefined;
-        if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
-        st.sectionId = ev.sectionId;
-        st.sectionKind = ev.kind;
-        if (ev.kind === 'start') {
-          if (st.started) throw new ProtocolError('BAD_RECORD', 'second START section for ram');
-          st.started = true;
-        } else if (!st.started) {
-          throw new ProtocolError('BAD_RECORD', `ram ${ev.kind.toUpperCase()} section before START`);
-        }
-        if (ev.kind === 'end') st.ended = true;
-        return;
-      case 'ram-mem-size':
-        if (st.sectionKind !== 'start' || st.headWritten) throw new ProtocolError('BAD_RECORD', 'MEM_SIZE outside the setup section');
-        this.ramTotal = ev.totalBytes;
-        st.memSizeRemaining = ev.totalBytes;
-        if (ev.totalBytes === 0) await this.writeHead(st);
-        return;
-      case 'ram-block':
-        st.blockList.push(ev.block);
-        this.blocks.set(ev.block.name, { name: ev.block.name, usedLength: ev.block.usedLength });
-        st.memSizeRemaining -= ev.block.usedLength;
-        if (st.memSizeRemaining === 0) await this.writeHead(st);
-        return;
-      case 'ram-page':
-        if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'page record before the block list');
-        this.mainPages++;
-        if (st.postcopy) this.postcopyMainPages++;
-        await this.output!.store.writePages(ev.block, [ev.offset], 1, ev.data);
-        return;
-      case 'ram-zero':
-        if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'zero record before the block list');
-        this.mainZero++;
-        if (st.postcopy) this.postcopyMainPages++;
-        this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
-        return;
-      case 'ram-xbzrle': {
-        // The delta applies onto the page we hold (written and awaited before: main-channel
-        // records are handled in order), as a QEMU destination applies it onto guest memory.
-        if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'XBZRLE record before the block list');
-        const page = await this.output!.store.readPage(ev.block, ev.offset);
-        applyXbzrle(ev.delta, page);
-        this.mainPages++;
-        this.xbzrlePages++;
-        await this.output!.store.writePages(ev.block, [ev.offset], 1, [page]);
-        return;
-      }
-      case 'ram-flush':
-        if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
-        this.syncPoints.flush(st.sectionKind === 'start');
-        if (!this.multifd) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the receiver expects no multifd channels (--channels 0); does the source have multifd on?');
-        this.phase = 'ram';
-        await this.multifd.sync();
-        return;
-      case 'ram-eos': {
-        // After the switch multifd is over: an EOS closes a batch of postcopy pages, nothing more.
-        if (!this.multifd || st.postcopy) return;
-        const point = this.syncPoints.eos(st.sectionKind === 'start');
-        if (point.decided) publish('sync-mode', { mode: point.decided });
-        if (point.sync) {
-          this.phase = 'ram';
-          await this.multifd.sync();
-        }
-        return;
-      }
-      case 'iterable-data':
-        this.output!.iterable([ev.data]);
-        return;
-      case 'footer':
-        if (st.iterableSection === ev.sectionId) {
-          this.output!.iterable(encodeMainEvent(ev));
-          st.iterableSection = undefined;
-          return;
-        }
-        if (st.sectionKind === 'start') await this.output!.setupFooter(ev.sectionId);
-        return;
-      case 'device-state':
-        return this.onDeviceState(ev.data, st);
-    }
-  }
-
-  private async onCommand(cmd: number, payload: Buffer, st: MainState): Promise<void> {
-    switch (cmd) {
-      case Command.OPEN_RETURN_PATH:
-        this.returnPath = true;
-        publish('return-path', {});
-        if (this.opts.switchoverAck && sendsSwitchoverAck(st.config?.machine ?? '')) this.main!.write(encodeSwitchoverAck());
-        return;
-      case Command.PING: {
-        if (!this.returnPath) throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');
-        this.main!.write(encodePong(payload.readUInt32BE(0)));
-        return;
-      }
-      case Command.SWITCHOVER_START:
-        st.switchoverStart = true;
-        return;
-      case Command.POSTCOPY_ADVISE:
-        // Advice only: a source with postcopy-ram that never switches still migrates as precopy.
-        if (payload.length === 16 && payload.readBigUInt64BE(8) !== BigInt(TARGET_PAGE_SIZE)) {
-          throw new ProtocolError('UNSUPPORTED', `POSTCOPY_ADVISE with target page size ${payload.readBigUInt64BE(8)} (only ${TARGET_PAGE_SIZE} is supported)`);
-        }
-        this.postcopyAdvised = payload.length === 16;
-        return;
-      case Command.POSTCOPY_RAM_DISCARD: {
-        // The discarded pages are the ones the source still sends in postcopy: each arrives again,
-        // so the snapshot keeps its older copy until then. Checked, not acted on.
-        this.discardRanges += checkDiscard(payload, this.postcopyAdvised, this.blocks);
-        return;
-      }
-      default:
-        throw new ProtocolError('UNSUPPORTED', `command ${cmd} is not supported by receive (postcopy and COLO are not)`);
-    }
-  }
-
-  private async writeHead(st: MainState): Promise<void> {
-    if (!st.config) throw new ProtocolError('BAD_RECORD', 'RAM section before the configuration record');
-    await this.output!.head(st.config, st.sectionId, this.ramTotal, st.blockList);
-    st.headWritten = true;
-  }
-
-  /**
-   * The switch to postcopy (§6.2, §6.4): the package holds LISTEN, the device sections, PINGs
-   * and RUN. The destination's vCPUs would start at RUN; ours is a file, so it answers the PINGs
-   * at once and stores the device sections where a precopy snapshot has them.
-   */
-  private async onPackage(data: Buffer, st: MainState): Promise<void> {
-    const pkg = openPackage(data, { advised: this.postcopyAdvised, returnPath: this.returnPath, switched: st.postcopy, inRam: st.headWritten && !st.ended });
-    st.sections = pkg.sections;
-    st.postcopy = true;
-    this.switchedAt = Date.now();
-    this.phase = 'postcopy';
-    publish('postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
-    // Every precopy page is in place before any postcopy page: the prepare FLUSH synced the
-    // channels; later multifd packets are refused.
-    await this.multifd?.finish('the switch to postcopy');
-    this.resolvePostcopyStarted();
-    st.tail.append([pkg.devices]);
-    await this.output!.deviceState([pkg.devices], st.sectionId, st.switchoverStart);
-    for (const v of pkg.pings) this.main!.write(encodePong(v));
-  }
-
-  private async onDeviceState(data: Buffer[], st: MainState): Promise<void> {
-    if (!st.ended) {
-      // A background snapshot (QEMU's bg_migration_thread) has no END: the device state it saved
-      // when the save started follows the last PART once every page went out once. Only such a
-      // source may do that: it has no return path, multifd, postcopy, xbzrle or switchover.
-      const why = !st.started || st.sectionKind !== 'part' ? 'outside a RAM section'
-        : this.returnPath ? 'with a return path'
-        : this.postcopyAdvised || st.postcopy ? 'with postcopy advised'
-        : st.switchoverStart ? 'after SWITCHOVER_START'
-        : this.xbzrlePages > 0 ? 'after XBZRLE records'
-        : (this.multifd?.connected ?? 0) > 0 || this.rounds > 0 ? 'with multifd'
-        : undefined;
-      if (why !== undefined) throw new ProtocolError('BAD_RECORD', `device state before the final RAM section (END) ${why}: only a background snapshot ends without END, and it has none of that`);
-      st.background = true;
-    }
-    if (st.postcopy) {
-      const end = postcopyEnd(data, st.sections, st.postcopyEof);
-      st.postcopyEof = true;
-      await this.preemptSettled();
-      if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');
-      await this.output!.deviceState(end, st.sectionId, st.switchoverStart);
-      await this.complete(st);
-      return;
-    }
-    this.phase = 'device-state';
-    // The stream is complete when it ends in a VMDESCRIPTION that walks the device sections exactly.
-    st.tail.append(data);
-    await this.output!.deviceState(data, st.sectionId, st.switchoverStart);
-  }
-
-  private async complete(st: MainState): Promise<void> {
-    this.phase = 'committing';
-    this.finished = true;
-    if (this.multifd) await this.multifd.finish();
+  private async complete(): Promise<void> {
+    const a = this.inbound;
+    const session = a.session;
+    a.phase = 'committing';
+    a.finished = true;
+    if (a.receiver) await a.receiver.finish();
     const commitStart = Date.now();
     await this.output!.commit();
     const commitTime = Date.now() - commitStart;
-    if (this.returnPath && this.main && !this.main.destroyed) {
-      await new Promise<void>((resolve) => this.main!.write(encodeShut(0), () => resolve()));
+    const main = a.main;
+    if (session.returnPath && main && !main.destroyed) {
+      await new Promise<void>((resolve) => main.write(encodeShut(0), () => resolve()));
     }
-    this.phase = 'completed';
+    a.phase = 'completed';
     const p = this.progress();
     const elapsed = Date.now() - this.startedAt;
     const summary: ReceiveSummary = {
       status: 'completed',
       file: this.opts.out,
-      machine: st.config?.machine ?? '',
+      machine: session.configuration?.machine ?? '',
       'total-time': elapsed,
       'commit-time': commitTime,
       'direct-io': this.output!.store.directIo,
@@ -664,87 +169,44 @@ class Receiver {
       'normal-bytes': p.normal * TARGET_PAGE_SIZE,
       duplicate: p.duplicate,
       mbps: elapsed > 0 ? Math.round((p.transferred * 8) / (elapsed * 1000) * 100) / 100 : 0,
-      'dirty-sync-count': this.rounds,
-      'multifd-syncs': this.rounds,
-      'sync-mode': this.multifd ? (this.syncPoints.mode ?? 'round') : 'none',
-      compression: this.multifd?.compression ?? (this.opts.compression && this.opts.compression !== 'auto' ? this.opts.compression : 'none'),
-      'return-path': this.returnPath,
-      ...(st.background ? { 'background-snapshot': true } : {}),
-      'main-bytes': this.mainBytes,
-      ...(this.xbzrlePages > 0 ? { 'xbzrle-pages': this.xbzrlePages } : {}),
-      'device-state-bytes': st.tail.length,
-      ...(st.postcopy ? {
+      'dirty-sync-count': a.rounds,
+      'multifd-syncs': a.rounds,
+      'sync-mode': a.receiver ? (session.syncMode ?? 'round') : 'none',
+      compression: a.receiver?.compression ?? (this.opts.compression && this.opts.compression !== 'auto' ? this.opts.compression : 'none'),
+      'return-path': session.returnPath,
+      ...(session.background ? { 'background-snapshot': true } : {}),
+      ...(a.xbzrlePages > 0 ? { 'xbzrle-pages': a.xbzrlePages } : {}),
+      'main-bytes': p.mainBytes,
+      'device-state-bytes': session.deviceStateBytes,
+      ...(session.postcopy ? {
         postcopy: {
-          'switched-at-ms': (this.switchedAt ?? this.startedAt) - this.startedAt,
-          'main-pages': this.postcopyMainPages,
-          'preempt-pages': this.preemptPages,
-          'discard-ranges': this.discardRanges,
-          'preempt-channel': this.preempt !== undefined,
+          'switched-at-ms': (a.switchedAt ?? this.startedAt) - this.startedAt,
+          'main-pages': a.postcopyMainPages,
+          'preempt-pages': a.preemptPages,
+          'discard-ranges': a.discardRanges,
+          'preempt-channel': a.preemptChannel !== undefined,
         },
       } : {}),
       'file-size': this.output!.store.streamEnd,
-      blocks: st.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.output!.store.bitmap(b.name)?.count() ?? 0 })),
-      channels: this.multifd?.channelStats() ?? [],
+      blocks: session.blocks.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.output!.store.bitmap(b.name)?.count() ?? 0 })),
+      channels: a.receiver?.channelStats() ?? [],
     };
-    await this.cleanup();
+    await a.close();
     this.handle.emit('progress', this.progress());
     publish('completed', { summary });
-    this.resolveDone(summary);
+    this.result.resolve(summary);
   }
 
-  fail(err: Error): void {
-    if (this.failure || this.phase === 'completed') return;
-    if (this.switchedAt !== undefined) err = new PostcopyFailedError(err, 'receive');
-    this.failure = err;
-    this.phase = 'failed';
+  fail(e: Error): void {
+    const a = this.inbound;
+    if (a.failure || a.phase === 'completed') return;
+    const err = a.failed(e);
     publish('failed', { error: err });
-    if (this.returnPath && this.main && !this.main.destroyed) this.main.write(encodeShut(1));
-    this.multifd?.fail(err);
+    if (a.session.returnPath && a.main && !a.main.destroyed) a.main.write(encodeShut(1));
     void (async () => {
-      await this.cleanup();
-      await this.multifd?.quiesce();
-      await this.output?.abort();
-      this.rejectDone(err);
+      await a.close();
+      await a.discard();
+      this.result.reject(err);
     })();
-  }
-
-  private async cleanup(): Promise<void> {
-    if (this.progressTimer) clearInterval(this.progressTimer);
-    this.idle?.stop();
-    for (const s of this.sockets) s.end(() => s.destroy());
-    // Give a clean end a moment; anything left is destroyed so the source sees the failure now.
-    setTimeout(() => { for (const s of this.sockets) s.destroy(); }, this.failure ? 0 : 2000).unref();
-    await this.listener?.close();
-  }
-}
-
-class MainState {
-  config: Configuration | undefined;
-  sectionId = 0;
-  sectionKind: 'start' | 'part' | 'end' = 'start';
-  started = false;
-  ended = false;
-  switchoverStart = false;
-  /** The stream is a background snapshot's: device state right after a PART (no END). */
-  background = false;
-  /** Id of the open non-RAM iterable section (its footer is carried with it). */
-  iterableSection: number | undefined;
-  postcopy = false;
-  postcopyEof = false;
-  sections: FoundSection[] = [];
-  memSizeRemaining = 0;
-  blockList: RamBlockInfo[] = [];
-  headWritten = false;
-  constructor(readonly tail: DeviceStateTail) {}
-}
-
-/** Resolves with the next read, or 'quiet' when none came within `ms`. */
-async function quietFor<T>(next: Promise<T>, ms: number): Promise<T | 'quiet'> {
-  let timer: NodeJS.Timeout | undefined;
-  const quiet = new Promise<'quiet'>((resolve) => { timer = setTimeout(() => resolve('quiet'), ms); });
-  try {
-    return await Promise.race([next, quiet]);
-  } finally {
-    clearTimeout(timer);
   }
 }

@@ -14,143 +14,21 @@
 // B is what completes the relay; any failure before it fails A's migration too (SHUT(1) and its
 // connections closed), so A keeps running and can migrate again.
 
-import type { Socket } from 'node:net';
-import { Command, RAM_SECTION_NAME, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
-import type { Configuration } from '../codec/configuration.js';
-import { DeviceStateTail } from '../codec/device-state-tail.js';
+import { ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
-import { encodeMainEvent } from '../codec/main-event-encode.js';
-import { applyXbzrle } from '../codec/xbzrle.js';
-import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
-import { ReturnPathParser, encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
-import { encodeCommand } from '../codec/stream-encode.js';
-import { SyncPoints, type SyncMode } from '../codec/sync-points.js';
+import { encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
+import type { SessionEvent } from '../codec/stream-session.js';
 import { publish } from '../engine/diagnostics.js';
 import { ForwardingStore } from '../engine/forwarding-store.js';
-import { getMethod } from '../engine/methods/registry.js';
-import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
-import { MultifdSender, type SendChannelStats } from '../engine/multifd-sender.js';
-import type { RamBlock } from '../engine/page-store.js';
-import { connectTo, gatherWrite } from '../transports/connect.js';
-import { formatAddress, listen, type Listener } from '../transports/listener.js';
-import type { TlsCreds } from '../transports/tls.js';
-import { IdleWatch } from './idle-watch.js';
-import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, StrayConnectionError, type ConnectionKind } from './incoming.js';
-import { ListeningHandle } from './listening-handle.js';
-import { StallError } from './send.js';
+import type { MultifdReceiver } from '../engine/multifd-receiver.js';
+import { InboundSide, type InboundSink } from './inbound-side.js';
+import type { StrayConnectionError } from './incoming.js';
+import { ListeningHandle, settleable } from './listening-handle.js';
+import { RelayDestination, type DestinationHost } from './relay-destination.js';
+import type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 import { SnapshotOutput } from './snapshot-output.js';
-import { PostcopyFailedError } from './postcopy-failure.js';
-import { checkDiscard, openPackage, postcopyEnd, preemptExpected } from './postcopy-stream.js';
 
-export interface RelayOptions {
-  /** Where A connects: tcp:HOST:PORT or unix:PATH (port 0 picks one, see handle.listening). */
-  listen: string;
-  /** B's migrate-incoming address. */
-  to: string;
-  /** A's multifd-channels; 0 = A has multifd off. Default 2. */
-  channelsIn?: number;
-  /** B's multifd-channels; default channelsIn. */
-  channelsOut?: number;
-  /** A's multifd-compression; 'auto' (default) detects it from the first data packet. */
-  compressionIn?: string;
-  /** B's multifd-compression: none (default), zlib or zstd. */
-  compressionOut?: string;
-  /**
-   * Compression level towards B (zlib 1–9, zstd 1–20); the method's default when unset. Setting
-   * it re-encodes every packet (see recompress).
-   */
-  levelOut?: number;
-  /**
-   * Decode and re-encode compressed packets even when A and B use the same method on as many
-   * channels. By default such packets go on as they came (each A channel's stream continues on the
-   * B channel of the same number), which costs no compression work; with levelOut set they are
-   * always re-encoded.
-   */
-  recompress?: boolean;
-  /** A's -uuid: A's init messages must carry it and B's carry it too. Default: B's carry A's. */
-  uuid?: Buffer;
-  /** Also write a mapped-ram snapshot of the migrated state here (committed once B confirmed). */
-  tee?: string;
-  /** O_DIRECT page writes for the tee (default true). */
-  teeDirectIo?: boolean;
-  /** How A's MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from A's setup section. */
-  syncMode?: 'auto' | SyncMode;
-  /** How long a new connection may take to send its first 4 bytes (default 10 s); a silent one is closed as a stray. */
-  identifyTimeoutMs?: number;
-  /** Connections allowed to wait for identification at once (default 16); more are closed at once. */
-  maxPendingConnections?: number;
-  /** TLS towards A: accept TLS connections only, with server credentials (A's tls-creds is a client). */
-  tlsIn?: TlsCreds;
-  /** TLS towards B: client credentials (B's tls-creds is a server). */
-  tlsOut?: TlsCreds;
-  /** How long a sync waits for A channels that never connected. */
-  channelTimeoutMs?: number;
-  /** Fails when A sends nothing for this long mid-migration (default 300 s; 0: never). */
-  idleTimeoutMs?: number;
-  connectTimeoutMs?: number;
-  /** Fails when B accepted nothing (no byte written, no message) for this long while we wait on it. Default 60 s. */
-  stallTimeoutMs?: number;
-  maxDeviceStateBytes?: number;
-  progressIntervalMs?: number;
-  signal?: AbortSignal;
-}
-
-export interface RelayProgress {
-  phase: 'listening' | 'setup' | 'ram' | 'postcopy' | 'device-state' | 'waiting' | 'committing' | 'completed' | 'failed';
-  elapsedMs: number;
-  /** Bytes read from A (main and multifd channels). */
-  bytesIn: number;
-  /** Bytes written to B. */
-  bytesOut: number;
-  normal: number;
-  duplicate: number;
-  rounds: number;
-  channelsIn: number;
-  channelsOut: number;
-  ramTotal: number;
-}
-
-export interface RelaySummary {
-  status: 'completed';
-  from: string;
-  to: string;
-  machine: string;
-  'total-time': number;
-  'bytes-in': number;
-  'bytes-out': number;
-  normal: number;
-  'normal-bytes': number;
-  duplicate: number;
-  /** Throughput of what came in from A. */
-  mbps: number;
-  'multifd-syncs': number;
-  'sync-mode': SyncMode | 'none';
-  'compression-in': string;
-  'compression-out': string;
-  /** Compressed packets passed on as they came, without decoding and re-encoding (see recompress). */
-  'passed-encoded': number;
-  /** A opened the return path (A completed only after B confirmed). */
-  'return-path': boolean;
-  /** B confirmed the load (SHUT 0 on the return path). */
-  destination: 'confirmed';
-  'device-state-bytes': number;
-  /** Present when A switched to postcopy: B ran from the package on, pages followed on demand. */
-  postcopy?: {
-    'switched-at-ms': number;
-    /** Page records relayed on the main channel after the switch. */
-    'main-pages': number;
-    /** Bytes relayed on the preempt channel (requested pages, A → B). */
-    'preempt-bytes': number;
-    'preempt-pages': number;
-    'preempt-channel': boolean;
-    /** Page requests relayed from B to A. */
-    'page-requests': number;
-  };
-  tee?: { file: string; 'file-size': number; 'commit-time': number; 'direct-io': boolean };
-  'channels-in': ChannelStats[];
-  'channels-out': SendChannelStats[];
-}
+export type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 
 export class RelayHandle extends ListeningHandle<RelaySummary> {}
 
@@ -158,97 +36,24 @@ export class RelayHandle extends ListeningHandle<RelaySummary> {}
 export function relay(opts: RelayOptions): RelayHandle {
   return new RelayHandle((h: ListeningHandle<RelaySummary>) => {
     const r = new Relay(opts, h);
-    return { listening: r.listening, done: r.done, abort: (e) => r.fail(e) };
+    return { listening: r.listening, done: r.result.promise, abort: (e) => r.fail(e) };
   });
 }
 
-/** Commands the relay forwards (PACKAGED is an event of its own); COLO and postcopy recovery are refused. */
-const FORWARDED_COMMANDS = new Set<number>([Command.OPEN_RETURN_PATH, Command.PING, Command.POSTCOPY_ADVISE, Command.SWITCHOVER_START, Command.POSTCOPY_RAM_DISCARD]);
-
-class MainState {
-  config: Configuration | undefined;
-  /** Id of the open non-RAM iterable section (dirty-bitmap), forwarded as bytes. */
-  iterableSection: number | undefined;
-  sectionId = 0;
-  sectionKind: 'start' | 'part' | 'end' = 'start';
-  started = false;
-  ended = false;
-  switchoverStart = false;
-  postcopy = false;
-  sections: FoundSection[] = [];
-  memSizeRemaining = 0;
-  blockList: RamBlockInfo[] = [];
-  constructor(readonly tail: DeviceStateTail) {}
-}
-
-class Relay {
+class Relay implements InboundSink, DestinationHost {
   readonly listening: Promise<string>;
-  readonly done: Promise<RelaySummary>;
-  private resolveDone!: (s: RelaySummary) => void;
-  private rejectDone!: (e: Error) => void;
+  readonly result = settleable<RelaySummary>();
   private readonly channelsIn: number;
   private readonly channelsOut: number;
   private readonly startedAt = Date.now();
-  private phase: RelayProgress['phase'] = 'listening';
-  private listener: Listener | undefined;
-  private from = '';
-  private aMain: Socket | undefined;
-  private readonly aSockets = new Set<Socket>();
-  private readonly bSockets = new Set<Socket>();
-  private bMain: Promise<Socket> | undefined;
-  private bMainSocket: Socket | undefined;
-  private readonly bChannels: Promise<Socket>[] = [];
-  private receiver: MultifdReceiver | undefined;
-  private sender: MultifdSender | undefined;
+  private readonly inbound: InboundSide;
+  private dest: RelayDestination | undefined;
   private tee: SnapshotOutput | undefined;
-  private readonly blocks = new Map<string, RamBlock>();
-  private readonly syncPoints: SyncPoints;
-  private failure: Error | undefined;
-  private completed = false;
-  private progressTimer: NodeJS.Timeout | undefined;
-  private watchdog: NodeJS.Timeout | undefined;
-  private out: Buffer[] = [];
-  private mainBytesIn = 0;
-  private mainBytesOut = 0;
-  private mainPages = 0;
-  private mainZero = 0;
-  private rounds = 0;
-  private ramTotal = 0;
-  private aReturnPath = false;
-  private bReturnPath = false;
-  private bShut: number | undefined;
+  private forwarding: ForwardingStore | undefined;
   /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
   private aShutSent = false;
-  private readonly bAnswered: Promise<void>;
-  private resolveBAnswered!: () => void;
-  /** B writes in flight (or an awaited answer) and when B last made progress, for the stall watchdog. */
-  private bPending = 0;
-  private bProgressAt = Date.now();
-  /** A's whole stream (up to a VMDESCRIPTION that walks the device sections) was passed on to B. */
-  private streamComplete = false;
-
-  private readonly incoming: IncomingConnections;
-  private idle: IdleWatch | undefined;
-  private postcopyAdvised = false;
-  private switchedAt: number | undefined;
-  private aPreempt: Socket | undefined;
-  private preemptBytes = 0;
-  private preemptPages = 0;
-  private postcopyMainPages = 0;
-  private pageRequests = 0;
-  /** Resolves once precopy is sealed: tee writes of preempt pages wait for it. */
-  private readonly postcopyStarted: Promise<void>;
-  private resolvePostcopyStarted!: () => void;
 
   constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary>) {
-    this.incoming = new IncomingConnections({
-      identifyTimeoutMs: opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
-      maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING,
-      onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
-      onStray: (e) => this.onStray(e),
-      takePreempt: (sock, source, byOrder) => this.takePreempt(sock, source, byOrder),
-    });
-    this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channelsIn = opts.channelsIn ?? 2;
     this.channelsOut = opts.channelsOut ?? this.channelsIn;
     for (const [name, n] of [['channels-in', this.channelsIn], ['channels-out', this.channelsOut]] as const) {
@@ -257,81 +62,30 @@ class Relay {
     if ((this.channelsIn === 0) !== (this.channelsOut === 0)) {
       throw new RangeError(`channels-in ${this.channelsIn} and channels-out ${this.channelsOut}: the relay needs multifd on both sides or on neither`);
     }
-    this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
-    this.done = new Promise((res, rej) => {
-      this.resolveDone = res;
-      this.rejectDone = rej;
+    this.inbound = new InboundSide({
+      ...opts,
+      tls: opts.tlsIn,
+      channels: this.channelsIn,
+      compression: opts.compressionIn ?? 'auto',
+      // Waiting on B is the stall watchdog's business, not A's silence (see busy()).
+      idlePhases: ['setup', 'ram', 'device-state'],
+      conversation: 'relay',
     });
-    this.done.catch(() => {});
-    this.bAnswered = new Promise((resolve) => { this.resolveBAnswered = resolve; });
     this.listening = this.start();
   }
 
   private async start(): Promise<string> {
     try {
-      const methodOut = getMethod(this.opts.compressionOut ?? 'none');
-      if (this.opts.levelOut !== undefined) {
-        const max = methodOut.name === 'zlib' ? 9 : methodOut.name === 'zstd' ? 20 : 0;
-        if (methodOut.name === 'none') throw new RangeError('a compression level needs a compression method (zlib or zstd)');
-        if (!Number.isInteger(this.opts.levelOut) || this.opts.levelOut < 0 || this.opts.levelOut > max) throw new RangeError(`${methodOut.name} level must be 0..${max} (got ${this.opts.levelOut})`);
-      }
-      if (methodOut.name !== 'none' && this.channelsOut === 0) throw new RangeError(`compression ${methodOut.name} needs multifd channels towards the destination`);
-      const compressionIn = this.opts.compressionIn ?? 'auto';
-      const methodIn = compressionIn === 'auto' ? undefined : getMethod(compressionIn);
       if (this.opts.tee) this.tee = await SnapshotOutput.create(this.opts.tee, { channels: this.channelsIn, ...(this.opts.teeDirectIo === undefined ? {} : { directIo: this.opts.teeDirectIo }) });
-      if (this.channelsOut > 0) {
-        this.sender = new MultifdSender({
-          channels: Array.from({ length: this.channelsOut }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.writeChannel(i, bufs) })),
-          method: methodOut,
-          ...(this.opts.levelOut !== undefined ? { level: this.opts.levelOut } : {}),
+      this.dest = new RelayDestination(this.opts, this.channelsOut, this, this.inbound);
+      if (this.dest.sender) {
+        this.forwarding = new ForwardingStore(this.dest.sender, this.tee?.store, {
+          passEncoded: this.channelsIn === this.channelsOut && this.opts.levelOut === undefined && this.opts.recompress !== true,
         });
-        this.sender.on('error', (e: Error) => this.fail(e));
-        this.receiver = new MultifdReceiver({
-          channels: this.channelsIn,
-          ...(methodIn ? { method: methodIn } : {}),
-          store: new ForwardingStore(this.sender, this.tee?.store, {
-            passEncoded: this.channelsIn === this.channelsOut && this.opts.levelOut === undefined && this.opts.recompress !== true,
-          }),
-          blocks: this.blocks,
-          ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
-          ...(this.opts.channelTimeoutMs !== undefined ? { channelTimeoutMs: this.opts.channelTimeoutMs } : {}),
-          channelName: 'source multifd channel',
-        });
-        this.receiver.on('error', (e: Error) => this.fail(e));
-        this.receiver.on('channel', (_id: number, uuid: Buffer) => this.openChannelsToB(this.opts.uuid ?? uuid));
       }
-      this.listener = await listen(this.opts.listen, (s) => this.onConnection(s), {
-        ...(this.opts.tlsIn ? { tls: this.opts.tlsIn } : {}),
-        handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
-        onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
-      });
-      if (this.opts.signal) {
-        if (this.opts.signal.aborted) throw new Error('aborted');
-        this.opts.signal.addEventListener('abort', () => {
-          const why: unknown = this.opts.signal!.reason;
-          this.fail(why instanceof Error ? why : new Error('aborted'));
-        }, { once: true });
-      }
-      this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), this.opts.progressIntervalMs ?? 250);
-      this.idle = new IdleWatch(
-        this.opts.idleTimeoutMs ?? 300_000,
-        () => this.progress().bytesIn,
-        // Waiting on B is the stall watchdog's business, not A's silence.
-        () => (this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state') && this.bPending === 0,
-        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
-      );
-      this.idle.start();
-      this.progressTimer.unref();
-      const stall = this.opts.stallTimeoutMs ?? 60000;
-      this.watchdog = setInterval(() => {
-        if (this.bPending > 0 && Date.now() - this.bProgressAt > stall) {
-          this.fail(new StallError(`the destination accepted nothing for ${Math.round(stall / 1000)} s; does it expect ${this.channelsOut} multifd channel(s) (multifd-channels), the same multifd-compression (${methodOut.name}) and the same sync mode (multifd-flush-after-each-section)?`));
-        }
-      }, Math.min(1000, stall));
-      this.watchdog.unref();
-      this.from = formatAddress(this.listener.address);
-      publish('relay-listening', { address: this.from });
-      return this.from;
+      const from = await this.inbound.open(this);
+      publish('relay-listening', { address: from });
+      return from;
     } catch (e) {
       this.fail(e as Error);
       throw e;
@@ -339,490 +93,139 @@ class Relay {
   }
 
   progress(): RelayProgress {
-    const cin = this.receiver?.channelStats() ?? [];
-    const cout = this.sender?.stats() ?? [];
+    const a = this.inbound;
+    const t = a.multifdTotals();
     return {
-      phase: this.phase,
+      phase: a.phase,
       elapsedMs: Date.now() - this.startedAt,
-      bytesIn: this.mainBytesIn + cin.reduce((n, c) => n + c.bytes, 0),
-      bytesOut: this.mainBytesOut + cout.reduce((n, c) => n + c.bytes, 0),
-      normal: this.mainPages + cin.reduce((n, c) => n + c.normalPages, 0),
-      duplicate: this.mainZero + cin.reduce((n, c) => n + c.zeroPages, 0),
-      rounds: this.rounds,
+      bytesIn: a.mainBytes + t.bytes,
+      bytesOut: this.dest?.outBytes() ?? 0,
+      normal: a.mainPages + t.normal,
+      duplicate: a.mainZero + t.zero,
+      rounds: a.rounds,
       channelsIn: this.channelsIn,
       channelsOut: this.channelsOut,
-      ramTotal: this.ramTotal,
+      ramTotal: a.session.ramTotal,
     };
   }
 
-  // ---- A's side -------------------------------------------------------------------------------
+  // ---- the sink: B, and the tee ------------------------------------------------------------
 
-  private onConnection(sock: Socket): void {
-    if (this.failure || this.completed) {
-      sock.destroy();
-      return;
-    }
-    this.aSockets.add(sock);
-    sock.on('close', () => this.aSockets.delete(sock));
-    this.incoming.accept(sock);
+  /** B's return-path messages go back to A when A opened its own. */
+  toSource(type: number, payload: Buffer): void {
+    const main = this.inbound.main;
+    if (!this.inbound.session.returnPath || !main || main.destroyed) return;
+    main.write(encodeReturnPathMessage(type, payload));
+    if (type === ReturnPathMessage.SHUT) this.aShutSent = true;
   }
 
-  /** A connection that is no migration channel: closed and reported, the migration goes on. */
-  private onStray(e: StrayConnectionError): void {
-    publish('stray-connection', { error: e });
+  /** B closes after its SHUT, as a destination does; A (which got that SHUT) sees the same. */
+  ended(): void {
+    const main = this.inbound.main;
+    if (this.dest!.shut === 0 && this.aShutSent && main && !main.destroyed) main.end();
+  }
+
+  get store(): ForwardingStore {
+    return this.forwarding!;
+  }
+
+  get snapshot(): SnapshotOutput | undefined {
+    return this.tee;
+  }
+
+  preempt: InboundSink['preempt'];
+
+  tick(): void {
+    this.handle.emit('progress', this.progress());
+  }
+
+  busy(): boolean {
+    return this.dest?.busy ?? false;
+  }
+
+  stray(e: StrayConnectionError): void {
     this.handle.emit('stray', e);
   }
 
-  /** A's postcopy preempt channel (no magic): the connection after main and all multifd (§6.3). */
-  private takePreempt(sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean): boolean {
-    if (!preemptExpected(this.postcopyAdvised && !!this.aMain && !this.aPreempt && !this.failure && !this.completed, this.receiver?.connected ?? 0, this.channelsIn, byOrder)) return false;
-    this.aPreempt = sock;
-    sock.setNoDelay(true);
-    sock.on('error', () => {});
-    void this.runPreempt(source);
-    return true;
+  connected(kind: 'main' | 'preempt', peer: string): void {
+    if (kind === 'main') publish('relay-source', { peer });
+    else this.preempt = this.dest!.openPreempt();
   }
 
-  /**
-   * Relays A's preempt channel to a preempt channel of our own to B, opened after B's main and
-   * multifd channels so B takes it as preempt too. Bytes pass unchanged (block names are the
-   * same on both sides); they are parsed to check them and for the tee.
-   */
-  private async runPreempt(source: AsyncIterable<Buffer>): Promise<void> {
-    const timeout = this.opts.connectTimeoutMs ?? 10000;
-    const b = (async () => {
-      await this.bMain;
-      await Promise.all(this.bChannels);
-      const s = await connectTo(this.opts.to, timeout, this.opts.tlsOut);
-      s.setNoDelay(true);
-      this.adoptB(s, 'its postcopy preempt channel');
-      return s;
-    })();
-    b.catch(() => {});
-    publish('relay-preempt', {});
-    const parser = new PageRecordParser((name) => this.blocks.get(name)?.usedLength, 'source preempt channel');
-    try {
-      for await (const chunk of source) {
-        if (this.failure) return;
-        this.preemptBytes += chunk.length;
-        // Pages on preempt belong after the switch (the block list known, precopy sealed); the
-        // socket is not read meanwhile, so an early sender cannot make us buffer without bound.
-        await this.postcopyStarted;
-        parser.push(chunk);
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          if (ev.type === 'eos') continue;
-          this.preemptPages++;
-          if (!this.tee) continue;
-          if (ev.type === 'page') await this.tee.store.writePages(ev.block, [ev.offset], 1, ev.data);
-          else await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
-        }
-        await this.trackB(gatherWrite(await b, [chunk]), 'its postcopy preempt channel');
-      }
-      if (!parser.atBoundary) throw new ProtocolError('TRUNCATED', 'closed inside a page record');
-      (await b).end();
-    } catch (e) {
-      if (this.completed || this.failure) return;
-      const err = e as Error & { code?: string };
-      if ((err.code === 'ECONNRESET' || err.code === 'EPIPE') && this.bShut === 0) return;
-      this.fail(new ChannelError('source postcopy preempt channel', err));
-    }
+  channel(_id: number, uuid: Buffer): void {
+    this.dest!.openChannels(this.opts.uuid ?? uuid);
   }
 
-  private identify(sock: Socket, kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string): void {
-    if (this.failure) return;
-    if (kind === 'main') {
-      if (this.aMain) {
-        sock.destroy();
-        this.onStray(new StrayConnectionError(peer, 'a second main channel (QEVM) while one is in use; closed'));
-        return;
-      }
-      this.aMain = sock;
-      this.phase = 'setup';
-      publish('relay-source', { peer });
-      void this.runMain(source);
-      return;
-    }
-    if (!this.receiver) {
-      sock.destroy();
-      this.fail(new ProtocolError('BAD_CHANNEL_ID', 'a multifd channel connected but the relay expects none (--channels-in 0); does the source have multifd on?'));
-      return;
-    }
-    // Counted with the ones still sending their init: a connection that sent the magic and
-    // stalls holds a place too. QEMU ignores extra connections; we close and report them.
-    if (this.receiver.openConnections >= this.channelsIn) {
-      sock.destroy();
-      this.onStray(new StrayConnectionError(peer, `a multifd connection beyond the ${this.channelsIn} channels; closed`));
-      return;
-    }
-    void this.receiver.runChannel(source, `source multifd connection from ${peer}`);
+  /** Once every A channel passed its pages of the round on (written to B), one SYNC on every B channel. */
+  async sync(receiver: MultifdReceiver): Promise<void> {
+    await this.dest!.flush();
+    await receiver.sync(() => this.dest!.sender!.sync());
   }
 
-  private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
-    const parser = new MainStreamParser();
-    const st = new MainState(new DeviceStateTail(this.opts.maxDeviceStateBytes));
-    try {
-      for await (const chunk of source) {
-        if (this.failure) return;
-        this.mainBytesIn += chunk.length;
-        parser.push(chunk);
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          await this.onMainEvent(ev, st);
-          if (this.failure) return;
-        }
-        await this.flushMain();
-      }
-      if (this.failure) return;
-      await this.sourceEnded(st, parser);
-    } catch (e) {
-      const err = e as Error & { code?: string };
-      // A that got B's SHUT(0) has completed; it may drop the connection without a clean close
-      // (QEMU 11 over TLS resets it). With the whole stream passed on, that is the end.
-      if (err.code === 'ECONNRESET' && this.aShutSent && this.bShut === 0 && st.ended && st.tail.isComplete && !this.failure) {
-        try {
-          await this.sourceEnded(st, parser);
-        } catch (e2) {
-          this.fail(new ChannelError('source main channel', e2 as Error));
-        }
-        return;
-      }
-      this.fail(err instanceof ChannelError ? err : new ChannelError('source main channel', err));
-    }
+  chunkDone(): Promise<void> {
+    return this.dest!.flush();
   }
 
-  private async onMainEvent(ev: MainEvent, st: MainState): Promise<void> {
-    switch (ev.type) {
-      case 'header':
-        this.connectMainToB();
-        break;
-      case 'configuration':
-        if (ev.config.capabilities.includes('mapped-ram')) throw new ProtocolError('UNSUPPORTED', 'the source has mapped-ram on; turn it off to migrate over a socket');
-        st.config = ev.config;
-        publish('configuration', { machine: ev.config.machine });
-        break;
-      case 'command':
-        if (!FORWARDED_COMMANDS.has(ev.cmd)) {
-          throw new ProtocolError('UNSUPPORTED', `command ${ev.cmd} is not supported by relay (postcopy and COLO are not)`);
-        }
-        if (ev.cmd === Command.OPEN_RETURN_PATH) {
-          this.aReturnPath = true;
-          publish('return-path', {});
-          // Already open towards B (we opened it ourselves): a second one is only logged by QEMU.
-          if (this.bReturnPath) return;
-          this.bReturnPath = true;
-        } else if (ev.cmd === Command.PING && !this.aReturnPath) {
-          throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');
-        } else if (ev.cmd === Command.SWITCHOVER_START) {
-          st.switchoverStart = true;
-        } else if (ev.cmd === Command.POSTCOPY_ADVISE) {
-          this.postcopyAdvised = ev.payload.length === 16;
-        } else if (ev.cmd === Command.POSTCOPY_RAM_DISCARD) {
-          checkDiscard(ev.payload, this.postcopyAdvised, this.blocks);
-        }
-        break;
-      case 'package':
-        await this.onPackage(ev.data, st);
-        break;
-      case 'section':
-        if (ev.idstr !== RAM_SECTION_NAME) {
-          // dirty-bitmap & co.: passed on in stream order as bytes (and kept in the tee's snapshot).
-          st.iterableSection = ev.sectionId;
-          if (this.tee) this.tee.iterable(encodeMainEvent(ev));
-          break;
-        }
-        st.iterableSection = undefined;
-        if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
-        if (ev.kind === 'start') {
-          if (st.started) throw new ProtocolError('BAD_RECORD', 'second START section for ram');
-          st.started = true;
-          if (!this.bReturnPath) {
-            // Our own return path to B: its SHUT tells us whether B loaded what we sent.
-            this.bReturnPath = true;
-            this.out.push(encodeCommand(Command.OPEN_RETURN_PATH));
-          }
-        } else if (!st.started) {
-          throw new ProtocolError('BAD_RECORD', `ram ${ev.kind.toUpperCase()} section before START`);
-        }
-        st.sectionId = ev.sectionId;
-        st.sectionKind = ev.kind;
-        if (ev.kind === 'end') st.ended = true;
-        if (this.phase === 'setup' && ev.kind !== 'start') this.phase = 'ram';
-        break;
-      case 'ram-mem-size':
-        if (st.sectionKind !== 'start' || st.memSizeRemaining > 0 || st.blockList.length > 0) throw new ProtocolError('BAD_RECORD', 'MEM_SIZE outside the setup section');
-        this.ramTotal = ev.totalBytes;
-        st.memSizeRemaining = ev.totalBytes;
-        if (ev.totalBytes === 0) await this.teeHead(st);
-        break;
-      case 'ram-block':
-        st.blockList.push(ev.block);
-        this.blocks.set(ev.block.name, { name: ev.block.name, usedLength: ev.block.usedLength });
-        st.memSizeRemaining -= ev.block.usedLength;
-        if (st.memSizeRemaining === 0) await this.teeHead(st);
-        break;
-      case 'ram-page':
-        this.mainPages++;
-        if (st.postcopy) this.postcopyMainPages++;
-        if (this.tee) await this.tee.store.writePages(ev.block, [ev.offset], 1, ev.data);
-        break;
-      case 'ram-zero':
-        this.mainZero++;
-        if (st.postcopy) this.postcopyMainPages++;
-        if (this.tee) await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
-        break;
-      case 'ram-xbzrle':
-        // Passed on as it came: both sides are on the main channel (the relay has multifd on both
-        // sides or neither, and QEMU sends XBZRLE only without multifd). A snapshot kept on the
-        // way gets the delta applied onto its copy of the page.
-        this.mainPages++;
-        if (this.tee) {
-          const page = await this.tee.store.readPage(ev.block, ev.offset);
-          applyXbzrle(ev.delta, page);
-          await this.tee.store.writePages(ev.block, [ev.offset], 1, [page]);
-        }
-        break;
-      case 'ram-flush':
-        if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
-        this.syncPoints.flush(st.sectionKind === 'start');
-        if (!this.receiver) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the relay expects no multifd channels (--channels-in 0); does the source have multifd on?');
-        await this.syncRound();
-        break;
-      case 'ram-eos':
-        // After the switch an EOS closes a batch of postcopy pages; multifd is over.
-        if (this.receiver && !st.postcopy) {
-          const point = this.syncPoints.eos(st.sectionKind === 'start');
-          if (point.decided) publish('sync-mode', { mode: point.decided });
-          if (point.sync) await this.syncRound();
-        }
-        break;
-      case 'iterable-data':
-        if (this.tee) this.tee.iterable([ev.data]);
-        break;
-      case 'footer':
-        if (st.iterableSection === ev.sectionId) {
-          if (this.tee) this.tee.iterable(encodeMainEvent(ev));
-          st.iterableSection = undefined;
-          break;
-        }
-        if (st.sectionKind === 'start' && this.tee) await this.tee.setupFooter(ev.sectionId);
-        break;
-      case 'device-state':
-        if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
-        if (st.postcopy) {
-          // A postcopy stream ends with EOF after RAM END. B gets exactly that; the tail (and the
-          // tee) get a description of the package's sections, as receive writes it.
-          const end = postcopyEnd(ev.data, st.sections, this.streamComplete);
-          if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');
-          this.streamComplete = true;
-          if (this.tee) await this.tee.deviceState(end, st.sectionId, st.switchoverStart);
-          break;
-        }
-        this.phase = 'device-state';
-        if (st.tail.append(ev.data)) this.streamComplete = true;
-        if (this.tee) await this.tee.deviceState(ev.data, st.sectionId, st.switchoverStart);
-        break;
-    }
-    this.out.push(...encodeMainEvent(ev));
+  /** Each record of A's goes to B as it came (with a return path of our own when A has none). */
+  event(ev: SessionEvent): void {
+    const dest = this.dest!;
+    if (ev.type === 'header') dest.connectMain();
+    // Already open towards B (we opened it ourselves): a second one is only logged by QEMU.
+    if (ev.type === 'return-path' && !dest.openReturnPath()) return;
+    if (ev.type === 'section' && ev.kind === 'start') dest.ensureReturnPath();
+    if (ev.type === 'section' && ev.kind !== 'start' && this.inbound.phase === 'setup') this.inbound.phase = 'ram';
+    if (ev.type === 'postcopy-switch') publish('relay-postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
+    if (ev.record) dest.record(ev.record);
   }
 
-  /**
-   * A's switch to postcopy (§6.2, §6.4): the package goes to B unchanged (B answers its PINGs;
-   * B's PONGs, page requests and SHUT come back through the return path). Multifd is over: the
-   * prepare FLUSH before it was the last sync, so later multifd packets from A are refused.
-   */
-  private async onPackage(data: Buffer, st: MainState): Promise<void> {
-    const pkg = openPackage(data, { advised: this.postcopyAdvised, returnPath: this.aReturnPath, switched: st.postcopy, inRam: st.started && !st.ended });
-    st.sections = pkg.sections;
-    st.postcopy = true;
-    this.switchedAt = Date.now();
-    this.phase = 'postcopy';
-    publish('relay-postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
-    await this.receiver?.finish('the switch to postcopy');
-    this.resolvePostcopyStarted();
-    st.tail.append([pkg.devices]);
-    if (this.tee) await this.tee.deviceState([pkg.devices], st.sectionId, st.switchoverStart);
-  }
-
-  private async teeHead(st: MainState): Promise<void> {
-    if (!this.tee) return;
-    if (!st.config) throw new ProtocolError('BAD_RECORD', 'RAM section before the configuration record');
-    await this.tee.head(st.config, st.sectionId, this.ramTotal, st.blockList);
-  }
-
-  /**
-   * One sync point of A: once every A channel has passed its pages of the round on (written to
-   * B), one SYNC on every B channel, while A's channels are still held.
-   */
-  private async syncRound(): Promise<void> {
-    await this.flushMain();
-    await this.receiver!.sync(() => this.sender!.sync());
-    this.rounds++;
+  mainErrorIsEnd(e: Error & { code?: string }): boolean {
+    // A that got B's SHUT(0) has completed; it may drop the connection without a clean close
+    // (QEMU 11 over TLS resets it). With the whole stream passed on, that is the end.
+    return e.code === 'ECONNRESET' && this.aShutSent && this.dest?.shut === 0 && this.inbound.session.complete;
   }
 
   /** A closed its main channel: after a complete stream, hand B the end and wait for its verdict. */
-  private async sourceEnded(st: MainState, parser: MainStreamParser): Promise<void> {
+  async mainEnded(): Promise<void> {
+    const a = this.inbound;
     // A complete stream ends in a VMDESCRIPTION that walks the device sections; anything less
     // would leave B waiting for device state that never comes.
-    if (!st.ended || !st.tail.isComplete) {
-      throw new ProtocolError('TRUNCATED', `the source closed its main channel before the migration completed, at stream offset ${parser.offset} (source gone?)`);
+    if (!a.session.complete) {
+      throw new ProtocolError('TRUNCATED', `the source closed its main channel before the migration completed, at stream offset ${a.session.offset} (source gone?)`);
     }
-    await this.flushMain();
-    this.phase = 'waiting';
-    if (this.receiver) await this.receiver.finish();
-    // A closes first only without a return path of its own; B may still be loading. B main stays
-    // open until B's SHUT arrived on the return path we opened: a destination may close its side
-    // when it sees our end (Node's default for servers), and its verdict would be lost.
-    const bMain = await this.bMain!;
-    this.bPending++;
-    await this.bAnswered;
-    this.bPending--;
-    bMain.end();
-    if (this.failure) return;
-    if (this.bShut === undefined) throw new Error('the destination closed the connection without confirming the load (no SHUT on the return path)');
-    await this.complete(st);
+    await this.dest!.flush();
+    a.phase = 'waiting';
+    if (a.receiver) await a.receiver.finish();
+    // A closes first only without a return path of its own; B may still be loading.
+    await this.dest!.verdict();
+    if (a.failure) return;
+    if (this.dest!.shut === undefined) throw new Error('the destination closed the connection without confirming the load (no SHUT on the return path)');
+    await this.complete();
   }
 
-  // ---- B's side -------------------------------------------------------------------------------
+  // ---- the end -------------------------------------------------------------------------------
 
-  private connectMainToB(): void {
-    if (this.bMain) return;
-    const timeout = this.opts.connectTimeoutMs ?? 10000;
-    this.bMain = connectTo(this.opts.to, timeout, this.opts.tlsOut).then((s) => {
-      this.bMainSocket = s;
-      this.adoptB(s, 'its main channel');
-      this.listenReturnPath(s);
-      publish('relay-destination', { to: this.opts.to });
-      return s;
-    });
-    this.bMain.catch((e: Error) => this.fail(e));
-  }
-
-  /**
-   * B's multifd connections, once A's first init told the uuid: B identifies the first
-   * connection as its main channel, so these connect after it, and each writes its init at once
-   * (QEMU blocks reading it). No SYNC here: every B sync mirrors one of A's sync points.
-   */
-  private openChannelsToB(uuid: Buffer): void {
-    if (this.bChannels.length > 0 || !this.sender) return;
-    const timeout = this.opts.connectTimeoutMs ?? 10000;
-    this.connectMainToB();
-    const main = this.bMain!;
-    for (let i = 0; i < this.channelsOut; i++) {
-      const s = main.then(() => connectTo(this.opts.to, timeout, this.opts.tlsOut)).then((sock) => {
-        this.adoptB(sock, `its multifd channel ${i}`);
-        return sock;
-      });
-      s.catch(() => {});
-      this.bChannels.push(s);
-    }
-    // Queued before any packet can be: the sender writes each channel's buffers in order.
-    for (let i = 0; i < this.channelsOut; i++) {
-      this.sender.initChannel(i, false, uuid).catch((e: Error) => this.fail(e));
-    }
-    publish('relay-channels', { channelsOut: this.channelsOut });
-  }
-
-  private adoptB(s: Socket, which: string): void {
-    this.bSockets.add(s);
-    s.on('error', () => {});
-    s.on('close', () => {
-      this.bSockets.delete(s);
-      if (s === this.bMainSocket) this.resolveBAnswered();
-      // B gone before its verdict: A must not wait for a SHUT that never comes. Once the whole
-      // stream went out, B closing its multifd channels is B finishing its load, not a failure.
-      if (this.completed || this.failure || this.bShut !== undefined) return;
-      if (s === this.bMainSocket || !this.streamComplete) {
-        this.fail(new Error(`the destination closed ${which} ${this.streamComplete ? 'without confirming the load' : `during ${this.phase}`} (QEMU gone or failed? see its log)`));
-      }
-    });
-    if (this.failure) s.destroy();
-  }
-
-  private async writeChannel(i: number, bufs: readonly Buffer[]): Promise<void> {
-    const s = await this.bChannels[i]!;
-    await this.trackB(gatherWrite(s, bufs), `its multifd channel ${i}`);
-  }
-
-  private async flushMain(): Promise<void> {
-    if (this.out.length === 0) return;
-    const bufs = this.out;
-    this.out = [];
-    const s = await this.bMain!;
-    await this.trackB(gatherWrite(s, bufs), 'its main channel');
-    this.mainBytesOut += bufs.reduce((n, b) => n + b.length, 0);
-  }
-
-  private async trackB(write: Promise<void>, where: string): Promise<void> {
-    this.bPending++;
-    try {
-      await write;
-      this.bProgressAt = Date.now();
-    } catch (e) {
-      // The destination's own verdict may still be in flight on the return path.
-      await Promise.race([this.bAnswered, new Promise((r) => setTimeout(r, 500).unref())]);
-      throw this.failure ?? this.destinationError(`the destination closed ${where} (${(e as Error).message})`);
-    } finally {
-      this.bPending--;
-    }
-  }
-
-  private destinationError(what: string): Error {
-    if (this.bShut !== undefined && this.bShut !== 0) return new Error(`the destination failed to load the migration (SHUT ${this.bShut}); see its log`);
-    return new Error(what);
-  }
-
-  private listenReturnPath(s: Socket): void {
-    const rp = new ReturnPathParser();
-    s.on('data', (chunk: Buffer) => {
-      this.bProgressAt = Date.now();
-      try {
-        rp.push(chunk);
-        for (let m = rp.next(); m !== null; m = rp.next()) {
-          if (m.type === ReturnPathMessage.SHUT) this.bShut = m.payload.readUInt32BE(0);
-          if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
-          publish('relay-return-path', { type: m.type });
-          // Forwarded message by message: A may have opened its return path after ours.
-          if (this.aReturnPath && this.aMain && !this.aMain.destroyed) {
-            this.aMain.write(encodeReturnPathMessage(m.type, m.payload));
-            if (m.type === ReturnPathMessage.SHUT) this.aShutSent = true;
-          }
-          if (m.type === ReturnPathMessage.SHUT) {
-            this.resolveBAnswered();
-            if (this.bShut !== 0) this.fail(this.destinationError(''));
-          }
-        }
-      } catch (e) {
-        this.fail(new ProtocolError('BAD_RECORD', `destination return path: ${(e as Error).message}`));
-      }
-    });
-    s.on('end', () => {
-      this.resolveBAnswered();
-      // B closes after its SHUT, as a destination does; A (which got that SHUT) sees the same.
-      if (this.bShut === 0 && this.aShutSent && this.aMain && !this.aMain.destroyed) this.aMain.end();
-    });
-  }
-
-  // ---- the end --------------------------------------------------------------------------------
-
-  private async complete(st: MainState): Promise<void> {
+  private async complete(): Promise<void> {
+    const a = this.inbound;
+    const session = a.session;
     let tee: RelaySummary['tee'];
     if (this.tee) {
-      this.phase = 'committing';
-      if (!st.tail.isComplete) {
-        throw new ProtocolError('TRUNCATED', `the migration completed, but the tee snapshot was not written: the device state (${st.tail.length} bytes) has no complete VMDESCRIPTION (suppress-vmdesc on?)`);
+      a.phase = 'committing';
+      if (!session.complete) {
+        throw new ProtocolError('TRUNCATED', `the migration completed, but the tee snapshot was not written: the device state (${session.deviceStateBytes} bytes) has no complete VMDESCRIPTION (suppress-vmdesc on?)`);
       }
       const t0 = Date.now();
       await this.tee.commit();
       tee = { file: this.opts.tee!, 'file-size': this.tee.store.streamEnd, 'commit-time': Date.now() - t0, 'direct-io': this.tee.store.directIo };
     }
-    this.completed = true;
-    this.phase = 'completed';
+    a.finished = true;
+    a.phase = 'completed';
     const p = this.progress();
     const elapsed = Date.now() - this.startedAt;
     const summary: RelaySummary = {
       status: 'completed',
-      from: this.from,
+      from: a.address,
       to: this.opts.to,
-      machine: st.config?.machine ?? '',
+      machine: session.configuration?.machine ?? '',
       'total-time': elapsed,
       'bytes-in': p.bytesIn,
       'bytes-out': p.bytesOut,
@@ -830,74 +233,55 @@ class Relay {
       'normal-bytes': p.normal * TARGET_PAGE_SIZE,
       duplicate: p.duplicate,
       mbps: elapsed > 0 ? Math.round(((p.bytesIn * 8) / (elapsed * 1000)) * 100) / 100 : 0,
-      'multifd-syncs': this.rounds,
-      'sync-mode': this.receiver ? (this.syncPoints.mode ?? 'round') : 'none',
-      'compression-in': this.receiver?.compression ?? (this.opts.compressionIn && this.opts.compressionIn !== 'auto' ? this.opts.compressionIn : 'none'),
+      'multifd-syncs': a.rounds,
+      'sync-mode': a.receiver ? (session.syncMode ?? 'round') : 'none',
+      'compression-in': a.receiver?.compression ?? (this.opts.compressionIn && this.opts.compressionIn !== 'auto' ? this.opts.compressionIn : 'none'),
       'compression-out': this.opts.compressionOut ?? 'none',
-      'passed-encoded': this.receiver?.encodedPackets ?? 0,
-      'return-path': this.aReturnPath,
+      'passed-encoded': a.receiver?.encodedPackets ?? 0,
+      'return-path': session.returnPath,
       destination: 'confirmed',
-      'device-state-bytes': st.tail.length,
-      ...(st.postcopy ? {
+      'device-state-bytes': session.deviceStateBytes,
+      ...(session.postcopy ? {
         postcopy: {
-          'switched-at-ms': (this.switchedAt ?? this.startedAt) - this.startedAt,
-          'main-pages': this.postcopyMainPages,
-          'preempt-bytes': this.preemptBytes,
-          'preempt-pages': this.preemptPages,
-          'preempt-channel': this.aPreempt !== undefined,
-          'page-requests': this.pageRequests,
+          'switched-at-ms': (a.switchedAt ?? this.startedAt) - this.startedAt,
+          'main-pages': a.postcopyMainPages,
+          'preempt-bytes': a.preemptBytes,
+          'preempt-pages': a.preemptPages,
+          'preempt-channel': a.preemptChannel !== undefined,
+          'page-requests': this.dest!.pageRequests,
         },
       } : {}),
       ...(tee ? { tee } : {}),
-      'channels-in': this.receiver?.channelStats() ?? [],
-      'channels-out': this.sender?.stats() ?? [],
+      'channels-in': a.receiver?.channelStats() ?? [],
+      'channels-out': this.dest!.stats(),
     };
     await this.cleanup();
     this.handle.emit('progress', this.progress());
     publish('relay-completed', { summary });
-    this.resolveDone(summary);
+    this.result.resolve(summary);
   }
 
-  fail(err: Error): void {
-    if (this.failure || this.completed) return;
-    if (this.switchedAt !== undefined) err = new PostcopyFailedError(err, 'relay');
-    this.failure = err;
-    this.phase = 'failed';
+  fail(e: Error): void {
+    const a = this.inbound;
+    if (a.failure || a.finished) return;
+    const err = a.failed(e);
     publish('relay-failed', { error: err });
     // A must not complete on a state B did not load: tell it, then cut it off. If B's SHUT(0)
     // already went to A, A completed and B runs; only our own part (the tee) failed.
-    if (!this.aShutSent && this.aReturnPath && this.aMain && !this.aMain.destroyed) {
+    if (!this.aShutSent && a.session.returnPath && a.main && !a.main.destroyed) {
       this.aShutSent = true;
-      this.aMain.write(encodeShut(1));
+      a.main.write(encodeShut(1));
     }
-    this.receiver?.fail(err);
-    this.sender?.fail(err);
-    // B reads its main channel only once all its multifd channels connected: when A failed before
-    // they were opened, B would wait in setup for ever. They connect and close at once, so B fails.
-    if (this.bMain && this.bChannels.length === 0 && this.channelsOut > 0) {
-      for (let i = 0; i < this.channelsOut; i++) {
-        this.bMain.then(() => connectTo(this.opts.to, 2000, this.opts.tlsOut)).then((s) => s.destroy(), () => {});
-      }
-    }
+    this.dest?.failed(err);
     void (async () => {
       await this.cleanup();
-      await this.receiver?.quiesce();
-      await this.tee?.abort();
-      this.rejectDone(err);
+      await a.discard();
+      this.result.reject(err);
     })();
   }
 
   private async cleanup(): Promise<void> {
-    if (this.progressTimer) clearInterval(this.progressTimer);
-    this.idle?.stop();
-    if (this.watchdog) clearInterval(this.watchdog);
-    this.sender?.close();
-    const failing = this.failure !== undefined;
-    for (const s of [...this.aSockets, ...this.bSockets]) {
-      if (failing) s.destroy();
-      else s.end(() => s.destroy());
-    }
-    if (!failing) setTimeout(() => { for (const s of [...this.aSockets, ...this.bSockets]) s.destroy(); }, 2000).unref();
-    await this.listener?.close();
+    this.dest?.close(this.inbound.failure !== undefined);
+    await this.inbound.close();
   }
 }

@@ -135,6 +135,8 @@ export class StreamSession {
   private iterableOpen: { sectionId: number; idstr: string } | undefined;
   private iterableSeen = false;
   private xbzrleSeen = false;
+  /** Any POSTCOPY_ADVISE (length 0 comes with dirty-bitmaps alone). */
+  private adviseSeen = false;
   private flushSeen = false;
   private backgroundValue = false;
 
@@ -427,6 +429,7 @@ export class StreamSession {
           this.violation('UNSUPPORTED', at, `POSTCOPY_ADVISE with target page size ${payload.readBigUInt64BE(8)} (only ${TARGET_PAGE_SIZE} is supported)`);
         }
         this.advised = payload.length === 16;
+        this.adviseSeen = true;
         return { type: 'postcopy-advise', at, record: rec, postcopy: this.advised };
       case Command.POSTCOPY_RAM_DISCARD:
         return this.onDiscard(rec, at);
@@ -492,7 +495,7 @@ export class StreamSession {
         // such a source may do that, and it has none of what QEMU refuses with background-snapshot.
         const why = this.sectionKind !== 'part' ? 'outside a RAM section'
           : this.returnPathOpen ? 'with a return path'
-          : this.advised || this.switched ? 'with postcopy advised'
+          : this.adviseSeen || this.switched ? 'with postcopy advised'
           : this.switchover ? 'after SWITCHOVER_START'
           : this.xbzrleSeen ? 'after XBZRLE records'
           : this.flushSeen ? 'with multifd'

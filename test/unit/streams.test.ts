@@ -13,7 +13,10 @@ import { join } from 'node:path';
 import { MainStreamParser, type MainEvent } from '../../src/codec/main-stream-parser.js';
 import { encodeMainEvent } from '../../src/codec/main-event-encode.js';
 import { applyXbzrle } from '../../src/codec/xbzrle.js';
-import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import { Command, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import { ProtocolError } from '../../src/codec/errors.js';
+import { StreamSession } from '../../src/codec/stream-session.js';
+import { encodeCommand } from '../../src/codec/stream-encode.js';
 import { receive } from '../../src/conversations/receive.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { streamScenarios, type Scenario } from '../helpers/fixtures.js';
@@ -188,4 +191,55 @@ describe('extended captures through receive', () => {
       }
     });
   }
+});
+
+describe('stream session: the background snapshot order', () => {
+  const bg = streamScenarios((e) => e.scenario === 'background-snapshot')[0]!;
+  const plain = streamScenarios((e) => e.scenario === 'switchover-ack')[0]!;
+
+  function run(main: Buffer): { background: boolean; error?: ProtocolError } {
+    const s = new StreamSession({ kind: 'live' });
+    try {
+      for (let at = 0; at < main.length; at += 65_521) {
+        s.push(main.subarray(at, at + 65_521));
+        while (s.next() !== null);
+      }
+    } catch (e) {
+      if (!(e instanceof ProtocolError)) throw e;
+      return { background: s.background, error: e };
+    }
+    return { background: s.background };
+  }
+
+  test(`${bg.label}: device state after the last PART is a background snapshot`, () => {
+    const r = run(bg.main());
+    assert.equal(r.error, undefined);
+    assert.equal(r.background, true);
+  });
+
+  test('a migration with END is not taken for one', () => {
+    assert.deepEqual(run(plain.main()), { background: false });
+  });
+
+  /** The bg capture with `insert` after the configuration record. */
+  function withCommand(insert: Buffer): Buffer {
+    const main = bg.main();
+    const at = bg.check.main.config_end;
+    return Buffer.concat([main.subarray(0, at), insert, main.subarray(at)]);
+  }
+
+  test('device state after a PART with a return path, SWITCHOVER_START or postcopy advised is refused', () => {
+    for (const [cmd, what] of [
+      [encodeCommand(Command.OPEN_RETURN_PATH), /with a return path/],
+      [encodeCommand(Command.SWITCHOVER_START), /after SWITCHOVER_START/],
+      [encodeCommand(Command.POSTCOPY_ADVISE), /with postcopy advised/],
+    ] as const) {
+      const advise = cmd[2] === Command.POSTCOPY_ADVISE;
+      const r = run(withCommand(cmd));
+      assert.ok(r.error, `refused (${what})`);
+      assert.equal(r.error.code, 'BAD_RECORD');
+      assert.match(r.error.message, advise ? /with postcopy advised/ : what);
+      assert.equal(r.background, false);
+    }
+  });
 });

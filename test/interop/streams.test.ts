@@ -5,11 +5,14 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuVersion } from '../helpers/qemu.js';
 import { migrateToReceive, restoreSnapshot } from '../helpers/snapshot.js';
 import { save } from '../../src/conversations/save.js';
+import { send } from '../../src/conversations/send.js';
+import { freePort } from '../helpers/send.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 
 const MEM = 128;
@@ -166,6 +169,78 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await restoresAndRuns(version, out, held);
       } finally {
         await src.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+}
+
+/** A qcow2 disk with a dirty bitmap that recorded writes, on a fresh QEMU of the given side. */
+function diskArgs(disk: string): string[] {
+  return ['-drive', `file=${disk},format=qcow2,if=none,id=drive0,node-name=disk0`, '-device', 'virtio-blk-pci,drive=drive0,id=vblk0'];
+}
+
+async function bitmapOf(q: { qmp: { execute(c: string, a?: unknown): Promise<any> } }): Promise<{ count: number; granularity: number; sha256: string } | undefined> {
+  const blocks = await q.qmp.execute('query-block');
+  const bm = blocks.flatMap((b: any) => b.inserted?.['dirty-bitmaps'] ?? []).find((x: any) => x.name === 'bitmap0');
+  if (!bm) return undefined;
+  const sha = await q.qmp.execute('x-debug-block-dirty-bitmap-sha256', { node: 'disk0', name: 'bitmap0' });
+  return { count: bm.count, granularity: bm.granularity, sha256: sha.sha256 };
+}
+
+for (const version of ['10', '11'] as QemuVersion[]) {
+  const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)})`;
+  describe(`dirty-bitmaps with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    test('save (2 channels) -> QEMU loads the snapshot, and our send replays it: the bitmap exists with the same count, granularity and content; the guest runs on', async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-bitmap-test-');
+      const out = join(dir, 'vm.mig');
+      const disk = join(dir, 'disk.qcow2');
+      const qmpSock = join(dir, 'save.sock');
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk, '16M']);
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: [...diskArgs(disk), '-qmp', `unix:${qmpSock},server=on,wait=off`] });
+      let dst: Awaited<ReturnType<typeof startQemu>> | undefined;
+      try {
+        await waitGuestPasses(src, 2);
+        await src.qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'bitmap0', granularity: 65536 });
+        for (const w of ['write -P 0x5a 0 192k', 'write -P 0xa5 4M 64k', 'write 9M 4k']) {
+          await src.qmp.execute('human-monitor-command', { 'command-line': `qemu-io drive0 "${w}"` });
+        }
+        const want = await bitmapOf(src);
+        assert.equal(want?.count, 320 * 1024, 'the bitmap recorded the writes');
+        await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'dirty-bitmaps', state: true }] });
+        const s = await save({ qmp: `unix:${qmpSock}`, out, channels: 2, downtimeLimitMs: 20000 }).done;
+        t.diagnostic(`QEMU ${version}: bitmap ${JSON.stringify(want)}; saved in ${s['total-time']} ms`);
+        assert.equal(s.source.status, 'completed');
+        await src.kill();
+
+        dst = await startQemu({ version, memMiB: MEM, bootSector: true, incoming: 'defer', paused: true, extraArgs: diskArgs(disk) });
+        await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }] });
+        await dst.qmp.execute('migrate-incoming', { uri: `file:${out}` });
+        const m = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
+        assert.equal(m.status, 'completed', `${m['error-desc'] ?? ''} ${dst.stderr()}`);
+        assert.deepEqual(await bitmapOf(dst), want, 'the bitmap as the source had it');
+        const restored = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+        assert.ok(checkDirtyInvariant(restored).ok, checkDirtyInvariant(restored).reason);
+        const passes = countPasses(dst.serialLog());
+        await dst.qmp.execute('cont');
+        await waitGuestPasses(dst, passes + 2);
+        await dst.kill();
+
+        // Our sender replays the same snapshot into a QEMU waiting on a socket (2 channels).
+        const port = await freePort();
+        dst = await startQemu({ version, memMiB: MEM, bootSector: true, incoming: 'defer', paused: true, extraArgs: diskArgs(disk) });
+        await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }, { capability: 'return-path', state: true }] });
+        await dst.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2 });
+        await dst.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
+        await send({ file: out, to: `tcp:127.0.0.1:${port}`, channels: 2 }).done;
+        const m2 = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
+        assert.equal(m2.status, 'completed', `${m2['error-desc'] ?? ''} ${dst.stderr()}`);
+        assert.deepEqual(await bitmapOf(dst), want, 'the bitmap as the source had it, through send');
+        const sent = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+        assert.ok(sent.equals(restored), 'send loaded the same memory as QEMU\'s own loader');
+      } finally {
+        await src.kill();
+        await dst?.kill();
         rmSync(dir, { recursive: true, force: true });
       }
     });

@@ -12,6 +12,7 @@ import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGues
 import { migrateToReceive, restoreSnapshot } from '../helpers/snapshot.js';
 import { save } from '../../src/conversations/save.js';
 import { send } from '../../src/conversations/send.js';
+import { relay } from '../../src/conversations/relay.js';
 import { freePort } from '../helpers/send.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 
@@ -239,6 +240,51 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         const sent = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
         assert.ok(sent.equals(restored), 'send loaded the same memory as QEMU\'s own loader');
       } finally {
+        await src.kill();
+        await dst?.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('relay 2 -> 4 channels: B has the bitmap with the same count, granularity and content; the guest runs on', async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-bitmap-test-');
+      const disk = join(dir, 'disk.qcow2');
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk, '16M']);
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: diskArgs(disk) });
+      let dst: Awaited<ReturnType<typeof startQemu>> | undefined;
+      let r: ReturnType<typeof relay> | undefined;
+      try {
+        await waitGuestPasses(src, 2);
+        await src.qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'bitmap0', granularity: 65536 });
+        for (const w of ['write -P 0x5a 0 192k', 'write -P 0xa5 4M 64k']) {
+          await src.qmp.execute('human-monitor-command', { 'command-line': `qemu-io drive0 "${w}"` });
+        }
+        const want = await bitmapOf(src);
+        // B opens the same image (shared storage, as for a real migration), after A let go of it.
+        const port = await freePort();
+        dst = await startQemu({ version, memMiB: MEM, bootSector: true, incoming: 'defer', paused: true, extraArgs: ['-drive', `file=${disk},format=qcow2,if=none,id=drive0,node-name=disk0,file.locking=off`, '-device', 'virtio-blk-pci,drive=drive0,id=vblk0'] });
+        await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
+        await dst.qmp.execute('migrate-set-parameters', { 'multifd-channels': 4 });
+        await dst.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${port}`, channelsIn: 2, channelsOut: 4 });
+        await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }, { capability: 'dirty-bitmaps', state: true }] });
+        await src.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'max-bandwidth': 107374182400, 'downtime-limit': 20000 });
+        await src.qmp.execute('migrate', { uri: await r.listening });
+        const s = await r.done;
+        const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
+        const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
+        t.diagnostic(`QEMU ${version}: relay ${JSON.stringify(s).slice(0, 160)}`);
+        assert.equal(ma.status, 'completed');
+        assert.equal(mb.status, 'completed', mb['error-desc']);
+        assert.deepEqual(await bitmapOf(dst), want, 'B has the bitmap as A had it');
+        const mem = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+        assert.ok(checkDirtyInvariant(mem).ok, checkDirtyInvariant(mem).reason);
+        const passes = countPasses(dst.serialLog());
+        await dst.qmp.execute('cont');
+        await waitGuestPasses(dst, passes + 2);
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
         await src.kill();
         await dst?.kill();
         rmSync(dir, { recursive: true, force: true });

@@ -4,7 +4,7 @@
 
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
@@ -287,6 +287,66 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await r?.done.catch(() => {});
         await src.kill();
         await dst?.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+}
+
+const HUGE_DIR = '/tmp/multifd-hugepages';
+
+/** Mounts hugetlbfs (and in the 11.1 chroot, whose /tmp bind mount does not see later mounts); a reason to skip when it cannot. */
+function hugepagesReady(version: QemuVersion, mib: number): string | undefined {
+  try {
+    const free = () => Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+    const need = mib / 2;
+    if (free() < need) {
+      const total = Number(readFileSync('/proc/sys/vm/nr_hugepages', 'utf8'));
+      writeFileSync('/proc/sys/vm/nr_hugepages', String(total + need - free() + 4));
+    }
+    if (free() < need) return `only ${free()} free 2 MiB huge pages (need ${need})`;
+    const dirs = [HUGE_DIR, ...(version === '11' ? ['/opt/qemu-latest' + HUGE_DIR] : [])];
+    for (const d of dirs) {
+      mkdirSync(d, { recursive: true });
+      try {
+        execFileSync('mountpoint', ['-q', d]);
+      } catch {
+        execFileSync('mount', ['-t', 'hugetlbfs', '-o', 'pagesize=2M', 'none', d]);
+      }
+    }
+    return undefined;
+  } catch (e) {
+    return `hugepages unavailable (needs root): ${(e as Error).message.split('\n')[0]}`;
+  }
+}
+
+for (const version of ['10', '11'] as QemuVersion[]) {
+  const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)})`;
+  describe(`hugepage-backed guest with postcopy-ram, QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    test('receive reads the block list with its page size; QEMU restores the snapshot and the guest runs on', async (t) => {
+      const why = hugepagesReady(version, MEM);
+      if (why) {
+        t.skip(why);
+        return;
+      }
+      const dir = mkdtempSync('/tmp/multifd-huge-test-');
+      const out = join(dir, 'vm.mig');
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: ['-object', `memory-backend-file,id=pc.ram,size=${MEM}M,mem-path=${HUGE_DIR},share=off`, '-machine', 'memory-backend=pc.ram'] });
+      try {
+        await waitGuestPasses(src, 2);
+        await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+        const h = await migrateToReceive(src, { channels: 0, out, params: { 'downtime-limit': 20000 } });
+        const s = await h.done;
+        const m = await waitMigration(src.qmp, { timeoutMs: 60_000 });
+        t.diagnostic(`QEMU ${version}: ${s.transferred} bytes, blocks ${JSON.stringify(s.blocks.map((b) => b.name))}`);
+        assert.equal(m.status, 'completed');
+        assert.equal(s['return-path'], true);
+        await src.kill();
+        const held = await snapshotRange(out);
+        assert.ok(checkDirtyInvariant(held).ok, checkDirtyInvariant(held).reason);
+        await restoresAndRuns(version, out, held);
+      } finally {
+        await src.kill();
         rmSync(dir, { recursive: true, force: true });
       }
     });

@@ -117,6 +117,44 @@ for (const version of ['10', '11'] as QemuVersion[]) {
     });
   });
 
+  describe(`background snapshot through relay with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    test('A saves a background snapshot into relay (main channel); B loads it with the invariant and runs on; A never stopped', async () => {
+      const dir = mkdtempSync('/tmp/multifd-bg-relay-test-');
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true });
+      let dst: Awaited<ReturnType<typeof startQemu>> | undefined;
+      let r: ReturnType<typeof relay> | undefined;
+      try {
+        await waitGuestPasses(src, 2);
+        const port = await freePort();
+        dst = await startQemu({ version, memMiB: MEM, bootSector: true, incoming: 'defer', paused: true });
+        await dst.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${port}`, channelsIn: 0, channelsOut: 0 });
+        await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] });
+        await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 107374182400 });
+        const passesAtStart = countPasses(src.serialLog());
+        await src.qmp.execute('migrate', { uri: await r.listening });
+        await r.done;
+        const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
+        const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
+        assert.equal(ma.status, 'completed');
+        assert.equal(mb.status, 'completed', mb['error-desc']);
+        assert.equal((await src.qmp.execute('query-status')).status, 'running', 'A runs on without cont');
+        await waitGuestPasses(src, passesAtStart + 2);
+        const mem = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+        assert.ok(checkDirtyInvariant(mem).ok, checkDirtyInvariant(mem).reason);
+        const passes = countPasses(dst.serialLog());
+        await dst.qmp.execute('cont');
+        await waitGuestPasses(dst, passes + 2);
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
+        await src.kill();
+        await dst?.kill();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
+
   describe(`switchover-ack with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
     test('a source with switchover-ack on: save answers it as a QEMU destination, completes, the snapshot restores and runs on', async (t) => {
       const dir = mkdtempSync('/tmp/multifd-swack-test-');

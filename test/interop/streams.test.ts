@@ -155,6 +155,48 @@ for (const version of ['10', '11'] as QemuVersion[]) {
     });
   });
 
+  describe(`XBZRLE through relay with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    test('relay 0 -> 0 passes the deltas on; B loads with the invariant and runs on', async (t) => {
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true });
+      let dst: Awaited<ReturnType<typeof startQemu>> | undefined;
+      let r: ReturnType<typeof relay> | undefined;
+      try {
+        await waitGuestPasses(src, 2);
+        const port = await freePort();
+        dst = await startQemu({ version, memMiB: MEM, bootSector: true, incoming: 'defer', paused: true });
+        await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
+        await dst.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${port}`, channelsIn: 0, channelsOut: 0 });
+        await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
+        await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 107374182400, 'downtime-limit': 1, 'xbzrle-cache-size': 256 * 1024 * 1024 });
+        await src.qmp.execute('migrate', { uri: await r.listening });
+        for (;;) {
+          const m = await src.qmp.execute('query-migrate');
+          if ((m.ram?.['dirty-sync-count'] ?? 0) >= 4 || ['completed', 'failed', 'cancelled'].includes(m.status)) break;
+          await new Promise((res) => setTimeout(res, 100));
+        }
+        await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
+        await r.done;
+        const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
+        const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
+        t.diagnostic(`QEMU ${version}: ${ma.ram['dirty-sync-count']} syncs, xbzrle pages ${ma['xbzrle-cache']?.pages}`);
+        assert.equal(ma.status, 'completed');
+        assert.equal(mb.status, 'completed', mb['error-desc']);
+        assert.ok((ma['xbzrle-cache']?.pages ?? 0) > 1000, 'XBZRLE pages went through');
+        const mem = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+        assert.ok(checkDirtyInvariant(mem).ok, checkDirtyInvariant(mem).reason);
+        const passes = countPasses(dst.serialLog());
+        await dst.qmp.execute('cont');
+        await waitGuestPasses(dst, passes + 2);
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
+        await src.kill();
+        await dst?.kill();
+      }
+    });
+  });
+
   describe(`switchover-ack with QEMU ${version}`, { skip, timeout: 240_000 }, () => {
     test('a source with switchover-ack on: save answers it as a QEMU destination, completes, the snapshot restores and runs on', async (t) => {
       const dir = mkdtempSync('/tmp/multifd-swack-test-');

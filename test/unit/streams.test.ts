@@ -174,15 +174,14 @@ describe('extended captures through receive', () => {
         else assert.equal(summary['background-snapshot'], undefined);
         if (s.entry.scenario === 'xbzrle') assert.equal(summary['xbzrle-pages'], (s.check.main.ram_record_counts as Record<string, number>).XBZRLE);
         // dirty-bitmap sections: stored byte for byte (header, chunks, footer), read back for send.
-        const bitmapBytes = Buffer.concat(events(s.main()).flatMap((ev, i, evs) => {
-          if (ev.type === 'section' && ev.idstr === 'dirty-bitmap') return encodeMainEvent(ev);
-          if (ev.type === 'iterable-data') return [ev.data];
-          if (ev.type === 'footer' && evs.slice(0, i).reverse().find((e) => e.type === 'section')?.type === 'section') {
-            const open = evs.slice(0, i).reverse().find((e) => e.type === 'section');
-            return open?.type === 'section' && open.idstr === 'dirty-bitmap' ? encodeMainEvent(ev) : [];
-          }
-          return [];
-        }));
+        const parts: Buffer[] = [];
+        let inBitmap = false;
+        for (const ev of events(s.main())) {
+          if (ev.type === 'section') inBitmap = ev.idstr === 'dirty-bitmap';
+          if (inBitmap && (ev.type === 'section' || ev.type === 'iterable-data' || ev.type === 'footer')) parts.push(...encodeMainEvent(ev));
+          if (ev.type === 'footer') inBitmap = false;
+        }
+        const bitmapBytes = Buffer.concat(parts);
         if (s.entry.scenario === 'dirty-bitmaps') assert.ok(snap.iterableSections?.equals(bitmapBytes), 'dirty-bitmap sections kept as QEMU sent them');
         else assert.equal(snap.iterableSections, undefined);
       } finally {

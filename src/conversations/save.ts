@@ -145,7 +145,8 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     // A background snapshot has no return path: our failure closes the socket, its writes fail.
     const capsWanted: Record<string, boolean> = opts.background
       ? { ...Object.fromEntries(BACKGROUND_INCOMPATIBLE_CAPS.map((c) => [c, false])), 'background-snapshot': true }
-      : { multifd: channels > 0, 'mapped-ram': false, 'return-path': true, 'background-snapshot': false };
+      // pause-before-switchover would wait for a migrate-continue nobody sends.
+      : { multifd: channels > 0, 'mapped-ram': false, 'return-path': true, 'background-snapshot': false, 'pause-before-switchover': false };
     const setCaps = Object.entries(capsWanted).filter(([name]) => caps.some((c) => c.capability === name));
     if (opts.background && !setCaps.some(([name]) => name === 'background-snapshot')) {
       throw new Error('this QEMU has no background-snapshot capability');

@@ -37,7 +37,8 @@ interface SummaryLike {
   'file-size': number;
   channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   blocks: { name: string; 'used-length': number; 'pages-present': number }[];
-  source?: { status: string; downtime?: number; 'run-state-after': string };
+  source?: { status: string; downtime?: number; 'total-time'?: number; 'run-state-after': string };
+  'background-snapshot'?: boolean;
   postcopy?: { 'switched-at-ms': number; 'main-pages': number; 'preempt-pages': number; 'discard-ranges': number; 'preempt-channel': boolean };
 }
 
@@ -53,7 +54,9 @@ export function summaryText(s: SummaryLike): string {
     lines.push(`  postcopy: switched after ${duration(pc['switched-at-ms'])}; device state from the package; ${pc['main-pages']} pages after the switch on main${pc['preempt-channel'] ? `, ${pc['preempt-pages']} on the preempt channel` : ''}; ${pc['discard-ranges']} discard ranges`);
   }
   if (s.source) {
-    lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}, now ${s.source['run-state-after']}`);
+    // A background snapshot's point is the guest's short stop: QEMU's own total time goes with it.
+    const bg = s['background-snapshot'] ? `, background snapshot in ${s.source['total-time'] ?? '?'} ms (QEMU's total time)` : '';
+    lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}${bg}, now ${s.source['run-state-after']}`);
   }
   if (s.store) {
     lines.push(`  store: ${s.store.url}, a ${bytes(s.store['object-size'])} object in ${s.store.parts} parts uploaded in ${duration(s.store['upload-ms'])}; durable locally at ${s.store['local-durable-at'] ?? '?'}, in the store at ${s.store['store-durable-at']}`);

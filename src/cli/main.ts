@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { receive, type ReceiveProgress } from '../conversations/receive.js';
 import { relay, type RelayProgress } from '../conversations/relay.js';
 import { restore } from '../conversations/restore.js';
-import { save } from '../conversations/save.js';
+import { checkBackgroundOptions, save } from '../conversations/save.js';
 import { saveLibvirtImage, type SaveLibvirtSummary } from '../conversations/save-libvirt.js';
 import { send, type PostcopyOptions, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
@@ -170,6 +170,7 @@ program
   .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never)').default(300).argParser(intArg(0, 86400)))
   .option('--tls-creds <dir>', 'accept TLS only, with server-cert.pem, server-key.pem and ca-cert.pem from DIR')
   .option('--no-tls-verify-peer', "with TLS: do not ask for the source's client certificate")
+  .option('--switchover-ack', 'the source has switchover-ack on: answer it as a QEMU destination with no device that holds the switchover back')
   .option('--json', 'print the final summary as JSON on stdout')
   .addHelpText('after', `
 On the QEMU side:
@@ -178,11 +179,11 @@ On the QEMU side:
 The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   migrate-incoming uri=file:FILE`)
   .addHelpText('after', TLS_HELP)
-  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
+  .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; idleTimeout: number; json?: boolean; switchoverAck?: boolean } & TlsArgs) => {
     await report('receive', o.json, async (view) => {
       checkOutputFile(resolve(o.out), '--out');
       const tls = tlsCreds(o);
-      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}) });
+      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}), ...(o.switchoverAck ? { switchoverAck: true } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       abortOnSignal(h);
       warnStrays(h);
@@ -213,13 +214,17 @@ program
   .option('--tls-hostname <name>', 'the name QEMU checks our certificate against (default: the listening host)')
   .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
   .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never); the source is told and runs on').default(300).argParser(intArg(0, 86400)))
+  .option('--background', "QEMU's background-snapshot: the snapshot of the moment the save starts, the guest running throughout and after it (main channel only)")
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; domainXml?: string; to?: 'libvirt' | 'libvirt-sparse'; force?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; domainXml?: string; to?: 'libvirt' | 'libvirt-sparse'; force?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean; background?: boolean } & TlsArgs, cmd: Command) => {
     if (o.to && o.domainXml === undefined) program.error('error: --to needs --domain-xml (the domain XML goes into the libvirt image)');
     await report('save', o.json, (view) => {
       checkOutputFile(resolve(o.out), '--out', { refuseExisting: !o.force });
       const domainXml = o.domainXml !== undefined ? (checkInputFile(resolve(o.domainXml)), readFileSync(resolve(o.domainXml), 'utf8')) : undefined;
       const tls = tlsCreds(o);
+      // --background: --channels defaults to 0; given explicitly (or compression) it is an error.
+      const explicit = (name: string) => cmd.getOptionValueSource(name) === 'cli';
+      if (o.background) checkBackgroundOptions({ background: true, ...(explicit('channels') ? { channels: o.channels } : {}), compression: o.compression, ...(o.level !== undefined ? { level: o.level } : {}) });
       // Ctrl-C: our receive stops, the source's migration is cancelled and its settings put back.
       const ac = new AbortController();
       abortOnSignal({ abort: (e: Error) => ac.abort(e) });
@@ -228,7 +233,8 @@ program
         ...(tls ? { tls } : {}),
         qmp: o.qmp,
         out: resolve(o.out),
-        channels: o.channels,
+        channels: o.background ? 0 : o.channels,
+        ...(o.background ? { background: true } : {}),
         maxBandwidth: o.maxBandwidth,
         ...(o.listen ? { listen: o.listen } : {}),
         ...(o.downtimeLimit !== undefined ? { downtimeLimitMs: o.downtimeLimit } : {}),

@@ -16,3 +16,17 @@ export function defaultSyncMode(machine: string): 'round' | 'section' {
   if (!v) return 'round';
   return v.major < 8 || (v.major === 8 && v.minor === 0) ? 'section' : 'round';
 }
+
+/**
+ * Whether a destination with switchover-ack on sends its one SWITCHOVER_ACK right after
+ * OPEN_RETURN_PATH when no device holds the switchover back (QEMU 10's savevm.c
+ * loadvm_process_command; 11.1 keeps this for machine types up to 11.0, "switchover-ack-legacy").
+ * From pc-*-11.1 on the source counts the devices that ask for an ACK and fails on one nobody
+ * asked for ("Switchover ack pending num underflowed": seen with QEMU 11.1 -M pc-i440fx-11.1,
+ * while -M pc-i440fx-11.0 takes the ACK). An unversioned machine type is taken as legacy.
+ */
+export function sendsSwitchoverAck(machine: string): boolean {
+  const v = machineVersion(machine);
+  if (!v) return true;
+  return v.major < 11 || (v.major === 11 && v.minor === 0);
+}

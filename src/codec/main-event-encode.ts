@@ -17,6 +17,7 @@ import {
   encodeSectionFull,
   encodeSectionShort,
   encodeStreamHeader,
+  encodeXbzrleRecord,
   encodeZeroRecord,
 } from './stream-encode.js';
 import { encodePackagedHeader } from './postcopy.js';
@@ -40,15 +41,22 @@ export function encodeMainEvent(ev: MainEvent): Buffer[] {
       return [encodeMemSize(ev.totalBytes)];
     case 'ram-block':
       if (ev.block.mappedRam) throw new RangeError('a mapped-ram block entry has no stream encoding');
-      return [encodeBlockEntry(ev.block.name, ev.block.usedLength, ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {})];
+      return [encodeBlockEntry(ev.block.name, ev.block.usedLength, {
+        ...(ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {}),
+        ...(ev.block.pageSize !== undefined ? { pageSize: ev.block.pageSize } : {}),
+      })];
     case 'ram-page':
       return [encodePageRecordHeader(RamFlag.PAGE, ev.offset, ev.continued ? undefined : ev.block), ...ev.data];
     case 'ram-zero':
       return [encodeZeroRecord(ev.offset, ev.continued ? undefined : ev.block)];
+    case 'ram-xbzrle':
+      return encodeXbzrleRecord(ev.offset, ev.continued ? undefined : ev.block, ev.delta);
     case 'ram-flush':
       return [encodeMultifdFlush()];
     case 'ram-eos':
       return [encodeEos()];
+    case 'iterable-data':
+      return [ev.data];
     case 'footer':
       return [encodeFooter(ev.sectionId)];
     case 'device-state':

@@ -23,12 +23,16 @@ import {
 import { readConfiguration, type Configuration } from './configuration.js';
 import { NeedMoreData, ProtocolError } from './errors.js';
 import { decodeMappedRamHeader, type MappedRamHeader } from './mapped-ram.js';
+import { XBZRLE_ENCODING_FLAG, XBZRLE_MAX_DELTA } from './xbzrle.js';
+import { DIRTY_BITMAP_SECTION, readDirtyBitmapChunk } from './dirty-bitmap-section.js';
 
 export interface RamBlockInfo {
   name: string;
   usedLength: number;
   mrAddr?: number;
   mappedRam?: MappedRamHeader;
+  /** The block's page size where postcopy-ram put it in the list (it differs from the host's). */
+  pageSize?: number;
 }
 
 export type SectionKind = 'start' | 'part' | 'end' | 'full';
@@ -45,8 +49,15 @@ export type MainEvent =
   /** `continued`: the record had RAM_SAVE_FLAG_CONTINUE (its block is the previous record's). */
   | { type: 'ram-page'; block: string; offset: number; data: Buffer[]; continued: boolean }
   | { type: 'ram-zero'; block: string; offset: number; continued: boolean }
+  /** An XBZRLE delta for the page (xbzrle.ts applies it onto the copy already held). */
+  | { type: 'ram-xbzrle'; block: string; offset: number; delta: Buffer; continued: boolean }
   | { type: 'ram-flush' }
   | { type: 'ram-eos' }
+  /**
+   * One record of a non-RAM iterable section, carried as its bytes (dirty-bitmap: one chunk of
+   * block-dirty-bitmap.c's framing; `last`: it has the EOS flag, the section's footer follows).
+   */
+  | { type: 'iterable-data'; sectionId: number; idstr: string; data: Buffer; last: boolean }
   | { type: 'footer'; sectionId: number }
   | { type: 'device-state'; data: Buffer[] };
 
@@ -71,6 +82,7 @@ type State =
   | 'ram-mem-size-blocks'
   | 'ram-records'
   | 'ram-footer'
+  | 'iterable-records'
   | 'skip'
   | 'device-state';
 
@@ -87,6 +99,8 @@ const FIXED_COMMAND_LEN: Record<number, number> = {
 
 /** RAM blocks accepted in one MEM_SIZE list (QEMU has no cap; a pc has a handful). */
 export const MAX_RAM_BLOCKS = 4096;
+/** Non-RAM iterable sections in one stream (QEMU registers one dirty-bitmap handler). */
+export const MAX_ITERABLE_SECTIONS = 16;
 /** Largest PACKAGED command (QEMU allows 4 GiB; it holds the device state, buffered whole). */
 export const MAX_PACKAGE_BYTES = 64 * 1024 * 1024;
 
@@ -107,6 +121,10 @@ export class MainStreamParser {
   private blockCount = 0;
   private skipRemaining = 0;
   private readonly blocks = new Map<string, RamBlockInfo>();
+  /** Non-RAM iterable sections opened by START: section id → idstr. */
+  private readonly iterables = new Map<number, { idstr: string; instanceId: number; versionId: number }>();
+  /** POSTCOPY_ADVISE's page-size summary (OR of every block's page size), when postcopy-ram is on. */
+  private advisedPageSizes: bigint | undefined;
 
   constructor(opts: MainStreamParserOptions = {}) {
     this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
@@ -223,6 +241,16 @@ export class MainStreamParser {
         return this.memSizeBlock(c);
       case 'ram-records':
         return this.ramRecord(c);
+      case 'iterable-records': {
+        const at = this.streamPos(c);
+        const start = c.pos;
+        const { last } = readDirtyBitmapChunk(c, at);
+        const len = c.pos - start;
+        c.pos = start;
+        const data = Buffer.from(c.take(len));
+        if (last) this.state = 'ram-footer';
+        return { type: 'iterable-data', sectionId: this.currentSectionId, idstr: this.iterables.get(this.currentSectionId)!.idstr, data, last };
+      }
       case 'ram-footer': {
         const at = this.streamPos(c);
         const t = c.u8();
@@ -268,6 +296,7 @@ export class MainStreamParser {
           throw new ProtocolError('BAD_RECORD', `POSTCOPY_ADVISE has length ${len}, expected 0 or 16`, { offset: at });
         }
         const payload = Buffer.from(c.take(len));
+        if (cmd === Command.POSTCOPY_ADVISE && len === 16) this.advisedPageSizes = payload.readBigUInt64BE(0);
         if (cmd === Command.PACKAGED) {
           const size = payload.readUInt32BE(0);
           if (size > this.maxPackageBytes) {
@@ -295,7 +324,16 @@ export class MainStreamParser {
           return { type: 'section', kind, sectionId, idstr, instanceId, versionId };
         }
         if (kind === 'start') {
-          throw new ProtocolError('UNSUPPORTED', `iterable section "${idstr}" is not supported (only "ram")`, { offset: at });
+          // Carried as bytes where the framing is known without decoding the content.
+          if (idstr !== DIRTY_BITMAP_SECTION) {
+            throw new ProtocolError('UNSUPPORTED', `iterable section "${idstr}" is not supported (only "ram" and "${DIRTY_BITMAP_SECTION}")`, { offset: at });
+          }
+          if (this.iterables.has(sectionId) || sectionId === this.ramSectionId) throw new ProtocolError('BAD_RECORD', `section id ${sectionId} started twice`, { offset: at });
+          if (this.iterables.size >= MAX_ITERABLE_SECTIONS) throw new ProtocolError('LIMIT_EXCEEDED', `more than ${MAX_ITERABLE_SECTIONS} iterable sections`, { offset: at });
+          this.iterables.set(sectionId, { idstr, instanceId, versionId });
+          this.currentSectionId = sectionId;
+          this.state = 'iterable-records';
+          return { type: 'section', kind, sectionId, idstr, instanceId, versionId };
         }
         // First device section: everything from here on is device state, handed out raw.
         c.pos = 0;
@@ -306,6 +344,12 @@ export class MainStreamParser {
       case SectionType.END: {
         c.u8();
         const sectionId = c.u32();
+        const iterable = this.iterables.get(sectionId);
+        if (iterable !== undefined) {
+          this.currentSectionId = sectionId;
+          this.state = 'iterable-records';
+          return { type: 'section', kind: t === SectionType.PART ? 'part' : 'end', sectionId, ...iterable };
+        }
         if (sectionId !== this.ramSectionId) {
           // Other iterable sections are refused at their START, so this id was never opened: the
           // stream is corrupt, not using a feature we lack (QEMU: "Unknown savevm section").
@@ -379,8 +423,28 @@ export class MainStreamParser {
           throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH in a mapped-ram stream', { offset: at });
         }
         return { type: 'ram-flush' };
-      case RamFlag.XBZRLE:
-        throw new ProtocolError('UNSUPPORTED', 'XBZRLE page records are not supported (disable the xbzrle capability)', { offset: at });
+      case RamFlag.XBZRLE: {
+        // ram.c load_xbzrle: u8 ENCODING_FLAG_XBZRLE, be16 length (≤ TARGET_PAGE_SIZE), delta.
+        let block: string;
+        if (flags & RamFlag.CONTINUE) {
+          if (this.lastBlock === undefined) throw new ProtocolError('BAD_RECORD', 'CONTINUE XBZRLE record with no previous block', { offset: at });
+          block = this.lastBlock;
+        } else {
+          block = c.countedString();
+        }
+        const info = this.blocks.get(block);
+        if (!info) throw new ProtocolError('UNKNOWN_BLOCK', `XBZRLE record names unknown RAM block "${block}"`, { offset: at });
+        if (offsetBig > BigInt(info.usedLength - this.pageSize)) {
+          throw new ProtocolError('OFFSET_OUT_OF_RANGE', `XBZRLE page offset 0x${offsetBig.toString(16)} is outside block "${block}" (used_length 0x${info.usedLength.toString(16)})`, { offset: at });
+        }
+        const encoding = c.u8();
+        const len = c.u16();
+        if (encoding !== XBZRLE_ENCODING_FLAG) throw new ProtocolError('BAD_RECORD', `XBZRLE record with encoding 0x${encoding.toString(16)} (expected 0x01)`, { offset: at });
+        if (len > XBZRLE_MAX_DELTA) throw new ProtocolError('LIMIT_EXCEEDED', `XBZRLE delta of ${len} bytes (at most ${XBZRLE_MAX_DELTA})`, { offset: at });
+        const delta = Buffer.from(c.take(len));
+        this.lastBlock = block;
+        return { type: 'ram-xbzrle', block, offset: Number(offsetBig), delta, continued: (flags & RamFlag.CONTINUE) !== 0 };
+      }
       case RamFlag.HOOK:
         throw new ProtocolError('UNSUPPORTED', 'RDMA hook records are not supported', { offset: at });
     }
@@ -392,6 +456,8 @@ export class MainStreamParser {
     const name = c.countedString();
     const usedLength = c.u64n('block used_length');
     const block: RamBlockInfo = { name, usedLength };
+    const pageSize = this.peekBlockPageSize(c);
+    if (pageSize !== undefined) block.pageSize = pageSize;
     const caps = this.config?.capabilities ?? [];
     if (caps.includes('x-ignore-shared')) block.mrAddr = c.u64n('block mr_addr');
     if (caps.includes('mapped-ram')) {
@@ -422,6 +488,24 @@ export class MainStreamParser {
       this.afterBlock();
     }
     return { type: 'ram-block', block };
+  }
+
+  /**
+   * With postcopy-ram the source writes a block's page size after its used_length when it differs
+   * from the source's host page size (ram.c ram_save_setup); the destination knows which of its
+   * blocks that is, a reader of the stream alone does not. POSTCOPY_ADVISE's summary (the OR of
+   * every block's page size) does say which sizes exist: 8 bytes that are a power of two above
+   * the target page size and in the summary are that field. Nothing else fits: a next block
+   * entry starts with its name's length (1..255, never 0), a RAM record has flag bits in its
+   * low 12 bits, and x-ignore-shared's mr_addr (which follows it) is read after this.
+   */
+  private peekBlockPageSize(c: Cursor): number | undefined {
+    if (this.advisedPageSizes === undefined) return undefined;
+    const save = c.pos;
+    const v = c.u64();
+    if (v > BigInt(this.pageSize) && (v & (v - 1n)) === 0n && (v & this.advisedPageSizes) !== 0n && v <= 1n << 40n) return Number(v);
+    c.pos = save;
+    return undefined;
   }
 
   private afterBlock(): void {

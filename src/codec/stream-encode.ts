@@ -74,15 +74,41 @@ export function encodeMemSize(totalBytes: number): Buffer {
   return encodeRamFlags(RamFlag.MEM_SIZE, totalBytes);
 }
 
-/** One block entry of the MEM_SIZE list: counted idstr + be64 used_length (+ optional fields). */
-export function encodeBlockEntry(name: string, usedLength: number, extra: { mrAddr?: number } = {}): Buffer {
+/**
+ * One block entry of the MEM_SIZE list: counted idstr + be64 used_length (+ optional fields, in
+ * ram.c ram_save_setup's order: the page size that postcopy-ram adds for a block whose page size
+ * differs from the host's, then x-ignore-shared's mr_addr).
+ */
+export function encodeBlockEntry(name: string, usedLength: number, extra: { mrAddr?: number; pageSize?: number } = {}): Buffer {
   const id = countedName(name, 'block name');
-  const b = Buffer.alloc(1 + id.length + 8 + (extra.mrAddr !== undefined ? 8 : 0));
+  const b = Buffer.alloc(1 + id.length + 8 + (extra.pageSize !== undefined ? 8 : 0) + (extra.mrAddr !== undefined ? 8 : 0));
   b[0] = id.length;
   id.copy(b, 1);
-  b.writeBigUInt64BE(BigInt(usedLength), 1 + id.length);
-  if (extra.mrAddr !== undefined) b.writeBigUInt64BE(BigInt(extra.mrAddr), 9 + id.length);
+  let at = 1 + id.length;
+  b.writeBigUInt64BE(BigInt(usedLength), at);
+  at += 8;
+  if (extra.pageSize !== undefined) {
+    b.writeBigUInt64BE(BigInt(extra.pageSize), at);
+    at += 8;
+  }
+  if (extra.mrAddr !== undefined) b.writeBigUInt64BE(BigInt(extra.mrAddr), at);
   return b;
+}
+
+/** An XBZRLE record: page header (block omitted under CONTINUE), ENCODING_FLAG_XBZRLE, be16 length, delta. */
+export function encodeXbzrleRecord(offset: number, block: string | undefined, delta: Buffer): Buffer[] {
+  const id = block === undefined ? undefined : countedName(block, 'block name');
+  const b = Buffer.alloc(8 + (id ? 1 + id.length : 0) + 3);
+  b.writeBigUInt64BE(BigInt(offset) | BigInt(RamFlag.XBZRLE | (id ? 0 : RamFlag.CONTINUE)));
+  let at = 8;
+  if (id) {
+    b[8] = id.length;
+    id.copy(b, 9);
+    at += 1 + id.length;
+  }
+  b[at] = 0x01;
+  b.writeUInt16BE(delta.length, at + 1);
+  return [b, delta];
 }
 
 /** Header of a PAGE or ZERO record; `block` is omitted when CONTINUE applies. */

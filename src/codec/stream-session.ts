@@ -13,7 +13,8 @@
 // Pure: no I/O, no timers. What the return path owes is said by events ('ping', the package's
 // pings) and getters; the caller writes the answers.
 
-import { Command, SectionType, TARGET_PAGE_SIZE } from './constants.js';
+import { Command, RAM_SECTION_NAME, SectionType, TARGET_PAGE_SIZE } from './constants.js';
+import { encodeMainEvent } from './main-event-encode.js';
 import type { Configuration } from './configuration.js';
 import { DeviceStateTail } from './device-state-tail.js';
 import { ProtocolError, type ProtocolErrorCode } from './errors.js';
@@ -72,6 +73,13 @@ export type SessionEvent = Base & (
   /** `postcopy`: sent after the switch (a page the destination may already have asked for). */
   | { type: 'page'; block: string; offset: number; data: Buffer[]; postcopy: boolean }
   | { type: 'zero'; block: string; offset: number; postcopy: boolean }
+  /** An XBZRLE delta, applied onto the page the destination already holds (xbzrle.ts). */
+  | { type: 'xbzrle'; block: string; offset: number; delta: Buffer; postcopy: boolean }
+  /**
+   * Bytes of a non-RAM iterable section (dirty-bitmap): its header, one chunk, or its footer, as
+   * they came; carried, not decoded. QEMU loads them in any order relative to RAM's sections.
+   */
+  | { type: 'iterable'; idstr: string; sectionId: number; bytes: Buffer[] }
   /** Every multifd channel's pages so far must land before what follows (§2.6). */
   | { type: 'sync-point'; cause: 'flush' | 'eos'; decided?: SyncMode }
   /** A FLUSH or EOS that is no sync point; `decided` when the setup section's EOS inferred the mode. */
@@ -123,6 +131,14 @@ export class StreamSession {
   private switchover = false;
   private deviceStart = -1;
   private stopped = false;
+  /** The open non-RAM iterable section (its chunks and footer are carried as bytes). */
+  private iterableOpen: { sectionId: number; idstr: string } | undefined;
+  private iterableSeen = false;
+  private xbzrleSeen = false;
+  /** Any POSTCOPY_ADVISE (length 0 comes with dirty-bitmaps alone). */
+  private adviseSeen = false;
+  private flushSeen = false;
+  private backgroundValue = false;
 
   constructor(private readonly opts: StreamSessionOptions) {
     this.parser = new MainStreamParser(opts.parser);
@@ -198,6 +214,14 @@ export class StreamSession {
 
   get switchoverStart(): boolean {
     return this.switchover;
+  }
+
+  /**
+   * The stream is a background snapshot's (QEMU's background-snapshot capability): its device
+   * state followed the last PART of RAM, with no END (see onDeviceState).
+   */
+  get background(): boolean {
+    return this.backgroundValue;
   }
 
   /** Stream offset where the device state began, or -1. */
@@ -288,7 +312,20 @@ export class StreamSession {
       case 'package':
         return this.onPackage(rec, at);
       case 'section':
+        if (rec.idstr !== RAM_SECTION_NAME) {
+          // The parser knows the section's framing (dirty-bitmap); RAM's order is not touched.
+          this.iterableOpen = { sectionId: rec.sectionId, idstr: rec.idstr };
+          this.iterableSeen = true;
+          return { type: 'iterable', at, record: rec, idstr: rec.idstr, sectionId: rec.sectionId, bytes: encodeMainEvent(rec) };
+        }
         return this.onSection(rec, at);
+      case 'iterable-data':
+        return { type: 'iterable', at, record: rec, idstr: rec.idstr, sectionId: rec.sectionId, bytes: [rec.data] };
+      case 'ram-xbzrle':
+        if (!this.blockListDone) this.violation('BAD_RECORD', at, 'XBZRLE record before the block list');
+        if (this.switched) this.violation('BAD_RECORD', at, 'XBZRLE record after the switch to postcopy (QEMU sends whole pages then)');
+        this.xbzrleSeen = true;
+        return { type: 'xbzrle', at, record: rec, block: rec.block, offset: rec.offset, delta: rec.delta, postcopy: this.switched };
       case 'ram-mem-size':
         if (this.sectionKind !== 'start' || this.memSizeSeen) {
           this.violation('BAD_RECORD', at, this.sectionKind === 'start'
@@ -318,6 +355,7 @@ export class StreamSession {
           return { type: 'flush', at, record: rec };
         }
         if (this.switched) this.violation('BAD_RECORD', at, 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
+        this.flushSeen = true;
         this.syncPoints.flush(this.sectionKind === 'start');
         return { type: 'sync-point', at, record: rec, cause: 'flush' };
       case 'ram-eos': {
@@ -328,6 +366,11 @@ export class StreamSession {
         return point.sync ? { type: 'sync-point', at, record: rec, cause: 'eos', ...decided } : { type: 'eos', at, record: rec, ...decided };
       }
       case 'footer':
+        if (this.iterableOpen?.sectionId === rec.sectionId) {
+          const open = this.iterableOpen;
+          this.iterableOpen = undefined;
+          return { type: 'iterable', at, record: rec, idstr: open.idstr, sectionId: open.sectionId, bytes: encodeMainEvent(rec) };
+        }
         if (this.ended) this.ramComplete = true;
         return { type: 'footer', at, record: rec, sectionId: rec.sectionId, setup: this.sectionKind === 'start' };
       case 'device-state':
@@ -386,6 +429,7 @@ export class StreamSession {
           this.violation('UNSUPPORTED', at, `POSTCOPY_ADVISE with target page size ${payload.readBigUInt64BE(8)} (only ${TARGET_PAGE_SIZE} is supported)`);
         }
         this.advised = payload.length === 16;
+        this.adviseSeen = true;
         return { type: 'postcopy-advise', at, record: rec, postcopy: this.advised };
       case Command.POSTCOPY_RAM_DISCARD:
         return this.onDiscard(rec, at);
@@ -445,7 +489,21 @@ export class StreamSession {
       this.deviceStart = this.parser.offset - rec.data.reduce((n, d) => n + d.length, 0);
       at = this.deviceStart;
       if (!this.started) this.violation('BAD_RECORD', at, 'device state begins before any RAM section');
-      else if (!this.ramComplete) this.violation('BAD_RECORD', at, `device state begins before the END of RAM section ${this.sectionIdValue}`);
+      else if (!this.ramComplete) {
+        // A background snapshot (migration.c bg_migration_thread) has no END: the device state it
+        // saved when the save started follows the last PART once every page went out once. Only
+        // such a source may do that, and it has none of what QEMU refuses with background-snapshot.
+        const why = this.sectionKind !== 'part' ? 'outside a RAM section'
+          : this.returnPathOpen ? 'with a return path'
+          : this.adviseSeen || this.switched ? 'with postcopy advised'
+          : this.switchover ? 'after SWITCHOVER_START'
+          : this.xbzrleSeen ? 'after XBZRLE records'
+          : this.flushSeen ? 'with multifd'
+          : this.iterableSeen ? 'with other iterable sections'
+          : undefined;
+        if (why === undefined) this.backgroundValue = true;
+        else this.violation('BAD_RECORD', at, `device state begins before the END of RAM section ${this.sectionIdValue} ${why} (only a background snapshot ends without END, and it has none of that)`);
+      }
     }
     if (!this.tail) return { type: 'device-state', at, record: rec, data: rec.data };
     if (this.switched) {

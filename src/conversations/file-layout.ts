@@ -98,6 +98,8 @@ export interface FileLayout {
   ramSectionName?: { sectionId: number; instanceId: number; versionId: number };
   memSizeTotal?: number;
   ramSections: RamSectionRecord[];
+  /** Sections of other iterable handlers (dirty-bitmap), carried as bytes. */
+  iterableSections?: { kind: string; sectionId: number; idstr: string; offset: number; size: number }[];
   commands: CommandRecord[];
   blocks: BlockLayout[];
   deviceStart?: number;
@@ -249,7 +251,7 @@ class Scan {
         // Computed back from the entry's end: the parser may have skipped a previous block's
         // pages region inside the buffered chunk without an event, so `at` can be stale here.
         const b = ev.block;
-        const len = 1 + Buffer.byteLength(b.name, 'latin1') + 8 + (b.mrAddr !== undefined ? 8 : 0) + (b.mappedRam ? MAPPED_RAM_HEADER_SIZE : 0);
+        const len = 1 + Buffer.byteLength(b.name, 'latin1') + 8 + (b.pageSize !== undefined ? 8 : 0) + (b.mrAddr !== undefined ? 8 : 0) + (b.mappedRam ? MAPPED_RAM_HEADER_SIZE : 0);
         return this.onBlock(b, session.offset - len);
       }
       case 'page':
@@ -268,6 +270,18 @@ class Scan {
       case 'flush':
         if (this.current) this.current.flushes++;
         return true;
+      case 'xbzrle':
+        // A delta needs the page it applies to; file tools read a file's pages where they lie.
+        this.problem('error', 'UNSUPPORTED', at, `XBZRLE record for block "${ev.block}" offset 0x${ev.offset.toString(16)}: a file with page deltas (xbzrle) is not supported`);
+        return false;
+      case 'iterable': {
+        // A non-RAM iterable section (dirty-bitmap) carried as bytes: listed with its size, not walked.
+        const list = (l.iterableSections ??= []);
+        const n = ev.bytes.reduce((s, b) => s + b.length, 0);
+        if (ev.record?.type === 'section') list.push({ kind: ev.record.kind, sectionId: ev.sectionId, idstr: ev.idstr, offset: at, size: n });
+        else if (list.length > 0) list[list.length - 1]!.size += n;
+        return true;
+      }
       case 'footer':
         if (this.current) this.current.size = session.offset - this.current.offset;
         this.current = undefined;

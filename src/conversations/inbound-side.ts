@@ -12,6 +12,7 @@ import type { Socket } from 'node:net';
 import { ProtocolError } from '../codec/errors.js';
 import { PageRecordParser } from '../codec/postcopy.js';
 import { StreamSession, type SessionEvent } from '../codec/stream-session.js';
+import { applyXbzrle } from '../codec/xbzrle.js';
 import type { SyncMode } from '../codec/sync-points.js';
 import { publish } from '../engine/diagnostics.js';
 import { getMethod } from '../engine/methods/registry.js';
@@ -97,6 +98,8 @@ export class InboundSide {
   mainBytes = 0;
   mainPages = 0;
   mainZero = 0;
+  /** XBZRLE deltas applied onto the pages held (main channel; QEMU sends them without multifd). */
+  xbzrlePages = 0;
   rounds = 0;
   postcopyMainPages = 0;
   preemptBytes = 0;
@@ -365,6 +368,20 @@ export class InboundSide {
         if (zeroed) await zeroed;
         break;
       }
+      case 'xbzrle':
+        // Onto the page the snapshot holds (its earlier main-channel write was awaited), as a
+        // QEMU destination applies it onto guest memory; a relay without a tee passes it on.
+        this.mainPages++;
+        this.xbzrlePages++;
+        if (snapshot) {
+          const page = await snapshot.store.readPage(ev.block, ev.offset);
+          applyXbzrle(ev.delta, page);
+          await snapshot.store.writePages(ev.block, [ev.offset], 1, [page]);
+        }
+        break;
+      case 'iterable':
+        snapshot?.iterable(ev.bytes);
+        break;
       case 'sync-point':
         if (!this.receiver) {
           if (ev.cause === 'flush') throw new ProtocolError('BAD_RECORD', `MULTIFD_FLUSH but ${this.names.who} expects no multifd channels (${this.names.flag} 0); does the source have multifd on?`);

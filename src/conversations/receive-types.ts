@@ -44,6 +44,11 @@ export interface ReceiveOptions {
   /** How often 'progress' is emitted. */
   progressIntervalMs?: number;
   signal?: AbortSignal;
+  /**
+   * The source has switchover-ack on (the stream does not say so; a QEMU destination knows it from
+   * its own capability): answer as a destination with no device that holds the switchover back.
+   */
+  switchoverAck?: boolean;
 }
 
 export interface ReceiveProgress {
@@ -84,6 +89,10 @@ export interface ReceiveSummary {
   /** multifd-compression of the source's packets (detected or as given); the snapshot holds plain pages. */
   compression: string;
   'return-path': boolean;
+  /** The source saved a background snapshot (no END section; the state of when the save started). */
+  'background-snapshot'?: boolean;
+  /** XBZRLE deltas applied onto the pages held (present when the source had xbzrle on). */
+  'xbzrle-pages'?: number;
   'main-bytes': number;
   'device-state-bytes': number;
   'file-size': number;

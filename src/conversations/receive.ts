@@ -9,7 +9,8 @@
 
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
-import { encodePong, encodeShut } from '../codec/return-path.js';
+import { encodePong, encodeShut, encodeSwitchoverAck } from '../codec/return-path.js';
+import { sendsSwitchoverAck } from '../codec/machine-type.js';
 import type { SessionEvent } from '../codec/stream-session.js';
 import { publish } from '../engine/diagnostics.js';
 import type { MappedRamWriter } from '../engine/mapped-ram-writer.js';
@@ -115,6 +116,9 @@ class Receiver implements InboundSink {
   /** A file is the destination: it answers the source's PINGs (the package's too) at once. */
   event(ev: SessionEvent): Promise<void> | undefined {
     if (ev.type === 'ping') this.inbound.main!.write(encodePong(ev.value));
+    if (ev.type === 'return-path' && this.opts.switchoverAck && sendsSwitchoverAck(this.inbound.session.configuration?.machine ?? '')) {
+      this.inbound.main!.write(encodeSwitchoverAck());
+    }
     if (ev.type === 'postcopy-switch') {
       publish('postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
       for (const v of ev.pings) this.inbound.main!.write(encodePong(v));
@@ -171,6 +175,8 @@ class Receiver implements InboundSink {
       'sync-mode': a.receiver ? (session.syncMode ?? 'round') : 'none',
       compression: a.receiver?.compression ?? (this.opts.compression && this.opts.compression !== 'auto' ? this.opts.compression : 'none'),
       'return-path': session.returnPath,
+      ...(session.background ? { 'background-snapshot': true } : {}),
+      ...(a.xbzrlePages > 0 ? { 'xbzrle-pages': a.xbzrlePages } : {}),
       'main-bytes': p.mainBytes,
       'device-state-bytes': session.deviceStateBytes,
       ...(session.postcopy ? {

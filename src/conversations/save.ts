@@ -40,6 +40,35 @@ export interface SaveOptions {
   idleTimeoutMs?: number;
   progressIntervalMs?: number;
   signal?: AbortSignal;
+  /**
+   * QEMU's background-snapshot: the snapshot is of the moment the save starts, the guest runs on
+   * throughout and afterwards. Main channel only (QEMU refuses multifd, return-path, xbzrle and
+   * more with it: those are turned off for the save and put back after it).
+   */
+  background?: boolean;
+}
+
+/**
+ * Capabilities QEMU refuses together with background-snapshot (options.c
+ * check_caps_background_snapshot), plus switchover-ack (needs return-path) and postcopy-preempt
+ * (needs postcopy-ram), which would fail once those are off.
+ */
+export const BACKGROUND_INCOMPATIBLE_CAPS = [
+  'postcopy-ram', 'dirty-bitmaps', 'postcopy-blocktime', 'late-block-activate', 'return-path', 'multifd',
+  'pause-before-switchover', 'auto-converge', 'release-ram', 'rdma-pin-all', 'xbzrle', 'x-colo', 'validate-uuid',
+  'zero-copy-send', 'switchover-ack', 'postcopy-preempt', 'mapped-ram',
+];
+
+/** What `--background` cannot be combined with, checked before QEMU is touched. */
+export function checkBackgroundOptions(opts: Pick<SaveOptions, 'background' | 'channels' | 'compression' | 'level'>): void {
+  if (!opts.background) return;
+  if (opts.channels !== undefined && opts.channels > 0) {
+    throw new Error(`--background saves over the main channel alone (QEMU refuses multifd with background-snapshot): drop --channels ${opts.channels}`);
+  }
+  if (opts.compression !== undefined && opts.compression !== 'none') {
+    throw new Error(`--background cannot use compression ${opts.compression}: it needs multifd, which QEMU refuses with background-snapshot`);
+  }
+  if (opts.level !== undefined) throw new Error('--background takes no compression level (no multifd, no compression)');
 }
 
 export interface SaveProgress extends ReceiveProgress {
@@ -92,13 +121,16 @@ interface Snapshot {
   params: Record<string, unknown>;
   /** We added the TLS credentials object (removed again afterwards). */
   tlsObject?: boolean;
+  /** Capabilities we set (put back afterwards, in one call: QEMU checks the set as a whole). */
+  touched: string[];
 }
 
 /** The id of the tls-creds-x509 object save adds to the VM for the migration. */
 const TLS_OBJECT = 'multifd-save-tls';
 
 async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSummary> {
-  const channels = opts.channels ?? 2;
+  checkBackgroundOptions(opts);
+  const channels = opts.channels ?? (opts.background ? 0 : 2);
   const qmp = await QmpClient.connect(opts.qmp);
   let rx: ReceiveHandle | undefined;
   let saved: Snapshot | undefined;
@@ -110,17 +142,21 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       throw new Error(`the source already has a migration in state "${status.status}"`);
     }
     const run = await qmp.execute('query-status');
-    saved = {
-      caps: await qmp.execute('query-migrate-capabilities'),
-      params: await qmp.execute('query-migrate-parameters'),
-    };
+    const caps: { capability: string; state: boolean }[] = await qmp.execute('query-migrate-capabilities');
     // With the return path the source completes only after our SHUT(0), i.e. after the snapshot
     // is committed; a failure on our side (SHUT(1)) fails its migration and it keeps running.
-    const capsWanted: Record<string, boolean> = { multifd: channels > 0, 'mapped-ram': false, 'return-path': true };
+    // A background snapshot has no return path: our failure closes the socket, its writes fail.
+    const capsWanted: Record<string, boolean> = opts.background
+      ? { ...Object.fromEntries(BACKGROUND_INCOMPATIBLE_CAPS.map((c) => [c, false])), 'background-snapshot': true }
+      // pause-before-switchover would wait for a migrate-continue nobody sends.
+      : { multifd: channels > 0, 'mapped-ram': false, 'return-path': true, 'background-snapshot': false, 'pause-before-switchover': false };
+    const setCaps = Object.entries(capsWanted).filter(([name]) => caps.some((c) => c.capability === name));
+    if (opts.background && !setCaps.some(([name]) => name === 'background-snapshot')) {
+      throw new Error('this QEMU has no background-snapshot capability');
+    }
+    saved = { caps, params: await qmp.execute('query-migrate-parameters'), touched: setCaps.map(([name]) => name) };
     await qmp.execute('migrate-set-capabilities', {
-      capabilities: Object.entries(capsWanted)
-        .filter(([name]) => saved!.caps.some((c) => c.capability === name))
-        .map(([capability, state]) => ({ capability, state })),
+      capabilities: setCaps.map(([capability, state]) => ({ capability, state })),
     });
     const params: Record<string, unknown> = { 'max-bandwidth': opts.maxBandwidth ?? DEFAULT_BANDWIDTH };
     if (channels > 0) {
@@ -144,7 +180,10 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     }
     await qmp.execute('migrate-set-parameters', params);
 
+    // The source waits for our SWITCHOVER_ACK when it has switchover-ack on (return-path stays on).
+    const switchoverAck = !opts.background && caps.some((c) => c.capability === 'switchover-ack' && c.state);
     rx = receive({
+      ...(switchoverAck ? { switchoverAck: true } : {}),
       listen: opts.listen ?? 'tcp:127.0.0.1:0',
       out: opts.out,
       channels,
@@ -195,7 +234,9 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       if (source.status !== 'completed') await new Promise((r) => setTimeout(r, 50));
     }
     migrating = false;
-    if (opts.resume && run.running) await qmp.execute('cont');
+    // A background snapshot never leaves the guest stopped (QEMU restarts it right after the
+    // device state is taken); only a migration's postmigrate needs `cont`.
+    if (opts.resume && run.running && !opts.background) await qmp.execute('cont');
     const after = await qmp.execute('query-status');
     const qemuSyncs = source.ram?.['dirty-sync-count'];
     // --out s3://…: when the snapshot was durable locally and when in the store (docs/s3.md).
@@ -253,9 +294,8 @@ async function restoreSettings(qmp: QmpClient, s: Snapshot): Promise<void> {
     if (!ACTIVE_STATES.has(st.status)) break;
     await new Promise((r) => setTimeout(r, 100));
   }
-  const touched = ['multifd', 'mapped-ram', 'return-path'];
   await qmp.execute('migrate-set-capabilities', {
-    capabilities: s.caps.filter((c) => touched.includes(c.capability)).map((c) => ({ capability: c.capability, state: c.state })),
+    capabilities: s.caps.filter((c) => s.touched.includes(c.capability)).map((c) => ({ capability: c.capability, state: c.state })),
   });
   const params: Record<string, unknown> = {};
   for (const k of ['max-bandwidth', 'multifd-channels', 'multifd-compression', 'multifd-zlib-level', 'multifd-zstd-level', 'downtime-limit', 'tls-creds', 'tls-hostname']) {

@@ -457,6 +457,8 @@ class Sender {
         ...(syncMode === 'round' ? [encodeMultifdFlush()] : []),
         encodeEos(),
         encodeFooter(sid),
+        // dirty-bitmap & co., as received: where QEMU puts its other END sections.
+        ...(src.iterableSections ? [src.iterableSections] : []),
       ]);
 
       this.phase = 'device-state';
@@ -525,6 +527,7 @@ class Sender {
    */
   private async postcopyTransfer(pc: PostcopyOptions, syncMode: SendSummary['sync-mode'], connectTimeout: number): Promise<{ perBlock: Map<string, number>; summary: PostcopySummary }> {
     const src = this.source;
+    if (src.iterableSections) throw new ProtocolError('UNSUPPORTED', 'the snapshot holds dirty-bitmap sections, which send replays only without postcopy');
     const sid = src.ramSection.sectionId;
     const pages = new PostcopyPages(src);
     this.pages = pages;

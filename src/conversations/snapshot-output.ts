@@ -6,6 +6,7 @@ import { Command, SectionType } from '../codec/constants.js';
 import { encodeConfiguration, withCapability, type Configuration } from '../codec/configuration.js';
 import type { RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
+import { ProtocolError } from '../codec/errors.js';
 import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
@@ -17,9 +18,15 @@ interface ObjectTarget {
   dir: string;
 }
 
+/** Bytes of non-RAM iterable sections (dirty-bitmap) held until the device state; QEMU sends ~KiBs. */
+export const MAX_ITERABLE_BYTES = 64 * 1024 * 1024;
+
 export class SnapshotOutput {
   private headDone = false;
   private preludeDone = false;
+  /** Non-RAM iterable sections as they came (header, chunks, footer), written before the devices. */
+  private iterableBytes: Buffer[] = [];
+  private iterableLength = 0;
 
   /** An abort while commit() uploads stops the upload before it completes (no object appears). */
   private readonly uploadAbort = new AbortController();
@@ -81,9 +88,27 @@ export class SnapshotOutput {
       const prelude: Buffer[] = [];
       if (switchoverStart) prelude.push(encodeCommand(Command.SWITCHOVER_START));
       prelude.push(encodeSectionShort(SectionType.END, sectionId), encodeEos(), encodeFooter(sectionId));
+      // After RAM's END, before the first device section: where QEMU's own END sections of other
+      // iterable handlers sit (qemu_savevm_state_complete_precopy_iterable), and where readers of
+      // the file find them in stream order.
+      prelude.push(...this.iterableBytes);
+      this.iterableBytes = [];
       await this.store.appendStream(prelude);
     }
     await this.store.appendStream(data as Buffer[]);
+  }
+
+  /**
+   * Bytes of a non-RAM iterable section (its header, chunks, footer), carried undecoded. Held
+   * until the device state so that the file keeps RAM's sections together.
+   */
+  iterable(bufs: readonly Buffer[]): void {
+    if (this.preludeDone) throw new ProtocolError('UNSUPPORTED', 'an iterable section other than RAM after the device state began (postcopy with dirty-bitmaps) cannot be stored in a snapshot');
+    for (const b of bufs) {
+      this.iterableLength += b.length;
+      if (this.iterableLength > MAX_ITERABLE_BYTES) throw new ProtocolError('LIMIT_EXCEEDED', `non-RAM iterable sections larger than ${MAX_ITERABLE_BYTES} bytes`);
+      this.iterableBytes.push(Buffer.from(b));
+    }
   }
 
   /** For an object: durable locally first, then uploaded; the object exists only if this resolves. */

@@ -38,6 +38,9 @@ export class MappedRamSnapshot implements SnapshotSource {
   private direct: FileHandle | undefined;
   private slots: AlignedSlots | undefined;
 
+  /** Non-RAM iterable sections (dirty-bitmap) the file holds, as bytes, for send to replay. */
+  iterableSections: Buffer | undefined;
+
   private constructor(
     readonly path: string,
     private readonly fh: FileHandle,
@@ -71,6 +74,9 @@ export class MappedRamSnapshot implements SnapshotSource {
       let pos = opts.baseOffset ?? 0;
       let device: Buffer[] = [];
       let deviceBytes = 0;
+      // Non-RAM iterable sections (dirty-bitmap) as their bytes, replayed by send after RAM's END.
+      const iterable: Buffer[] = [];
+      let iterableBytes = 0;
       const buf = Buffer.allocUnsafe(READ_CHUNK);
       while (pos < size) {
         const skip = session.pendingSkip;
@@ -90,8 +96,14 @@ export class MappedRamSnapshot implements SnapshotSource {
             blockInfo.push({ name: ev.block.name, usedLength: ev.block.usedLength, ...(ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {}) });
           } else if (ev.type === 'section' && ev.kind === 'start') {
             ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
-          } else if (ev.type === 'page' || ev.type === 'zero') {
+          } else if (ev.type === 'page' || ev.type === 'zero' || ev.type === 'xbzrle') {
             throw new ProtocolError('BAD_RECORD', `${ev.type} record in a mapped-ram file`, { offset: ev.at });
+          } else if (ev.type === 'iterable') {
+            for (const b of ev.bytes) {
+              iterableBytes += b.length;
+              if (iterableBytes > MAX_DEVICE_STATE) throw new ProtocolError('LIMIT_EXCEEDED', `non-RAM iterable sections larger than ${MAX_DEVICE_STATE} bytes`, { offset: ev.at });
+              iterable.push(Buffer.from(b));
+            }
           } else if (ev.type === 'device-state') {
             for (const d of ev.data) {
               deviceBytes += d.length;
@@ -111,6 +123,7 @@ export class MappedRamSnapshot implements SnapshotSource {
       const tail = Buffer.concat(device);
       device = [];
       const snap = new MappedRamSnapshot(path, fh, config, blocks, verifiedDeviceState(tail, deviceStart, size), size, { ramSection, switchoverStart }, blockInfo);
+      if (iterable.length > 0) snap.iterableSections = Buffer.concat(iterable);
       if (opts.directIo ?? true) await snap.enableDirectReads();
       return snap;
     } catch (e) {

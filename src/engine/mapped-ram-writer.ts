@@ -38,6 +38,8 @@ export class MappedRamWriter implements PageStore {
   private closed = false;
 
   private readonly slots: AlignedSlots | undefined;
+  /** Read handle for readPage (XBZRLE deltas apply onto the page held). */
+  private reader: FileHandle | undefined;
 
   private constructor(
     readonly finalPath: string,
@@ -205,6 +207,30 @@ export class MappedRamWriter implements PageStore {
     for (let i = start; i < start + count; i++) b.bitmap.clear(offsets[i]! / this.pageSize);
   }
 
+  /**
+   * The page as the snapshot holds it now: what an XBZRLE delta applies onto (the copy a QEMU
+   * destination holds is the page itself). Zeros where the bit is clear (a zero page, or none
+   * yet). Callers await their earlier writePages of the page first; the read goes through the
+   * page cache, which O_DIRECT writes keep coherent.
+   */
+  async readPage(block: string, offset: number): Promise<Buffer> {
+    const b = this.blockOrThrow(block);
+    if (offset % this.pageSize !== 0 || offset + this.pageSize > b.usedLength) {
+      throw new ProtocolError('OFFSET_OUT_OF_RANGE', `page offset 0x${offset.toString(16)} is outside block "${block}"`);
+    }
+    const page = Buffer.alloc(this.pageSize);
+    if (!b.bitmap.test(offset / this.pageSize)) return page;
+    // The main handle is write-only ('wx'); a read handle is opened the first time it is needed.
+    this.reader ??= await open(this.tempPath, 'r');
+    let done = 0;
+    while (done < page.length) {
+      const { bytesRead } = await this.reader.read(page, done, page.length - done, b.header.pagesOffset + offset + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return page;
+  }
+
   bitmap(block: string): SparsePageBitmap | undefined {
     return this.blocks.get(block)?.bitmap;
   }
@@ -258,6 +284,7 @@ export class MappedRamWriter implements PageStore {
     await this.fh.sync();
     await this.fh.close();
     await this.direct?.close();
+    await this.reader?.close();
     this.closed = true;
     await rename(this.tempPath, this.finalPath);
     syncDirectory(dirname(this.finalPath));
@@ -272,6 +299,7 @@ export class MappedRamWriter implements PageStore {
       this.closed = true;
       await this.fh.close().catch(() => {});
       await this.direct?.close().catch(() => {});
+      await this.reader?.close().catch(() => {});
     }
     await unlink(this.tempPath).catch(() => {});
   }

@@ -28,6 +28,11 @@ export interface SnapshotSource {
   readonly blockList: readonly SnapshotBlockInfo[];
   /** The source sent SWITCHOVER_START before its final RAM section. */
   readonly switchoverStart: boolean;
+  /**
+   * Sections of other iterable handlers (dirty-bitmap: START/PART/END with their chunks and
+   * footers) as stored, replayed after RAM's END; undefined when there are none.
+   */
+  readonly iterableSections?: Buffer | undefined;
   /** Device sections, EOF and VMDESCRIPTION; offsets in the layout are relative to fileOffset. */
   readonly deviceState: DeviceStateLayout & { fileOffset: number };
   readonly fileSize: number;

@@ -215,6 +215,10 @@ export class StreamSnapshot implements SnapshotSource {
             case 'zero':
               blocks.get(ev.block)!.index.set(ev.offset / TARGET_PAGE_SIZE, 0);
               break;
+            case 'xbzrle':
+              throw new ProtocolError('UNSUPPORTED', `XBZRLE record for block "${ev.block}" in a stream file: page deltas (xbzrle) are not supported in files`, { offset: ev.at });
+            case 'iterable':
+              throw new ProtocolError('UNSUPPORTED', `iterable section "${ev.idstr}" in a stream file: only mapped-ram snapshots carry sections other than RAM`, { offset: ev.at });
             case 'device-state':
               for (const d of ev.data) {
                 deviceBytes += d.length;

@@ -16,6 +16,12 @@ export interface CaptureIndexEntry {
   transport: 'tcp' | 'file';
   files: string[];
   accept_order: string[];
+  /**
+   * Captures of streams beyond plain precopy/multifd (background snapshot, xbzrle, dirty-bitmaps,
+   * switchover-ack, postcopy-ram on hugepages): scenarios() leaves them out, since the tests over
+   * "every capture" describe that plain shape; streamScenarios() lists them.
+   */
+  extended?: boolean;
 }
 
 export interface MappedRamFacts {
@@ -164,7 +170,12 @@ export function scenario(entry: CaptureIndexEntry): Scenario {
 
 /** Every capture folder, optionally filtered. */
 export function scenarios(filter: (e: CaptureIndexEntry) => boolean = () => true): Scenario[] {
-  return captureIndex().filter(filter).map(scenario);
+  return captureIndex().filter((e) => !e.extended && filter(e)).map(scenario);
+}
+
+/** The extended captures (see CaptureIndexEntry.extended). */
+export function streamScenarios(filter: (e: CaptureIndexEntry) => boolean = () => true): Scenario[] {
+  return captureIndex().filter((e) => e.extended === true && filter(e)).map(scenario);
 }
 
 export function findScenario(qemu: '10.0' | '11.1', name: string): Scenario {

@@ -33,6 +33,8 @@ const BUDGET: Record<string, number> = {
   qmp: 1500,
   'postcopy-package': 300,
   'postcopy-records': 1500,
+  xbzrle: 1500,
+  'extended-streams': 200,
 };
 /** MULTIFD_FUZZ_SCALE=10 runs ten times the inputs (as for properties.test.ts). */
 const SCALE = Math.max(0.01, Number(process.env.MULTIFD_FUZZ_SCALE ?? 1) || 1);

@@ -7,6 +7,7 @@ import { qmpTarget, returnPathTarget } from './misc.js';
 import { configurationTarget, mainStreamTarget, ramRecordsTarget } from './stream.js';
 import { vmdescTarget } from './vmdesc.js';
 import { postcopyPackageTarget, preemptTarget } from './postcopy.js';
+import { extendedStreamTarget, xbzrleTarget } from './xbzrle.js';
 
 export const TARGETS: readonly Target[] = [
   mainStreamTarget,
@@ -26,6 +27,8 @@ export const TARGETS: readonly Target[] = [
   qmpTarget,
   postcopyPackageTarget,
   preemptTarget,
+  xbzrleTarget,
+  extendedStreamTarget,
 ];
 
 export function targetByName(name: string): Target {

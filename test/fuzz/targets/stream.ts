@@ -112,7 +112,7 @@ export function runMainParser(input: Buffer, plan: readonly number[]): MainRun {
 }
 
 /** Whole input, then another chunking: same events, same outcome. */
-function runBoth(input: Buffer, rng: Rng, focus?: Seed['focus']): string {
+export function runBoth(input: Buffer, rng: Rng, focus?: Seed['focus']): string {
   const whole = runMainParser(input, [input.length]);
   const plan = chunkPlan(input.length, rng, focus);
   const split = runMainParser(input, plan);

@@ -21,13 +21,8 @@ const MULTIFD_RING_BYTES = 12 * 1024 * 1024;
 
 export type ConnectionKind = 'main' | 'multifd';
 
-/** A connection that was closed without being taken as a migration channel. */
-export class StrayConnectionError extends Error {
-  constructor(readonly peer: string, reason: string) {
-    super(`connection from ${peer}: ${reason}`);
-    this.name = 'StrayConnectionError';
-  }
-}
+import { StrayConnectionError } from '../codec/errors.js';
+export { StrayConnectionError } from '../codec/errors.js';
 
 /**
  * Waits for the connection's magic and hands its bytes (magic included) to `onKind`. A silent,

@@ -49,12 +49,8 @@ export interface MultifdReceiverOptions {
 /** QEMU's multifd-channels parameter is 1..255 (a uint8, and the init message's id is one byte). */
 export const MAX_MULTIFD_CHANNELS = 255;
 
-export class ChannelError extends Error {
-  constructor(readonly where: string, override readonly cause: Error) {
-    super(`${where}: ${cause.message}`);
-    this.name = 'ChannelError';
-  }
-}
+import { ChannelError } from '../codec/errors.js';
+export { ChannelError } from '../codec/errors.js';
 
 export class MultifdReceiver extends EventEmitter {
   readonly barrier: SyncBarrier;

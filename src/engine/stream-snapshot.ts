@@ -7,6 +7,7 @@
 // free-page-hinted memory are never sent), so the index grows with the data pages the file
 // actually holds, never with the claim.
 
+import { isZeroPieces } from './zero-page.js';
 import { open, type FileHandle } from 'node:fs/promises';
 import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
@@ -21,7 +22,6 @@ const MAX_DEVICE_STATE = 256 * 1024 * 1024;
 /** A CONTINUE PAGE record: be64 (offset | flags) then the page, so such records sit this far apart. */
 const CONTINUE_HEADER = 8;
 const RECORD_STRIDE = CONTINUE_HEADER + TARGET_PAGE_SIZE;
-const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 
 /** Pages per index chunk: 512 offsets, 4 KiB, allocated when a data page first lands in it. */
 const CHUNK_PAGES = 512;
@@ -137,11 +137,6 @@ function commandName(cmd: number): string {
   return e ? `${cmd} (${e[0]})` : String(cmd);
 }
 
-/** Compares slice by slice: a page split across two read chunks arrives as two views. */
-function isZeroPage(data: readonly Buffer[]): boolean {
-  for (const d of data) if (!d.equals(ZERO_PAGE.subarray(0, d.length))) return false;
-  return true;
-}
 
 export class StreamSnapshot implements SnapshotSource {
   readonly format = 'stream';
@@ -248,7 +243,7 @@ export class StreamSnapshot implements SnapshotSource {
               if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `page record names unknown RAM block "${ev.block}"`, { offset: parser.offset });
               const page = ev.offset / TARGET_PAGE_SIZE;
               // The parser has consumed the page data when it returns the event.
-              b.index.set(page, isZeroPage(ev.data) ? 0 : parser.offset - TARGET_PAGE_SIZE);
+              b.index.set(page, isZeroPieces(ev.data) ? 0 : parser.offset - TARGET_PAGE_SIZE);
               break;
             }
             case 'ram-zero': {

@@ -12,28 +12,8 @@ import {
   type QmpMessage,
 } from '../codec/qmp.js';
 
-export class QmpCommandError extends Error {
-  readonly errorClass: string;
-  readonly desc: string;
-  readonly command: string;
-  constructor(command: string, errorClass: string, desc: string) {
-    super(`QMP ${command} failed: ${desc}`);
-    this.name = 'QmpCommandError';
-    this.command = command;
-    this.errorClass = errorClass;
-    this.desc = desc;
-  }
-}
-
-/** Transport-level failure: connect error, timeout, closed socket, garbage on the wire. */
-export class QmpConnectionError extends Error {
-  readonly address: string;
-  constructor(address: string, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'QmpConnectionError';
-    this.address = address;
-  }
-}
+import { QmpCommandError, QmpConnectionError } from '../codec/errors.js';
+export { QmpCommandError, QmpConnectionError } from '../codec/errors.js';
 
 export type QmpAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
 

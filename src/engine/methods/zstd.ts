@@ -162,6 +162,8 @@ export function zstdMethod(): MultifdMethod {
   return {
     name: 'zstd',
     flags: MultifdFlag.ZSTD,
+    // multifd-zstd-level: 0..20 (migration/options.c).
+    levels: { min: 0, max: 20, default: DEFAULT_ZSTD_LEVEL },
     sendSetup(channelId: number, _pageSize: number, opts = {}): SendMethodChannel {
       const ch = workerChannel(channelId, { op: 'csetup', level: opts.level ?? DEFAULT_ZSTD_LEVEL });
       return {

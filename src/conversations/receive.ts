@@ -237,7 +237,7 @@ class Receiver {
       this.idle.start();
       this.progressTimer.unref();
       const addr = formatAddress(this.listener.address);
-      publish('listening', { address: addr });
+      publish('receive', 'listening', { address: addr });
       return addr;
     } catch (e) {
       this.fail(e as Error);
@@ -274,7 +274,7 @@ class Receiver {
 
   /** A connection that is no migration channel: closed and reported, the migration goes on. */
   private onStray(e: StrayConnectionError): void {
-    publish('stray-connection', { error: e });
+    publish('receive', 'stray-connection', { error: e });
     this.handle.emit('stray', e);
   }
 
@@ -289,7 +289,7 @@ class Receiver {
     this.preemptAt = Date.now();
     sock.setNoDelay(true);
     sock.on('error', () => {});
-    publish('channel', { kind: 'preempt', peer: describePeer(sock) });
+    publish('receive', 'preempt-channel', { kind: 'preempt', peer: describePeer(sock) });
     void this.runPreempt(source);
     return true;
   }
@@ -353,7 +353,7 @@ class Receiver {
       }
       this.main = sock;
       this.phase = 'setup';
-      publish('main-channel', {});
+      publish('receive', 'main-channel', {});
       void this.runMain(source);
       return;
     }
@@ -389,7 +389,7 @@ class Receiver {
           const quiet = await quietFor(next, this.opts.completionQuietMs ?? 20);
           if (quiet === 'quiet') {
             next.then((more) => {
-              if (!more.done) publish('late-data', { bytes: more.value.length, message: 'bytes arrived on the main channel after the snapshot was committed' });
+              if (!more.done) publish('receive', 'late-data', { bytes: more.value.length, message: 'bytes arrived on the main channel after the snapshot was committed' });
             }, () => {});
             await this.complete(st);
             return;
@@ -441,7 +441,7 @@ class Receiver {
           throw new ProtocolError('UNSUPPORTED', 'the source has mapped-ram on; turn it off to migrate over a socket');
         }
         st.config = ev.config;
-        publish('configuration', { machine: ev.config.machine });
+        publish('receive', 'configuration', { machine: ev.config.machine });
         return;
       case 'command':
         return this.onCommand(ev.cmd, ev.payload, st);
@@ -494,7 +494,7 @@ class Receiver {
         // After the switch multifd is over: an EOS closes a batch of postcopy pages, nothing more.
         if (!this.multifd || st.postcopy) return;
         const point = this.syncPoints.eos(st.sectionKind === 'start');
-        if (point.decided) publish('sync-mode', { mode: point.decided });
+        if (point.decided) publish('receive', 'sync-mode', { mode: point.decided });
         if (point.sync) {
           this.phase = 'ram';
           await this.multifd.sync();
@@ -513,7 +513,7 @@ class Receiver {
     switch (cmd) {
       case Command.OPEN_RETURN_PATH:
         this.returnPath = true;
-        publish('return-path', {});
+        publish('receive', 'return-path', {});
         return;
       case Command.PING: {
         if (!this.returnPath) throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');
@@ -558,7 +558,7 @@ class Receiver {
     st.postcopy = true;
     this.switchedAt = Date.now();
     this.phase = 'postcopy';
-    publish('postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
+    publish('receive', 'postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
     // Every precopy page is in place before any postcopy page: the prepare FLUSH synced the
     // channels; later multifd packets are refused.
     await this.multifd?.finish('the switch to postcopy');
@@ -632,7 +632,7 @@ class Receiver {
     };
     await this.cleanup();
     this.handle.emit('progress', this.progress());
-    publish('completed', { summary });
+    publish('receive', 'completed', { summary });
     this.resolveDone(summary);
   }
 
@@ -641,7 +641,7 @@ class Receiver {
     if (this.switchedAt !== undefined) err = new PostcopyFailedError(err, 'receive');
     this.failure = err;
     this.phase = 'failed';
-    publish('failed', { error: err });
+    publish('receive', 'failed', { error: err });
     if (this.returnPath && this.main && !this.main.destroyed) this.main.write(encodeShut(1));
     this.multifd?.fail(err);
     void (async () => {

@@ -327,7 +327,7 @@ class Relay {
       }, Math.min(1000, stall));
       this.watchdog.unref();
       this.from = formatAddress(this.listener.address);
-      publish('relay-listening', { address: this.from });
+      publish('relay', 'listening', { address: this.from });
       return this.from;
     } catch (e) {
       this.fail(e as Error);
@@ -366,7 +366,7 @@ class Relay {
 
   /** A connection that is no migration channel: closed and reported, the migration goes on. */
   private onStray(e: StrayConnectionError): void {
-    publish('stray-connection', { error: e });
+    publish('relay', 'stray-connection', { error: e });
     this.handle.emit('stray', e);
   }
 
@@ -396,7 +396,7 @@ class Relay {
       return s;
     })();
     b.catch(() => {});
-    publish('relay-preempt', {});
+    publish('relay', 'preempt-channel', {});
     const parser = new PageRecordParser((name) => this.blocks.get(name)?.usedLength, 'source preempt channel');
     try {
       for await (const chunk of source) {
@@ -435,7 +435,7 @@ class Relay {
       }
       this.aMain = sock;
       this.phase = 'setup';
-      publish('relay-source', { peer });
+      publish('relay', 'source', { peer });
       void this.runMain(source);
       return;
     }
@@ -494,7 +494,7 @@ class Relay {
       case 'configuration':
         if (ev.config.capabilities.includes('mapped-ram')) throw new ProtocolError('UNSUPPORTED', 'the source has mapped-ram on; turn it off to migrate over a socket');
         st.config = ev.config;
-        publish('configuration', { machine: ev.config.machine });
+        publish('relay', 'configuration', { machine: ev.config.machine });
         break;
       case 'command':
         if (!FORWARDED_COMMANDS.has(ev.cmd)) {
@@ -502,7 +502,7 @@ class Relay {
         }
         if (ev.cmd === Command.OPEN_RETURN_PATH) {
           this.aReturnPath = true;
-          publish('return-path', {});
+          publish('relay', 'return-path', {});
           // Already open towards B (we opened it ourselves): a second one is only logged by QEMU.
           if (this.bReturnPath) return;
           this.bReturnPath = true;
@@ -569,7 +569,7 @@ class Relay {
         // After the switch an EOS closes a batch of postcopy pages; multifd is over.
         if (this.receiver && !st.postcopy) {
           const point = this.syncPoints.eos(st.sectionKind === 'start');
-          if (point.decided) publish('sync-mode', { mode: point.decided });
+          if (point.decided) publish('relay', 'sync-mode', { mode: point.decided });
           if (point.sync) await this.syncRound();
         }
         break;
@@ -606,7 +606,7 @@ class Relay {
     st.postcopy = true;
     this.switchedAt = Date.now();
     this.phase = 'postcopy';
-    publish('relay-postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
+    publish('relay', 'postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
     await this.receiver?.finish('the switch to postcopy');
     this.resolvePostcopyStarted();
     st.tail.append([pkg.devices]);
@@ -661,7 +661,7 @@ class Relay {
       this.bMainSocket = s;
       this.adoptB(s, 'its main channel');
       this.listenReturnPath(s);
-      publish('relay-destination', { to: this.opts.to });
+      publish('relay', 'destination', { to: this.opts.to });
       return s;
     });
     this.bMain.catch((e: Error) => this.fail(e));
@@ -689,7 +689,7 @@ class Relay {
     for (let i = 0; i < this.channelsOut; i++) {
       this.sender.initChannel(i, false, uuid).catch((e: Error) => this.fail(e));
     }
-    publish('relay-channels', { channelsOut: this.channelsOut });
+    publish('relay', 'destination-channels', { channelsOut: this.channelsOut });
   }
 
   private adoptB(s: Socket, which: string): void {
@@ -750,7 +750,7 @@ class Relay {
         for (let m = rp.next(); m !== null; m = rp.next()) {
           if (m.type === ReturnPathMessage.SHUT) this.bShut = m.payload.readUInt32BE(0);
           if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
-          publish('relay-return-path', { type: m.type });
+          publish('relay', 'destination-return-path', { type: m.type });
           // Forwarded message by message: A may have opened its return path after ours.
           if (this.aReturnPath && this.aMain && !this.aMain.destroyed) {
             this.aMain.write(encodeReturnPathMessage(m.type, m.payload));
@@ -825,7 +825,7 @@ class Relay {
     };
     await this.cleanup();
     this.handle.emit('progress', this.progress());
-    publish('relay-completed', { summary });
+    publish('relay', 'completed', { summary });
     this.resolveDone(summary);
   }
 
@@ -834,7 +834,7 @@ class Relay {
     if (this.switchedAt !== undefined) err = new PostcopyFailedError(err, 'relay');
     this.failure = err;
     this.phase = 'failed';
-    publish('relay-failed', { error: err });
+    publish('relay', 'failed', { error: err });
     // A must not complete on a state B did not load: tell it, then cut it off. If B's SHUT(0)
     // already went to A, A completed and B runs; only our own part (the tee) failed.
     if (!this.aShutSent && this.aReturnPath && this.aMain && !this.aMain.destroyed) {

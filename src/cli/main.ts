@@ -88,10 +88,11 @@ async function report<S>(label: string, json: boolean | undefined, start: (view:
 }
 
 /**
- * Ctrl-C or SIGTERM aborts the conversation instead of killing the process, so it cleans up: the
- * temporary snapshot removed, the source told (SHUT 1) and its connections closed.
+ * Every command's Ctrl-C or SIGTERM: the conversation is aborted instead of the process killed, so
+ * it cleans up — its connections closed, a temporary snapshot removed, a source told (SHUT 1), a
+ * migration it drives over QMP cancelled (save), the settings it changed put back.
  */
-function abortOnSignal(h: { abort(e: Error): void }): void {
+function abortOnSignal(h: { abort(reason: unknown): void }): void {
   const on = (sig: string): void => h.abort(new Error(`interrupted (${sig})`));
   process.once('SIGINT', on);
   process.once('SIGTERM', on);
@@ -193,11 +194,7 @@ program
   .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
     await report('save', o.json, (view) => {
       const tls = tlsCreds(o);
-      // Ctrl-C: our receive stops, the source's migration is cancelled and its settings put back.
-      const ac = new AbortController();
-      abortOnSignal({ abort: (e: Error) => ac.abort(e) });
       const h = save({
-        signal: ac.signal,
         ...(tls ? { tls } : {}),
         qmp: o.qmp,
         out: resolve(o.out),
@@ -212,6 +209,7 @@ program
         ...(o.level !== undefined ? { level: o.level } : {}),
       });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
+      abortOnSignal(h);
       return h.done;
     }, summaryText);
   });
@@ -259,6 +257,7 @@ Or let restore do all of it over QMP.`)
         ...(o.uuid ? { uuid: o.uuid } : {}),
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
+      abortOnSignal(h);
       return h.done;
     }, sendSummaryText);
   });
@@ -299,6 +298,7 @@ program
         ...(o.uuid ? { uuid: o.uuid } : {}),
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
+      abortOnSignal(h);
       return h.done;
     }, sendSummaryText);
   });

@@ -6,7 +6,7 @@ import { EventEmitter } from 'node:events';
 import { AbortedError, abortError } from '../codec/errors.js';
 
 /** Event name → listener arguments, as @types/node's EventEmitter<T> takes them. */
-export type EventMap<T> = { [K in keyof T]: unknown[] };
+export type EventMap<T> = { [K in keyof T]: any[] };
 
 /** What a conversation's start function hands back to its handle. */
 export interface ConversationRun<S> {
@@ -16,7 +16,7 @@ export interface ConversationRun<S> {
   abort?: (e: Error) => void;
 }
 
-export class ConversationHandle<S, E extends EventMap<E> = Record<string, unknown[]>> extends EventEmitter<E> {
+export class ConversationHandle<S, E extends EventMap<E> = Record<string, any[]>> extends EventEmitter<E> {
   /** Resolves with the summary when the conversation completed; rejects with a typed error. */
   readonly done: Promise<S>;
   /**
@@ -54,7 +54,7 @@ export class ConversationHandle<S, E extends EventMap<E> = Record<string, unknow
 }
 
 /** A conversation that listens for its peer (receive, relay, save). */
-export class ListeningHandle<S, E extends EventMap<E> = Record<string, unknown[]>> extends ConversationHandle<S, E> {
+export class ListeningHandle<S, E extends EventMap<E> = Record<string, any[]>> extends ConversationHandle<S, E> {
   /** Resolves with the bound address (e.g. tcp:127.0.0.1:39123) once listening. */
   readonly listening: Promise<string>;
 

@@ -1,4 +1,4 @@
-// send's precopy pages: every present page once, in batches of ≤ 128 pages of one block in block
+// send's pages and device state. Pages: every present page once, in batches of ≤ 128 pages of one block in block
 // order — as multifd packets when there are channels, else as PAGE records in RAM PART sections
 // of the main channel. With a budget (postcopy's pages before the switch) it stops at the first
 // batch boundary past it.
@@ -7,10 +7,13 @@ import { MULTIFD_PAGES_PER_PACKET, SectionType, TARGET_PAGE_SIZE } from '../code
 import { encodePageRecords, type PageRecordState } from '../codec/postcopy.js';
 import { encodeEos, encodeFooter, encodeSectionShort } from '../codec/stream-encode.js';
 import { BatchPlanner } from '../engine/batch-planner.js';
-import type { MultifdSender, PageBatch } from '../engine/multifd-sender.js';
+import { MultifdSender, type MultifdSenderOptions, type PageBatch } from '../engine/multifd-sender.js';
 import type { PostcopyPages } from '../engine/postcopy-pages.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { isZeroPage } from '../engine/zero-page.js';
+import type { OutboundSide } from './outbound-side.js';
+
+const DEVICE_CHUNK = 1024 * 1024;
 
 export interface PageSenderOptions {
   source: SnapshotSource;
@@ -57,6 +60,16 @@ export class PageSender {
     return perBlock;
   }
 
+  /** Copies [position, position + length) of the file to main (the device state, byte for byte). */
+  async forward(position: number, length: number): Promise<void> {
+    const buf = Buffer.allocUnsafe(Math.min(DEVICE_CHUNK, Math.max(1, length)));
+    for (let done = 0; done < length; ) {
+      const n = Math.min(buf.length, length - done);
+      await this.o.writeMain([await this.o.source.readAt(position + done, n, buf)]);
+      done += n;
+    }
+  }
+
   /**
    * Without multifd, pages travel as PAGE records in a PART section of the main channel. All-zero
    * pages stay at home: a fresh destination's RAM is zero (with postcopy they are left to the
@@ -96,4 +109,19 @@ export class PageSender {
       encodeFooter(src.ramSection.sectionId),
     ]);
   }
+}
+
+/**
+ * send's multifd channels, connected all at once after main (whose prologue went out already):
+ * each writes its init and setup SYNC as soon as it is connected; `ready` once all did.
+ */
+export function openMultifd(out: OutboundSide, count: number, opts: Omit<MultifdSenderOptions, 'channels'>, fail: (e: Error) => void): { sender: MultifdSender; ready: Promise<void> } {
+  const sender = new MultifdSender({ ...opts, channels: Array.from({ length: count }, (_, i) => ({ write: (bufs: readonly Buffer[]) => out.writeChannel(i, bufs) })) });
+  sender.on('error', fail);
+  out.openChannels(count, Promise.resolve());
+  const ready = Promise.all(Array.from({ length: count }, async (_, i) => {
+    await out.channel(i);
+    await sender.setupChannel(i);
+  })).then(() => {});
+  return { sender, ready };
 }

@@ -17,16 +17,9 @@ import type { SnapshotSource } from '../engine/snapshot.js';
 import type { OutboundSide } from './outbound-side.js';
 import { PostcopyPhase } from './postcopy-phase.js';
 import type { PageSender } from './send-pages.js';
+import { PING_CONFIG, PING_DEVICES, PING_DISCARDED, PING_LISTENING, PING_PACKAGE_LOADED } from './send-stages.js';
 import type { PostcopyOptions, PostcopySummary, SendProgress } from './send-types.js';
 
-/** PING values: each marks a stage the destination has loaded when it answers (numbered as QEMU's source numbers them). */
-export const PING_CONFIG = 1;
-export const PING_RAM_SETUP = 2;
-export const PING_DISCARDED = 2;
-export const PING_DEVICES = 3;
-export const PING_LISTENING = 4;
-/** QEMU 11.1's "package loaded" ping: the last thing in the package before RUN. */
-export const PING_PACKAGE_LOADED = 0x42;
 
 export interface PostcopySendContext {
   source: SnapshotSource;
@@ -37,8 +30,6 @@ export interface PostcopySendContext {
   startedAt: number;
   syncMode: 'round' | 'section' | 'none';
   writeMain(bufs: Buffer[]): Promise<void>;
-  /** Copies [position, position + length) of the file to main. */
-  forward(position: number, length: number): Promise<void>;
   failed: Promise<never>;
   /** Called as the send goes on: the phase, LISTEN out (page requests legal), RUN out (the guest may run). */
   setPhase(p: SendProgress['phase']): void;
@@ -106,7 +97,7 @@ export async function sendPostcopy(c: PostcopySendContext, pc: PostcopyOptions):
   c.listenSent(pages);
   c.setPhase('device-state');
   // The device sections, without EOF and VMDESCRIPTION (the package is a stream without header).
-  await c.forward(ds.fileOffset, devicesLength);
+  await c.pageSender.forward(ds.fileOffset, devicesLength);
   await c.writeMain([encodePing(PING_DEVICES), encodePing(PING_PACKAGE_LOADED), encodePostcopyRun(), encodePing(PING_LISTENING)]);
   // From RUN on the destination's guest may run: a failure from here loses it.
   c.running();

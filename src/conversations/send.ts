@@ -15,23 +15,22 @@
 // every page once, so a single round suffices: the only syncs are the setup one and the final one.
 // The connections, the return path and the stall watchdog are the outbound side's.
 
-import { Command, ReturnPathMessage, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { encodeConfiguration, withCapability } from '../codec/configuration.js';
-import { abortError, DestinationClosedError, DestinationRefusedError, InvalidOptionError, POSTCOPY_LOSS_TEXT, PostcopyDestinationLostError, ProtocolError, StallError } from '../codec/errors.js';
+import { ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { abortError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { defaultSyncMode } from '../codec/machine-type.js';
-import { encodePostcopyAdvise, type PageRecordState } from '../codec/postcopy.js';
-import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePing, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
+import type { PageRecordState } from '../codec/postcopy.js';
 import { publish } from '../engine/diagnostics.js';
 import { checkLevel, getMethod } from '../engine/methods/registry.js';
-import { MultifdSender } from '../engine/multifd-sender.js';
+import type { MultifdSender } from '../engine/multifd-sender.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import type { PostcopyPages } from '../engine/postcopy-pages.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { ConversationHandle } from './handle.js';
 import { OutboundSide } from './outbound-side.js';
 import type { PostcopyPhase } from './postcopy-phase.js';
-import { PageSender } from './send-pages.js';
-import { PING_CONFIG, PING_DEVICES, PING_DISCARDED, PING_LISTENING, PING_PACKAGE_LOADED, PING_RAM_SETUP, sendPostcopy } from './send-postcopy.js';
+import { openMultifd, PageSender } from './send-pages.js';
+import { sendPostcopy } from './send-postcopy.js';
+import { closedError, encodePrologue, encodeRamEnd, PING_DEVICES, PING_LISTENING, PING_PACKAGE_LOADED, stallError, verdictError, type SendStage } from './send-stages.js';
 import type { PostcopyOptions, PostcopySummary, SendEvents, SendOptions, SendProgress, SendSummary } from './send-types.js';
 
 export type { PostcopyOptions, PostcopySummary, SendEvents, SendOptions, SendProgress, SendSummary } from './send-types.js';
@@ -49,22 +48,6 @@ export function send(opts: SendOptions): SendHandle {
     };
   }, opts.signal);
 }
-
-const STAGE_TEXT: Record<number, string> = {
-  0: 'before it accepted the configuration record or the multifd channels (machine type, capabilities, channel count, uuid or compression differ?)',
-  [PING_CONFIG]: 'after the configuration record, while setting up RAM or the multifd channels (RAM block sizes, channel count or uuid differ? same machine type and -m as the snapshot?)',
-  [PING_RAM_SETUP]: 'after RAM setup, while loading pages or the device state (multifd-compression or devices differ? same compression, machine type and devices as the snapshot?)',
-};
-
-const POSTCOPY_STAGE_TEXT: Record<number, string> = {
-  0: STAGE_TEXT[0]!,
-  [PING_CONFIG]: 'after the configuration record, during RAM setup, the pages before the switch or the discards (RAM block sizes, channel count or uuid differ? postcopy-ram on at the destination?)',
-  [PING_DISCARDED]: 'after the discards, while reading or loading the device state in the package (devices differ? same machine type and devices as the snapshot?)',
-  [PING_DEVICES]: POSTCOPY_LOSS_TEXT,
-  [PING_LISTENING]: POSTCOPY_LOSS_TEXT,
-};
-
-const DEVICE_CHUNK = 1024 * 1024;
 
 class Sender {
   private readonly startedAt = Date.now();
@@ -101,12 +84,8 @@ class Sender {
       ...(opts.tls ? { tls: opts.tls } : {}),
       ...(opts.connectTimeoutMs !== undefined ? { connectTimeoutMs: opts.connectTimeoutMs } : {}),
       ...(opts.stallTimeoutMs !== undefined ? { stallTimeoutMs: opts.stallTimeoutMs } : {}),
-      stallError: (s) => new StallError(this.inPostcopy
-        ? `no progress for ${s} s ${POSTCOPY_LOSS_TEXT.replace('so it is lost', 'so it is stuck and will be lost')}: the destination stopped reading and answering`
-        : `no progress for ${s} s: the destination stopped reading ${this.stageText()}. A destination waiting for more multifd channels than we opened (--channels ${this.channels}), or one whose multifd sync mode differs (multifd-flush-after-each-section; --sync-mode), also stalls like this.`),
-      closedError: (where, detail) => this.inPostcopy
-        ? new PostcopyDestinationLostError(where, detail, `the destination closed the ${where} ${POSTCOPY_LOSS_TEXT} (${detail})`)
-        : new DestinationClosedError(where, detail, `the destination closed the ${where} ${this.stageText()} (${detail})`),
+      stallError: (s) => stallError(this.stage(), s, this.channels),
+      closedError: (where, detail) => closedError(this.stage(), where, detail),
       onPageRequest: (req) => {
         // Legitimate from LISTEN on: loading the devices in the package may touch guest memory.
         if (!this.listening) throw new ProtocolError('BAD_RECORD', `page request (${req.block ?? 'same block'} at 0x${req.start.toString(16)}) before the destination was told to listen: ${this.pc ? 'it was not in postcopy yet' : 'this is not a postcopy migration'}`);
@@ -181,8 +160,8 @@ class Sender {
     this.mainBytes += bufs.reduce((n, b) => n + b.length, 0);
   }
 
-  private stageText(): string {
-    return (this.pc ? POSTCOPY_STAGE_TEXT[this.lastPong] : STAGE_TEXT[this.lastPong]) ?? '';
+  private stage(): SendStage {
+    return { lastPong: this.lastPong, postcopy: this.pc !== undefined, inPostcopy: this.inPostcopy };
   }
 
   private async transfer(): Promise<SendSummary> {
@@ -201,41 +180,18 @@ class Sender {
 
     this.phase = 'connecting';
     await this.out.connectMain(returnPath);
-    // The prologue goes out at once: QEMU blocks its main loop peeking at a new connection's
-    // first bytes, and it loads nothing before all channels exist.
-    const sid = src.ramSection.sectionId;
-    await this.write([
-      encodeStreamHeader(),
-      encodeConfiguration(withCapability(src.configuration, 'mapped-ram', false)),
-      ...(returnPath ? [encodeCommand(Command.OPEN_RETURN_PATH), encodePing(PING_CONFIG)] : []),
-      // With postcopy-ram QEMU's source advises before RAM setup (host and target page size).
-      ...(pc ? [encodePostcopyAdvise()] : []),
-      encodeSectionFull(SectionType.START, sid, 'ram', src.ramSection.instanceId, src.ramSection.versionId),
-      encodeMemSize(src.blockList.reduce((n, b) => n + b.usedLength, 0)),
-      ...src.blockList.map((b) => encodeBlockEntry(b.name, b.usedLength, b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {})),
-      ...(syncMode === 'round' ? [encodeMultifdFlush()] : []),
-      encodeEos(),
-      encodeFooter(sid),
-      ...(returnPath && !pc ? [encodePing(PING_RAM_SETUP)] : []),
-    ]);
+    await this.write(encodePrologue(src, { returnPath, postcopy: pc !== undefined, syncMode }));
 
     if (this.channels > 0) {
-      const sender = new MultifdSender({
-        channels: Array.from({ length: this.channels }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.out.writeChannel(i, bufs) })),
+      const { sender, ready } = openMultifd(this.out, this.channels, {
         method,
         loader: src,
         ...(this.opts.uuid ? { uuid: this.opts.uuid } : {}),
         ...(this.opts.zeroPageDetection ? { zeroPageDetection: this.opts.zeroPageDetection } : {}),
         ...(this.opts.level !== undefined ? { level: this.opts.level } : {}),
-      });
-      sender.on('error', (e: Error) => this.fail(e));
+      }, (e) => this.fail(e));
       this.multifd = sender;
-      // Each channel writes its init and setup SYNC as soon as it is connected (see above).
-      this.out.openChannels(this.channels, Promise.resolve());
-      await Promise.all(Array.from({ length: this.channels }, async (_, i) => {
-        await this.out.channel(i);
-        await sender.setupChannel(i);
-      }));
+      await ready;
       publish('send', 'channels', { channels: this.channels });
     }
     const pages = new PageSender({
@@ -257,7 +213,6 @@ class Sender {
         source: src, out: this.out, multifd: this.multifd, pageSender: pages, mainRecords: this.mainRecords,
         startedAt: this.startedAt, syncMode, pagesTotal: this.pagesTotal, failed: this.failed,
         writeMain: (bufs) => this.write(bufs),
-        forward: (position, length) => this.forward(position, length),
         setPhase: (p) => { this.phase = p; },
         listenSent: (p) => { this.listening = p; },
         running: () => { this.inPostcopy = true; },
@@ -268,15 +223,9 @@ class Sender {
       perBlock = await pages.sendAll();
       // Final sync: every page written before the barrier the destination waits on.
       if (this.multifd) await this.multifd.sync();
-      await this.write([
-        ...(src.switchoverStart ? [encodeCommand(Command.SWITCHOVER_START)] : []),
-        encodeSectionShort(SectionType.END, sid),
-        ...(syncMode === 'round' ? [encodeMultifdFlush()] : []),
-        encodeEos(),
-        encodeFooter(sid),
-      ]);
+      await this.write(encodeRamEnd(src, syncMode));
       this.phase = 'device-state';
-      await this.forward(ds.fileOffset, ds.end);
+      await pages.forward(ds.fileOffset, ds.end);
     }
 
     this.phase = 'waiting';
@@ -318,28 +267,11 @@ class Sender {
     return summary;
   }
 
-  /** The destination's verdict on the return path: SHUT(0) or a typed error saying what it was. */
+  /** The destination's verdict on the return path: SHUT(0), or a typed error saying what it was. */
   private async verdict(): Promise<void> {
     await this.out.answered;
     this.check();
-    const shut = this.out.shut;
-    if (shut === undefined) {
-      if (this.inPostcopy) throw new PostcopyDestinationLostError('main channel', 'closed', `the destination closed the connection ${POSTCOPY_LOSS_TEXT}, before it confirmed that it had every page`);
-      throw new DestinationClosedError('main channel', 'closed without confirming the load', `the destination closed the connection without confirming the load ${this.stageText()}`);
-    }
-    if (shut !== 0) {
-      if (this.inPostcopy) throw new PostcopyDestinationLostError('main channel', `SHUT ${shut}`, `the destination reported a failure (SHUT ${shut}) ${POSTCOPY_LOSS_TEXT}`);
-      throw new DestinationRefusedError(shut, `the destination reported a failure (SHUT ${shut}) ${this.stageText()}`);
-    }
-  }
-
-  /** Copies [position, position + length) of the file to the main channel. */
-  private async forward(position: number, length: number): Promise<void> {
-    const buf = Buffer.allocUnsafe(Math.min(DEVICE_CHUNK, Math.max(1, length)));
-    for (let done = 0; done < length; ) {
-      const n = Math.min(buf.length, length - done);
-      await this.write([await this.source.readAt(position + done, n, buf)]);
-      done += n;
-    }
+    const e = verdictError(this.stage(), this.out.shut);
+    if (e) throw e;
   }
 }

@@ -9,7 +9,8 @@ import { Command, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HEADER_SIZE, Sect
 import type { Configuration } from '../codec/configuration.js';
 import { decodeDeviceFields, type DecodedStruct } from '../codec/device-fields.js';
 import { ProtocolError } from '../codec/errors.js';
-import { MainStreamParser, type MainEvent } from '../codec/main-stream-parser.js';
+import type { RamBlockInfo } from '../codec/main-stream-parser.js';
+import { StreamSession, type SessionEvent } from '../codec/stream-session.js';
 import { PageBitmap, bitmapBytes } from '../codec/mapped-ram.js';
 import { findTrailingVmdesc, type Vmdesc, type VmdescDevice, type VmdescStruct } from '../codec/vmdesc.js';
 
@@ -119,8 +120,6 @@ function commandName(cmd: number): string {
 class Scan {
   readonly layout: FileLayout;
   private current: RamSectionRecord | undefined;
-  private ramEnded = false;
-  private ramComplete = false;
   private readonly blockByName = new Map<string, BlockLayout>();
 
   constructor(path: string, fileSize: number, private readonly fh: FileHandle, private readonly opts: ScanOptions) {
@@ -138,20 +137,20 @@ class Scan {
 
   async run(): Promise<FileLayout> {
     const size = this.layout.fileSize;
-    const parser = new MainStreamParser();
+    // Lenient: the session's order rules (one RAM section, device state after END, no live-peer
+    // commands, ...) become problems; one that leaves the stream unwalkable ends the walk.
+    const session = new StreamSession({ kind: 'file', mode: 'lenient', onProblem: (p) => this.problem('error', p.code, p.offset, p.message) });
     const device: Buffer[] = [];
     let deviceBytes = 0;
     let pos = 0;
-    let last = 0;
     let stopped = false;
     try {
       while (pos < size && !stopped) {
-        const skip = parser.pendingSkip;
+        const skip = session.pendingSkip;
         if (skip > 0) {
           // Bounds were checked at the block's event; a region past EOF stopped the walk there.
-          parser.skipped(skip);
+          session.skipped(skip);
           pos += skip;
-          last = pos;
           continue;
         }
         const chunk = Buffer.allocUnsafe(Math.min(READ_CHUNK, size - pos));
@@ -161,16 +160,11 @@ class Scan {
           stopped = true;
           break;
         }
-        parser.push(bytesRead === chunk.length ? chunk : chunk.subarray(0, bytesRead));
+        session.push(bytesRead === chunk.length ? chunk : chunk.subarray(0, bytesRead));
         pos += bytesRead;
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          const at = last;
-          last = parser.offset;
+        for (let ev = session.next(); ev !== null; ev = session.next()) {
           if (ev.type === 'device-state') {
-            if (this.layout.deviceStart === undefined) {
-              this.layout.deviceStart = parser.offset - ev.data.reduce((n, d) => n + d.length, 0);
-              this.checkDeviceStart(this.layout.deviceStart);
-            }
+            this.layout.deviceStart = session.deviceStateOffset;
             for (const d of ev.data) {
               deviceBytes += d.length;
               if (deviceBytes > MAX_DEVICE_STATE) {
@@ -182,15 +176,16 @@ class Scan {
             }
             continue;
           }
-          if (!(await this.onEvent(ev, at, parser))) {
+          if (!(await this.onEvent(ev, session))) {
             stopped = true;
             break;
           }
         }
+        if (session.halted) stopped = true;
       }
-      if (!stopped) this.finishStream(parser, size);
+      if (!stopped) this.finishStream(session, size);
     } catch (e) {
-      this.fromError(e, parser.offset);
+      this.fromError(e, session.offset);
       stopped = true;
     }
     if (this.layout.deviceStart !== undefined && !stopped) {
@@ -202,13 +197,7 @@ class Scan {
     return this.layout;
   }
 
-  private checkDeviceStart(at: number): void {
-    const ram = this.layout.ramSectionName;
-    if (!ram) this.problem('error', 'BAD_RECORD', at, 'device state begins before any RAM section');
-    else if (!this.ramComplete) this.problem('error', 'BAD_RECORD', at, `device state begins before the END of RAM section ${ram.sectionId}`);
-  }
-
-  private finishStream(parser: MainStreamParser, size: number): void {
+  private finishStream(session: StreamSession, size: number): void {
     const l = this.layout;
     if (!l.configuration) {
       const what = size < 8 ? `${size} bytes, shorter than the 8-byte stream header` : 'no configuration record after the stream header';
@@ -216,40 +205,36 @@ class Scan {
       return;
     }
     if (l.deviceStart === undefined) {
-      const where = !l.ramSectionName ? 'before the RAM section' : this.ramComplete ? 'after the RAM section, before the device state' : `inside RAM section ${l.ramSectionName.sectionId}`;
-      const partial = parser.offset < size ? `, in the record that starts at 0x${parser.offset.toString(16)}` : '';
-      this.problem('error', 'TRUNCATED', parser.offset, `file is truncated: it ends at 0x${size.toString(16)} ${where}${partial}`);
+      const partial = session.offset < size ? `, in the record that starts at 0x${session.offset.toString(16)}` : '';
+      this.problem('error', 'TRUNCATED', session.offset, `file is truncated: it ends at 0x${size.toString(16)} ${session.stopDescription()}${partial}`);
       return;
     }
     l.streamComplete = true;
   }
 
-  /** Handles one main-stream event that starts at `at`; false stops the walk. */
-  private async onEvent(ev: Exclude<MainEvent, { type: 'device-state' }>, at: number, parser: MainStreamParser): Promise<boolean> {
+  /** Handles one event of the main stream; false stops the walk. */
+  private async onEvent(ev: Exclude<SessionEvent, { type: 'device-state' }>, session: StreamSession): Promise<boolean> {
     const l = this.layout;
+    const at = ev.at;
+    const rec = ev.record;
+    if (rec?.type === 'command' || rec?.type === 'package') {
+      const cmd = rec.type === 'command' ? rec.cmd : Command.PACKAGED;
+      l.commands.push({ cmd, name: commandName(cmd), offset: at, size: session.offset - at });
+      return true;
+    }
     switch (ev.type) {
-      case 'header':
-        return true;
       case 'configuration':
         l.configuration = ev.config;
         l.configurationOffset = at;
-        l.configurationSize = parser.offset - at;
+        l.configurationSize = session.offset - at;
         l.format = ev.config.capabilities.includes('mapped-ram') ? 'mapped-ram' : 'stream';
         return true;
-      case 'command': {
-        l.commands.push({ cmd: ev.cmd, name: commandName(ev.cmd), offset: at, size: parser.offset - at });
-        if (ev.cmd !== Command.SWITCHOVER_START && ev.cmd !== Command.POSTCOPY_ADVISE) {
-          this.problem('error', 'UNSUPPORTED', at, `command ${ev.cmd} (${commandName(ev.cmd)}) in a migration file: it needs a live peer`);
-        }
-        return true;
-      }
-      case 'package':
-        l.commands.push({ cmd: Command.PACKAGED, name: commandName(Command.PACKAGED), offset: at, size: parser.offset - at });
-        this.problem('error', 'UNSUPPORTED', at, `command ${Command.PACKAGED} (${commandName(Command.PACKAGED)}) in a migration file: it needs a live peer`);
-        return true;
       case 'section':
-        return this.onSection(ev, at);
-      case 'ram-mem-size':
+        if (ev.kind === 'start' || ev.kind === 'full') l.ramSectionName = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
+        this.current = { kind: ev.kind, sectionId: ev.sectionId, offset: at, size: 0, pageRecords: 0, zeroRecords: 0, flushes: 0 };
+        l.ramSections.push(this.current);
+        return true;
+      case 'mem-size':
         l.memSizeTotal = ev.totalBytes;
         return true;
       case 'ram-block': {
@@ -257,55 +242,34 @@ class Scan {
         // pages region inside the buffered chunk without an event, so `at` can be stale here.
         const b = ev.block;
         const len = 1 + Buffer.byteLength(b.name, 'latin1') + 8 + (b.mrAddr !== undefined ? 8 : 0) + (b.mappedRam ? MAPPED_RAM_HEADER_SIZE : 0);
-        return this.onBlock(b, parser.offset - len);
+        return this.onBlock(b, session.offset - len);
       }
-      case 'ram-page':
-      case 'ram-zero': {
+      case 'page':
+      case 'zero': {
         const b = this.blockByName.get(ev.block);
         if (b) {
-          if (ev.type === 'ram-page') b.pageRecords++;
+          if (ev.type === 'page') b.pageRecords++;
           else b.zeroRecords++;
         }
         if (this.current) {
-          if (ev.type === 'ram-page') this.current.pageRecords++;
+          if (ev.type === 'page') this.current.pageRecords++;
           else this.current.zeroRecords++;
         }
         return true;
       }
-      case 'ram-flush':
+      case 'flush':
         if (this.current) this.current.flushes++;
-        this.problem('error', 'BAD_RECORD', at, 'MULTIFD_FLUSH record in a plain stream file (QEMU writes multifd files only with mapped-ram)');
-        return true;
-      case 'ram-eos':
         return true;
       case 'footer':
-        if (this.current) this.current.size = parser.offset - this.current.offset;
-        if (this.ramEnded) this.ramComplete = true;
+        if (this.current) this.current.size = session.offset - this.current.offset;
         this.current = undefined;
+        return true;
+      default:
         return true;
     }
   }
 
-  private onSection(ev: Extract<MainEvent, { type: 'section' }>, at: number): boolean {
-    const l = this.layout;
-    if (!l.configuration) {
-      this.problem('error', 'BAD_RECORD', at, 'RAM section before the configuration record (machine type too old, or not a migration file)');
-      return false;
-    }
-    if (ev.kind === 'start' || ev.kind === 'full') {
-      if (l.ramSectionName) this.problem('error', 'BAD_RECORD', at, `second RAM section ${ev.kind.toUpperCase()} (id ${ev.sectionId}); a file holds one RAM section`);
-      l.ramSectionName = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
-      if (ev.kind === 'full') this.problem('error', 'BAD_RECORD', at, 'RAM written as a FULL section; QEMU writes START, PART and END');
-    } else if (this.ramEnded) {
-      this.problem('error', 'BAD_RECORD', at, `RAM section ${ev.kind.toUpperCase()} after the section's END`);
-    }
-    if (ev.kind === 'end') this.ramEnded = true;
-    this.current = { kind: ev.kind, sectionId: ev.sectionId, offset: at, size: 0, pageRecords: 0, zeroRecords: 0, flushes: 0 };
-    l.ramSections.push(this.current);
-    return true;
-  }
-
-  private async onBlock(info: Extract<MainEvent, { type: 'ram-block' }>['block'], at: number): Promise<boolean> {
+  private async onBlock(info: RamBlockInfo, at: number): Promise<boolean> {
     const b: BlockLayout = { name: info.name, usedLength: info.usedLength, entryOffset: at, pageRecords: 0, zeroRecords: 0 };
     if (info.mrAddr !== undefined) b.mrAddr = info.mrAddr;
     this.layout.blocks.push(b);

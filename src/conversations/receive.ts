@@ -6,14 +6,11 @@
 // device state, kept byte for byte until a VMDESCRIPTION proves it complete → commit.
 
 import type { Socket } from 'node:net';
-import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import type { Configuration } from '../codec/configuration.js';
-import { DeviceStateTail } from '../codec/device-state-tail.js';
-import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { PageRecordParser } from '../codec/postcopy.js';
 import { ProtocolError } from '../codec/errors.js';
-import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodePong, encodeShut } from '../codec/return-path.js';
-import { SyncPoints } from '../codec/sync-points.js';
+import { StreamSession, type SessionEvent, type SessionEventOf } from '../codec/stream-session.js';
 import { publish } from '../engine/diagnostics.js';
 import { getMethod } from '../engine/methods/registry.js';
 import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
@@ -26,7 +23,7 @@ import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, 
 import { ListeningHandle } from './listening-handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
-import { checkDiscard, openPackage, postcopyEnd, preemptExpected } from './postcopy-stream.js';
+import { preemptExpected } from './postcopy-stream.js';
 
 export type SyncMode = 'auto' | 'round' | 'section';
 
@@ -158,11 +155,10 @@ class Receiver {
   private mainZero = 0;
   private rounds = 0;
   private returnPath = false;
-  private readonly syncPoints: SyncPoints;
+  private readonly session: StreamSession;
   private ramTotal = 0;
   private readonly incoming: IncomingConnections;
   private idle: IdleWatch | undefined;
-  private postcopyAdvised = false;
   private preempt: Socket | undefined;
   private preemptPages = 0;
   /** When the preempt channel last delivered bytes, and whether it is inside a record or a write. */
@@ -185,7 +181,11 @@ class Receiver {
     });
     this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channels = opts.channels ?? 2;
-    this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
+    this.session = new StreamSession({
+      kind: 'live',
+      ...(opts.syncMode === undefined || opts.syncMode === 'auto' ? {} : { syncMode: opts.syncMode }),
+      ...(opts.maxDeviceStateBytes === undefined ? {} : { maxDeviceStateBytes: opts.maxDeviceStateBytes }),
+    });
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
       throw new RangeError(`channels must be 0..255 (got ${opts.channels})`);
     }
@@ -283,7 +283,7 @@ class Receiver {
    * the main channel and all multifd channels of a source that advised postcopy (§6.3).
    */
   private takePreempt(sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean): boolean {
-    if (!preemptExpected(this.postcopyAdvised && !!this.main && !this.preempt && !this.failure && !this.finished, this.multifd?.connected ?? 0, this.channels, byOrder)) return false;
+    if (!preemptExpected(this.session.postcopyAdvised && !!this.main && !this.preempt && !this.failure && !this.finished, this.multifd?.connected ?? 0, this.channels, byOrder)) return false;
     this.preempt = sock;
     // Its quiet window starts now: pages sent before EOF may not have been read yet.
     this.preemptAt = Date.now();
@@ -375,14 +375,13 @@ class Receiver {
   }
 
   private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
-    const parser = new MainStreamParser();
-    const st = new MainState(new DeviceStateTail(this.opts.maxDeviceStateBytes));
+    const session = this.session;
     const chunks = source[Symbol.asyncIterator]();
     try {
       for (;;) {
         const next = chunks.next();
         let r: IteratorResult<Buffer>;
-        if (st.tail.isComplete) {
+        if (session.complete) {
           // The bytes so far end in a VMDESCRIPTION that walks, but guest-written bytes can look
           // like one at a read boundary: commit only once the stream stays quiet (a real source
           // sends nothing more until our SHUT) or ends.
@@ -391,7 +390,7 @@ class Receiver {
             next.then((more) => {
               if (!more.done) publish('receive', 'late-data', { bytes: more.value.length, message: 'bytes arrived on the main channel after the snapshot was committed' });
             }, () => {});
-            await this.complete(st);
+            await this.complete();
             return;
           }
           r = quiet;
@@ -402,190 +401,127 @@ class Receiver {
         const chunk = r.value;
         if (this.failure || this.finished) return;
         this.mainBytes += chunk.length;
-        parser.push(chunk);
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          await this.onMainEvent(ev, st);
+        session.push(chunk);
+        for (let ev = session.next(); ev !== null; ev = session.next()) {
+          await this.onMainEvent(ev);
           if (this.failure || this.finished) return;
         }
       }
       if (!this.finished && !this.failure) {
-        if (st.tail.isComplete) {
-          await this.complete(st);
+        if (session.complete) {
+          await this.complete();
           return;
         }
-        const why = st.tail.rejection ? `: ${st.tail.rejection.message}` : '; is the machine\'s suppress-vmdesc on?';
-        const where = st.postcopy
-          ? `in postcopy (RAM ${st.ended ? 'complete, EOF missing' : 'pages still to come'}), at stream offset ${parser.offset}`
-          : st.tail.length > 0
-          ? `in the device state (${st.tail.length} bytes received, no complete VMDESCRIPTION${why})`
-          : `at stream offset ${parser.offset}`;
+        const why = session.rejection ? `: ${session.rejection.message}` : '; is the machine\'s suppress-vmdesc on?';
+        const where = session.postcopy
+          ? `in postcopy (RAM ${session.ramEnded ? 'complete, EOF missing' : 'pages still to come'}), at stream offset ${session.offset}`
+          : session.deviceStateBytes > 0
+          ? `in the device state (${session.deviceStateBytes} bytes received, no complete VMDESCRIPTION${why})`
+          : `at stream offset ${session.offset}`;
         throw new ProtocolError('TRUNCATED', `closed before the migration completed, ${where} (source gone?)`);
       }
     } catch (e) {
       const err = e as Error & { code?: string };
       // A source killed outright resets the connection instead of closing it: same news.
       if (err.code === 'ECONNRESET' || err.code === 'EPIPE') {
-        this.fail(new ChannelError('main channel', new ProtocolError('TRUNCATED', `the connection was reset before the migration completed, at stream offset ${parser.offset} (source gone?)`)));
+        this.fail(new ChannelError('main channel', new ProtocolError('TRUNCATED', `the connection was reset before the migration completed, at stream offset ${session.offset} (source gone?)`)));
         return;
       }
       this.fail(err instanceof ChannelError ? err : new ChannelError('main channel', err));
     }
   }
 
-  private async onMainEvent(ev: MainEvent, st: MainState): Promise<void> {
+  /** The record order is the session's; this writes what each event means into the snapshot. */
+  private async onMainEvent(ev: SessionEvent): Promise<void> {
+    const session = this.session;
     switch (ev.type) {
-      case 'header':
-        return;
       case 'configuration':
-        if (ev.config.capabilities.includes('mapped-ram')) {
-          throw new ProtocolError('UNSUPPORTED', 'the source has mapped-ram on; turn it off to migrate over a socket');
-        }
-        st.config = ev.config;
         publish('receive', 'configuration', { machine: ev.config.machine });
         return;
-      case 'command':
-        return this.onCommand(ev.cmd, ev.payload, st);
-      case 'package':
-        return this.onPackage(ev.data, st);
-      case 'section':
-        if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
-        st.sectionId = ev.sectionId;
-        st.sectionKind = ev.kind;
-        if (ev.kind === 'start') {
-          if (st.started) throw new ProtocolError('BAD_RECORD', 'second START section for ram');
-          st.started = true;
-        } else if (!st.started) {
-          throw new ProtocolError('BAD_RECORD', `ram ${ev.kind.toUpperCase()} section before START`);
-        }
-        if (ev.kind === 'end') st.ended = true;
-        return;
-      case 'ram-mem-size':
-        if (st.sectionKind !== 'start' || st.headWritten) throw new ProtocolError('BAD_RECORD', 'MEM_SIZE outside the setup section');
-        this.ramTotal = ev.totalBytes;
-        st.memSizeRemaining = ev.totalBytes;
-        if (ev.totalBytes === 0) await this.writeHead(st);
-        return;
-      case 'ram-block':
-        st.blockList.push(ev.block);
-        this.blocks.set(ev.block.name, { name: ev.block.name, usedLength: ev.block.usedLength });
-        st.memSizeRemaining -= ev.block.usedLength;
-        if (st.memSizeRemaining === 0) await this.writeHead(st);
-        return;
-      case 'ram-page':
-        if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'page record before the block list');
-        this.mainPages++;
-        if (st.postcopy) this.postcopyMainPages++;
-        await this.output!.store.writePages(ev.block, [ev.offset], 1, ev.data);
-        return;
-      case 'ram-zero':
-        if (!st.headWritten) throw new ProtocolError('BAD_RECORD', 'zero record before the block list');
-        this.mainZero++;
-        if (st.postcopy) this.postcopyMainPages++;
-        this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
-        return;
-      case 'ram-flush':
-        if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
-        this.syncPoints.flush(st.sectionKind === 'start');
-        if (!this.multifd) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the receiver expects no multifd channels (--channels 0); does the source have multifd on?');
-        this.phase = 'ram';
-        await this.multifd.sync();
-        return;
-      case 'ram-eos': {
-        // After the switch multifd is over: an EOS closes a batch of postcopy pages, nothing more.
-        if (!this.multifd || st.postcopy) return;
-        const point = this.syncPoints.eos(st.sectionKind === 'start');
-        if (point.decided) publish('receive', 'sync-mode', { mode: point.decided });
-        if (point.sync) {
-          this.phase = 'ram';
-          await this.multifd.sync();
-        }
-        return;
-      }
-      case 'footer':
-        if (st.sectionKind === 'start') await this.output!.setupFooter(ev.sectionId);
-        return;
-      case 'device-state':
-        return this.onDeviceState(ev.data, st);
-    }
-  }
-
-  private async onCommand(cmd: number, payload: Buffer, st: MainState): Promise<void> {
-    switch (cmd) {
-      case Command.OPEN_RETURN_PATH:
+      case 'return-path':
         this.returnPath = true;
         publish('receive', 'return-path', {});
         return;
-      case Command.PING: {
-        if (!this.returnPath) throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');
-        this.main!.write(encodePong(payload.readUInt32BE(0)));
+      case 'ping':
+        this.main!.write(encodePong(ev.value));
         return;
-      }
-      case Command.SWITCHOVER_START:
-        st.switchoverStart = true;
+      case 'discard':
+        // The discarded pages each arrive again in postcopy: the snapshot keeps its older copy until then.
+        this.discardRanges += ev.ranges;
         return;
-      case Command.POSTCOPY_ADVISE:
-        // Advice only: a source with postcopy-ram that never switches still migrates as precopy.
-        if (payload.length === 16 && payload.readBigUInt64BE(8) !== BigInt(TARGET_PAGE_SIZE)) {
-          throw new ProtocolError('UNSUPPORTED', `POSTCOPY_ADVISE with target page size ${payload.readBigUInt64BE(8)} (only ${TARGET_PAGE_SIZE} is supported)`);
+      case 'mem-size':
+        this.ramTotal = ev.totalBytes;
+        return;
+      case 'ram-block':
+        this.blocks.set(ev.block.name, { name: ev.block.name, usedLength: ev.block.usedLength });
+        return;
+      case 'ram-setup':
+        await this.output!.head(session.configuration!, ev.sectionId, ev.totalBytes, ev.blocks);
+        return;
+      case 'page':
+        this.mainPages++;
+        if (ev.postcopy) this.postcopyMainPages++;
+        await this.output!.store.writePages(ev.block, [ev.offset], 1, ev.data);
+        return;
+      case 'zero':
+        this.mainZero++;
+        if (ev.postcopy) this.postcopyMainPages++;
+        this.output!.store.zeroPages(ev.block, [ev.offset], 0, 1);
+        return;
+      case 'sync-point':
+        if (!this.multifd) {
+          if (ev.cause === 'flush') throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the receiver expects no multifd channels (--channels 0); does the source have multifd on?');
+          return;
         }
-        this.postcopyAdvised = payload.length === 16;
+        if (ev.decided) publish('receive', 'sync-mode', { mode: ev.decided });
+        this.phase = 'ram';
+        await this.multifd.sync();
         return;
-      case Command.POSTCOPY_RAM_DISCARD: {
-        // The discarded pages are the ones the source still sends in postcopy: each arrives again,
-        // so the snapshot keeps its older copy until then. Checked, not acted on.
-        this.discardRanges += checkDiscard(payload, this.postcopyAdvised, this.blocks);
+      case 'eos':
+        if (ev.decided && this.multifd) publish('receive', 'sync-mode', { mode: ev.decided });
         return;
-      }
+      case 'footer':
+        if (ev.setup) await this.output!.setupFooter(ev.sectionId);
+        return;
+      case 'postcopy-switch':
+        return this.onPostcopySwitch(ev);
+      case 'device-state':
+        if (session.postcopy) {
+          // Pages the source wrote on the preempt channel before this EOF may still be on their way.
+          await this.preemptSettled();
+        } else {
+          this.phase = 'device-state';
+        }
+        await this.output!.deviceState(ev.data, session.sectionId, session.switchoverStart);
+        return;
+      case 'complete':
+        // A precopy stream is committed once it stays quiet (runMain); a postcopy one ends here.
+        if (session.postcopy) await this.complete();
+        return;
       default:
-        throw new ProtocolError('UNSUPPORTED', `command ${cmd} is not supported by receive (postcopy and COLO are not)`);
+        return;
     }
   }
 
-  private async writeHead(st: MainState): Promise<void> {
-    if (!st.config) throw new ProtocolError('BAD_RECORD', 'RAM section before the configuration record');
-    await this.output!.head(st.config, st.sectionId, this.ramTotal, st.blockList);
-    st.headWritten = true;
-  }
-
   /**
-   * The switch to postcopy (§6.2, §6.4): the package holds LISTEN, the device sections, PINGs
-   * and RUN. The destination's vCPUs would start at RUN; ours is a file, so it answers the PINGs
-   * at once and stores the device sections where a precopy snapshot has them.
+   * The switch to postcopy (§6.2, §6.4). The destination's vCPUs would start at RUN; ours is a
+   * file, so it answers the package's PINGs at once and stores the device sections where a
+   * precopy snapshot has them.
    */
-  private async onPackage(data: Buffer, st: MainState): Promise<void> {
-    const pkg = openPackage(data, { advised: this.postcopyAdvised, returnPath: this.returnPath, switched: st.postcopy, inRam: st.headWritten && !st.ended });
-    st.sections = pkg.sections;
-    st.postcopy = true;
+  private async onPostcopySwitch(ev: SessionEventOf<'postcopy-switch'>): Promise<void> {
     this.switchedAt = Date.now();
     this.phase = 'postcopy';
-    publish('receive', 'postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
+    publish('receive', 'postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
     // Every precopy page is in place before any postcopy page: the prepare FLUSH synced the
     // channels; later multifd packets are refused.
     await this.multifd?.finish('the switch to postcopy');
     this.resolvePostcopyStarted();
-    st.tail.append([pkg.devices]);
-    await this.output!.deviceState([pkg.devices], st.sectionId, st.switchoverStart);
-    for (const v of pkg.pings) this.main!.write(encodePong(v));
+    await this.output!.deviceState([ev.devices], this.session.sectionId, this.session.switchoverStart);
+    for (const v of ev.pings) this.main!.write(encodePong(v));
   }
 
-  private async onDeviceState(data: Buffer[], st: MainState): Promise<void> {
-    if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
-    if (st.postcopy) {
-      const end = postcopyEnd(data, st.sections, st.postcopyEof);
-      st.postcopyEof = true;
-      await this.preemptSettled();
-      if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');
-      await this.output!.deviceState(end, st.sectionId, st.switchoverStart);
-      await this.complete(st);
-      return;
-    }
-    this.phase = 'device-state';
-    // The stream is complete when it ends in a VMDESCRIPTION that walks the device sections exactly.
-    st.tail.append(data);
-    await this.output!.deviceState(data, st.sectionId, st.switchoverStart);
-  }
-
-  private async complete(st: MainState): Promise<void> {
+  private async complete(): Promise<void> {
+    const session = this.session;
     this.phase = 'committing';
     this.finished = true;
     if (this.multifd) await this.multifd.finish();
@@ -601,7 +537,7 @@ class Receiver {
     const summary: ReceiveSummary = {
       status: 'completed',
       file: this.opts.out,
-      machine: st.config?.machine ?? '',
+      machine: session.configuration?.machine ?? '',
       'total-time': elapsed,
       'commit-time': commitTime,
       'direct-io': this.output!.store.directIo,
@@ -612,12 +548,12 @@ class Receiver {
       mbps: elapsed > 0 ? Math.round((p.transferred * 8) / (elapsed * 1000) * 100) / 100 : 0,
       'dirty-sync-count': this.rounds,
       'multifd-syncs': this.rounds,
-      'sync-mode': this.multifd ? (this.syncPoints.mode ?? 'round') : 'none',
+      'sync-mode': this.multifd ? (session.syncMode ?? 'round') : 'none',
       compression: this.multifd?.compression ?? (this.opts.compression && this.opts.compression !== 'auto' ? this.opts.compression : 'none'),
       'return-path': this.returnPath,
       'main-bytes': this.mainBytes,
-      'device-state-bytes': st.tail.length,
-      ...(st.postcopy ? {
+      'device-state-bytes': session.deviceStateBytes,
+      ...(session.postcopy ? {
         postcopy: {
           'switched-at-ms': (this.switchedAt ?? this.startedAt) - this.startedAt,
           'main-pages': this.postcopyMainPages,
@@ -627,7 +563,7 @@ class Receiver {
         },
       } : {}),
       'file-size': this.output!.store.streamEnd,
-      blocks: st.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.output!.store.bitmap(b.name)?.count() ?? 0 })),
+      blocks: session.blocks.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.output!.store.bitmap(b.name)?.count() ?? 0 })),
       channels: this.multifd?.channelStats() ?? [],
     };
     await this.cleanup();
@@ -660,22 +596,6 @@ class Receiver {
     setTimeout(() => { for (const s of this.sockets) s.destroy(); }, this.failure ? 0 : 2000).unref();
     await this.listener?.close();
   }
-}
-
-class MainState {
-  config: Configuration | undefined;
-  sectionId = 0;
-  sectionKind: 'start' | 'part' | 'end' = 'start';
-  started = false;
-  ended = false;
-  switchoverStart = false;
-  postcopy = false;
-  postcopyEof = false;
-  sections: FoundSection[] = [];
-  memSizeRemaining = 0;
-  blockList: RamBlockInfo[] = [];
-  headWritten = false;
-  constructor(readonly tail: DeviceStateTail) {}
 }
 
 /** Resolves with the next read, or 'quiet' when none came within `ms`. */

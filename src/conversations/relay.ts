@@ -16,15 +16,13 @@
 
 import type { Socket } from 'node:net';
 import { Command, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { PageRecordParser, type FoundSection } from '../codec/postcopy.js';
-import type { Configuration } from '../codec/configuration.js';
-import { DeviceStateTail } from '../codec/device-state-tail.js';
+import { PageRecordParser } from '../codec/postcopy.js';
 import { ProtocolError } from '../codec/errors.js';
 import { encodeMainEvent } from '../codec/main-event-encode.js';
-import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../codec/main-stream-parser.js';
 import { ReturnPathParser, encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
 import { encodeCommand } from '../codec/stream-encode.js';
-import { SyncPoints, type SyncMode } from '../codec/sync-points.js';
+import { StreamSession, type SessionEvent, type SessionEventOf } from '../codec/stream-session.js';
+import type { SyncMode } from '../codec/sync-points.js';
 import { publish } from '../engine/diagnostics.js';
 import { ForwardingStore } from '../engine/forwarding-store.js';
 import { getMethod } from '../engine/methods/registry.js';
@@ -40,7 +38,7 @@ import { ListeningHandle } from './listening-handle.js';
 import { StallError } from './send.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
-import { checkDiscard, openPackage, postcopyEnd, preemptExpected } from './postcopy-stream.js';
+import { preemptExpected } from './postcopy-stream.js';
 
 export interface RelayOptions {
   /** Where A connects: tcp:HOST:PORT or unix:PATH (port 0 picks one, see handle.listening). */
@@ -161,23 +159,6 @@ export function relay(opts: RelayOptions): RelayHandle {
   });
 }
 
-/** Commands the relay forwards (PACKAGED is an event of its own); COLO and postcopy recovery are refused. */
-const FORWARDED_COMMANDS = new Set<number>([Command.OPEN_RETURN_PATH, Command.PING, Command.POSTCOPY_ADVISE, Command.SWITCHOVER_START, Command.POSTCOPY_RAM_DISCARD]);
-
-class MainState {
-  config: Configuration | undefined;
-  sectionId = 0;
-  sectionKind: 'start' | 'part' | 'end' = 'start';
-  started = false;
-  ended = false;
-  switchoverStart = false;
-  postcopy = false;
-  sections: FoundSection[] = [];
-  memSizeRemaining = 0;
-  blockList: RamBlockInfo[] = [];
-  constructor(readonly tail: DeviceStateTail) {}
-}
-
 class Relay {
   readonly listening: Promise<string>;
   readonly done: Promise<RelaySummary>;
@@ -199,7 +180,7 @@ class Relay {
   private sender: MultifdSender | undefined;
   private tee: SnapshotOutput | undefined;
   private readonly blocks = new Map<string, RamBlock>();
-  private readonly syncPoints: SyncPoints;
+  private readonly session: StreamSession;
   private failure: Error | undefined;
   private completed = false;
   private progressTimer: NodeJS.Timeout | undefined;
@@ -222,11 +203,12 @@ class Relay {
   private bPending = 0;
   private bProgressAt = Date.now();
   /** A's whole stream (up to a VMDESCRIPTION that walks the device sections) was passed on to B. */
-  private streamComplete = false;
+  private get streamComplete(): boolean {
+    return this.session.complete;
+  }
 
   private readonly incoming: IncomingConnections;
   private idle: IdleWatch | undefined;
-  private postcopyAdvised = false;
   private switchedAt: number | undefined;
   private aPreempt: Socket | undefined;
   private preemptBytes = 0;
@@ -254,7 +236,11 @@ class Relay {
     if ((this.channelsIn === 0) !== (this.channelsOut === 0)) {
       throw new RangeError(`channels-in ${this.channelsIn} and channels-out ${this.channelsOut}: the relay needs multifd on both sides or on neither`);
     }
-    this.syncPoints = new SyncPoints(opts.syncMode === undefined || opts.syncMode === 'auto' ? undefined : opts.syncMode);
+    this.session = new StreamSession({
+      kind: 'live',
+      ...(opts.syncMode === undefined || opts.syncMode === 'auto' ? {} : { syncMode: opts.syncMode }),
+      ...(opts.maxDeviceStateBytes === undefined ? {} : { maxDeviceStateBytes: opts.maxDeviceStateBytes }),
+    });
     this.done = new Promise((res, rej) => {
       this.resolveDone = res;
       this.rejectDone = rej;
@@ -372,7 +358,7 @@ class Relay {
 
   /** A's postcopy preempt channel (no magic): the connection after main and all multifd (§6.3). */
   private takePreempt(sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean): boolean {
-    if (!preemptExpected(this.postcopyAdvised && !!this.aMain && !this.aPreempt && !this.failure && !this.completed, this.receiver?.connected ?? 0, this.channelsIn, byOrder)) return false;
+    if (!preemptExpected(this.session.postcopyAdvised && !!this.aMain && !this.aPreempt && !this.failure && !this.completed, this.receiver?.connected ?? 0, this.channelsIn, byOrder)) return false;
     this.aPreempt = sock;
     sock.setNoDelay(true);
     sock.on('error', () => {});
@@ -455,28 +441,27 @@ class Relay {
   }
 
   private async runMain(source: AsyncIterable<Buffer>): Promise<void> {
-    const parser = new MainStreamParser();
-    const st = new MainState(new DeviceStateTail(this.opts.maxDeviceStateBytes));
+    const session = this.session;
     try {
       for await (const chunk of source) {
         if (this.failure) return;
         this.mainBytesIn += chunk.length;
-        parser.push(chunk);
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
-          await this.onMainEvent(ev, st);
+        session.push(chunk);
+        for (let ev = session.next(); ev !== null; ev = session.next()) {
+          await this.onMainEvent(ev);
           if (this.failure) return;
         }
         await this.flushMain();
       }
       if (this.failure) return;
-      await this.sourceEnded(st, parser);
+      await this.sourceEnded();
     } catch (e) {
       const err = e as Error & { code?: string };
       // A that got B's SHUT(0) has completed; it may drop the connection without a clean close
       // (QEMU 11 over TLS resets it). With the whole stream passed on, that is the end.
-      if (err.code === 'ECONNRESET' && this.aShutSent && this.bShut === 0 && st.ended && st.tail.isComplete && !this.failure) {
+      if (err.code === 'ECONNRESET' && this.aShutSent && this.bShut === 0 && session.ramEnded && session.complete && !this.failure) {
         try {
-          await this.sourceEnded(st, parser);
+          await this.sourceEnded();
         } catch (e2) {
           this.fail(new ChannelError('source main channel', e2 as Error));
         }
@@ -486,113 +471,77 @@ class Relay {
     }
   }
 
-  private async onMainEvent(ev: MainEvent, st: MainState): Promise<void> {
+  /** The record order is the session's; this forwards each record to B (and the tee). */
+  private async onMainEvent(ev: SessionEvent): Promise<void> {
+    const session = this.session;
     switch (ev.type) {
       case 'header':
         this.connectMainToB();
         break;
       case 'configuration':
-        if (ev.config.capabilities.includes('mapped-ram')) throw new ProtocolError('UNSUPPORTED', 'the source has mapped-ram on; turn it off to migrate over a socket');
-        st.config = ev.config;
         publish('relay', 'configuration', { machine: ev.config.machine });
         break;
-      case 'command':
-        if (!FORWARDED_COMMANDS.has(ev.cmd)) {
-          throw new ProtocolError('UNSUPPORTED', `command ${ev.cmd} is not supported by relay (postcopy and COLO are not)`);
-        }
-        if (ev.cmd === Command.OPEN_RETURN_PATH) {
-          this.aReturnPath = true;
-          publish('relay', 'return-path', {});
-          // Already open towards B (we opened it ourselves): a second one is only logged by QEMU.
-          if (this.bReturnPath) return;
-          this.bReturnPath = true;
-        } else if (ev.cmd === Command.PING && !this.aReturnPath) {
-          throw new ProtocolError('BAD_RECORD', 'PING before OPEN_RETURN_PATH');
-        } else if (ev.cmd === Command.SWITCHOVER_START) {
-          st.switchoverStart = true;
-        } else if (ev.cmd === Command.POSTCOPY_ADVISE) {
-          this.postcopyAdvised = ev.payload.length === 16;
-        } else if (ev.cmd === Command.POSTCOPY_RAM_DISCARD) {
-          checkDiscard(ev.payload, this.postcopyAdvised, this.blocks);
-        }
-        break;
-      case 'package':
-        await this.onPackage(ev.data, st);
+      case 'return-path':
+        this.aReturnPath = true;
+        publish('relay', 'return-path', {});
+        // Already open towards B (we opened it ourselves): a second one is only logged by QEMU.
+        if (this.bReturnPath) return;
+        this.bReturnPath = true;
         break;
       case 'section':
-        if (ev.kind === 'full') throw new ProtocolError('BAD_RECORD', 'unexpected FULL ram section');
-        if (ev.kind === 'start') {
-          if (st.started) throw new ProtocolError('BAD_RECORD', 'second START section for ram');
-          st.started = true;
-          if (!this.bReturnPath) {
-            // Our own return path to B: its SHUT tells us whether B loaded what we sent.
-            this.bReturnPath = true;
-            this.out.push(encodeCommand(Command.OPEN_RETURN_PATH));
-          }
-        } else if (!st.started) {
-          throw new ProtocolError('BAD_RECORD', `ram ${ev.kind.toUpperCase()} section before START`);
+        if (ev.kind === 'start' && !this.bReturnPath) {
+          // Our own return path to B: its SHUT tells us whether B loaded what we sent.
+          this.bReturnPath = true;
+          this.out.push(encodeCommand(Command.OPEN_RETURN_PATH));
         }
-        st.sectionId = ev.sectionId;
-        st.sectionKind = ev.kind;
-        if (ev.kind === 'end') st.ended = true;
         if (this.phase === 'setup' && ev.kind !== 'start') this.phase = 'ram';
         break;
-      case 'ram-mem-size':
-        if (st.sectionKind !== 'start' || st.memSizeRemaining > 0 || st.blockList.length > 0) throw new ProtocolError('BAD_RECORD', 'MEM_SIZE outside the setup section');
+      case 'mem-size':
         this.ramTotal = ev.totalBytes;
-        st.memSizeRemaining = ev.totalBytes;
-        if (ev.totalBytes === 0) await this.teeHead(st);
         break;
       case 'ram-block':
-        st.blockList.push(ev.block);
         this.blocks.set(ev.block.name, { name: ev.block.name, usedLength: ev.block.usedLength });
-        st.memSizeRemaining -= ev.block.usedLength;
-        if (st.memSizeRemaining === 0) await this.teeHead(st);
         break;
-      case 'ram-page':
+      case 'ram-setup':
+        if (this.tee) await this.tee.head(session.configuration!, ev.sectionId, ev.totalBytes, ev.blocks);
+        break;
+      case 'page':
         this.mainPages++;
-        if (st.postcopy) this.postcopyMainPages++;
+        if (ev.postcopy) this.postcopyMainPages++;
         if (this.tee) await this.tee.store.writePages(ev.block, [ev.offset], 1, ev.data);
         break;
-      case 'ram-zero':
+      case 'zero':
         this.mainZero++;
-        if (st.postcopy) this.postcopyMainPages++;
+        if (ev.postcopy) this.postcopyMainPages++;
         if (this.tee) await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
         break;
-      case 'ram-flush':
-        if (st.postcopy) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH after the switch to postcopy (QEMU\'s destination refuses it too)');
-        this.syncPoints.flush(st.sectionKind === 'start');
-        if (!this.receiver) throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the relay expects no multifd channels (--channels-in 0); does the source have multifd on?');
-        await this.syncRound();
-        break;
-      case 'ram-eos':
-        // After the switch an EOS closes a batch of postcopy pages; multifd is over.
-        if (this.receiver && !st.postcopy) {
-          const point = this.syncPoints.eos(st.sectionKind === 'start');
-          if (point.decided) publish('relay', 'sync-mode', { mode: point.decided });
-          if (point.sync) await this.syncRound();
-        }
-        break;
-      case 'footer':
-        if (st.sectionKind === 'start' && this.tee) await this.tee.setupFooter(ev.sectionId);
-        break;
-      case 'device-state':
-        if (!st.ended) throw new ProtocolError('BAD_RECORD', 'device state before the final RAM section (END)');
-        if (st.postcopy) {
-          // A postcopy stream ends with EOF after RAM END. B gets exactly that; the tail (and the
-          // tee) get a description of the package's sections, as receive writes it.
-          const end = postcopyEnd(ev.data, st.sections, this.streamComplete);
-          if (!st.tail.append(end)) throw new ProtocolError('BAD_VMDESC', 'the device sections of the package do not walk with their synthesized description');
-          this.streamComplete = true;
-          if (this.tee) await this.tee.deviceState(end, st.sectionId, st.switchoverStart);
+      case 'sync-point':
+        if (!this.receiver) {
+          if (ev.cause === 'flush') throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH but the relay expects no multifd channels (--channels-in 0); does the source have multifd on?');
           break;
         }
-        this.phase = 'device-state';
-        if (st.tail.append(ev.data)) this.streamComplete = true;
-        if (this.tee) await this.tee.deviceState(ev.data, st.sectionId, st.switchoverStart);
+        if (ev.decided) publish('relay', 'sync-mode', { mode: ev.decided });
+        await this.syncRound();
+        break;
+      case 'eos':
+        if (ev.decided && this.receiver) publish('relay', 'sync-mode', { mode: ev.decided });
+        break;
+      case 'footer':
+        if (ev.setup && this.tee) await this.tee.setupFooter(ev.sectionId);
+        break;
+      case 'postcopy-switch':
+        await this.onPostcopySwitch(ev);
+        break;
+      case 'device-state':
+        // B gets the record as it came; the tee gets the session's bytes (after a postcopy
+        // switch: a description of the package's sections, as receive writes it).
+        if (!session.postcopy) this.phase = 'device-state';
+        if (this.tee) await this.tee.deviceState(ev.data, session.sectionId, session.switchoverStart);
+        break;
+      default:
         break;
     }
-    this.out.push(...encodeMainEvent(ev));
+    if (ev.record) this.out.push(...encodeMainEvent(ev.record));
   }
 
   /**
@@ -600,23 +549,13 @@ class Relay {
    * B's PONGs, page requests and SHUT come back through the return path). Multifd is over: the
    * prepare FLUSH before it was the last sync, so later multifd packets from A are refused.
    */
-  private async onPackage(data: Buffer, st: MainState): Promise<void> {
-    const pkg = openPackage(data, { advised: this.postcopyAdvised, returnPath: this.aReturnPath, switched: st.postcopy, inRam: st.started && !st.ended });
-    st.sections = pkg.sections;
-    st.postcopy = true;
+  private async onPostcopySwitch(ev: SessionEventOf<'postcopy-switch'>): Promise<void> {
     this.switchedAt = Date.now();
     this.phase = 'postcopy';
-    publish('relay', 'postcopy', { sections: st.sections.length, deviceBytes: pkg.devices.length });
+    publish('relay', 'postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
     await this.receiver?.finish('the switch to postcopy');
     this.resolvePostcopyStarted();
-    st.tail.append([pkg.devices]);
-    if (this.tee) await this.tee.deviceState([pkg.devices], st.sectionId, st.switchoverStart);
-  }
-
-  private async teeHead(st: MainState): Promise<void> {
-    if (!this.tee) return;
-    if (!st.config) throw new ProtocolError('BAD_RECORD', 'RAM section before the configuration record');
-    await this.tee.head(st.config, st.sectionId, this.ramTotal, st.blockList);
+    if (this.tee) await this.tee.deviceState([ev.devices], this.session.sectionId, this.session.switchoverStart);
   }
 
   /**
@@ -630,11 +569,11 @@ class Relay {
   }
 
   /** A closed its main channel: after a complete stream, hand B the end and wait for its verdict. */
-  private async sourceEnded(st: MainState, parser: MainStreamParser): Promise<void> {
+  private async sourceEnded(): Promise<void> {
     // A complete stream ends in a VMDESCRIPTION that walks the device sections; anything less
     // would leave B waiting for device state that never comes.
-    if (!st.ended || !st.tail.isComplete) {
-      throw new ProtocolError('TRUNCATED', `the source closed its main channel before the migration completed, at stream offset ${parser.offset} (source gone?)`);
+    if (!this.session.complete) {
+      throw new ProtocolError('TRUNCATED', `the source closed its main channel before the migration completed, at stream offset ${this.session.offset} (source gone?)`);
     }
     await this.flushMain();
     this.phase = 'waiting';
@@ -649,7 +588,7 @@ class Relay {
     bMain.end();
     if (this.failure) return;
     if (this.bShut === undefined) throw new Error('the destination closed the connection without confirming the load (no SHUT on the return path)');
-    await this.complete(st);
+    await this.complete();
   }
 
   // ---- B's side -------------------------------------------------------------------------------
@@ -774,12 +713,13 @@ class Relay {
 
   // ---- the end --------------------------------------------------------------------------------
 
-  private async complete(st: MainState): Promise<void> {
+  private async complete(): Promise<void> {
+    const session = this.session;
     let tee: RelaySummary['tee'];
     if (this.tee) {
       this.phase = 'committing';
-      if (!st.tail.isComplete) {
-        throw new ProtocolError('TRUNCATED', `the migration completed, but the tee snapshot was not written: the device state (${st.tail.length} bytes) has no complete VMDESCRIPTION (suppress-vmdesc on?)`);
+      if (!session.complete) {
+        throw new ProtocolError('TRUNCATED', `the migration completed, but the tee snapshot was not written: the device state (${session.deviceStateBytes} bytes) has no complete VMDESCRIPTION (suppress-vmdesc on?)`);
       }
       const t0 = Date.now();
       await this.tee.commit();
@@ -793,7 +733,7 @@ class Relay {
       status: 'completed',
       from: this.from,
       to: this.opts.to,
-      machine: st.config?.machine ?? '',
+      machine: session.configuration?.machine ?? '',
       'total-time': elapsed,
       'bytes-in': p.bytesIn,
       'bytes-out': p.bytesOut,
@@ -802,14 +742,14 @@ class Relay {
       duplicate: p.duplicate,
       mbps: elapsed > 0 ? Math.round(((p.bytesIn * 8) / (elapsed * 1000)) * 100) / 100 : 0,
       'multifd-syncs': this.rounds,
-      'sync-mode': this.receiver ? (this.syncPoints.mode ?? 'round') : 'none',
+      'sync-mode': this.receiver ? (session.syncMode ?? 'round') : 'none',
       'compression-in': this.receiver?.compression ?? (this.opts.compressionIn && this.opts.compressionIn !== 'auto' ? this.opts.compressionIn : 'none'),
       'compression-out': this.opts.compressionOut ?? 'none',
       'passed-encoded': this.receiver?.encodedPackets ?? 0,
       'return-path': this.aReturnPath,
       destination: 'confirmed',
-      'device-state-bytes': st.tail.length,
-      ...(st.postcopy ? {
+      'device-state-bytes': session.deviceStateBytes,
+      ...(session.postcopy ? {
         postcopy: {
           'switched-at-ms': (this.switchedAt ?? this.startedAt) - this.startedAt,
           'main-pages': this.postcopyMainPages,

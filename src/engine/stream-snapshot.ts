@@ -9,10 +9,10 @@
 
 import { isZeroPieces } from './zero-page.js';
 import { open, type FileHandle } from 'node:fs/promises';
-import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
-import { MainStreamParser } from '../codec/main-stream-parser.js';
+import { StreamSession } from '../codec/stream-session.js';
 import type { DeviceStateLayout } from '../codec/vmdesc.js';
 import { readAtExactly, readExactly, verifiedDeviceState } from './read-exactly.js';
 import type { SnapshotBlockInfo, SnapshotRamSection, SnapshotSource } from './snapshot.js';
@@ -132,11 +132,6 @@ interface Prologue {
   switchoverStart: boolean;
 }
 
-function commandName(cmd: number): string {
-  const e = Object.entries(Command).find(([, v]) => v === cmd);
-  return e ? `${cmd} (${e[0]})` : String(cmd);
-}
-
 
 export class StreamSnapshot implements SnapshotSource {
   readonly format = 'stream';
@@ -164,19 +159,15 @@ export class StreamSnapshot implements SnapshotSource {
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
-      const parser = new MainStreamParser();
+      // The record order (one RAM section, block list in START, device state after END, no
+      // live-peer commands) is the session's; this loop indexes pages and keeps the device state.
+      const session = new StreamSession({ kind: 'file' });
       const blocks = new Map<string, BlockIndex>();
       const blockInfo: SnapshotBlockInfo[] = [];
       let sawHeader = false;
       let config: Configuration | undefined;
       let ramSection: SnapshotRamSection | undefined;
-      let memSizeSeen = false;
-      let ramEndSeen = false;
-      // Set at the END section's footer: only then is the RAM section complete.
-      let ramComplete = false;
-      let switchoverStart = false;
       let device: Buffer[] = [];
-      let deviceStart = -1;
       let deviceBytes = 0;
       let pos = 0;
       while (pos < size) {
@@ -185,51 +176,22 @@ export class StreamSnapshot implements SnapshotSource {
         const chunk = Buffer.allocUnsafe(Math.min(READ_CHUNK, size - pos));
         const { bytesRead } = await fh.read(chunk, 0, chunk.length, pos);
         if (bytesRead === 0) throw new ProtocolError('TRUNCATED', `file shrank while being read: it ends at 0x${pos.toString(16)}, its size was 0x${size.toString(16)}`, { offset: pos });
-        parser.push(bytesRead === chunk.length ? chunk : chunk.subarray(0, bytesRead));
+        session.push(bytesRead === chunk.length ? chunk : chunk.subarray(0, bytesRead));
         pos += bytesRead;
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+        for (let ev = session.next(); ev !== null; ev = session.next()) {
           switch (ev.type) {
             case 'header':
               sawHeader = true;
-              continue;
+              break;
             case 'configuration':
               // Refused here, not by the parser's first page-record error: the user gets told what the file is.
               if (ev.config.capabilities.includes('mapped-ram')) {
-                throw new ProtocolError('BAD_RECORD', 'this is a mapped-ram file (its configuration has the mapped-ram capability), not a plain stream file; open it as mapped-ram', { offset: parser.offset });
+                throw new ProtocolError('BAD_RECORD', 'this is a mapped-ram file (its configuration has the mapped-ram capability), not a plain stream file; open it as mapped-ram', { offset: session.offset });
               }
               config = ev.config;
-              continue;
-            default:
               break;
-          }
-          if (!config) throw new ProtocolError('BAD_RECORD', 'no configuration record after the stream header (machine type too old, or not a migration file)', { offset: parser.offset });
-          switch (ev.type) {
-            case 'section': {
-              const at = parser.offset;
-              if (ev.kind === 'start') {
-                if (ramSection) throw new ProtocolError('BAD_RECORD', `second RAM section START (id ${ev.sectionId}); a file holds exactly one RAM section`, { offset: at });
-                ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
-              } else if (ev.kind === 'full') {
-                throw new ProtocolError('BAD_RECORD', 'RAM sent as a FULL section; a migration file has START, PART and END', { offset: at });
-              } else if (ramEndSeen) {
-                throw new ProtocolError('BAD_RECORD', `RAM section ${ev.kind.toUpperCase()} after the section's END`, { offset: at });
-              } else if (ev.kind === 'end') {
-                ramEndSeen = true;
-              }
-              break;
-            }
-            case 'package':
-              throw new ProtocolError('UNSUPPORTED', 'PACKAGED command in a snapshot file (postcopy needs a live peer)', { offset: parser.offset });
-            case 'command':
-              if (ev.cmd === Command.SWITCHOVER_START) switchoverStart = true;
-              else if (ev.cmd !== Command.POSTCOPY_ADVISE) {
-                // Return path, postcopy and packaged commands need a live peer; a file never has them.
-                throw new ProtocolError('UNSUPPORTED', `command ${commandName(ev.cmd)} in a snapshot file (only SWITCHOVER_START belongs there)`, { offset: parser.offset });
-              }
-              break;
-            case 'ram-mem-size':
-              if (memSizeSeen) throw new ProtocolError('BAD_RECORD', 'second MEM_SIZE record; the block list is sent once, in the START section', { offset: parser.offset - 8 });
-              memSizeSeen = true;
+            case 'section':
+              if (ev.kind === 'start') ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
               break;
             case 'ram-block': {
               const { name, usedLength, mrAddr } = ev.block;
@@ -238,53 +200,38 @@ export class StreamSnapshot implements SnapshotSource {
               blockInfo.push({ name, usedLength, ...(mrAddr !== undefined ? { mrAddr } : {}) });
               break;
             }
-            case 'ram-page': {
-              const b = blocks.get(ev.block);
-              if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `page record names unknown RAM block "${ev.block}"`, { offset: parser.offset });
-              const page = ev.offset / TARGET_PAGE_SIZE;
+            case 'page': {
+              const b = blocks.get(ev.block)!;
               // The parser has consumed the page data when it returns the event.
-              b.index.set(page, isZeroPieces(ev.data) ? 0 : parser.offset - TARGET_PAGE_SIZE);
+              b.index.set(ev.offset / TARGET_PAGE_SIZE, isZeroPieces(ev.data) ? 0 : session.offset - TARGET_PAGE_SIZE);
               break;
             }
-            case 'ram-zero': {
-              const b = blocks.get(ev.block);
-              if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `zero record names unknown RAM block "${ev.block}"`, { offset: parser.offset });
-              b.index.set(ev.offset / TARGET_PAGE_SIZE, 0);
+            case 'zero':
+              blocks.get(ev.block)!.index.set(ev.offset / TARGET_PAGE_SIZE, 0);
               break;
-            }
-            case 'ram-flush':
-              throw new ProtocolError('BAD_RECORD', 'MULTIFD_FLUSH record in a plain stream file (QEMU writes multifd files only with mapped-ram; the file is corrupt or not what it claims)', { offset: parser.offset - 8 });
-            case 'device-state': {
-              if (deviceStart < 0) {
-                deviceStart = parser.offset - ev.data.reduce((n, d) => n + d.length, 0);
-                if (!ramSection) throw new ProtocolError('BAD_RECORD', 'device state begins before any RAM section', { offset: deviceStart });
-                if (!ramComplete) throw new ProtocolError('BAD_RECORD', `device state begins before the END of RAM section ${ramSection.sectionId}`, { offset: deviceStart });
-              }
+            case 'device-state':
               for (const d of ev.data) {
                 deviceBytes += d.length;
-                if (deviceBytes > MAX_DEVICE_STATE) throw new ProtocolError('LIMIT_EXCEEDED', `device state larger than ${MAX_DEVICE_STATE} bytes`, { offset: deviceStart });
+                if (deviceBytes > MAX_DEVICE_STATE) throw new ProtocolError('LIMIT_EXCEEDED', `device state larger than ${MAX_DEVICE_STATE} bytes`, { offset: session.deviceStateOffset });
                 device.push(d);
               }
               break;
-            }
-            case 'footer':
-              if (ramEndSeen) ramComplete = true;
-              break;
-            case 'ram-eos':
+            default:
               break;
           }
         }
       }
       if (!sawHeader) throw new ProtocolError('TRUNCATED', `file is truncated: ${size} bytes, shorter than the 8-byte stream header`, { offset: size });
       if (!config) {
-        const where = parser.offset < size ? 'inside the configuration record' : 'right after the stream header, before the configuration record';
+        const where = session.offset < size ? 'inside the configuration record' : 'right after the stream header, before the configuration record';
         throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)}, ${where}`, { offset: size });
       }
+      const deviceStart = session.deviceStateOffset;
       if (deviceStart < 0) {
-        const where = !ramSection ? 'before the RAM section' : ramComplete ? 'after the RAM section, before the device state' : `inside RAM section ${ramSection.sectionId} (${ramEndSeen ? 'in its END part, before the footer' : 'before its END'})`;
-        const partial = parser.offset < size ? `, in the record that starts at 0x${parser.offset.toString(16)}` : '';
-        throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)} ${where}${partial}`, { offset: parser.offset });
+        const partial = session.offset < size ? `, in the record that starts at 0x${session.offset.toString(16)}` : '';
+        throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)} ${session.stopDescription()}${partial}`, { offset: session.offset });
       }
+      const switchoverStart = session.switchoverStart;
       // Unreachable given the device-state checks, but the types (and a future parser) want them.
       if (!ramSection) throw new ProtocolError('BAD_RECORD', 'no RAM section in the file');
       const tail = Buffer.concat(device);

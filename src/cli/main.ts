@@ -98,6 +98,14 @@ function abortOnSignal(h: { abort(reason: unknown): void }): void {
   process.once('SIGTERM', on);
 }
 
+/**
+ * MULTIFD_READ_RING=0 reads multifd sockets as plain streams (the library's readRing option):
+ * for comparing against the ring reader, or a Node where it misbehaves.
+ */
+function readRingOption(): { readRing?: boolean } {
+  return process.env.MULTIFD_READ_RING === '0' ? { readRing: false } : {};
+}
+
 /** A stray connection (not a migration channel) was closed; the migration goes on. */
 function warnStrays(h: { on(ev: 'stray', fn: (e: Error) => void): unknown }): void {
   h.on('stray', (e: Error) => process.stderr.write(`multifd: warning: ignored ${e.message}\n`));
@@ -162,7 +170,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
     await report('receive', o.json, async (view) => {
       const tls = tlsCreds(o);
-      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}) });
+      const h = receive({ ...readRingOption(), listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       abortOnSignal(h);
       warnStrays(h);
@@ -195,6 +203,7 @@ program
     await report('save', o.json, (view) => {
       const tls = tlsCreds(o);
       const h = save({
+        ...readRingOption(),
         ...(tls ? { tls } : {}),
         qmp: o.qmp,
         out: resolve(o.out),
@@ -336,6 +345,7 @@ A's migration and A keeps running.`)
       const tlsIn = tlsCreds({ tlsCreds: o.tlsCredsIn, tlsVerifyPeer: o.tlsVerifyPeer });
       const tlsOut = tlsCreds({ tlsCreds: o.tlsCredsOut, tlsVerifyPeer: o.tlsVerifyPeer }, o.tlsHostnameOut);
       const h = relay({
+        ...readRingOption(),
         idleTimeoutMs: o.idleTimeout * 1000,
         ...(tlsIn ? { tlsIn } : {}),
         ...(tlsOut ? { tlsOut } : {}),

@@ -65,7 +65,7 @@ export class OutboundSide {
   private readonly names = new Map<Socket, string>();
   private readonly startedAt = Date.now();
   private lastActivity = Date.now();
-  private busy = 0;
+  private pending = 0;
   private watchdog: NodeJS.Timeout | undefined;
 
   constructor(private readonly opts: OutboundOptions) {
@@ -79,7 +79,7 @@ export class OutboundSide {
     const stall = this.opts.stallTimeoutMs ?? 60000;
     const always = (this.opts.stallWhen ?? 'always') === 'always';
     this.watchdog = setInterval(() => {
-      if ((always || this.busy > 0) && Date.now() - this.lastActivity > stall) this.opts.fail(this.opts.stallError(Math.round(stall / 1000)));
+      if ((always || this.pending > 0) && Date.now() - this.lastActivity > stall) this.opts.fail(this.opts.stallError(Math.round(stall / 1000)));
     }, Math.min(1000, stall));
     this.watchdog.unref();
   }
@@ -111,6 +111,11 @@ export class OutboundSide {
     }
   }
 
+  /** A write or the wait for the verdict is under way. */
+  get busy(): boolean {
+    return this.pending > 0;
+  }
+
   get channelsOpened(): number {
     return this.channels.length;
   }
@@ -131,7 +136,7 @@ export class OutboundSide {
   async write(sock: Socket, bufs: readonly Buffer[]): Promise<void> {
     const known = this.opts.failure();
     if (known) throw known;
-    this.busy++;
+    this.pending++;
     try {
       await gatherWrite(sock, bufs);
       this.lastActivity = Date.now();
@@ -141,17 +146,17 @@ export class OutboundSide {
       await Promise.race([this.answered, new Promise((r) => setTimeout(r, 500).unref())]);
       throw this.opts.failure() ?? this.opts.closedError(this.names.get(sock) ?? 'connection', (e as Error).message);
     } finally {
-      this.busy--;
+      this.pending--;
     }
   }
 
   /** Waits for the verdict (SHUT or main closed); the wait counts as busy for the watchdog. */
   async verdict(): Promise<void> {
-    this.busy++;
+    this.pending++;
     try {
       await this.answered;
     } finally {
-      this.busy--;
+      this.pending--;
     }
   }
 

@@ -8,7 +8,8 @@
 import type { Socket } from 'node:net';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { PageRecordParser } from '../codec/postcopy.js';
-import { ProtocolError } from '../codec/errors.js';
+import { abortError, IdleTimeoutError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
+import type { SyncMode } from '../codec/sync-points.js';
 import { encodePong, encodeShut } from '../codec/return-path.js';
 import { StreamSession, type SessionEvent, type SessionEventOf } from '../codec/stream-session.js';
 import { publish } from '../engine/diagnostics.js';
@@ -20,12 +21,11 @@ import type { TlsCreds } from '../transports/tls.js';
 import { describePeer } from '../transports/socket-io.js';
 import { IdleWatch } from './idle-watch.js';
 import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, StrayConnectionError } from './incoming.js';
-import { ListeningHandle } from './listening-handle.js';
+import { ListeningHandle } from './handle.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
 import { preemptExpected } from './postcopy-stream.js';
 
-export type SyncMode = 'auto' | 'round' | 'section';
 
 export interface ReceiveOptions {
   /** tcp:HOST:PORT or unix:PATH; port 0 picks a free port (see handle.listening). */
@@ -37,7 +37,7 @@ export interface ReceiveOptions {
   /** The source's multifd-compression (none, zlib, zstd); 'auto' (default) detects it from the first data packet. */
   compression?: string;
   /** How MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from the START section. */
-  syncMode?: SyncMode;
+  syncMode?: 'auto' | SyncMode;
   /** Required uuid in multifd init messages (the source's -uuid); default: accept any. */
   uuid?: Buffer;
   /** How long a new connection may take to send its first 4 bytes (default 10 s); a silent one is closed as a stray. */
@@ -46,6 +46,11 @@ export interface ReceiveOptions {
   maxPendingConnections?: number;
   /** Accept TLS connections only, with server credentials as for QEMU's tls-creds-x509 (the source's tls-creds). */
   tls?: TlsCreds;
+  /**
+   * Read multifd channels into one reused ring each (default true): less CPU per GiB; false reads
+   * them as plain streams (see src/transports/ring-reader.ts).
+   */
+  readRing?: boolean;
   /** How long a sync waits for channels that never connected. */
   channelTimeoutMs?: number;
   /** Fails when the source sends nothing for this long mid-migration (default 300 s; 0: never). */
@@ -123,14 +128,20 @@ export interface ReceiveSummary {
   };
 }
 
-export class ReceiveHandle extends ListeningHandle<ReceiveSummary> {}
+export interface ReceiveEvents {
+  progress: [ReceiveProgress];
+  /** A connection that is not a migration channel was closed; the migration goes on. */
+  stray: [StrayConnectionError];
+}
+
+export class ReceiveHandle extends ListeningHandle<ReceiveSummary, ReceiveEvents> {}
 
 /** Starts receiving; the handle reports progress and resolves `done` with a summary. */
 export function receive(opts: ReceiveOptions): ReceiveHandle {
-  return new ReceiveHandle((h: ListeningHandle<ReceiveSummary>) => {
-    const r = new Receiver(opts, h);
+  return new ReceiveHandle((h, signal) => {
+    const r = new Receiver(opts, h, signal);
     return { listening: r.listening, done: r.done, abort: (e) => r.fail(e) };
-  });
+  }, opts.signal);
 }
 
 class Receiver {
@@ -171,13 +182,14 @@ class Receiver {
   private readonly postcopyStarted: Promise<void>;
   private resolvePostcopyStarted!: () => void;
 
-  constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary>) {
+  constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary, ReceiveEvents>, private readonly signal: AbortSignal) {
     this.incoming = new IncomingConnections({
       identifyTimeoutMs: opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
       maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING,
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
       takePreempt: (sock, source, byOrder) => this.takePreempt(sock, source, byOrder),
+      ...(opts.readRing !== undefined ? { readRing: opts.readRing } : {}),
     });
     this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channels = opts.channels ?? 2;
@@ -187,7 +199,7 @@ class Receiver {
       ...(opts.maxDeviceStateBytes === undefined ? {} : { maxDeviceStateBytes: opts.maxDeviceStateBytes }),
     });
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
-      throw new RangeError(`channels must be 0..255 (got ${opts.channels})`);
+      throw new InvalidOptionError(`channels must be 0..255 (got ${opts.channels})`);
     }
     this.done = new Promise((res, rej) => {
       this.resolveDone = res;
@@ -219,20 +231,14 @@ class Receiver {
         handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
         onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
       });
-      if (this.opts.signal) {
-        if (this.opts.signal.aborted) throw new Error('aborted');
-        this.opts.signal.addEventListener('abort', () => {
-          const why: unknown = this.opts.signal!.reason;
-          this.fail(why instanceof Error ? why : new Error('aborted'));
-        }, { once: true });
-      }
+      if (this.signal.aborted) throw abortError(this.signal.reason);
       const interval = this.opts.progressIntervalMs ?? 250;
       this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), interval);
       this.idle = new IdleWatch(
         this.opts.idleTimeoutMs ?? 300_000,
         () => this.progress().transferred,
         () => this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state' || this.phase === 'postcopy',
-        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
+        (s) => this.fail(new IdleTimeoutError(s, `the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
       );
       this.idle.start();
       this.progressTimer.unref();

@@ -17,25 +17,25 @@
 import type { Socket } from 'node:net';
 import { Command, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { PageRecordParser } from '../codec/postcopy.js';
-import { ProtocolError } from '../codec/errors.js';
+import { abortError, DestinationClosedError, DestinationRefusedError, IdleTimeoutError, InvalidOptionError, ProtocolError, StallError } from '../codec/errors.js';
 import { encodeMainEvent } from '../codec/main-event-encode.js';
-import { ReturnPathParser, encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
+import { encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
 import { encodeCommand } from '../codec/stream-encode.js';
 import { StreamSession, type SessionEvent, type SessionEventOf } from '../codec/stream-session.js';
 import type { SyncMode } from '../codec/sync-points.js';
 import { publish } from '../engine/diagnostics.js';
 import { ForwardingStore } from '../engine/forwarding-store.js';
-import { getMethod } from '../engine/methods/registry.js';
+import { checkLevel, getMethod } from '../engine/methods/registry.js';
 import { ChannelError, MultifdReceiver, type ChannelStats } from '../engine/multifd-receiver.js';
 import { MultifdSender, type SendChannelStats } from '../engine/multifd-sender.js';
 import type { RamBlock } from '../engine/page-store.js';
-import { connectTo, gatherWrite } from '../transports/connect.js';
+import { connectTo } from '../transports/connect.js';
 import { formatAddress, listen, type Listener } from '../transports/listener.js';
 import type { TlsCreds } from '../transports/tls.js';
 import { IdleWatch } from './idle-watch.js';
 import { DEFAULT_IDENTIFY_TIMEOUT_MS, DEFAULT_MAX_PENDING, IncomingConnections, StrayConnectionError, type ConnectionKind } from './incoming.js';
-import { ListeningHandle } from './listening-handle.js';
-import { StallError } from './send.js';
+import { ListeningHandle } from './handle.js';
+import { OutboundSide } from './outbound-side.js';
 import { SnapshotOutput } from './snapshot-output.js';
 import { PostcopyFailedError } from './postcopy-failure.js';
 import { preemptExpected } from './postcopy-stream.js';
@@ -49,6 +49,11 @@ export interface RelayOptions {
   channelsIn?: number;
   /** B's multifd-channels; default channelsIn. */
   channelsOut?: number;
+  /**
+   * Read A's multifd channels into one reused ring each (default true): less CPU per GiB; false
+   * reads them as plain streams (see src/transports/ring-reader.ts).
+   */
+  readRing?: boolean;
   /** A's multifd-compression; 'auto' (default) detects it from the first data packet. */
   compressionIn?: string;
   /** B's multifd-compression: none (default), zlib or zstd. */
@@ -149,14 +154,20 @@ export interface RelaySummary {
   'channels-out': SendChannelStats[];
 }
 
-export class RelayHandle extends ListeningHandle<RelaySummary> {}
+export interface RelayEvents {
+  progress: [RelayProgress];
+  /** A connection that is not a migration channel was closed; the relay goes on. */
+  stray: [StrayConnectionError];
+}
+
+export class RelayHandle extends ListeningHandle<RelaySummary, RelayEvents> {}
 
 /** Starts relaying; the handle reports progress and resolves `done` with a summary. */
 export function relay(opts: RelayOptions): RelayHandle {
-  return new RelayHandle((h: ListeningHandle<RelaySummary>) => {
-    const r = new Relay(opts, h);
+  return new RelayHandle((h, signal) => {
+    const r = new Relay(opts, h, signal);
     return { listening: r.listening, done: r.done, abort: (e) => r.fail(e) };
-  });
+  }, opts.signal);
 }
 
 class Relay {
@@ -172,10 +183,9 @@ class Relay {
   private from = '';
   private aMain: Socket | undefined;
   private readonly aSockets = new Set<Socket>();
-  private readonly bSockets = new Set<Socket>();
+  /** B's side: its connections, the return path we open to it, the stall watchdog. */
+  private readonly b: OutboundSide;
   private bMain: Promise<Socket> | undefined;
-  private bMainSocket: Socket | undefined;
-  private readonly bChannels: Promise<Socket>[] = [];
   private receiver: MultifdReceiver | undefined;
   private sender: MultifdSender | undefined;
   private tee: SnapshotOutput | undefined;
@@ -184,7 +194,6 @@ class Relay {
   private failure: Error | undefined;
   private completed = false;
   private progressTimer: NodeJS.Timeout | undefined;
-  private watchdog: NodeJS.Timeout | undefined;
   private out: Buffer[] = [];
   private mainBytesIn = 0;
   private mainBytesOut = 0;
@@ -194,14 +203,8 @@ class Relay {
   private ramTotal = 0;
   private aReturnPath = false;
   private bReturnPath = false;
-  private bShut: number | undefined;
   /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
   private aShutSent = false;
-  private readonly bAnswered: Promise<void>;
-  private resolveBAnswered!: () => void;
-  /** B writes in flight (or an awaited answer) and when B last made progress, for the stall watchdog. */
-  private bPending = 0;
-  private bProgressAt = Date.now();
   /** A's whole stream (up to a VMDESCRIPTION that walks the device sections) was passed on to B. */
   private get streamComplete(): boolean {
     return this.session.complete;
@@ -219,22 +222,23 @@ class Relay {
   private readonly postcopyStarted: Promise<void>;
   private resolvePostcopyStarted!: () => void;
 
-  constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary>) {
+  constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary, RelayEvents>, private readonly signal: AbortSignal) {
     this.incoming = new IncomingConnections({
       identifyTimeoutMs: opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
       maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING,
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
       takePreempt: (sock, source, byOrder) => this.takePreempt(sock, source, byOrder),
+      ...(opts.readRing !== undefined ? { readRing: opts.readRing } : {}),
     });
     this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
     this.channelsIn = opts.channelsIn ?? 2;
     this.channelsOut = opts.channelsOut ?? this.channelsIn;
     for (const [name, n] of [['channels-in', this.channelsIn], ['channels-out', this.channelsOut]] as const) {
-      if (!Number.isInteger(n) || n < 0 || n > 255) throw new RangeError(`${name} must be 0..255 (got ${n})`);
+      if (!Number.isInteger(n) || n < 0 || n > 255) throw new InvalidOptionError(`${name} must be 0..255 (got ${n})`);
     }
     if ((this.channelsIn === 0) !== (this.channelsOut === 0)) {
-      throw new RangeError(`channels-in ${this.channelsIn} and channels-out ${this.channelsOut}: the relay needs multifd on both sides or on neither`);
+      throw new InvalidOptionError(`channels-in ${this.channelsIn} and channels-out ${this.channelsOut}: the relay needs multifd on both sides or on neither`);
     }
     this.session = new StreamSession({
       kind: 'live',
@@ -246,25 +250,54 @@ class Relay {
       this.rejectDone = rej;
     });
     this.done.catch(() => {});
-    this.bAnswered = new Promise((resolve) => { this.resolveBAnswered = resolve; });
+    this.b = new OutboundSide({
+      to: opts.to,
+      ...(opts.tlsOut ? { tls: opts.tlsOut } : {}),
+      ...(opts.connectTimeoutMs !== undefined ? { connectTimeoutMs: opts.connectTimeoutMs } : {}),
+      ...(opts.stallTimeoutMs !== undefined ? { stallTimeoutMs: opts.stallTimeoutMs } : {}),
+      // Silence from B while nothing is owed to it is A's business (the idle watch).
+      stallWhen: 'while-busy',
+      stallError: (s) => new StallError(`the destination accepted nothing for ${s} s; does it expect ${this.channelsOut} multifd channel(s) (multifd-channels), the same multifd-compression (${opts.compressionOut ?? 'none'}) and the same sync mode (multifd-flush-after-each-section)?`),
+      closedError: (where, detail) => this.destinationError(where, detail, `the destination closed its ${where} (${detail})`),
+      onMessage: (m) => {
+        if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
+        publish('relay', 'destination-return-path', { type: m.type });
+        // Forwarded message by message: A may have opened its return path after ours.
+        if (this.aReturnPath && this.aMain && !this.aMain.destroyed) {
+          this.aMain.write(encodeReturnPathMessage(m.type, m.payload));
+          if (m.type === ReturnPathMessage.SHUT) this.aShutSent = true;
+        }
+        if (m.type === ReturnPathMessage.SHUT && this.b.shut !== 0) this.fail(this.destinationError('main channel', `SHUT ${this.b.shut}`, ''));
+      },
+      onMainEnd: () => {
+        // B closes after its SHUT, as a destination does; A (which got that SHUT) sees the same.
+        if (this.b.shut === 0 && this.aShutSent && this.aMain && !this.aMain.destroyed) this.aMain.end();
+      },
+      onClose: (where, isMain) => {
+        // B gone before its verdict: A must not wait for a SHUT that never comes. Once the whole
+        // stream went out, B closing its multifd channels is B finishing its load, not a failure.
+        if (this.completed || this.failure || this.b.shut !== undefined) return;
+        if (isMain || !this.streamComplete) {
+          this.fail(new DestinationClosedError(where, 'closed', `the destination closed its ${where} ${this.streamComplete ? 'without confirming the load' : `during ${this.phase}`} (QEMU gone or failed? see its log)`));
+        }
+      },
+      fail: (e) => this.fail(e),
+      failure: () => this.failure,
+    });
     this.listening = this.start();
   }
 
   private async start(): Promise<string> {
     try {
       const methodOut = getMethod(this.opts.compressionOut ?? 'none');
-      if (this.opts.levelOut !== undefined) {
-        const max = methodOut.name === 'zlib' ? 9 : methodOut.name === 'zstd' ? 20 : 0;
-        if (methodOut.name === 'none') throw new RangeError('a compression level needs a compression method (zlib or zstd)');
-        if (!Number.isInteger(this.opts.levelOut) || this.opts.levelOut < 0 || this.opts.levelOut > max) throw new RangeError(`${methodOut.name} level must be 0..${max} (got ${this.opts.levelOut})`);
-      }
-      if (methodOut.name !== 'none' && this.channelsOut === 0) throw new RangeError(`compression ${methodOut.name} needs multifd channels towards the destination`);
+      checkLevel(methodOut, this.opts.levelOut);
+      if (methodOut.name !== 'none' && this.channelsOut === 0) throw new InvalidOptionError(`compression ${methodOut.name} needs multifd channels towards the destination`);
       const compressionIn = this.opts.compressionIn ?? 'auto';
       const methodIn = compressionIn === 'auto' ? undefined : getMethod(compressionIn);
       if (this.opts.tee) this.tee = await SnapshotOutput.create(this.opts.tee, { channels: this.channelsIn, ...(this.opts.teeDirectIo === undefined ? {} : { directIo: this.opts.teeDirectIo }) });
       if (this.channelsOut > 0) {
         this.sender = new MultifdSender({
-          channels: Array.from({ length: this.channelsOut }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.writeChannel(i, bufs) })),
+          channels: Array.from({ length: this.channelsOut }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.b.writeChannel(i, bufs) })),
           method: methodOut,
           ...(this.opts.levelOut !== undefined ? { level: this.opts.levelOut } : {}),
         });
@@ -288,30 +321,18 @@ class Relay {
         handshakeTimeoutMs: this.opts.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
         onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
       });
-      if (this.opts.signal) {
-        if (this.opts.signal.aborted) throw new Error('aborted');
-        this.opts.signal.addEventListener('abort', () => {
-          const why: unknown = this.opts.signal!.reason;
-          this.fail(why instanceof Error ? why : new Error('aborted'));
-        }, { once: true });
-      }
+      if (this.signal.aborted) throw abortError(this.signal.reason);
       this.progressTimer = setInterval(() => this.handle.emit('progress', this.progress()), this.opts.progressIntervalMs ?? 250);
       this.idle = new IdleWatch(
         this.opts.idleTimeoutMs ?? 300_000,
         () => this.progress().bytesIn,
         // Waiting on B is the stall watchdog's business, not A's silence.
-        () => (this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state') && this.bPending === 0,
-        (s) => this.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
+        () => (this.phase === 'setup' || this.phase === 'ram' || this.phase === 'device-state') && !this.b.busy,
+        (s) => this.fail(new IdleTimeoutError(s, `the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
       );
       this.idle.start();
       this.progressTimer.unref();
-      const stall = this.opts.stallTimeoutMs ?? 60000;
-      this.watchdog = setInterval(() => {
-        if (this.bPending > 0 && Date.now() - this.bProgressAt > stall) {
-          this.fail(new StallError(`the destination accepted nothing for ${Math.round(stall / 1000)} s; does it expect ${this.channelsOut} multifd channel(s) (multifd-channels), the same multifd-compression (${methodOut.name}) and the same sync mode (multifd-flush-after-each-section)?`));
-        }
-      }, Math.min(1000, stall));
-      this.watchdog.unref();
+      this.b.watch();
       this.from = formatAddress(this.listener.address);
       publish('relay', 'listening', { address: this.from });
       return this.from;
@@ -372,14 +393,10 @@ class Relay {
    * same on both sides); they are parsed to check them and for the tee.
    */
   private async runPreempt(source: AsyncIterable<Buffer>): Promise<void> {
-    const timeout = this.opts.connectTimeoutMs ?? 10000;
     const b = (async () => {
       await this.bMain;
-      await Promise.all(this.bChannels);
-      const s = await connectTo(this.opts.to, timeout, this.opts.tlsOut);
-      s.setNoDelay(true);
-      this.adoptB(s, 'its postcopy preempt channel');
-      return s;
+      for (let i = 0; i < this.b.channelsOpened; i++) await this.b.channel(i);
+      return this.b.connect('postcopy preempt channel');
     })();
     b.catch(() => {});
     publish('relay', 'preempt-channel', {});
@@ -399,14 +416,14 @@ class Relay {
           if (ev.type === 'page') await this.tee.store.writePages(ev.block, [ev.offset], 1, ev.data);
           else await this.tee.store.zeroPages(ev.block, [ev.offset], 0, 1);
         }
-        await this.trackB(gatherWrite(await b, [chunk]), 'its postcopy preempt channel');
+        await this.b.write(await b, [chunk]);
       }
       if (!parser.atBoundary) throw new ProtocolError('TRUNCATED', 'closed inside a page record');
       (await b).end();
     } catch (e) {
       if (this.completed || this.failure) return;
       const err = e as Error & { code?: string };
-      if ((err.code === 'ECONNRESET' || err.code === 'EPIPE') && this.bShut === 0) return;
+      if ((err.code === 'ECONNRESET' || err.code === 'EPIPE') && this.b.shut === 0) return;
       this.fail(new ChannelError('source postcopy preempt channel', err));
     }
   }
@@ -459,7 +476,7 @@ class Relay {
       const err = e as Error & { code?: string };
       // A that got B's SHUT(0) has completed; it may drop the connection without a clean close
       // (QEMU 11 over TLS resets it). With the whole stream passed on, that is the end.
-      if (err.code === 'ECONNRESET' && this.aShutSent && this.bShut === 0 && session.ramEnded && session.complete && !this.failure) {
+      if (err.code === 'ECONNRESET' && this.aShutSent && this.b.shut === 0 && session.ramEnded && session.complete && !this.failure) {
         try {
           await this.sourceEnded();
         } catch (e2) {
@@ -582,12 +599,10 @@ class Relay {
     // open until B's SHUT arrived on the return path we opened: a destination may close its side
     // when it sees our end (Node's default for servers), and its verdict would be lost.
     const bMain = await this.bMain!;
-    this.bPending++;
-    await this.bAnswered;
-    this.bPending--;
+    await this.b.verdict();
     bMain.end();
     if (this.failure) return;
-    if (this.bShut === undefined) throw new Error('the destination closed the connection without confirming the load (no SHUT on the return path)');
+    if (this.b.shut === undefined) throw new DestinationClosedError('main channel', 'closed without confirming the load', 'the destination closed the connection without confirming the load (no SHUT on the return path)');
     await this.complete();
   }
 
@@ -595,11 +610,8 @@ class Relay {
 
   private connectMainToB(): void {
     if (this.bMain) return;
-    const timeout = this.opts.connectTimeoutMs ?? 10000;
-    this.bMain = connectTo(this.opts.to, timeout, this.opts.tlsOut).then((s) => {
-      this.bMainSocket = s;
-      this.adoptB(s, 'its main channel');
-      this.listenReturnPath(s);
+    // The return path to B is always ours: the relay learns B's verdict even when A opened none.
+    this.bMain = this.b.connectMain(true).then((s) => {
       publish('relay', 'destination', { to: this.opts.to });
       return s;
     });
@@ -612,18 +624,9 @@ class Relay {
    * (QEMU blocks reading it). No SYNC here: every B sync mirrors one of A's sync points.
    */
   private openChannelsToB(uuid: Buffer): void {
-    if (this.bChannels.length > 0 || !this.sender) return;
-    const timeout = this.opts.connectTimeoutMs ?? 10000;
+    if (this.b.channelsOpened > 0 || !this.sender) return;
     this.connectMainToB();
-    const main = this.bMain!;
-    for (let i = 0; i < this.channelsOut; i++) {
-      const s = main.then(() => connectTo(this.opts.to, timeout, this.opts.tlsOut)).then((sock) => {
-        this.adoptB(sock, `its multifd channel ${i}`);
-        return sock;
-      });
-      s.catch(() => {});
-      this.bChannels.push(s);
-    }
+    this.b.openChannels(this.channelsOut, this.bMain!);
     // Queued before any packet can be: the sender writes each channel's buffers in order.
     for (let i = 0; i < this.channelsOut; i++) {
       this.sender.initChannel(i, false, uuid).catch((e: Error) => this.fail(e));
@@ -631,84 +634,19 @@ class Relay {
     publish('relay', 'destination-channels', { channelsOut: this.channelsOut });
   }
 
-  private adoptB(s: Socket, which: string): void {
-    this.bSockets.add(s);
-    s.on('error', () => {});
-    s.on('close', () => {
-      this.bSockets.delete(s);
-      if (s === this.bMainSocket) this.resolveBAnswered();
-      // B gone before its verdict: A must not wait for a SHUT that never comes. Once the whole
-      // stream went out, B closing its multifd channels is B finishing its load, not a failure.
-      if (this.completed || this.failure || this.bShut !== undefined) return;
-      if (s === this.bMainSocket || !this.streamComplete) {
-        this.fail(new Error(`the destination closed ${which} ${this.streamComplete ? 'without confirming the load' : `during ${this.phase}`} (QEMU gone or failed? see its log)`));
-      }
-    });
-    if (this.failure) s.destroy();
-  }
-
-  private async writeChannel(i: number, bufs: readonly Buffer[]): Promise<void> {
-    const s = await this.bChannels[i]!;
-    await this.trackB(gatherWrite(s, bufs), `its multifd channel ${i}`);
-  }
-
   private async flushMain(): Promise<void> {
     if (this.out.length === 0) return;
     const bufs = this.out;
     this.out = [];
-    const s = await this.bMain!;
-    await this.trackB(gatherWrite(s, bufs), 'its main channel');
+    await this.b.write(await this.bMain!, bufs);
     this.mainBytesOut += bufs.reduce((n, b) => n + b.length, 0);
   }
 
-  private async trackB(write: Promise<void>, where: string): Promise<void> {
-    this.bPending++;
-    try {
-      await write;
-      this.bProgressAt = Date.now();
-    } catch (e) {
-      // The destination's own verdict may still be in flight on the return path.
-      await Promise.race([this.bAnswered, new Promise((r) => setTimeout(r, 500).unref())]);
-      throw this.failure ?? this.destinationError(`the destination closed ${where} (${(e as Error).message})`);
-    } finally {
-      this.bPending--;
-    }
-  }
-
-  private destinationError(what: string): Error {
-    if (this.bShut !== undefined && this.bShut !== 0) return new Error(`the destination failed to load the migration (SHUT ${this.bShut}); see its log`);
-    return new Error(what);
-  }
-
-  private listenReturnPath(s: Socket): void {
-    const rp = new ReturnPathParser();
-    s.on('data', (chunk: Buffer) => {
-      this.bProgressAt = Date.now();
-      try {
-        rp.push(chunk);
-        for (let m = rp.next(); m !== null; m = rp.next()) {
-          if (m.type === ReturnPathMessage.SHUT) this.bShut = m.payload.readUInt32BE(0);
-          if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
-          publish('relay', 'destination-return-path', { type: m.type });
-          // Forwarded message by message: A may have opened its return path after ours.
-          if (this.aReturnPath && this.aMain && !this.aMain.destroyed) {
-            this.aMain.write(encodeReturnPathMessage(m.type, m.payload));
-            if (m.type === ReturnPathMessage.SHUT) this.aShutSent = true;
-          }
-          if (m.type === ReturnPathMessage.SHUT) {
-            this.resolveBAnswered();
-            if (this.bShut !== 0) this.fail(this.destinationError(''));
-          }
-        }
-      } catch (e) {
-        this.fail(new ProtocolError('BAD_RECORD', `destination return path: ${(e as Error).message}`));
-      }
-    });
-    s.on('end', () => {
-      this.resolveBAnswered();
-      // B closes after its SHUT, as a destination does; A (which got that SHUT) sees the same.
-      if (this.bShut === 0 && this.aShutSent && this.aMain && !this.aMain.destroyed) this.aMain.end();
-    });
+  /** B's SHUT(n ≠ 0) says more than a closed connection: it failed to load. */
+  private destinationError(where: string, detail: string, what: string): Error {
+    const shut = this.b.shut;
+    if (shut !== undefined && shut !== 0) return new DestinationRefusedError(shut, `the destination failed to load the migration (SHUT ${shut}); see its log`);
+    return new DestinationClosedError(where, detail, what);
   }
 
   // ---- the end --------------------------------------------------------------------------------
@@ -785,7 +723,7 @@ class Relay {
     this.sender?.fail(err);
     // B reads its main channel only once all its multifd channels connected: when A failed before
     // they were opened, B would wait in setup for ever. They connect and close at once, so B fails.
-    if (this.bMain && this.bChannels.length === 0 && this.channelsOut > 0) {
+    if (this.bMain && this.b.channelsOpened === 0 && this.channelsOut > 0) {
       for (let i = 0; i < this.channelsOut; i++) {
         this.bMain.then(() => connectTo(this.opts.to, 2000, this.opts.tlsOut)).then((s) => s.destroy(), () => {});
       }
@@ -801,14 +739,15 @@ class Relay {
   private async cleanup(): Promise<void> {
     if (this.progressTimer) clearInterval(this.progressTimer);
     this.idle?.stop();
-    if (this.watchdog) clearInterval(this.watchdog);
     this.sender?.close();
     const failing = this.failure !== undefined;
-    for (const s of [...this.aSockets, ...this.bSockets]) {
+    if (failing) this.b.destroy();
+    else this.b.end(2000);
+    for (const s of this.aSockets) {
       if (failing) s.destroy();
       else s.end(() => s.destroy());
     }
-    if (!failing) setTimeout(() => { for (const s of [...this.aSockets, ...this.bSockets]) s.destroy(); }, 2000).unref();
+    if (!failing) setTimeout(() => { for (const s of this.aSockets) s.destroy(); }, 2000).unref();
     await this.listener?.close();
   }
 }

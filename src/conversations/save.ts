@@ -32,6 +32,8 @@ export interface SaveOptions {
   level?: number;
   /** See ReceiveOptions.directIo. */
   directIo?: boolean;
+  /** See ReceiveOptions.readRing. */
+  readRing?: boolean;
   /**
    * TLS: the folder must hold ca-cert.pem, server-cert.pem/-key.pem (ours) and client-cert.pem/
    * -key.pem (QEMU's). We add a tls-creds-x509 object to the VM pointing at it (so QEMU must be able
@@ -162,6 +164,7 @@ async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, S
       compression: opts.compression ?? 'none',
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.directIo !== undefined ? { directIo: opts.directIo } : {}),
+      ...(opts.readRing !== undefined ? { readRing: opts.readRing } : {}),
       ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
       signal,

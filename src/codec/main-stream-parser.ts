@@ -1,7 +1,11 @@
-// Incremental parser of the main migration channel (PROTOCOL.md §1, §2). An explicit state
+// Incremental parser of the main migration channel (docs/protocol.md §1, §2). An explicit state
 // machine: push bytes, pull events; a structure split across chunks is retried whole. Device
 // state after RAM has no length prefix, so from the first non-RAM section (or EOF) on the rest of
 // the stream is handed out raw as 'device-state' bytes; vmdesc.ts knows how to walk it.
+//
+// It frames records and checks each on its own; the order of records (one START, MEM_SIZE only
+// in it, device state after END, sync points, postcopy) is StreamSession's (stream-session.ts).
+// Read a migration through the session, not through this parser alone.
 
 import { ByteQueue, type Cursor } from './byte-queue.js';
 import {

@@ -46,6 +46,7 @@ export const DIAGNOSTICS = {
     'sync-mode': { message: '{ mode }', when: 'the sync mode was decided from the stream' },
     'return-path': { message: '{}', when: 'the source opened the return path' },
     postcopy: { message: '{ sections, deviceBytes }', when: 'the source switched to postcopy (the package was read)' },
+    'late-data': { message: '{ bytes, message }', when: 'bytes came on main after the relay ended' },
     destination: { message: '{ to }', when: "the destination's main channel is connected" },
     'destination-channels': { message: '{ channelsOut }', when: "the destination's multifd channels are being opened" },
     'destination-return-path': { message: '{ type }', when: 'a return-path message came from the destination (it is passed on to the source)' },

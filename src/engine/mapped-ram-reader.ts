@@ -5,10 +5,11 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants } from 'node:fs';
 import { AlignedSlots, alignedBuffer, DIRECT_ALIGN, PACKET_SLOT_BYTES, PACKET_SLOTS } from './aligned-slots.js';
-import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
-import { MainStreamParser, type RamBlockInfo } from '../codec/main-stream-parser.js';
+import type { RamBlockInfo } from '../codec/main-stream-parser.js';
+import { StreamSession } from '../codec/stream-session.js';
 import { PageBitmap, bitmapBytes, type MappedRamHeader } from '../codec/mapped-ram.js';
 import type { DeviceStateLayout } from '../codec/vmdesc.js';
 import { readAtExactly, readExactly, verifiedDeviceState } from './read-exactly.js';
@@ -57,43 +58,37 @@ export class MappedRamSnapshot implements SnapshotSource {
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
-      const parser = new MainStreamParser();
+      // The record order (one RAM section, device state after END, no live-peer commands) is the
+      // session's; a mapped-ram file adds that its pages are in the regions, never in records.
+      const session = new StreamSession({ kind: 'file' });
       const blocks = new Map<string, SnapshotBlock>();
       const blockInfo: SnapshotBlockInfo[] = [];
       let ramSection: SnapshotRamSection | undefined;
-      let switchoverStart = false;
       let pos = 0;
       let device: Buffer[] = [];
-      let deviceStart = -1;
       let deviceBytes = 0;
       const buf = Buffer.allocUnsafe(READ_CHUNK);
       while (pos < size) {
-        const skip = parser.pendingSkip;
+        const skip = session.pendingSkip;
         if (skip > 0) {
           if (pos + skip > size) throw new ProtocolError('TRUNCATED', `file is truncated: it ends inside a pages region (needs 0x${(pos + skip).toString(16)} bytes, has 0x${size.toString(16)})`, { offset: pos });
-          parser.skipped(skip);
+          session.skipped(skip);
           pos += skip;
           continue;
         }
         const { bytesRead } = await fh.read(buf, 0, Math.min(READ_CHUNK, size - pos), pos);
         if (bytesRead === 0) break;
-        parser.push(Buffer.from(buf.subarray(0, bytesRead)));
+        session.push(Buffer.from(buf.subarray(0, bytesRead)));
         pos += bytesRead;
-        for (let ev = parser.next(); ev !== null; ev = parser.next()) {
+        for (let ev = session.next(); ev !== null; ev = session.next()) {
           if (ev.type === 'ram-block') {
             blocks.set(ev.block.name, await loadBlock(fh, ev.block, size));
             blockInfo.push({ name: ev.block.name, usedLength: ev.block.usedLength, ...(ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {}) });
           } else if (ev.type === 'section' && ev.kind === 'start') {
             ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
-          } else if (ev.type === 'command') {
-            if (ev.cmd === Command.SWITCHOVER_START) switchoverStart = true;
-            else if (ev.cmd !== Command.POSTCOPY_ADVISE) throw new ProtocolError('UNSUPPORTED', `command ${ev.cmd} in a snapshot file (only SWITCHOVER_START belongs there)`, { offset: parser.offset });
-          } else if (ev.type === 'package') {
-            throw new ProtocolError('UNSUPPORTED', 'PACKAGED command in a snapshot file (postcopy needs a live peer)', { offset: parser.offset });
-          } else if (ev.type === 'ram-page' || ev.type === 'ram-zero' || ev.type === 'ram-flush') {
-            throw new ProtocolError('BAD_RECORD', `${ev.type} record in a mapped-ram file`);
+          } else if (ev.type === 'page' || ev.type === 'zero') {
+            throw new ProtocolError('BAD_RECORD', `${ev.type} record in a mapped-ram file`, { offset: ev.at });
           } else if (ev.type === 'device-state') {
-            if (deviceStart < 0) deviceStart = parser.offset - ev.data.reduce((n, d) => n + d.length, 0);
             for (const d of ev.data) {
               deviceBytes += d.length;
               if (deviceBytes > MAX_DEVICE_STATE) throw new ProtocolError('LIMIT_EXCEEDED', `device state larger than ${MAX_DEVICE_STATE} bytes`);
@@ -102,7 +97,9 @@ export class MappedRamSnapshot implements SnapshotSource {
           }
         }
       }
-      const config = parser.configuration;
+      const config = session.configuration;
+      const deviceStart = session.deviceStateOffset;
+      const switchoverStart = session.switchoverStart;
       if (!config) throw new ProtocolError('BAD_RECORD', 'no configuration record');
       if (!config.capabilities.includes('mapped-ram')) throw new ProtocolError('BAD_MAPPED_RAM', 'not a mapped-ram file (the configuration lacks the mapped-ram capability)');
       if (!ramSection) throw new ProtocolError('BAD_RECORD', 'no RAM section in the file');

@@ -28,10 +28,13 @@ test('docs/diagnostics.md lists every declared channel, and nothing else', () =>
 test('every publish() in src names a declared group and event', () => {
   const seen = new Set<string>();
   for (const f of sources(join(root, 'src'))) {
-    for (const m of readFileSync(f, 'utf8').matchAll(/\bpublish\('([^']+)', '([^']+)'/g)) {
-      const events = (DIAGNOSTICS as Record<string, Record<string, unknown>>)[m[1]!];
-      assert.ok(events && m[2]! in events, `${f}: publish('${m[1]}', '${m[2]}') is not declared`);
-      seen.add(`multifd:${m[1]}:${m[2]}`);
+    // The inbound side publishes for the conversation it serves: receive or relay.
+    for (const m of readFileSync(f, 'utf8').matchAll(/\bpublish\((?:'([^']+)'|this\.o\.conversation), '([^']+)'/g)) {
+      for (const group of m[1] ? [m[1]] : ['receive', 'relay']) {
+        const events = (DIAGNOSTICS as Record<string, Record<string, unknown>>)[group];
+        assert.ok(events && m[2]! in events, `${f}: publish('${group}', '${m[2]}') is not declared`);
+        seen.add(`multifd:${group}:${m[2]}`);
+      }
     }
   }
   // Every declared channel is published somewhere: a stale row would document nothing.

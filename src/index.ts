@@ -41,7 +41,7 @@ export { SyncBarrier } from './engine/sync-barrier.js';
 // Every error a caller may branch on, each with a stable `code`.
 export {
   MultifdError, ProtocolError, QmpProtocolError, QmpCommandError, QmpConnectionError, AbortedError, InvalidOptionError,
-  ConnectError, StrayConnectionError, ChannelError, PageRequestError, IdleTimeoutError, StallError, DestinationClosedError,
+  ConnectError, ListenError, StrayConnectionError, ChannelError, PageRequestError, IdleTimeoutError, StallError, DestinationClosedError,
   PostcopyDestinationLostError, DestinationRefusedError, DestinationError, SourceError, PostcopyFailedError,
 } from './codec/errors.js';
 export type { MultifdErrorCode, ProtocolErrorCode, QmpProtocolErrorCode, PageRequestProblem } from './codec/errors.js';

@@ -33,6 +33,7 @@ export type MultifdErrorCode =
   | 'ABORTED'
   | 'INVALID_OPTION'
   | 'CONNECT_FAILED'
+  | 'LISTEN_FAILED'
   | 'STRAY_CONNECTION'
   | 'CHANNEL_FAILED'
   | 'BAD_PAGE_REQUEST'
@@ -150,6 +151,13 @@ export class InvalidOptionError extends MultifdError {
 export class ConnectError extends MultifdError {
   constructor(readonly address: string, readonly errno: string | undefined, message: string) {
     super('CONNECT_FAILED', message);
+  }
+}
+
+/** The listening address could not be bound; `errno` is the socket's code (EADDRINUSE, EACCES, ...). */
+export class ListenError extends MultifdError {
+  constructor(readonly address: string, readonly errno: string | undefined, message: string) {
+    super('LISTEN_FAILED', message);
   }
 }
 

@@ -6,41 +6,33 @@
 
 import type { Socket } from 'node:net';
 import { Command, ReturnPathMessage } from '../codec/constants.js';
-import { DestinationClosedError, DestinationRefusedError, StallError } from '../codec/errors.js';
+import { DestinationClosedError, DestinationRefusedError, InvalidOptionError, StallError } from '../codec/errors.js';
 import { encodeMainEvent } from '../codec/main-event-encode.js';
 import type { MainEvent } from '../codec/main-stream-parser.js';
 import { encodeCommand } from '../codec/stream-encode.js';
 import { publish } from '../engine/diagnostics.js';
 import type { MultifdMethod } from '../engine/methods/method.js';
+import { checkLevel, getMethod } from '../engine/methods/registry.js';
 import { MultifdSender } from '../engine/multifd-sender.js';
 import { connectTo } from '../transports/connect.js';
-import type { TlsCreds } from '../transports/tls.js';
+import type { InboundSide } from './inbound-side.js';
 import { OutboundSide } from './outbound-side.js';
+import type { RelayOptions } from './relay-types.js';
 
-export interface DestinationOptions {
-  to: string;
-  tls?: TlsCreds | undefined;
-  channels: number;
-  method: MultifdMethod;
-  level?: number | undefined;
-  connectTimeoutMs?: number | undefined;
-  stallTimeoutMs?: number | undefined;
+export type DestinationOptions = Pick<RelayOptions, 'to' | 'tlsOut' | 'compressionOut' | 'levelOut' | 'connectTimeoutMs' | 'stallTimeoutMs'>;
+
+/** What the destination needs of the relay. */
+export interface DestinationHost {
   /** A return-path message of B's, to go to A when A has a return path. */
   toSource(type: number, payload: Buffer): void;
   /** B closed its return path after its SHUT. */
   ended(): void;
-  /** Whether A's whole stream went out (B closing its multifd channels is then B finishing). */
-  streamComplete(): boolean;
-  /** Whether the relay is already over (completed or failed). */
-  over(): boolean;
-  /** The relay's failure, if any. */
-  failure(): Error | undefined;
-  phase(): string;
   fail(e: Error): void;
 }
 
 export class RelayDestination {
   readonly sender: MultifdSender | undefined;
+  readonly method: MultifdMethod;
   bytesOut = 0;
   pageRequests = 0;
   private readonly side: OutboundSide;
@@ -48,43 +40,46 @@ export class RelayDestination {
   private out: Buffer[] = [];
   private returnPath = false;
 
-  constructor(private readonly o: DestinationOptions) {
+  constructor(private readonly o: DestinationOptions, private readonly channels: number, private readonly host: DestinationHost, source: InboundSide) {
+    const method = this.method = getMethod(o.compressionOut ?? 'none');
+    checkLevel(method, o.levelOut);
+    if (method.name !== 'none' && channels === 0) throw new InvalidOptionError(`compression ${method.name} needs multifd channels towards the destination`);
     this.side = new OutboundSide({
       to: o.to,
-      ...(o.tls ? { tls: o.tls } : {}),
+      ...(o.tlsOut ? { tls: o.tlsOut } : {}),
       ...(o.connectTimeoutMs !== undefined ? { connectTimeoutMs: o.connectTimeoutMs } : {}),
       ...(o.stallTimeoutMs !== undefined ? { stallTimeoutMs: o.stallTimeoutMs } : {}),
       // Silence from B while nothing is owed to it is A's business (the idle watch).
       stallWhen: 'while-busy',
-      stallError: (s) => new StallError(`the destination accepted nothing for ${s} s; does it expect ${o.channels} multifd channel(s) (multifd-channels), the same multifd-compression (${o.method.name}) and the same sync mode (multifd-flush-after-each-section)?`),
+      stallError: (s) => new StallError(`the destination accepted nothing for ${s} s; does it expect ${channels} multifd channel(s) (multifd-channels), the same multifd-compression (${method.name}) and the same sync mode (multifd-flush-after-each-section)?`),
       closedError: (where, detail) => this.error(where, detail, `the destination closed its ${where} (${detail})`),
       onMessage: (m) => {
         if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
         publish('relay', 'destination-return-path', { type: m.type });
         // Forwarded message by message: A may have opened its return path after ours.
-        o.toSource(m.type, m.payload);
-        if (m.type === ReturnPathMessage.SHUT && this.shut !== 0) o.fail(this.error('main channel', `SHUT ${this.shut}`, ''));
+        host.toSource(m.type, m.payload);
+        if (m.type === ReturnPathMessage.SHUT && this.shut !== 0) host.fail(this.error('main channel', `SHUT ${this.shut}`, ''));
       },
-      onMainEnd: () => o.ended(),
+      onMainEnd: () => host.ended(),
       onClose: (where, isMain) => {
-        // B gone before its verdict: A must not wait for a SHUT that never comes. Once the whole
+        // B gone before its verdict: A must not wait for a SHUT that never comes. Once A's whole
         // stream went out, B closing its multifd channels is B finishing its load, not a failure.
-        if (o.over() || this.shut !== undefined) return;
-        const complete = o.streamComplete();
+        if (source.finished || source.failure !== undefined || this.shut !== undefined) return;
+        const complete = source.session.complete;
         if (isMain || !complete) {
-          o.fail(new DestinationClosedError(where, 'closed', `the destination closed its ${where} ${complete ? 'without confirming the load' : `during ${o.phase()}`} (QEMU gone or failed? see its log)`));
+          host.fail(new DestinationClosedError(where, 'closed', `the destination closed its ${where} ${complete ? 'without confirming the load' : `during ${source.phase}`} (QEMU gone or failed? see its log)`));
         }
       },
-      fail: (e) => o.fail(e),
-      failure: () => o.failure(),
+      fail: (e) => host.fail(e),
+      failure: () => source.failure,
     });
-    if (o.channels > 0) {
+    if (channels > 0) {
       this.sender = new MultifdSender({
-        channels: Array.from({ length: o.channels }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.side.writeChannel(i, bufs) })),
-        method: o.method,
-        ...(o.level !== undefined ? { level: o.level } : {}),
+        channels: Array.from({ length: channels }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.side.writeChannel(i, bufs) })),
+        method,
+        ...(o.levelOut !== undefined ? { level: o.levelOut } : {}),
       });
-      this.sender.on('error', (e: Error) => o.fail(e));
+      this.sender.on('error', (e: Error) => host.fail(e));
     }
     this.side.watch();
   }
@@ -123,7 +118,7 @@ export class RelayDestination {
       publish('relay', 'destination', { to: this.o.to });
       return s;
     });
-    this.main.catch((e: Error) => this.o.fail(e));
+    this.main.catch((e: Error) => this.host.fail(e));
   }
 
   /**
@@ -134,12 +129,12 @@ export class RelayDestination {
   openChannels(uuid: Buffer): void {
     if (this.side.channelsOpened > 0 || !this.sender) return;
     this.connectMain();
-    this.side.openChannels(this.o.channels, this.main!);
+    this.side.openChannels(this.channels, this.main!);
     // Queued before any packet can be: the sender writes each channel's buffers in order.
-    for (let i = 0; i < this.o.channels; i++) {
-      this.sender.initChannel(i, false, uuid).catch((e: Error) => this.o.fail(e));
+    for (let i = 0; i < this.channels; i++) {
+      this.sender.initChannel(i, false, uuid).catch((e: Error) => this.host.fail(e));
     }
-    publish('relay', 'destination-channels', { channelsOut: this.o.channels });
+    publish('relay', 'destination-channels', { channelsOut: this.channels });
   }
 
   /** A preempt channel of our own, opened after B's main and multifd channels so B takes it as preempt too. */
@@ -189,9 +184,9 @@ export class RelayDestination {
     this.sender?.fail(err);
     // B reads its main channel only once all its multifd channels connected: when A failed before
     // they were opened, B would wait in setup for ever. They connect and close at once, so B fails.
-    if (this.main && this.side.channelsOpened === 0 && this.o.channels > 0) {
-      for (let i = 0; i < this.o.channels; i++) {
-        this.main.then(() => connectTo(this.o.to, 2000, this.o.tls)).then((s) => s.destroy(), () => {});
+    if (this.main && this.side.channelsOpened === 0 && this.channels > 0) {
+      for (let i = 0; i < this.channels; i++) {
+        this.main.then(() => connectTo(this.o.to, 2000, this.o.tlsOut)).then((s) => s.destroy(), () => {});
       }
     }
   }

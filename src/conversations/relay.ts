@@ -18,133 +18,18 @@ import { ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { DestinationClosedError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
 import type { SessionEvent } from '../codec/stream-session.js';
-import type { SyncMode } from '../codec/sync-points.js';
 import { publish } from '../engine/diagnostics.js';
 import { ForwardingStore } from '../engine/forwarding-store.js';
-import { checkLevel, getMethod } from '../engine/methods/registry.js';
-import type { ChannelStats, MultifdReceiver } from '../engine/multifd-receiver.js';
-import type { SendChannelStats } from '../engine/multifd-sender.js';
-import type { TlsCreds } from '../transports/tls.js';
+import type { MultifdReceiver } from '../engine/multifd-receiver.js';
 import { InboundSide, type InboundSink } from './inbound-side.js';
 import type { StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './handle.js';
 import { settleable } from './listening-handle.js';
-import { RelayDestination } from './relay-destination.js';
+import { RelayDestination, type DestinationHost } from './relay-destination.js';
+import type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 import { SnapshotOutput } from './snapshot-output.js';
 
-export interface RelayOptions {
-  /** Where A connects: tcp:HOST:PORT or unix:PATH (port 0 picks one, see handle.listening). */
-  listen: string;
-  /** B's migrate-incoming address. */
-  to: string;
-  /** A's multifd-channels; 0 = A has multifd off. Default 2. */
-  channelsIn?: number;
-  /** B's multifd-channels; default channelsIn. */
-  channelsOut?: number;
-  /**
-   * Read A's multifd channels into one reused ring each (default true): less CPU per GiB; false
-   * reads them as plain streams (see src/transports/ring-reader.ts).
-   */
-  readRing?: boolean;
-  /** A's multifd-compression; 'auto' (default) detects it from the first data packet. */
-  compressionIn?: string;
-  /** B's multifd-compression: none (default), zlib or zstd. */
-  compressionOut?: string;
-  /**
-   * Compression level towards B (zlib 1–9, zstd 1–20); the method's default when unset. Setting
-   * it re-encodes every packet (see recompress).
-   */
-  levelOut?: number;
-  /**
-   * Decode and re-encode compressed packets even when A and B use the same method on as many
-   * channels. By default such packets go on as they came (each A channel's stream continues on the
-   * B channel of the same number), which costs no compression work; with levelOut set they are
-   * always re-encoded.
-   */
-  recompress?: boolean;
-  /** A's -uuid: A's init messages must carry it and B's carry it too. Default: B's carry A's. */
-  uuid?: Buffer;
-  /** Also write a mapped-ram snapshot of the migrated state here (committed once B confirmed). */
-  tee?: string;
-  /** O_DIRECT page writes for the tee (default true). */
-  teeDirectIo?: boolean;
-  /** How A's MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from A's setup section. */
-  syncMode?: 'auto' | SyncMode;
-  /** How long a new connection may take to send its first 4 bytes (default 10 s); a silent one is closed as a stray. */
-  identifyTimeoutMs?: number;
-  /** Connections allowed to wait for identification at once (default 16); more are closed at once. */
-  maxPendingConnections?: number;
-  /** TLS towards A: accept TLS connections only, with server credentials (A's tls-creds is a client). */
-  tlsIn?: TlsCreds;
-  /** TLS towards B: client credentials (B's tls-creds is a server). */
-  tlsOut?: TlsCreds;
-  /** How long a sync waits for A channels that never connected. */
-  channelTimeoutMs?: number;
-  /** Fails when A sends nothing for this long mid-migration (default 300 s; 0: never). */
-  idleTimeoutMs?: number;
-  connectTimeoutMs?: number;
-  /** Fails when B accepted nothing (no byte written, no message) for this long while we wait on it. Default 60 s. */
-  stallTimeoutMs?: number;
-  maxDeviceStateBytes?: number;
-  progressIntervalMs?: number;
-  signal?: AbortSignal;
-}
-
-export interface RelayProgress {
-  phase: 'listening' | 'setup' | 'ram' | 'postcopy' | 'device-state' | 'waiting' | 'committing' | 'completed' | 'failed';
-  elapsedMs: number;
-  /** Bytes read from A (main and multifd channels). */
-  bytesIn: number;
-  /** Bytes written to B. */
-  bytesOut: number;
-  normal: number;
-  duplicate: number;
-  rounds: number;
-  channelsIn: number;
-  channelsOut: number;
-  ramTotal: number;
-}
-
-export interface RelaySummary {
-  status: 'completed';
-  from: string;
-  to: string;
-  machine: string;
-  'total-time': number;
-  'bytes-in': number;
-  'bytes-out': number;
-  normal: number;
-  'normal-bytes': number;
-  duplicate: number;
-  /** Throughput of what came in from A. */
-  mbps: number;
-  'multifd-syncs': number;
-  'sync-mode': SyncMode | 'none';
-  'compression-in': string;
-  'compression-out': string;
-  /** Compressed packets passed on as they came, without decoding and re-encoding (see recompress). */
-  'passed-encoded': number;
-  /** A opened the return path (A completed only after B confirmed). */
-  'return-path': boolean;
-  /** B confirmed the load (SHUT 0 on the return path). */
-  destination: 'confirmed';
-  'device-state-bytes': number;
-  /** Present when A switched to postcopy: B ran from the package on, pages followed on demand. */
-  postcopy?: {
-    'switched-at-ms': number;
-    /** Page records relayed on the main channel after the switch. */
-    'main-pages': number;
-    /** Bytes relayed on the preempt channel (requested pages, A → B). */
-    'preempt-bytes': number;
-    'preempt-pages': number;
-    'preempt-channel': boolean;
-    /** Page requests relayed from B to A. */
-    'page-requests': number;
-  };
-  tee?: { file: string; 'file-size': number; 'commit-time': number; 'direct-io': boolean };
-  'channels-in': ChannelStats[];
-  'channels-out': SendChannelStats[];
-}
+export type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 
 export interface RelayEvents {
   progress: [RelayProgress];
@@ -162,7 +47,7 @@ export function relay(opts: RelayOptions): RelayHandle {
   }, opts.signal);
 }
 
-class Relay implements InboundSink {
+class Relay implements InboundSink, DestinationHost {
   readonly listening: Promise<string>;
   readonly result = settleable<RelaySummary>();
   private readonly channelsIn: number;
@@ -172,7 +57,6 @@ class Relay implements InboundSink {
   private dest: RelayDestination | undefined;
   private tee: SnapshotOutput | undefined;
   private forwarding: ForwardingStore | undefined;
-  private completed = false;
   /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
   private aShutSent = false;
 
@@ -200,40 +84,14 @@ class Relay implements InboundSink {
 
   private async start(): Promise<string> {
     try {
-      const methodOut = getMethod(this.opts.compressionOut ?? 'none');
-      checkLevel(methodOut, this.opts.levelOut);
-      if (methodOut.name !== 'none' && this.channelsOut === 0) throw new InvalidOptionError(`compression ${methodOut.name} needs multifd channels towards the destination`);
       if (this.opts.tee) this.tee = await SnapshotOutput.create(this.opts.tee, { channels: this.channelsIn, ...(this.opts.teeDirectIo === undefined ? {} : { directIo: this.opts.teeDirectIo }) });
-      const a = this.inbound;
-      this.dest = new RelayDestination({
-        to: this.opts.to,
-        tls: this.opts.tlsOut,
-        channels: this.channelsOut,
-        method: methodOut,
-        level: this.opts.levelOut,
-        connectTimeoutMs: this.opts.connectTimeoutMs,
-        stallTimeoutMs: this.opts.stallTimeoutMs,
-        toSource: (type, payload) => {
-          if (!a.session.returnPath || !a.main || a.main.destroyed) return;
-          a.main.write(encodeReturnPathMessage(type, payload));
-          if (type === ReturnPathMessage.SHUT) this.aShutSent = true;
-        },
-        // B closes after its SHUT, as a destination does; A (which got that SHUT) sees the same.
-        ended: () => {
-          if (this.dest!.shut === 0 && this.aShutSent && a.main && !a.main.destroyed) a.main.end();
-        },
-        streamComplete: () => a.session.complete,
-        over: () => this.completed || a.failure !== undefined,
-        failure: () => a.failure,
-        phase: () => a.phase,
-        fail: (e) => this.fail(e),
-      });
+      this.dest = new RelayDestination(this.opts, this.channelsOut, this, this.inbound);
       if (this.dest.sender) {
         this.forwarding = new ForwardingStore(this.dest.sender, this.tee?.store, {
           passEncoded: this.channelsIn === this.channelsOut && this.opts.levelOut === undefined && this.opts.recompress !== true,
         });
       }
-      const from = await a.open(this);
+      const from = await this.inbound.open(this);
       publish('relay', 'listening', { address: from });
       return from;
     } catch (e) {
@@ -261,6 +119,20 @@ class Relay implements InboundSink {
 
   // ---- the sink: B, and the tee ------------------------------------------------------------
 
+  /** B's return-path messages go back to A when A opened its own. */
+  toSource(type: number, payload: Buffer): void {
+    const main = this.inbound.main;
+    if (!this.inbound.session.returnPath || !main || main.destroyed) return;
+    main.write(encodeReturnPathMessage(type, payload));
+    if (type === ReturnPathMessage.SHUT) this.aShutSent = true;
+  }
+
+  /** B closes after its SHUT, as a destination does; A (which got that SHUT) sees the same. */
+  ended(): void {
+    const main = this.inbound.main;
+    if (this.dest!.shut === 0 && this.aShutSent && main && !main.destroyed) main.end();
+  }
+
   get store(): ForwardingStore {
     return this.forwarding!;
   }
@@ -269,11 +141,7 @@ class Relay implements InboundSink {
     return this.tee;
   }
 
-  get preempt(): InboundSink['preempt'] {
-    return this.preemptToB;
-  }
-
-  private preemptToB: InboundSink['preempt'];
+  preempt: InboundSink['preempt'];
 
   tick(): void {
     this.handle.emit('progress', this.progress());
@@ -289,7 +157,7 @@ class Relay implements InboundSink {
 
   connected(kind: 'main' | 'preempt', peer: string): void {
     if (kind === 'main') publish('relay', 'source', { peer });
-    else this.preemptToB = this.dest!.openPreempt();
+    else this.preempt = this.dest!.openPreempt();
   }
 
   channel(_id: number, uuid: Buffer): void {
@@ -357,7 +225,6 @@ class Relay implements InboundSink {
       await this.tee.commit();
       tee = { file: this.opts.tee!, 'file-size': this.tee.store.streamEnd, 'commit-time': Date.now() - t0, 'direct-io': this.tee.store.directIo };
     }
-    this.completed = true;
     a.finished = true;
     a.phase = 'completed';
     const p = this.progress();
@@ -404,7 +271,7 @@ class Relay implements InboundSink {
 
   fail(e: Error): void {
     const a = this.inbound;
-    if (a.failure || this.completed) return;
+    if (a.failure || a.finished) return;
     const err = a.failed(e);
     publish('relay', 'failed', { error: err });
     // A must not complete on a state B did not load: tell it, then cut it off. If B's SHUT(0)

@@ -2,7 +2,10 @@
 # Installs QEMU >= 10 (qemu-system-x86_64 and qemu-img), which multifd needs to
 # interoperate with and to run its interop tests.
 #
-#   sudo scripts/install-qemu.sh
+#   bash scripts/install-qemu.sh         # as root
+#   sudo bash scripts/install-qemu.sh    # as a user with sudo
+#
+# The newest QEMU (11.x) comes from scripts/install-qemu-latest.sh.
 #
 # Debian 12 (bookworm) ships QEMU 7.2, so there the packages come from
 # bookworm-backports, which is added to the apt sources if it is not there yet.
@@ -53,7 +56,7 @@ fi
 codename=${VERSION_CODENAME:-}
 [ -n "$codename" ] || die "could not determine the Debian release codename from /etc/os-release"
 
-[ "$(id -u)" = 0 ] || die "must run as root (apt-get installs packages), e.g.: sudo $0"
+[ "$(id -u)" = 0 ] || die "must run as root (apt-get installs packages): as root: bash $0   (as a user: sudo bash $0)"
 command -v apt-get >/dev/null 2>&1 || die "apt-get not found"
 
 # Only files apt actually reads: a renamed *.disabled file must not count.

@@ -4,12 +4,14 @@
 import { Option, type Command } from 'commander';
 import { resolve } from 'node:path';
 import { ProtocolError } from '../codec/errors.js';
-import { convert, type ConvertProgress } from '../conversations/convert.js';
+import { readFile } from 'node:fs/promises';
+import { convert, type ConvertProgress, type ConvertTarget } from '../conversations/convert.js';
 import { extract, type ExtractProgress } from '../conversations/extract.js';
 import { inspect } from '../conversations/inspect.js';
 import { verify } from '../conversations/verify.js';
 import { convertText, extractText, hex, inspectText, verifyText } from './file-format.js';
 import { ProgressView } from './progress.js';
+import { checkInputFile } from './paths.js';
 
 /** One line on stderr naming the file and, when known, the offset; never a stack trace. */
 function fail(e: unknown, file: string, code = 1): never {
@@ -52,6 +54,7 @@ export function registerFileCommands(program: Command): void {
     .option('--json', 'print JSON on stdout')
     .action(async (file: string, o: { devices?: boolean; json?: boolean }) => {
       try {
+        checkInputFile(resolve(file));
         const r = await inspect(resolve(file), { devices: o.devices === true });
         print(o.json, r, () => inspectText(r));
       } catch (e) {
@@ -66,6 +69,7 @@ export function registerFileCommands(program: Command): void {
     .option('--json', 'print the result as JSON on stdout')
     .action(async (file: string, o: { json?: boolean }) => {
       try {
+        checkInputFile(resolve(file));
         const r = await verify(resolve(file));
         print(o.json, r, () => verifyText(r));
         process.exitCode = r.ok ? 0 : 1;
@@ -76,23 +80,30 @@ export function registerFileCommands(program: Command): void {
 
   program
     .command('convert')
-    .description('rewrite a migration file as mapped-ram or as a plain stream, page for page, device state unchanged')
+    .description('rewrite a migration file as mapped-ram, as a plain stream or as a libvirt save image, page for page, device state unchanged')
     .argument('<in>', 'input migration file')
     .argument('<out>', 'output file (written under a temporary name, renamed when complete)')
-    .addOption(new Option('--to <format>', 'output format').choices(['mapped-ram', 'stream']).makeOptionMandatory())
+    .addOption(new Option('--to <format>', 'output format').choices(['mapped-ram', 'stream', 'libvirt', 'libvirt-sparse']).makeOptionMandatory())
+    .option('--domain-xml <file>', 'libvirt output: the domain XML (virsh dumpxml --migratable); default: a libvirt input\'s own')
+    .option('--paused', 'libvirt output: virsh restore leaves the guest paused (default: as the libvirt input says, else resumed)')
     .option('--force', 'overwrite OUT if it exists')
     .option('--json', 'print the summary as JSON on stdout')
     .addHelpText('after', `
 Load the result into QEMU with migrate-incoming uri=file:OUT, with capability
-mapped-ram on for a mapped-ram file and off for a stream file.`)
-    .action(async (input: string, output: string, o: { to: 'mapped-ram' | 'stream'; force?: boolean; json?: boolean }) => {
+mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
+(libvirt: classic, libvirt-sparse: parallel) is restored with virsh restore OUT
+(libvirt-sparse also with --parallel-channels N).`)
+    .action(async (input: string, output: string, o: { to: ConvertTarget; domainXml?: string; paused?: boolean; force?: boolean; json?: boolean }) => {
       const view = new ProgressView(process.stderr.isTTY === true, 'convert');
       const intr = interruptible();
       try {
+        checkInputFile(resolve(input));
         const s = await convert({
           input: resolve(input),
           output: resolve(output),
           to: o.to,
+          ...(o.domainXml !== undefined ? { domainXml: await readFile(resolve(o.domainXml), 'utf8') } : {}),
+          ...(o.paused ? { wasRunning: false } : {}),
           force: o.force === true,
           signal: intr.signal,
           onProgress: (p: ConvertProgress) => view.update({ phase: p.phase, elapsedMs: p.elapsedMs, transferred: p.written, pages: p.pagesDone, totalPages: p.pagesTotal, detail: `${p.pagesDone}/${p.pagesTotal} pages` }),
@@ -119,6 +130,7 @@ mapped-ram on for a mapped-ram file and off for a stream file.`)
       const view = new ProgressView(process.stderr.isTTY === true, 'extract');
       const intr = interruptible();
       try {
+        checkInputFile(resolve(file));
         const s = await extract({
           file: resolve(file),
           out: resolve(o.out),

@@ -6,6 +6,7 @@ import type { ConvertSummary } from '../conversations/convert.js';
 import type { ExtractSummary } from '../conversations/extract.js';
 import type { InspectResult, InspectSection } from '../conversations/inspect.js';
 import type { VerifyResult } from '../conversations/verify.js';
+import type { LibvirtSummary } from '../conversations/libvirt-summary.js';
 import { bytes, duration } from './format.js';
 
 export const hex = (n: number): string => `0x${n.toString(16)}`;
@@ -52,6 +53,7 @@ export function inspectText(r: InspectResult): string {
     `capabilities:  ${r.capabilities.length ? r.capabilities.join(', ') : '(none validated)'}`,
     `uuid:          ${r.uuid ?? '(none)'}`,
   ];
+  if (r.libvirt) lines.push(libvirtLines(r.libvirt)[0]!);
   if (r['target-page-bits'] !== undefined) lines.push(`page bits:     ${r['target-page-bits']}`);
   lines.push(`configuration: at ${hex(r.configuration.offset)}, ${r.configuration.size} bytes`);
   const rs = r['ram-section'];
@@ -75,11 +77,22 @@ export function inspectText(r: InspectResult): string {
       if (d.state) lines.push(...structToLines(d.state, '    '));
     }
   }
+  if (r.libvirt) lines.push('', ...libvirtLines(r.libvirt).slice(1));
   if (r.problems.length) {
     lines.push('', `problems (${r.problems.length}; see \`multifd verify\`):`);
     for (const p of r.problems) lines.push(`  ${problemLine(p)}`);
   }
   return lines.join('\n');
+}
+
+/** The header line, then (when the summary has them) the domain XML and the cookie. */
+function libvirtLines(l: LibvirtSummary): string[] {
+  const lines = [
+    `libvirt:       ${l.format} save image, version ${l.version}${l['byte-swapped'] ? ' (other endianness)' : ''}, ${l['was-running'] ? 'was running' : 'was paused'}; data_len ${l['data-len']}, QEMU stream at ${hex(l['qemu-offset'])}${l['cookie-offset'] ? `, cookie at +${l['cookie-offset']}` : ', no cookie'}`,
+  ];
+  if (l['domain-xml'] !== undefined) lines.push('domain XML:', ...l['domain-xml'].trimEnd().split('\n').map((x) => `  ${x}`));
+  if (l.cookie !== undefined) lines.push('cookie:', ...l.cookie.trimEnd().split('\n').map((x) => `  ${x}`));
+  return lines;
 }
 
 export function verifyText(r: VerifyResult): string {
@@ -88,7 +101,7 @@ export function verifyText(r: VerifyResult): string {
   const head = r.ok
     ? `${r.file}: OK (${what}; ${c.blocks} RAM blocks, ${c['ram-sections']} RAM sections, ${c.devices} device sections${c['pages-present'] !== undefined ? `, ${c['pages-present']} pages present` : ''}${r.warnings ? `; ${r.warnings} warning(s)` : ''})`
     : `${r.file}: FAILED (${what || 'unknown format'}): ${r.errors} error(s), ${r.warnings} warning(s)`;
-  return [head, ...r.problems.map((p) => `  ${problemLine(p)}`)].join('\n');
+  return [head, ...(r.libvirt ? libvirtLines(r.libvirt).map((x) => `  ${x}`) : []), ...r.problems.map((p) => `  ${problemLine(p)}`)].join('\n');
 }
 
 export function convertText(s: ConvertSummary): string {

@@ -7,6 +7,7 @@ import { receive, type ReceiveProgress } from '../conversations/receive.js';
 import { relay, type RelayProgress } from '../conversations/relay.js';
 import { restore } from '../conversations/restore.js';
 import { save } from '../conversations/save.js';
+import { saveLibvirtImage, type SaveLibvirtSummary } from '../conversations/save-libvirt.js';
 import { send, type PostcopyOptions, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
 import type { TlsCreds } from '../transports/tls.js';
@@ -15,6 +16,8 @@ import { relaySummaryText, sendSummaryText, summaryText } from './format.js';
 import { ProgressView, receiveSample, relaySample, sendSample } from './progress.js';
 import { enableVerboseLog } from './log.js';
 import { registerFileCommands } from './file-commands.js';
+import { getMethod } from '../engine/methods/registry.js';
+import { checkInputFile, checkOutputFile } from './paths.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -129,6 +132,13 @@ TLS (--tls-creds DIR): the folder holds PEM files named as for QEMU's tls-creds-
   client-key.pem (connecting side). On QEMU: -object tls-creds-x509,id=tls0,dir=DIR,endpoint=...
   and migrate-set-parameters tls-creds=tls0. Plain connections are refused while TLS is on.`;
 
+/** Notes of a summary as lines on stderr, where a user reading the terminal sees them. */
+function noteOnStderr(view: ProgressView, notes: readonly string[] | undefined): void {
+  if (!notes?.length) return;
+  view.stop();
+  for (const n of notes) process.stderr.write(`multifd: note: ${n}\n`);
+}
+
 function fail(e: unknown): never {
   const err = e as Error & { code?: string; offset?: number };
   const where = err.offset !== undefined ? ` (at byte ${err.offset})` : '';
@@ -142,8 +152,17 @@ program
   .description('QEMU multifd live migration in TypeScript: save a running VM to a mapped-ram snapshot, restore snapshots into QEMU, with zlib/zstd.')
   .version(pkg.version)
   .option('-v, --verbose', 'log protocol events to stderr')
-  .hook('preAction', (cmd) => {
+  .hook('preAction', (cmd, action) => {
     if (cmd.opts().verbose) enableVerboseLog();
+    // zstd may have no implementation on this Node (20 without zstd-napi): say so before anything starts.
+    const o = action.opts();
+    if ([o.compression, o.compressionIn, o.compressionOut].includes('zstd')) {
+      try {
+        getMethod('zstd');
+      } catch (e) {
+        fail(e);
+      }
+    }
   });
 
 program
@@ -169,6 +188,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
   .addHelpText('after', TLS_HELP)
   .action(async (o: { listen: string; out: string; channels: number; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; compression: string; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
     await report('receive', o.json, async (view) => {
+      checkOutputFile(resolve(o.out), '--out');
       const tls = tlsCreds(o);
       const h = receive({ ...readRingOption(), listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
@@ -191,6 +211,9 @@ program
   .addOption(new Option('--max-bandwidth <bytes/s>', "source bandwidth limit (QEMU's default is 128 MiB/s)").default(100 * 1024 ** 3).argParser(intArg(1, Number.MAX_SAFE_INTEGER)))
   .option('--downtime-limit <ms>', 'downtime QEMU may plan for at switchover', intArg(1, 2_000_000))
   .option('--resume', 'let the VM run on after saving (QEMU pauses it when migration completes)')
+  .option('--domain-xml <file>', 'write a libvirt save image for `virsh restore`, with this domain XML (virsh dumpxml --migratable DOMAIN)')
+  .addOption(new Option('--to <format>', 'with --domain-xml: libvirt (classic) or libvirt-sparse (parallel, the default)').choices(['libvirt', 'libvirt-sparse']))
+  .option('--force', 'replace the snapshot file if it exists (default: refuse, before the VM is touched)')
   .addOption(new Option('--compression <method>', 'multifd-compression on the wire (the snapshot holds plain pages)').choices(['none', 'zlib', 'zstd']).default('none'))
   .option('--level <n>', 'compression level (multifd-zlib-level 0-9, multifd-zstd-level 0-20)', intArg(0, 20))
   .option('--no-direct-io', 'write pages through the page cache (default: O_DIRECT where the file system allows it)')
@@ -199,10 +222,13 @@ program
   .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
   .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never); the source is told and runs on').default(300).argParser(intArg(0, 86400)))
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; domainXml?: string; to?: 'libvirt' | 'libvirt-sparse'; force?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean } & TlsArgs) => {
+    if (o.to && o.domainXml === undefined) program.error('error: --to needs --domain-xml (the domain XML goes into the libvirt image)');
     await report('save', o.json, (view) => {
+      checkOutputFile(resolve(o.out), '--out', { refuseExisting: !o.force });
+      const domainXml = o.domainXml !== undefined ? (checkInputFile(resolve(o.domainXml)), readFileSync(resolve(o.domainXml), 'utf8')) : undefined;
       const tls = tlsCreds(o);
-      const h = save({
+      const saveOpts = {
         ...readRingOption(),
         ...(tls ? { tls } : {}),
         qmp: o.qmp,
@@ -216,11 +242,15 @@ program
         directIo: o.directIo,
         idleTimeoutMs: o.idleTimeout * 1000,
         ...(o.level !== undefined ? { level: o.level } : {}),
-      });
+      };
+      const h = domainXml !== undefined ? saveLibvirtImage({ ...saveOpts, domainXml, ...(o.to ? { to: o.to } : {}) }) : save(saveOpts);
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       abortOnSignal(h);
       return h.done;
-    }, summaryText);
+    }, (s) => {
+      const l = (s as Partial<SaveLibvirtSummary>).libvirt;
+      return summaryText(s) + (l ? `\n  libvirt ${l.format} image (${l['was-running'] ? 'restores running' : 'restores paused'}), rewritten from the snapshot in ${l['convert-ms']} ms` : '');
+    });
   });
 
 addPostcopyOptions(
@@ -250,6 +280,7 @@ Or let restore do all of it over QMP.`)
   )
   .action(async (file: string, o: { to: string; channels: number; syncMode: 'auto' | 'round' | 'section'; zeroPageDetection: 'multifd' | 'none'; uuid?: Buffer; returnPath: boolean; compression: string; level?: number; json?: boolean } & TlsArgs & PostcopyArgs) => {
     await report('send', o.json, (view) => {
+      checkInputFile(resolve(file));
       const tls = tlsCreds(o);
       const postcopy = postcopyOption(o);
       const h = send({
@@ -279,7 +310,8 @@ program
   .requiredOption('--qmp <addr>', "the destination's QMP socket: unix:PATH or tcp:HOST:PORT")
   .addOption(new Option('--channels <n>', 'multifd channels (0: no multifd)').default(2).argParser(intArg(0, 255)))
   .option('--incoming <addr>', 'where the destination listens (default: a unix socket in the temp dir; tcp:127.0.0.1:0 with a tcp QMP)')
-  .option('--resume', 'run the guest once loaded (QEMU keeps it paused if it was paused when saved, or with -S)')
+  .option('--resume', 'run the guest once loaded (QEMU keeps it paused if it was paused when saved, or with -S; a libvirt image resumes if it was running)')
+  .option('--no-resume', 'leave the guest paused, even from a libvirt image saved running')
   .option('--uuid <uuid>', "the destination's -uuid", uuidArg)
   .addOption(new Option('--sync-mode <mode>', "the destination's multifd sync mode").choices(['auto', 'round', 'section']).default('auto'))
   .addOption(new Option('--compression <method>', 'multifd-compression on the wire (set on the destination too)').choices(['none', 'zlib', 'zstd']).default('none'))
@@ -291,6 +323,7 @@ program
   )
   .action(async (file: string, o: { qmp: string; channels: number; incoming?: string; resume?: boolean; uuid?: Buffer; syncMode: 'auto' | 'round' | 'section'; compression: string; level?: number; json?: boolean } & TlsArgs & PostcopyArgs) => {
     await report('restore', o.json, (view) => {
+      checkInputFile(resolve(file));
       const tls = tlsCreds(o);
       const postcopy = postcopyOption(o);
       const h = restore({
@@ -303,12 +336,13 @@ program
         compression: o.compression,
         ...(o.level !== undefined ? { level: o.level } : {}),
         ...(o.incoming ? { incoming: o.incoming } : {}),
-        ...(o.resume ? { resume: true } : {}),
+        ...(o.resume !== undefined ? { resume: o.resume } : {}),
         ...(o.uuid ? { uuid: o.uuid } : {}),
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
       abortOnSignal(h);
-      return h.done;
+      // With --json the notes (e.g. multifd turned off for postcopy) would sit only in stdout's JSON.
+      return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
     }, sendSummaryText);
   });
 
@@ -342,6 +376,7 @@ With return-path on A, A completes only once B loaded the state; a failure on B'
 A's migration and A keeps running.`)
   .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; recompress?: boolean; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean; idleTimeout: number }) => {
     await report('relay', o.json, async (view) => {
+      if (o.tee) checkOutputFile(resolve(o.tee), '--tee');
       const tlsIn = tlsCreds({ tlsCreds: o.tlsCredsIn, tlsVerifyPeer: o.tlsVerifyPeer });
       const tlsOut = tlsCreds({ tlsCreds: o.tlsCredsOut, tlsVerifyPeer: o.tlsVerifyPeer }, o.tlsHostnameOut);
       const h = relay({
@@ -374,15 +409,15 @@ A's migration and A keeps running.`)
 program
   .command('demo')
   .description('save a running guest of our own with receive, restore it into QEMU with our sender and verify it (synthetic source and a second receiver without QEMU)')
-  .option('--qemu <path>', 'QEMU binary', 'qemu-system-x86_64')
+  .option('--qemu <path>', 'QEMU binary (default qemu-system-x86_64, and the synthetic demo when that is not installed; a binary named here must run)')
   .addOption(new Option('--channels <n>', 'multifd channels').default(2).argParser(intArg(1, 255)))
   .option('--keep', 'keep the snapshot and work directory under /tmp')
   .option('--json', 'print the result as JSON on stdout')
-  .action(async (o: { qemu: string; channels: number; keep?: boolean; json?: boolean }) => {
+  .action(async (o: { qemu?: string; channels: number; keep?: boolean; json?: boolean }) => {
     const view = new ProgressView(process.stderr.isTTY === true, 'demo');
     try {
       const r = await runDemo({
-        qemu: o.qemu,
+        ...(o.qemu !== undefined ? { qemu: o.qemu } : {}),
         channels: o.channels,
         ...(o.keep ? { keep: true } : {}),
         log: (l) => { view.stop(); process.stderr.write(l + '\n'); },

@@ -50,25 +50,47 @@ export function relaySample(p: RelayProgress): ProgressSample {
   };
 }
 
+/**
+ * The rate a progress line shows: bytes over the last half second or more, so it follows the
+ * transfer; when nothing moved in that window after data flowed (the device state, a final sync)
+ * the average so far instead of 0 B/s. A sample whose clock or byte count goes back starts a new
+ * transfer (the demo's second phase), which then gets its own rate.
+ */
+export class RateMeter {
+  private last = { t: 0, bytes: 0 };
+  private recent = 0;
+
+  sample(elapsedMs: number, transferred: number): number {
+    if (elapsedMs < this.last.t || transferred < this.last.bytes) this.reset();
+    const dt = elapsedMs - this.last.t;
+    if (dt >= 500) {
+      this.recent = ((transferred - this.last.bytes) * 1000) / dt;
+      this.last = { t: elapsedMs, bytes: transferred };
+    }
+    if (this.recent > 0) return this.recent;
+    return elapsedMs > 0 ? (transferred * 1000) / elapsedMs : 0;
+  }
+
+  reset(): void {
+    this.last = { t: 0, bytes: 0 };
+    this.recent = 0;
+  }
+}
+
 export class ProgressView {
   private bar: cliProgress.SingleBar | undefined;
-  private last = { t: 0, bytes: 0 };
-  private speed = 0;
+  private readonly meter = new RateMeter();
 
   constructor(private readonly enabled: boolean, private readonly label: string) {}
 
   update(p: ProgressSample): void {
     if (!this.enabled) return;
     const total = Math.max(1, p.totalPages);
-    const dt = p.elapsedMs - this.last.t;
-    if (dt >= 500) {
-      this.speed = ((p.transferred - this.last.bytes) * 1000) / dt;
-      this.last = { t: p.elapsedMs, bytes: p.transferred };
-    }
+    const speed = this.meter.sample(p.elapsedMs, p.transferred);
     const payload = {
       phase: p.phase.padEnd(12),
       bytes: bytes(p.transferred).padStart(10),
-      speed: rate(this.speed).padStart(12),
+      speed: rate(speed).padStart(12),
       pps: `${Math.round((p.pages * 1000) / Math.max(1, p.elapsedMs))} pages/s`,
       detail: p.detail,
     };
@@ -89,8 +111,10 @@ export class ProgressView {
     this.bar.update(Math.min(p.pages, total), payload);
   }
 
+  /** Ends the bar; the next update starts a new one with its own rate. */
   stop(): void {
     this.bar?.stop();
     this.bar = undefined;
+    this.meter.reset();
   }
 }

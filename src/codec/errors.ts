@@ -22,7 +22,9 @@ export type ProtocolErrorCode =
   | 'TRUNCATED'
   | 'BAD_FOOTER'
   | 'BAD_VMDESC'
-  | 'BAD_MAPPED_RAM';
+  | 'BAD_MAPPED_RAM'
+  /** A libvirt save image whose save never finished (magic LibvirtQemudPart). */
+  | 'INCOMPLETE_IMAGE';
 
 export type QmpProtocolErrorCode = 'LINE_TOO_LONG' | 'INVALID_JSON' | 'UNKNOWN_MESSAGE';
 

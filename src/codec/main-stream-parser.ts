@@ -52,7 +52,11 @@ export type MainEvent =
 
 export interface MainStreamParserOptions {
   pageSize?: number;
-  /** File offset of stream byte 0, for mapped-ram files written at `file:PATH,offset=N`. */
+  /**
+   * File offset of stream byte 0, for files written at `file:PATH,offset=N` (libvirt images):
+   * every offset the parser reports (offset, errors) is then a file offset, as are mapped-ram
+   * block headers' own offsets.
+   */
   fileOffset?: number;
   /** Largest number of RAM blocks accepted in a MEM_SIZE list. */
   maxBlocks?: number;
@@ -107,6 +111,7 @@ export class MainStreamParser {
   constructor(opts: MainStreamParserOptions = {}) {
     this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
     this.fileOffset = opts.fileOffset ?? 0;
+    this.externalSkip = this.fileOffset;
     this.maxBlocks = opts.maxBlocks ?? MAX_RAM_BLOCKS;
     this.maxPackageBytes = opts.maxPackageBytes ?? MAX_PACKAGE_BYTES;
   }
@@ -192,12 +197,12 @@ export class MainStreamParser {
       case 'header': {
         const magic = c.u32();
         if (magic !== QEVM_MAGIC) {
-          throw new ProtocolError('BAD_MAGIC', `main channel has bad magic 0x${magic.toString(16).padStart(8, '0')} (expected 0x5145564d "QEVM")`, { offset: 0 });
+          throw new ProtocolError('BAD_MAGIC', `main channel has bad magic 0x${magic.toString(16).padStart(8, '0')} (expected 0x5145564d "QEVM")`, { offset: this.fileOffset });
         }
         const version = c.u32();
         if (version !== QEVM_VERSION) {
           const why = version === 2 ? 'version 2 is obsolete' : `unsupported version ${version}`;
-          throw new ProtocolError('BAD_VERSION', `migration stream ${why} (supported: ${QEVM_VERSION})`, { offset: 4 });
+          throw new ProtocolError('BAD_VERSION', `migration stream ${why} (supported: ${QEVM_VERSION})`, { offset: this.fileOffset + 4 });
         }
         this.state = 'configuration';
         return { type: 'header', version };
@@ -390,7 +395,7 @@ export class MainStreamParser {
     const caps = this.config?.capabilities ?? [];
     if (caps.includes('x-ignore-shared')) block.mrAddr = c.u64n('block mr_addr');
     if (caps.includes('mapped-ram')) {
-      const headerAt = this.streamPos(c) + this.fileOffset;
+      const headerAt = this.streamPos(c);
       block.mappedRam = decodeMappedRamHeader(c.take(MAPPED_RAM_HEADER_SIZE), headerAt);
     }
     if (usedLength % this.pageSize !== 0) {
@@ -405,7 +410,7 @@ export class MainStreamParser {
     this.memSizeRemaining -= usedLength;
     if (block.mappedRam) {
       // The stream resumes after the block's pages region (§5.2).
-      const here = this.streamPos(c) + this.fileOffset;
+      const here = this.streamPos(c);
       const resume = block.mappedRam.pagesOffset + usedLength;
       if (resume < here) {
         throw new ProtocolError('BAD_MAPPED_RAM', `block "${name}" pages region ends at 0x${resume.toString(16)}, before its header`, { offset: at });

@@ -9,7 +9,9 @@
 // per present page (CONTINUE within a block) EOS, [SWITCHOVER_START], END EOS, device state.
 // Absent pages get no record, exactly as a mapped-ram load leaves clear-bit pages untouched.
 
-import { realpath } from 'node:fs/promises';
+import { realpath, stat } from 'node:fs/promises';
+import { encodeLibvirtImage } from '../codec/libvirt-image.js';
+import { finishLibvirtImage } from '../engine/libvirt-image-file.js';
 import { resolve } from 'node:path';
 import { RamFlag, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { encodeConfiguration, withCapability, type Configuration } from '../codec/configuration.js';
@@ -33,11 +35,17 @@ import { checkOutputPath, OutputFile } from './output-file.js';
 import { batchOffsets, countPresent, DEFAULT_BATCH_PAGES, presentPageBatches } from './page-batches.js';
 
 export type FileFormat = 'mapped-ram' | 'stream';
+/** What convert writes: a bare QEMU file, or one inside a libvirt save image (raw or sparse). */
+export type ConvertTarget = FileFormat | 'libvirt' | 'libvirt-sparse';
 
 export interface ConvertOptions {
   input: string;
   output: string;
-  to: FileFormat;
+  to: ConvertTarget;
+  /** libvirt output: the domain XML (`virsh dumpxml --migratable`); default: a libvirt input's. */
+  domainXml?: string;
+  /** libvirt output: whether `virsh restore` resumes the guest; default: a libvirt input's, else true. */
+  wasRunning?: boolean;
   /** Replace an existing output file. */
   force?: boolean;
   /** Pages per read batch (two batches are in memory at a time). */
@@ -59,7 +67,9 @@ export interface ConvertSummary {
   input: string;
   output: string;
   from: FileFormat;
-  to: FileFormat;
+  to: ConvertTarget;
+  /** The input was a libvirt save image of this format. */
+  'from-libvirt'?: string;
   machine: string;
   pages: number;
   'device-state-bytes': number;
@@ -92,9 +102,10 @@ function ramEpilogue(src: SnapshotSource): Buffer[] {
   return [...(src.switchoverStart ? [encodeSwitchoverStart()] : []), encodeSectionShort(SectionType.END, id), encodeEos(), encodeFooter(id)];
 }
 
-async function mappedRamSink(src: SnapshotSource, output: string): Promise<Sink> {
-  const w = await MappedRamWriter.create(output);
+async function mappedRamSink(src: SnapshotSource, output: string, prologue?: Buffer): Promise<Sink> {
+  const w = await MappedRamWriter.create(output, prologue ? { baseOffset: prologue.length } : {});
   try {
+    if (prologue) await w.writePrologue(prologue);
     await w.writeHead(ramPrologue(src, 'mapped-ram'), src.blockList.map((b) => ({ name: b.name, usedLength: b.usedLength, ...(b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {}) })));
     await w.appendStream([encodeEos(), encodeFooter(src.ramSection.sectionId)]);
   } catch (e) {
@@ -115,12 +126,13 @@ async function mappedRamSink(src: SnapshotSource, output: string): Promise<Sink>
   };
 }
 
-async function streamSink(src: SnapshotSource, output: string, force: boolean): Promise<Sink> {
+async function streamSink(src: SnapshotSource, output: string, force: boolean, prologue?: Buffer): Promise<Sink> {
   const out = await OutputFile.create(output, { force });
   const id = src.ramSection.sectionId;
   const ignoreShared = src.configuration.capabilities.includes('x-ignore-shared');
   try {
     await out.append([
+      ...(prologue ? [prologue] : []),
       ramPrologue(src, 'stream'),
       ...src.blockList.map((b) => encodeBlockEntry(b.name, b.usedLength, ignoreShared && b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {})),
       encodeEos(),
@@ -194,6 +206,24 @@ async function samePath(a: string, b: string): Promise<boolean> {
   return (await real(a)) === (await real(b));
 }
 
+/**
+ * The libvirt header and data for the output, with the `…Part` magic until finishLibvirtImage.
+ * A libvirt input gives its XML, cookie and was_running unless the options say otherwise; the
+ * cookie (libvirt's CPU check data) is kept only with the input's own XML.
+ */
+function libvirtPrologue(src: SnapshotSource, opts: ConvertOptions): Buffer {
+  const domainXml = opts.domainXml ?? src.libvirt?.domainXml;
+  if (domainXml === undefined) throw new Error('a libvirt image needs the domain XML (--domain-xml FILE, from `virsh dumpxml --migratable DOMAIN`) unless the input is a libvirt image');
+  if (!/<domain[\s>]/.test(domainXml)) throw new Error('the domain XML has no <domain> element');
+  const cookie = opts.domainXml === undefined ? src.libvirt?.cookie : undefined;
+  return encodeLibvirtImage({
+    domainXml,
+    ...(cookie !== undefined ? { cookie } : {}),
+    wasRunning: opts.wasRunning ?? src.libvirt?.wasRunning ?? true,
+    format: opts.to === 'libvirt-sparse' ? 'sparse' : 'raw',
+  });
+}
+
 /** Converts `input` to `to` at `output`; the output is complete when the promise resolves. */
 export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
   const started = Date.now();
@@ -202,6 +232,8 @@ export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
   const src = await openSnapshot(opts.input);
   let sink: Sink | undefined;
   try {
+    const to: FileFormat = opts.to === 'libvirt' ? 'stream' : opts.to === 'libvirt-sparse' ? 'mapped-ram' : opts.to;
+    const prologue = opts.to === 'libvirt' || opts.to === 'libvirt-sparse' ? libvirtPrologue(src, opts) : undefined;
     const blocks = src.blockList.map((b) => b.name);
     const total = countPresent(src, blocks);
     let done = 0;
@@ -211,7 +243,7 @@ export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
       if (opts.signal?.aborted) throw new Error('convert interrupted; no output written');
     };
     aborted();
-    sink = opts.to === 'mapped-ram' ? await mappedRamSink(src, opts.output) : await streamSink(src, opts.output, opts.force ?? false);
+    sink = to === 'mapped-ram' ? await mappedRamSink(src, opts.output, prologue) : await streamSink(src, opts.output, opts.force ?? false, prologue);
     progress('pages');
     for await (const b of presentPageBatches(src, blocks, opts.batchPages ?? DEFAULT_BATCH_PAGES)) {
       aborted();
@@ -219,11 +251,11 @@ export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
       done += b.pages;
       progress('pages');
     }
-    if (opts.to === 'stream') await sink.appendStream([encodeEos(), encodeFooter(src.ramSection.sectionId)]);
+    if (to === 'stream') await sink.appendStream([encodeEos(), encodeFooter(src.ramSection.sectionId)]);
     await sink.appendStream(ramEpilogue(src));
     progress('device-state');
     const ds = src.deviceState.fileOffset;
-    for (const chunk of await deviceStateOut(src, opts.to)) {
+    for (const chunk of await deviceStateOut(src, to)) {
       aborted();
       await sink.appendStream([chunk]);
       written += chunk.length;
@@ -232,16 +264,19 @@ export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
     aborted();
     const size = await sink.commit();
     sink = undefined;
+    // Complete and durable under its name: only now does the image become restorable.
+    if (prologue) await finishLibvirtImage(opts.output);
     progress('done');
     return {
       input: opts.input,
       output: opts.output,
       from: src.format,
       to: opts.to,
+      ...(src.libvirt ? { 'from-libvirt': src.libvirt.format } : {}),
       machine: src.configuration.machine,
       pages: total,
       'device-state-bytes': src.fileSize - ds,
-      'input-size': src.fileSize,
+      'input-size': src.libvirt ? (await stat(opts.input)).size : src.fileSize,
       'output-size': size,
       'elapsed-ms': Date.now() - started,
       blocks: src.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, pages: src.presentPages(b.name) })),

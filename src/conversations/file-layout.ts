@@ -19,7 +19,8 @@ const MAX_DEVICE_STATE = 256 * 1024 * 1024;
 /** How much of the file's end is searched for a VMDESCRIPTION when the stream walk failed. */
 const TAIL_PROBE = 16 * 1024 * 1024;
 
-export type Severity = 'error' | 'warning';
+/** info: worth knowing, needs no action (e.g. a quirk of QEMU's own files). */
+export type Severity = 'error' | 'warning' | 'info';
 
 export interface Problem {
   severity: Severity;
@@ -111,6 +112,8 @@ export interface FileLayout {
 export interface ScanOptions {
   /** Decode every device's fields (inspect --devices); the walk checks them either way. */
   keepDeviceState?: boolean;
+  /** Where QEMU's stream starts in the file (libvirt images, `file:PATH,offset=N`). */
+  baseOffset?: number;
 }
 
 function commandName(cmd: number): string {
@@ -139,10 +142,11 @@ class Scan {
     const size = this.layout.fileSize;
     // Lenient: the session's order rules (one RAM section, device state after END, no live-peer
     // commands, ...) become problems; one that leaves the stream unwalkable ends the walk.
-    const session = new StreamSession({ kind: 'file', mode: 'lenient', onProblem: (p) => this.problem('error', p.code, p.offset, p.message) });
+    const base = this.opts.baseOffset ?? 0;
+    const session = new StreamSession({ kind: 'file', mode: 'lenient', parser: { fileOffset: base }, onProblem: (p) => this.problem('error', p.code, p.offset, p.message) });
     const device: Buffer[] = [];
     let deviceBytes = 0;
-    let pos = 0;
+    let pos = base;
     let stopped = false;
     try {
       while (pos < size && !stopped) {
@@ -183,7 +187,7 @@ class Scan {
         }
         if (session.halted) stopped = true;
       }
-      if (!stopped) this.finishStream(session, size);
+      if (!stopped) this.finishStream(session, size - base, base);
     } catch (e) {
       this.fromError(e, session.offset);
       stopped = true;
@@ -197,16 +201,18 @@ class Scan {
     return this.layout;
   }
 
-  private finishStream(session: StreamSession, size: number): void {
+  /** `size`: bytes of QEMU's stream (from `base` to the end of the file). */
+  private finishStream(session: StreamSession, size: number, base: number): void {
     const l = this.layout;
     if (!l.configuration) {
       const what = size < 8 ? `${size} bytes, shorter than the 8-byte stream header` : 'no configuration record after the stream header';
-      this.problem('error', size < 8 ? 'TRUNCATED' : 'BAD_RECORD', Math.min(size, 8), `file is truncated or not a migration file: ${what}`);
+      this.problem('error', size < 8 ? 'TRUNCATED' : 'BAD_RECORD', base + Math.min(size, 8), `file is truncated or not a migration file: ${what}`);
       return;
     }
     if (l.deviceStart === undefined) {
-      const partial = session.offset < size ? `, in the record that starts at 0x${session.offset.toString(16)}` : '';
-      this.problem('error', 'TRUNCATED', session.offset, `file is truncated: it ends at 0x${size.toString(16)} ${session.stopDescription()}${partial}`);
+      const end = base + size;
+      const partial = session.offset < end ? `, in the record that starts at 0x${session.offset.toString(16)}` : '';
+      this.problem('error', 'TRUNCATED', session.offset, `file is truncated: it ends at 0x${end.toString(16)} ${session.stopDescription()}${partial}`);
       return;
     }
     l.streamComplete = true;
@@ -412,7 +418,8 @@ class Scan {
 
   /**
    * QEMU ignores the vmdesc's description of the configuration record, but analyze-migration.py
-   * reads the record with it: a mismatch (e.g. a capability added without updating it) is a warning.
+   * reads the record with it. A mismatch (e.g. a capability added without updating it) is what
+   * QEMU itself writes in some files, and loading never looks at it: an informational line.
    */
   private async checkConfigurationEntry(): Promise<void> {
     const l = this.layout;
@@ -427,14 +434,14 @@ class Scan {
       end = -1;
     }
     if (end !== buf.length) {
-      this.problem('warning', 'BAD_VMDESC', l.vmdescOffset ?? l.configurationOffset, "the VMDESCRIPTION's configuration entry does not describe the configuration record (QEMU ignores it; analyze-migration.py cannot read the file)");
+      this.problem('info', 'BAD_VMDESC', l.vmdescOffset ?? l.configurationOffset, "the VMDESCRIPTION's configuration entry does not describe the configuration record: a quirk of QEMU's own files, harmless (QEMU ignores that entry when loading; only analyze-migration.py cannot read the file); no action needed");
     }
   }
 
   /** After a failed stream walk: is there at least a complete VMDESCRIPTION at the end? */
   private async probeTail(): Promise<void> {
     const size = this.layout.fileSize;
-    if (size < 8) return;
+    if (size - (this.opts.baseOffset ?? 0) < 8) return;
     const n = Math.min(size, TAIL_PROBE);
     const buf = Buffer.alloc(n);
     await this.fh.read(buf, 0, n, size - n);
@@ -462,5 +469,6 @@ export async function scanFile(path: string, opts: ScanOptions = {}): Promise<Fi
 
 /** Errors first, then by offset. */
 export function sortProblems(problems: readonly Problem[]): Problem[] {
-  return [...problems].sort((a, b) => (a.severity === b.severity ? a.offset - b.offset : a.severity === 'error' ? -1 : 1));
+  const rank = { error: 0, warning: 1, info: 2 } as const;
+  return [...problems].sort((a, b) => rank[a.severity] - rank[b.severity] || a.offset - b.offset);
 }

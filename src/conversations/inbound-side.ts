@@ -60,7 +60,7 @@ export interface InboundSink {
   /** Receives the main channel's pages, its setup section and the device state (receive's output, relay's tee). */
   readonly snapshot: SnapshotOutput | undefined;
   /** Each main-stream event, after this side did its part (relay passes the record on to B). */
-  event(ev: SessionEvent): Promise<void> | void;
+  event(ev: SessionEvent): Promise<void> | undefined | void;
   /** One sync point of the source (relay: SYNC on B while the source's channels are held). */
   sync(receiver: MultifdReceiver): Promise<void>;
   /** After each main-channel chunk's events. */
@@ -356,11 +356,13 @@ export class InboundSide {
         if (ev.postcopy) this.postcopyMainPages++;
         await snapshot?.store.writePages(ev.block, [ev.offset], 1, ev.data);
         break;
-      case 'zero':
+      case 'zero': {
         this.mainZero++;
         if (ev.postcopy) this.postcopyMainPages++;
-        await snapshot?.store.zeroPages(ev.block, [ev.offset], 0, 1);
+        const zeroed = snapshot?.store.zeroPages(ev.block, [ev.offset], 0, 1);
+        if (zeroed) await zeroed;
         break;
+      }
       case 'sync-point':
         if (!this.receiver) {
           if (ev.cause === 'flush') throw new ProtocolError('BAD_RECORD', `MULTIFD_FLUSH but ${this.names.who} expects no multifd channels (${this.names.flag} 0); does the source have multifd on?`);
@@ -396,7 +398,9 @@ export class InboundSide {
       default:
         break;
     }
-    await this.sink.event(ev);
+    // Most events mean nothing more to the sink: no promise, no extra turn per page.
+    const handled = this.sink.event(ev);
+    if (handled) await handled;
   }
 
   // ---- the postcopy preempt channel ---------------------------------------------------------

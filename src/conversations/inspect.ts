@@ -4,7 +4,9 @@
 
 import { structToJson, type DecodedStruct, type JsonValue } from '../codec/device-fields.js';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { stat } from 'node:fs/promises';
 import { openSnapshot } from '../engine/open-snapshot.js';
+import { libvirtSummary, type LibvirtSummary } from './libvirt-summary.js';
 import { scanFile, sortProblems, type MappedRamRegions, type Problem } from './file-layout.js';
 
 export interface InspectOptions {
@@ -75,6 +77,8 @@ export interface InspectResult {
   devices?: InspectDevice[];
   /** Anything the structural check found (inspect shows a loadable file even with warnings). */
   problems: Problem[];
+  /** A libvirt save image: header fields, domain XML and cookie (offsets above are file offsets, or within the decompressed stream for a compressed image). */
+  libvirt?: LibvirtSummary;
 }
 
 function uuidText(u: Buffer): string {
@@ -86,7 +90,8 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
   // The reader refuses anything it could not send, with a typed error naming the offset.
   const src = await openSnapshot(path);
   try {
-    const layout = await scanFile(path, { keepDeviceState: opts.devices === true });
+    // A libvirt image's stream starts after its header; a compressed one was decompressed to src.path.
+    const layout = await scanFile(src.path, { keepDeviceState: opts.devices === true, baseOffset: src.baseOffset ?? 0 });
     const config = src.configuration;
     const sections: InspectSection[] = [];
     for (const s of layout.ramSections) {
@@ -139,6 +144,10 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
       blocks,
       problems: sortProblems(layout.problems),
     };
+    if (src.libvirt) {
+      result.libvirt = libvirtSummary(src.libvirt, true);
+      result['file-size'] = (await stat(path)).size;
+    }
     if (config.uuid) result.uuid = uuidText(config.uuid);
     if (config.targetPageBits !== undefined) result['target-page-bits'] = config.targetPageBits;
     if (opts.devices) {

@@ -122,14 +122,15 @@ class Receiver implements InboundSink {
   }
 
   /** A file is the destination: it answers the source's PINGs (the package's too) at once. */
-  async event(ev: SessionEvent): Promise<void> {
+  event(ev: SessionEvent): Promise<void> | undefined {
     if (ev.type === 'ping') this.inbound.main!.write(encodePong(ev.value));
     if (ev.type === 'postcopy-switch') {
       publish('receive', 'postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
       for (const v of ev.pings) this.inbound.main!.write(encodePong(v));
     }
     // A precopy stream is committed once it stays quiet (InboundSide.runMain); a postcopy one ends here.
-    if (ev.type === 'complete' && this.inbound.session.postcopy) await this.complete();
+    if (ev.type === 'complete' && this.inbound.session.postcopy) return this.complete();
+    return undefined;
   }
 
   async mainEnded(): Promise<void> {

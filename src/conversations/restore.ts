@@ -25,7 +25,10 @@ export interface RestoreOptions {
   channels?: number;
   /** Where the destination listens for us. Default: a unix socket in the temp dir (tcp:127.0.0.1 for a tcp QMP). */
   incoming?: string;
-  /** Run `cont` once loaded, even if the snapshot's guest was paused. */
+  /**
+   * Run `cont` once loaded, even if the snapshot's guest was paused. Unset: a libvirt image's
+   * was_running decides (as `virsh restore` does); other files stay as QEMU leaves them.
+   */
   resume?: boolean;
   uuid?: Buffer;
   /** multifd-compression to use (set on the destination too): none, zlib or zstd. */
@@ -94,6 +97,7 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
   const notes: string[] = [];
   // Validate before touching QEMU: a corrupt file must not leave the destination half set up.
   const source: SnapshotSource = await openSnapshot(opts.file);
+  const wantResume = opts.resume ?? source.libvirt?.wasRunning ?? false;
   let qmp: QmpClient | undefined;
   let socketPath: string | undefined;
   try {
@@ -185,7 +189,7 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
       // (`cont` on a destination started with -S), not when the last page arrived.
       tx.on('postcopy-running', () => {
         handle.emit('postcopy-running', { elapsedMs: Date.now() - t0 });
-        if (opts.resume) resuming = resume().catch(() => {});
+        if (wantResume) resuming = resume().catch(() => {});
       });
     }
 
@@ -224,7 +228,7 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
     const completeAt = Date.now() - t0;
     if (resuming) await resuming;
     let after = await qmp.execute('query-status');
-    if (opts.resume && !after.running) {
+    if (wantResume && !after.running) {
       await qmp.execute('cont');
       resumed = true;
       after = await qmp.execute('query-status');

@@ -3,7 +3,7 @@
 // the memory (equal to the saved source, the guest's invariant holds, and it runs on). Without
 // QEMU: our synthetic source → `receive` → snapshot → `send` → `receive` again, every page compared.
 
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { save, type SaveProgress, type SaveSummary } from '../conversations/save.js';
 import { receive, type ReceiveProgress, type ReceiveSummary } from '../conversations/receive.js';
@@ -16,6 +16,10 @@ import { dirtySyntheticGuest, makeSyntheticGuest, sendSyntheticMigration } from 
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 
 export interface DemoOptions {
+  /**
+   * The QEMU binary. Named explicitly, it must run and be QEMU >= 10 (else DemoError); unset,
+   * qemu-system-x86_64 is used when installed and the synthetic run otherwise.
+   */
   qemu?: string;
   channels?: number;
   keep?: boolean;
@@ -33,12 +37,33 @@ export interface DemoResult {
   restore?: RestoreSummary | SendSummary;
 }
 
+export class DemoError extends Error {
+  constructor(
+    readonly code: 'QEMU_NOT_FOUND' | 'QEMU_TOO_OLD',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'DemoError';
+  }
+}
+
+/** How to run the QEMU installer from this shell: root has no sudo on a minimal system. */
+function installHint(): string {
+  return process.getuid?.() === 0 ? 'bash scripts/install-qemu.sh' : 'sudo bash scripts/install-qemu.sh';
+}
+
 export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
   const bin = opts.qemu ?? 'qemu-system-x86_64';
   const v = qemuVersionOf(bin);
+  if (opts.qemu !== undefined && (!v || v.major < 10)) {
+    // A binary the user named is not silently replaced by the synthetic run.
+    if (v) throw new DemoError('QEMU_TOO_OLD', `--qemu ${bin} is ${v.text}; multifd needs QEMU 10 or newer (install it with: ${installHint()})`);
+    const missing = bin.includes('/') && !existsSync(bin);
+    throw new DemoError('QEMU_NOT_FOUND', `--qemu ${bin}: ${missing ? 'no such file' : 'is not QEMU (`${bin} --version` printed no QEMU version)'}`);
+  }
   if (!v || v.major < 10) {
     opts.log(v ? `${bin} is ${v.text}; multifd needs QEMU 10 or newer.` : `QEMU (${bin}) is not installed.`);
-    opts.log('Install it with:  sudo bash scripts/install-qemu.sh   (or pass --qemu PATH)');
+    opts.log(`Install it with:  ${installHint()}   (or pass --qemu PATH)`);
     opts.log('Running the built-in synthetic source instead.');
     return runSynthetic(opts);
   }

@@ -53,18 +53,22 @@ export class MappedRamSnapshot implements SnapshotSource {
     this.blockList = blockInfo;
   }
 
-  /** directIo (default true): read pages with O_DIRECT where the file system allows it. */
-  static async open(path: string, opts: { directIo?: boolean } = {}): Promise<MappedRamSnapshot> {
+  /**
+   * directIo (default true): read pages with O_DIRECT where the file system allows it.
+   * baseOffset: where QEMU's stream starts (`file:PATH,offset=N`, libvirt images); block headers
+   * hold absolute offsets either way.
+   */
+  static async open(path: string, opts: { directIo?: boolean; baseOffset?: number } = {}): Promise<MappedRamSnapshot> {
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
       // The record order (one RAM section, device state after END, no live-peer commands) is the
       // session's; a mapped-ram file adds that its pages are in the regions, never in records.
-      const session = new StreamSession({ kind: 'file' });
+      const session = new StreamSession({ kind: 'file', parser: { fileOffset: opts.baseOffset ?? 0 } });
       const blocks = new Map<string, SnapshotBlock>();
       const blockInfo: SnapshotBlockInfo[] = [];
       let ramSection: SnapshotRamSection | undefined;
-      let pos = 0;
+      let pos = opts.baseOffset ?? 0;
       let device: Buffer[] = [];
       let deviceBytes = 0;
       const buf = Buffer.allocUnsafe(READ_CHUNK);

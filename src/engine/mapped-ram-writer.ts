@@ -57,7 +57,11 @@ export class MappedRamWriter implements PageStore {
    * the most expensive part of a save (perf: copy into fresh page-cache pages dominated), and
    * a fresh snapshot is not read back soon. Everything else in the file is written buffered.
    */
-  static async create(finalPath: string, opts: { pageSize?: number; directIo?: boolean; slots?: number } = {}): Promise<MappedRamWriter> {
+  /**
+   * baseOffset: where QEMU's stream starts in the file (`file:PATH,offset=N`; a libvirt image puts
+   * its header before it, see writePrologue); block headers hold absolute offsets, as QEMU's do.
+   */
+  static async create(finalPath: string, opts: { pageSize?: number; directIo?: boolean; slots?: number; baseOffset?: number } = {}): Promise<MappedRamWriter> {
     if (opts.slots !== undefined && !(Number.isInteger(opts.slots) && opts.slots >= 1 && opts.slots <= 1024)) {
       throw new RangeError(`slots must be an integer from 1 to 1024 (got ${opts.slots})`);
     }
@@ -75,7 +79,17 @@ export class MappedRamWriter implements PageStore {
       // A file system without O_DIRECT refuses the open (EINVAL): buffered writes then.
       direct = await open(tempPath, fsConstants.O_WRONLY | fsConstants.O_DIRECT).catch(() => undefined);
     }
-    return new MappedRamWriter(finalPath, tempPath, fh, pageSize, direct, opts.slots ?? PACKET_SLOTS);
+    const w = new MappedRamWriter(finalPath, tempPath, fh, pageSize, direct, opts.slots ?? PACKET_SLOTS);
+    w.baseOffset = opts.baseOffset ?? 0;
+    return w;
+  }
+
+  private baseOffset = 0;
+
+  /** Bytes before QEMU's stream (at most baseOffset of them), e.g. a libvirt image header. */
+  writePrologue(bytes: Buffer): Promise<void> {
+    if (bytes.length > this.baseOffset) throw new RangeError(`a prologue of ${bytes.length} bytes does not fit before the stream at ${this.baseOffset}`);
+    return this.writeAll([bytes], 0);
   }
 
   /** Whether page data goes to disk with O_DIRECT (see create). */
@@ -89,8 +103,8 @@ export class MappedRamWriter implements PageStore {
    * Returns the offset where the main stream continues.
    */
   async writeHead(head: Buffer, blocks: readonly (RamBlock & { mrAddr?: number })[]): Promise<number> {
-    await this.writeAll([head], 0);
-    let pos = head.length;
+    await this.writeAll([head], this.baseOffset);
+    let pos = this.baseOffset + head.length;
     for (const b of blocks) {
       if (this.blocks.has(b.name)) throw new ProtocolError('BAD_RECORD', `RAM block "${b.name}" listed twice`);
       const entry = encodeBlockEntry(b.name, b.usedLength, b.mrAddr === undefined ? {} : { mrAddr: b.mrAddr });

@@ -3,6 +3,7 @@
 // to forward byte for byte. mapped-ram files and QEMU's plain stream files both provide it.
 
 import type { Configuration } from '../codec/configuration.js';
+import type { LibvirtImage } from '../codec/libvirt-image.js';
 import type { DeviceStateLayout } from '../codec/vmdesc.js';
 
 export interface SnapshotBlockInfo {
@@ -30,6 +31,13 @@ export interface SnapshotSource {
   /** Device sections, EOF and VMDESCRIPTION; offsets in the layout are relative to fileOffset. */
   readonly deviceState: DeviceStateLayout & { fileOffset: number };
   readonly fileSize: number;
+  /** Where QEMU's stream starts in `path`: 92 + data_len for libvirt images, N for `file:PATH,offset=N`. */
+  readonly baseOffset?: number;
+  /**
+   * Set when the input is a libvirt save image. For a compressed one `path` is the decompressed
+   * stream (a temporary file, removed by close()) and offsets are within it.
+   */
+  readonly libvirt?: LibvirtImage & { imagePath: string };
   /** Pages whose final content is not known to be zero, in pages. */
   presentPages(block: string): number;
   /**

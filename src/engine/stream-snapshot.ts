@@ -155,13 +155,14 @@ export class StreamSnapshot implements SnapshotSource {
     this.blockList = blockInfo;
   }
 
-  static async open(path: string): Promise<StreamSnapshot> {
+  /** baseOffset: where QEMU's stream starts in the file (`file:PATH,offset=N`, libvirt images). */
+  static async open(path: string, opts: { baseOffset?: number } = {}): Promise<StreamSnapshot> {
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
       // The record order (one RAM section, block list in START, device state after END, no
       // live-peer commands) is the session's; this loop indexes pages and keeps the device state.
-      const session = new StreamSession({ kind: 'file' });
+      const session = new StreamSession({ kind: 'file', parser: { fileOffset: opts.baseOffset ?? 0 } });
       const blocks = new Map<string, BlockIndex>();
       const blockInfo: SnapshotBlockInfo[] = [];
       let sawHeader = false;
@@ -169,7 +170,7 @@ export class StreamSnapshot implements SnapshotSource {
       let ramSection: SnapshotRamSection | undefined;
       let device: Buffer[] = [];
       let deviceBytes = 0;
-      let pos = 0;
+      let pos = opts.baseOffset ?? 0;
       while (pos < size) {
         // A fresh buffer per chunk: the parser hands out views into what it was given and keeps
         // a partial record's bytes across pushes.
@@ -221,7 +222,7 @@ export class StreamSnapshot implements SnapshotSource {
           }
         }
       }
-      if (!sawHeader) throw new ProtocolError('TRUNCATED', `file is truncated: ${size} bytes, shorter than the 8-byte stream header`, { offset: size });
+      if (!sawHeader) throw new ProtocolError('TRUNCATED', `file is truncated: ${size - (opts.baseOffset ?? 0)} bytes, shorter than the 8-byte stream header`, { offset: size });
       if (!config) {
         const where = session.offset < size ? 'inside the configuration record' : 'right after the stream header, before the configuration record';
         throw new ProtocolError('TRUNCATED', `file is truncated: it ends at 0x${size.toString(16)}, ${where}`, { offset: size });

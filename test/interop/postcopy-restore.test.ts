@@ -22,7 +22,7 @@ import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { firstDifference } from '../helpers/snapshot.js';
-import { settle, startDestination, type Destination } from '../helpers/send.js';
+import { cli, settle, startDestination, type Destination } from '../helpers/send.js';
 import { restore, type RestoreHandle, type RestoreSummary } from '../../src/conversations/restore.js';
 import { save } from '../../src/conversations/save.js';
 import { PostcopyDestinationLostError, type PostcopyOptions } from '../../src/conversations/send.js';
@@ -255,5 +255,21 @@ for (const version of ['11', '10'] as QemuVersion[]) {
         await killAll(d);
       }
     });
+
+    if (version === '10') {
+      test('restore CLI --postcopy --json with 2 channels: that multifd was left off is said on stderr too, not only in the JSON notes', { timeout: 120_000 }, async () => {
+        let d: Destination | undefined;
+        try {
+          d = await startDestination(dir, { version, memMiB: MEM_MIB, bootSector: true });
+          const r = await cli(['restore', file, '--qmp', d.qmp, '--channels', '2', '--postcopy', '--json']);
+          assert.equal(r.code, 0, r.stderr);
+          const s = JSON.parse(r.stdout) as RestoreSummary;
+          assert.match(s.notes?.join(' ') ?? '', /multifd/, 'the JSON notes say it');
+          assert.match(r.stderr, /^multifd: note: .*multifd.*channels 0/m, 'stderr says it');
+        } finally {
+          await killAll(d);
+        }
+      });
+    }
   });
 }

@@ -38,6 +38,7 @@ import { receive } from '../../src/conversations/receive.js';
 import { dirtySyntheticGuest, makeSyntheticGuest, sendSyntheticMigration } from '../../src/demo/synthetic-source.js';
 import { analyzeUnavailable, compareWithAnalyze, runAnalyze } from '../helpers/analyze.js';
 import { BLOB_OFFSET, guestBlob, scenarios, type Scenario } from '../helpers/fixtures.js';
+import { verifyText } from '../../src/cli/file-format.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 const BIN = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
@@ -361,7 +362,7 @@ describe('convert', () => {
     }
   });
 
-  test("the vmdesc's configuration entry: QEMU's JSON re-encodes byte for byte, follows a capability change, and a stale one is a verify warning", async () => {
+  test("the vmdesc's configuration entry: QEMU's JSON re-encodes byte for byte, follows a capability change, and a stale one is an informational verify line (QEMU's own quirk)", async () => {
     const stream = FILES.find((x) => x.entry.scenario === 'stream-file' && x.entry.qemu === '11.1')!;
     const mapped = FILES.find((x) => x.entry.scenario === 'mapped-ram-file' && x.entry.qemu === '11.1')!;
     const jsonOf = (b: Buffer): string => {
@@ -389,8 +390,15 @@ describe('convert', () => {
     writeFileSync(f, Buffer.concat([b.subarray(0, at + 1), len, stale]));
     const v = await verify(f);
     assert.equal(v.ok, true);
-    assert.deepEqual(v.problems.map((p) => [p.severity, p.code, p.offset]), [['warning', 'BAD_VMDESC', at]]);
+    // Issue 21: QEMU writes such entries itself, so this is information, not a warning.
+    assert.deepEqual(v.problems.map((p) => [p.severity, p.code, p.offset]), [['info', 'BAD_VMDESC', at]]);
+    assert.equal(v.warnings, 0);
     assert.match(v.problems[0]!.message, /configuration entry does not describe the configuration record/);
+    assert.match(v.problems[0]!.message, /quirk of QEMU's own files.*no action needed/);
+    const text = verifyText(v);
+    assert.match(text, /: OK \(/);
+    assert.doesNotMatch(text, /warning/);
+    assert.match(text, /\n  info    at 0x[0-9a-f]+ .*QEMU's own files/);
   });
 
   test("the demo's synthetic guest (received as mapped-ram after 3 rounds) converts to stream and back to its final state", async () => {

@@ -27,6 +27,7 @@ import { getMethod } from '../../src/engine/methods/registry.js';
 import { MultifdReceiver } from '../../src/engine/multifd-receiver.js';
 import { MultifdSender, type SendChannel } from '../../src/engine/multifd-sender.js';
 import type { RamBlock } from '../../src/engine/page-store.js';
+import { ZSTD_SKIP } from '../helpers/zstd.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 /** MULTIFD_FUZZ_SCALE=20 (say) runs every property 20 times longer, for a deeper search by hand. */
@@ -430,7 +431,7 @@ describe('relay ordering: A rounds through receiver → ForwardingStore → send
     await fc.assert(fc.asyncProperty(schedule({ in: ['none'], out: ['none'] }), runSchedule), { numRuns: runs(60), includeErrorInReport: true });
   });
 
-  test('random schedules with zstd on A, on B or both', async () => {
+  test('random schedules with zstd on A, on B or both', { skip: ZSTD_SKIP }, async () => {
     await fc.assert(fc.asyncProperty(schedule({ in: ['none', 'zstd'], out: ['none', 'zstd'] }).filter((s) => s.methodIn === 'zstd' || s.methodOut === 'zstd'), runSchedule), { numRuns: runs(24), includeErrorInReport: true });
   });
 });
@@ -560,7 +561,8 @@ describe('MultifdSender.sendPacket from concurrent callers (acquire race regress
         fc.record({
           nOut: fc.integer({ min: 1, max: 4 }),
           depth: fc.integer({ min: 1, max: 3 }),
-          method: fc.constantFrom<Method>('none', 'none', 'zstd'),
+          // zstd only where this Node has an implementation (README: zstd on Node 20).
+          method: fc.constantFrom<Method>('none', 'none', ZSTD_SKIP ? 'none' : 'zstd'),
           producers: fc.integer({ min: 2, max: 8 }),
           perProducer: fc.integer({ min: 1, max: 10 }),
           inFlight: fc.constantFrom(1, 2, 4, Infinity),

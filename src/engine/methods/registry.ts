@@ -4,7 +4,7 @@ import { InvalidOptionError, ProtocolError } from '../../codec/errors.js';
 import type { MultifdMethod } from './method.js';
 import { nocomp } from './nocomp.js';
 import { zlibMethod } from './zlib.js';
-import { zstdMethod } from './zstd.js';
+import { zstdMethod, zstdUnavailable } from './zstd.js';
 
 const METHODS: Record<string, MultifdMethod> = {
   none: nocomp,
@@ -19,6 +19,11 @@ export function methodNames(): string[] {
 export function getMethod(name: string): MultifdMethod {
   const m = METHODS[name];
   if (!m) throw new ProtocolError('UNSUPPORTED', `multifd compression "${name}" is not supported (available: ${methodNames().join(', ')})`);
+  // Up front, before any channel or QEMU is set up: zstd may lack an implementation here.
+  if (m === METHODS.zstd) {
+    const missing = zstdUnavailable();
+    if (missing) throw missing;
+  }
   return m;
 }
 

@@ -1,9 +1,13 @@
-// Worker thread for zstd (PROTOCOL.md §4.3): holds the per-channel streaming contexts and runs
+// Worker thread for zstd through the optional native package zstd-napi (docs/protocol.md §4.3),
+// used where node:zlib has no zstd (Node 20): holds the per-channel streaming contexts and runs
 // the (synchronous) libzstd calls, so that compression and decompression stay off the main
 // thread. Each channel's context lives in one worker for the whole migration.
 
 import { parentPort } from 'node:worker_threads';
-import binding from 'zstd-napi/binding.js';
+import { loadZstdNapi, type ZstdNapiBinding } from './zstd-napi.js';
+
+// The main thread loaded it before starting this worker (zstdUnavailable()), so this succeeds.
+const binding: ZstdNapiBinding = loadZstdNapi()!;
 
 type Request =
   | { id: number; op: 'csetup'; key: string; level: number }
@@ -12,8 +16,8 @@ type Request =
   | { id: number; op: 'decompress'; key: string; data: Uint8Array; out: Uint8Array }
   | { id: number; op: 'free'; key: string };
 
-const cctx = new Map<string, binding.CCtx>();
-const dctx = new Map<string, binding.DCtx>();
+const cctx = new Map<string, InstanceType<ZstdNapiBinding['CCtx']>>();
+const dctx = new Map<string, InstanceType<ZstdNapiBinding['DCtx']>>();
 /** Streams that failed: their state is lost, so every later packet fails with the first error. */
 const failed = new Map<string, string>();
 

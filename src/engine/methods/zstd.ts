@@ -1,5 +1,9 @@
-// zstd (PROTOCOL.md §4.3): one zstd stream per channel, never ended, flushed at the end of every
-// packet. libzstd (through zstd-napi) is synchronous, so the contexts live in worker threads: a
+// zstd (docs/protocol.md §4.3): one zstd stream per channel, never ended, flushed at the end of
+// every packet. Two implementations of the same framing: node:zlib's where this Node has zstd
+// (>= 22.15; zstd-stream.ts), else the optional native package zstd-napi (this file). With neither,
+// choosing zstd fails up front with a message that says what to install.
+//
+// zstd-napi's libzstd calls are synchronous, so its contexts live in worker threads: a
 // small pool shared by every channel of the process, each channel pinned to one worker so its
 // stream state stays in one place. A channel's packets are posted as soon as they come, without
 // waiting for the previous reply: a worker handles its messages in order, which is all the stream
@@ -16,8 +20,55 @@ import { Worker } from 'node:worker_threads';
 import { MULTIFD_PACKET_BYTES, MultifdFlag } from '../../codec/constants.js';
 import { ProtocolError } from '../../codec/errors.js';
 import type { MultifdMethod, RecvMethodChannel, SendMethodChannel } from './method.js';
+import { ZSTD_NAPI_PACKAGE, zstdNapiLoadError } from './zstd-napi.js';
+import { nodeHasZstd, nodeZstdRecv, nodeZstdSend } from './zstd-stream.js';
 
 export const DEFAULT_ZSTD_LEVEL = 1;
+
+export type ZstdBackend = 'node:zlib' | 'zstd-napi';
+
+/** Why `backend` cannot run in this process, or undefined when it can. */
+function backendMissing(backend: ZstdBackend): string | undefined {
+  if (backend === 'node:zlib') return nodeHasZstd() ? undefined : `node:zlib of Node ${process.versions.node} has no zstd (Node >= 22.15 has)`;
+  const e = zstdNapiLoadError();
+  return e === undefined ? undefined : `the optional package ${ZSTD_NAPI_PACKAGE} is not installed or does not load (${e})`;
+}
+
+/**
+ * The implementation zstd uses here: node:zlib where it has zstd, else zstd-napi; undefined when
+ * neither runs. MULTIFD_ZSTD=node:zlib or MULTIFD_ZSTD=zstd-napi asks for one of them.
+ */
+export function zstdBackend(): ZstdBackend | undefined {
+  const asked = process.env.MULTIFD_ZSTD;
+  if (asked === 'node:zlib' || asked === 'zstd-napi') return backendMissing(asked) === undefined ? asked : undefined;
+  if (backendMissing('node:zlib') === undefined) return 'node:zlib';
+  if (backendMissing('zstd-napi') === undefined) return 'zstd-napi';
+  return undefined;
+}
+
+/** The error for choosing zstd where no implementation runs (what to install), or undefined. */
+export function zstdUnavailable(backend?: ZstdBackend): ProtocolError | undefined {
+  const asked = backend ?? process.env.MULTIFD_ZSTD;
+  if (asked === 'node:zlib' || asked === 'zstd-napi') {
+    const why = backendMissing(asked);
+    if (why === undefined) return undefined;
+    return new ProtocolError('UNSUPPORTED', `zstd through ${asked} is not available: ${why}${backend ? '' : ' (MULTIFD_ZSTD asks for it)'}`);
+  }
+  if (zstdBackend() !== undefined) return undefined;
+  return new ProtocolError(
+    'UNSUPPORTED',
+    `zstd compression is not available on Node ${process.versions.node}: it needs Node >= 22.15 (zstd is built into node:zlib there) ` +
+      `or the optional native package ${ZSTD_NAPI_PACKAGE}, which did not load (${zstdNapiLoadError()}). ` +
+      `Use Node 22.15 or newer (24 LTS), or run \`npm install ${ZSTD_NAPI_PACKAGE}\` in this project ` +
+      `(where no prebuilt binary can be downloaded it builds from source and needs python3, make and g++).`,
+  );
+}
+
+function chosen(backend: ZstdBackend | undefined): ZstdBackend {
+  const err = zstdUnavailable(backend);
+  if (err) throw err;
+  return backend ?? zstdBackend()!;
+}
 
 interface Reply {
   id: number;
@@ -158,13 +209,15 @@ function workerChannel(channelId: number, setup: { op: 'csetup'; level: number }
   };
 }
 
-export function zstdMethod(): MultifdMethod {
+/** zstd; `backend` pins an implementation (tests), else the one zstdBackend() picks. */
+export function zstdMethod(backend?: ZstdBackend): MultifdMethod {
   return {
     name: 'zstd',
     flags: MultifdFlag.ZSTD,
     // multifd-zstd-level: 0..20 (migration/options.c).
     levels: { min: 0, max: 20, default: DEFAULT_ZSTD_LEVEL },
-    sendSetup(channelId: number, _pageSize: number, opts = {}): SendMethodChannel {
+    sendSetup(channelId: number, pageSize: number, opts = {}): SendMethodChannel {
+      if (chosen(backend) === 'node:zlib') return nodeZstdSend(pageSize, opts.level ?? DEFAULT_ZSTD_LEVEL);
       const ch = workerChannel(channelId, { op: 'csetup', level: opts.level ?? DEFAULT_ZSTD_LEVEL });
       return {
         prepare: async (pages) => {
@@ -178,6 +231,7 @@ export function zstdMethod(): MultifdMethod {
       };
     },
     recvSetup(channelId: number, pageSize: number): RecvMethodChannel {
+      if (chosen(backend) === 'node:zlib') return nodeZstdRecv(pageSize);
       const ch = workerChannel(channelId, { op: 'dsetup' });
       return {
         recv: async (header, payload) => [await ch.run('decompress', payload, payloadPool, pagePool, header.normalPages * pageSize)],

@@ -2,15 +2,17 @@
 // engine are exported for tools that work with migration streams and files directly.
 
 export { receive, ReceiveHandle } from './conversations/receive.js';
-export type { ReceiveOptions, ReceiveProgress, ReceiveSummary, SyncMode } from './conversations/receive.js';
+export type { ReceiveOptions, ReceiveProgress, ReceiveSummary } from './conversations/receive.js';
+export type { SyncMode } from './codec/sync-points.js';
+export { ConversationHandle, ListeningHandle } from './conversations/handle.js';
 export { save, SaveHandle } from './conversations/save.js';
-export type { SaveOptions, SaveProgress, SaveSummary } from './conversations/save.js';
-export { send, SendHandle, DestinationClosedError, PostcopyDestinationLostError, StallError } from './conversations/send.js';
-export type { SendOptions, SendProgress, SendSummary, PostcopyOptions, PostcopySummary } from './conversations/send.js';
-export { PostcopyPages, PageRequestError } from './engine/postcopy-pages.js';
-export type { PageRequestProblem, PostcopyPageStats } from './engine/postcopy-pages.js';
-export { restore, RestoreHandle, DestinationError } from './conversations/restore.js';
-export type { RestoreOptions, RestoreProgress, RestoreSummary } from './conversations/restore.js';
+export type { SaveOptions, SaveProgress, SaveSummary, SaveEvents } from './conversations/save.js';
+export { send, SendHandle } from './conversations/send.js';
+export type { SendOptions, SendProgress, SendSummary, SendEvents, PostcopyOptions, PostcopySummary } from './conversations/send.js';
+export { PostcopyPages } from './engine/postcopy-pages.js';
+export type { PostcopyPageStats } from './engine/postcopy-pages.js';
+export { restore, RestoreHandle } from './conversations/restore.js';
+export type { RestoreOptions, RestoreProgress, RestoreSummary, RestoreEvents } from './conversations/restore.js';
 export { relay, RelayHandle } from './conversations/relay.js';
 export type { RelayOptions, RelayProgress, RelaySummary } from './conversations/relay.js';
 export { inspect } from './conversations/inspect.js';
@@ -37,12 +39,19 @@ export { MultifdSender } from './engine/multifd-sender.js';
 export type { MultifdSenderOptions, PageBatch, PageLoader, SendChannel, SendChannelStats } from './engine/multifd-sender.js';
 export { MemoryPages } from './engine/memory-pages.js';
 export { MappedRamWriter } from './engine/mapped-ram-writer.js';
-export { MultifdReceiver, ChannelError } from './engine/multifd-receiver.js';
+export { MultifdReceiver } from './engine/multifd-receiver.js';
 export type { PageStore, RamBlock } from './engine/page-store.js';
 export { SyncBarrier } from './engine/sync-barrier.js';
 
-export { ProtocolError } from './codec/errors.js';
-export type { ProtocolErrorCode } from './codec/errors.js';
+// Every error a caller may branch on, each with a stable `code`.
+export {
+  MultifdError, ProtocolError, QmpProtocolError, QmpCommandError, QmpConnectionError, AbortedError, InvalidOptionError,
+  ConnectError, ListenError, StrayConnectionError, ChannelError, PageRequestError, IdleTimeoutError, StallError, DestinationClosedError,
+  PostcopyDestinationLostError, DestinationRefusedError, DestinationError, SourceError, PostcopyFailedError,
+} from './codec/errors.js';
+export type { MultifdErrorCode, ProtocolErrorCode, QmpProtocolErrorCode, PageRequestProblem } from './codec/errors.js';
+export { DIAGNOSTICS, channelName, declaredChannels } from './engine/diagnostics.js';
+export type { ChannelSpec, DiagnosticsGroup, DiagnosticsEvent } from './engine/diagnostics.js';
 export { MainStreamParser } from './codec/main-stream-parser.js';
 export type { MainEvent, RamBlockInfo } from './codec/main-stream-parser.js';
 export { decodeDeviceFields, structToJson, structToLines } from './codec/device-fields.js';
@@ -51,7 +60,7 @@ export { parseVmdesc } from './codec/vmdesc.js';
 export type { Vmdesc, VmdescDevice, VmdescField, VmdescStruct } from './codec/vmdesc.js';
 export { MultifdChannelParser } from './codec/multifd-channel-parser.js';
 export * from './codec/constants.js';
-export { QmpClient, QmpCommandError } from './transports/qmp-client.js';
+export { QmpClient } from './transports/qmp-client.js';
 // Snapshots in object storage (docs/s3.md); importing this registers the s3:// scheme.
 export { configureObjectStore, openObjectSnapshot, uploadPackedSnapshot, isObjectUrl, ObjectStoreError } from './conversations/object-store.js';
 export type { ObjectStoreSettings, UploadReport } from './conversations/object-store.js';

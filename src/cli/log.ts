@@ -1,18 +1,21 @@
-// --verbose: engine events from diagnostics_channel, logged as JSON lines by pino on stderr.
+// --verbose: every channel of the diagnostics table (but the quiet ones), logged as JSON lines by
+// pino on stderr. `event` is the channel name without its "multifd:" prefix.
 
 import diagnostics_channel from 'node:diagnostics_channel';
 import { pino } from 'pino';
-
-const EVENTS = ['listening', 'main-channel', 'channel', 'configuration', 'sync-mode', 'sync', 'return-path', 'completed', 'failed', 'error', 'send-start', 'send-channels', 'send-pong', 'send-completed', 'send-failed', 'relay-listening', 'relay-source', 'relay-destination', 'relay-channels', 'relay-return-path', 'relay-completed', 'relay-failed', 'stray-connection', 'late-data', 'postcopy', 'relay-postcopy', 'relay-preempt', 'refused', 'send-postcopy-switch', 'send-postcopy-package', 'send-postcopy-pages-done'];
+import { declaredChannels } from '../engine/diagnostics.js';
 
 export function enableVerboseLog(): void {
   const log = pino({ base: null }, pino.destination(2));
-  for (const e of EVENTS) {
-    diagnostics_channel.subscribe(`multifd:${e}`, (msg) => {
+  for (const { name, group, event: e, spec } of declaredChannels()) {
+    if (spec.quiet) continue;
+    const event = `${group}:${e}`;
+    diagnostics_channel.subscribe(name, (msg) => {
       const m = msg as Record<string, unknown>;
-      if (m.error instanceof Error) log.error({ event: e, err: (m.error as Error).message });
-      else if (e === 'completed' || e === 'send-completed') log.info({ event: e });
-      else log.info({ event: e, ...m });
+      if (m.error instanceof Error) log.error({ event, err: (m.error as Error).message });
+      // Summaries are printed on stdout at the end (text or --json); the log only marks the moment.
+      else if (e === 'completed') log.info({ event });
+      else log.info({ event, ...m });
     });
   }
 }

@@ -91,13 +91,22 @@ async function report<S>(label: string, json: boolean | undefined, start: (view:
 }
 
 /**
- * Ctrl-C or SIGTERM aborts the conversation instead of killing the process, so it cleans up: the
- * temporary snapshot removed, the source told (SHUT 1) and its connections closed.
+ * Every command's Ctrl-C or SIGTERM: the conversation is aborted instead of the process killed, so
+ * it cleans up — its connections closed, a temporary snapshot removed, a source told (SHUT 1), a
+ * migration it drives over QMP cancelled (save), the settings it changed put back.
  */
-function abortOnSignal(h: { abort(e: Error): void }): void {
+function abortOnSignal(h: { abort(reason: unknown): void }): void {
   const on = (sig: string): void => h.abort(new Error(`interrupted (${sig})`));
   process.once('SIGINT', on);
   process.once('SIGTERM', on);
+}
+
+/**
+ * MULTIFD_READ_RING=0 reads multifd sockets as plain streams (the library's readRing option):
+ * for comparing against the ring reader, or a Node where it misbehaves.
+ */
+function readRingOption(): { readRing?: boolean } {
+  return process.env.MULTIFD_READ_RING === '0' ? { readRing: false } : {};
 }
 
 /** A stray connection (not a migration channel) was closed; the migration goes on. */
@@ -183,7 +192,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
     await report('receive', o.json, async (view) => {
       checkOutputFile(resolve(o.out), '--out');
       const tls = tlsCreds(o);
-      const h = receive({ listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}), ...(o.switchoverAck ? { switchoverAck: true } : {}) });
+      const h = receive({ ...readRingOption(), listen: o.listen, out: resolve(o.out), channels: o.channels, syncMode: o.syncMode, compression: o.compression, directIo: o.directIo, idleTimeoutMs: o.idleTimeout * 1000, ...(o.uuid ? { uuid: o.uuid } : {}), ...(tls ? { tls } : {}), ...(o.switchoverAck ? { switchoverAck: true } : {}) });
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
       abortOnSignal(h);
       warnStrays(h);
@@ -225,11 +234,8 @@ program
       // --background: --channels defaults to 0; given explicitly (or compression) it is an error.
       const explicit = (name: string) => cmd.getOptionValueSource(name) === 'cli';
       if (o.background) checkBackgroundOptions({ background: true, ...(explicit('channels') ? { channels: o.channels } : {}), compression: o.compression, ...(o.level !== undefined ? { level: o.level } : {}) });
-      // Ctrl-C: our receive stops, the source's migration is cancelled and its settings put back.
-      const ac = new AbortController();
-      abortOnSignal({ abort: (e: Error) => ac.abort(e) });
       const saveOpts = {
-        signal: ac.signal,
+        ...readRingOption(),
         ...(tls ? { tls } : {}),
         qmp: o.qmp,
         out: resolve(o.out),
@@ -246,6 +252,7 @@ program
       };
       const h = domainXml !== undefined ? saveLibvirtImage({ ...saveOpts, domainXml, ...(o.to ? { to: o.to } : {}) }) : save(saveOpts);
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
+      abortOnSignal(h);
       return h.done;
     }, (s) => {
       const l = (s as Partial<SaveLibvirtSummary>).libvirt;
@@ -297,6 +304,7 @@ Or let restore do all of it over QMP.`)
         ...(o.uuid ? { uuid: o.uuid } : {}),
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
+      abortOnSignal(h);
       return h.done;
     }, sendSummaryText);
   });
@@ -339,6 +347,7 @@ program
         ...(o.uuid ? { uuid: o.uuid } : {}),
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
+      abortOnSignal(h);
       // With --json the notes (e.g. multifd turned off for postcopy) would sit only in stdout's JSON.
       return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
     }, sendSummaryText);
@@ -378,6 +387,7 @@ A's migration and A keeps running.`)
       const tlsIn = tlsCreds({ tlsCreds: o.tlsCredsIn, tlsVerifyPeer: o.tlsVerifyPeer });
       const tlsOut = tlsCreds({ tlsCreds: o.tlsCredsOut, tlsVerifyPeer: o.tlsVerifyPeer }, o.tlsHostnameOut);
       const h = relay({
+        ...readRingOption(),
         idleTimeoutMs: o.idleTimeout * 1000,
         ...(tlsIn ? { tlsIn } : {}),
         ...(tlsOut ? { tlsOut } : {}),

@@ -39,22 +39,8 @@ export interface QmpEvent {
 
 export type QmpMessage = QmpGreeting | QmpReturn | QmpErrorReply | QmpEvent;
 
-export type QmpProtocolErrorCode = 'LINE_TOO_LONG' | 'INVALID_JSON' | 'UNKNOWN_MESSAGE';
-
-export class QmpProtocolError extends Error {
-  readonly code: QmpProtocolErrorCode;
-  /**
-   * Set by QmpLineSplitter.push: the complete messages of the same push that came before the bad
-   * line, in order. They are good messages (a reply, an event); deliver them before handling the
-   * error.
-   */
-  messages: QmpMessage[] = [];
-  constructor(code: QmpProtocolErrorCode, message: string) {
-    super(message);
-    this.name = 'QmpProtocolError';
-    this.code = code;
-  }
-}
+import { QmpProtocolError } from './errors.js';
+export { QmpProtocolError, type QmpProtocolErrorCode } from './errors.js';
 
 export function encodeQmpCommand(execute: string, args?: object, id?: QmpId): Buffer {
   const msg: Record<string, unknown> = { execute };

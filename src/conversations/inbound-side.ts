@@ -9,7 +9,7 @@
 // postcopy switch) and hands the event on.
 
 import type { Socket } from 'node:net';
-import { ProtocolError } from '../codec/errors.js';
+import { abortError, IdleTimeoutError, ProtocolError } from '../codec/errors.js';
 import { PageRecordParser } from '../codec/postcopy.js';
 import { StreamSession, type SessionEvent } from '../codec/stream-session.js';
 import { applyXbzrle } from '../codec/xbzrle.js';
@@ -48,6 +48,8 @@ export interface InboundOptions {
   completionQuietMs?: number | undefined;
   progressIntervalMs?: number | undefined;
   signal?: AbortSignal | undefined;
+  /** Read multifd channels into one reused ring each (default true; see src/transports/ring-reader.ts). */
+  readRing?: boolean | undefined;
   /** Whose side this is: a relay names the source's channels "source ..." in its errors. */
   conversation: 'receive' | 'relay';
 }
@@ -145,6 +147,7 @@ export class InboundSide {
       onKind: (sock, kind, source, peer) => this.identify(sock, kind, source, peer),
       onStray: (e) => this.onStray(e),
       takePreempt: (sock, source, byOrder) => this.takePreempt(sock, source, byOrder),
+      ...(o.readRing !== undefined ? { readRing: o.readRing } : {}),
     });
     this.postcopyStarted = new Promise((resolve) => { this.resolvePostcopyStarted = resolve; });
   }
@@ -173,20 +176,15 @@ export class InboundSide {
       handshakeTimeoutMs: o.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
       onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
     });
-    if (o.signal) {
-      if (o.signal.aborted) throw new Error('aborted');
-      o.signal.addEventListener('abort', () => {
-        const why: unknown = o.signal!.reason;
-        sink.fail(why instanceof Error ? why : new Error('aborted'));
-      }, { once: true });
-    }
+    // The conversation's handle fails it on abort; one aborted before listening stops here.
+    if (o.signal?.aborted) throw abortError(o.signal.reason);
     this.progressTimer = setInterval(() => sink.tick(), o.progressIntervalMs ?? 250);
     this.progressTimer.unref();
     this.idle = new IdleWatch(
       o.idleTimeoutMs ?? 300_000,
       () => this.bytesIn(),
       () => o.idlePhases.includes(this.phase) && !(sink.busy?.() ?? false),
-      (s) => sink.fail(new Error(`the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
+      (s) => sink.fail(new IdleTimeoutError(s, `the source sent nothing for ${s} s during ${this.phase} (a stalled channel, a paused source, or gone?)`)),
     );
     this.idle.start();
     this.address = formatAddress(this.listener.address);
@@ -247,7 +245,7 @@ export class InboundSide {
 
   /** A connection that is no migration channel: closed and reported, the migration goes on. */
   private onStray(e: StrayConnectionError): void {
-    publish('stray-connection', { error: e });
+    publish(this.o.conversation, 'stray-connection', { error: e });
     this.sink.stray(e);
   }
 
@@ -297,7 +295,7 @@ export class InboundSide {
           const quiet = await quietFor(next, quietMs);
           if (quiet === 'quiet') {
             next.then((more) => {
-              if (!more.done) publish('late-data', { bytes: more.value.length, message: 'bytes arrived on the main channel after the snapshot was committed' });
+              if (!more.done) publish(this.o.conversation, 'late-data', { bytes: more.value.length, message: 'bytes arrived on the main channel after the snapshot was committed' });
             }, () => {});
             await this.sink.mainEnded();
             return;
@@ -342,10 +340,10 @@ export class InboundSide {
     const session = this.session;
     switch (ev.type) {
       case 'configuration':
-        publish('configuration', { machine: ev.config.machine });
+        publish(this.o.conversation, 'configuration', { machine: ev.config.machine });
         break;
       case 'return-path':
-        publish('return-path', {});
+        publish(this.o.conversation, 'return-path', {});
         break;
       case 'discard':
         this.discardRanges += ev.ranges;
@@ -387,11 +385,11 @@ export class InboundSide {
           if (ev.cause === 'flush') throw new ProtocolError('BAD_RECORD', `MULTIFD_FLUSH but ${this.names.who} expects no multifd channels (${this.names.flag} 0); does the source have multifd on?`);
           break;
         }
-        if (ev.decided) publish('sync-mode', { mode: ev.decided });
+        if (ev.decided) publish(this.o.conversation, 'sync-mode', { mode: ev.decided });
         await this.sink.sync(this.receiver);
         break;
       case 'eos':
-        if (ev.decided && this.receiver) publish('sync-mode', { mode: ev.decided });
+        if (ev.decided && this.receiver) publish(this.o.conversation, 'sync-mode', { mode: ev.decided });
         break;
       case 'footer':
         if (ev.setup) await snapshot?.setupFooter(ev.sectionId);

@@ -8,7 +8,7 @@
 
 import type { Socket } from 'node:net';
 import { MULTIFD_MAGIC, QEVM_MAGIC } from '../codec/constants.js';
-import { ProtocolError } from '../codec/errors.js';
+import { ProtocolError, StrayConnectionError } from '../codec/errors.js';
 import { ringSource } from '../transports/ring-reader.js';
 import { chunksWithPrefix, describePeer, readAtLeast } from '../transports/socket-io.js';
 
@@ -21,13 +21,8 @@ const MULTIFD_RING_BYTES = 12 * 1024 * 1024;
 
 export type ConnectionKind = 'main' | 'multifd';
 
-/** A connection that was closed without being taken as a migration channel. */
-export class StrayConnectionError extends Error {
-  constructor(readonly peer: string, reason: string) {
-    super(`connection from ${peer}: ${reason}`);
-    this.name = 'StrayConnectionError';
-  }
-}
+export { StrayConnectionError } from '../codec/errors.js';
+
 
 /**
  * Waits for the connection's magic and hands its bytes (magic included) to `onKind`. A silent,
@@ -39,6 +34,8 @@ export function classifyConnection(
   onKind: (kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string) => void,
   onStray: (e: StrayConnectionError) => void,
   adoptUnknown?: (source: AsyncIterable<Buffer>, peer: string) => boolean,
+  /** Read multifd channels into a reused ring where the socket allows it (default true). */
+  readRing = true,
 ): void {
   sock.setNoDelay(true);
   // Errors surface through the readers; this keeps an ECONNRESET from crashing the process.
@@ -54,7 +51,7 @@ export function classifyConnection(
       }
       if (magic === MULTIFD_MAGIC) {
         // The bulk of a migration: read into reused memory where the socket allows it.
-        onKind('multifd', ringSource(sock, first, { capacity: MULTIFD_RING_BYTES }) ?? chunksWithPrefix(first, sock), peer);
+        onKind('multifd', (readRing ? ringSource(sock, first, { capacity: MULTIFD_RING_BYTES }) : undefined) ?? chunksWithPrefix(first, sock), peer);
         return;
       }
       if (adoptUnknown?.(chunksWithPrefix(first, sock), peer)) return;
@@ -88,6 +85,8 @@ export interface IncomingOptions {
    * preempt channel that raced a multifd channel's init). True when taken.
    */
   takePreempt?: (sock: Socket, source: AsyncIterable<Buffer>, byOrder: boolean) => boolean;
+  /** Read multifd channels into a reused ring where the socket allows it (default true). */
+  readRing?: boolean;
 }
 
 /** The listening side's sorter: classifies each connection, with a cap on those still unidentified. */
@@ -123,6 +122,7 @@ export class IncomingConnections {
           return true;
         }
         : undefined,
+      this.o.readRing ?? true,
     );
   }
 }

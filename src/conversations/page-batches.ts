@@ -3,13 +3,12 @@
 // caller writes the current one. Memory stays at two scratch buffers whatever the file size.
 
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { BatchPlanner } from '../engine/batch-planner.js';
+import type { PageBatch } from '../engine/multifd-sender.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 
-export interface PageBatch {
-  block: string;
-  /** Flat (firstPage, count) pairs in ascending order. */
-  runs: number[];
-  pages: number;
+/** A planned batch with its pages read. */
+export interface LoadedBatch extends PageBatch {
   /** The pages of `runs`, in order, as views into scratch (valid until the next batch is pulled). */
   views: Buffer[];
 }
@@ -20,31 +19,12 @@ export const DEFAULT_BATCH_PAGES = 2048;
  * Yields every present page of `blocks` in file-independent order (block list order, ascending
  * pages). The caller must be done with a batch's views before it asks for the next batch.
  */
-export async function* presentPageBatches(src: SnapshotSource, blocks: readonly string[], batchPages = DEFAULT_BATCH_PAGES): AsyncGenerator<PageBatch> {
+export async function* presentPageBatches(src: SnapshotSource, blocks: readonly string[], batchPages = DEFAULT_BATCH_PAGES): AsyncGenerator<LoadedBatch> {
   const scratch = [Buffer.allocUnsafe(src.scratchBytes(batchPages)), Buffer.allocUnsafe(src.scratchBytes(batchPages))];
-  let blockIdx = 0;
-  let nextPage = 0;
+  const planner = new BatchPlanner(src, blocks, batchPages);
   let turn = 0;
-  const plan = (): { block: string; runs: number[]; pages: number } | undefined => {
-    while (blockIdx < blocks.length) {
-      const block = blocks[blockIdx]!;
-      const runs: number[] = [];
-      let pages = 0;
-      src.forEachRun(block, (first, count) => {
-        const take = Math.min(count, batchPages - pages);
-        runs.push(first, take);
-        pages += take;
-        nextPage = first + take;
-        return pages < batchPages;
-      }, nextPage);
-      if (pages > 0) return { block, runs, pages };
-      blockIdx++;
-      nextPage = 0;
-    }
-    return undefined;
-  };
-  const load = (): Promise<PageBatch> | undefined => {
-    const p = plan();
+  const load = (): Promise<LoadedBatch> | undefined => {
+    const p = planner.next();
     if (!p) return undefined;
     const buf = scratch[turn]!;
     turn ^= 1;
@@ -52,7 +32,7 @@ export async function* presentPageBatches(src: SnapshotSource, blocks: readonly 
   };
   let pending = load();
   while (pending) {
-    let current: PageBatch;
+    let current: LoadedBatch;
     try {
       current = await pending;
     } catch (e) {

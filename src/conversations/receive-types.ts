@@ -1,10 +1,10 @@
 // The public options, progress and summary of receive (receive.ts); the summary is the JSON the
 // CLI prints, so its fields are a stable interface.
 
+import type { SyncMode } from '../codec/sync-points.js';
 import type { ChannelStats } from '../engine/multifd-receiver.js';
 import type { TlsCreds } from '../transports/tls.js';
 
-export type SyncMode = 'auto' | 'round' | 'section';
 
 export interface ReceiveOptions {
   /** tcp:HOST:PORT or unix:PATH; port 0 picks a free port (see handle.listening). */
@@ -16,7 +16,7 @@ export interface ReceiveOptions {
   /** The source's multifd-compression (none, zlib, zstd); 'auto' (default) detects it from the first data packet. */
   compression?: string;
   /** How MULTIFD_FLUSH/EOS map to syncs; 'auto' infers it from the START section. */
-  syncMode?: SyncMode;
+  syncMode?: 'auto' | SyncMode;
   /** Required uuid in multifd init messages (the source's -uuid); default: accept any. */
   uuid?: Buffer;
   /** How long a new connection may take to send its first 4 bytes (default 10 s); a silent one is closed as a stray. */
@@ -25,6 +25,11 @@ export interface ReceiveOptions {
   maxPendingConnections?: number;
   /** Accept TLS connections only, with server credentials as for QEMU's tls-creds-x509 (the source's tls-creds). */
   tls?: TlsCreds;
+  /**
+   * Read multifd channels into one reused ring each (default true): less CPU per GiB; false reads
+   * them as plain streams (see src/transports/ring-reader.ts).
+   */
+  readRing?: boolean;
   /** How long a sync waits for channels that never connected. */
   channelTimeoutMs?: number;
   /** Fails when the source sends nothing for this long mid-migration (default 300 s; 0: never). */

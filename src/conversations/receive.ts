@@ -8,7 +8,7 @@
 // and the stream stayed quiet; then the snapshot is committed and the source gets SHUT(0).
 
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { ProtocolError } from '../codec/errors.js';
+import { InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { encodePong, encodeShut, encodeSwitchoverAck } from '../codec/return-path.js';
 import { sendsSwitchoverAck } from '../codec/machine-type.js';
 import type { SessionEvent } from '../codec/stream-session.js';
@@ -17,20 +17,27 @@ import type { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import type { MultifdReceiver } from '../engine/multifd-receiver.js';
 import { InboundSide, type InboundSink } from './inbound-side.js';
 import type { StrayConnectionError } from './incoming.js';
-import { ListeningHandle, settleable } from './listening-handle.js';
+import { ListeningHandle } from './handle.js';
+import { settleable } from './listening-handle.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveSummary } from './receive-types.js';
 import { SnapshotOutput } from './snapshot-output.js';
 
-export type { ReceiveOptions, ReceiveProgress, ReceiveSummary, SyncMode } from './receive-types.js';
+export type { ReceiveOptions, ReceiveProgress, ReceiveSummary } from './receive-types.js';
 
-export class ReceiveHandle extends ListeningHandle<ReceiveSummary> {}
+export interface ReceiveEvents {
+  progress: [ReceiveProgress];
+  /** A connection that is not a migration channel was closed; the migration goes on. */
+  stray: [StrayConnectionError];
+}
+
+export class ReceiveHandle extends ListeningHandle<ReceiveSummary, ReceiveEvents> {}
 
 /** Starts receiving; the handle reports progress and resolves `done` with a summary. */
 export function receive(opts: ReceiveOptions): ReceiveHandle {
-  return new ReceiveHandle((h: ListeningHandle<ReceiveSummary>) => {
-    const r = new Receiver(opts, h);
+  return new ReceiveHandle((h, signal) => {
+    const r = new Receiver(opts, h, signal);
     return { listening: r.listening, done: r.result.promise, abort: (e) => r.fail(e) };
-  });
+  }, opts.signal);
 }
 
 class Receiver implements InboundSink {
@@ -41,13 +48,14 @@ class Receiver implements InboundSink {
   private readonly inbound: InboundSide;
   private output: SnapshotOutput | undefined;
 
-  constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary>) {
+  constructor(private readonly opts: ReceiveOptions, private readonly handle: ListeningHandle<ReceiveSummary, ReceiveEvents>, signal: AbortSignal) {
     this.channels = opts.channels ?? 2;
     if (!Number.isInteger(this.channels) || this.channels < 0 || this.channels > 255) {
-      throw new RangeError(`channels must be 0..255 (got ${opts.channels})`);
+      throw new InvalidOptionError(`channels must be 0..255 (got ${opts.channels})`);
     }
     this.inbound = new InboundSide({
       ...opts,
+      signal,
       channels: this.channels,
       compression: opts.compression ?? 'auto',
       completionQuietMs: opts.completionQuietMs ?? 20,
@@ -61,7 +69,7 @@ class Receiver implements InboundSink {
     try {
       this.output = await SnapshotOutput.create(this.opts.out, { channels: this.channels, ...(this.opts.directIo === undefined ? {} : { directIo: this.opts.directIo }) });
       const addr = await this.inbound.open(this);
-      publish('listening', { address: addr });
+      publish('receive', 'listening', { address: addr });
       return addr;
     } catch (e) {
       this.fail(e as Error);
@@ -105,7 +113,8 @@ class Receiver implements InboundSink {
   }
 
   connected(kind: 'main' | 'preempt', peer: string): void {
-    publish(kind === 'main' ? 'main-channel' : 'channel', kind === 'main' ? {} : { kind: 'preempt', peer });
+    if (kind === 'main') publish('receive', 'main-channel', {});
+    else publish('receive', 'preempt-channel', { peer });
   }
 
   async sync(receiver: MultifdReceiver): Promise<void> {
@@ -120,7 +129,7 @@ class Receiver implements InboundSink {
       this.inbound.main!.write(encodeSwitchoverAck());
     }
     if (ev.type === 'postcopy-switch') {
-      publish('postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
+      publish('receive', 'postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
       for (const v of ev.pings) this.inbound.main!.write(encodePong(v));
     }
     // A precopy stream is committed once it stays quiet (InboundSide.runMain); a postcopy one ends here.
@@ -194,7 +203,7 @@ class Receiver implements InboundSink {
     };
     await a.close();
     this.handle.emit('progress', this.progress());
-    publish('completed', { summary });
+    publish('receive', 'completed', { summary });
     this.result.resolve(summary);
   }
 
@@ -202,7 +211,7 @@ class Receiver implements InboundSink {
     const a = this.inbound;
     if (a.failure || a.phase === 'completed') return;
     const err = a.failed(e);
-    publish('failed', { error: err });
+    publish('receive', 'failed', { error: err });
     if (a.session.returnPath && a.main && !a.main.destroyed) a.main.write(encodeShut(1));
     void (async () => {
       await a.close();

@@ -1,24 +1,23 @@
 // Relay's side towards B (its migrate-incoming address): B's main channel with the records A's
 // stream session passed on, B's multifd channels fed by a MultifdSender, a preempt channel of
-// our own, B's return path (its messages go back to A), and the stall watchdog. A SHUT(0) from B
-// is what completes the relay; B going away or refusing fails it.
+// our own, and B's return path (its messages go back to A). The connections, the return path and
+// the stall watchdog are the shared outbound side's, as for send. A SHUT(0) from B is what
+// completes the relay; B going away or refusing fails it.
 
 import type { Socket } from 'node:net';
 import { Command, ReturnPathMessage } from '../codec/constants.js';
-import { ProtocolError } from '../codec/errors.js';
+import { DestinationClosedError, DestinationRefusedError, InvalidOptionError, StallError } from '../codec/errors.js';
 import { encodeMainEvent } from '../codec/main-event-encode.js';
 import type { MainEvent } from '../codec/main-stream-parser.js';
-import { ReturnPathParser } from '../codec/return-path.js';
 import { encodeCommand } from '../codec/stream-encode.js';
 import { publish } from '../engine/diagnostics.js';
 import type { MultifdMethod } from '../engine/methods/method.js';
-import { getMethod } from '../engine/methods/registry.js';
+import { checkLevel, getMethod } from '../engine/methods/registry.js';
 import { MultifdSender } from '../engine/multifd-sender.js';
-import { connectTo, gatherWrite } from '../transports/connect.js';
-import type { TlsCreds } from '../transports/tls.js';
+import { connectTo } from '../transports/connect.js';
 import type { InboundSide } from './inbound-side.js';
+import { OutboundSide } from './outbound-side.js';
 import type { RelayOptions } from './relay-types.js';
-import { StallError } from './send.js';
 
 export type DestinationOptions = Pick<RelayOptions, 'to' | 'tlsOut' | 'compressionOut' | 'levelOut' | 'connectTimeoutMs' | 'stallTimeoutMs'>;
 
@@ -36,53 +35,63 @@ export class RelayDestination {
   readonly method: MultifdMethod;
   bytesOut = 0;
   pageRequests = 0;
-  /** B's SHUT value, once it came. */
-  shut: number | undefined;
+  private readonly side: OutboundSide;
   private main: Promise<Socket> | undefined;
-  private mainSocket: Socket | undefined;
-  private readonly channels: Promise<Socket>[] = [];
-  private readonly sockets = new Set<Socket>();
   private out: Buffer[] = [];
   private returnPath = false;
-  private readonly answered: Promise<void>;
-  private resolveAnswered!: () => void;
-  /** B writes in flight (or an awaited answer) and when B last made progress, for the stall watchdog. */
-  private pending = 0;
-  private progressAt = Date.now();
-  private readonly watchdog: NodeJS.Timeout;
 
-  private readonly o: DestinationOptions & { channels: number; tls: TlsCreds | undefined };
-
-  constructor(opts: DestinationOptions, channels: number, private readonly host: DestinationHost, private readonly source: InboundSide) {
-    this.o = { ...opts, channels, tls: opts.tlsOut };
-    const method = this.method = getMethod(opts.compressionOut ?? 'none');
-    if (opts.levelOut !== undefined) {
-      const max = method.name === 'zlib' ? 9 : method.name === 'zstd' ? 20 : 0;
-      if (method.name === 'none') throw new RangeError('a compression level needs a compression method (zlib or zstd)');
-      if (!Number.isInteger(opts.levelOut) || opts.levelOut < 0 || opts.levelOut > max) throw new RangeError(`${method.name} level must be 0..${max} (got ${opts.levelOut})`);
-    }
-    if (method.name !== 'none' && channels === 0) throw new RangeError(`compression ${method.name} needs multifd channels towards the destination`);
-    this.answered = new Promise((resolve) => { this.resolveAnswered = resolve; });
+  constructor(private readonly o: DestinationOptions, private readonly channels: number, private readonly host: DestinationHost, source: InboundSide) {
+    const method = this.method = getMethod(o.compressionOut ?? 'none');
+    checkLevel(method, o.levelOut);
+    if (method.name !== 'none' && channels === 0) throw new InvalidOptionError(`compression ${method.name} needs multifd channels towards the destination`);
+    this.side = new OutboundSide({
+      to: o.to,
+      ...(o.tlsOut ? { tls: o.tlsOut } : {}),
+      ...(o.connectTimeoutMs !== undefined ? { connectTimeoutMs: o.connectTimeoutMs } : {}),
+      ...(o.stallTimeoutMs !== undefined ? { stallTimeoutMs: o.stallTimeoutMs } : {}),
+      // Silence from B while nothing is owed to it is A's business (the idle watch).
+      stallWhen: 'while-busy',
+      stallError: (s) => new StallError(`the destination accepted nothing for ${s} s; does it expect ${channels} multifd channel(s) (multifd-channels), the same multifd-compression (${method.name}) and the same sync mode (multifd-flush-after-each-section)?`),
+      closedError: (where, detail) => this.error(where, detail, `the destination closed its ${where} (${detail})`),
+      onMessage: (m) => {
+        if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
+        publish('relay', 'destination-return-path', { type: m.type });
+        // Forwarded message by message: A may have opened its return path after ours.
+        host.toSource(m.type, m.payload);
+        if (m.type === ReturnPathMessage.SHUT && this.shut !== 0) host.fail(this.error('main channel', `SHUT ${this.shut}`, ''));
+      },
+      onMainEnd: () => host.ended(),
+      onClose: (where, isMain) => {
+        // B gone before its verdict: A must not wait for a SHUT that never comes. Once A's whole
+        // stream went out, B closing its multifd channels is B finishing its load, not a failure.
+        if (source.finished || source.failure !== undefined || this.shut !== undefined) return;
+        const complete = source.session.complete;
+        if (isMain || !complete) {
+          host.fail(new DestinationClosedError(where, 'closed', `the destination closed its ${where} ${complete ? 'without confirming the load' : `during ${source.phase}`} (QEMU gone or failed? see its log)`));
+        }
+      },
+      fail: (e) => host.fail(e),
+      failure: () => source.failure,
+    });
     if (channels > 0) {
       this.sender = new MultifdSender({
-        channels: Array.from({ length: channels }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.writeChannel(i, bufs) })),
+        channels: Array.from({ length: channels }, (_, i) => ({ write: (bufs: readonly Buffer[]) => this.side.writeChannel(i, bufs) })),
         method,
-        ...(opts.levelOut !== undefined ? { level: opts.levelOut } : {}),
+        ...(o.levelOut !== undefined ? { level: o.levelOut } : {}),
       });
       this.sender.on('error', (e: Error) => host.fail(e));
     }
-    const stall = opts.stallTimeoutMs ?? 60000;
-    this.watchdog = setInterval(() => {
-      if (this.pending > 0 && Date.now() - this.progressAt > stall) {
-        host.fail(new StallError(`the destination accepted nothing for ${Math.round(stall / 1000)} s; does it expect ${channels} multifd channel(s) (multifd-channels), the same multifd-compression (${method.name}) and the same sync mode (multifd-flush-after-each-section)?`));
-      }
-    }, Math.min(1000, stall));
-    this.watchdog.unref();
+    this.side.watch();
+  }
+
+  /** B's SHUT value, once it came. */
+  get shut(): number | undefined {
+    return this.side.shut;
   }
 
   /** Something is being written to B or awaited from it (A's silence is then no idleness). */
   get busy(): boolean {
-    return this.pending > 0;
+    return this.side.busy;
   }
 
   /** A record of A's main stream, to go to B with the next flush. */
@@ -104,11 +113,9 @@ export class RelayDestination {
 
   connectMain(): void {
     if (this.main) return;
-    this.main = connectTo(this.o.to, this.o.connectTimeoutMs ?? 10000, this.o.tls).then((s) => {
-      this.mainSocket = s;
-      this.adopt(s, 'its main channel');
-      this.listenReturnPath(s);
-      publish('relay-destination', { to: this.o.to });
+    // B's return path is always followed: it is either A's or our own.
+    this.main = this.side.connectMain(true).then((s) => {
+      publish('relay', 'destination', { to: this.o.to });
       return s;
     });
     this.main.catch((e: Error) => this.host.fail(e));
@@ -120,38 +127,27 @@ export class RelayDestination {
    * (QEMU blocks reading it). No SYNC here: every B sync mirrors one of A's sync points.
    */
   openChannels(uuid: Buffer): void {
-    if (this.channels.length > 0 || !this.sender) return;
+    if (this.side.channelsOpened > 0 || !this.sender) return;
     this.connectMain();
-    const main = this.main!;
-    for (let i = 0; i < this.o.channels; i++) {
-      const s = main.then(() => connectTo(this.o.to, this.o.connectTimeoutMs ?? 10000, this.o.tls)).then((sock) => {
-        this.adopt(sock, `its multifd channel ${i}`);
-        return sock;
-      });
-      s.catch(() => {});
-      this.channels.push(s);
-    }
+    this.side.openChannels(this.channels, this.main!);
     // Queued before any packet can be: the sender writes each channel's buffers in order.
-    for (let i = 0; i < this.o.channels; i++) {
+    for (let i = 0; i < this.channels; i++) {
       this.sender.initChannel(i, false, uuid).catch((e: Error) => this.host.fail(e));
     }
-    publish('relay-channels', { channelsOut: this.o.channels });
+    publish('relay', 'destination-channels', { channelsOut: this.channels });
   }
 
   /** A preempt channel of our own, opened after B's main and multifd channels so B takes it as preempt too. */
   openPreempt(): { chunk(c: Buffer): Promise<void>; end(): Promise<void>; resetIsEnd(): boolean } {
     const b = (async () => {
       await this.main;
-      await Promise.all(this.channels);
-      const s = await connectTo(this.o.to, this.o.connectTimeoutMs ?? 10000, this.o.tls);
-      s.setNoDelay(true);
-      this.adopt(s, 'its postcopy preempt channel');
-      return s;
+      for (let i = 0; i < this.side.channelsOpened; i++) await this.side.channel(i);
+      return this.side.connect('postcopy preempt channel');
     })();
     b.catch(() => {});
-    publish('relay-preempt', {});
+    publish('relay', 'preempt-channel', {});
     return {
-      chunk: async (c) => this.track(gatherWrite(await b, [c]), 'its postcopy preempt channel'),
+      chunk: async (c) => this.side.write(await b, [c]),
       end: async () => void (await b).end(),
       resetIsEnd: () => this.shut === 0,
     };
@@ -161,8 +157,7 @@ export class RelayDestination {
     if (this.out.length === 0) return;
     const bufs = this.out;
     this.out = [];
-    const s = await this.main!;
-    await this.track(gatherWrite(s, bufs), 'its main channel');
+    await this.side.write(await this.main!, bufs);
     this.bytesOut += bufs.reduce((n, b) => n + b.length, 0);
   }
 
@@ -173,9 +168,7 @@ export class RelayDestination {
   async verdict(): Promise<void> {
     await this.flush();
     const main = await this.main!;
-    this.pending++;
-    await this.answered;
-    this.pending--;
+    await this.side.verdict();
     main.end();
   }
 
@@ -191,94 +184,23 @@ export class RelayDestination {
     this.sender?.fail(err);
     // B reads its main channel only once all its multifd channels connected: when A failed before
     // they were opened, B would wait in setup for ever. They connect and close at once, so B fails.
-    if (this.main && this.channels.length === 0 && this.o.channels > 0) {
-      for (let i = 0; i < this.o.channels; i++) {
-        this.main.then(() => connectTo(this.o.to, 2000, this.o.tls)).then((s) => s.destroy(), () => {});
+    if (this.main && this.side.channelsOpened === 0 && this.channels > 0) {
+      for (let i = 0; i < this.channels; i++) {
+        this.main.then(() => connectTo(this.o.to, 2000, this.o.tlsOut)).then((s) => s.destroy(), () => {});
       }
     }
   }
 
   close(failing: boolean): void {
-    clearInterval(this.watchdog);
     this.sender?.close();
-    for (const s of this.sockets) {
-      if (failing) s.destroy();
-      else s.end(() => s.destroy());
-    }
-    if (!failing) setTimeout(() => { for (const s of this.sockets) s.destroy(); }, 2000).unref();
+    if (failing) this.side.destroy();
+    else this.side.end(2000);
   }
 
-  /** The relay completed or failed. */
-  private over(): boolean {
-    return this.source.finished || this.source.failure !== undefined;
-  }
-
-  private adopt(s: Socket, which: string): void {
-    this.sockets.add(s);
-    s.on('error', () => {});
-    s.on('close', () => {
-      this.sockets.delete(s);
-      if (s === this.mainSocket) this.resolveAnswered();
-      // B gone before its verdict: A must not wait for a SHUT that never comes. Once the whole
-      // stream went out, B closing its multifd channels is B finishing its load, not a failure.
-      if (this.over() || this.shut !== undefined) return;
-      // Once A's whole stream went out, B closing its multifd channels is B finishing.
-      const complete = this.source.session.complete;
-      if (s === this.mainSocket || !complete) {
-        this.host.fail(new Error(`the destination closed ${which} ${complete ? 'without confirming the load' : `during ${this.source.phase}`} (QEMU gone or failed? see its log)`));
-      }
-    });
-    if (this.over()) s.destroy();
-  }
-
-  private async writeChannel(i: number, bufs: readonly Buffer[]): Promise<void> {
-    const s = await this.channels[i]!;
-    await this.track(gatherWrite(s, bufs), `its multifd channel ${i}`);
-  }
-
-  private async track(write: Promise<void>, where: string): Promise<void> {
-    this.pending++;
-    try {
-      await write;
-      this.progressAt = Date.now();
-    } catch (e) {
-      // The destination's own verdict may still be in flight on the return path.
-      await Promise.race([this.answered, new Promise((r) => setTimeout(r, 500).unref())]);
-      throw this.error(`the destination closed ${where} (${(e as Error).message})`);
-    } finally {
-      this.pending--;
-    }
-  }
-
-  error(what: string): Error {
-    if (this.shut !== undefined && this.shut !== 0) return new Error(`the destination failed to load the migration (SHUT ${this.shut}); see its log`);
-    return new Error(what);
-  }
-
-  private listenReturnPath(s: Socket): void {
-    const rp = new ReturnPathParser();
-    s.on('data', (chunk: Buffer) => {
-      this.progressAt = Date.now();
-      try {
-        rp.push(chunk);
-        for (let m = rp.next(); m !== null; m = rp.next()) {
-          if (m.type === ReturnPathMessage.SHUT) this.shut = m.payload.readUInt32BE(0);
-          if (m.type === ReturnPathMessage.REQ_PAGES || m.type === ReturnPathMessage.REQ_PAGES_ID) this.pageRequests++;
-          publish('relay-return-path', { type: m.type });
-          // Forwarded message by message: A may have opened its return path after ours.
-          this.host.toSource(m.type, m.payload);
-          if (m.type === ReturnPathMessage.SHUT) {
-            this.resolveAnswered();
-            if (this.shut !== 0) this.host.fail(this.error(''));
-          }
-        }
-      } catch (e) {
-        this.host.fail(new ProtocolError('BAD_RECORD', `destination return path: ${(e as Error).message}`));
-      }
-    });
-    s.on('end', () => {
-      this.resolveAnswered();
-      this.host.ended();
-    });
+  /** B's SHUT(n ≠ 0) says more than a closed connection: it failed to load. */
+  error(where: string, detail: string, what: string): Error {
+    const shut = this.shut;
+    if (shut !== undefined && shut !== 0) return new DestinationRefusedError(shut, `the destination failed to load the migration (SHUT ${shut}); see its log`);
+    return new DestinationClosedError(where, detail, what);
   }
 }

@@ -47,6 +47,11 @@ export interface RelayOptions {
   tlsIn?: TlsCreds;
   /** TLS towards B: client credentials (B's tls-creds is a server). */
   tlsOut?: TlsCreds;
+  /**
+   * Read A's multifd channels into one reused ring each (default true): less CPU per GiB; false reads
+   * them as plain streams (see src/transports/ring-reader.ts).
+   */
+  readRing?: boolean;
   /** How long a sync waits for A channels that never connected. */
   channelTimeoutMs?: number;
   /** Fails when A sends nothing for this long mid-migration (default 300 s; 0: never). */

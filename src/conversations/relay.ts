@@ -15,7 +15,7 @@
 // connections closed), so A keeps running and can migrate again.
 
 import { ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { ProtocolError } from '../codec/errors.js';
+import { DestinationClosedError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
 import type { SessionEvent } from '../codec/stream-session.js';
 import { publish } from '../engine/diagnostics.js';
@@ -23,21 +23,28 @@ import { ForwardingStore } from '../engine/forwarding-store.js';
 import type { MultifdReceiver } from '../engine/multifd-receiver.js';
 import { InboundSide, type InboundSink } from './inbound-side.js';
 import type { StrayConnectionError } from './incoming.js';
-import { ListeningHandle, settleable } from './listening-handle.js';
+import { ListeningHandle } from './handle.js';
+import { settleable } from './listening-handle.js';
 import { RelayDestination, type DestinationHost } from './relay-destination.js';
 import type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 import { SnapshotOutput } from './snapshot-output.js';
 
 export type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 
-export class RelayHandle extends ListeningHandle<RelaySummary> {}
+export interface RelayEvents {
+  progress: [RelayProgress];
+  /** A connection that is not a migration channel was closed; the relay goes on. */
+  stray: [StrayConnectionError];
+}
+
+export class RelayHandle extends ListeningHandle<RelaySummary, RelayEvents> {}
 
 /** Starts relaying; the handle reports progress and resolves `done` with a summary. */
 export function relay(opts: RelayOptions): RelayHandle {
-  return new RelayHandle((h: ListeningHandle<RelaySummary>) => {
-    const r = new Relay(opts, h);
+  return new RelayHandle((h, signal) => {
+    const r = new Relay(opts, h, signal);
     return { listening: r.listening, done: r.result.promise, abort: (e) => r.fail(e) };
-  });
+  }, opts.signal);
 }
 
 class Relay implements InboundSink, DestinationHost {
@@ -53,17 +60,18 @@ class Relay implements InboundSink, DestinationHost {
   /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
   private aShutSent = false;
 
-  constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary>) {
+  constructor(private readonly opts: RelayOptions, private readonly handle: ListeningHandle<RelaySummary, RelayEvents>, signal: AbortSignal) {
     this.channelsIn = opts.channelsIn ?? 2;
     this.channelsOut = opts.channelsOut ?? this.channelsIn;
     for (const [name, n] of [['channels-in', this.channelsIn], ['channels-out', this.channelsOut]] as const) {
-      if (!Number.isInteger(n) || n < 0 || n > 255) throw new RangeError(`${name} must be 0..255 (got ${n})`);
+      if (!Number.isInteger(n) || n < 0 || n > 255) throw new InvalidOptionError(`${name} must be 0..255 (got ${n})`);
     }
     if ((this.channelsIn === 0) !== (this.channelsOut === 0)) {
-      throw new RangeError(`channels-in ${this.channelsIn} and channels-out ${this.channelsOut}: the relay needs multifd on both sides or on neither`);
+      throw new InvalidOptionError(`channels-in ${this.channelsIn} and channels-out ${this.channelsOut}: the relay needs multifd on both sides or on neither`);
     }
     this.inbound = new InboundSide({
       ...opts,
+      signal,
       tls: opts.tlsIn,
       channels: this.channelsIn,
       compression: opts.compressionIn ?? 'auto',
@@ -84,7 +92,7 @@ class Relay implements InboundSink, DestinationHost {
         });
       }
       const from = await this.inbound.open(this);
-      publish('relay-listening', { address: from });
+      publish('relay', 'listening', { address: from });
       return from;
     } catch (e) {
       this.fail(e as Error);
@@ -148,7 +156,7 @@ class Relay implements InboundSink, DestinationHost {
   }
 
   connected(kind: 'main' | 'preempt', peer: string): void {
-    if (kind === 'main') publish('relay-source', { peer });
+    if (kind === 'main') publish('relay', 'source', { peer });
     else this.preempt = this.dest!.openPreempt();
   }
 
@@ -174,7 +182,7 @@ class Relay implements InboundSink, DestinationHost {
     if (ev.type === 'return-path' && !dest.openReturnPath()) return;
     if (ev.type === 'section' && ev.kind === 'start') dest.ensureReturnPath();
     if (ev.type === 'section' && ev.kind !== 'start' && this.inbound.phase === 'setup') this.inbound.phase = 'ram';
-    if (ev.type === 'postcopy-switch') publish('relay-postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
+    if (ev.type === 'postcopy-switch') publish('relay', 'postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
     if (ev.record) dest.record(ev.record);
   }
 
@@ -198,7 +206,7 @@ class Relay implements InboundSink, DestinationHost {
     // A closes first only without a return path of its own; B may still be loading.
     await this.dest!.verdict();
     if (a.failure) return;
-    if (this.dest!.shut === undefined) throw new Error('the destination closed the connection without confirming the load (no SHUT on the return path)');
+    if (this.dest!.shut === undefined) throw new DestinationClosedError('main channel', 'closed without confirming the load', 'the destination closed the connection without confirming the load (no SHUT on the return path)');
     await this.complete();
   }
 
@@ -257,7 +265,7 @@ class Relay implements InboundSink, DestinationHost {
     };
     await this.cleanup();
     this.handle.emit('progress', this.progress());
-    publish('relay-completed', { summary });
+    publish('relay', 'completed', { summary });
     this.result.resolve(summary);
   }
 
@@ -265,7 +273,7 @@ class Relay implements InboundSink, DestinationHost {
     const a = this.inbound;
     if (a.failure || a.finished) return;
     const err = a.failed(e);
-    publish('relay-failed', { error: err });
+    publish('relay', 'failed', { error: err });
     // A must not complete on a state B did not load: tell it, then cut it off. If B's SHUT(0)
     // already went to A, A completed and B runs; only our own part (the tee) failed.
     if (!this.aShutSent && a.session.returnPath && a.main && !a.main.destroyed) {

@@ -4,7 +4,7 @@
 // the snapshot with `send`, waits for QEMU to report completed, and optionally runs `cont`.
 
 import { tlsKind, type TlsCreds } from '../transports/tls.js';
-import { EventEmitter } from 'node:events';
+import { AbortedError, abortError, DestinationClosedError, DestinationError, POSTCOPY_LOSS_TEXT, PostcopyDestinationLostError, StallError } from '../codec/errors.js';
 import { unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,7 +13,10 @@ import { openSnapshot } from '../engine/open-snapshot.js';
 import { objectReadReport, type ObjectReadReport } from './object-store.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { parseQmpAddress, QmpClient, QmpConnectionError } from '../transports/qmp-client.js';
-import { DestinationClosedError, POSTCOPY_LOSS_TEXT, PostcopyDestinationLostError, StallError, send, type PostcopyOptions, type SendOptions, type SendProgress, type SendSummary } from './send.js';
+import { ConversationHandle } from './handle.js';
+import { send, type PostcopyOptions, type SendOptions, type SendProgress, type SendSummary } from './send.js';
+
+export { DestinationError } from '../codec/errors.js';
 
 export interface RestoreOptions {
   file: string;
@@ -73,29 +76,25 @@ export interface RestoreSummary extends SendSummary {
   notes?: string[];
 }
 
-export class RestoreHandle extends EventEmitter {
-  readonly done: Promise<RestoreSummary>;
-  constructor(run: (h: RestoreHandle) => Promise<RestoreSummary>) {
-    super();
-    this.done = Promise.resolve().then(() => run(this));
-    this.done.catch(() => {});
-  }
+export interface RestoreEvents {
+  progress: [RestoreProgress];
+  /** Postcopy: the destination loaded the devices and runs the guest next (ms since restore started). */
+  'postcopy-running': [{ elapsedMs: number }];
 }
 
+export class RestoreHandle extends ConversationHandle<RestoreSummary, RestoreEvents> {}
+
+/** Starts on the next tick (so 'progress' listeners can be attached first). */
 export function restore(opts: RestoreOptions): RestoreHandle {
-  return new RestoreHandle((h) => runRestore(opts, h));
+  return new RestoreHandle((h, signal) => ({ done: Promise.resolve().then(() => runRestore(opts, h, signal)) }), opts.signal);
 }
 
-/** Error from the destination QEMU, with its error-desc. */
-export class DestinationError extends Error {
-  constructor(message: string, readonly qemuError: string | undefined) {
-    super(message);
-    this.name = 'DestinationError';
-  }
-}
-
-async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<RestoreSummary> {
+async function runRestore(opts: RestoreOptions, handle: ConversationHandle<RestoreSummary, RestoreEvents>, signal: AbortSignal): Promise<RestoreSummary> {
   const t0 = Date.now();
+  const checkAbort = (): void => {
+    if (signal.aborted) throw abortError(signal.reason);
+  };
+  checkAbort();
   let channels = opts.channels ?? 2;
   const pc: PostcopyOptions | undefined = opts.postcopy === true ? {} : opts.postcopy ? opts.postcopy : undefined;
   const notes: string[] = [];
@@ -113,11 +112,11 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
     });
     const run = await qmp.execute('query-status');
     if (run.status !== 'inmigrate') {
-      throw new Error(`the destination is not waiting for an incoming migration (its state is "${run.status}"); start it with -incoming defer`);
+      throw new DestinationError(`the destination is not waiting for an incoming migration (its state is "${run.status}"); start it with -incoming defer`, undefined);
     }
     const mig = await qmp.execute('query-migrate');
     if (mig.status && mig.status !== 'none') {
-      throw new Error(`the destination already has an incoming migration in state "${mig.status}" (migrate-incoming was issued before; start a fresh QEMU with -incoming defer)`);
+      throw new DestinationError(`the destination already has an incoming migration in state "${mig.status}" (migrate-incoming was issued before; start a fresh QEMU with -incoming defer)`, undefined);
     }
     const have: { capability: string; state: boolean }[] = await qmp.execute('query-migrate-capabilities');
     const wantedCaps = (multifd: boolean): Record<string, boolean> => {
@@ -127,7 +126,7 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
       return wanted;
     };
     for (const [name, state] of Object.entries(wantedCaps(channels > 0))) {
-      if (state && !have.some((c) => c.capability === name)) throw new Error(`the destination QEMU has no "${name}" migration capability`);
+      if (state && !have.some((c) => c.capability === name)) throw new DestinationError(`the destination QEMU has no "${name}" migration capability`, undefined);
     }
     const setCaps = (wanted: Record<string, boolean>) => qmp!.execute('migrate-set-capabilities', {
       capabilities: Object.entries(wanted)
@@ -175,7 +174,7 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.zeroPageDetection ? { zeroPageDetection: opts.zeroPageDetection } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
-      ...(opts.signal ? { signal: opts.signal } : {}),
+      signal,
       ...(pc ? { postcopy: pc } : {}),
     });
     tx.on('progress', (p: SendProgress) => handle.emit('progress', { ...p, destinationStatus: destStatus } satisfies RestoreProgress));
@@ -221,11 +220,12 @@ async function runRestore(opts: RestoreOptions, handle: RestoreHandle): Promise<
 
     const deadline = Date.now() + (opts.completionTimeoutMs ?? 60000);
     for (;;) {
+      checkAbort();
       const s = await qmp.execute('query-migrate');
       destStatus = s.status;
       if (s.status === 'completed') break;
       if (s.status === 'failed') throw new DestinationError(`the destination QEMU failed to load the snapshot${s['error-desc'] ? `: ${s['error-desc']}` : ''}`, s['error-desc']);
-      if (Date.now() > deadline) throw new Error(`everything was sent but the destination still reports "${s.status}" after ${Math.round((opts.completionTimeoutMs ?? 60000) / 1000)} s`);
+      if (Date.now() > deadline) throw new DestinationError(`everything was sent but the destination still reports "${s.status}" after ${Math.round((opts.completionTimeoutMs ?? 60000) / 1000)} s`, undefined);
       await new Promise((r) => setTimeout(r, 50));
     }
     const completeAt = Date.now() - t0;
@@ -268,14 +268,15 @@ function defaultIncoming(qmpAddress: string): string {
 async function boundAddress(qmp: QmpClient, incoming: string): Promise<string> {
   const s = await qmp.execute('query-migrate');
   const addr = (s['socket-address'] as { type: string; host?: string; port?: string }[] | undefined)?.find((a) => a.type === 'inet');
-  if (!addr?.port) throw new Error(`the destination did not report the port it bound for ${incoming}; give --incoming tcp:HOST:PORT`);
+  if (!addr?.port) throw new DestinationError(`the destination did not report the port it bound for ${incoming}; give --incoming tcp:HOST:PORT`, undefined);
   const host = incoming.slice(4, incoming.lastIndexOf(':'));
   return `tcp:${host}:${addr.port}`;
 }
 
 /** Prefers QEMU's own error (it knows why it refused) over what our side saw. */
 async function explainFailure(qmp: QmpClient, e: Error): Promise<Error> {
-  if (e instanceof DestinationError) return e;
+  // An abort (Ctrl-C) is what happened, whatever the destination made of it.
+  if (e instanceof DestinationError || e instanceof AbortedError) return e;
   for (let i = 0; i < 10; i++) {
     let s: any;
     try {
@@ -283,7 +284,7 @@ async function explainFailure(qmp: QmpClient, e: Error): Promise<Error> {
     } catch (qe) {
       if (qe instanceof QmpConnectionError && e instanceof StallError) {
         // Expected: QEMU loads the stream in its main loop, which blocks while it waits on a sync.
-        return new Error(`${e.message} (the destination does not answer QMP either: its main loop is blocked waiting for the stream)`);
+        return new StallError(`${e.message} (the destination does not answer QMP either: its main loop is blocked waiting for the stream)`);
       }
       if (qe instanceof QmpConnectionError) {
         const gone = qe.message.includes('timed out') ? 'stopped answering on QMP' : 'went away (its QMP connection closed)';

@@ -25,7 +25,16 @@ export interface SaveLibvirtSummary extends SaveSummary {
 }
 
 export function saveLibvirtImage(opts: SaveLibvirtOptions): SaveHandle {
-  return new SaveHandle(async (h): Promise<SaveLibvirtSummary> => {
+  return new SaveHandle((h, signal) => {
+    let listened!: (addr: string) => void;
+    let notListening!: (e: Error) => void;
+    const listening = new Promise<string>((resolve, reject) => { listened = resolve; notListening = reject; });
+    const done = Promise.resolve().then(() => run(h, signal, listened));
+    done.catch((e: Error) => notListening(e));
+    return { done, listening };
+  }, opts.signal);
+
+  async function run(h: SaveHandle, signal: AbortSignal, listened: (addr: string) => void): Promise<SaveLibvirtSummary> {
     const to = opts.to ?? 'libvirt-sparse';
     if (!/<domain[\s>]/.test(opts.domainXml)) throw new Error('the domain XML has no <domain> element');
     await checkOutputPath(opts.out, opts.force ?? false);
@@ -39,8 +48,9 @@ export function saveLibvirtImage(opts: SaveLibvirtOptions): SaveHandle {
       qmp.close();
     }
     const intermediate = `${temporaryName(opts.out)}.mig`;
-    const inner = save({ ...opts, out: intermediate });
-    inner.on('listening', (a: string) => h.emit('listening', a));
+    // The inner save follows this handle's signal: abort() and Ctrl-C reach it.
+    const inner = save({ ...opts, out: intermediate, signal });
+    inner.on('listening', (a: string) => { listened(a); h.emit('listening', a); });
     inner.on('progress', (p: SaveProgress) => h.emit('progress', p));
     try {
       const summary = await inner.done;
@@ -52,11 +62,11 @@ export function saveLibvirtImage(opts: SaveLibvirtOptions): SaveHandle {
         domainXml: opts.domainXml,
         wasRunning,
         force: opts.force ?? false,
-        ...(opts.signal ? { signal: opts.signal } : {}),
+        signal,
       });
       return { ...summary, file: opts.out, 'file-size': c['output-size'], libvirt: { format: to === 'libvirt' ? 'raw' : 'sparse', 'was-running': wasRunning, 'image-size': c['output-size'], 'convert-ms': Date.now() - t0 } };
     } finally {
       await unlink(intermediate).catch(() => {});
     }
-  });
+  }
 }

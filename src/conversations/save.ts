@@ -4,10 +4,13 @@
 // VM is left running (a failed migration does not stop it; we cancel ours on our errors).
 
 import { tlsKind, type TlsCreds } from '../transports/tls.js';
-import { EventEmitter } from 'node:events';
+import { abortError, InvalidOptionError, SourceError } from '../codec/errors.js';
+import type { SyncMode } from '../codec/sync-points.js';
+import { checkLevel, getMethod } from '../engine/methods/registry.js';
 import { QmpClient } from '../transports/qmp-client.js';
+import { ListeningHandle } from './handle.js';
 import { takeUploadReport, type UploadReport } from './object-store.js';
-import { receive, type ReceiveHandle, type ReceiveProgress, type ReceiveSummary, type SyncMode } from './receive.js';
+import { receive, type ReceiveHandle, type ReceiveProgress, type ReceiveSummary } from './receive.js';
 
 export interface SaveOptions {
   /** The source VM's QMP socket: unix:PATH or tcp:HOST:PORT. */
@@ -23,13 +26,15 @@ export interface SaveOptions {
   downtimeLimitMs?: number;
   /** Run `cont` on the source after saving (QEMU leaves it paused in postmigrate). */
   resume?: boolean;
-  syncMode?: SyncMode;
+  syncMode?: 'auto' | SyncMode;
   /** multifd-compression for the source (none, zlib, zstd); the snapshot holds plain pages either way. */
   compression?: string;
   /** multifd-zlib-level / multifd-zstd-level for the source. */
   level?: number;
   /** See ReceiveOptions.directIo. */
   directIo?: boolean;
+  /** See ReceiveOptions.readRing. */
+  readRing?: boolean;
   /**
    * TLS: the folder must hold ca-cert.pem, server-cert.pem/-key.pem (ours) and client-cert.pem/
    * -key.pem (QEMU's). We add a tls-creds-x509 object to the VM pointing at it (so QEMU must be able
@@ -101,19 +106,25 @@ const ACTIVE_STATES = new Set([
   'failing',
 ]);
 
-export class SaveHandle extends EventEmitter {
-  /** Resolves with the summary once the snapshot is complete and the source reports completed. */
-  readonly done: Promise<SaveSummary>;
-  constructor(run: (h: SaveHandle) => Promise<SaveSummary>) {
-    super();
-    // Started on the next tick so callers can attach 'progress' listeners first.
-    this.done = Promise.resolve().then(() => run(this));
-    this.done.catch(() => {});
-  }
+export interface SaveEvents {
+  progress: [SaveProgress];
+  /** Where our receive listens (the address the source migrates to); also `handle.listening`. */
+  listening: [string];
 }
 
+/** `done` resolves with the summary once the snapshot is complete and the source reports completed. */
+export class SaveHandle extends ListeningHandle<SaveSummary, SaveEvents> {}
+
+/** Starts on the next tick (so 'progress' listeners can be attached first). */
 export function save(opts: SaveOptions): SaveHandle {
-  return new SaveHandle((h) => runSave(opts, h));
+  return new SaveHandle((h, signal) => {
+    let listened!: (addr: string) => void;
+    let notListening!: (e: Error) => void;
+    const listening = new Promise<string>((resolve, reject) => { listened = resolve; notListening = reject; });
+    const done = Promise.resolve().then(() => runSave(opts, h, signal, listened));
+    done.catch((e: Error) => notListening(e));
+    return { done, listening };
+  }, opts.signal);
 }
 
 interface Snapshot {
@@ -128,9 +139,13 @@ interface Snapshot {
 /** The id of the tls-creds-x509 object save adds to the VM for the migration. */
 const TLS_OBJECT = 'multifd-save-tls';
 
-async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSummary> {
+async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, SaveEvents>, signal: AbortSignal, listened: (addr: string) => void): Promise<SaveSummary> {
   checkBackgroundOptions(opts);
   const channels = opts.channels ?? (opts.background ? 0 : 2);
+  const checkAbort = (): void => {
+    if (signal.aborted) throw abortError(signal.reason);
+  };
+  checkAbort();
   const qmp = await QmpClient.connect(opts.qmp);
   let rx: ReceiveHandle | undefined;
   let saved: Snapshot | undefined;
@@ -139,7 +154,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
   try {
     const status = await qmp.execute('query-migrate');
     if (ACTIVE_STATES.has(status.status)) {
-      throw new Error(`the source already has a migration in state "${status.status}"`);
+      throw new SourceError(`the source already has a migration in state "${status.status}"`);
     }
     const run = await qmp.execute('query-status');
     const caps: { capability: string; state: boolean }[] = await qmp.execute('query-migrate-capabilities');
@@ -163,11 +178,11 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       params['multifd-channels'] = channels;
       params['multifd-compression'] = opts.compression ?? 'none';
       if (opts.level !== undefined) {
-        if (opts.compression !== 'zlib' && opts.compression !== 'zstd') throw new Error('a compression level needs --compression zlib or zstd');
+        checkLevel(getMethod(opts.compression ?? 'none'), opts.level);
         params[`multifd-${opts.compression}-level`] = opts.level;
       }
     } else if (opts.compression && opts.compression !== 'none') {
-      throw new Error(`compression ${opts.compression} needs multifd channels (--channels ≥ 1)`);
+      throw new InvalidOptionError(`compression ${opts.compression} needs multifd channels (--channels ≥ 1)`);
     }
     if (opts.downtimeLimitMs !== undefined) params['downtime-limit'] = opts.downtimeLimitMs;
     if (opts.tls) {
@@ -182,6 +197,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
 
     // The source waits for our SWITCHOVER_ACK when it has switchover-ack on (return-path stays on).
     const switchoverAck = !opts.background && caps.some((c) => c.capability === 'switchover-ack' && c.state);
+    checkAbort();
     rx = receive({
       ...(switchoverAck ? { switchoverAck: true } : {}),
       listen: opts.listen ?? 'tcp:127.0.0.1:0',
@@ -190,12 +206,14 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
       compression: opts.compression ?? 'none',
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.directIo !== undefined ? { directIo: opts.directIo } : {}),
+      ...(opts.readRing !== undefined ? { readRing: opts.readRing } : {}),
       ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
-      ...(opts.signal ? { signal: opts.signal } : {}),
+      signal,
       ...(opts.tls ? { tls: opts.tls } : {}),
     });
     const addr = await rx.listening;
+    listened(addr);
     handle.emit('listening', addr);
 
     let source: any = { status: 'setup' };
@@ -212,13 +230,14 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
         qmp.execute('query-migrate').then((s) => {
           source = s;
           if (s.status === 'failed' || s.status === 'cancelled') {
-            reject(new Error(`the source's migration ${s.status}${s['error-desc'] ? `: ${s['error-desc']}` : ''}`));
+            reject(new SourceError(`the source's migration ${s.status}${s['error-desc'] ? `: ${s['error-desc']}` : ''}`, s['error-desc']));
           }
-        }, (e: Error) => reject(new Error(`lost the source's QMP connection: ${e.message}`)));
+        }, (e: Error) => reject(new SourceError(`lost the source's QMP connection: ${e.message}`)));
       }, 200);
     });
     sourceFailed.catch(() => {});
 
+    checkAbort();
     await startMigration(qmp, addr);
     migrating = true;
     const summary = await Promise.race([rx.done, sourceFailed]).catch(async (e: Error) => {
@@ -230,7 +249,7 @@ async function runSave(opts: SaveOptions, handle: SaveHandle): Promise<SaveSumma
     // Our file is complete; QEMU reports completed once it has handed everything over.
     for (let i = 0; i < 100 && source.status !== 'completed'; i++) {
       source = await qmp.execute('query-migrate');
-      if (source.status === 'failed') throw new Error(`the source reports failure after our snapshot completed: ${source['error-desc'] ?? ''}`);
+      if (source.status === 'failed') throw new SourceError(`the source reports failure after our snapshot completed: ${source['error-desc'] ?? ''}`, source['error-desc']);
       if (source.status !== 'completed') await new Promise((r) => setTimeout(r, 50));
     }
     migrating = false;

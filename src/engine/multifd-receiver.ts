@@ -49,12 +49,8 @@ export interface MultifdReceiverOptions {
 /** QEMU's multifd-channels parameter is 1..255 (a uint8, and the init message's id is one byte). */
 export const MAX_MULTIFD_CHANNELS = 255;
 
-export class ChannelError extends Error {
-  constructor(readonly where: string, override readonly cause: Error) {
-    super(`${where}: ${cause.message}`);
-    this.name = 'ChannelError';
-  }
-}
+import { ChannelError } from '../codec/errors.js';
+export { ChannelError } from '../codec/errors.js';
 
 export class MultifdReceiver extends EventEmitter {
   readonly barrier: SyncBarrier;
@@ -113,7 +109,7 @@ export class MultifdReceiver extends EventEmitter {
       // refused, not failed: QEMU's own extra connection would fail on its id, a stray must not
       // fail the migration.
       const err = new ProtocolError('LIMIT_EXCEEDED', `${this.open} multifd connections are already open for ${this.opts.channels} channel(s); closed`);
-      publish('refused', { where: label, error: err });
+      publish('receiver', 'refused', { where: label, error: err });
       this.emit('refused', new ChannelError(label, err));
       await source[Symbol.asyncIterator]().return?.();
       return;
@@ -194,7 +190,7 @@ export class MultifdReceiver extends EventEmitter {
             await Promise.all(windowed);
             if (this.failure) return;
             st.syncs++;
-            publish('sync-arrive', { channel: id, round: st.syncs });
+            publish('receiver', 'sync-arrive', { channel: id, round: st.syncs });
             await this.barrier.arrive(id);
           }
         }
@@ -242,7 +238,7 @@ export class MultifdReceiver extends EventEmitter {
     }
     try {
       await this.barrier.wait(whileHeld);
-      publish('sync', { round: this.barrier.completedRounds });
+      publish('receiver', 'sync', { round: this.barrier.completedRounds });
       this.emit('sync', this.barrier.completedRounds);
     } finally {
       if (timer) clearTimeout(timer);
@@ -263,7 +259,7 @@ export class MultifdReceiver extends EventEmitter {
     if (this.failure) return;
     this.failure = err;
     this.barrier.fail(err);
-    publish('error', { error: err });
+    publish('receiver', 'error', { error: err });
     this.emit('error', err);
   }
 
@@ -286,7 +282,7 @@ export class MultifdReceiver extends EventEmitter {
       throw new ProtocolError('UUID_MISMATCH', `received uuid ${formatUuid(uuid)}, expected ${formatUuid(this.opts.uuid)}`);
     }
     this.stats.set(id, { id, bytes: 64, packets: 0, normalPages: 0, zeroPages: 0, syncs: 0 });
-    publish('channel', { channel: id });
+    publish('receiver', 'channel', { channel: id });
     this.emit('channel', id, uuid);
     return id;
   }
@@ -297,7 +293,7 @@ export class MultifdReceiver extends EventEmitter {
     if (!this.method) {
       const name = compressionFromFlags(comp);
       this.method = getMethod(name ?? `flags 0x${comp.toString(16)}`);
-      publish('compression', { method: this.method.name });
+      publish('receiver', 'compression', { method: this.method.name });
       this.emit('compression', this.method.name);
     } else if (comp !== this.method.flags) {
       throw new ProtocolError('FLAG_MISMATCH', `packet uses ${compressionFromFlags(comp) ?? `flags 0x${comp.toString(16)}`}, earlier packets used ${this.method.name}`);

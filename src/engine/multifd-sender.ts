@@ -10,6 +10,7 @@
 // flush (push out a partial batch) is the caller's business: it decides when a batch is handed
 // over. sync() is the barrier: everything assigned so far is written, then one SYNC per channel.
 
+import { isZeroPage } from './zero-page.js';
 import { EventEmitter } from 'node:events';
 import { MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { encodeMultifdInit } from '../codec/multifd-init.js';
@@ -111,7 +112,6 @@ export class MultifdSender extends EventEmitter {
   private readonly channels: Channel[];
   private readonly pageSize: number;
   private readonly zeroDetect: boolean;
-  private readonly zeroPage: Buffer;
   private nextChannel = 0;
   private packetNum = 0n;
   private failure: Error | undefined;
@@ -121,7 +121,6 @@ export class MultifdSender extends EventEmitter {
     super();
     this.pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
     this.zeroDetect = (opts.zeroPageDetection ?? 'multifd') === 'multifd';
-    this.zeroPage = Buffer.alloc(this.pageSize);
     const depth = opts.depth ?? (opts.loader ? Math.max(2, Math.ceil(LOADER_BATCHES / opts.channels.length)) : 2);
     const scratchBytes = opts.loader ? opts.loader.scratchBytes(MULTIFD_PAGES_PER_PACKET) : 0;
     this.channels = opts.channels.map((sink, id) => ({
@@ -396,7 +395,7 @@ export class MultifdSender extends EventEmitter {
           vPos = 0;
         }
         const view = views[v]!;
-        if (this.zeroDetect && view.compare(this.zeroPage, 0, ps, vPos, vPos + ps) === 0) {
+        if (this.zeroDetect && isZeroPage(view, vPos, vPos + ps)) {
           closeSpan(vPos);
           slot.zero[zero++] = p * ps;
         } else {

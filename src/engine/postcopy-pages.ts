@@ -15,15 +15,8 @@ export interface PostcopyPageSource {
   forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage?: number): void;
 }
 
-export type PageRequestProblem = 'unknown-block' | 'out-of-range' | 'no-previous-block' | 'unaligned' | 'empty';
-
-/** A page request the destination should never send: names a block we do not have, or pages outside it. */
-export class PageRequestError extends Error {
-  override name = 'PageRequestError';
-  constructor(readonly problem: PageRequestProblem, readonly request: PageRequest, message: string) {
-    super(message);
-  }
-}
+import { PageRequestError } from '../codec/errors.js';
+export { PageRequestError, type PageRequestProblem } from '../codec/errors.js';
 
 /** Consecutive pages of one block; `present` pages are read from the snapshot, the others are zero. */
 export interface PageSpan {

@@ -7,6 +7,7 @@
 // free-page-hinted memory are never sent), so the index grows with the data pages the file
 // actually holds, never with the claim.
 
+import { isZeroPieces } from './zero-page.js';
 import { open, type FileHandle } from 'node:fs/promises';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
@@ -21,7 +22,6 @@ const MAX_DEVICE_STATE = 256 * 1024 * 1024;
 /** A CONTINUE PAGE record: be64 (offset | flags) then the page, so such records sit this far apart. */
 const CONTINUE_HEADER = 8;
 const RECORD_STRIDE = CONTINUE_HEADER + TARGET_PAGE_SIZE;
-const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 
 /** Pages per index chunk: 512 offsets, 4 KiB, allocated when a data page first lands in it. */
 const CHUNK_PAGES = 512;
@@ -132,11 +132,6 @@ interface Prologue {
   switchoverStart: boolean;
 }
 
-/** Compares slice by slice: a page split across two read chunks arrives as two views. */
-function isZeroPage(data: readonly Buffer[]): boolean {
-  for (const d of data) if (!d.equals(ZERO_PAGE.subarray(0, d.length))) return false;
-  return true;
-}
 
 export class StreamSnapshot implements SnapshotSource {
   readonly format = 'stream';
@@ -209,7 +204,7 @@ export class StreamSnapshot implements SnapshotSource {
             case 'page': {
               const b = blocks.get(ev.block)!;
               // The parser has consumed the page data when it returns the event.
-              b.index.set(ev.offset / TARGET_PAGE_SIZE, isZeroPage(ev.data) ? 0 : session.offset - TARGET_PAGE_SIZE);
+              b.index.set(ev.offset / TARGET_PAGE_SIZE, isZeroPieces(ev.data) ? 0 : session.offset - TARGET_PAGE_SIZE);
               break;
             }
             case 'zero':

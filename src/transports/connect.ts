@@ -5,12 +5,8 @@ import { connect as tlsConnect } from 'node:tls';
 import { parseAddress } from './address.js';
 import { clientTlsOptions, type TlsCreds } from './tls.js';
 
-export class ConnectError extends Error {
-  constructor(readonly address: string, readonly code: string | undefined, message: string) {
-    super(message);
-    this.name = 'ConnectError';
-  }
-}
+import { ConnectError } from '../codec/errors.js';
+export { ConnectError } from '../codec/errors.js';
 
 function explain(address: string, e: NodeJS.ErrnoException): string {
   switch (e.code) {

@@ -1,5 +1,6 @@
 // A listening socket for incoming migration channels (tcp or unix).
 
+import { ListenError } from '../codec/errors.js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer, type TLSSocket } from 'node:tls';
 import { describePeer } from './socket-io.js';
@@ -44,7 +45,7 @@ export async function listen(spec: string, onConnection: (s: Socket) => void, op
   }
   await new Promise<void>((resolve, reject) => {
     const onError = (e: NodeJS.ErrnoException): void => {
-      reject(new Error(`cannot listen on ${spec}: ${e.code === 'EADDRINUSE' ? 'address already in use' : e.message}`));
+      reject(new ListenError(spec, e.code, `cannot listen on ${spec}: ${e.code === 'EADDRINUSE' ? 'address already in use' : e.message}`));
     };
     server.once('error', onError);
     const done = (): void => {

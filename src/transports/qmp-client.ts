@@ -12,28 +12,8 @@ import {
   type QmpMessage,
 } from '../codec/qmp.js';
 
-export class QmpCommandError extends Error {
-  readonly errorClass: string;
-  readonly desc: string;
-  readonly command: string;
-  constructor(command: string, errorClass: string, desc: string) {
-    super(`QMP ${command} failed: ${desc}`);
-    this.name = 'QmpCommandError';
-    this.command = command;
-    this.errorClass = errorClass;
-    this.desc = desc;
-  }
-}
-
-/** Transport-level failure: connect error, timeout, closed socket, garbage on the wire. */
-export class QmpConnectionError extends Error {
-  readonly address: string;
-  constructor(address: string, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'QmpConnectionError';
-    this.address = address;
-  }
-}
+import { InvalidOptionError, QmpCommandError, QmpConnectionError } from '../codec/errors.js';
+export { QmpCommandError, QmpConnectionError } from '../codec/errors.js';
 
 export type QmpAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
 
@@ -42,18 +22,18 @@ export function parseQmpAddress(address: string): QmpAddress {
   if (address.startsWith('tcp:')) {
     const rest = address.slice(4);
     const colon = rest.lastIndexOf(':');
-    if (colon < 0) throw new Error(`invalid QMP address ${address}: expected tcp:host:port`);
+    if (colon < 0) throw new InvalidOptionError(`invalid QMP address ${address}: expected tcp:host:port`);
     let host = rest.slice(0, colon);
     // Accept [::1]:4444 style so IPv6 literals are unambiguous.
     if (host.startsWith('[') && host.endsWith(']')) host = host.slice(1, -1);
     const port = Number(rest.slice(colon + 1));
     if (!Number.isInteger(port) || port <= 0 || port > 65535) {
-      throw new Error(`invalid QMP address ${address}: bad port`);
+      throw new InvalidOptionError(`invalid QMP address ${address}: bad port`);
     }
     return { kind: 'tcp', host: host || 'localhost', port };
   }
   if (/^[a-z]+:/i.test(address) && !address.startsWith('/') && !address.startsWith('.')) {
-    throw new Error(`invalid QMP address ${address}: expected unix:PATH, tcp:HOST:PORT or a socket path`);
+    throw new InvalidOptionError(`invalid QMP address ${address}: expected unix:PATH, tcp:HOST:PORT or a socket path`);
   }
   return { kind: 'unix', path: address };
 }

@@ -4,11 +4,16 @@
 // says which stream bytes it no longer references (release); their ring space is not reused
 // before that, and the socket stops reading while the ring has no room.
 //
-// Node has the mechanism (net.Socket's `onread` option: read into a buffer the caller provides)
-// but only for sockets it creates with connect(); a listening side gets its sockets from the
-// server. Those are switched over here through the same per-socket state that `onread` sets up,
-// found by its symbols' names. Where that is not possible (TLS, a Node without it, a socket
-// already at its end) ringSource returns undefined and the caller reads the socket as a stream.
+// Node has the mechanism as public API — net.Socket's `onread` option (`new net.Socket({ fd,
+// onread })`, and connect()) reads into a buffer the caller provides — but only for sockets it
+// creates; a listening side gets its sockets from the server, already reading, and Node offers
+// no public way to their fd. Those are switched over here through the same per-socket state that
+// `onread` sets up (lib/net.js: the kBuffer, kBufferCb, kBufferGen symbols and the handle's
+// useUserBuffer; the same in Node 20, 22 and 24), found by the symbols' names. Where that is not
+// possible (TLS, a Node without them, a socket already at its end) ringSource returns undefined
+// and the caller reads the socket as a stream: slower, never wrong. test/unit/ring-reader.test.ts
+// fails loudly on a Node where the internals are gone, so the lost gain does not go unnoticed.
+// Whether to try at all is the caller's option (receive's and relay's `readRing`).
 
 import type { Socket } from 'node:net';
 import { Socket as NetSocket } from 'node:net';
@@ -54,12 +59,16 @@ function onreadSymbols(): OnreadSymbols | null {
   return symbols;
 }
 
+/** Whether this Node keeps net.Socket's `onread` state where ringSource looks for it. */
+export function ringAvailable(): boolean {
+  return onreadSymbols() !== null;
+}
+
 /**
  * Reads `sock` (whose first bytes, `prefix`, were already read) into a ring from now on. Returns
  * undefined where the socket cannot be switched; read it as a stream then.
  */
 export function ringSource(sock: Socket, prefix: Buffer, opts: RingOptions): RingSource | undefined {
-  if (process.env.MULTIFD_READ_RING === '0') return undefined;
   const sym = onreadSymbols();
   const s = sock as Socket & Record<symbol, unknown> & { _handle?: { useUserBuffer?: (b: Uint8Array) => void }; encrypted?: boolean; _readableState?: { ended?: boolean } };
   const handle = s._handle;

@@ -8,6 +8,7 @@
 // client certificate), and a connecting side checks the server's name: the host of the address,
 // or `hostname` (QEMU's tls-hostname).
 
+import { InvalidOptionError } from '../codec/errors.js';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { DEFAULT_CIPHERS, checkServerIdentity, type ConnectionOptions, type PeerCertificate, type TlsOptions } from 'node:tls';
@@ -29,13 +30,13 @@ export interface TlsCreds {
 function readPem(dir: string, name: string, required: boolean): Buffer | undefined {
   const path = join(dir, name);
   if (!existsSync(path)) {
-    if (required) throw new Error(`TLS credentials: ${path} is missing (the folder needs ca-cert.pem and the ${name.split('-')[0]} certificate and key, as for QEMU's tls-creds-x509)`);
+    if (required) throw new InvalidOptionError(`TLS credentials: ${path} is missing (the folder needs ca-cert.pem and the ${name.split('-')[0]} certificate and key, as for QEMU's tls-creds-x509)`);
     return undefined;
   }
   try {
     return readFileSync(path);
   } catch (e) {
-    throw new Error(`TLS credentials: cannot read ${path}: ${(e as Error).message}`);
+    throw new InvalidOptionError(`TLS credentials: cannot read ${path}: ${(e as Error).message}`);
   }
 }
 
@@ -51,10 +52,10 @@ function readPskKeys(dir: string): Map<string, Buffer> {
     const t = line.trim();
     if (t === '') continue;
     const m = /^([^:]+):([0-9a-fA-F]+)$/.exec(t);
-    if (!m || m[2]!.length % 2 !== 0) throw new Error(`TLS credentials: ${path} line ${n + 1} is not username:hexkey`);
+    if (!m || m[2]!.length % 2 !== 0) throw new InvalidOptionError(`TLS credentials: ${path} line ${n + 1} is not username:hexkey`);
     keys.set(m[1]!, Buffer.from(m[2]!, 'hex'));
   }
-  if (keys.size === 0) throw new Error(`TLS credentials: ${path} holds no key`);
+  if (keys.size === 0) throw new InvalidOptionError(`TLS credentials: ${path} holds no key`);
   return keys;
 }
 
@@ -79,7 +80,7 @@ export function clientTlsOptions(c: TlsCreds, host: string | undefined): Connect
   if (tlsKind(c) === 'psk') {
     const user = c.pskUsername ?? 'qemu';
     const psk = readPskKeys(c.dir).get(user);
-    if (!psk) throw new Error(`TLS credentials: ${join(c.dir, 'keys.psk')} has no key for "${user}"`);
+    if (!psk) throw new InvalidOptionError(`TLS credentials: ${join(c.dir, 'keys.psk')} has no key for "${user}"`);
     // No certificate to check: the shared key is the authentication.
     return { ciphers: PSK_CIPHERS, pskCallback: () => ({ identity: user, psk }), checkServerIdentity: () => undefined };
   }

@@ -239,10 +239,10 @@ describe('relay failures', () => {
     const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
     const bSawConfiguration = new Promise<void>((res) => {
       const on = (): void => {
-        unsubscribe('multifd:configuration', on);
+        unsubscribe('multifd:receive:configuration', on);
         res();
       };
-      subscribe('multifd:configuration', on);
+      subscribe('multifd:receive:configuration', on);
     });
     try {
       const bin = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));

@@ -39,10 +39,20 @@ export interface SendMethodOptions {
   level?: number;
 }
 
+/** The levels a method takes, as QEMU's multifd-<method>-level parameter (qapi/migration.json). */
+export interface LevelRange {
+  min: number;
+  max: number;
+  /** Used when no level is given (QEMU's default). */
+  default: number;
+}
+
 export interface MultifdMethod {
   readonly name: string;
   /** Compression bits carried in packet flags. */
   readonly flags: number;
+  /** Absent: the method takes no level. */
+  readonly levels?: LevelRange;
   recvSetup(channelId: number, pageSize: number): RecvMethodChannel;
   sendSetup(channelId: number, pageSize: number, opts?: SendMethodOptions): SendMethodChannel;
 }

@@ -1,6 +1,6 @@
 // The one place that lists methods: adding one is a new file and a line here.
 
-import { ProtocolError } from '../../codec/errors.js';
+import { InvalidOptionError, ProtocolError } from '../../codec/errors.js';
 import type { MultifdMethod } from './method.js';
 import { nocomp } from './nocomp.js';
 import { zlibMethod } from './zlib.js';
@@ -25,4 +25,14 @@ export function getMethod(name: string): MultifdMethod {
     if (missing) throw missing;
   }
   return m;
+}
+
+/** The one check of a compression level against the method's range; undefined: the method's default. */
+export function checkLevel(method: MultifdMethod, level: number | undefined): void {
+  if (level === undefined) return;
+  const r = method.levels;
+  if (!r) throw new InvalidOptionError('a compression level needs a compression method (zlib or zstd)');
+  if (!Number.isInteger(level) || level < r.min || level > r.max) {
+    throw new InvalidOptionError(`${method.name} level must be ${r.min}..${r.max}, as QEMU's multifd-${method.name}-level (got ${level})`);
+  }
 }

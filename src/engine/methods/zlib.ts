@@ -101,6 +101,8 @@ export function zlibMethod(): MultifdMethod {
   return {
     name: 'zlib',
     flags: MultifdFlag.ZLIB,
+    // multifd-zlib-level: 0..9 (migration/options.c).
+    levels: { min: 0, max: 9, default: DEFAULT_ZLIB_LEVEL },
     sendSetup(_channelId: number, pageSize: number, opts = {}): SendMethodChannel {
       const level = opts.level ?? DEFAULT_ZLIB_LEVEL;
       const def = zlib.createDeflate({ level, chunkSize: CHUNK });

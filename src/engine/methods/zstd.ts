@@ -214,6 +214,8 @@ export function zstdMethod(backend?: ZstdBackend): MultifdMethod {
   return {
     name: 'zstd',
     flags: MultifdFlag.ZSTD,
+    // multifd-zstd-level: 0..20 (migration/options.c).
+    levels: { min: 0, max: 20, default: DEFAULT_ZSTD_LEVEL },
     sendSetup(channelId: number, pageSize: number, opts = {}): SendMethodChannel {
       if (chosen(backend) === 'node:zlib') return nodeZstdSend(pageSize, opts.level ?? DEFAULT_ZSTD_LEVEL);
       const ch = workerChannel(channelId, { op: 'csetup', level: opts.level ?? DEFAULT_ZSTD_LEVEL });

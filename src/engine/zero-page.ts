@@ -1,0 +1,20 @@
+// The one zero-page detector (QEMU's buffer_is_zero): multifd packets list all-zero pages instead
+// of carrying them, the main channel leaves them out, and stream files index them as zero.
+
+/** Compared against with memcmp; larger than any page size in use (4 KiB target pages, 64 KiB host pages). */
+const ZERO = Buffer.alloc(64 * 1024);
+
+/** Whether buf[start, end) is all zero bytes. */
+export function isZeroPage(buf: Buffer, start = 0, end = buf.length): boolean {
+  for (let at = start; at < end; at += ZERO.length) {
+    const stop = Math.min(end, at + ZERO.length);
+    if (buf.compare(ZERO, 0, stop - at, at, stop) !== 0) return false;
+  }
+  return true;
+}
+
+/** The same for a page that arrived in pieces (split across two read chunks). */
+export function isZeroPieces(pieces: readonly Buffer[]): boolean {
+  for (const p of pieces) if (!isZeroPage(p)) return false;
+  return true;
+}

@@ -1,4 +1,4 @@
-// The configuration record (type 0x07) that follows the stream header (PROTOCOL.md §1.4).
+// The configuration record (type 0x07) that follows the stream header (docs/protocol.md §1.4).
 
 import { SectionType, VALIDATED_CAPABILITIES } from './constants.js';
 import type { Cursor } from './byte-queue.js';

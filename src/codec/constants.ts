@@ -1,4 +1,4 @@
-// Wire constants of QEMU's migration stream (PROTOCOL.md §1–§5). Values are fixed by QEMU.
+// Wire constants of QEMU's migration stream (docs/protocol.md §1–§5). Values are fixed by QEMU.
 
 export const QEVM_MAGIC = 0x5145564d;
 export const QEVM_VERSION = 3;

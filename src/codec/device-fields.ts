@@ -1,4 +1,4 @@
-// Decodes a device section's fields with its VMDESCRIPTION entry (PROTOCOL.md §1.5, §1.7), the
+// Decodes a device section's fields with its VMDESCRIPTION entry (docs/protocol.md §1.5, §1.7), the
 // way scripts/analyze-migration.py does: integers and bools by type, structs recursively, arrays
 // element by element, subsections by name; every other type is opaque bytes of the field's size.
 // The vmdesc is untrusted input from the file: bad shapes and short data become ProtocolErrors,

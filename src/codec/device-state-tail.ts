@@ -1,5 +1,5 @@
 // The device state after the RAM sections, kept until it proves complete: it is complete when it
-// ends in a VMDESCRIPTION whose device list walks the sections before it exactly (PROTOCOL.md
+// ends in a VMDESCRIPTION whose device list walks the sections before it exactly (docs/protocol.md
 // §1.7). Appends copy into one doubling buffer (linear, not quadratic) and only new positions
 // are scanned for candidates, since a candidate needs just the byte before it.
 //

@@ -9,7 +9,7 @@ export function machineVersion(machine: string): { major: number; minor: number 
 /**
  * The multifd sync mode a QEMU destination of this machine type uses by default: machine types up
  * to 8.0 have multifd-flush-after-each-section on (a sync at every RAM EOS), later ones sync once
- * per round with MULTIFD_FLUSH (PROTOCOL.md §2.6).
+ * per round with MULTIFD_FLUSH (docs/protocol.md §2.6).
  */
 export function defaultSyncMode(machine: string): 'round' | 'section' {
   const v = machineVersion(machine);

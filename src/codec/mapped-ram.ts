@@ -1,4 +1,4 @@
-// The mapped-ram file format's per-block header, bitmap and layout (PROTOCOL.md §5).
+// The mapped-ram file format's per-block header, bitmap and layout (docs/protocol.md §5).
 
 import { MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HEADER_SIZE, MAPPED_RAM_VERSION, TARGET_PAGE_SIZE } from './constants.js';
 import { ProtocolError } from './errors.js';

@@ -1,4 +1,4 @@
-// MultiFDInit_t: the 64 bytes that open every multifd socket channel (PROTOCOL.md §3.2).
+// MultiFDInit_t: the 64 bytes that open every multifd socket channel (docs/protocol.md §3.2).
 
 import { MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MULTIFD_VERSION } from './constants.js';
 import { ProtocolError } from './errors.js';

@@ -1,4 +1,4 @@
-// MultiFDPacket_t, the fixed 1344-byte header of every multifd RAM packet (PROTOCOL.md §3.3–§3.5).
+// MultiFDPacket_t, the fixed 1344-byte header of every multifd RAM packet (docs/protocol.md §3.3–§3.5).
 
 import {
   MULTIFD_MAGIC,

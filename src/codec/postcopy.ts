@@ -1,4 +1,4 @@
-// Postcopy wire structures (PROTOCOL.md §6): POSTCOPY_ADVISE, POSTCOPY_RAM_DISCARD, the PACKAGED
+// Postcopy wire structures (docs/protocol.md §6): POSTCOPY_ADVISE, POSTCOPY_RAM_DISCARD, the PACKAGED
 // command and its contents, page requests on the return path, and the bare page records of the
 // preempt channel. Pure functions over Buffers.
 
@@ -248,7 +248,7 @@ export type PageRecordEvent =
   | { type: 'eos' };
 
 /**
- * Bare RAM page records (PROTOCOL.md §2.3) as the postcopy preempt channel carries them: no
+ * Bare RAM page records (docs/protocol.md §2.3) as the postcopy preempt channel carries them: no
  * sections, their own CONTINUE state. `blocks` gives each known block's used_length.
  */
 export class PageRecordParser {
@@ -325,7 +325,7 @@ export class PageRecordParser {
   }
 }
 
-/** The block of the previous page record on a channel: CONTINUE refers to it (PROTOCOL.md §2.3). */
+/** The block of the previous page record on a channel: CONTINUE refers to it (docs/protocol.md §2.3). */
 export interface PageRecordState {
   lastBlock?: string | undefined;
 }

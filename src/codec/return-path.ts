@@ -1,4 +1,4 @@
-// Return-path messages (destination → source on the main socket), PROTOCOL.md §6.1.
+// Return-path messages (destination → source on the main socket), docs/protocol.md §6.1.
 
 import { ByteQueue } from './byte-queue.js';
 import { ReturnPathMessage } from './constants.js';

@@ -1,4 +1,4 @@
-// Encoders for the main migration stream's records (PROTOCOL.md §1–§2), used by writers of
+// Encoders for the main migration stream's records (docs/protocol.md §1–§2), used by writers of
 // files and streams. Each returns a fresh Buffer; none is on a per-page hot path.
 
 import { Command, QEVM_MAGIC, QEVM_VERSION, RamFlag, SectionType, TARGET_PAGE_SIZE } from './constants.js';

@@ -1,4 +1,4 @@
-// Which main-channel records are multifd sync points (PROTOCOL.md §2.6): every MULTIFD_FLUSH in
+// Which main-channel records are multifd sync points (docs/protocol.md §2.6): every MULTIFD_FLUSH in
 // per-round mode; every RAM EOS in per-section mode. The mode is the source's machine property,
 // not in the stream, but the setup section gives it away: per-round mode always puts a FLUSH
 // before the START section's EOS, per-section mode never writes a FLUSH.

@@ -1,4 +1,4 @@
-// The VMDESCRIPTION JSON and walking device sections with it (PROTOCOL.md §1.5, §1.7). Device
+// The VMDESCRIPTION JSON and walking device sections with it (docs/protocol.md §1.5, §1.7). Device
 // sections carry no length, so the vmdesc is the only way to find where one ends without
 // knowing every device; it is also how a receiver proves that the stream ended complete.
 

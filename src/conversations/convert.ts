@@ -147,7 +147,7 @@ async function streamSink(src: SnapshotSource, output: string, force: boolean, p
   let lastBlock: string | undefined;
   return {
     async writeBatch(block, offsets, pages, views) {
-      // The first record of a block names it; the rest CONTINUE (PROTOCOL.md §2.1).
+      // The first record of a block names it; the rest CONTINUE (docs/protocol.md §2.1).
       const name = block !== lastBlock ? Buffer.from(block, 'latin1') : undefined;
       const headers = Buffer.alloc(pages * 8 + (name ? 1 + name.length : 0));
       const iov: Buffer[] = [];

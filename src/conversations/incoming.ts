@@ -79,7 +79,7 @@ export interface IncomingOptions {
   onKind: (sock: Socket, kind: ConnectionKind, source: AsyncIterable<Buffer>, peer: string) => void;
   onStray: (e: StrayConnectionError) => void;
   /**
-   * A postcopy preempt channel has no magic (PROTOCOL.md §6.3): offered every new connection
+   * A postcopy preempt channel has no magic (docs/protocol.md §6.3): offered every new connection
    * before it identifies itself (`byOrder`: QEMU's rule, the one after main and all multifd
    * channels), and one whose first bytes are no known magic before it is closed as a stray (a
    * preempt channel that raced a multifd channel's init). True when taken.

@@ -1,4 +1,4 @@
-// The postcopy phase of a restore (PROTOCOL.md §6.2–§6.3): once the destination has LISTEN and RUN,
+// The postcopy phase of a restore (docs/protocol.md §6.2–§6.3): once the destination has LISTEN and RUN,
 // every page not sent before the switch goes out exactly once. Requested pages first: on the
 // preempt channel when there is one (bare page records, own CONTINUE state), otherwise ahead of
 // the next background batch on the main channel. The background scan sends the rest in file

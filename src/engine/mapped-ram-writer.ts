@@ -1,4 +1,4 @@
-// Writes a mapped-ram snapshot (PROTOCOL.md §5): pages straight to their final offsets with
+// Writes a mapped-ram snapshot (docs/protocol.md §5): pages straight to their final offsets with
 // positioned writes (contiguous pages coalesced into one writev), the main stream around them,
 // the bitmaps at the end. The file lives under a temporary name and is renamed only by commit(),
 // so a migration that did not complete never leaves anything that looks like a snapshot.

@@ -1,4 +1,4 @@
-// The sending half of multifd (PROTOCOL.md §3, §3.7): N channels, each writing its init message,
+// The sending half of multifd (docs/protocol.md §3, §3.7): N channels, each writing its init message,
 // data packets and SYNC packets. A batch of pages (one block, ≤ 128 pages) goes to the next
 // channel with a free slot, searching round-robin from the last one used, as QEMU's
 // multifd_send_pages does. Each slot owns a scratch buffer: the page loader fills it with

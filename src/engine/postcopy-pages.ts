@@ -1,4 +1,4 @@
-// Which page goes next once a restore is in postcopy (PROTOCOL.md §6.2): the destination's page
+// Which page goes next once a restore is in postcopy (docs/protocol.md §6.2): the destination's page
 // requests first, then every remaining page in file order. Each page is handed out exactly once
 // after the switch — a page placed twice fails the destination's UFFDIO_COPY — so a page counts
 // as sent the moment it is handed out, before it is read from the file or written; a request for

@@ -1,4 +1,4 @@
-// The receive-side sync barrier (PROTOCOL.md §3.7): each channel, having applied everything up to
+// The receive-side sync barrier (docs/protocol.md §3.7): each channel, having applied everything up to
 // its SYNC packet, arrives and blocks; the main channel, at MULTIFD_FLUSH (or EOS in per-section
 // mode), waits for all of them and then releases them together. Pages of round k+1 therefore
 // never overtake pages of round k, whichever channel carries them. A relay passes a hook that

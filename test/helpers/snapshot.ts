@@ -118,7 +118,7 @@ export interface RestoreOptions {
 }
 
 /**
- * Loads a mapped-ram snapshot into a fresh QEMU (PROTOCOL.md §7d) and returns it once the load
+ * Loads a mapped-ram snapshot into a fresh QEMU (docs/protocol.md §7d) and returns it once the load
  * completed. Throws with QEMU's error-desc and stderr when it does not.
  */
 export async function restoreSnapshot(o: RestoreOptions): Promise<QemuInstance> {

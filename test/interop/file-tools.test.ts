@@ -59,7 +59,7 @@ function prepareGuest(s: Scenario, dir: string): Buffer | undefined {
   return writeRandomBlob(join(dir, 'blob.bin'), BLOB_BYTES, [0, 1, 7, 100, 2047]);
 }
 
-/** QEMU loads `file` as a destination would (PROTOCOL.md §7d), paused afterwards. */
+/** QEMU loads `file` as a destination would (docs/protocol.md §7d), paused afterwards. */
 async function qemuLoad(version: QemuVersion, s: Scenario, dir: string, file: string, mappedRam: boolean): Promise<QemuInstance> {
   const q = await startQemu({ ...qemuOptions(version, s, dir), incoming: 'defer', paused: true });
   try {

@@ -1,5 +1,5 @@
 /**
- * receive() from a real QEMU source that switches to postcopy (PROTOCOL.md §6.2–6.4, issue #8):
+ * receive() from a real QEMU source that switches to postcopy (docs/protocol.md §6.2–6.4, issue #8):
  * QEMU 11.1 with multifd + postcopy-ram, with and without postcopy-preempt; QEMU 10.0 with
  * postcopy-ram alone (10.0 refuses it with multifd). The dirtying guest runs while precopy keeps
  * iterating (downtime-limit 1 ms never converges), then migrate-start-postcopy switches.

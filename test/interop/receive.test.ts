@@ -1,5 +1,5 @@
 /**
- * receive() against real QEMU sources (PROTOCOL.md §2.4, §2.6, §5, §7a/c/d), per QEMU version:
+ * receive() against real QEMU sources (docs/protocol.md §2.4, §2.6, §5, §7a/c/d), per QEMU version:
  *  1. a paused 1 GiB guest with random data: our snapshot holds the same RAM, page for page, as
  *     QEMU's own `migrate file:` mapped-ram save of an identical source, and QEMU restores it
  *     (with and without multifd) to exactly the blob;

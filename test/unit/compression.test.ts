@@ -1,4 +1,4 @@
-// zlib and zstd multifd methods (PROTOCOL.md §4): per-channel streams that carry state from packet
+// zlib and zstd multifd methods (docs/protocol.md §4): per-channel streams that carry state from packet
 // to packet, checked against QEMU 10/11 captures (our decoders rebuild QEMU's RAM), on their own
 // (order, levels, framing), against hostile payloads, and end to end through send → receive.
 

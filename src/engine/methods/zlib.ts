@@ -1,4 +1,4 @@
-// zlib (PROTOCOL.md §4.2): one deflate stream per channel for the whole migration, with a sync
+// zlib (docs/protocol.md §4.2): one deflate stream per channel for the whole migration, with a sync
 // flush at the end of every packet, so each payload decodes given the ones before it. node:zlib's
 // streams run deflate/inflate in the libuv thread pool, off the main thread; the dictionary state
 // carries across packets because the stream objects live as long as the channel.

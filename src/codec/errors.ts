@@ -29,10 +29,25 @@ export type ProtocolErrorCode =
 
 export type QmpProtocolErrorCode = 'LINE_TOO_LONG' | 'INVALID_JSON' | 'UNKNOWN_MESSAGE';
 
+/** What went wrong with an s3:// snapshot's store (docs/s3.md). */
+export type ObjectStoreErrorCode =
+  | 'S3_BAD_URL'
+  | 'S3_NO_CREDENTIALS'
+  | 'S3_NO_REGION'
+  | 'S3_ACCESS_DENIED'
+  | 'S3_NO_BUCKET'
+  | 'S3_NO_KEY'
+  | 'S3_UNREACHABLE'
+  | 'S3_EXISTS'
+  | 'S3_SHORT_READ'
+  | 'S3_ABORT_FAILED'
+  | 'S3_ERROR';
+
 /** Every `code` an error of this library can carry. */
 export type MultifdErrorCode =
   | ProtocolErrorCode
   | QmpProtocolErrorCode
+  | ObjectStoreErrorCode
   | 'ABORTED'
   | 'INVALID_OPTION'
   | 'CONNECT_FAILED'
@@ -256,5 +271,13 @@ const POSTCOPY_CONSEQUENCE = {
 export class PostcopyFailedError extends MultifdError {
   constructor(override readonly cause: Error, readonly where: keyof typeof POSTCOPY_CONSEQUENCE) {
     super(codeOf(cause, 'POSTCOPY_FAILED'), `${cause.message} — after the switch to postcopy: ${POSTCOPY_CONSEQUENCE[where]}`, { cause });
+  }
+}
+
+/** The object store refused or failed a request for an s3:// snapshot; `code` names which. */
+export class ObjectStoreError extends MultifdError {
+  declare readonly code: ObjectStoreErrorCode;
+  constructor(code: ObjectStoreErrorCode, message: string, opts: { cause?: unknown } = {}) {
+    super(code, message, opts.cause === undefined ? undefined : { cause: opts.cause });
   }
 }

@@ -9,26 +9,9 @@ import {
   AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, GetObjectCommand,
   HeadBucketCommand, HeadObjectCommand, S3Client, UploadPartCommand, type S3ClientConfig,
 } from '@aws-sdk/client-s3';
+import { ObjectStoreError, type ObjectStoreErrorCode } from '../codec/errors.js';
 
-export type ObjectStoreErrorCode =
-  | 'S3_BAD_URL'
-  | 'S3_NO_CREDENTIALS'
-  | 'S3_NO_REGION'
-  | 'S3_ACCESS_DENIED'
-  | 'S3_NO_BUCKET'
-  | 'S3_NO_KEY'
-  | 'S3_UNREACHABLE'
-  | 'S3_EXISTS'
-  | 'S3_SHORT_READ'
-  | 'S3_ABORT_FAILED'
-  | 'S3_ERROR';
-
-export class ObjectStoreError extends Error {
-  constructor(readonly code: ObjectStoreErrorCode, message: string, opts: { cause?: unknown } = {}) {
-    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
-    this.name = 'ObjectStoreError';
-  }
-}
+export { ObjectStoreError, type ObjectStoreErrorCode };
 
 export interface ObjectUrl {
   bucket: string;

@@ -8,6 +8,7 @@ import { MultifdFlag } from '../../codec/constants.js';
 import { ProtocolError } from '../../codec/errors.js';
 import type { MultifdMethod, RecvMethodChannel, SendMethodChannel, SendPrepared } from './method.js';
 import { SerialQueue } from './serial-queue.js';
+import { pump } from './stream-pump.js';
 
 const SYNC = zlib.constants.Z_SYNC_FLUSH;
 
@@ -52,51 +53,6 @@ export function gatherPieces(input: readonly Buffer[]): Buffer[] {
   return out;
 }
 
-/** Feeds `input` to a zlib stream, sync-flushes it, and returns what came out. */
-function pump(stream: zlib.Deflate | zlib.Inflate, input: readonly Buffer[], limit: number): Promise<Buffer[]> {
-  return new Promise((resolve, reject) => {
-    const out: Buffer[] = [];
-    let size = 0;
-    const onData = (c: Buffer): void => {
-      size += c.length;
-      // A hostile payload must not inflate without bound: stop as soon as it overshoots.
-      if (size > limit) {
-        done(new ProtocolError('LIMIT_EXCEEDED', `zlib payload decodes to more than the ${limit} bytes its header announces`));
-        return;
-      }
-      out.push(c);
-    };
-    const onError = (e: Error): void => done(new ProtocolError('BAD_RECORD', `zlib stream error: ${e.message}`));
-    // A stream destroyed under us (channel cleanup) never calls the flush callback.
-    const onClose = (): void => done(new ProtocolError('BAD_RECORD', 'zlib stream closed while a packet was being coded'));
-    let settled = false;
-    const done = (e?: Error): void => {
-      if (settled) return;
-      settled = true;
-      stream.off('data', onData);
-      stream.off('error', onError);
-      stream.off('close', onClose);
-      if (e) {
-        stream.destroy();
-        reject(e);
-      } else {
-        resolve(out);
-      }
-    };
-    stream.on('data', onData);
-    stream.on('error', onError);
-    stream.on('close', onClose);
-    if (stream.destroyed) {
-      done(new ProtocolError('BAD_RECORD', 'zlib stream already closed (an earlier packet failed)'));
-      return;
-    }
-    for (const b of gatherPieces(input)) stream.write(b);
-    stream.flush(SYNC, () => {
-      if (!stream.destroyed) done();
-    });
-  });
-}
-
 export function zlibMethod(): MultifdMethod {
   return {
     name: 'zlib',
@@ -109,7 +65,7 @@ export function zlibMethod(): MultifdMethod {
       return {
         async prepare(pages, normalPages): Promise<SendPrepared> {
           // Deflate output of incompressible pages stays a little above the input size.
-          const payload = await pump(def, pages, normalPages * pageSize * 2 + 65536);
+          const payload = await pump(def, gatherPieces(pages), SYNC, normalPages * pageSize * 2 + 65536, 'zlib');
           return { payload, size: payload.reduce((n, b) => n + b.length, 0) };
         },
         cleanup: () => def.destroy(),
@@ -123,7 +79,7 @@ export function zlibMethod(): MultifdMethod {
         recv: (header, payload) =>
           queue.run(async () => {
             const expected = header.normalPages * pageSize;
-            const pages = await pump(inf, payload, expected);
+            const pages = await pump(inf, gatherPieces(payload), SYNC, expected, 'zlib');
             const got = pages.reduce((n, b) => n + b.length, 0);
             if (got !== expected) {
               throw new ProtocolError('BAD_RECORD', `zlib payload decodes to ${got} bytes, expected ${header.normalPages} pages (${expected} bytes)`);

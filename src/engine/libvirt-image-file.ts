@@ -16,6 +16,9 @@ import { createGunzip } from 'node:zlib';
 import type { Transform } from 'node:stream';
 import { decodeLibvirtData, decodeLibvirtHeader, finishedMagic, LIBVIRT_HEADER_BYTES, LIBVIRT_MAGIC_PREFIX, looksLikeLibvirtImage, type LibvirtFormat, type LibvirtImage } from '../codec/libvirt-image.js';
 import { ProtocolError } from '../codec/errors.js';
+import { zstdBackend, zstdUnavailable } from './methods/zstd.js';
+import { zstdNapiDecompressStream } from './methods/zstd-napi.js';
+import { nodeZstdDecompressStream } from './methods/zstd-stream.js';
 
 /** The libvirt image at `path`, or undefined when the file does not start with a libvirt magic. */
 export async function readLibvirtImage(path: string): Promise<LibvirtImage | undefined> {
@@ -51,9 +54,11 @@ async function findTool(name: string): Promise<string | undefined> {
   return undefined;
 }
 
+/** node:zlib's zstd where this Node has it, else the optional zstd-napi; neither: what to install. */
 async function zstdDecompressor(): Promise<Transform> {
-  const { DecompressStream } = await import('zstd-napi');
-  return new DecompressStream() as unknown as Transform;
+  const backend = zstdBackend();
+  if (backend === undefined) throw zstdUnavailable()!;
+  return backend === 'node:zlib' ? nodeZstdDecompressStream() : zstdNapiDecompressStream();
 }
 
 /** Runs `tool -dc` with the compressed bytes on stdin and `out` as stdout. */

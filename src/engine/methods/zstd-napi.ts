@@ -40,3 +40,9 @@ export function zstdNapiLoadError(): string | undefined {
   loadZstdNapi();
   return loaded!.error;
 }
+
+/** zstd-napi's streaming decompressor (whole files); call only once loadZstdNapi() succeeded. */
+export function zstdNapiDecompressStream(): import('node:stream').Transform {
+  const { DecompressStream } = createRequire(import.meta.url)(ZSTD_NAPI_PACKAGE) as { DecompressStream: new () => import('node:stream').Transform };
+  return new DecompressStream();
+}

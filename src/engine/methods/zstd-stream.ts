@@ -30,6 +30,11 @@ function nonEmpty(bufs: readonly Buffer[]): Buffer[] {
   return bufs.filter((b) => b.length > 0);
 }
 
+/** A plain zstd decompressing stream (whole files, e.g. a zstd libvirt image), not a channel's. */
+export function nodeZstdDecompressStream(): zlib.Inflate {
+  return z.createZstdDecompress!({ chunkSize: CHUNK });
+}
+
 export function nodeZstdSend(pageSize: number, level: number): SendMethodChannel {
   const c = z.createZstdCompress!({ chunkSize: CHUNK, params: { [z.constants!.ZSTD_c_compressionLevel]: level } });
   const queue = new SerialQueue();

@@ -1,5 +1,6 @@
 // convert … s3://bucket/key: the output is always a packed mapped-ram object (docs/s3-layout.md).
 
+import { InvalidOptionError } from '../codec/errors.js';
 import { openSnapshot, snapshotOpenerFor } from '../engine/open-snapshot.js';
 import type { ConvertOptions, ConvertSummary } from './convert.js';
 import { isObjectUrl, storeAsObject, type UploadReport } from './object-store.js';
@@ -8,8 +9,8 @@ export { isObjectUrl };
 
 export async function convertToObject(opts: ConvertOptions, convert: (o: ConvertOptions) => Promise<ConvertSummary>): Promise<ConvertSummary & { store: UploadReport }> {
   const started = Date.now();
-  if (opts.to !== 'mapped-ram') throw new Error(`an object holds a packed mapped-ram snapshot: convert to ${opts.output} needs --to mapped-ram`);
-  if (opts.input === opts.output) throw new Error(`the output ${opts.output} is the input`);
+  if (opts.to !== 'mapped-ram') throw new InvalidOptionError(`an object holds a packed mapped-ram snapshot: convert to ${opts.output} needs --to mapped-ram`);
+  if (opts.input === opts.output) throw new InvalidOptionError(`the output ${opts.output} is the input`);
   // Validates the input completely before anything is uploaded.
   const src = await openSnapshot(opts.input);
   const info = {

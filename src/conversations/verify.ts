@@ -9,6 +9,7 @@ import { decompressLibvirtStream, readLibvirtImage } from '../engine/libvirt-ima
 import { openSnapshot } from '../engine/open-snapshot.js';
 import { libvirtSummary, type LibvirtSummary } from './libvirt-summary.js';
 import { scanFile, sortProblems, type Problem } from './file-layout.js';
+import { snapshotOpenerFor } from '../engine/open-snapshot.js';
 
 export interface VerifyResult {
   file: string;
@@ -26,6 +27,8 @@ export interface VerifyResult {
 }
 
 export async function verify(path: string): Promise<VerifyResult> {
+  // An object (s3://…) is scanned as the file it expands to; it is never a libvirt image.
+  if (snapshotOpenerFor(path)) return verifyStream(path, path, undefined);
   let image: LibvirtImage | undefined;
   try {
     image = await readLibvirtImage(path);

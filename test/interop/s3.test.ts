@@ -15,11 +15,11 @@ import {
   CreateBucketCommand, DeleteBucketCommand, DeleteObjectsCommand, GetObjectCommand, HeadObjectCommand, ListMultipartUploadsCommand,
   ListObjectsV2Command, ListPartsCommand, PutObjectCommand, S3Client,
 } from '@aws-sdk/client-s3';
-import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
-import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
+import { countPasses, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { BIN } from '../helpers/send.js';
 import { openObjectSnapshot } from '../../src/conversations/object-store.js';
 import { PACKED_PREAMBLE_SIZE } from '../../src/codec/packed-snapshot.js';
+import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 const ENDPOINT = process.env.S3_ENDPOINT ?? process.env.AWS_ENDPOINT_URL;
@@ -124,24 +124,6 @@ async function rgwUp(): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     execFile('bash', [join(CEPH, 'start-rgw.sh')], { timeout: 300_000 }, (err, _o, stderr) => (err ? reject(new Error(`start-rgw.sh: ${stderr}`)) : resolve()));
   });
-}
-
-async function checkInvariant(q: QemuInstance, what: string): Promise<Buffer> {
-  const mem = await dumpGuestMemory(q, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
-  const inv = checkDirtyInvariant(mem);
-  assert.ok(inv.ok, `${what}: ${inv.reason}`);
-  return mem;
-}
-
-/** The guest goes on running from what was restored: more passes, invariant still holds. */
-async function runsOn(q: QemuInstance, restored: Buffer): Promise<void> {
-  const passes = countPasses(q.serialLog());
-  const st = await q.qmp.execute('query-status');
-  if (st.status !== 'running') await q.qmp.execute('cont');
-  await waitGuestPasses(q, passes + 2);
-  await q.qmp.execute('stop');
-  const later = await checkInvariant(q, 'after running on');
-  assert.ok(!later.equals(restored), 'the guest ran on after the restore');
 }
 
 /** Saves a fresh running guest to s3://bucket/key; returns the save summary (source killed after). */

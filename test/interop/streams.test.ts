@@ -15,6 +15,7 @@ import { send } from '../../src/conversations/send.js';
 import { relay } from '../../src/conversations/relay.js';
 import { freePort } from '../helpers/send.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
+import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 
 const MEM = 128;
 
@@ -32,17 +33,9 @@ async function snapshotRange(file: string): Promise<Buffer> {
 async function restoresAndRuns(version: QemuVersion, file: string, want?: Buffer): Promise<void> {
   const dst = await restoreSnapshot({ version, memMiB: MEM, file, bootSector: true });
   try {
-    const restored = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
-    const inv = checkDirtyInvariant(restored);
-    assert.ok(inv.ok, `restored memory: ${inv.reason}`);
+    const restored = await checkInvariant(dst, 'restored memory');
     if (want) assert.ok(restored.equals(want), 'QEMU loaded what the snapshot holds');
-    const passes = countPasses(dst.serialLog());
-    await dst.qmp.execute('cont');
-    await waitGuestPasses(dst, passes + 2);
-    await dst.qmp.execute('stop');
-    const later = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
-    assert.ok(checkDirtyInvariant(later).ok, 'the invariant holds after running on');
-    assert.ok(!later.equals(restored), 'the guest ran on from the snapshot');
+    await runsOn(dst, restored);
   } finally {
     await dst.kill();
   }
@@ -140,11 +133,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(mb.status, 'completed', mb['error-desc']);
         assert.equal((await src.qmp.execute('query-status')).status, 'running', 'A runs on without cont');
         await waitGuestPasses(src, passesAtStart + 2);
-        const mem = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
-        assert.ok(checkDirtyInvariant(mem).ok, checkDirtyInvariant(mem).reason);
-        const passes = countPasses(dst.serialLog());
-        await dst.qmp.execute('cont');
-        await waitGuestPasses(dst, passes + 2);
+        await runsOn(dst, await checkInvariant(dst, 'the destination'));
       } finally {
         r?.abort(new Error('test over'));
         await r?.done.catch(() => {});
@@ -183,11 +172,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(ma.status, 'completed');
         assert.equal(mb.status, 'completed', mb['error-desc']);
         assert.ok((ma['xbzrle-cache']?.pages ?? 0) > 1000, 'XBZRLE pages went through');
-        const mem = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
-        assert.ok(checkDirtyInvariant(mem).ok, checkDirtyInvariant(mem).reason);
-        const passes = countPasses(dst.serialLog());
-        await dst.qmp.execute('cont');
-        await waitGuestPasses(dst, passes + 2);
+        await runsOn(dst, await checkInvariant(dst, 'the destination'));
       } finally {
         r?.abort(new Error('test over'));
         await r?.done.catch(() => {});
@@ -300,11 +285,8 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         const m = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
         assert.equal(m.status, 'completed', `${m['error-desc'] ?? ''} ${dst.stderr()}`);
         assert.deepEqual(await bitmapOf(dst), want, 'the bitmap as the source had it');
-        const restored = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
-        assert.ok(checkDirtyInvariant(restored).ok, checkDirtyInvariant(restored).reason);
-        const passes = countPasses(dst.serialLog());
-        await dst.qmp.execute('cont');
-        await waitGuestPasses(dst, passes + 2);
+        const restored = await checkInvariant(dst, 'the destination');
+        await runsOn(dst, restored);
         await dst.kill();
 
         // Our sender replays the same snapshot into a QEMU waiting on a socket (2 channels).
@@ -357,11 +339,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(ma.status, 'completed');
         assert.equal(mb.status, 'completed', mb['error-desc']);
         assert.deepEqual(await bitmapOf(dst), want, 'B has the bitmap as A had it');
-        const mem = await dumpGuestMemory(dst, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
-        assert.ok(checkDirtyInvariant(mem).ok, checkDirtyInvariant(mem).reason);
-        const passes = countPasses(dst.serialLog());
-        await dst.qmp.execute('cont');
-        await waitGuestPasses(dst, passes + 2);
+        await runsOn(dst, await checkInvariant(dst, 'the destination'));
       } finally {
         r?.abort(new Error('test over'));
         await r?.done.catch(() => {});

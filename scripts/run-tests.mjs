@@ -148,6 +148,7 @@ function topLevel(results) {
       failed: leaves.filter((x) => !x.ok && x.todo === undefined).length,
       skippedInside: inner.filter((x) => x.skip !== undefined),
       skippedTests: r.type === 'suite' ? leaves.filter((x) => x.skip !== undefined).length : 0,
+      ms: r.ms ?? 0,
     });
   }
   return tops;
@@ -207,9 +208,25 @@ function summary(results) {
     for (const s of t.skippedInside) inside.set(s.skip || '(no reason given)', (inside.get(s.skip || '(no reason given)') ?? 0) + 1);
   }
   for (const [reason, n] of inside) lines.push(`skipped: ${n} test${n > 1 ? 's' : ''} inside groups that ran: ${reason}`);
+  lines.push(...slowestFiles(tops));
   if (install.length) {
     lines.push('to run what was skipped, install what is missing (Debian 12 or newer), then run npm test again:');
     for (const c of install) lines.push(`  ${c}`);
   }
   return `${lines.join('\n')}\n`;
+}
+
+/**
+ * Where the time went, file by file (slowest first): a CI log is often seen only from its tail,
+ * and the suite must stay far below CI's time bound.
+ */
+function slowestFiles(tops, shown = 12) {
+  const perFile = new Map();
+  for (const t of tops) perFile.set(t.file, (perFile.get(t.file) ?? 0) + t.ms);
+  const total = [...perFile.values()].reduce((a, b) => a + b, 0);
+  const sorted = [...perFile].sort((a, b) => b[1] - a[1]);
+  const s = (ms) => `${(ms / 1000).toFixed(1)} s`;
+  const out = [`time in tests: ${s(total)} over ${perFile.size} files; slowest:`];
+  for (const [file, ms] of sorted.slice(0, shown)) out.push(`  ${s(ms).padStart(8)}  ${relative(root, file)}`);
+  return out;
 }

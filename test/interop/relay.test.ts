@@ -64,8 +64,12 @@ async function migrateA(a: QemuInstance, uri: string, o: Side & { returnPath?: b
   });
   await a.qmp.execute('migrate-set-parameters', {
     'max-bandwidth': o.maxBandwidth ?? 107374182400,
-    // A TCG guest dirties memory fast; a generous downtime lets the migration converge.
-    'downtime-limit': o.downtimeLimitMs ?? 20000,
+    // A TCG guest dirties memory fast; a generous downtime lets the migration converge. With
+    // compression QEMU estimates its bandwidth from the compressed bytes it wrote but the time
+    // left from the uncompressed bytes it still holds, so a guest whose pages compress ~100:1
+    // could iterate for ever under 20 s (seen: 140 rounds, expected downtime 68 s, on a loaded
+    // machine); 300 s lets it switch over after the next round.
+    'downtime-limit': o.downtimeLimitMs ?? (o.compression ? 300_000 : 20000),
     ...(o.channels > 0 ? { 'multifd-channels': o.channels, 'multifd-compression': o.compression ?? 'none' } : {}),
   });
   await a.qmp.execute('migrate', { uri });

@@ -254,7 +254,7 @@ describe('libvirt save images with a real libvirtd', { skip, timeout: 900_000 },
       const xml = join(dir, `${d.name}.migratable.xml`);
       writeFileSync(xml, await virsh('dumpxml', '--migratable', d.name));
       const img = join(dir, `ours-${seq++}.sav`);
-      const r = await cli('save', '--qmp', `unix:${d.qmpSock}`, '--out', img, '--domain-xml', xml, '--to', to, '--channels', '2', '--json');
+      const r = await cli('save', '--qmp', `unix:${d.qmpSock}`, '--out', img, '--domain-xml', xml, '--to', to, '--channels', '2', '--downtime-limit', '20000', '--json');
       assert.equal(r.code, 0, r.stderr);
       const s = JSON.parse(r.stdout);
       assert.equal(s.libvirt.format, to === 'libvirt' ? 'raw' : 'sparse');

@@ -356,7 +356,7 @@ describe('S3 faults', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not
     try {
       await waitGuestPasses(src, 3);
       // Small parts one at a time: the upload lasts long enough to be caught in the middle.
-      const save = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`, '--json']);
+      const save = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`, '--downtime-limit', '20000', '--json']);
       // Stopped once some parts are in and more are to come.
       let parts = 0;
       for (let i = 0; i < 1200 && parts < 2; i++) {
@@ -399,7 +399,7 @@ describe('S3 faults', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not
     const src = await startQemu({ version: '10', memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
     try {
       await waitGuestPasses(src, 3);
-      const save = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`]);
+      const save = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`, '--downtime-limit', '20000']);
       let parts = 0;
       for (let i = 0; i < 1200 && parts < 2; i++) {
         const ups = (await s3!.send(new ListMultipartUploadsCommand({ Bucket: bucket }))).Uploads ?? [];

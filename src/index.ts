@@ -47,9 +47,9 @@ export { SyncBarrier } from './engine/sync-barrier.js';
 export {
   MultifdError, ProtocolError, QmpProtocolError, QmpCommandError, QmpConnectionError, AbortedError, InvalidOptionError,
   ConnectError, ListenError, StrayConnectionError, ChannelError, PageRequestError, IdleTimeoutError, StallError, DestinationClosedError,
-  PostcopyDestinationLostError, DestinationRefusedError, DestinationError, SourceError, PostcopyFailedError,
+  PostcopyDestinationLostError, DestinationRefusedError, DestinationError, SourceError, PostcopyFailedError, OutputFileError,
 } from './codec/errors.js';
-export type { MultifdErrorCode, ProtocolErrorCode, QmpProtocolErrorCode, PageRequestProblem } from './codec/errors.js';
+export type { MultifdErrorCode, ProtocolErrorCode, QmpProtocolErrorCode, OutputFileErrorCode, PageRequestProblem } from './codec/errors.js';
 export { DIAGNOSTICS, channelName, declaredChannels } from './engine/diagnostics.js';
 export type { ChannelSpec, DiagnosticsGroup, DiagnosticsEvent } from './engine/diagnostics.js';
 export { MainStreamParser } from './codec/main-stream-parser.js';

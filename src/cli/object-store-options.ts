@@ -1,7 +1,7 @@
 // The --s3-* options every command takes (snapshots named s3://bucket/key; docs/s3.md), and path
 // resolution that leaves such URLs alone.
 
-import { Option, type Command } from 'commander';
+import { InvalidArgumentError, Option, type Command } from 'commander';
 import { resolve as resolvePath } from 'node:path';
 import { configureObjectStore, isObjectUrl, takeUploadReport } from '../conversations/object-store.js';
 import { closeS3Clients } from '../transports/s3.js';
@@ -20,7 +20,8 @@ process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 function positive(max: number): (v: string) => number {
   return (v) => {
     const n = Number(v);
-    if (!Number.isInteger(n) || n < 1 || n > max) throw new Error(`expected an integer from 1 to ${max}, got "${v}"`);
+    // commander's own error: it names the option and exits 1 with one line, not a stack trace.
+    if (!Number.isInteger(n) || n < 1 || n > max) throw new InvalidArgumentError(`expected an integer from 1 to ${max}, got "${v}"`);
     return n;
   };
 }

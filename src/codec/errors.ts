@@ -43,11 +43,25 @@ export type ObjectStoreErrorCode =
   | 'S3_ABORT_FAILED'
   | 'S3_ERROR';
 
+/** What is wrong with a file we were asked to write (convert, extract, receive, save). */
+export type OutputFileErrorCode =
+  /** Something is there already and --force was not given. */
+  | 'OUTPUT_EXISTS'
+  /** A directory where a file is to be written. */
+  | 'OUTPUT_IS_DIRECTORY'
+  /** A file where a directory of outputs is to be made. */
+  | 'OUTPUT_NOT_DIRECTORY'
+  /** The output names the input itself. */
+  | 'OUTPUT_IS_INPUT'
+  /** Creating or writing it failed (`errno` says how when the system said). */
+  | 'OUTPUT_FAILED';
+
 /** Every `code` an error of this library can carry. */
 export type MultifdErrorCode =
   | ProtocolErrorCode
   | QmpProtocolErrorCode
   | ObjectStoreErrorCode
+  | OutputFileErrorCode
   | 'ABORTED'
   | 'INVALID_OPTION'
   | 'CONNECT_FAILED'
@@ -141,11 +155,12 @@ export class QmpConnectionError extends MultifdError {
 
 /**
  * The conversation was aborted (`handle.abort(reason)`, the caller's AbortSignal, Ctrl-C in the
- * CLI). `reason` is the abort reason exactly as given; the message is its message.
+ * CLI). `reason` is the abort reason exactly as given; the message is its message unless the
+ * thrower says what the abort left behind (the file tools: "no output written").
  */
 export class AbortedError extends MultifdError {
-  constructor(readonly reason: unknown) {
-    super('ABORTED', reason instanceof Error ? reason.message : reason === undefined ? 'aborted' : String(reason), { cause: reason });
+  constructor(readonly reason: unknown, message?: string) {
+    super('ABORTED', message ?? (reason instanceof Error ? reason.message : reason === undefined ? 'aborted' : String(reason)), { cause: reason });
   }
 }
 
@@ -271,6 +286,18 @@ const POSTCOPY_CONSEQUENCE = {
 export class PostcopyFailedError extends MultifdError {
   constructor(override readonly cause: Error, readonly where: keyof typeof POSTCOPY_CONSEQUENCE) {
     super(codeOf(cause, 'POSTCOPY_FAILED'), `${cause.message} — after the switch to postcopy: ${POSTCOPY_CONSEQUENCE[where]}`, { cause });
+  }
+}
+
+/** A file to write is in the way, missing its directory, or could not be written; `path` names it. */
+export class OutputFileError extends MultifdError {
+  declare readonly code: OutputFileErrorCode;
+  /** The system's code (ENOSPC, EACCES, ...) when the system refused. */
+  readonly errno: string | undefined;
+  constructor(code: OutputFileErrorCode, readonly path: string, message: string, opts: { cause?: unknown } = {}) {
+    super(code, message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    const errno = (opts.cause as { code?: unknown } | undefined)?.code;
+    this.errno = typeof errno === 'string' && !(opts.cause instanceof MultifdError) ? errno : undefined;
   }
 }
 

@@ -15,7 +15,7 @@
 // header whose version reads larger than 2 and tries again (images written on the other
 // endianness); so do we. Pure: no I/O.
 
-import { ProtocolError } from './errors.js';
+import { InvalidOptionError, ProtocolError } from './errors.js';
 
 export const LIBVIRT_HEADER_BYTES = 92;
 export const LIBVIRT_MAGIC_SAVE = 'LibvirtQemudSave';
@@ -151,7 +151,7 @@ export interface LibvirtImageSpec {
  * `…Save` only once the rest is durable; see LIBVIRT_MAGIC_SAVE and finishedMagic()).
  */
 export function encodeLibvirtImage(spec: LibvirtImageSpec): Buffer {
-  if (spec.domainXml.includes('\0') || spec.cookie?.includes('\0')) throw new RangeError('the domain XML and the cookie cannot contain NUL');
+  if (spec.domainXml.includes('\0') || spec.cookie?.includes('\0')) throw new InvalidOptionError('the domain XML and the cookie cannot contain NUL');
   const xml = Buffer.from(spec.domainXml + '\0', 'utf8');
   const cookie = spec.cookie !== undefined ? Buffer.from(spec.cookie + '\0', 'utf8') : undefined;
   const used = xml.length + (cookie?.length ?? 0);

@@ -5,7 +5,9 @@
 //
 // It frames records and checks each on its own; the order of records (one START, MEM_SIZE only
 // in it, device state after END, sync points, postcopy) is StreamSession's (stream-session.ts).
-// Read a migration through the session, not through this parser alone.
+// Read a migration through the session, not through this parser alone. The one order rule it
+// keeps itself is that the ram section opens once: past a second START its block list and
+// section id would no longer describe one stream, so a direct user is stopped there too.
 
 import { ByteQueue, type Cursor } from './byte-queue.js';
 import {
@@ -73,6 +75,18 @@ export interface MainStreamParserOptions {
   maxBlocks?: number;
   /** Largest PACKAGED command accepted (QEMU allows 4 GiB; the package is buffered whole). */
   maxPackageBytes?: number;
+  /**
+   * Set by StreamSession only, which owns the record order: a second START (or FULL) of the ram
+   * section is handed on as a section event, for the session to refuse (strict) or record and
+   * walk past (lenient). Without it the parser refuses it itself, so a direct user cannot be
+   * led into reading two block lists as one.
+   */
+  orderCheckedByCaller?: boolean;
+}
+
+/** The one text for a second opening of the ram section, whichever of parser and session finds it. */
+export function secondRamSectionMessage(kind: 'start' | 'full', sectionId: number): string {
+  return `second RAM section ${kind.toUpperCase()} (id ${sectionId}); a stream holds exactly one RAM section`;
 }
 
 type State =
@@ -111,6 +125,7 @@ export class MainStreamParser {
   private readonly fileOffset: number;
   private readonly maxBlocks: number;
   private readonly maxPackageBytes: number;
+  private readonly orderCheckedByCaller: boolean;
 
   private ramSectionId: number | undefined;
   private currentSectionId = 0;
@@ -132,6 +147,7 @@ export class MainStreamParser {
     this.externalSkip = this.fileOffset;
     this.maxBlocks = opts.maxBlocks ?? MAX_RAM_BLOCKS;
     this.maxPackageBytes = opts.maxPackageBytes ?? MAX_PACKAGE_BYTES;
+    this.orderCheckedByCaller = opts.orderCheckedByCaller ?? false;
   }
 
   push(chunk: Buffer): void {
@@ -317,6 +333,9 @@ export class MainStreamParser {
         if (idstr === RAM_SECTION_NAME && instanceId === 0) {
           if (versionId !== RAM_SECTION_VERSION) {
             throw new ProtocolError('BAD_VERSION', `ram section version ${versionId} (supported: ${RAM_SECTION_VERSION})`, { offset: at });
+          }
+          if (this.ramSectionId !== undefined && !this.orderCheckedByCaller) {
+            throw new ProtocolError('BAD_RECORD', secondRamSectionMessage(kind, sectionId), { offset: at });
           }
           this.ramSectionId = sectionId;
           this.currentSectionId = sectionId;

@@ -18,7 +18,7 @@ import { encodeMainEvent } from './main-event-encode.js';
 import type { Configuration } from './configuration.js';
 import { DeviceStateTail } from './device-state-tail.js';
 import { ProtocolError, type ProtocolErrorCode } from './errors.js';
-import { MainStreamParser, type MainEvent, type MainStreamParserOptions, type RamBlockInfo } from './main-stream-parser.js';
+import { MainStreamParser, secondRamSectionMessage, type MainEvent, type MainStreamParserOptions, type RamBlockInfo } from './main-stream-parser.js';
 import { decodeDiscard, encodeEofAndVmdesc, findDeviceSections, splitPackage, synthesizeVmdesc, type FoundSection } from './postcopy.js';
 import { SyncPoints, type SyncMode } from './sync-points.js';
 
@@ -141,7 +141,7 @@ export class StreamSession {
   private backgroundValue = false;
 
   constructor(private readonly opts: StreamSessionOptions) {
-    this.parser = new MainStreamParser(opts.parser);
+    this.parser = new MainStreamParser({ ...opts.parser, orderCheckedByCaller: true });
     this.live = opts.kind === 'live';
     this.strict = (opts.mode ?? 'strict') === 'strict';
     this.syncPoints = new SyncPoints(opts.syncMode);
@@ -386,7 +386,7 @@ export class StreamSession {
   private onSection(rec: Extract<MainEvent, { type: 'section' }>, at: number): SessionEvent {
     const k = rec.kind.toUpperCase();
     if (rec.kind === 'start' || rec.kind === 'full') {
-      if (this.started) this.violation('BAD_RECORD', at, `second RAM section ${k} (id ${rec.sectionId}); a stream holds exactly one RAM section`);
+      if (this.started) this.violation('BAD_RECORD', at, secondRamSectionMessage(rec.kind, rec.sectionId));
       if (rec.kind === 'full') this.violation('BAD_RECORD', at, 'RAM sent as a FULL section; QEMU sends START, PART and END');
       this.started = true;
     } else if (!this.started) {

@@ -10,6 +10,7 @@
 // Absent pages get no record, exactly as a mapped-ram load leaves clear-bit pages untouched.
 
 import { realpath, stat } from 'node:fs/promises';
+import { AbortedError, InvalidOptionError, OutputFileError } from '../codec/errors.js';
 import { encodeLibvirtImage } from '../codec/libvirt-image.js';
 import { finishLibvirtImage } from '../engine/libvirt-image-file.js';
 import { resolve } from 'node:path';
@@ -214,8 +215,8 @@ async function samePath(a: string, b: string): Promise<boolean> {
  */
 function libvirtPrologue(src: SnapshotSource, opts: ConvertOptions): Buffer {
   const domainXml = opts.domainXml ?? src.libvirt?.domainXml;
-  if (domainXml === undefined) throw new Error('a libvirt image needs the domain XML (--domain-xml FILE, from `virsh dumpxml --migratable DOMAIN`) unless the input is a libvirt image');
-  if (!/<domain[\s>]/.test(domainXml)) throw new Error('the domain XML has no <domain> element');
+  if (domainXml === undefined) throw new InvalidOptionError('a libvirt image needs the domain XML (--domain-xml FILE, from `virsh dumpxml --migratable DOMAIN`) unless the input is a libvirt image');
+  if (!/<domain[\s>]/.test(domainXml)) throw new InvalidOptionError('the domain XML has no <domain> element');
   const cookie = opts.domainXml === undefined ? src.libvirt?.cookie : undefined;
   return encodeLibvirtImage({
     domainXml,
@@ -229,7 +230,7 @@ function libvirtPrologue(src: SnapshotSource, opts: ConvertOptions): Buffer {
 export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
   const started = Date.now();
   if (isObjectUrl(opts.output)) return convertToObject(opts, convert);
-  if (await samePath(opts.input, opts.output)) throw new Error(`the output ${opts.output} is the input file`);
+  if (await samePath(opts.input, opts.output)) throw new OutputFileError('OUTPUT_IS_INPUT', opts.output, `the output ${opts.output} is the input file`);
   await checkOutputPath(opts.output, opts.force ?? false);
   const src = await openSnapshot(opts.input);
   let sink: Sink | undefined;
@@ -242,7 +243,7 @@ export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
     let written = 0;
     const progress = (phase: ConvertProgress['phase']): void => opts.onProgress?.({ phase, elapsedMs: Date.now() - started, pagesDone: done, pagesTotal: total, written });
     const aborted = (): void => {
-      if (opts.signal?.aborted) throw new Error('convert interrupted; no output written');
+      if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, 'convert interrupted; no output written');
     };
     aborted();
     sink = to === 'mapped-ram' ? await mappedRamSink(src, opts.output, prologue) : await streamSink(src, opts.output, opts.force ?? false, prologue);

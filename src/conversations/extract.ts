@@ -5,7 +5,7 @@
 import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { ProtocolError } from '../codec/errors.js';
+import { AbortedError, OutputFileError, ProtocolError } from '../codec/errors.js';
 import { sliceViews } from '../engine/coalesce.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import { checkOutputPath, OutputFile } from './output-file.js';
@@ -76,8 +76,10 @@ export async function extract(opts: ExtractOptions): Promise<ExtractSummary> {
       const path = (await isDirectory(opts.out)) ? join(opts.out, blockFileName(b.name)) : opts.out;
       targets = [{ name: b.name, usedLength: b.usedLength, path }];
     } else {
+      // Checked before mkdir -p, which over a file would only say EEXIST.
+      const st = await stat(opts.out).catch(() => undefined);
+      if (st && !st.isDirectory()) throw new OutputFileError('OUTPUT_NOT_DIRECTORY', opts.out, `${opts.out} is not a directory`);
       await mkdir(opts.out, { recursive: true });
-      if (!(await isDirectory(opts.out))) throw new Error(`${opts.out} is not a directory`);
       const names = blockFileNames(all);
       targets = src.blockList.map((b) => ({ name: b.name, usedLength: b.usedLength, path: join(opts.out, names.get(b.name)!) }));
     }
@@ -91,7 +93,7 @@ export async function extract(opts: ExtractOptions): Promise<ExtractSummary> {
       outputs.push(out);
       let bytes = 0;
       for await (const b of presentPageBatches(src, [t.name], opts.batchPages ?? DEFAULT_BATCH_PAGES)) {
-        if (opts.signal?.aborted) throw new Error('extract interrupted; no output written');
+        if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, 'extract interrupted; no output written');
         const writes: Promise<void>[] = [];
         let at = 0;
         for (let i = 0; i < b.runs.length; i += 2) {

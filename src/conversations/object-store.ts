@@ -5,6 +5,7 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { AbortedError } from '../codec/errors.js';
 import { MappedRamSnapshot } from '../engine/mapped-ram-reader.js';
 import { registerSnapshotScheme } from '../engine/open-snapshot.js';
 import { PackedSnapshot, type PackedReadOptions } from '../engine/packed-snapshot-source.js';
@@ -122,12 +123,12 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: { s
       const pool: Buffer[] = [];
       const alloc = (n: number): Buffer => (n === partSize ? pool.pop() : undefined) ?? Buffer.allocUnsafe(n);
       for await (const part of packedParts(src, prefix, layout, partSize, alloc)) {
-        if (opts.signal?.aborted) throw new Error(`upload of ${url} interrupted`);
+        if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, `upload of ${url} interrupted`);
         await up.add(part, () => { if (part.length === partSize) pool.push(part); });
         sent += part.length;
         opts.onProgress?.({ sent, total });
       }
-      if (opts.signal?.aborted) throw new Error(`upload of ${url} interrupted`);
+      if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, `upload of ${url} interrupted`);
       await up.complete();
     } catch (e) {
       // The abort's own failure (store unreachable past its deadline) names the upload id.

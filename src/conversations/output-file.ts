@@ -4,6 +4,7 @@
 
 import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { OutputFileError } from '../codec/errors.js';
 import { syncDirectory, temporaryName, writeExactly } from '../engine/write-exactly.js';
 
 /** Fails unless `path` is free or `force` is set; a directory is never overwritten. */
@@ -15,8 +16,8 @@ export async function checkOutputPath(path: string, force: boolean): Promise<voi
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
     throw e;
   }
-  if (st.isDirectory()) throw new Error(`${path} is a directory`);
-  if (!force) throw new Error(`${path} already exists (use --force to overwrite it)`);
+  if (st.isDirectory()) throw new OutputFileError('OUTPUT_IS_DIRECTORY', path, `${path} is a directory`);
+  if (!force) throw new OutputFileError('OUTPUT_EXISTS', path, `${path} already exists (use --force to overwrite it)`);
 }
 
 export class OutputFile {
@@ -33,7 +34,7 @@ export class OutputFile {
       fh = await open(tempPath, 'wx', 0o644);
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
-      throw new Error(`cannot create ${finalPath}: ${err.message}`);
+      throw new OutputFileError('OUTPUT_FAILED', finalPath, `cannot create ${finalPath}: ${err.message}`, { cause: err });
     }
     return new OutputFile(finalPath, tempPath, fh);
   }

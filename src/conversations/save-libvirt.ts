@@ -5,6 +5,7 @@
 // writes only bare QEMU files, so the image costs a second write of the guest's pages.
 
 import { unlink } from 'node:fs/promises';
+import { InvalidOptionError } from '../codec/errors.js';
 import { QmpClient } from '../transports/qmp-client.js';
 import { temporaryName } from '../engine/write-exactly.js';
 import { convert, type ConvertSummary } from './convert.js';
@@ -36,7 +37,7 @@ export function saveLibvirtImage(opts: SaveLibvirtOptions): SaveHandle {
 
   async function run(h: SaveHandle, signal: AbortSignal, listened: (addr: string) => void): Promise<SaveLibvirtSummary> {
     const to = opts.to ?? 'libvirt-sparse';
-    if (!/<domain[\s>]/.test(opts.domainXml)) throw new Error('the domain XML has no <domain> element');
+    if (!/<domain[\s>]/.test(opts.domainXml)) throw new InvalidOptionError('the domain XML has no <domain> element');
     await checkOutputPath(opts.out, opts.force ?? false);
     // virsh restore resumes the guest when it was running at save time; asked before the save,
     // which leaves it paused. The QMP socket takes one client at a time: closed again at once.

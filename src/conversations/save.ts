@@ -68,12 +68,12 @@ export const BACKGROUND_INCOMPATIBLE_CAPS = [
 export function checkBackgroundOptions(opts: Pick<SaveOptions, 'background' | 'channels' | 'compression' | 'level'>): void {
   if (!opts.background) return;
   if (opts.channels !== undefined && opts.channels > 0) {
-    throw new Error(`--background saves over the main channel alone (QEMU refuses multifd with background-snapshot): drop --channels ${opts.channels}`);
+    throw new InvalidOptionError(`--background saves over the main channel alone (QEMU refuses multifd with background-snapshot): drop --channels ${opts.channels}`);
   }
   if (opts.compression !== undefined && opts.compression !== 'none') {
-    throw new Error(`--background cannot use compression ${opts.compression}: it needs multifd, which QEMU refuses with background-snapshot`);
+    throw new InvalidOptionError(`--background cannot use compression ${opts.compression}: it needs multifd, which QEMU refuses with background-snapshot`);
   }
-  if (opts.level !== undefined) throw new Error('--background takes no compression level (no multifd, no compression)');
+  if (opts.level !== undefined) throw new InvalidOptionError('--background takes no compression level (no multifd, no compression)');
 }
 
 export interface SaveProgress extends ReceiveProgress {
@@ -167,7 +167,7 @@ async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, S
       : { multifd: channels > 0, 'mapped-ram': false, 'return-path': true, 'background-snapshot': false, 'pause-before-switchover': false };
     const setCaps = Object.entries(capsWanted).filter(([name]) => caps.some((c) => c.capability === name));
     if (opts.background && !setCaps.some(([name]) => name === 'background-snapshot')) {
-      throw new Error('this QEMU has no background-snapshot capability');
+      throw new SourceError('this QEMU has no background-snapshot capability');
     }
     saved = { caps, params: await qmp.execute('query-migrate-parameters'), touched: setCaps.map(([name]) => name) };
     await qmp.execute('migrate-set-capabilities', {

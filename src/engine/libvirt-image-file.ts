@@ -15,7 +15,7 @@ import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import type { Transform } from 'node:stream';
 import { decodeLibvirtData, decodeLibvirtHeader, finishedMagic, LIBVIRT_HEADER_BYTES, LIBVIRT_MAGIC_PREFIX, looksLikeLibvirtImage, type LibvirtFormat, type LibvirtImage } from '../codec/libvirt-image.js';
-import { ProtocolError } from '../codec/errors.js';
+import { InvalidOptionError, OutputFileError, ProtocolError } from '../codec/errors.js';
 import { zstdBackend, zstdUnavailable } from './methods/zstd.js';
 import { zstdNapiDecompressStream } from './methods/zstd-napi.js';
 import { nodeZstdDecompressStream } from './methods/zstd-stream.js';
@@ -109,7 +109,7 @@ export async function decompressLibvirtStream(path: string, image: LibvirtImage)
     } else if (TOOLS[image.format]) {
       await viaTool(image.format, path, image.qemuOffset, file);
     } else {
-      throw new Error(`format ${image.format} is not compressed`);
+      throw new InvalidOptionError(`format ${image.format} is not compressed`);
     }
     return { file, remove };
   } catch (e) {
@@ -127,7 +127,7 @@ export async function finishLibvirtImage(path: string): Promise<void> {
   try {
     const magic = finishedMagic();
     const { bytesWritten } = await fh.write(magic, 0, magic.length, 0);
-    if (bytesWritten !== magic.length) throw new Error(`${path}: short write of the libvirt header magic`);
+    if (bytesWritten !== magic.length) throw new OutputFileError('OUTPUT_FAILED', path, `${path}: short write of the libvirt header magic`);
     await fh.sync();
   } finally {
     await fh.close();

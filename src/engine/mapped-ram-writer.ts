@@ -7,7 +7,7 @@ import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants } from 'node:fs';
 import { dirname } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { ProtocolError } from '../codec/errors.js';
+import { OutputFileError, ProtocolError } from '../codec/errors.js';
 import { encodeMappedRamHeader, planBlock, SparsePageBitmap, type MappedRamHeader } from '../codec/mapped-ram.js';
 import { encodeBlockEntry } from '../codec/stream-encode.js';
 import { coalescePages, type PageRun } from './coalesce.js';
@@ -74,7 +74,7 @@ export class MappedRamWriter implements PageStore {
       fh = await open(tempPath, 'wx', 0o600);
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
-      throw new Error(`cannot create the snapshot in ${dirname(finalPath)}: ${err.message}`);
+      throw new OutputFileError('OUTPUT_FAILED', finalPath, `cannot create the snapshot in ${dirname(finalPath)}: ${err.message}`, { cause: err });
     }
     let direct: FileHandle | undefined;
     if ((opts.directIo ?? true) && fsConstants.O_DIRECT !== undefined && pageSize % DIRECT_ALIGN === 0) {
@@ -260,7 +260,7 @@ export class MappedRamWriter implements PageStore {
     await this.streamChain;
     await this.pageChain;
     await this.writeback;
-    if (this.writebackError) throw new Error(`writing the snapshot failed: ${this.writebackError.message}`);
+    if (this.writebackError) throw new OutputFileError('OUTPUT_FAILED', this.finalPath, `writing the snapshot failed: ${this.writebackError.message}`, { cause: this.writebackError });
     // Only the bitmap chunks that hold a set bit: the rest of each bitmap region was never
     // written in this fresh file, so it reads as zero (a hole).
     // Adjacent chunks go out as one writev (a dense 1 TiB guest has 8192 of them).

@@ -211,7 +211,7 @@ export class MultifdReceiver extends EventEmitter {
       // A peer killed outright resets the connection instead of closing it: same news.
       const code = (e as { code?: string }).code;
       const err = code === 'ECONNRESET' || code === 'EPIPE' ? new ProtocolError('TRUNCATED', 'the connection was reset mid-migration (source gone?)') : e;
-      this.fail(err instanceof Error ? this.locate(err, where) : new Error(String(err)));
+      this.fail(this.locate(err instanceof Error ? err : new Error(String(err)), where));
     } finally {
       // Decodes still running use the method's stream state: let them settle before it goes.
       await Promise.allSettled(windowed);

@@ -12,6 +12,7 @@
 
 import { isZeroPage } from './zero-page.js';
 import { EventEmitter } from 'node:events';
+import { InvalidOptionError } from '../codec/errors.js';
 import { MULTIFD_PACKET_HEADER_SIZE, MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { encodeMultifdInit } from '../codec/multifd-init.js';
 import { encodeMultifdPacketHeader, encodeSyncPacket } from '../codec/multifd-packet.js';
@@ -224,7 +225,7 @@ export class MultifdSender extends EventEmitter {
   async send(batch: PageBatch): Promise<void> {
     if (batch.pages === 0) return;
     checkPageCount(batch.pages, 'batch');
-    if (!this.opts.loader) throw new Error('send() needs a page loader');
+    if (!this.opts.loader) throw new InvalidOptionError('send() needs a page loader');
     const [ch, slot] = await this.acquire();
     const load = this.opts.loader.loadRuns(batch.block, batch.runs, batch.runs.length / 2, slot.scratch);
     // The rejection is seen by the chain below; this only keeps Node from calling it unhandled

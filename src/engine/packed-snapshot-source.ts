@@ -201,6 +201,7 @@ export class PackedSnapshot implements SnapshotSource {
 
   /** Object bytes [obj, obj+len) into `into`: from the sequential chunks, or one ranged GET. */
   private async fetch(obj: number, len: number, into: Buffer): Promise<void> {
+    // A read after close(): a bug in the reader's user, not something a caller reacts to.
     if (this.closed) throw new Error(`${this.path} is closed`);
     const rel = obj - this.layout.pagesOffset;
     const c0 = Math.floor(rel / this.chunkBytes);

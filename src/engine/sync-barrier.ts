@@ -38,6 +38,8 @@ export class SyncBarrier {
   /** A channel reached its SYNC; resolves when the main channel releases the round. */
   arrive(id: number): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
+    // Plain Errors here and in wait(): misuse by the code driving the barrier, which no stream can
+    // cause (a channel awaits its arrival before it reads on; the main channel waits once a round).
     if (this.arrived.has(id)) return Promise.reject(new Error(`channel ${id} arrived twice at one sync`));
     return new Promise((resolve, reject) => {
       this.arrived.set(id, { resolve, reject });

@@ -5,6 +5,7 @@
 import { closeSync, fsyncSync, openSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { OutputFileError } from '../codec/errors.js';
 
 /** Linux IOV_MAX; libuv would split larger vectors anyway, but fewer syscalls is the point. */
 const IOV_MAX = 1024;
@@ -17,7 +18,7 @@ export async function writeExactly(fh: FileHandle, bufs: readonly Buffer[], posi
     const batch = list.length > IOV_MAX ? list.slice(0, IOV_MAX) : list;
     const want = batch.reduce((n, b) => n + b.length, 0);
     const { bytesWritten } = await fh.writev(batch, pos);
-    if (bytesWritten === 0) throw new Error(`write at offset ${pos} of ${what} made no progress`);
+    if (bytesWritten === 0) throw new OutputFileError('OUTPUT_FAILED', what, `write at offset ${pos} of ${what} made no progress`);
     pos += bytesWritten;
     if (bytesWritten === want) {
       list = list.slice(batch.length);

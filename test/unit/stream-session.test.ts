@@ -14,6 +14,7 @@ import { Command, SectionType } from '../../src/codec/constants.js';
 import { ProtocolError, type ProtocolErrorCode } from '../../src/codec/errors.js';
 import { encodeDiscards, encodePackagedHeader, encodePostcopyAdvise, encodePostcopyListen, encodePostcopyRun } from '../../src/codec/postcopy.js';
 import { encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePing, encodeSectionFull, encodeSectionShort, encodeZeroRecord } from '../../src/codec/stream-encode.js';
+import { MainStreamParser } from '../../src/codec/main-stream-parser.js';
 import { StreamSession, type SessionEvent, type StreamSessionOptions } from '../../src/codec/stream-session.js';
 import { findScenario, scenarios, type Scenario } from '../helpers/fixtures.js';
 
@@ -296,13 +297,43 @@ describe('StreamSession: one violating stream per rule', () => {
   const sectionStart = OFF['ram_START'];
   const switchover = OFF['cmd_SWITCHOVER_START'];
 
-  test('one START: a second one is refused (MainStreamParser alone takes it)', () => {
+  test('one START: a second one is refused (also by MainStreamParser alone)', () => {
     const data = insert(MAIN, switchover, sec('start', SID), encodeEos(), encodeFooter(SID));
     assertStrict(data, 'BAD_RECORD', /second RAM section START/, switchover);
     const l = lenientProblems(data);
     assert.deepEqual(l.problems.map((p) => [p.code, p.offset, p.fatal]), [['BAD_RECORD', switchover, false]]);
     assert.equal(l.halted, false, 'lenient mode walks on');
     assert.equal(l.deviceStart, OFF['first_device']! + sec('start', SID).length + 13);
+  });
+
+  test('two STARTs of the ram section: MainStreamParser read alone refuses the second as the session does, at every split', () => {
+    const data = insert(MAIN, switchover, sec('start', SID), encodeEos(), encodeFooter(SID));
+    const refused = (e: unknown): boolean => {
+      assert.ok(e instanceof ProtocolError, String(e));
+      assert.equal(e.code, 'BAD_RECORD', e.message);
+      assert.match(e.message, /second RAM section START \(id \d+\); a stream holds exactly one RAM section/);
+      assert.equal(e.offset, switchover, e.message);
+      return true;
+    };
+    const parse = (chunks: Buffer[]): number => {
+      const p = new MainStreamParser();
+      let blocks = 0;
+      for (const c of chunks) {
+        p.push(c);
+        for (let ev = p.next(); ev !== null; ev = p.next()) if (ev.type === 'ram-block') blocks++;
+      }
+      return blocks;
+    };
+    // Split at every byte of the second START and the records around it: the same refusal.
+    for (let at = switchover - 16; at <= switchover + sec('start', SID).length + 8; at++) {
+      assert.throws(() => parse([data.subarray(0, at), data.subarray(at)]), refused, `split at ${at}`);
+      assert.throws(() => run([data.subarray(0, at), data.subarray(at)], { kind: 'live' }), refused, `session, split at ${at}`);
+    }
+    // A third START of a different id, and a FULL after the START: no way past the first one.
+    assert.throws(() => parse([insert(MAIN, switchover, sec('start', SID + 1))]), (e: unknown) => e instanceof ProtocolError && e.code === 'BAD_RECORD' && /second RAM section START \(id \d+\)/.test(e.message));
+    assert.throws(() => parse([insert(MAIN, switchover, sec('full', SID))]), (e: unknown) => e instanceof ProtocolError && e.code === 'BAD_RECORD' && /second RAM section FULL/.test(e.message));
+    // The capture itself (one START) still parses whole, with its block list read once.
+    assert.equal(parse([MAIN]), CAP.check.main.ram_blocks.length);
   });
 
   test('RAM as a FULL section, PART before START, PART after END', () => {

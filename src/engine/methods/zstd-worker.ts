@@ -21,6 +21,8 @@ const dctx = new Map<string, InstanceType<ZstdNapiBinding['DCtx']>>();
 /** Streams that failed: their state is lost, so every later packet fails with the first error. */
 const failed = new Map<string, string>();
 
+// Errors thrown here reach the main thread as their text only, and become ProtocolErrors there
+// (zstd.ts): plain Errors are enough.
 function compress(key: string, src: Uint8Array, out: Uint8Array): Uint8Array {
   const c = cctx.get(key);
   if (!c) throw new Error(`no zstd compression context ${key}`);

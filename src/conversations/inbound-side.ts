@@ -176,8 +176,12 @@ export class InboundSide {
       handshakeTimeoutMs: o.identifyTimeoutMs ?? DEFAULT_IDENTIFY_TIMEOUT_MS,
       onTlsError: (e, peer) => this.onStray(new StrayConnectionError(peer, e.message)),
     });
-    // The conversation's handle fails it on abort; one aborted before listening stops here.
-    if (o.signal?.aborted) throw abortError(o.signal.reason);
+    // The conversation's handle fails it on abort; one aborted before listening stops here, and
+    // closes what it opened so that open() on its own leaves nothing behind.
+    if (o.signal?.aborted) {
+      await this.close();
+      throw abortError(o.signal.reason);
+    }
     this.progressTimer = setInterval(() => sink.tick(), o.progressIntervalMs ?? 250);
     this.progressTimer.unref();
     this.idle = new IdleWatch(

@@ -10,6 +10,9 @@ import assert from 'node:assert/strict';
 import { connect, type Socket } from 'node:net';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { AbortedError, ChannelError, IdleTimeoutError, MultifdError, ProtocolError, StrayConnectionError, type MultifdErrorCode } from '../../src/codec/errors.js';
 import { StreamSession, type SessionEvent } from '../../src/codec/stream-session.js';
@@ -303,10 +306,18 @@ describe('InboundSide: a main channel that breaks', () => {
     const ac = new AbortController();
     const reason = new Error('stop');
     ac.abort(reason);
-    const side = new InboundSide({ listen: 'tcp:127.0.0.1:0', channels: 0, compression: 'none', idlePhases: [], conversation: 'receive', signal: ac.signal });
+    // On a unix socket, so that "the listener is closed again" can be seen: its path is gone.
+    const sockDir = mkdtempSync(join(tmpdir(), 'multifd-inbound-'));
+    const sockPath = join(sockDir, 'in.sock');
+    const side = new InboundSide({ listen: `unix:${sockPath}`, channels: 0, compression: 'none', idlePhases: [], conversation: 'receive', signal: ac.signal });
     open.push({ side, sockets: [] });
     const store = new MemoryStore(side.blocks);
     const noop = (): void => {};
-    await assert.rejects(side.open({ store, snapshot: undefined, event: noop, sync: async () => {}, mainEnded: async () => {}, connected: noop, tick: noop, stray: noop, fail: noop }), (e: unknown) => e instanceof AbortedError && e.reason === reason);
+    try {
+      await assert.rejects(side.open({ store, snapshot: undefined, event: noop, sync: async () => {}, mainEnded: async () => {}, connected: noop, tick: noop, stray: noop, fail: noop }), (e: unknown) => e instanceof AbortedError && e.reason === reason);
+      assert.equal(existsSync(sockPath), false, 'open() closed the listener it had opened');
+    } finally {
+      rmSync(sockDir, { recursive: true, force: true });
+    }
   });
 });

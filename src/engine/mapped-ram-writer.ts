@@ -21,9 +21,12 @@ const WRITEBACK_BYTES = 64 * 1024 * 1024;
 
 /**
  * Staging for pages that come one at a time (stagePage): buffers × bytes, allocated at the first
- * such page. One buffer is filled while the others are written; 1 MiB runs keep the disk busy.
+ * such page. One buffer is filled while the others are written. 218 MB of a background snapshot
+ * replayed into receive (O_DIRECT): with 4 buffers written one at a time the stream waited for a
+ * free buffer 1-71 times per run (14-2631 ms), 4 written at once 9-21 times (64-116 ms), 8 at
+ * once never.
  */
-const STAGING_BUFFERS = 4;
+const STAGING_BUFFERS = 8;
 const STAGING_BUFFER_BYTES = 1024 * 1024;
 
 interface BlockLayout extends RamBlock {
@@ -184,6 +187,8 @@ export class MappedRamWriter implements PageStore {
       STAGING_BUFFERS,
       (bytes, at) => (this.direct ? this.writeAllDirect(bytes, at) : this.writeAll([bytes], at)),
       (bytes) => this.startWriteback(bytes),
+      // O_DIRECT writes wait for the device: several at once. Buffered ones: one (see queuePageWrite).
+      this.direct === undefined,
     );
     return this.staged.add(b.header.pagesOffset + offset, data);
   }

@@ -5,10 +5,11 @@
 // run goes out as one positioned write while the stream is parsed on. Memory is the buffers, and
 // nothing is allocated per page.
 //
-// Order is the order pages were added: buffers are written one after another and their runs in
-// order, so a page added twice ends with its later bytes (write after write), and a page still
-// held here (staged or being written) is read from here (read after write: an XBZRLE delta applies
-// onto the page as last received, docs/protocol.md §4).
+// Order is the order pages were added: a buffer's runs are written in order, and a buffer whose
+// file range meets that of a buffer handed over earlier is written only after it (all buffers one
+// after another when `serial`), so a page added twice ends with its later bytes (write after
+// write); a page still held here (staged or being written) is read from here (read after write:
+// an XBZRLE delta applies onto the page as last received, docs/protocol.md §4).
 
 export type RunWrite = (bytes: Buffer, position: number) => Promise<void>;
 
@@ -20,6 +21,11 @@ interface StagingBuffer {
   /** Run i: its file position and where its bytes start in mem (they end where run i+1 starts, or at used). */
   runPos: Float64Array;
   runStart: Float64Array;
+  /** The file range its runs cover, [lo, hi). */
+  lo: number;
+  hi: number;
+  /** Settles once its writes are done (never rejects). */
+  done: Promise<void>;
 }
 
 export class StagedRuns {
@@ -28,7 +34,6 @@ export class StagedRuns {
   private current: StagingBuffer | undefined;
   /** Buffers handed to the writer, oldest first, until their writes are done. */
   private readonly pending: StagingBuffer[] = [];
-  private chain: Promise<void> = Promise.resolve();
   /** The first write error: later adds throw it, flush rejects with it. */
   private error: Error | undefined;
   /** Set while an add waits for a buffer: later adds queue behind it, keeping their order. */
@@ -38,6 +43,8 @@ export class StagedRuns {
   /**
    * `memory`: count × bufferBytes bytes, split into the staging buffers (page-aligned memory for
    * O_DIRECT). `write` stores one run; `written` is told the bytes of each buffer once written.
+   * `serial`: one write at a time (buffered writes to one file only contend for its inode lock);
+   * otherwise buffers of disjoint file ranges are written at once (O_DIRECT waits for the device).
    */
   constructor(
     private readonly pageSize: number,
@@ -45,6 +52,7 @@ export class StagedRuns {
     count: number,
     private readonly write: RunWrite,
     private readonly written: (bytes: number) => void = () => {},
+    private readonly serial = true,
   ) {
     const bufferBytes = Math.floor(memory.length / count);
     if (count < 1 || bufferBytes < pageSize || bufferBytes % pageSize !== 0) {
@@ -52,7 +60,7 @@ export class StagedRuns {
     }
     const pages = bufferBytes / pageSize;
     for (let i = 0; i < count; i++) {
-      this.free.push({ mem: memory.subarray(i * bufferBytes, (i + 1) * bufferBytes), used: 0, runs: 0, runPos: new Float64Array(pages), runStart: new Float64Array(pages) });
+      this.free.push({ mem: memory.subarray(i * bufferBytes, (i + 1) * bufferBytes), used: 0, runs: 0, runPos: new Float64Array(pages), runStart: new Float64Array(pages), lo: 0, hi: 0, done: Promise.resolve() });
     }
   }
 
@@ -82,6 +90,8 @@ export class StagedRuns {
       cur.runs = n + 1;
     }
     cur.used = at;
+    if (n === 0 || position < cur.lo) cur.lo = position;
+    if (n === 0 || position + this.pageSize > cur.hi) cur.hi = position + this.pageSize;
     if (cur.used + this.pageSize > cur.mem.length) this.submit();
   }
 
@@ -116,7 +126,7 @@ export class StagedRuns {
   async flush(): Promise<void> {
     if (this.waiting) await this.waiting;
     this.submit();
-    await this.chain;
+    await this.settled();
     if (this.error) throw this.error;
   }
 
@@ -124,15 +134,30 @@ export class StagedRuns {
   async close(reason: Error): Promise<void> {
     this.error ??= reason;
     this.current = undefined;
-    await this.chain;
+    await this.settled();
+  }
+
+  private async settled(): Promise<void> {
+    while (this.pending.length > 0) await this.pending[this.pending.length - 1]!.done;
   }
 
   private submit(): void {
     const b = this.current;
     if (!b || b.runs === 0) return;
     this.current = undefined;
+    // Written after every earlier buffer that holds any of its pages (or after all, when serial):
+    // those wait the same way, so waiting for them orders b after every earlier copy of its pages.
+    const before: Promise<void>[] = [];
+    for (let i = this.pending.length - 1; i >= 0; i--) {
+      const p = this.pending[i]!;
+      if (this.serial) {
+        before.push(p.done);
+        break;
+      }
+      if (p.lo < b.hi && b.lo < p.hi) before.push(p.done);
+    }
     this.pending.push(b);
-    this.chain = this.chain.then(() => this.writeBuffer(b));
+    b.done = (before.length === 0 ? this.writeBuffer(b) : Promise.all(before).then(() => this.writeBuffer(b)));
   }
 
   private async writeBuffer(b: StagingBuffer): Promise<void> {
@@ -147,8 +172,7 @@ export class StagedRuns {
     } catch (e) {
       this.error ??= e as Error;
     } finally {
-      // Written in order: b is the oldest pending buffer.
-      this.pending.shift();
+      this.pending.splice(this.pending.indexOf(b), 1);
       b.used = 0;
       b.runs = 0;
       this.free.push(b);

@@ -44,10 +44,11 @@ function page(tag: number): Buffer {
   return b;
 }
 
-test('StagedRuns: consecutive pages go out as runs; a page added again ends with its later bytes; find sees the newest copy', async () => {
+for (const serial of [true, false]) {
+test(`StagedRuns (${serial ? 'serial' : 'concurrent'}): consecutive pages go out as runs; a page added again ends with its later bytes; find sees the newest copy`, async () => {
   const disk = fakeDisk();
-  // 2 buffers of 4 pages: adds must wait for writes.
-  const s = new StagedRuns(PAGE, Buffer.alloc(8 * PAGE), 2, disk.write);
+  // 3 buffers of 4 pages: adds must wait for writes.
+  const s = new StagedRuns(PAGE, Buffer.alloc(12 * PAGE), 3, disk.write, () => {}, serial);
   const want = new Map<number, Buffer>();
   let tag = 1;
   const add = async (p: number): Promise<void> => {
@@ -60,11 +61,20 @@ test('StagedRuns: consecutive pages go out as runs; a page added again ends with
   };
   for (const p of [0, 1, 2, 3, 4, 5, 9, 10, 2, 3, 3, 7, 0, 1, 100, 101, 102, 103, 104, 3]) await add(p);
   await s.flush();
-  assert.equal(disk.maxInFlight(), 1, 'one write at a time');
+  if (serial) assert.equal(disk.maxInFlight(), 1, 'one write at a time');
   assert.deepEqual(disk.writes.slice(0, 2), [4, 2], 'runs: pages 0-3 in one write, then 4-5');
   for (const [at, b] of want) assert.ok(disk.pages.get(at)?.equals(b), `page at ${at} holds its last bytes`);
   assert.equal(disk.pages.size, want.size);
   assert.equal(s.find(0), undefined, 'nothing held once flushed');
+});
+}
+
+test('StagedRuns (concurrent): buffers of disjoint ranges are written at once', async () => {
+  const disk = fakeDisk();
+  const s = new StagedRuns(PAGE, Buffer.alloc(4 * PAGE), 4, disk.write, () => {}, false);
+  for (const p of [0, 10, 20]) await s.add(p * PAGE, [page(p)]);
+  await s.flush();
+  assert.equal(disk.maxInFlight(), 3);
 });
 
 test('StagedRuns: any order of adds, repeats and reads leaves the last bytes of each page (property)', async () => {
@@ -72,9 +82,10 @@ test('StagedRuns: any order of adds, repeats and reads leaves the last bytes of 
     fc.array(fc.integer({ min: 0, max: 40 }), { minLength: 1, maxLength: 120 }),
     fc.integer({ min: 1, max: 4 }),
     fc.integer({ min: 1, max: 6 }),
-    async (order, buffers, pagesPerBuffer) => {
+    fc.boolean(),
+    async (order, buffers, pagesPerBuffer, serial) => {
       const disk = fakeDisk();
-      const s = new StagedRuns(PAGE, Buffer.alloc(buffers * pagesPerBuffer * PAGE), buffers, disk.write);
+      const s = new StagedRuns(PAGE, Buffer.alloc(buffers * pagesPerBuffer * PAGE), buffers, disk.write, () => {}, serial);
       const want = new Map<number, Buffer>();
       let tag = 1;
       for (const p of order) {
@@ -88,7 +99,7 @@ test('StagedRuns: any order of adds, repeats and reads leaves the last bytes of 
       await s.flush();
       for (const [at, b] of want) assert.ok(disk.pages.get(at)?.equals(b), `page at ${at}`);
     },
-  ), { numRuns: 60 });
+  ), { numRuns: 100 });
 });
 
 test('StagedRuns: a write error is thrown by a later add and by flush; close waits for writes under way', async () => {
@@ -97,10 +108,11 @@ test('StagedRuns: a write error is thrown by a later add and by flush; close wai
     calls++;
     throw Object.assign(new Error('disk full'), { code: 'ENOSPC' });
   });
+  // A full buffer (one page here) goes to the writer at once; its write fails meanwhile.
   await s.add(0, [page(1)]);
-  await s.add(PAGE * 5, [page(2)]);
+  await new Promise((r) => setImmediate(r));
+  assert.throws(() => s.add(PAGE * 5, [page(2)]), /disk full/);
   await assert.rejects(s.flush(), /disk full/);
-  assert.throws(() => s.add(0, [page(3)]), /disk full/);
   await s.close(new Error('aborted'));
   assert.ok(calls >= 1);
   assert.throws(() => new StagedRuns(PAGE, Buffer.alloc(PAGE + 1), 1, async () => {}), RangeError);

@@ -3,14 +3,15 @@
 
 export interface Row {
   version: string;
-  pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy' | 's3';
+  pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy' | 's3' | 'background';
   /** postcopy rows: 'restore' (plain, --resume), 'postcopy', 'postcopy+preempt' (all ours). */
   /**
    * 'disk': the disk alone moving the snapshot's bytes (a durable write under receive/save/live, a
    * read under send/restore; bench/disk-floor.ts).
    */
   impl: 'ours' | 'qemu→qemu' | 'qemu file' | 'socat pipe' | 'disk' | 'restore' | 'postcopy' | 'postcopy+preempt' | 'qemu→qemu postcopy'
-    | 'save file' | 'save s3' | 'store put' | 'restore file' | 'restore s3' | 'store get' | 'instant file' | 'instant s3';
+    | 'save file' | 'save s3' | 'store put' | 'restore file' | 'restore s3' | 'store get' | 'instant file' | 'instant s3'
+    | 'save' | 'save --background';
   sizeGiB: number;
   channels: number;
   method: string;
@@ -180,6 +181,7 @@ export function writeMarkdown(res: BenchResult): string {
   }
   lines.push(...postcopyTable(res.rows.filter((r) => r.pair === 'postcopy')));
   lines.push(...s3Table(res.rows.filter((r) => r.pair === 's3')));
+  lines.push(...backgroundTable(res.rows.filter((r) => r.pair === 'background')));
   return lines.join('\n') + '\n';
 }
 
@@ -272,6 +274,42 @@ function s3Table(rows: Row[]): string[] {
       const running = med(impl, (r) => r.result.runningMs);
       const notes = impl.startsWith('instant') ? `running ${running?.toFixed(0) ?? '–'} ms${open !== undefined && running !== undefined ? ` (object opened in ${open.toFixed(0)}, QEMU phase ${(running - open).toFixed(0)})` : ''}; send run ${med(impl, (r) => r.result.sendRunMs)?.toFixed(0) ?? '–'} ms (switch ${med(impl, (r) => r.result.sendSwitchMs)?.toFixed(0) ?? '–'}); ${med(impl, (r) => r.result.requests)?.toFixed(0) ?? '–'} requests` : '';
       lines.push(`| ${size} GiB | ${ch} | ${impl} | ${ms.toFixed(0)} | ${impl.startsWith('instant') ? '–' : rate} | ${vs} | ${rss !== undefined ? rss.toFixed(0) : '–'} | ${notes} |`);
+    }
+  }
+  return lines;
+}
+
+/** save --background against save on the same running guest: QEMU's total time and downtime. */
+export function backgroundTable(rows: Row[]): string[] {
+  if (rows.length === 0) return [];
+  const lines = [
+    '',
+    '## Background snapshot (save --background) against save, running guest',
+    '',
+    "One running dirtying guest (the boot sector under TCG, on top of the blobs) saved by our save",
+    "--background (QEMU's background-snapshot: the main channel alone, the snapshot of the moment the",
+    'save started, the guest never stopped but for the device state) and by our save (multifd on `ch`',
+    'channels, the live rows\' downtime limit, --resume), one after the other in each repetition, the',
+    "order alternating. total and downtime are QEMU's own figures (query-migrate at completed);",
+    'ratios are background ÷ save.',
+    '',
+    '| size | ch | job | total ms | downtime ms | total ratio | downtime ratio | wire MB | peak RSS MiB | own CPU s |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ];
+  const g = new Map<string, Row[]>();
+  for (const r of rows) g.set(`${r.sizeGiB}|${r.channels}`, [...(g.get(`${r.sizeGiB}|${r.channels}`) ?? []), r]);
+  for (const [k, rs] of g) {
+    const [size, ch] = k.split('|');
+    const plain = cell(rs.filter((r) => r.impl === 'save'));
+    for (const impl of ['save', 'save --background'] as const) {
+      const c = cell(rs.filter((r) => r.impl === impl));
+      if (!c) continue;
+      const downs = rs.filter((r) => r.impl === impl).map((r) => r.result.downtimeMs).filter((x): x is number => x !== undefined);
+      const down = downs.length ? `${c.downtime!.toFixed(0)} (${Math.min(...downs).toFixed(0)}–${Math.max(...downs).toFixed(0)})` : '–';
+      const ratios = impl === 'save --background' && plain
+        ? `${(c.median / plain.median).toFixed(2)} | ${plain.downtime ? (c.downtime! / plain.downtime).toFixed(2) : '–'}`
+        : '– | –';
+      lines.push(`| ${size} GiB | ${impl === 'save' ? ch : 0} | ${impl} | ${fmt(c)} | ${down} | ${ratios} | ${(c.wire / 1e6).toFixed(0)} | ${c.rss !== undefined ? c.rss.toFixed(0) : '–'} | ${c.ownCpu !== undefined ? (c.ownCpu / 1000).toFixed(1) : '–'} |`);
     }
   }
   return lines;

@@ -30,6 +30,11 @@
 //            own parallel PUT/GET of the same bytes (bench/s3-floor.ts), and instant restore (--postcopy
 //            --resume) from both: restore goal ≥ 0.8 of the store's GET throughput. Not in the default set:
 //   npm run bench -- --scenarios s3 --sizes 1,4 --channels 2 --methods none --reps 3 --name s3
+//   background  our save --background (QEMU's background-snapshot, main channel only) against our save
+//            (multifd, the live row's settings, --resume) of the same running dirtying guest, one
+//            after the other in each rep: QEMU's total time and the guest's downtime (query-migrate).
+//            Not in the default set:
+//   npm run bench -- --scenarios background --sizes 0.25,1 --channels 2 --methods none --reps 3 --name background
 // --scenarios receive,send,save,restore,live,relay picks pairs (default all; live not with --quick
 // or --no-live). The QEMU → QEMU run is measured once per rep and shared by receive/send/restore/relay.
 // CPU: each job's CPU time, ours plus the QEMU peer's (both QEMUs for relay), against QEMU's two
@@ -42,7 +47,7 @@ import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, writeF
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { haveQemu, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
+import { countPasses, haveQemu, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
 import { diskFloor } from './disk-floor.js';
 import { CreateBucketCommand } from '@aws-sdk/client-s3';
 import { s3Client } from '../src/transports/s3.js';
@@ -75,9 +80,9 @@ interface Args {
   dir: string;
 }
 
-const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postcopy', 's3'] as const;
+const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postcopy', 's3', 'background'] as const;
 /** Measured only when asked for with --scenarios. */
-const OPT_IN: readonly Scenario[] = ['postcopy', 's3'];
+const OPT_IN: readonly Scenario[] = ['postcopy', 's3', 'background'];
 type Scenario = (typeof SCENARIOS)[number];
 
 const USAGE = `usage: npm run bench -- [options]
@@ -573,6 +578,36 @@ async function liveOursSave(c: Ctx, file: string): Promise<Row['result']> {
   }
 }
 
+/**
+ * save --background against save on one running dirtying guest (TCG, on top of the blobs), in
+ * the order given: QEMU's total time and downtime for each. The plain save uses `c.channels`,
+ * the live row's downtime limit and --resume, so the guest runs on into the next save; before
+ * each save the guest is seen making progress again.
+ */
+async function backgroundJobs(c: Ctx, file: string, backgroundFirst: boolean, record: (impl: Row['impl'], result: Row['result']) => void): Promise<void> {
+  const qmp = join(WORK, `bg-${process.pid}-${port++}.sock`);
+  const src = await liveSource(c, ['-qmp', `unix:${qmp},server=on,wait=off`]);
+  try {
+    const jobs: { impl: Row['impl']; opts: Record<string, unknown> }[] = [
+      { impl: 'save --background', opts: { background: true } },
+      { impl: 'save', opts: { channels: c.channels, compression: c.method, downtimeLimitMs: LIVE_DOWNTIME_MS, resume: true } },
+    ];
+    for (const j of backgroundFirst ? jobs : jobs.reverse()) {
+      await waitGuestPasses(src, countPasses(src.serialLog()) + 1, 120_000);
+      rmSync(file, { force: true });
+      const cpu0 = qemuCpuMs(src);
+      const r = await child({ op: 'save', opts: { qmp: `unix:${qmp}`, out: file, ...j.opts, ...BUFFERED } });
+      if (!r.ok) throw new Error(`${j.impl}: ${r.error}`);
+      const q = r.summary.source;
+      if (q['run-state-after'] !== 'running') throw new Error(`${j.impl}: the guest is ${q['run-state-after']} after the save, not running`);
+      record(j.impl, { ms: q['total-time'], downtimeMs: q.downtime, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs: r.cpuMs + qemuCpuMs(src) - cpu0, oursCpuMs: r.cpuMs });
+    }
+  } finally {
+    await src.kill();
+    rmSync(file, { force: true });
+  }
+}
+
 function want0(a: Args, s: Scenario): boolean {
   return a.scenarios.includes(s);
 }
@@ -741,6 +776,9 @@ async function main(): Promise<void> {
           } else {
             await runOurs();
             await runQemu();
+          }
+          if (want('background') && method === 'none' && channels === liveChannels) {
+            await backgroundJobs(c, file, qemuFirst, (impl, result) => record({ ...base, rep, pair: 'background', impl, result }));
           }
           if (liveNow) {
             const runLiveQemu = async (): Promise<void> => {

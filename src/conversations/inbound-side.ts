@@ -9,6 +9,7 @@
 // postcopy switch) and hands the event on.
 
 import type { Socket } from 'node:net';
+import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { abortError, IdleTimeoutError, ProtocolError } from '../codec/errors.js';
 import { PageRecordParser } from '../codec/postcopy.js';
 import { StreamSession, type SessionEvent } from '../codec/stream-session.js';
@@ -102,6 +103,8 @@ export class InboundSide {
   mainZero = 0;
   /** XBZRLE deltas applied onto the pages held (main channel; QEMU sends them without multifd). */
   xbzrlePages = 0;
+  /** The page an XBZRLE delta is applied onto, reused (the snapshot copies it when staging). */
+  private xbzrlePage: Buffer | undefined;
   rounds = 0;
   postcopyMainPages = 0;
   preemptBytes = 0;
@@ -358,11 +361,14 @@ export class InboundSide {
       case 'ram-setup':
         await snapshot?.head(session.configuration!, ev.sectionId, ev.totalBytes, ev.blocks);
         break;
-      case 'page':
+      case 'page': {
         this.mainPages++;
         if (ev.postcopy) this.postcopyMainPages++;
-        await snapshot?.store.writePages(ev.block, [ev.offset], 1, ev.data);
+        // Staged into runs, not a write awaited per page (a background snapshot is all pages here).
+        const staged = snapshot?.store.stagePage(ev.block, ev.offset, ev.data);
+        if (staged) await staged;
         break;
+      }
       case 'zero': {
         this.mainZero++;
         if (ev.postcopy) this.postcopyMainPages++;
@@ -371,14 +377,15 @@ export class InboundSide {
         break;
       }
       case 'xbzrle':
-        // Onto the page the snapshot holds (its earlier main-channel write was awaited), as a
+        // Onto the page the snapshot holds (a staged page is read from its staging buffer), as a
         // QEMU destination applies it onto guest memory; a relay without a tee passes it on.
         this.mainPages++;
         this.xbzrlePages++;
         if (snapshot) {
-          const page = await snapshot.store.readPage(ev.block, ev.offset);
+          const page = await snapshot.store.readPage(ev.block, ev.offset, this.xbzrlePage ??= Buffer.alloc(TARGET_PAGE_SIZE));
           applyXbzrle(ev.delta, page);
-          await snapshot.store.writePages(ev.block, [ev.offset], 1, [page]);
+          const staged = snapshot.store.stagePage(ev.block, ev.offset, [page]);
+          if (staged) await staged;
         }
         break;
       case 'iterable':
@@ -390,6 +397,8 @@ export class InboundSide {
           break;
         }
         if (ev.decided) publish(this.o.conversation, 'sync-mode', { mode: ev.decided });
+        // Main-channel pages land before the next round's multifd pages can touch the same pages.
+        await snapshot?.store.flushPages();
         await this.sink.sync(this.receiver);
         break;
       case 'eos':
@@ -404,10 +413,13 @@ export class InboundSide {
         // Every precopy page is in place before any postcopy page: the prepare FLUSH synced the
         // channels; later multifd packets are refused.
         await this.receiver?.finish('the switch to postcopy');
+        // Precopy's main-channel pages too: preempt pages are written directly.
+        await snapshot?.store.flushPages();
         this.resolvePostcopyStarted();
         await snapshot?.deviceState([ev.devices], session.sectionId, session.switchoverStart);
         break;
       case 'device-state':
+        await snapshot?.store.flushPages();
         if (!session.postcopy) {
           this.phase = 'device-state';
         } else if (snapshot) {

@@ -61,3 +61,21 @@ test('diskFloor writes, reads back and removes its scratch file', async () => {
 test('diskFloor fails with the reason when the directory is not there', async () => {
   await assert.rejects(diskFloor('/nonexistent-dir-for-disk-floor', 4096), /ENOENT/);
 });
+
+test('the background table gives QEMU total time and downtime of save --background and save, and their ratios', () => {
+  const rows = [
+    ...[[2000, 600, 1], [2400, 800, 2], [2200, 700, 3]].map(([ms, down, rep]) => row('background', 'save', ms!, rep!, { downtimeMs: down!, wireBytes: 500e6 })),
+    ...[[3000, 10, 1], [3600, 20, 2], [3300, 14, 3]].map(([ms, down, rep]) => row('background', 'save --background', ms!, rep!, { downtimeMs: down!, wireBytes: 200e6 })),
+  ];
+  const md = writeMarkdown({ started: 'now', machine: {}, args: {}, rows });
+  assert.match(md, /## Background snapshot \(save --background\) against save/);
+  const line = (job: string): string[] => {
+    const l = md.split('\n').find((x) => x.startsWith('| 1 GiB |') && x.includes(` | ${job} | `));
+    assert.ok(l, `a ${job} row`);
+    return l.split(' | ');
+  };
+  assert.deepEqual(line('save').slice(1, 7), ['2', 'save', '2200 (2000–2400)', '700 (600–800)', '–', '–']);
+  // 3300 ÷ 2200 = 1.50; downtime 14 ÷ 700 = 0.02; the background save uses no multifd channel.
+  assert.deepEqual(line('save --background').slice(1, 8), ['0', 'save --background', '3300 (3000–3600)', '14 (10–20)', '1.50', '0.02', '200']);
+  assert.equal(md.split('\n').filter((x) => x.startsWith('| background |')).length, 0, 'no row in the main table');
+});

@@ -467,7 +467,11 @@ export class StreamSession {
       this.violation('UNSUPPORTED', at, `command ${commandName(Command.PACKAGED)} in a migration file: it needs a live peer (postcopy)`);
       return { type: 'command', at, record: rec, cmd: Command.PACKAGED };
     }
-    if (!this.advised) this.violation('BAD_RECORD', at, 'PACKAGED command without POSTCOPY_ADVISE');
+    if (!this.advised) {
+      // dirty-bitmaps alone advises with no payload (§1.9): its postcopy moves bitmaps, not RAM.
+      if (this.adviseSeen) this.violation('UNSUPPORTED', at, 'PACKAGED command after a POSTCOPY_ADVISE without postcopy-ram: postcopy of dirty bitmaps alone (dirty-bitmaps on, postcopy-ram off) is not supported; leave postcopy off or turn postcopy-ram on too');
+      else this.violation('BAD_RECORD', at, 'PACKAGED command without POSTCOPY_ADVISE');
+    }
     if (!this.returnPathOpen) this.violation('BAD_RECORD', at, 'PACKAGED command without a return path (postcopy needs one)');
     if (this.switched) this.violation('BAD_RECORD', at, 'a second PACKAGED command');
     if (!this.blockListDone || this.ended) this.violation('BAD_RECORD', at, 'PACKAGED command outside the RAM migration (before the block list or after END)');

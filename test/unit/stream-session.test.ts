@@ -276,6 +276,10 @@ describe('StreamSession: a postcopy stream', () => {
     // Without ADVISE the DISCARD fails first; without both, the package.
     const noAdvise = Buffer.concat([HEAD, ORP, PRECOPY_RAM, pkg()]);
     assertStrict(noAdvise, 'BAD_RECORD', /PACKAGED command without POSTCOPY_ADVISE/, HEAD.length + ORP.length + PRECOPY_RAM.length);
+    // dirty-bitmaps' length-0 ADVISE (postcopy-ram off): its postcopy is named for what it is.
+    const emptyAdvise = encodeCommand(Command.POSTCOPY_ADVISE, Buffer.alloc(0));
+    const bitmapsOnly = Buffer.concat([HEAD, ORP, emptyAdvise, PRECOPY_RAM, pkg()]);
+    assertStrict(bitmapsOnly, 'UNSUPPORTED', /postcopy of dirty bitmaps alone/, HEAD.length + ORP.length + emptyAdvise.length + PRECOPY_RAM.length);
     const noRp = Buffer.concat([HEAD, ADVISE, PRECOPY_RAM, pkg()]);
     assertStrict(noRp, 'BAD_RECORD', /without a return path/, HEAD.length + ADVISE.length + PRECOPY_RAM.length);
     assertStrict(postcopyStream({ after: [pkg()] }), 'BAD_RECORD', /a second PACKAGED command/);

@@ -19,6 +19,8 @@ import { StreamSession } from '../../src/codec/stream-session.js';
 import { encodeCommand } from '../../src/codec/stream-encode.js';
 import { receive } from '../../src/conversations/receive.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
+import { inspect } from '../../src/conversations/inspect.js';
+import { inspectText } from '../../src/cli/file-format.js';
 import { streamScenarios, type Scenario } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
@@ -190,6 +192,40 @@ describe('extended captures through receive', () => {
       }
     });
   }
+});
+
+describe('inspect lists dirty-bitmap sections', () => {
+  for (const s of all.filter((x) => x.entry.scenario === 'dirty-bitmaps')) {
+    test(`${s.label}: a received snapshot's dirty-bitmap sections by name and size`, async () => {
+      const { snap, dir } = await receiveCapture(s);
+      try {
+        const want = snap.iterableSections!;
+        const c = s.check.main as unknown as { other_iterable_sections: unknown[]; other_iterable_eos_only_sections: number };
+        const r = await inspect(join(dir, 'vm.mig'));
+        assert.deepEqual(r['iterable-sections'], [{ name: 'dirty-bitmap', sections: c.other_iterable_sections.length + c.other_iterable_eos_only_sections, size: want.length }]);
+        const listed = r.sections.filter((x) => x.idstr === 'dirty-bitmap');
+        assert.equal(listed.reduce((n, x) => n + x.size, 0), want.length, 'the listed sections add up to the bytes send replays');
+        assert.deepEqual([listed[0]!.type, listed.at(-1)!.type], ['START', 'END']);
+        assert.match(inspectText(r), new RegExp(`iterable: +"dirty-bitmap": ${listed.length} sections, ${want.length} bytes`));
+      } finally {
+        await snap.close();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+
+  test('a snapshot without them has no iterable-sections', async () => {
+    const s = all.find((x) => x.entry.scenario === 'switchover-ack')!;
+    const { snap, dir } = await receiveCapture(s);
+    try {
+      const r = await inspect(join(dir, 'vm.mig'));
+      assert.equal(r['iterable-sections'], undefined);
+      assert.doesNotMatch(inspectText(r), /iterable:/);
+    } finally {
+      await snap.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('stream session: the background snapshot order', () => {

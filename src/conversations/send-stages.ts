@@ -6,6 +6,7 @@ import { Command, SectionType } from '../codec/constants.js';
 import { encodeConfiguration, withCapability } from '../codec/configuration.js';
 import { DestinationClosedError, DestinationRefusedError, POSTCOPY_LOSS_TEXT, PostcopyDestinationLostError, StallError } from '../codec/errors.js';
 import { encodePostcopyAdvise } from '../codec/postcopy.js';
+import { pageSizeSummary } from '../codec/ram-page-sizes.js';
 import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePing, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 
@@ -43,17 +44,23 @@ export function stageText(postcopy: boolean, lastPong: number): string {
  * sync) and PING(2). It goes out at once: QEMU blocks its main loop peeking at a new connection's
  * first bytes, and it loads nothing before all channels exist.
  */
-export function encodePrologue(src: SnapshotSource, o: { returnPath: boolean; postcopy: boolean; syncMode: 'round' | 'section' | 'none' }): Buffer[] {
+export function encodePrologue(src: SnapshotSource, o: { returnPath: boolean; postcopy: boolean; syncMode: 'round' | 'section' | 'none'; pageSizes?: ReadonlyMap<string, number> }): Buffer[] {
   const sid = src.ramSection.sectionId;
+  // With postcopy-ram QEMU's source lists a block's page size where it differs from the host's
+  // (4 KiB here), and the destination reads it exactly for its blocks that have such pages.
+  const sizes = o.postcopy ? o.pageSizes ?? new Map<string, number>() : new Map<string, number>();
   return [
     encodeStreamHeader(),
     encodeConfiguration(withCapability(src.configuration, 'mapped-ram', false)),
     ...(o.returnPath ? [encodeCommand(Command.OPEN_RETURN_PATH), encodePing(PING_CONFIG)] : []),
     // With postcopy-ram QEMU's source advises before RAM setup (host and target page size).
-    ...(o.postcopy ? [encodePostcopyAdvise()] : []),
+    ...(o.postcopy ? [encodePostcopyAdvise(pageSizeSummary(src.blockList.map((b) => b.name), sizes))] : []),
     encodeSectionFull(SectionType.START, sid, 'ram', src.ramSection.instanceId, src.ramSection.versionId),
     encodeMemSize(src.blockList.reduce((n, b) => n + b.usedLength, 0)),
-    ...src.blockList.map((b) => encodeBlockEntry(b.name, b.usedLength, b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {})),
+    ...src.blockList.map((b) => encodeBlockEntry(b.name, b.usedLength, {
+      ...(sizes.has(b.name) ? { pageSize: sizes.get(b.name)! } : {}),
+      ...(b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {}),
+    })),
     ...(o.syncMode === 'round' ? [encodeMultifdFlush()] : []),
     encodeEos(),
     encodeFooter(sid),

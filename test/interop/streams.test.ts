@@ -2,7 +2,7 @@
 // (QEMU's background-snapshot) on the running dirtying guest, and XBZRLE rounds into `receive`.
 // Every check looks at the guest's memory.
 
-import { describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
@@ -13,7 +13,8 @@ import { migrateToReceive, restoreSnapshot } from '../helpers/snapshot.js';
 import { save } from '../../src/conversations/save.js';
 import { send } from '../../src/conversations/send.js';
 import { relay } from '../../src/conversations/relay.js';
-import { freePort } from '../helpers/send.js';
+import { freePort, startDestination } from '../helpers/send.js';
+import { DestinationError, restore } from '../../src/conversations/restore.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 
@@ -378,18 +379,31 @@ function hugepagesReady(version: QemuVersion, mib: number): string | undefined {
   }
 }
 
+/** pc.ram backed by 2 MiB hugetlbfs pages. */
+const hugeRam = (mib: number): string[] => ['-object', `memory-backend-file,id=pc.ram,size=${mib}M,mem-path=${HUGE_DIR},share=off`, '-machine', 'memory-backend=pc.ram'];
+const HUGE_PAGE = 2 * 1024 * 1024;
+
 for (const version of ['10', '11'] as QemuVersion[]) {
   const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)})`;
   describe(`hugepage-backed guest with postcopy-ram, QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    let why: string | undefined;
+    let dir = '';
+    /** The hugepage guest's snapshot, by the first test; the restore test uses it. */
+    let snapshot: string | undefined;
+    before(() => {
+      // A and B of the relay test are both hugepage-backed.
+      why = hugepagesReady(version, 2 * MEM);
+      dir = mkdtempSync('/tmp/multifd-huge-test-');
+    });
+    after(() => rmSync(dir, { recursive: true, force: true }));
+
     test('receive reads the block list with its page size; QEMU restores the snapshot and the guest runs on', async (t) => {
-      const why = hugepagesReady(version, MEM);
       if (why) {
         t.skip(why);
         return;
       }
-      const dir = mkdtempSync('/tmp/multifd-huge-test-');
       const out = join(dir, 'vm.mig');
-      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: ['-object', `memory-backend-file,id=pc.ram,size=${MEM}M,mem-path=${HUGE_DIR},share=off`, '-machine', 'memory-backend=pc.ram'] });
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: hugeRam(MEM) });
       try {
         await waitGuestPasses(src, 2);
         await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
@@ -403,9 +417,44 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         const held = await snapshotRange(out);
         assert.ok(checkDirtyInvariant(held).ok, checkDirtyInvariant(held).reason);
         await restoresAndRuns(version, out, held);
+        snapshot = out;
       } finally {
         await src.kill();
-        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('restore --postcopy into a hugepage-backed destination: 2 MiB pages learnt over QMP, announced, sent whole; the guest runs during postcopy, its invariant holds and it runs on', async (t) => {
+      if (why || !snapshot) {
+        t.skip(why ?? 'no snapshot (the receive test failed)');
+        return;
+      }
+      const d = await startDestination(dir, { version, memMiB: MEM, bootSector: true, paused: false, extraArgs: hugeRam(MEM) });
+      try {
+        // Told a page size the destination contradicts: refused before the migration starts.
+        await assert.rejects(restore({ file: snapshot, qmp: d.qmp, channels: 0, postcopy: { pageSizes: { 'pc.ram': 4096 } } }).done,
+          (e: Error) => e instanceof DestinationError && /--page-size pc\.ram=4096, but the destination QEMU reports 2097152-byte pages/.test(e.message));
+        assert.equal((await d.q.qmp.execute('query-migrate')).status ?? 'none', 'none', 'no migration was started');
+        // Precopy ends inside a huge page (3 MiB + 4 KiB of pages): that host page goes again, whole, after the switch.
+        const h = restore({ file: snapshot, qmp: d.qmp, channels: version === '11' ? 2 : 0, postcopy: { precopyBytes: 3 * 1024 * 1024 + 4096, bandwidth: 32 * 1024 * 1024 } });
+        let s;
+        try {
+          s = await h.done;
+        } catch (e) {
+          throw new Error(`${(e as Error).message}\ndestination stderr:\n${d.q.stderr()}`);
+        }
+        const pc = s.postcopy!;
+        t.diagnostic(`QEMU ${version}: ${s.channels.length} ch, running after ${s['time-to-running']} ms, complete after ${s['time-to-complete']} ms; ${pc['precopy-pages']} pages before the switch, ${pc['postcopy-pages']} after, ${pc.requests} requests, ${pc['requested-pages']} pages for them, ${pc['discard-ranges']} discard ranges${s.notes ? `; notes: ${s.notes.join('; ')}` : ''}`);
+        assert.deepEqual(pc['page-sizes'], { 'pc.ram': HUGE_PAGE }, 'pc.ram announced with 2 MiB pages, the other blocks with none');
+        assert.equal(s.destinationQemu.status, 'completed');
+        assert.ok(s['time-to-running'] !== undefined && s['time-to-running'] < s['time-to-complete'], 'the guest ran before every page was there');
+        assert.ok(pc.requests > 0, 'the running guest asked for (huge) pages');
+        assert.equal(pc['requested-pages'] % (HUGE_PAGE / 4096), 0, 'requests answered with whole huge pages');
+        const totalPages = s.blocks.reduce((n, b) => n + b['used-length'] / 4096, 0);
+        assert.equal(pc['precopy-pages'] + pc['postcopy-pages'], totalPages, 'every page once, the partly sent huge page counted after the switch');
+        await d.q.qmp.execute('stop');
+        await runsOn(d.q, await checkInvariant(d.q, 'the destination after restore --postcopy'));
+      } finally {
+        await d.q.kill();
       }
     });
   });

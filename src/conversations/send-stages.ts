@@ -27,7 +27,7 @@ const STAGE_TEXT: Record<number, string> = {
 
 const POSTCOPY_STAGE_TEXT: Record<number, string> = {
   0: STAGE_TEXT[0]!,
-  [PING_CONFIG]: 'after the configuration record, during RAM setup, the pages before the switch or the discards (RAM block sizes, channel count or uuid differ? postcopy-ram on at the destination?)',
+  [PING_CONFIG]: 'after the configuration record, during RAM setup, the pages before the switch or the discards (RAM block sizes, channel count or uuid differ? postcopy-ram on at the destination? RAM page sizes differ: a hugepage-backed destination needs its page sizes, --page-size BLOCK=SIZE?)',
   [PING_DISCARDED]: 'after the discards, while reading or loading the device state in the package (devices differ? same machine type and devices as the snapshot?)',
   [PING_DEVICES]: POSTCOPY_LOSS_TEXT,
   [PING_LISTENING]: POSTCOPY_LOSS_TEXT,

@@ -42,6 +42,10 @@ export async function resolveDestinationPageSizes(qmp: QmpClient, src: SnapshotS
   const learnt = await queryRamblockPageSizes(qmp);
   const out: Record<string, number> = {};
   if ('sizes' in learnt) {
+    // Blocks without a memory backend (ROMs) have the host's pages; QEMU lists a page size in the
+    // block list only where it differs from those, which we take to be 4 KiB.
+    const host = Math.min(...learnt.sizes.values());
+    if (host !== TARGET_PAGE_SIZE) throw new DestinationError(`the destination QEMU's smallest RAM page is ${host} bytes: postcopy into a host whose pages are not 4 KiB is not supported`, undefined);
     for (const [name, size] of Object.entries(told ?? {})) {
       const have = learnt.sizes.get(name);
       if (have !== undefined && have !== size) {

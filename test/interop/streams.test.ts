@@ -487,7 +487,8 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         for (const deadline = Date.now() + 60_000; ;) {
           const st = await a.qmp.execute('query-migrate');
           if (st.status !== 'active' && st.status !== 'setup') throw new Error(`A's migration is ${st.status} before the switch: ${st['error-desc'] ?? ''}`);
-          if ((st.ram?.['dirty-sync-count'] ?? 0) >= 2 || Date.now() > deadline) break;
+          // Mid-way: a part of RAM went in precopy (placed as precopy pages, then discarded where dirtied).
+          if ((st.ram?.transferred ?? 0) >= 32 * 1024 * 1024 || Date.now() > deadline) break;
           await new Promise((res) => setTimeout(res, 50));
         }
         await a.qmp.execute('migrate-start-postcopy');

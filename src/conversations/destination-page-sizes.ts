@@ -14,7 +14,7 @@ import type { QmpClient } from '../transports/qmp-client.js';
 import { destinationPageSizes } from './send-postcopy.js';
 
 /** The destination's page size per block as QEMU reports it, or why it could not be learnt. */
-export async function queryRamblockPageSizes(qmp: QmpClient): Promise<{ sizes: Map<string, number> } | { why: string }> {
+export async function queryRamblockPageSizes(qmp: Pick<QmpClient, 'execute'>): Promise<{ sizes: Map<string, number> } | { why: string }> {
   let why: string;
   try {
     const r = await qmp.execute('x-query-ramblock');
@@ -38,7 +38,9 @@ export async function queryRamblockPageSizes(qmp: QmpClient): Promise<{ sizes: M
  * a --page-size that contradicts the destination, or a destination page size the snapshot's block
  * cannot have, is an error before the migration starts. `notes` gets what the user should know.
  */
-export async function resolveDestinationPageSizes(qmp: QmpClient, src: SnapshotSource, told: Record<string, number> | undefined, notes: string[]): Promise<Record<string, number>> {
+export async function resolveDestinationPageSizes(qmp: Pick<QmpClient, 'execute'>, src: Pick<SnapshotSource, 'blockList'>, told: Record<string, number> | undefined, notes: string[]): Promise<Record<string, number>> {
+  // The user's own sizes first: a block the snapshot lacks or an impossible size is their mistake.
+  if (told) destinationPageSizes(src, told);
   const learnt = await queryRamblockPageSizes(qmp);
   const out: Record<string, number> = {};
   if ('sizes' in learnt) {
@@ -58,7 +60,10 @@ export async function resolveDestinationPageSizes(qmp: QmpClient, src: SnapshotS
     }
   } else {
     Object.assign(out, told);
-    notes.push(`could not learn the destination's RAM page sizes (${learnt.why}): ${Object.keys(out).length > 0 ? 'used --page-size for' : 'assumed'} ${Object.keys(out).length > 0 ? Object.keys(out).map((n) => `"${n}"`).join(', ') + ', 4 KiB pages for the other blocks' : '4 KiB pages for every block (give --page-size BLOCK=SIZE for a hugepage-backed one)'}`);
+    const named = Object.keys(out).map((n) => `"${n}"`).join(', ');
+    notes.push(`could not learn the destination's RAM page sizes (${learnt.why}): ${named
+      ? `used --page-size for ${named}, 4 KiB pages for the other blocks`
+      : 'assumed 4 KiB pages for every block (give --page-size BLOCK=SIZE for a hugepage-backed one)'}`);
   }
   try {
     destinationPageSizes(src, out);

@@ -20,6 +20,8 @@ import { encodeCommand } from '../../src/codec/stream-encode.js';
 import { receive } from '../../src/conversations/receive.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { inspect } from '../../src/conversations/inspect.js';
+import { convert } from '../../src/conversations/convert.js';
+import { openSnapshot } from '../../src/engine/open-snapshot.js';
 import { inspectText } from '../../src/cli/file-format.js';
 import { streamScenarios, type Scenario } from '../helpers/fixtures.js';
 
@@ -207,6 +209,35 @@ describe('inspect lists dirty-bitmap sections', () => {
         assert.equal(listed.reduce((n, x) => n + x.size, 0), want.length, 'the listed sections add up to the bytes send replays');
         assert.deepEqual([listed[0]!.type, listed.at(-1)!.type], ['START', 'END']);
         assert.match(inspectText(r), new RegExp(`iterable: +"dirty-bitmap": ${listed.length} sections, ${want.length} bytes`));
+      } finally {
+        await snap.close();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+
+  for (const s of all.filter((x) => x.entry.scenario === 'dirty-bitmaps')) {
+    test(`${s.label}: convert carries them (mapped-ram -> stream -> mapped-ram), and inspect lists them in the stream file too`, async () => {
+      const { snap, dir } = await receiveCapture(s);
+      try {
+        const want = snap.iterableSections!;
+        await convert({ input: join(dir, 'vm.mig'), output: join(dir, 'vm.stream'), to: 'stream' });
+        const stream = await openSnapshot(join(dir, 'vm.stream'));
+        try {
+          assert.equal(stream.format, 'stream');
+          assert.ok(stream.iterableSections?.equals(want), 'the stream file holds the sections as received');
+        } finally {
+          await stream.close();
+        }
+        const r = await inspect(join(dir, 'vm.stream'));
+        assert.deepEqual(r['iterable-sections']?.map((x) => [x.name, x.size]), [['dirty-bitmap', want.length]]);
+        await convert({ input: join(dir, 'vm.stream'), output: join(dir, 'back.mig'), to: 'mapped-ram' });
+        const back = await MappedRamSnapshot.open(join(dir, 'back.mig'));
+        try {
+          assert.ok(back.iterableSections?.equals(want), 'and back in mapped-ram');
+        } finally {
+          await back.close();
+        }
       } finally {
         await snap.close();
         rmSync(dir, { recursive: true, force: true });

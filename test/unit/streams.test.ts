@@ -22,6 +22,8 @@ import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { inspect } from '../../src/conversations/inspect.js';
 import { convert } from '../../src/conversations/convert.js';
 import { openSnapshot } from '../../src/engine/open-snapshot.js';
+import { PackedSnapshot } from '../../src/engine/packed-snapshot-source.js';
+import { packedParts, packedPrefixOf } from '../../src/engine/packed-snapshot-writer.js';
 import { inspectText } from '../../src/cli/file-format.js';
 import { streamScenarios, type Scenario } from '../helpers/fixtures.js';
 
@@ -237,6 +239,29 @@ describe('inspect lists dirty-bitmap sections', () => {
           assert.ok(back.iterableSections?.equals(want), 'and back in mapped-ram');
         } finally {
           await back.close();
+        }
+      } finally {
+        await snap.close();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+
+  for (const s of all.filter((x) => x.entry.scenario === 'dirty-bitmaps')) {
+    test(`${s.label}: a packed object (s3://) of the snapshot keeps them, and RAM's section id`, async () => {
+      const { snap, dir } = await receiveCapture(s);
+      try {
+        const { prefix, layout } = await packedPrefixOf(snap);
+        const parts: Buffer[] = [];
+        for await (const part of packedParts(snap, prefix, layout, 1024 * 1024)) parts.push(part);
+        const object = Buffer.concat(parts);
+        const reader = { name: 'mem://vm.mig', size: object.length, read: async (at: number, n: number) => Buffer.from(object.subarray(at, at + n)) };
+        const packed = await PackedSnapshot.open(reader);
+        try {
+          assert.deepEqual(packed.ramSection, snap.ramSection, 'the dirty-bitmap START is not taken for RAM\'s');
+          assert.ok(packed.iterableSections?.equals(snap.iterableSections!), 'the sections as the file holds them');
+        } finally {
+          await packed.close();
         }
       } finally {
         await snap.close();

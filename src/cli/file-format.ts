@@ -17,7 +17,7 @@ function table(rows: string[][], indent = '  '): string[] {
   return rows.map((r) => indent + r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ').trimEnd());
 }
 
-/** Runs of PART sections fold into one line: a long migration writes dozens. */
+/** Runs of one handler's PART sections fold into one line: a long migration writes dozens. */
 function sectionRows(sections: InspectSection[]): string[][] {
   const rows: string[][] = [['offset', 'type', 'id', 'name', 'inst', 'ver', 'size', '']];
   for (let i = 0; i < sections.length; i++) {
@@ -27,7 +27,8 @@ function sectionRows(sections: InspectSection[]): string[][] {
     let recs = s.pageRecords !== undefined ? [s.pageRecords, s.zeroRecords ?? 0] : undefined;
     if (s.type === 'PART') {
       let j = i + 1;
-      while (j < sections.length && sections[j]!.type === 'PART') {
+      // Only one handler's PARTs fold together (RAM's and dirty-bitmap's alternate).
+      while (j < sections.length && sections[j]!.type === 'PART' && sections[j]!.idstr === s.idstr) {
         size += sections[j]!.size;
         if (recs) { recs[0]! += sections[j]!.pageRecords ?? 0; recs[1]! += sections[j]!.zeroRecords ?? 0; }
         j++;
@@ -61,6 +62,7 @@ export function inspectText(r: InspectResult): string {
   lines.push(`RAM section:   "ram" id ${rs['section-id']}, instance ${rs['instance-id']}, version ${rs.version}; MEM_SIZE ${hex(r['mem-size'])} (${bytes(r['mem-size'])})${r['switchover-start'] ? '; SWITCHOVER_START' : ''}`);
   const ds = r['device-state'];
   lines.push(`device state:  at ${hex(ds.offset)}, ${ds.size} bytes; EOF at ${hex(ds['eof-offset'] ?? 0)}${ds['vmdesc-offset'] !== undefined ? `, VMDESCRIPTION at ${hex(ds['vmdesc-offset'])} (${ds['vmdesc-length']} bytes of JSON)` : ''}`);
+  for (const it of r['iterable-sections'] ?? []) lines.push(`iterable:      "${it.name}": ${it.sections} sections, ${it.size} bytes (${bytes(it.size)}), carried as bytes`);
   lines.push('', 'RAM blocks:');
   const mapped = r.format === 'mapped-ram';
   const head = ['name', 'size', 'pages', 'present', 'zero', 'data bytes', mapped ? 'header / bitmap / pages offsets' : 'page / zero records'];

@@ -90,6 +90,7 @@ interface SendSummaryLike {
     'requested-pages': number;
     'requests-already-sent': number;
     'preempt-pages': number;
+    'page-sizes'?: Record<string, number>;
   };
   'time-to-running'?: number;
   'time-to-complete'?: number;
@@ -107,6 +108,8 @@ export function sendSummaryText(s: SendSummaryLike): string {
   if (pc) {
     lines.push(`  postcopy${pc.preempt ? ' (preempt channel)' : ''}: ${pc['precopy-pages']} pages before the switch, ${pc['postcopy-pages']} after; ` +
       `${pc.requests} page requests, ${pc['requested-pages']} pages sent ahead for them${pc.preempt ? ` (${pc['preempt-pages']} on the preempt channel)` : ''}, ${pc['requests-already-sent']} already on their way`);
+    // Hugepage-backed blocks of the destination: announced and sent in whole host pages.
+    for (const [name, size] of Object.entries(pc['page-sizes'] ?? {})) lines.push(`  block ${name}: destination pages of ${bytes(size)}, sent whole`);
   }
   if (s['time-to-complete'] !== undefined) {
     const running = s['time-to-running'] !== undefined ? `guest running after ${duration(s['time-to-running'])}` : 'guest paused';

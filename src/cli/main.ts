@@ -9,6 +9,7 @@ import { checkBackgroundOptions, save } from '../conversations/save.js';
 import { saveLibvirtImage, type SaveLibvirtSummary } from '../conversations/save-libvirt.js';
 import { send, type PostcopyOptions, type SendProgress } from '../conversations/send.js';
 import { parseUuid } from '../codec/multifd-init.js';
+import { InvalidOptionError } from '../codec/errors.js';
 import type { TlsCreds } from '../transports/tls.js';
 import { runDemo } from '../demo/run-demo.js';
 import { relaySummaryText, sendSummaryText, summaryText } from './format.js';
@@ -44,7 +45,15 @@ function budgetArg(v: string): { precopyBytes?: number; precopyMs?: number } {
   return { precopyBytes: sizeArg(v) };
 }
 
+/** --page-size BLOCK=SIZE, repeatable: the destination's page size of a hugepage-backed block. */
+function pageSizeArg(v: string, prev: Record<string, number> | undefined): Record<string, number> {
+  const eq = v.lastIndexOf('=');
+  if (eq <= 0) throw new InvalidArgumentError('expected BLOCK=SIZE, e.g. pc.ram=2M');
+  return { ...prev, [v.slice(0, eq)]: sizeArg(v.slice(eq + 1)) };
+}
+
 interface PostcopyArgs {
+  pageSize?: Record<string, number>;
   postcopy?: boolean;
   postcopyPreempt?: boolean;
   postcopyAfter?: { precopyBytes?: number; precopyMs?: number };
@@ -53,8 +62,12 @@ interface PostcopyArgs {
 
 /** The library's postcopy option from the CLI flags (--postcopy-preempt and friends imply --postcopy). */
 function postcopyOption(o: PostcopyArgs): PostcopyOptions | undefined {
-  if (!o.postcopy && !o.postcopyPreempt && !o.postcopyAfter && o.postcopyBandwidth === undefined) return undefined;
+  if (!o.postcopy && !o.postcopyPreempt && !o.postcopyAfter && o.postcopyBandwidth === undefined) {
+    if (o.pageSize) throw new InvalidOptionError('--page-size is for postcopy: give --postcopy too');
+    return undefined;
+  }
   return {
+    ...(o.pageSize ? { pageSizes: o.pageSize } : {}),
     ...(o.postcopyPreempt ? { preempt: true } : {}),
     ...(o.postcopyAfter ?? {}),
     ...(o.postcopyBandwidth !== undefined ? { bandwidth: o.postcopyBandwidth } : {}),
@@ -66,7 +79,8 @@ function addPostcopyOptions(c: Command): Command {
     .option('--postcopy', 'instant restore: the guest starts right after the device state, its pages follow on demand (the destination needs postcopy-ram; if it dies in postcopy, the guest it was running is lost)')
     .option('--postcopy-preempt', 'with --postcopy: answer page requests on a second connection (postcopy-preempt)')
     .option('--postcopy-after <amount>', 'with --postcopy: send this much (512M, 2G) or for this long (2s, 500ms) before the switch (default: switch at once)', budgetArg)
-    .option('--postcopy-bandwidth <bytes>', 'with --postcopy: bytes/s for the pages pushed in the background after the switch (512M); requested pages are never held back', sizeArg);
+    .option('--postcopy-bandwidth <bytes>', 'with --postcopy: bytes/s for the pages pushed in the background after the switch (512M); requested pages are never held back', sizeArg)
+    .option('--page-size <block=size>', "with --postcopy: the destination's page size of a RAM block whose pages are not 4K (pc.ram=2M for hugetlbfs-backed memory; repeatable). restore learns it over QMP and checks this against it", pageSizeArg);
 }
 
 function uuidArg(v: string): Buffer {

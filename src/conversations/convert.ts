@@ -99,9 +99,10 @@ function ramPrologue(src: SnapshotSource, to: FileFormat): Buffer {
   return Buffer.concat([encodeStreamHeader(), encodeConfiguration(config), encodeSectionFull(SectionType.START, sectionId, 'ram', instanceId, versionId), encodeMemSize(total)]);
 }
 
+/** RAM's END, then the other iterable sections (dirty-bitmap) as the snapshot holds them, where send replays them. */
 function ramEpilogue(src: SnapshotSource): Buffer[] {
   const id = src.ramSection.sectionId;
-  return [...(src.switchoverStart ? [encodeSwitchoverStart()] : []), encodeSectionShort(SectionType.END, id), encodeEos(), encodeFooter(id)];
+  return [...(src.switchoverStart ? [encodeSwitchoverStart()] : []), encodeSectionShort(SectionType.END, id), encodeEos(), encodeFooter(id), ...(src.iterableSections ? [src.iterableSections] : [])];
 }
 
 async function mappedRamSink(src: SnapshotSource, output: string, prologue?: Buffer): Promise<Sink> {

@@ -29,6 +29,15 @@ export interface InspectSection {
   zeroRecords?: number;
 }
 
+/** A non-RAM iterable handler's sections (dirty-bitmap), carried as bytes. */
+export interface InspectIterable {
+  name: string;
+  /** START, PART and END sections of the handler (EOS-only PARTs included). */
+  sections: number;
+  /** Bytes of those sections, headers and footers included: what send replays. */
+  size: number;
+}
+
 export interface InspectBlock {
   name: string;
   'used-length': number;
@@ -74,6 +83,8 @@ export interface InspectResult {
   'mem-size': number;
   'device-state': { offset: number; size: number; 'eof-offset'?: number; 'vmdesc-offset'?: number; 'vmdesc-length'?: number };
   sections: InspectSection[];
+  /** Sections of iterable handlers other than RAM (dirty-bitmap), per handler; absent when none. */
+  'iterable-sections'?: InspectIterable[];
   blocks: InspectBlock[];
   devices?: InspectDevice[];
   /** Anything the structural check found (inspect shows a loadable file even with warnings). */
@@ -102,6 +113,14 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
       if (s.kind === 'start' || s.kind === 'full') Object.assign(sec, { instanceId: src.ramSection.instanceId, versionId: src.ramSection.versionId });
       if (src.format === 'stream') Object.assign(sec, { pageRecords: s.pageRecords, zeroRecords: s.zeroRecords });
       sections.push(sec);
+    }
+    const iterables = new Map<string, InspectIterable>();
+    for (const it of layout.iterableSections ?? []) {
+      sections.push({ offset: it.offset, type: it.kind.toUpperCase(), size: it.size, sectionId: it.sectionId, idstr: it.idstr });
+      const sum = iterables.get(it.idstr) ?? { name: it.idstr, sections: 0, size: 0 };
+      sum.sections++;
+      sum.size += it.size;
+      iterables.set(it.idstr, sum);
     }
     for (const c of layout.commands) sections.push({ offset: c.offset, type: 'COMMAND', size: c.size, idstr: c.name });
     for (const d of layout.devices) {
@@ -144,6 +163,7 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
         ...(ds.vmdescOffset !== undefined ? { 'vmdesc-offset': ds.fileOffset + ds.vmdescOffset, 'vmdesc-length': layout.vmdescLength ?? 0 } : {}),
       },
       sections,
+      ...(iterables.size > 0 ? { 'iterable-sections': [...iterables.values()] } : {}),
       blocks,
       problems: sortProblems(layout.problems),
     };

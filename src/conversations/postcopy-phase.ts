@@ -7,7 +7,9 @@
 // never receives would stay missing in its guest.
 //
 // Memory is bounded: a sent bitmap (PostcopyPages), a few read buffers of one batch for the main
-// channel and one for the preempt channel, whatever the guest size.
+// channel and one for the preempt channel, whatever the guest size. A batch is whole host pages of
+// the destination (2 MiB for a hugetlbfs block): each host page's records go on one channel, in
+// order, with nothing in between, as QEMU's destination needs to place it.
 
 import { encodePageRecords, type PageRecordState } from '../codec/postcopy.js';
 import { SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
@@ -71,8 +73,10 @@ export class PostcopyPhase {
   private readonly sid: number;
 
   constructor(private readonly o: PostcopyPhaseOptions) {
-    this.batchPages = o.batchPages ?? 128;
-    this.requestPages = o.requestPages ?? 64;
+    // Whole host pages per batch: a hugepage block's pages go 512 at a time (PostcopyPages rounds).
+    const hostPage = o.pages.maxHostPagePages;
+    this.batchPages = Math.max(o.batchPages ?? 128, hostPage);
+    this.requestPages = Math.max(o.requestPages ?? 64, hostPage);
     const bytes = o.source.scratchBytes(Math.max(this.batchPages, this.requestPages));
     // Main: one batch being written while the next ones are read (file reads, O_DIRECT where
     // possible, take longer than a socket write), plus one for a request answered in between.

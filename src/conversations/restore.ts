@@ -14,6 +14,7 @@ import { objectReadReport, type ObjectReadReport } from './object-store.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { parseQmpAddress, QmpClient, QmpConnectionError } from '../transports/qmp-client.js';
 import { ConversationHandle } from './handle.js';
+import { resolveDestinationPageSizes } from './destination-page-sizes.js';
 import { send, type PostcopyOptions, type SendOptions, type SendProgress, type SendSummary } from './send.js';
 
 export { DestinationError } from '../codec/errors.js';
@@ -151,6 +152,9 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
       await qmp.execute('migrate-set-parameters', { 'tls-creds': 'multifd-restore-tls' });
     }
 
+    // Postcopy announces the destination's page size per block (hugetlbfs-backed RAM: 2 MiB).
+    const postcopy: PostcopyOptions | undefined = pc ? { ...pc, pageSizes: await resolveDestinationPageSizes(qmp, source, pc.pageSizes, notes) } : undefined;
+
     const incoming = opts.incoming ?? defaultIncoming(opts.qmp);
     if (incoming.startsWith('unix:')) socketPath = incoming.slice(5);
     await qmp.execute('migrate-incoming', { uri: incoming, 'exit-on-error': false });
@@ -175,7 +179,7 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
       ...(opts.zeroPageDetection ? { zeroPageDetection: opts.zeroPageDetection } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
       signal,
-      ...(pc ? { postcopy: pc } : {}),
+      ...(postcopy ? { postcopy } : {}),
     });
     tx.on('progress', (p: SendProgress) => handle.emit('progress', { ...p, destinationStatus: destStatus } satisfies RestoreProgress));
     const client = qmp;

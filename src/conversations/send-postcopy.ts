@@ -6,7 +6,8 @@
 // destination stops reading at EOF (its listen thread ends there), and QEMU's postcopy source
 // sends none.
 
-import { ProtocolError } from '../codec/errors.js';
+import { InvalidOptionError, ProtocolError } from '../codec/errors.js';
+import { isPageSize, MAX_POSTCOPY_HOST_PAGE } from '../codec/ram-page-sizes.js';
 import type { Socket } from 'node:net';
 import { Command, SectionType, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { encodeDiscards, encodePackagedHeader, encodePostcopyListen, encodePostcopyRun, type PageRecordState } from '../codec/postcopy.js';
@@ -41,6 +42,8 @@ export interface PostcopySendContext {
   phaseStarted(phase: PostcopyPhase): void;
   /** Pages the whole send covers (progress's pagesTotal). */
   pagesTotal: number;
+  /** The destination's page size of blocks whose pages are not 4 KiB (destinationPageSizes). */
+  pageSizes: ReadonlyMap<string, number>;
 }
 
 export interface PostcopySendResult {
@@ -48,11 +51,30 @@ export interface PostcopySendResult {
   summary: PostcopySummary;
 }
 
+/**
+ * The destination's page size per block from `pageSizes`, checked against the snapshot before
+ * anything is sent: a block the snapshot lacks, a size that is no page size or that does not
+ * divide the block (QEMU's hugetlbfs blocks are whole pages) is an InvalidOptionError. Blocks with
+ * 4 KiB pages are left out.
+ */
+export function destinationPageSizes(src: Pick<SnapshotSource, 'blockList'>, pageSizes: Record<string, number> | undefined): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const [name, size] of Object.entries(pageSizes ?? {})) {
+    const b = src.blockList.find((x) => x.name === name);
+    if (!b) throw new InvalidOptionError(`page size given for RAM block "${name}", which the snapshot does not have (it has ${src.blockList.map((x) => `"${x.name}"`).join(', ')})`);
+    if (!isPageSize(size)) throw new InvalidOptionError(`page size ${size} for RAM block "${name}" is not a power of two of at least ${TARGET_PAGE_SIZE}`);
+    if (size > MAX_POSTCOPY_HOST_PAGE) throw new InvalidOptionError(`page size ${size} for RAM block "${name}": postcopy sends whole host pages and supports them up to ${MAX_POSTCOPY_HOST_PAGE} bytes`);
+    if (b.usedLength % size !== 0) throw new InvalidOptionError(`RAM block "${name}" (used_length 0x${b.usedLength.toString(16)}) is not a whole number of ${size}-byte pages: the destination cannot have that page size for it`);
+    if (size !== TARGET_PAGE_SIZE) out.set(name, size);
+  }
+  return out;
+}
+
 export async function sendPostcopy(c: PostcopySendContext, pc: PostcopyOptions): Promise<PostcopySendResult> {
   const src = c.source;
   if (src.iterableSections) throw new ProtocolError('UNSUPPORTED', 'the snapshot holds dirty-bitmap sections, which send replays only without postcopy');
   const sid = src.ramSection.sectionId;
-  const pages = new PostcopyPages(src);
+  const pages = new PostcopyPages(src, { pageSizes: c.pageSizes });
   c.pageSender.pages = pages;
 
   // Pages before the switch: in file order, within the budget. QEMU places them as in precopy.
@@ -61,6 +83,9 @@ export async function sendPostcopy(c: PostcopySendContext, pc: PostcopyOptions):
   const perBlock = budgetBytes > 0 || (pc.precopyMs ?? 0) > 0
     ? await c.pageSender.sendAll({ bytes: budgetBytes > 0 ? budgetBytes : Infinity, ...(deadline !== undefined ? { deadline } : {}) })
     : new Map<string, number>();
+  // A host page only part of which went before the switch is discarded and sent again whole:
+  // the destination discards and places host pages, never parts of one.
+  pages.alignToHostPages();
   // Pages the destination has for good (without multifd, all-zero pages are left to postcopy).
   const precopyPages = c.pagesTotal - pages.unsent;
   const switchTime = Date.now() - c.startedAt;
@@ -141,6 +166,7 @@ export async function sendPostcopy(c: PostcopySendContext, pc: PostcopyOptions):
     'requests-already-sent': pages.stats.alreadySent,
     'preempt-pages': phase.stats.preemptPages,
     'preempt-bytes': phase.stats.preemptBytes,
+    ...(c.pageSizes.size > 0 ? { 'page-sizes': Object.fromEntries(c.pageSizes) } : {}),
   };
   return { perBlock, summary };
 }

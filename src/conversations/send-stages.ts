@@ -6,6 +6,7 @@ import { Command, SectionType } from '../codec/constants.js';
 import { encodeConfiguration, withCapability } from '../codec/configuration.js';
 import { DestinationClosedError, DestinationRefusedError, POSTCOPY_LOSS_TEXT, PostcopyDestinationLostError, StallError } from '../codec/errors.js';
 import { encodePostcopyAdvise } from '../codec/postcopy.js';
+import { pageSizeSummary } from '../codec/ram-page-sizes.js';
 import { encodeBlockEntry, encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeMultifdFlush, encodePing, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 
@@ -26,7 +27,7 @@ const STAGE_TEXT: Record<number, string> = {
 
 const POSTCOPY_STAGE_TEXT: Record<number, string> = {
   0: STAGE_TEXT[0]!,
-  [PING_CONFIG]: 'after the configuration record, during RAM setup, the pages before the switch or the discards (RAM block sizes, channel count or uuid differ? postcopy-ram on at the destination?)',
+  [PING_CONFIG]: 'after the configuration record, during RAM setup, the pages before the switch or the discards (RAM block sizes, channel count or uuid differ? postcopy-ram on at the destination? RAM page sizes differ: a hugepage-backed destination needs its page sizes, --page-size BLOCK=SIZE?)',
   [PING_DISCARDED]: 'after the discards, while reading or loading the device state in the package (devices differ? same machine type and devices as the snapshot?)',
   [PING_DEVICES]: POSTCOPY_LOSS_TEXT,
   [PING_LISTENING]: POSTCOPY_LOSS_TEXT,
@@ -43,17 +44,23 @@ export function stageText(postcopy: boolean, lastPong: number): string {
  * sync) and PING(2). It goes out at once: QEMU blocks its main loop peeking at a new connection's
  * first bytes, and it loads nothing before all channels exist.
  */
-export function encodePrologue(src: SnapshotSource, o: { returnPath: boolean; postcopy: boolean; syncMode: 'round' | 'section' | 'none' }): Buffer[] {
+export function encodePrologue(src: SnapshotSource, o: { returnPath: boolean; postcopy: boolean; syncMode: 'round' | 'section' | 'none'; pageSizes?: ReadonlyMap<string, number> }): Buffer[] {
   const sid = src.ramSection.sectionId;
+  // With postcopy-ram QEMU's source lists a block's page size where it differs from the host's
+  // (4 KiB here), and the destination reads it exactly for its blocks that have such pages.
+  const sizes = o.postcopy ? o.pageSizes ?? new Map<string, number>() : new Map<string, number>();
   return [
     encodeStreamHeader(),
     encodeConfiguration(withCapability(src.configuration, 'mapped-ram', false)),
     ...(o.returnPath ? [encodeCommand(Command.OPEN_RETURN_PATH), encodePing(PING_CONFIG)] : []),
     // With postcopy-ram QEMU's source advises before RAM setup (host and target page size).
-    ...(o.postcopy ? [encodePostcopyAdvise()] : []),
+    ...(o.postcopy ? [encodePostcopyAdvise(pageSizeSummary(src.blockList.map((b) => b.name), sizes))] : []),
     encodeSectionFull(SectionType.START, sid, 'ram', src.ramSection.instanceId, src.ramSection.versionId),
     encodeMemSize(src.blockList.reduce((n, b) => n + b.usedLength, 0)),
-    ...src.blockList.map((b) => encodeBlockEntry(b.name, b.usedLength, b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {})),
+    ...src.blockList.map((b) => encodeBlockEntry(b.name, b.usedLength, {
+      ...(sizes.has(b.name) ? { pageSize: sizes.get(b.name)! } : {}),
+      ...(b.mrAddr !== undefined ? { mrAddr: b.mrAddr } : {}),
+    })),
     ...(o.syncMode === 'round' ? [encodeMultifdFlush()] : []),
     encodeEos(),
     encodeFooter(sid),

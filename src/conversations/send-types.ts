@@ -51,6 +51,14 @@ export interface PostcopyOptions {
   bandwidth?: number;
   /** Pages per background batch after the switch. Default 128. */
   batchPages?: number;
+  /**
+   * The destination's page size (bytes) of each RAM block whose pages are not 4 KiB, e.g.
+   * `{ 'pc.ram': 2097152 }` for a hugetlbfs-backed guest. Announced as QEMU's source would (the
+   * block list's page size, POSTCOPY_ADVISE's summary: docs/protocol.md §2.2, §6.2), and such a
+   * block's pages go as whole host pages after the switch. `restore` learns it over QMP.
+   * Default: every block has 4 KiB pages.
+   */
+  pageSizes?: Record<string, number>;
 }
 
 /** What happened in postcopy; times in ms since send started. */
@@ -81,6 +89,8 @@ export interface PostcopySummary {
   'requests-already-sent': number;
   'preempt-pages': number;
   'preempt-bytes': number;
+  /** The destination's page size of blocks whose pages are not 4 KiB, as announced (absent when none). */
+  'page-sizes'?: Record<string, number>;
 }
 
 export interface SendProgress {

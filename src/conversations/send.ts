@@ -29,7 +29,7 @@ import { ConversationHandle } from './handle.js';
 import { OutboundSide } from './outbound-side.js';
 import type { PostcopyPhase } from './postcopy-phase.js';
 import { openMultifd, PageSender } from './send-pages.js';
-import { sendPostcopy } from './send-postcopy.js';
+import { destinationPageSizes, sendPostcopy } from './send-postcopy.js';
 import { closedError, encodePrologue, encodeRamEnd, PING_DEVICES, PING_LISTENING, PING_PACKAGE_LOADED, stallError, verdictError, type SendStage } from './send-stages.js';
 import type { PostcopyOptions, PostcopySummary, SendEvents, SendOptions, SendProgress, SendSummary } from './send-types.js';
 
@@ -174,13 +174,14 @@ class Sender {
     const pc = this.pc;
     if (pc && !returnPath) throw new InvalidOptionError('postcopy needs the return path (page requests and the end of the migration come over it)');
     if (pc && src.blockList.some((b) => b.mrAddr !== undefined)) throw new InvalidOptionError('postcopy of a snapshot taken with x-ignore-shared is not supported');
+    const pageSizes = destinationPageSizes(src, pc?.pageSizes);
     // With postcopy every page of the guest goes once: before the switch (present pages) or after it (all the others).
     for (const b of src.blockList) this.pagesTotal += pc ? Math.ceil(b.usedLength / TARGET_PAGE_SIZE) : src.presentPages(b.name);
     publish('send', 'start', { file: src.path, format: src.format, pages: this.pagesTotal, syncMode, postcopy: pc !== undefined });
 
     this.phase = 'connecting';
     await this.out.connectMain(returnPath);
-    await this.write(encodePrologue(src, { returnPath, postcopy: pc !== undefined, syncMode }));
+    await this.write(encodePrologue(src, { returnPath, postcopy: pc !== undefined, syncMode, pageSizes }));
 
     if (this.channels > 0) {
       const { sender, ready } = openMultifd(this.out, this.channels, {
@@ -211,7 +212,7 @@ class Sender {
     if (pc) {
       ({ perBlock, summary: postcopy } = await sendPostcopy({
         source: src, out: this.out, multifd: this.multifd, pageSender: pages, mainRecords: this.mainRecords,
-        startedAt: this.startedAt, syncMode, pagesTotal: this.pagesTotal, failed: this.failed,
+        startedAt: this.startedAt, syncMode, pagesTotal: this.pagesTotal, failed: this.failed, pageSizes,
         writeMain: (bufs) => this.write(bufs),
         setPhase: (p) => { this.phase = p; },
         listenSent: (p) => { this.listening = p; },

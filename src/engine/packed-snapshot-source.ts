@@ -8,6 +8,7 @@ import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
 import { MainStreamParser } from '../codec/main-stream-parser.js';
+import { encodeMainEvent } from '../codec/main-event-encode.js';
 import { PageBitmap } from '../codec/mapped-ram.js';
 import {
   blockBitmaps, cutStart, decodePackedLayout, decodePackedPreamble, filePieces, packedPageOffset, packedPrefixLength,
@@ -75,6 +76,8 @@ export class PackedSnapshot implements SnapshotSource {
   /** Where the last read ended (relative to the first packed page). */
   private lastEnd = -1;
   private closed = false;
+  /** Non-RAM iterable sections (dirty-bitmap) as stored, for send to replay after RAM's END. */
+  iterableSections: Buffer | undefined;
 
   private constructor(
     readonly reader: RangeReader,
@@ -133,7 +136,9 @@ export class PackedSnapshot implements SnapshotSource {
         if (!s || s.block.usedLength !== b.usedLength) throw new ProtocolError('BAD_PACKED', `block "${b.name}" of the stream is not in the index as such`, { offset: PACKED_PREAMBLE_SIZE });
       }
       if (parsed.blockList.length !== blocks.size) throw new ProtocolError('BAD_PACKED', `the index has ${blocks.size} blocks, the stream ${parsed.blockList.length}`, { offset: 20 });
-      return new PackedSnapshot(reader, layout, skeleton, blocks, parsed.configuration, parsed.ramSection, parsed.switchoverStart, parsed.blockList, parsed.deviceState, opts);
+      const snap = new PackedSnapshot(reader, layout, skeleton, blocks, parsed.configuration, parsed.ramSection, parsed.switchoverStart, parsed.blockList, parsed.deviceState, opts);
+      snap.iterableSections = parsed.iterableSections;
+      return snap;
     } catch (e) {
       return at(e);
     }
@@ -362,8 +367,11 @@ export function describePacked(p: PackedSnapshot): PackedDescription {
  */
 function parseSkeleton(layout: PackedLayout, skeleton: Buffer): {
   configuration: Configuration; ramSection: SnapshotRamSection; switchoverStart: boolean; blockList: SnapshotBlockInfo[];
-  deviceState: DeviceStateLayout & { fileOffset: number };
+  deviceState: DeviceStateLayout & { fileOffset: number }; iterableSections: Buffer | undefined;
 } {
+  // Non-RAM iterable sections (dirty-bitmap), as the mapped-ram reader keeps them: their bytes.
+  const iterable: Buffer[] = [];
+  let iterableId: number | undefined;
   const parser = new MainStreamParser();
   const blockList: SnapshotBlockInfo[] = [];
   let ramSection: SnapshotRamSection | undefined;
@@ -396,6 +404,14 @@ function parseSkeleton(layout: PackedLayout, skeleton: Buffer): {
           throw new ProtocolError('BAD_PACKED', `block "${ev.block.name}": its mapped-ram header does not match the index`, { offset: parser.offset });
         }
         blockList.push({ name: ev.block.name, usedLength: ev.block.usedLength, ...(ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {}) });
+      } else if (ev.type === 'section' && ev.idstr !== 'ram') {
+        iterableId = ev.sectionId;
+        iterable.push(...encodeMainEvent(ev));
+      } else if (ev.type === 'iterable-data') {
+        iterable.push(...encodeMainEvent(ev));
+      } else if (ev.type === 'footer' && ev.sectionId === iterableId) {
+        iterableId = undefined;
+        iterable.push(...encodeMainEvent(ev));
       } else if (ev.type === 'section' && ev.kind === 'start') {
         ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
       } else if (ev.type === 'command') {
@@ -416,5 +432,8 @@ function parseSkeleton(layout: PackedLayout, skeleton: Buffer): {
   if (!configuration.capabilities.includes('mapped-ram')) throw new ProtocolError('BAD_MAPPED_RAM', 'the stream lacks the mapped-ram capability');
   if (!ramSection) throw new ProtocolError('BAD_RECORD', 'no RAM section');
   if (deviceStart < 0) throw new ProtocolError('TRUNCATED', 'the snapshot ends before the device state');
-  return { configuration, ramSection, switchoverStart, blockList, deviceState: verifiedDeviceState(Buffer.concat(device), deviceStart, layout.fileSize) };
+  return {
+    configuration, ramSection, switchoverStart, blockList, deviceState: verifiedDeviceState(Buffer.concat(device), deviceStart, layout.fileSize),
+    iterableSections: iterable.length > 0 ? Buffer.concat(iterable.map((b) => Buffer.from(b))) : undefined,
+  };
 }

@@ -4,6 +4,11 @@
 // as sent the moment it is handed out, before it is read from the file or written; a request for
 // a page already handed out is ignored (the page is on its way). Memory: one bit per page for
 // "sent", plus a bounded queue of requested ranges whatever the guest size.
+//
+// A block whose destination pages are larger (hugetlbfs: 2 MiB) is handed out in whole host pages:
+// QEMU's destination collects a host page's target pages on one channel and places it only once
+// all of them arrived ("Non-same host page detected" when another page cuts in; §6.2), and its
+// requests and discards are whole host pages too.
 
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { PageBitmap } from '../codec/mapped-ram.js';
@@ -49,6 +54,8 @@ export interface PostcopyPageStats {
 interface BlockState {
   name: string;
   pages: number;
+  /** Target pages per destination host page (1, or 512 for 2 MiB pages). */
+  unit: number;
   sent: PageBitmap;
   unsent: number;
 }
@@ -62,6 +69,8 @@ interface QueuedRange {
 export interface PostcopyPagesOptions {
   /** Requested ranges kept waiting at most; more are dropped (safe: every page is sent in the end). Default 4096. */
   maxQueuedRanges?: number;
+  /** The destination's page size of blocks whose pages are larger than the target page (bytes). */
+  pageSizes?: ReadonlyMap<string, number>;
 }
 
 export class PostcopyPages {
@@ -84,7 +93,9 @@ export class PostcopyPages {
     this.maxQueued = opts.maxQueuedRanges ?? 4096;
     this.order = src.blockList.map((b) => {
       const pages = Math.ceil(b.usedLength / TARGET_PAGE_SIZE);
-      const st: BlockState = { name: b.name, pages, sent: new PageBitmap(pages), unsent: pages };
+      const unit = (opts.pageSizes?.get(b.name) ?? TARGET_PAGE_SIZE) / TARGET_PAGE_SIZE;
+      if (!Number.isInteger(unit) || unit < 1 || pages % unit !== 0) throw new RangeError(`block "${b.name}": ${pages} pages are no whole number of ${unit}-page host pages`);
+      const st: BlockState = { name: b.name, pages, unit, sent: new PageBitmap(pages), unsent: pages };
       this.blocks.set(b.name, st);
       this.unsentTotal += pages;
       return st;
@@ -133,6 +144,41 @@ export class PostcopyPages {
     for (let p = first; p < first + count; p++) this.take(b, p);
   }
 
+  /** Target pages per destination host page of `block`. */
+  hostPagePages(block: string): number {
+    return this.blocks.get(block)?.unit ?? 1;
+  }
+
+  /** The largest host page over all blocks, in target pages. */
+  get maxHostPagePages(): number {
+    return this.order.reduce((n, b) => Math.max(n, b.unit), 1);
+  }
+
+  /**
+   * At the switch: a host page only some of whose target pages were sent before it becomes
+   * unsent again, so that it is discarded and sent whole after the switch (QEMU's source does the
+   * same: postcopy_chunk_hostpages). Returns the target pages made unsent.
+   */
+  alignToHostPages(): number {
+    let undone = 0;
+    for (const b of this.order) {
+      if (b.unit === 1) continue;
+      for (let h = 0; h < b.pages; h += b.unit) {
+        let sent = 0;
+        for (let p = h; p < h + b.unit; p++) if (b.sent.test(p)) sent++;
+        if (sent === 0 || sent === b.unit) continue;
+        for (let p = h; p < h + b.unit; p++) {
+          if (!b.sent.test(p)) continue;
+          b.sent.clear(p);
+          b.unsent++;
+          this.unsentTotal++;
+          undone++;
+        }
+      }
+    }
+    return undone;
+  }
+
   /** Byte ranges of `block` not sent yet: what POSTCOPY_RAM_DISCARD must cover before LISTEN. */
   unsentRanges(block: string): { start: number; length: number }[] {
     const b = this.blocks.get(block);
@@ -166,12 +212,14 @@ export class PostcopyPages {
     }
     const used = b.pages * TARGET_PAGE_SIZE;
     if (req.length === 0) throw new PageRequestError('empty', req, `the destination asked for 0 bytes of "${b.name}" at 0x${req.start.toString(16)}`);
-    if (req.start % TARGET_PAGE_SIZE !== 0) throw new PageRequestError('unaligned', req, `the destination asked for "${b.name}" at 0x${req.start.toString(16)}, which is not a page boundary`);
+    const hostPage = b.unit * TARGET_PAGE_SIZE;
+    if (req.start % hostPage !== 0) throw new PageRequestError('unaligned', req, `the destination asked for "${b.name}" at 0x${req.start.toString(16)}, which is not a boundary of its ${hostPage}-byte pages`);
     if (req.start + req.length > used) {
       throw new PageRequestError('out-of-range', req, `the destination asked for [0x${req.start.toString(16)}, +0x${req.length.toString(16)}) of "${b.name}", beyond its used_length 0x${used.toString(16)}`);
     }
     const first = req.start / TARGET_PAGE_SIZE;
-    const count = Math.ceil(req.length / TARGET_PAGE_SIZE);
+    // Whole host pages (used_length is a whole number of them).
+    const count = Math.ceil(req.length / hostPage) * b.unit;
     let fresh = 0;
     for (let p = first; p < first + count; p++) if (!b.sent.test(p)) fresh++;
     this.stats.alreadySent += count - fresh;
@@ -192,11 +240,13 @@ export class PostcopyPages {
     if (this.queueHead >= this.queue.length) return undefined;
     const q = this.queue[this.queueHead]!;
     const b = q.block;
+    const max = hostPagesOf(b, maxPages);
     let p = q.first;
     while (b.sent.test(p)) p++;
     const end = q.first + q.count;
     const start = p;
-    while (p < end && p - start < maxPages && !b.sent.test(p)) p++;
+    // After the switch host pages are handed out whole, so a run of unsent pages ends on a host page boundary.
+    while (p < end && p - start < max && !b.sent.test(p)) p++;
     // The rest of the range stays queued.
     q.count = end - p;
     q.first = p;
@@ -220,7 +270,8 @@ export class PostcopyPages {
         continue;
       }
       let end = p;
-      while (end < b.pages && end - p < maxPages && !b.sent.test(end)) end++;
+      const max = hostPagesOf(b, maxPages);
+      while (end < b.pages && end - p < max && !b.sent.test(end)) end++;
       this.cursorPage = end;
       const plan = this.plan(b, p, end - p, false);
       this.stats.backgroundPages += plan.pages;
@@ -307,6 +358,11 @@ export class PostcopyPages {
       this.queueHead = 0;
     }
   }
+}
+
+/** maxPages rounded down to whole host pages of `b`, at least one. */
+function hostPagesOf(b: BlockState, maxPages: number): number {
+  return Math.max(b.unit, maxPages - (maxPages % b.unit));
 }
 
 function deferred(): { promise: Promise<void>; resolve: () => void } {

@@ -138,6 +138,8 @@ export class StreamSnapshot implements SnapshotSource {
   readonly blockList: readonly SnapshotBlockInfo[];
   readonly ramSection: SnapshotRamSection;
   readonly switchoverStart: boolean;
+  /** Non-RAM iterable sections (dirty-bitmap) as stored, for send to replay after RAM's END. */
+  iterableSections: Buffer | undefined;
   private closed = false;
 
   private constructor(
@@ -170,6 +172,9 @@ export class StreamSnapshot implements SnapshotSource {
       let ramSection: SnapshotRamSection | undefined;
       let device: Buffer[] = [];
       let deviceBytes = 0;
+      // Non-RAM iterable sections (dirty-bitmap) as their bytes, as mapped-ram-reader keeps them.
+      const iterable: Buffer[] = [];
+      let iterableBytes = 0;
       let pos = opts.baseOffset ?? 0;
       while (pos < size) {
         // A fresh buffer per chunk: the parser hands out views into what it was given and keeps
@@ -213,7 +218,12 @@ export class StreamSnapshot implements SnapshotSource {
             case 'xbzrle':
               throw new ProtocolError('UNSUPPORTED', `XBZRLE record for block "${ev.block}" in a stream file: page deltas (xbzrle) are not supported in files`, { offset: ev.at });
             case 'iterable':
-              throw new ProtocolError('UNSUPPORTED', `iterable section "${ev.idstr}" in a stream file: only mapped-ram snapshots carry sections other than RAM`, { offset: ev.at });
+              for (const b of ev.bytes) {
+                iterableBytes += b.length;
+                if (iterableBytes > MAX_DEVICE_STATE) throw new ProtocolError('LIMIT_EXCEEDED', `non-RAM iterable sections larger than ${MAX_DEVICE_STATE} bytes`, { offset: ev.at });
+                iterable.push(Buffer.from(b));
+              }
+              break;
             case 'device-state':
               for (const d of ev.data) {
                 deviceBytes += d.length;
@@ -241,7 +251,9 @@ export class StreamSnapshot implements SnapshotSource {
       if (!ramSection) throw new ProtocolError('BAD_RECORD', 'no RAM section in the file');
       const tail = Buffer.concat(device);
       device = [];
-      return new StreamSnapshot(path, fh, config, blocks, verifiedDeviceState(tail, deviceStart, size), size, { ramSection, switchoverStart }, blockInfo);
+      const snap = new StreamSnapshot(path, fh, config, blocks, verifiedDeviceState(tail, deviceStart, size), size, { ramSection, switchoverStart }, blockInfo);
+      if (iterable.length > 0) snap.iterableSections = Buffer.concat(iterable);
+      return snap;
     } catch (e) {
       await fh.close();
       throw e;

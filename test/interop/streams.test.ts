@@ -2,7 +2,7 @@
 // (QEMU's background-snapshot) on the running dirtying guest, and XBZRLE rounds into `receive`.
 // Every check looks at the guest's memory.
 
-import { describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
@@ -13,7 +13,8 @@ import { migrateToReceive, restoreSnapshot } from '../helpers/snapshot.js';
 import { save } from '../../src/conversations/save.js';
 import { send } from '../../src/conversations/send.js';
 import { relay } from '../../src/conversations/relay.js';
-import { freePort } from '../helpers/send.js';
+import { freePort, startDestination } from '../helpers/send.js';
+import { DestinationError, restore } from '../../src/conversations/restore.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 
@@ -378,18 +379,31 @@ function hugepagesReady(version: QemuVersion, mib: number): string | undefined {
   }
 }
 
+/** pc.ram backed by 2 MiB hugetlbfs pages. */
+const hugeRam = (mib: number): string[] => ['-object', `memory-backend-file,id=pc.ram,size=${mib}M,mem-path=${HUGE_DIR},share=off`, '-machine', 'memory-backend=pc.ram'];
+const HUGE_PAGE = 2 * 1024 * 1024;
+
 for (const version of ['10', '11'] as QemuVersion[]) {
   const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)})`;
   describe(`hugepage-backed guest with postcopy-ram, QEMU ${version}`, { skip, timeout: 240_000 }, () => {
+    let why: string | undefined;
+    let dir = '';
+    /** The hugepage guest's snapshot, by the first test; the restore test uses it. */
+    let snapshot: string | undefined;
+    before(() => {
+      // A and B of the relay test are both hugepage-backed.
+      why = hugepagesReady(version, 2 * MEM);
+      dir = mkdtempSync('/tmp/multifd-huge-test-');
+    });
+    after(() => rmSync(dir, { recursive: true, force: true }));
+
     test('receive reads the block list with its page size; QEMU restores the snapshot and the guest runs on', async (t) => {
-      const why = hugepagesReady(version, MEM);
       if (why) {
         t.skip(why);
         return;
       }
-      const dir = mkdtempSync('/tmp/multifd-huge-test-');
       const out = join(dir, 'vm.mig');
-      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: ['-object', `memory-backend-file,id=pc.ram,size=${MEM}M,mem-path=${HUGE_DIR},share=off`, '-machine', 'memory-backend=pc.ram'] });
+      const src = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: hugeRam(MEM) });
       try {
         await waitGuestPasses(src, 2);
         await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
@@ -403,9 +417,108 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         const held = await snapshotRange(out);
         assert.ok(checkDirtyInvariant(held).ok, checkDirtyInvariant(held).reason);
         await restoresAndRuns(version, out, held);
+        snapshot = out;
       } finally {
         await src.kill();
-        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('restore --postcopy into a hugepage-backed destination: 2 MiB pages learnt over QMP, announced, sent whole; the guest runs during postcopy, its invariant holds and it runs on', async (t) => {
+      if (why || !snapshot) {
+        t.skip(why ?? 'no snapshot (the receive test failed)');
+        return;
+      }
+      const d = await startDestination(dir, { version, memMiB: MEM, bootSector: true, paused: false, extraArgs: hugeRam(MEM) });
+      try {
+        // Told a page size the destination contradicts: refused before the migration starts.
+        await assert.rejects(restore({ file: snapshot, qmp: d.qmp, channels: 0, postcopy: { pageSizes: { 'pc.ram': 4096 } } }).done,
+          (e: Error) => e instanceof DestinationError && /--page-size pc\.ram=4096, but the destination QEMU reports 2097152-byte pages/.test(e.message));
+        assert.equal((await d.q.qmp.execute('query-migrate')).status ?? 'none', 'none', 'no migration was started');
+        // Precopy ends inside a huge page (3 MiB + 4 KiB of pages): that host page goes again, whole, after the switch.
+        // QEMU 11: multifd before the switch and requested pages on the preempt channel.
+        const preempt = version === '11';
+        const h = restore({ file: snapshot, qmp: d.qmp, channels: version === '11' ? 2 : 0, postcopy: { preempt, precopyBytes: 3 * 1024 * 1024 + 4096, bandwidth: 32 * 1024 * 1024 } });
+        let s;
+        try {
+          s = await h.done;
+        } catch (e) {
+          throw new Error(`${(e as Error).message}\ndestination stderr:\n${d.q.stderr()}`);
+        }
+        const pc = s.postcopy!;
+        t.diagnostic(`QEMU ${version}: ${s.channels.length} ch${preempt ? ' + preempt' : ''}, running after ${s['time-to-running']} ms, complete after ${s['time-to-complete']} ms; ${pc['precopy-pages']} pages before the switch, ${pc['postcopy-pages']} after, ${pc.requests} requests, ${pc['requested-pages']} pages for them (${pc['preempt-pages']} on preempt), ${pc['discard-ranges']} discard ranges${s.notes ? `; notes: ${s.notes.join('; ')}` : ''}`);
+        assert.deepEqual(pc['page-sizes'], { 'pc.ram': HUGE_PAGE }, 'pc.ram announced with 2 MiB pages, the other blocks with none');
+        assert.equal(s.destinationQemu.status, 'completed');
+        assert.ok(s['time-to-running'] !== undefined && s['time-to-running'] < s['time-to-complete'], 'the guest ran before every page was there');
+        assert.ok(pc.requests > 0, 'the running guest asked for (huge) pages');
+        assert.equal(pc['requested-pages'] % (HUGE_PAGE / 4096), 0, 'requests answered with whole huge pages');
+        if (preempt) assert.ok(pc['preempt-pages'] > 0 && pc['preempt-pages'] % (HUGE_PAGE / 4096) === 0, `whole huge pages on the preempt channel (${pc['preempt-pages']} pages)`);
+        const totalPages = s.blocks.reduce((n, b) => n + b['used-length'] / 4096, 0);
+        assert.equal(pc['precopy-pages'] + pc['postcopy-pages'], totalPages, 'every page once, the partly sent huge page counted after the switch');
+        await d.q.qmp.execute('stop');
+        await runsOn(d.q, await checkInvariant(d.q, 'the destination after restore --postcopy'));
+      } finally {
+        await d.q.kill();
+      }
+    });
+
+    test(`relay, A and B hugepage-backed, switched to postcopy mid-way${version === '11' ? ' (multifd 2 ch, postcopy-preempt)' : ''}: B asks A for pages through the relay, both complete, B\'s invariant holds and it runs on`, async (t) => {
+      if (why) {
+        t.skip(why);
+        return;
+      }
+      const channels = version === '11' ? 2 : 0;
+      // QEMU 11 also with postcopy-preempt: requested huge pages come back on their own channel.
+      const preempt = version === '11';
+      const caps = [{ capability: 'postcopy-ram', state: true }, ...(channels > 0 ? [{ capability: 'multifd', state: true }] : []), ...(preempt ? [{ capability: 'postcopy-preempt', state: true }] : [])];
+      const a = await startQemu({ version, memMiB: MEM, bootSector: true, extraArgs: hugeRam(MEM) });
+      const b = await startDestination(dir, { version, memMiB: MEM, bootSector: true, paused: false, extraArgs: hugeRam(MEM) });
+      let r: ReturnType<typeof relay> | undefined;
+      try {
+        await waitGuestPasses(a, 2);
+        await b.q.qmp.execute('migrate-set-capabilities', { capabilities: caps });
+        if (channels > 0) await b.q.qmp.execute('migrate-set-parameters', { 'multifd-channels': channels });
+        const bUri = `tcp:127.0.0.1:${await freePort()}`;
+        await b.q.qmp.execute('migrate-incoming', { uri: bUri, 'exit-on-error': false });
+        r = relay({ listen: 'tcp:127.0.0.1:0', to: bUri, channelsIn: channels, channelsOut: channels });
+        await a.qmp.execute('migrate-set-capabilities', { capabilities: caps });
+        // After the switch A's background scan crawls, so B's guest faults run ahead of it.
+        await a.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 107374182400, 'downtime-limit': 1, 'max-postcopy-bandwidth': 1024 * 1024, ...(channels > 0 ? { 'multifd-channels': channels } : {}) });
+        await a.qmp.execute('migrate', { uri: await r.listening });
+        for (const deadline = Date.now() + 60_000; ;) {
+          const st = await a.qmp.execute('query-migrate');
+          if (st.status !== 'active' && st.status !== 'setup') throw new Error(`A's migration is ${st.status} before the switch: ${st['error-desc'] ?? ''}`);
+          // Mid-way: a part of RAM went in precopy (placed as precopy pages, then discarded where dirtied).
+          if ((st.ram?.transferred ?? 0) >= 32 * 1024 * 1024 || Date.now() > deadline) break;
+          await new Promise((res) => setTimeout(res, 50));
+        }
+        await a.qmp.execute('migrate-start-postcopy');
+        for (const until = Date.now() + 20_000; ;) {
+          const st = await a.qmp.execute('query-migrate');
+          if ((st.ram?.['postcopy-requests'] ?? 0) >= 8 || ['completed', 'failed', 'cancelled', 'postcopy-paused'].includes(st.status) || Date.now() > until) break;
+          await new Promise((res) => setTimeout(res, 20));
+        }
+        await a.qmp.execute('migrate-set-parameters', { 'max-postcopy-bandwidth': 0 });
+        let s;
+        try {
+          s = await r.done;
+        } catch (e) {
+          throw new Error(`${(e as Error).message}\nA: ${JSON.stringify(await a.qmp.execute('query-migrate').catch(() => undefined))}\nB stderr:\n${b.q.stderr()}`);
+        }
+        t.diagnostic(`QEMU ${version}, ${channels} ch: relay ${s['total-time']} ms, postcopy ${JSON.stringify(s.postcopy)}`);
+        assert.equal((await waitMigration(a.qmp, { timeoutMs: 60_000 })).status, 'completed', 'A completed');
+        const mb = await waitMigration(b.q.qmp, { timeoutMs: 60_000 });
+        assert.equal(mb.status, 'completed', `B completed ${mb['error-desc'] ?? ''}`);
+        assert.ok(s.postcopy, 'the relay saw the switch');
+        assert.ok(s.postcopy['page-requests'] > 0, 'B asked for pages and the requests went to A');
+        assert.equal(s.postcopy['preempt-channel'], preempt);
+        if (preempt) assert.ok(s.postcopy['preempt-pages'] > 0 && s.postcopy['preempt-pages'] % 512 === 0, `whole huge pages on the relayed preempt channel (${s.postcopy['preempt-pages']} pages)`);
+        await b.q.qmp.execute('stop');
+        await runsOn(b.q, await checkInvariant(b.q, 'B after the relayed postcopy'));
+      } finally {
+        r?.abort(new Error('test over'));
+        await r?.done.catch(() => {});
+        await a.kill();
+        await b.q.kill();
       }
     });
   });

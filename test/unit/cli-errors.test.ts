@@ -82,6 +82,23 @@ describe('input files: a missing file or a directory is named, with the problem'
   });
 });
 
+test('restore/send --page-size: only with --postcopy, and only as BLOCK=SIZE, refused before QMP or the destination is contacted', async () => {
+  const q = await fakeQmp();
+  const file = join(dir, 'page-size.mig');
+  writeFileSync(file, 'not read: the options are refused first');
+  try {
+    const r1 = await cli(['restore', file, '--qmp', q.address, '--page-size', 'pc.ram=2M']);
+    assert.equal(r1.code, 1);
+    assert.match(r1.stderr, /--page-size is for postcopy: give --postcopy too/);
+    const r2 = await cli(['send', file, '--to', 'tcp:127.0.0.1:1', '--postcopy', '--page-size', 'pc.ram']);
+    assert.notEqual(r2.code, 0);
+    assert.match(r2.stderr, /expected BLOCK=SIZE/);
+    assert.equal(q.connections(), 0, 'QMP was never contacted');
+  } finally {
+    q.server.close();
+  }
+});
+
 describe('output files: refused up front', () => {
   test('save --out DIR: refused before the VM is touched', async () => {
     const q = await fakeQmp();

@@ -20,6 +20,7 @@ import { receive } from '../../src/conversations/receive.js';
 import { PostcopyDestinationLostError, send, type PostcopyOptions, type SendSummary } from '../../src/conversations/send.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { PageRequestError, PostcopyPages } from '../../src/engine/postcopy-pages.js';
+import { InvalidOptionError } from '../../src/codec/errors.js';
 import { makeSyntheticGuest, sendSyntheticMigration } from '../../src/demo/synthetic-source.js';
 
 let dir = '';
@@ -62,6 +63,12 @@ interface FakeOptions {
   /** Instead of a normal end: close everything once this many pages arrived after LISTEN. */
   dieAfterPages?: number;
   /** Answer PING(0x42)? QEMU 11.1 and 10.0 both do. */
+  /**
+   * Target pages per host page of hugepage-backed blocks: after LISTEN the destination collects a
+   * host page's target pages on one channel and places it whole, as QEMU's ram_load_postcopy; its
+   * discards must be whole host pages (ram_block_discard_range).
+   */
+  hostPages?: Map<string, number>;
 }
 
 /** A destination that loads a postcopy stream the way QEMU does, as far as the wire is concerned. */
@@ -81,6 +88,13 @@ class FakeDestination {
   requestsSentAt = 0;
   preemptSeen = false;
   multifdSyncs = 0;
+  /** POSTCOPY_ADVISE's page-size summary, and the page size each block entry carried. */
+  advisedSummary: number | undefined;
+  readonly blockPageSizes = new Map<string, number | undefined>();
+  /** Host pages placed whole after LISTEN, per block. */
+  readonly hostPagesPlaced = new Map<string, number>();
+  /** The host page being collected on each channel (QEMU's postcopy_tmp_pages). */
+  private readonly collecting = new Map<'main' | 'preempt', { block: string; hostPage: number; count: number }>();
   private main: Socket | undefined;
   private multifdSeen = 0;
   /** SYNCs seen per multifd channel: a MULTIFD_FLUSH on main waits for one more on every channel, as in QEMU. */
@@ -150,8 +164,22 @@ class FakeDestination {
       set.add(page);
       return;
     }
-    if (this.precopy.get(block)?.has(page)) this.errors.push(`page ${page} of ${block} sent after LISTEN although it came before the switch`);
     if (!this.discarded.get(block)?.has(page)) this.errors.push(`page ${page} of ${block} sent after LISTEN without having been discarded`);
+    const unit = this.o.hostPages?.get(block) ?? 1;
+    if (unit > 1) {
+      const c = this.collecting.get(via);
+      const hostPage = Math.floor(page / unit);
+      if (!c) {
+        this.collecting.set(via, { block, hostPage, count: 1 });
+      } else if (c.block !== block || c.hostPage !== hostPage) {
+        this.errors.push(`${via}: page ${page} of ${block} cuts into host page ${c.hostPage} of ${c.block} (${c.count} of ${unit} pages there): "Non-same host page detected"`);
+      } else if (++c.count === unit) {
+        this.collecting.delete(via);
+        this.hostPagesPlaced.set(block, (this.hostPagesPlaced.get(block) ?? 0) + 1);
+      }
+    } else if (this.collecting.has(via)) {
+      this.errors.push(`${via}: page ${page} of ${block} cuts into a host page being collected`);
+    }
     this.arrivals.push({ block, page, via, seq: this.arrivals.length, at: Date.now() });
     if (this.o.dieAfterPages !== undefined && this.arrivals.length >= this.o.dieAfterPages) this.close();
   }
@@ -177,12 +205,17 @@ class FakeDestination {
         } else if (ev.type === 'command') {
           this.commands.push(ev.cmd);
           if (ev.cmd === Command.PING) this.pong(ev.payload.readUInt32BE(0));
+          else if (ev.cmd === Command.POSTCOPY_ADVISE) this.advisedSummary = Number(ev.payload.readBigUInt64BE(0));
           else if (ev.cmd === Command.POSTCOPY_RAM_DISCARD) {
             if (this.listening) this.errors.push('DISCARD after LISTEN');
             const d = decodeDiscard(ev.payload);
             let set = this.discarded.get(d.block);
             if (!set) this.discarded.set(d.block, (set = new Set()));
-            for (const r of d.ranges) for (let p = r.start / TARGET_PAGE_SIZE; p < (r.start + r.length) / TARGET_PAGE_SIZE; p++) set.add(p);
+            const hostBytes = (this.o.hostPages?.get(d.block) ?? 1) * TARGET_PAGE_SIZE;
+            for (const r of d.ranges) {
+              if (r.start % hostBytes !== 0 || r.length % hostBytes !== 0) this.errors.push(`discard [0x${r.start.toString(16)}, +0x${r.length.toString(16)}) of ${d.block} is not whole ${hostBytes}-byte host pages`);
+              for (let p = r.start / TARGET_PAGE_SIZE; p < (r.start + r.length) / TARGET_PAGE_SIZE; p++) set.add(p);
+            }
           }
         } else if (ev.type === 'package') {
           this.packageSeen = true;
@@ -197,6 +230,8 @@ class FakeDestination {
           assert.equal(pkg.devices[0], SectionType.FULL);
           for (const c of pkg.trailing) if (c.cmd === Command.PING) this.pong(c.payload.readUInt32BE(0));
           assert.equal(pkg.trailing.at(-1)?.cmd, Command.POSTCOPY_RUN);
+        } else if (ev.type === 'ram-block') {
+          this.blockPageSizes.set(ev.block.name, ev.block.pageSize);
         } else if (ev.type === 'ram-page') {
           this.place(ev.block, ev.offset / TARGET_PAGE_SIZE, Buffer.concat(ev.data), 'main');
         } else if (ev.type === 'ram-zero') {
@@ -267,21 +302,35 @@ class FakeDestination {
 
   /** Every page of every block exactly once: before the switch or after LISTEN. */
   assertComplete(): void {
+    assert.deepEqual([...this.collecting.keys()], [], 'no host page left half collected');
+    for (const [block, unit] of this.o.hostPages ?? []) {
+      const before = this.precopy.get(block) ?? new Set<number>();
+      const discarded = this.discarded.get(block) ?? new Set<number>();
+      for (let h = 0; h < contents.get(block)!.length / TARGET_PAGE_SIZE; h += unit) {
+        let kept = 0;
+        for (let p = h; p < h + unit; p++) if (before.has(p) && !discarded.has(p)) kept++;
+        assert.ok(kept === 0 || kept === unit, `host page at page ${h} of ${block}: ${kept} of ${unit} pages kept from before the switch`);
+      }
+    }
     for (const [block, data] of contents) {
       const pages = data.length / TARGET_PAGE_SIZE;
       const after = new Map<number, number>();
       for (const a of this.arrivals) if (a.block === block) after.set(a.page, (after.get(a.page) ?? 0) + 1);
       const before = this.precopy.get(block) ?? new Set<number>();
       const discarded = this.discarded.get(block) ?? new Set<number>();
+      const unit = this.o.hostPages?.get(block) ?? 1;
       for (let p = 0; p < pages; p++) {
-        const n = (after.get(p) ?? 0) + (before.has(p) ? 1 : 0);
+        // A page sent before the switch and discarded (part of a host page that was not sent whole) comes again.
+        const kept = before.has(p) && !discarded.has(p);
+        const n = (after.get(p) ?? 0) + (kept ? 1 : 0);
         assert.ok(n <= 1, `page ${p} of ${block} arrived ${n} times`);
         if (n === 0) {
           // A page the snapshot does not hold, never placed: fine only if a fresh destination's RAM
           // needs nothing there — but with postcopy every page must be placed or it faults forever.
           assert.fail(`page ${p} of ${block} never arrived (its guest would wait for it forever)`);
         }
-        assert.equal(discarded.has(p), !before.has(p), `page ${p} of ${block}: discarded iff not sent before the switch`);
+        if (unit === 1) assert.equal(discarded.has(p), !before.has(p), `page ${p} of ${block}: discarded iff not sent before the switch`);
+        else if (!before.has(p)) assert.ok(discarded.has(p), `page ${p} of ${block}: not sent before the switch, yet not discarded`);
       }
     }
   }
@@ -356,6 +405,54 @@ describe('postcopy send into a fake destination', () => {
     });
   }
 
+  for (const [channels, preempt] of [[2, true], [0, false]] as const) {
+    test(`hugepage-backed destination block, ${channels} channel(s)${preempt ? ' + preempt' : ''}: page size announced, requests and the background scan in whole host pages, the partly sent host page sent again whole`, async () => {
+      const HUGE = 2 * 1024 * 1024;
+      const unit = HUGE / TARGET_PAGE_SIZE;
+      const requests: PageRequest[] = [
+        { block: RAM, start: (RAM_PAGES - unit) * TARGET_PAGE_SIZE, length: HUGE },
+        { start: 3 * HUGE, length: HUGE },
+      ];
+      const r = await run({
+        channels, preempt, requests, hostPages: new Map([[RAM, unit]]),
+        // Precopy ends inside a host page.
+        postcopy: { pageSizes: { [RAM]: HUGE }, precopyBytes: 1024 * 1024 + TARGET_PAGE_SIZE, bandwidth: 8 * 1024 * 1024 },
+      });
+      assert.ifError(r.error);
+      const { fake, summary } = r;
+      assert.deepEqual(fake.errors, []);
+      fake.assertComplete();
+      assert.equal(fake.advisedSummary, HUGE | TARGET_PAGE_SIZE, 'ADVISE: the OR of the blocks\' page sizes');
+      assert.deepEqual([...fake.blockPageSizes], [[RAM, HUGE], ['demo.rom', undefined]], 'only the hugepage block carries its page size');
+      const pc = summary!.postcopy!;
+      assert.deepEqual(pc['page-sizes'], { [RAM]: HUGE });
+      assert.equal(pc['requested-pages'], 2 * unit, 'each request answered with its whole host page');
+      if (preempt) assert.equal(pc['preempt-pages'], 2 * unit);
+      const keptRam = [...(fake.precopy.get(RAM) ?? [])].filter((p) => !fake.discarded.get(RAM)?.has(p)).length;
+      assert.equal(keptRam % unit, 0);
+      assert.equal(fake.hostPagesPlaced.get(RAM), (RAM_PAGES - keptRam) / unit, 'every other host page placed whole after LISTEN');
+      assert.ok((fake.precopy.get(RAM)?.size ?? 0) > keptRam, 'the host page cut by the precopy budget went again');
+    });
+  }
+
+  test('page sizes that cannot be are refused before anything is sent', async () => {
+    for (const [pageSizes, text] of [
+      [{ 'nope.ram': 2 * 1024 * 1024 }, /"nope\.ram", which the snapshot does not have/],
+      [{ [RAM]: 12288 }, /not a power of two/],
+      [{ 'demo.rom': 2 * 1024 * 1024 }, /not a whole number of 2097152-byte pages/],
+      [{ [RAM]: 1024 * 1024 * 1024 }, /supports them up to/],
+    ] as const) {
+      const fake = new FakeDestination({ channels: 0, preempt: false });
+      const addr = await fake.listen();
+      try {
+        await assert.rejects(send({ file: snapshot, to: addr, channels: 0, postcopy: { pageSizes } }).done, (e: Error) => e instanceof InvalidOptionError && text.test(e.message));
+        assert.equal(fake.sockets.length, 0, 'no connection made');
+      } finally {
+        fake.close();
+      }
+    }
+  });
+
   test('a request for a block the snapshot lacks, or beyond used_length, fails with a PageRequestError that says so', async () => {
     for (const [req, problem, text] of [
       [{ block: 'nope.ram', start: 0, length: TARGET_PAGE_SIZE }, 'unknown-block', /"nope\.ram"/],
@@ -428,6 +525,35 @@ describe('PostcopyPages', () => {
     for (let b = p.nextBackground(7); b; b = p.nextBackground(7)) take(b, 'background');
     assert.ok(p.done);
     assert.equal(handed.size, 64 + 8, 'every page of both blocks, once');
+  });
+
+  test('host pages of 4 target pages: partly sent ones undone at the switch, requests and background whole', () => {
+    const p = new PostcopyPages(src, { pageSizes: new Map([['a', 4 * TARGET_PAGE_SIZE]]) });
+    assert.equal(p.hostPagePages('a'), 4);
+    assert.equal(p.hostPagePages('b'), 1);
+    assert.equal(p.maxHostPagePages, 4);
+    p.markSent('a', 0, 4); // whole host page 0
+    p.markSent('a', 10, 3); // parts of host pages 2 and 3
+    p.markSent('b', 1, 1); // b has 4 KiB pages: stays
+    assert.equal(p.alignToHostPages(), 3);
+    assert.deepEqual(p.unsentRanges('a'), [{ start: 4 * TARGET_PAGE_SIZE, length: 60 * TARGET_PAGE_SIZE }]);
+    assert.ok(p.isSent('b', 1));
+    assert.throws(() => p.request({ block: 'a', start: 2 * TARGET_PAGE_SIZE, length: TARGET_PAGE_SIZE }), (e: PageRequestError) => e.problem === 'unaligned' && /16384-byte pages/.test(e.message));
+    // A request for one target page's worth gets the whole host page.
+    p.request({ block: 'a', start: 8 * TARGET_PAGE_SIZE, length: TARGET_PAGE_SIZE });
+    const r = p.nextRequested(1)!;
+    assert.deepEqual(r.spans, [{ first: 8, count: 2, present: false }, { first: 10, count: 2, present: true }]);
+    assert.equal(r.pages, 4);
+    // Background batches are whole host pages even when asked for fewer pages.
+    const b1 = p.nextBackground(6)!;
+    assert.deepEqual([b1.spans[0]!.first, b1.pages], [4, 4]);
+    for (let b = p.nextBackground(7); b; b = p.nextBackground(7)) {
+      if (b.block === 'a') {
+        assert.equal(b.spans[0]!.first % 4, 0, 'starts on a host page');
+        assert.equal(b.pages % 4, 0, 'whole host pages');
+      }
+    }
+    assert.ok(p.done);
   });
 
   test('requests are checked: block, range, alignment, length', () => {

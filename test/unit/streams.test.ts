@@ -19,6 +19,12 @@ import { StreamSession } from '../../src/codec/stream-session.js';
 import { encodeCommand } from '../../src/codec/stream-encode.js';
 import { receive } from '../../src/conversations/receive.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
+import { inspect } from '../../src/conversations/inspect.js';
+import { convert } from '../../src/conversations/convert.js';
+import { openSnapshot } from '../../src/engine/open-snapshot.js';
+import { PackedSnapshot } from '../../src/engine/packed-snapshot-source.js';
+import { packedParts, packedPrefixOf } from '../../src/engine/packed-snapshot-writer.js';
+import { inspectText } from '../../src/cli/file-format.js';
 import { streamScenarios, type Scenario } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
@@ -190,6 +196,92 @@ describe('extended captures through receive', () => {
       }
     });
   }
+});
+
+describe('inspect lists dirty-bitmap sections', () => {
+  for (const s of all.filter((x) => x.entry.scenario === 'dirty-bitmaps')) {
+    test(`${s.label}: a received snapshot's dirty-bitmap sections by name and size`, async () => {
+      const { snap, dir } = await receiveCapture(s);
+      try {
+        const want = snap.iterableSections!;
+        const c = s.check.main as unknown as { other_iterable_sections: unknown[]; other_iterable_eos_only_sections: number };
+        const r = await inspect(join(dir, 'vm.mig'));
+        assert.deepEqual(r['iterable-sections'], [{ name: 'dirty-bitmap', sections: c.other_iterable_sections.length + c.other_iterable_eos_only_sections, size: want.length }]);
+        const listed = r.sections.filter((x) => x.idstr === 'dirty-bitmap');
+        assert.equal(listed.reduce((n, x) => n + x.size, 0), want.length, 'the listed sections add up to the bytes send replays');
+        assert.deepEqual([listed[0]!.type, listed.at(-1)!.type], ['START', 'END']);
+        assert.match(inspectText(r), new RegExp(`iterable: +"dirty-bitmap": ${listed.length} sections, ${want.length} bytes`));
+      } finally {
+        await snap.close();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+
+  for (const s of all.filter((x) => x.entry.scenario === 'dirty-bitmaps')) {
+    test(`${s.label}: convert carries them (mapped-ram -> stream -> mapped-ram), and inspect lists them in the stream file too`, async () => {
+      const { snap, dir } = await receiveCapture(s);
+      try {
+        const want = snap.iterableSections!;
+        await convert({ input: join(dir, 'vm.mig'), output: join(dir, 'vm.stream'), to: 'stream' });
+        const stream = await openSnapshot(join(dir, 'vm.stream'));
+        try {
+          assert.equal(stream.format, 'stream');
+          assert.ok(stream.iterableSections?.equals(want), 'the stream file holds the sections as received');
+        } finally {
+          await stream.close();
+        }
+        const r = await inspect(join(dir, 'vm.stream'));
+        assert.deepEqual(r['iterable-sections']?.map((x) => [x.name, x.size]), [['dirty-bitmap', want.length]]);
+        await convert({ input: join(dir, 'vm.stream'), output: join(dir, 'back.mig'), to: 'mapped-ram' });
+        const back = await MappedRamSnapshot.open(join(dir, 'back.mig'));
+        try {
+          assert.ok(back.iterableSections?.equals(want), 'and back in mapped-ram');
+        } finally {
+          await back.close();
+        }
+      } finally {
+        await snap.close();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+
+  for (const s of all.filter((x) => x.entry.scenario === 'dirty-bitmaps')) {
+    test(`${s.label}: a packed object (s3://) of the snapshot keeps them, and RAM's section id`, async () => {
+      const { snap, dir } = await receiveCapture(s);
+      try {
+        const { prefix, layout } = await packedPrefixOf(snap);
+        const parts: Buffer[] = [];
+        for await (const part of packedParts(snap, prefix, layout, 1024 * 1024)) parts.push(part);
+        const object = Buffer.concat(parts);
+        const reader = { name: 'mem://vm.mig', size: object.length, read: async (at: number, n: number) => Buffer.from(object.subarray(at, at + n)) };
+        const packed = await PackedSnapshot.open(reader);
+        try {
+          assert.deepEqual(packed.ramSection, snap.ramSection, 'the dirty-bitmap START is not taken for RAM\'s');
+          assert.ok(packed.iterableSections?.equals(snap.iterableSections!), 'the sections as the file holds them');
+        } finally {
+          await packed.close();
+        }
+      } finally {
+        await snap.close();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+
+  test('a snapshot without them has no iterable-sections', async () => {
+    const s = all.find((x) => x.entry.scenario === 'switchover-ack')!;
+    const { snap, dir } = await receiveCapture(s);
+    try {
+      const r = await inspect(join(dir, 'vm.mig'));
+      assert.equal(r['iterable-sections'], undefined);
+      assert.doesNotMatch(inspectText(r), /iterable:/);
+    } finally {
+      await snap.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('stream session: the background snapshot order', () => {

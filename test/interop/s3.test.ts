@@ -165,6 +165,9 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(await headSize(bucket, 'vm1.mig'), st['object-size'], 'the object is there, its size as reported');
         assert.ok(st['object-size'] < st['file-size'], 'the object holds the pages present, not the RAM size');
         assert.ok(st.parts >= 2, 'a multipart upload of several parts');
+        assert.equal(st['bytes-uploaded'], st['object-size'], 'bytes to the store: the object, once');
+        assert.ok(st.requests >= st.parts + 3, `requests (${st.requests}) count HEAD bucket, create, every part and complete`);
+        assert.equal(st.retries, 0);
         assert.ok(Date.parse(st['local-durable-at']) <= Date.parse(st['store-durable-at']));
         assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
         assert.deepEqual(readdirSync(staging), [], 'the staging directory was removed');

@@ -202,20 +202,10 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
     tx.on('progress', (p: SendProgress) => handle.emit('progress', { ...p, destinationStatus: destStatus } satisfies RestoreProgress));
     const client = qmp;
     let resumed = false;
-    let resuming: Promise<void> | undefined;
-    const resume = async (): Promise<void> => {
-      const st = await client.execute('query-status');
-      if (st.running) return;
-      await client.execute('cont');
-      resumed = true;
-    };
     if (pc) {
       // PONG(0x42): the devices are loaded and RUN is next (QEMU starts the guest itself when
       // autostart is set; otherwise it stays paused for whoever runs `cont`).
-      tx.on('postcopy-running', () => {
-        handle.emit('postcopy-running', { elapsedMs: Date.now() - t0 });
-        if (wantResume && !autostart) resuming = resume().catch(() => {});
-      });
+      tx.on('postcopy-running', () => handle.emit('postcopy-running', { elapsedMs: Date.now() - t0 }));
     }
 
     // QEMU's view, polled while we send: a failure there is the better error message.
@@ -251,7 +241,6 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
       await new Promise((r) => setTimeout(r, 50));
     }
     const completeAt = Date.now() - t0;
-    if (resuming) await resuming;
     let after = await qmp.execute('query-status');
     if (autostart && after.running) resumed = true;
     if (wantResume && !after.running) {

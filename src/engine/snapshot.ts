@@ -58,8 +58,9 @@ export interface SnapshotSource {
   scratchBytes(pages: number): number;
   /**
    * Reads pages of `block` given as flat (firstPage, count) pairs into `scratch` with positioned
-   * reads, and returns views of the page bytes in order. Concurrent calls with distinct scratch
-   * buffers are allowed.
+   * reads, and returns views of the page bytes in order, one per run. A view may instead point
+   * into the source's own read buffers (an object store's chunks), which are never written again:
+   * callers use the views, not `scratch`. Concurrent calls with distinct scratch buffers are allowed.
    */
   loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]>;
   /** Reads `length` bytes of the file at `position` (for forwarding the device state). */

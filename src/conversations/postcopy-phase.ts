@@ -34,6 +34,13 @@ export interface PostcopyPhaseOptions {
   readAhead?: number;
   /** Rejects once the conversation failed (stops the loops). */
   failed: Promise<never>;
+  /**
+   * The background scan starts once this settles (at most BACKGROUND_GATE_MS later); requests are
+   * served meanwhile. Send passes PONG(3), the destination's "devices loaded": pages QEMU touches
+   * while it loads the devices (before the guest can run) then do not queue behind the scan's
+   * first large reads.
+   */
+  backgroundAfter?: Promise<unknown>;
 }
 
 export interface PostcopyPhaseStats {
@@ -51,6 +58,8 @@ export interface PostcopyPhaseStats {
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 /** The longest the background scan runs without letting I/O callbacks in. */
 const YIELD_MS = 2;
+/** The longest the background scan waits for backgroundAfter. */
+const BACKGROUND_GATE_MS = 2000;
 
 interface Loaded {
   plan: PageBatchPlan;
@@ -98,6 +107,12 @@ export class PostcopyPhase {
     const pages = this.o.pages;
     const serveRequests = !this.o.writePreempt;
     const ahead: { loaded: Promise<Loaded>; scratch: Buffer }[] = [];
+    let gateOpen = this.o.backgroundAfter === undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const gate = gateOpen ? undefined : Promise.race([
+      this.o.backgroundAfter!.then(() => {}, () => {}),
+      new Promise<void>((r) => { timer = setTimeout(r, BACKGROUND_GATE_MS); }),
+    ]).then(() => { gateOpen = true; clearTimeout(timer); });
     try {
       for (;;) {
         if (serveRequests) {
@@ -107,6 +122,10 @@ export class PostcopyPhase {
             await this.writeSection(await this.load(req, this.requestScratch), 'main');
             continue;
           }
+        }
+        if (!gateOpen) {
+          await Promise.race([gate, ...(serveRequests ? [pages.requestArrived()] : []), this.o.failed]);
+          continue;
         }
         // Under a bandwidth limit the wait comes before the next batch is planned, so that pages
         // the guest asks for meanwhile are not stuck in a batch waiting for its turn.
@@ -134,6 +153,7 @@ export class PostcopyPhase {
         await this.yieldSometimes();
       }
     } finally {
+      clearTimeout(timer);
       // A failure leaves reads in flight; their rejections are the failure already reported.
       for (const a of ahead) a.loaded.catch(() => {});
     }
@@ -190,7 +210,7 @@ export class PostcopyPhase {
   private async load(plan: PageBatchPlan, scratch: Buffer): Promise<Loaded> {
     const runs: number[] = [];
     for (const s of plan.spans) if (s.present) runs.push(s.first, s.count);
-    const views = runs.length > 0 ? await this.o.source.loadRuns(plan.block, runs, runs.length / 2, scratch) : [];
+    const views = runs.length > 0 ? await this.o.source.loadRuns(plan.block, runs, runs.length / 2, scratch, { urgent: plan.requested }) : [];
     const offsets = new Float64Array(plan.pages);
     const data: (Buffer | undefined)[] = new Array(plan.pages);
     let k = 0;

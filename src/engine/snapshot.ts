@@ -61,8 +61,10 @@ export interface SnapshotSource {
    * reads, and returns views of the page bytes in order, one per run. A view may instead point
    * into the source's own read buffers (an object store's chunks), which are never written again:
    * callers use the views, not `scratch`. Concurrent calls with distinct scratch buffers are allowed.
+   * `urgent`: pages a guest waits for (postcopy's requests); a source with large sequential reads
+   * in flight serves them on their own instead of behind those.
    */
-  loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]>;
+  loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer, opts?: { urgent?: boolean }): Promise<Buffer[]>;
   /** Reads `length` bytes of the file at `position` (for forwarding the device state). */
   readAt(position: number, length: number, into?: Buffer): Promise<Buffer>;
   close(): Promise<void>;

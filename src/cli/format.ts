@@ -21,7 +21,7 @@ export function duration(ms: number): string {
 
 interface SummaryLike {
   /** save/receive --out s3://… (docs/s3.md). */
-  store?: { url: string; 'object-size': number; parts: number; 'upload-ms': number; 'local-durable-at'?: string; 'store-durable-at': string };
+  store?: { url: string; 'object-size': number; parts: number; 'upload-ms': number; requests?: number; retries?: number; 'local-durable-at'?: string; 'store-durable-at': string };
   file: string;
   machine: string;
   'total-time': number;
@@ -59,7 +59,7 @@ export function summaryText(s: SummaryLike): string {
     lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}${bg}, now ${s.source['run-state-after']}`);
   }
   if (s.store) {
-    lines.push(`  store: ${s.store.url}, a ${bytes(s.store['object-size'])} object in ${s.store.parts} parts uploaded in ${duration(s.store['upload-ms'])}; durable locally at ${s.store['local-durable-at'] ?? '?'}, in the store at ${s.store['store-durable-at']}`);
+    lines.push(`  store: ${s.store.url}, a ${bytes(s.store['object-size'])} object in ${s.store.parts} parts uploaded in ${duration(s.store['upload-ms'])}${s.store.requests !== undefined ? ` (${s.store.requests} requests, ${s.store.retries ?? 0} retries)` : ''}; durable locally at ${s.store['local-durable-at'] ?? '?'}, in the store at ${s.store['store-durable-at']}`);
   }
   return lines.join('\n');
 }

@@ -4,6 +4,7 @@ import cliProgress from 'cli-progress';
 import type { ReceiveProgress } from '../conversations/receive.js';
 import type { RelayProgress } from '../conversations/relay.js';
 import type { SendProgress } from '../conversations/send.js';
+import type { UploadProgress } from '../conversations/object-store.js';
 import { bytes, rate } from './format.js';
 
 export interface ProgressSample {
@@ -15,9 +16,12 @@ export interface ProgressSample {
   totalPages: number;
   /** Command-specific tail, e.g. "round 3 | channels 2/2". */
   detail: string;
+  /** The bar counts bytes (an upload), not pages: no pages/s. */
+  byBytes?: boolean;
 }
 
-export function receiveSample(p: Pick<ReceiveProgress, 'phase' | 'elapsedMs' | 'transferred' | 'normal' | 'duplicate' | 'rounds' | 'channelsConnected' | 'channels' | 'ramTotal'>): ProgressSample {
+export function receiveSample(p: Pick<ReceiveProgress, 'phase' | 'elapsedMs' | 'transferred' | 'normal' | 'duplicate' | 'rounds' | 'channelsConnected' | 'channels' | 'ramTotal' | 'upload'>): ProgressSample {
+  if (p.upload) return uploadSample(p.upload);
   return {
     phase: p.phase,
     elapsedMs: p.elapsedMs,
@@ -25,6 +29,20 @@ export function receiveSample(p: Pick<ReceiveProgress, 'phase' | 'elapsedMs' | '
     pages: p.normal + p.duplicate,
     totalPages: Math.ceil(p.ramTotal / 4096),
     detail: `round ${p.rounds} | channels ${p.channelsConnected}/${p.channels}`,
+  };
+}
+
+/** The upload of a staged snapshot to the store (save/receive --out s3://…): bytes the store accepted. */
+export function uploadSample(u: UploadProgress): ProgressSample {
+  const unit = 4096;
+  return {
+    phase: 'uploading',
+    elapsedMs: u.elapsedMs,
+    transferred: u.stored,
+    pages: Math.floor(u.stored / unit),
+    totalPages: Math.ceil(u.total / unit),
+    detail: `${bytes(u.stored)} of ${bytes(u.total)} in the store | part ${u.parts} begun, ${u.requests} requests, ${u.retries} retries`,
+    byBytes: true,
   };
 }
 
@@ -91,7 +109,7 @@ export class ProgressView {
       phase: p.phase.padEnd(12),
       bytes: bytes(p.transferred).padStart(10),
       speed: rate(speed).padStart(12),
-      pps: `${Math.round((p.pages * 1000) / Math.max(1, p.elapsedMs))} pages/s`,
+      pps: p.byBytes ? '' : `${Math.round((p.pages * 1000) / Math.max(1, p.elapsedMs))} pages/s`,
       detail: p.detail,
     };
     if (!this.bar) {

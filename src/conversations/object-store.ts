@@ -86,8 +86,11 @@ export interface UploadReport {
   'present-pages': number;
   parts: number;
   'part-size': number;
+  /** Requests to the store (HEAD bucket, create, parts, complete) and parts sent again after a failure. */
   requests: number;
   retries: number;
+  /** Bytes the store accepted in parts (the object's size; a part sent twice counts once). */
+  'bytes-uploaded': number;
   'upload-ms': number;
   /** When the staged snapshot was complete and synced on local disk, and when the object was complete in the store. */
   'local-durable-at'?: string;
@@ -96,8 +99,16 @@ export interface UploadReport {
 }
 
 export interface UploadProgress {
+  /** Object bytes handed to the upload so far, and in all. */
   sent: number;
   total: number;
+  /** Bytes the store has accepted (parts in), and its requests and retries so far. */
+  stored: number;
+  requests: number;
+  retries: number;
+  parts: number;
+  /** ms since the upload started. */
+  elapsedMs: number;
 }
 
 /**
@@ -117,19 +128,27 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: { s
     const total = layout.objectSize;
     const partSize = partSizeFor(total, s.partSize);
     const up = await MultipartUpload.create(client, where, { concurrency: s.uploadConcurrency ?? 4 });
+    let sent = 0;
+    // +2: HEAD bucket and CreateMultipartUpload, which the upload's own counters do not see.
+    const report = (): void => opts.onProgress?.({
+      sent, total, stored: up.stats.bytes, requests: up.stats.requests + 2, retries: up.stats.retries, parts: up.partCount, elapsedMs: Date.now() - started,
+    });
     try {
-      let sent = 0;
       // Part buffers are recycled once uploaded: memory is (parts in flight + 1) × part size.
       const pool: Buffer[] = [];
       const alloc = (n: number): Buffer => (n === partSize ? pool.pop() : undefined) ?? Buffer.allocUnsafe(n);
       for await (const part of packedParts(src, prefix, layout, partSize, alloc)) {
         if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, `upload of ${url} interrupted`);
-        await up.add(part, () => { if (part.length === partSize) pool.push(part); });
+        await up.add(part, () => {
+          if (part.length === partSize) pool.push(part);
+          report();
+        });
         sent += part.length;
-        opts.onProgress?.({ sent, total });
+        report();
       }
       if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, `upload of ${url} interrupted`);
       await up.complete();
+      report();
     } catch (e) {
       // The abort's own failure (store unreachable past its deadline) names the upload id.
       await up.abort().catch((abortErr: Error) => {
@@ -147,6 +166,7 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: { s
       'part-size': partSize,
       requests: up.stats.requests + 2,
       retries: up.stats.retries,
+      'bytes-uploaded': up.stats.bytes,
       'upload-ms': ms,
       'store-durable-at': new Date().toISOString(),
       'upload-bytes-per-s': Math.round(total / Math.max(ms, 1) * 1000),

@@ -36,6 +36,13 @@ export interface PostcopyPhaseOptions {
   readAhead?: number;
   /** Rejects once the conversation failed (stops the loops). */
   failed: Promise<never>;
+  /**
+   * The background scan starts once this settles (at most BACKGROUND_GATE_MS later); requests are
+   * served meanwhile. Send passes PONG(3), the destination's "devices loaded": pages QEMU touches
+   * while it loads the devices (before the guest can run) then do not queue behind the scan's
+   * first large reads.
+   */
+  backgroundAfter?: Promise<unknown>;
 }
 
 export interface PostcopyPhaseStats {
@@ -51,6 +58,10 @@ export interface PostcopyPhaseStats {
 }
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+/** The longest the background scan runs without letting I/O callbacks in. */
+const YIELD_MS = 2;
+/** The longest the background scan waits for backgroundAfter. */
+const BACKGROUND_GATE_MS = 2000;
 
 interface Loaded {
   plan: PageBatchPlan;
@@ -70,6 +81,7 @@ export class PostcopyPhase {
   private readonly preemptRecords: PageRecordState = {};
   private backgroundBytes = 0;
   private startedAt = 0;
+  private lastYield = performance.now();
   private readonly sid: number;
 
   constructor(private readonly o: PostcopyPhaseOptions) {
@@ -99,6 +111,12 @@ export class PostcopyPhase {
     const pages = this.o.pages;
     const serveRequests = !this.o.writePreempt;
     const ahead: { loaded: Promise<Loaded>; scratch: Buffer }[] = [];
+    let gateOpen = this.o.backgroundAfter === undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const gate = gateOpen ? undefined : Promise.race([
+      this.o.backgroundAfter!.then(() => {}, () => {}),
+      new Promise<void>((r) => { timer = setTimeout(r, BACKGROUND_GATE_MS); }),
+    ]).then(() => { gateOpen = true; clearTimeout(timer); });
     try {
       for (;;) {
         if (serveRequests) {
@@ -108,6 +126,10 @@ export class PostcopyPhase {
             await this.writeSection(await this.load(req, this.requestScratch), 'main');
             continue;
           }
+        }
+        if (!gateOpen) {
+          await Promise.race([gate, ...(serveRequests ? [pages.requestArrived()] : []), this.o.failed]);
+          continue;
         }
         // Under a bandwidth limit the wait comes before the next batch is planned, so that pages
         // the guest asks for meanwhile are not stuck in a batch waiting for its turn.
@@ -132,11 +154,26 @@ export class PostcopyPhase {
         await this.writeSection(batch, 'main');
         this.freeScratch.push(current.scratch);
         this.backgroundBytes += batch.plan.pages * TARGET_PAGE_SIZE;
+        await this.yieldSometimes();
       }
     } finally {
+      clearTimeout(timer);
       // A failure leaves reads in flight; their rejections are the failure already reported.
       for (const a of ahead) a.loaded.catch(() => {});
     }
+  }
+
+  /**
+   * Lets I/O callbacks run every few ms. Socket writes that fit the kernel's buffer complete in
+   * the same tick, and absent pages need no read, so without this the background scan runs on
+   * microtasks alone and starves the return path (PONGs, page requests) and QMP: measured 130–380 ms
+   * of event-loop stall right after RUN, during which the guest's first page requests waited.
+   */
+  private async yieldSometimes(): Promise<void> {
+    const now = performance.now();
+    if (now - this.lastYield < YIELD_MS) return;
+    await new Promise<void>((r) => setImmediate(r));
+    this.lastYield = performance.now();
   }
 
   private loadNextBackground(): { loaded: Promise<Loaded>; scratch: Buffer } | undefined {
@@ -177,7 +214,7 @@ export class PostcopyPhase {
   private async load(plan: PageBatchPlan, scratch: Buffer): Promise<Loaded> {
     const runs: number[] = [];
     for (const s of plan.spans) if (s.present) runs.push(s.first, s.count);
-    const views = runs.length > 0 ? await this.o.source.loadRuns(plan.block, runs, runs.length / 2, scratch) : [];
+    const views = runs.length > 0 ? await this.o.source.loadRuns(plan.block, runs, runs.length / 2, scratch, { urgent: plan.requested }) : [];
     const offsets = new Float64Array(plan.pages);
     const data: (Buffer | undefined)[] = new Array(plan.pages);
     let k = 0;

@@ -4,6 +4,7 @@
 import type { SyncMode } from '../codec/sync-points.js';
 import type { ChannelStats } from '../engine/multifd-receiver.js';
 import type { TlsCreds } from '../transports/tls.js';
+import type { UploadProgress } from './object-store.js';
 
 
 export interface ReceiveOptions {
@@ -67,6 +68,8 @@ export interface ReceiveProgress {
   channels: number;
   mainBytes: number;
   ramTotal: number;
+  /** --out s3://…, while committing: the upload of the staged snapshot (docs/s3.md). */
+  upload?: UploadProgress;
 }
 
 export interface ReceiveSummary {

@@ -101,6 +101,7 @@ class Receiver implements InboundSink {
       channels: this.channels,
       mainBytes: a.mainBytes + a.preemptBytes,
       ramTotal: a.session.ramTotal,
+      ...(this.output?.uploadProgress ? { upload: this.output.uploadProgress } : {}),
     };
   }
 

@@ -67,7 +67,10 @@ export interface RestoreSummary extends SendSummary {
     'run-state-after': string;
     resumed: boolean;
   };
-  /** ms from the start of restore until the destination's guest ran (its RESUME event), if it did. */
+  /**
+   * ms from the start of restore until the destination's guest ran (its RESUME event, by the
+   * event's timestamp when QMP is a unix socket, else when we received it), if it did.
+   */
   'time-to-running'?: number;
   /** Restored from s3://…: what was read from the store. */
   store?: ObjectReadReport;
@@ -106,20 +109,29 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
   let socketPath: string | undefined;
   try {
     qmp = await QmpClient.connect(opts.qmp);
-    // The guest starts with QEMU's RESUME event: the moment it runs on the destination.
+    // The guest starts with QEMU's RESUME event: the moment it runs on the destination. On this
+    // host (a unix QMP socket) the event's own timestamp says when, whatever our event loop was
+    // busy with when it arrived (under load we saw it 100+ ms late); elsewhere clocks may differ.
     let runningAt: number | undefined;
-    qmp.on('event', (name) => {
-      if (name === 'RESUME' && runningAt === undefined) runningAt = Date.now() - t0;
+    const sameHost = parseQmpAddress(opts.qmp).kind === 'unix';
+    qmp.on('event', (name, _data, ts) => {
+      if (name !== 'RESUME' || runningAt !== undefined) return;
+      const seen = Date.now() - t0;
+      const stamped = sameHost && ts && ts.seconds > 0 ? ts.seconds * 1000 + ts.microseconds / 1000 - t0 : undefined;
+      runningAt = stamped !== undefined && stamped >= 0 && stamped <= seen ? Math.round(stamped) : seen;
     });
-    const run = await qmp.execute('query-status');
+    // Three queries in one round trip (QEMU answers them in order).
+    const [run, mig, have] = await Promise.all([
+      qmp.execute('query-status'),
+      qmp.execute('query-migrate'),
+      qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities'),
+    ]);
     if (run.status !== 'inmigrate') {
       throw new DestinationError(`the destination is not waiting for an incoming migration (its state is "${run.status}"); start it with -incoming defer`, undefined);
     }
-    const mig = await qmp.execute('query-migrate');
     if (mig.status && mig.status !== 'none') {
       throw new DestinationError(`the destination already has an incoming migration in state "${mig.status}" (migrate-incoming was issued before; start a fresh QEMU with -incoming defer)`, undefined);
     }
-    const have: { capability: string; state: boolean }[] = await qmp.execute('query-migrate-capabilities');
     const wantedCaps = (multifd: boolean): Record<string, boolean> => {
       const wanted: Record<string, boolean> = { multifd, 'mapped-ram': false, 'postcopy-ram': pc !== undefined, 'postcopy-preempt': pc?.preempt === true };
       // Validated capabilities must match the stream's configuration record exactly.
@@ -155,6 +167,16 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
     // Postcopy announces the destination's page size per block (hugetlbfs-backed RAM: 2 MiB).
     const postcopy: PostcopyOptions | undefined = pc ? { ...pc, pageSizes: await resolveDestinationPageSizes(qmp, source, pc.pageSizes, notes) } : undefined;
 
+    // Instant restore with --resume: `cont` while QEMU is still in "inmigrate" only sets its
+    // autostart flag, and QEMU then starts the guest itself when it handles RUN. Waiting for
+    // PONG(0x42) to send query-status and `cont` cost two QMP round trips (90–230 ms under load)
+    // between the devices being loaded and the guest running. A load that fails never runs it.
+    let autostart = false;
+    if (pc && wantResume) {
+      await qmp.execute('cont');
+      autostart = true;
+    }
+
     const incoming = opts.incoming ?? defaultIncoming(opts.qmp);
     if (incoming.startsWith('unix:')) socketPath = incoming.slice(5);
     await qmp.execute('migrate-incoming', { uri: incoming, 'exit-on-error': false });
@@ -184,20 +206,10 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
     tx.on('progress', (p: SendProgress) => handle.emit('progress', { ...p, destinationStatus: destStatus } satisfies RestoreProgress));
     const client = qmp;
     let resumed = false;
-    let resuming: Promise<void> | undefined;
-    const resume = async (): Promise<void> => {
-      const st = await client.execute('query-status');
-      if (st.running) return;
-      await client.execute('cont');
-      resumed = true;
-    };
     if (pc) {
-      // PONG(0x42): the devices are loaded and RUN is next. With --resume the guest gets going now
-      // (`cont` on a destination started with -S), not when the last page arrived.
-      tx.on('postcopy-running', () => {
-        handle.emit('postcopy-running', { elapsedMs: Date.now() - t0 });
-        if (wantResume) resuming = resume().catch(() => {});
-      });
+      // PONG(0x42): the devices are loaded and RUN is next (QEMU starts the guest itself when
+      // autostart is set; otherwise it stays paused for whoever runs `cont`).
+      tx.on('postcopy-running', () => handle.emit('postcopy-running', { elapsedMs: Date.now() - t0 }));
     }
 
     // QEMU's view, polled while we send: a failure there is the better error message.
@@ -233,8 +245,8 @@ async function runRestore(opts: RestoreOptions, handle: ConversationHandle<Resto
       await new Promise((r) => setTimeout(r, 50));
     }
     const completeAt = Date.now() - t0;
-    if (resuming) await resuming;
     let after = await qmp.execute('query-status');
+    if (autostart && after.running) resumed = true;
     if (wantResume && !after.running) {
       await qmp.execute('cont');
       resumed = true;

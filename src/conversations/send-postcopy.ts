@@ -144,6 +144,7 @@ export async function sendPostcopy(c: PostcopySendContext, pc: PostcopyOptions):
     ...(pc.bandwidth !== undefined ? { bandwidth: pc.bandwidth } : {}),
     ...(pc.batchPages !== undefined ? { batchPages: pc.batchPages } : {}),
     failed: c.failed,
+    backgroundAfter: c.out.pongArrived(PING_DEVICES),
   });
   c.phaseStarted(phase);
   await phase.run();

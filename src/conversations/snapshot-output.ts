@@ -10,7 +10,7 @@ import { ProtocolError } from '../codec/errors.js';
 import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
-import { objectStoreSettings, recordUpload, removeStaging, stagingDirectory, uploadPackedSnapshot } from './object-store.js';
+import { objectStoreSettings, recordUpload, removeStaging, stagingDirectory, uploadPackedSnapshot, type UploadProgress } from './object-store.js';
 
 /** An s3:// output: staged as a local mapped-ram file, uploaded packed by commit(). */
 interface ObjectTarget {
@@ -30,6 +30,8 @@ export class SnapshotOutput {
 
   /** An abort while commit() uploads stops the upload before it completes (no object appears). */
   private readonly uploadAbort = new AbortController();
+  /** For an object: how far its upload is, once it started. */
+  uploadProgress: UploadProgress | undefined;
 
   private constructor(readonly store: MappedRamWriter, private readonly object?: ObjectTarget) {}
 
@@ -125,7 +127,7 @@ export class SnapshotOutput {
     try {
       await this.store.commit();
       const localAt = new Date().toISOString();
-      const report = await uploadPackedSnapshot(this.store.finalPath, object.url, { signal: this.uploadAbort.signal });
+      const report = await uploadPackedSnapshot(this.store.finalPath, object.url, { signal: this.uploadAbort.signal, onProgress: (p) => { this.uploadProgress = p; } });
       recordUpload({ ...report, 'local-durable-at': localAt });
     } finally {
       await removeStaging(object.dir);

@@ -71,6 +71,8 @@ export class PackedSnapshot implements SnapshotSource {
   /** Read-around windows by their first byte's offset among the pages (insertion order = LRU order). */
   private readonly around = new Map<number, Promise<Buffer>>();
   private readonly chunks = new Map<number, Promise<Buffer>>();
+  /** Chunks of `chunks` whose GET has completed. */
+  private readonly arrived = new Set<number>();
   /** The highest chunk a sequential read has touched. */
   private cursor = -1;
   /** Where the last read ended (relative to the first packed page). */
@@ -168,12 +170,17 @@ export class PackedSnapshot implements SnapshotSource {
 
   /**
    * Runs of present pages are contiguous in the object (consecutive ranks); pages with clear
-   * bits in a run (a caller may ask for them) read as zero.
+   * bits in a run (a caller may ask for them) read as zero. A run wholly present and inside one
+   * sequential chunk comes back as a view of that chunk, not copied into `scratch` (chunks are
+   * never written after they arrived): restore's copy per byte was the HTTP body into the chunk
+   * and the chunk into the scratch, now only the first.
    */
-  async loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]> {
+  async loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer, opts: { urgent?: boolean } = {}): Promise<Buffer[]> {
+    const urgent = opts.urgent === true;
     const b = this.block(block);
     const views: Buffer[] = [];
     const spans: { obj: number; at: number; len: number }[] = [];
+    const whole: Promise<void>[] = [];
     let total = 0;
     for (let i = 0; i < runCount; i++) {
       const first = runs[2 * i]!;
@@ -181,7 +188,15 @@ export class PackedSnapshot implements SnapshotSource {
       if (first < 0 || count <= 0 || first + count > b.pages) throw new RangeError(`pages [${first}, +${count}) outside block ${block}`);
       const len = count * TARGET_PAGE_SIZE;
       if (total + len > scratch.length) throw new RangeError(`scratch of ${scratch.length} bytes is too small for the runs`);
-      views.push(scratch.subarray(total, total + len));
+      const region = scratch.subarray(total, total + len);
+      views.push(region);
+      const r0 = b.rank.rank(first);
+      if (b.rank.rank(first + count) - r0 === count) {
+        const k = views.length - 1;
+        whole.push(this.fetch(packedPageOffset(this.layout, b.block, r0), len, region, urgent).then((got) => { views[k] = got; }));
+        total += len;
+        continue;
+      }
       let p = first;
       while (p < first + count) {
         const present = b.rank.test(p);
@@ -200,27 +215,62 @@ export class PackedSnapshot implements SnapshotSource {
       }
       total += len;
     }
-    await Promise.all(spans.map((s) => this.fetch(s.obj, s.len, scratch.subarray(s.at, s.at + s.len))));
+    await Promise.all([
+      ...whole,
+      ...spans.map(async (s) => {
+        const into = scratch.subarray(s.at, s.at + s.len);
+        const got = await this.fetch(s.obj, s.len, into, urgent);
+        if (got !== into) got.copy(into);
+      }),
+    ]);
     return views;
   }
 
-  /** Object bytes [obj, obj+len) into `into`: from the sequential chunks, or one ranged GET. */
-  private async fetch(obj: number, len: number, into: Buffer): Promise<void> {
+  /**
+   * Object bytes [obj, obj+len): a view of the sequential chunk that holds them all, else copied
+   * into `into` (from the chunks, or one ranged GET) and `into` returned.
+   */
+  private async fetch(obj: number, len: number, into: Buffer, urgent = false): Promise<Buffer> {
     // A read after close(): a bug in the reader's user, not something a caller reacts to.
     if (this.closed) throw new Error(`${this.path} is closed`);
     const rel = obj - this.layout.pagesOffset;
     const c0 = Math.floor(rel / this.chunkBytes);
     const c1 = Math.floor((rel + len - 1) / this.chunkBytes);
+    if (urgent) {
+      // A page the guest waits for: from a chunk that has arrived, else its own small GET (read-
+      // around window). Behind an 8 MiB chunk still on its way, the first request of an instant
+      // restore (a page QEMU touches while loading the devices, before RUN) waited ~150 ms.
+      if (c0 === c1 && this.arrived.has(c0)) {
+        const buf = await this.chunks.get(c0)!;
+        const from = obj - (this.layout.pagesOffset + c0 * this.chunkBytes);
+        return buf.subarray(from, from + len);
+      }
+      await this.fetchAround(rel, len, into);
+      return into;
+    }
     // Sequential: at, or just past, what was read before, or right where the last read ended (a
     // reader that starts in the middle, e.g. extract --block), or the very start.
     const sequential = this.chunks.has(c0) || c0 === this.cursor + 1 || c0 === this.cursor || rel === this.lastEnd || (this.cursor < 0 && c0 === 0);
     this.lastEnd = rel + len;
-    if (!sequential) return this.fetchAround(rel, len, into);
+    if (!sequential) {
+      await this.fetchAround(rel, len, into);
+      return into;
+    }
     if (c1 > this.cursor) this.cursor = c1;
     // Chunks behind the reader are done with: one back is kept for reads that finish late.
-    for (const k of this.chunks.keys()) if (k < c0 - 1) this.chunks.delete(k);
+    for (const k of this.chunks.keys()) {
+      if (k < c0 - 1) {
+        this.chunks.delete(k);
+        this.arrived.delete(k);
+      }
+    }
     const lastChunk = Math.floor((this.layout.objectSize - this.layout.pagesOffset - 1) / this.chunkBytes);
     for (let k = c0; k <= Math.min(lastChunk, c1 + this.readAhead); k++) this.chunk(k);
+    if (c0 === c1) {
+      const buf = await this.chunk(c0);
+      const from = obj - (this.layout.pagesOffset + c0 * this.chunkBytes);
+      return buf.subarray(from, from + len);
+    }
     let done = 0;
     for (let k = c0; k <= c1; k++) {
       const buf = await this.chunk(k);
@@ -230,6 +280,7 @@ export class PackedSnapshot implements SnapshotSource {
       buf.copy(into, done, from, to);
       done += to - from;
     }
+    return into;
   }
 
   /**
@@ -280,7 +331,7 @@ export class PackedSnapshot implements SnapshotSource {
       this.stats.chunkGets++;
       this.stats.bytesFetched += len;
       p = this.reader.read(start, len);
-      p.catch(() => {});
+      p.then(() => { if (this.chunks.get(k) === p) this.arrived.add(k); }, () => {});
       this.chunks.set(k, p);
     }
     return p;
@@ -313,8 +364,8 @@ export class PackedSnapshot implements SnapshotSource {
     const first = Math.floor(offset / TARGET_PAGE_SIZE);
     const last = Math.floor((offset + into.length - 1) / TARGET_PAGE_SIZE);
     const tmp = Buffer.allocUnsafe((last - first + 1) * TARGET_PAGE_SIZE);
-    await this.loadRuns(block, [first, last - first + 1], 1, tmp);
-    tmp.copy(into, 0, offset - first * TARGET_PAGE_SIZE);
+    const [view] = await this.loadRuns(block, [first, last - first + 1], 1, tmp);
+    view!.copy(into, 0, offset - first * TARGET_PAGE_SIZE);
   }
 
   /** The skeleton (everything but the pages regions) as file spans, for rebuilding the file. */
@@ -331,6 +382,7 @@ export class PackedSnapshot implements SnapshotSource {
   async close(): Promise<void> {
     this.closed = true;
     this.chunks.clear();
+    this.arrived.clear();
     this.around.clear();
   }
 }

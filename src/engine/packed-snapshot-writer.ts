@@ -73,7 +73,13 @@ export async function* packedParts(src: MappedRamSnapshot, prefix: Buffer, layou
         return pages < room;
       }, from);
       if (pages === 0) break;
-      await src.loadRuns(b.name, runs, runs.length / 2, part.subarray(fill, fill + pages * TARGET_PAGE_SIZE));
+      const into = part.subarray(fill, fill + pages * TARGET_PAGE_SIZE);
+      // A source may hand back views of its own buffers instead of filling `into`.
+      let at = 0;
+      for (const v of await src.loadRuns(b.name, runs, runs.length / 2, into)) {
+        if (v.buffer !== into.buffer || v.byteOffset !== into.byteOffset + at) v.copy(into, at);
+        at += v.length;
+      }
       fill += pages * TARGET_PAGE_SIZE;
       if (full()) yield next();
     }

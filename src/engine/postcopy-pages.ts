@@ -189,7 +189,9 @@ export class PostcopyPages {
       p = this.nextUnsent(b, p);
       if (p >= b.pages) break;
       const start = p;
-      while (p < b.pages && !b.sent.test(p)) p++;
+      // Eight unsent pages per byte: before the switch this scans the whole guest (4 GiB: 1M pages).
+      const bytes = b.sent.bytes;
+      while (p < b.pages && !b.sent.test(p)) p = (p & 7) === 0 && bytes[p >>> 3] === 0 && p + 8 <= b.pages ? p + 8 : p + 1;
       out.push({ start: start * TARGET_PAGE_SIZE, length: (p - start) * TARGET_PAGE_SIZE });
     }
     return out;

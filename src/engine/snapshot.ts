@@ -58,10 +58,13 @@ export interface SnapshotSource {
   scratchBytes(pages: number): number;
   /**
    * Reads pages of `block` given as flat (firstPage, count) pairs into `scratch` with positioned
-   * reads, and returns views of the page bytes in order. Concurrent calls with distinct scratch
-   * buffers are allowed.
+   * reads, and returns views of the page bytes in order, one per run. A view may instead point
+   * into the source's own read buffers (an object store's chunks), which are never written again:
+   * callers use the views, not `scratch`. Concurrent calls with distinct scratch buffers are allowed.
+   * `urgent`: pages a guest waits for (postcopy's requests); a source with large sequential reads
+   * in flight serves them on their own instead of behind those.
    */
-  loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer): Promise<Buffer[]>;
+  loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer, opts?: { urgent?: boolean }): Promise<Buffer[]>;
   /** Reads `length` bytes of the file at `position` (for forwarding the device state). */
   readAt(position: number, length: number, into?: Buffer): Promise<Buffer>;
   close(): Promise<void>;

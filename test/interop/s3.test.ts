@@ -165,6 +165,9 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(await headSize(bucket, 'vm1.mig'), st['object-size'], 'the object is there, its size as reported');
         assert.ok(st['object-size'] < st['file-size'], 'the object holds the pages present, not the RAM size');
         assert.ok(st.parts >= 2, 'a multipart upload of several parts');
+        assert.equal(st['bytes-uploaded'], st['object-size'], 'bytes to the store: the object, once');
+        assert.ok(st.requests >= st.parts + 3, `requests (${st.requests}) count HEAD bucket, create, every part and complete`);
+        assert.equal(st.retries, 0);
         assert.ok(Date.parse(st['local-durable-at']) <= Date.parse(st['store-durable-at']));
         assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
         assert.deepEqual(readdirSync(staging), [], 'the staging directory was removed');
@@ -195,9 +198,12 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.equal(r.code, 0, `restore --postcopy failed: ${r.stderr}`);
         const rs = JSON.parse(r.stdout);
         const pc = rs.postcopy;
-        t.diagnostic(`QEMU ${version}: running ${pc['run-time']} ms after start, all pages in at ${pc['complete-time']} ms; ${pc.requests} requests, ${pc['requested-pages']} pages by request`);
+        t.diagnostic(`QEMU ${version}: running ${pc['run-time']} ms after start (guest running at ${rs['time-to-running']} ms of the restore, object opened in ${rs.store['open-ms']} ms), all pages in at ${pc['complete-time']} ms; ${pc.requests} requests, ${pc['requested-pages']} pages by request`);
         assert.equal(rs.status, 'completed');
         assert.equal(rs.destinationQemu['run-state-after'], 'running');
+        // --resume set QEMU's autostart: QEMU ran the guest itself at RUN, before the last page came.
+        assert.equal(rs.destinationQemu.resumed, true);
+        assert.ok(rs['time-to-running'] < rs['time-to-complete'], `the guest ran (${rs['time-to-running']} ms) before the restore completed (${rs['time-to-complete']} ms)`);
         assert.ok(pc['run-time'] < pc['complete-time'], 'the guest ran before the last page arrived');
         assert.equal(pc['precopy-pages'] + pc['postcopy-pages'], rs.blocks.reduce((n: number, b: { 'used-length': number }) => n + b['used-length'] / 4096, 0), 'each page exactly once');
         assert.equal(rs.normal, s.store['present-pages']);

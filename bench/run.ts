@@ -622,7 +622,7 @@ async function benchBucket(): Promise<string> {
   process.env.AWS_ENDPOINT_URL = endpoint;
   process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
   const bucket = `multifd-bench-${process.pid}-${Date.now().toString(36)}`;
-  await s3Client({}).send(new CreateBucketCommand({ Bucket: bucket }));
+  await (await s3Client({})).send(new CreateBucketCommand({ Bucket: bucket }));
   return bucket;
 }
 

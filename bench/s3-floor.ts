@@ -15,7 +15,7 @@ export interface StoreFloor {
 const CHUNK = 8 * 1024 * 1024;
 
 export async function storeFloor(bucket: string, bytes: number, settings: S3Settings & { readAhead?: number } = {}): Promise<StoreFloor> {
-  const client = s3Client(settings);
+  const client = await s3Client(settings);
   const url = { bucket, key: `floor-${process.pid}-${Date.now()}` };
   const partSize = partSizeFor(bytes, settings.partSize ?? DEFAULT_PART_SIZE);
   const t0 = performance.now();

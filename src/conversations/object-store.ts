@@ -35,7 +35,7 @@ export function objectStoreSettings(): ObjectStoreSettings {
 /** Opens s3://bucket/key as a SnapshotSource; errors name what is wrong before anything else happens. */
 export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = settings): Promise<PackedSnapshot & { object: RangedObject; openMs: number }> {
   const t0 = Date.now();
-  const obj = await RangedObject.open(s3Client(s), parseObjectUrl(url));
+  const obj = await RangedObject.open(await s3Client(s), parseObjectUrl(url));
   const snap = await PackedSnapshot.open(obj, {
     ...(s.chunkBytes !== undefined ? { chunkBytes: s.chunkBytes } : {}),
     ...(s.readAhead !== undefined ? { readAhead: s.readAhead } : {}),
@@ -120,7 +120,7 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: { s
   const s = opts.settings ?? settings;
   const started = Date.now();
   const where = parseObjectUrl(url);
-  const client = s3Client(s);
+  const client = await s3Client(s);
   await checkBucket(client, where);
   const src = await MappedRamSnapshot.open(local);
   try {
@@ -206,7 +206,7 @@ export function takeUploadReport(url: string): UploadReport | undefined {
  */
 export async function storeAsObject(input: string, url: string, opts: { force?: boolean; toMappedRam: (output: string) => Promise<unknown>; isLocalMappedRam: boolean }): Promise<UploadReport> {
   const where = parseObjectUrl(url);
-  const client = s3Client(settings);
+  const client = await s3Client(settings);
   await checkBucket(client, where);
   if (!opts.force && (await objectSize(client, where)) !== undefined) {
     throw new ObjectStoreError('S3_EXISTS', `${url} already exists (use --force to replace it)`);

@@ -44,7 +44,7 @@ export class SnapshotOutput {
     let object: ObjectTarget | undefined;
     let file = path;
     if (isObjectUrl(path)) {
-      await checkBucket(s3Client(objectStoreSettings()), parseObjectUrl(path));
+      await checkBucket(await s3Client(objectStoreSettings()), parseObjectUrl(path));
       object = { url: path, dir: await stagingDirectory() };
       file = `${object.dir}/snapshot.mig`;
     }

@@ -5,10 +5,7 @@
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { isIP } from 'node:net';
-import {
-  AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, GetObjectCommand,
-  HeadBucketCommand, HeadObjectCommand, S3Client, UploadPartCommand, type S3ClientConfig,
-} from '@aws-sdk/client-s3';
+import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import { ObjectStoreError, type ObjectStoreErrorCode } from '../codec/errors.js';
 
 export { ObjectStoreError, type ObjectStoreErrorCode };
@@ -73,10 +70,30 @@ export function wantsPathStyle(endpoint: string | undefined, flag?: boolean): bo
   return isIP(host) !== 0 || host === 'localhost' || host.endsWith('.localhost');
 }
 
+type Sdk = typeof import('@aws-sdk/client-s3');
+let sdkLoading: Promise<Sdk> | undefined;
+let sdk: Sdk | undefined;
+
+/**
+ * The AWS SDK, loaded on first use: importing it costs every process ~0.3 s of CPU and ~20 MiB,
+ * which commands that never touch s3:// should not pay. A client exists only after it loaded.
+ */
+async function loadSdk(): Promise<Sdk> {
+  sdkLoading ??= import('@aws-sdk/client-s3').then((m) => (sdk = m));
+  return sdkLoading;
+}
+
+/** The SDK where a client already exists (so it is loaded). */
+function loaded(): Sdk {
+  if (!sdk) throw new Error('internal: the AWS SDK is used before any S3 client was made');
+  return sdk;
+}
+
 const clients = new Map<string, S3Client>();
 
 /** One client per settings (it holds the keep-alive connection pool). */
-export function s3Client(s: S3Settings = {}): S3Client {
+export async function s3Client(s: S3Settings = {}): Promise<S3Client> {
+  const { S3Client } = await loadSdk();
   const endpoint = resolvedEndpoint(s);
   const region = s.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? (endpoint ? 'us-east-1' : undefined);
   const pathStyle = wantsPathStyle(endpoint, s.pathStyle);
@@ -147,7 +164,7 @@ export function storeError(e: unknown, what: string, missing: 'key' | 'bucket' =
 /** A 404 from HEAD object is either case: HEAD bucket tells which. */
 async function missingWhat(client: S3Client, bucket: string): Promise<'key' | 'bucket'> {
   try {
-    await client.send(new HeadBucketCommand({ Bucket: bucket }));
+    await client.send(new (loaded().HeadBucketCommand)({ Bucket: bucket }));
     return 'key';
   } catch (e) {
     return (e as AwsLikeError).$metadata?.httpStatusCode === 404 ? 'bucket' : 'key';
@@ -157,7 +174,7 @@ async function missingWhat(client: S3Client, bucket: string): Promise<'key' | 'b
 /** Fails with a named error unless the bucket exists and we may use it. */
 export async function checkBucket(client: S3Client, url: ObjectUrl): Promise<void> {
   try {
-    await client.send(new HeadBucketCommand({ Bucket: url.bucket }));
+    await client.send(new (loaded().HeadBucketCommand)({ Bucket: url.bucket }));
   } catch (e) {
     throw storeError(e, `bucket ${url.bucket}`, 'bucket');
   }
@@ -166,7 +183,7 @@ export async function checkBucket(client: S3Client, url: ObjectUrl): Promise<voi
 /** Object size, or undefined when there is no object under the key. */
 export async function objectSize(client: S3Client, url: ObjectUrl): Promise<number | undefined> {
   try {
-    const h = await client.send(new HeadObjectCommand({ Bucket: url.bucket, Key: url.key }));
+    const h = await client.send(new (loaded().HeadObjectCommand)({ Bucket: url.bucket, Key: url.key }));
     return h.ContentLength ?? 0;
   } catch (e) {
     const err = storeError(e, formatObjectUrl(url));
@@ -202,7 +219,7 @@ export class RangedObject {
   static async open(client: S3Client, url: ObjectUrl, opts: { attempts?: number } = {}): Promise<RangedObject> {
     let head;
     try {
-      head = await client.send(new HeadObjectCommand({ Bucket: url.bucket, Key: url.key }));
+      head = await client.send(new (loaded().HeadObjectCommand)({ Bucket: url.bucket, Key: url.key }));
     } catch (e) {
       const err = storeError(e, formatObjectUrl(url));
       if (err.code === 'S3_NO_KEY' && (await missingWhat(client, url.bucket)) === 'bucket') {
@@ -239,7 +256,7 @@ export class RangedObject {
 
   private async readOnce(position: number, length: number, out: Buffer): Promise<void> {
     this.stats.requests++;
-    const res = await this.client.send(new GetObjectCommand({
+    const res = await this.client.send(new (loaded().GetObjectCommand)({
       Bucket: this.url.bucket,
       Key: this.url.key,
       Range: `bytes=${position}-${position + length - 1}`,
@@ -279,7 +296,7 @@ export class MultipartUpload {
 
   static async create(client: S3Client, url: ObjectUrl, opts: { concurrency?: number } = {}): Promise<MultipartUpload> {
     try {
-      const r = await client.send(new CreateMultipartUploadCommand({ Bucket: url.bucket, Key: url.key, ContentType: 'application/octet-stream' }));
+      const r = await client.send(new (loaded().CreateMultipartUploadCommand)({ Bucket: url.bucket, Key: url.key, ContentType: 'application/octet-stream' }));
       if (!r.UploadId) throw new ObjectStoreError('S3_ERROR', `${formatObjectUrl(url)}: the store returned no upload id`);
       return new MultipartUpload(client, url, r.UploadId, opts.concurrency ?? 4);
     } catch (e) {
@@ -313,7 +330,7 @@ export class MultipartUpload {
     for (let attempt = 1; ; attempt++) {
       try {
         this.stats.requests++;
-        const r = await this.client.send(new UploadPartCommand({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId, PartNumber: n, Body: body, ContentLength: body.length }));
+        const r = await this.client.send(new (loaded().UploadPartCommand)({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId, PartNumber: n, Body: body, ContentLength: body.length }));
         if (!r.ETag) throw new ObjectStoreError('S3_ERROR', `part ${n}: the store returned no ETag`);
         this.parts.push({ PartNumber: n, ETag: r.ETag });
         this.stats.bytes += body.length;
@@ -334,7 +351,7 @@ export class MultipartUpload {
     this.parts.sort((a, b) => a.PartNumber - b.PartNumber);
     try {
       this.stats.requests++;
-      await this.client.send(new CompleteMultipartUploadCommand({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId, MultipartUpload: { Parts: this.parts } }));
+      await this.client.send(new (loaded().CompleteMultipartUploadCommand)({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId, MultipartUpload: { Parts: this.parts } }));
       this.finished = true;
     } catch (e) {
       throw storeError(e, `completing the upload of ${formatObjectUrl(this.url)}`);
@@ -353,7 +370,7 @@ export class MultipartUpload {
     const until = Date.now() + deadlineMs;
     for (let attempt = 1; ; attempt++) {
       try {
-        await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId }));
+        await this.client.send(new (loaded().AbortMultipartUploadCommand)({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId }));
         this.finished = true;
         return;
       } catch (e) {

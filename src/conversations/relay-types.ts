@@ -31,6 +31,11 @@ export interface RelayOptions {
    * always re-encoded.
    */
   recompress?: boolean;
+  /**
+   * Relay 0 → N without a tee: bytes of page copies kept to decode A's XBZRLE deltas (pages sent
+   * more than once, most recent first). At least A's xbzrle-cache-size. Default 64 MiB (QEMU's default).
+   */
+  xbzrleCacheBytes?: number;
   /** A's -uuid: A's init messages must carry it and B's carry it too. Default: B's carry A's. */
   uuid?: Buffer;
   /** Also write a mapped-ram snapshot of the migrated state here (committed once B confirmed). */

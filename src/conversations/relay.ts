@@ -9,17 +9,22 @@
 // released. A round's pages therefore reach B before B's barrier for it, and a page re-sent in a
 // later round can never be overtaken by an older copy.
 //
+// A on its main channel only (0) and B with multifd (N): A's page records (PAGE, ZERO, XBZRLE
+// decoded) become packets on B's channels (engine/main-pages-to-multifd.ts), and B's main gets the
+// sync points a multifd destination expects (pagedEvent below).
+//
 // The return path: B's messages (PONG, SHUT, ...) go back to A when A opened one. When A did not,
 // we open one to B ourselves, so the relay still learns whether B loaded the state. A SHUT(0) from
 // B is what completes the relay; any failure before it fails A's migration too (SHUT(1) and its
 // connections closed), so A keeps running and can migrate again.
 
-import { ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { RAM_SECTION_NAME, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { DestinationClosedError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
 import type { SessionEvent } from '../codec/stream-session.js';
 import { publish } from '../engine/diagnostics.js';
 import { ForwardingStore } from '../engine/forwarding-store.js';
+import { DEFAULT_XBZRLE_COPY_BYTES, MainPagesToMultifd } from '../engine/main-pages-to-multifd.js';
 import type { MultifdReceiver } from '../engine/multifd-receiver.js';
 import { InboundSide, type InboundSink } from './inbound-side.js';
 import type { StrayConnectionError } from './incoming.js';
@@ -57,6 +62,11 @@ class Relay implements InboundSink, DestinationHost {
   private dest: RelayDestination | undefined;
   private tee: SnapshotOutput | undefined;
   private forwarding: ForwardingStore | undefined;
+  /** 0 → N: A's main-channel pages go to B's channels as packets. */
+  private paging: MainPagesToMultifd | undefined;
+  /** Inside RAM's END section (0 → N: B's last sync goes before its EOS). */
+  private inRamEnd = false;
+  private xbzrleBuf: Buffer | undefined;
   /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
   private aShutSent = false;
 
@@ -66,8 +76,10 @@ class Relay implements InboundSink, DestinationHost {
     for (const [name, n] of [['channels-in', this.channelsIn], ['channels-out', this.channelsOut]] as const) {
       if (!Number.isInteger(n) || n < 0 || n > 255) throw new InvalidOptionError(`${name} must be 0..255 (got ${n})`);
     }
-    if ((this.channelsIn === 0) !== (this.channelsOut === 0)) {
-      throw new InvalidOptionError(`channels-in ${this.channelsIn} and channels-out ${this.channelsOut}: the relay needs multifd on both sides or on neither`);
+    // 0 → N turns A's main-channel pages into packets (MainPagesToMultifd); N → 0 would need
+    // multifd rounds serialised onto one channel, which nothing does yet.
+    if (this.channelsIn > 0 && this.channelsOut === 0) {
+      throw new InvalidOptionError(`channels-in ${this.channelsIn} and channels-out 0: the relay needs multifd on both sides or on neither, or only towards the destination (channels-in 0)`);
     }
     this.inbound = new InboundSide({
       ...opts,
@@ -90,6 +102,15 @@ class Relay implements InboundSink, DestinationHost {
         this.forwarding = new ForwardingStore(this.dest.sender, this.tee?.store, {
           passEncoded: this.channelsIn === this.channelsOut && this.opts.levelOut === undefined && this.opts.recompress !== true,
         });
+        if (this.channelsIn === 0) {
+          const sender = this.dest.sender;
+          this.paging = new MainPagesToMultifd({
+            sink: sender,
+            blockLength: (name) => this.inbound.blocks.get(name)?.usedLength,
+            // With a tee the inbound side applied each delta onto the tee's page: read back from there.
+            cacheBytes: this.tee ? 0 : (this.opts.xbzrleCacheBytes ?? DEFAULT_XBZRLE_COPY_BYTES),
+          });
+        }
       }
       const from = await this.inbound.open(this);
       publish('relay', 'listening', { address: from });
@@ -175,7 +196,12 @@ class Relay implements InboundSink, DestinationHost {
   }
 
   /** Each record of A's goes to B as it came (with a return path of our own when A has none). */
-  event(ev: SessionEvent): void {
+  event(ev: SessionEvent): Promise<void> | void {
+    if (this.paging) return this.pagedEvent(ev, this.paging);
+    this.forward(ev);
+  }
+
+  private forward(ev: SessionEvent): void {
     const dest = this.dest!;
     if (ev.type === 'header') dest.connectMain();
     // Already open towards B (we opened it ourselves): a second one is only logged by QEMU.
@@ -184,6 +210,53 @@ class Relay implements InboundSink, DestinationHost {
     if (ev.type === 'section' && ev.kind !== 'start' && this.inbound.phase === 'setup') this.inbound.phase = 'ram';
     if (ev.type === 'postcopy-switch') publish('relay', 'postcopy', { sections: ev.sections.length, deviceBytes: ev.devices.length });
     if (ev.record) dest.record(ev.record);
+  }
+
+  /**
+   * 0 → N (docs/protocol.md §2.6): pages go to B's channels; B's main gets the rest of A's records
+   * and a sync point (SYNC on every channel, then MULTIFD_FLUSH in per-round mode) before a page
+   * that went out since the last one, and before RAM's last EOS. In per-section mode (B's
+   * multifd-flush-after-each-section on, --sync-mode section) every RAM EOS is B's sync point.
+   */
+  private async pagedEvent(ev: SessionEvent, paging: MainPagesToMultifd): Promise<void> {
+    const dest = this.dest!;
+    switch (ev.type) {
+      case 'header':
+        // B reads its main channel only once all its multifd channels connected.
+        dest.openChannels(this.opts.uuid ?? Buffer.alloc(16));
+        break;
+      case 'postcopy-advise':
+        if (ev.postcopy) throw new ProtocolError('UNSUPPORTED', 'the source advised postcopy-ram: relay 0 → N (multifd towards the destination only) does not carry postcopy; relay with --channels-out 0');
+        break;
+      case 'page':
+      case 'zero':
+      case 'xbzrle': {
+        if (paging.needsSync(ev.block, ev.offset)) await this.pagedSync(paging);
+        if (ev.type === 'page') await paging.page(ev.block, ev.offset, ev.data);
+        else if (ev.type === 'zero') await paging.zeroPage(ev.block, ev.offset);
+        else if (this.tee) await paging.page(ev.block, ev.offset, [await this.tee.store.readPage(ev.block, ev.offset, this.xbzrleBuf ??= Buffer.alloc(TARGET_PAGE_SIZE))]);
+        else await paging.xbzrle(ev.block, ev.offset, ev.delta, ev.at);
+        return;
+      }
+      case 'section':
+        this.inRamEnd = ev.kind === 'end' && ev.record?.type === 'section' && ev.record.idstr === RAM_SECTION_NAME;
+        break;
+      default:
+        break;
+    }
+    if (ev.record?.type === 'ram-eos' && (this.opts.syncMode === 'section' || this.inRamEnd)) await this.pagedSync(paging);
+    this.forward(ev);
+  }
+
+  private async pagedSync(paging: MainPagesToMultifd): Promise<void> {
+    const dest = this.dest!;
+    await dest.flush();
+    await paging.sync();
+    if (this.opts.syncMode !== 'section') {
+      dest.record({ type: 'ram-flush' });
+      // Out at once: B's channels wait after their SYNC until B's main thread reads this.
+      await dest.flush();
+    }
   }
 
   mainErrorIsEnd(e: Error & { code?: string }): boolean {
@@ -241,8 +314,8 @@ class Relay implements InboundSink, DestinationHost {
       'normal-bytes': p.normal * TARGET_PAGE_SIZE,
       duplicate: p.duplicate,
       mbps: elapsed > 0 ? Math.round(((p.bytesIn * 8) / (elapsed * 1000)) * 100) / 100 : 0,
-      'multifd-syncs': a.rounds,
-      'sync-mode': a.receiver ? (session.syncMode ?? 'round') : 'none',
+      'multifd-syncs': this.paging ? this.paging.syncs : a.rounds,
+      'sync-mode': this.paging ? (this.opts.syncMode === 'section' ? 'section' : 'round') : a.receiver ? (session.syncMode ?? 'round') : 'none',
       'compression-in': a.receiver?.compression ?? (this.opts.compressionIn && this.opts.compressionIn !== 'auto' ? this.opts.compressionIn : 'none'),
       'compression-out': this.opts.compressionOut ?? 'none',
       'passed-encoded': a.receiver?.encodedPackets ?? 0,

@@ -1,0 +1,226 @@
+// A source's main-channel page records (PAGE, ZERO, XBZRLE) turned into multifd packets for a
+// destination that has multifd on (relay 0 → N). Three things a multifd destination relies on that
+// a main-channel stream does not give:
+//
+// - Order. Pages of one round may land in any order across channels; a page sent twice must not
+//   have its newer copy overtaken by its older one. QEMU orders rounds with syncs (docs/protocol.md
+//   §2.6, §3.7), but a main-channel stream has no round markers. So one bit per guest page says
+//   "sent since the last sync"; a page seen again while its bit is set needs a sync first
+//   (needsSync), which the caller performs with sync() and a MULTIFD_FLUSH (or EOS) on B's main.
+// - Packets. Pages are gathered per block into packets of up to MULTIFD_PAGES_PER_PACKET pages.
+// - XBZRLE. A delta applies onto the page last sent (docs/protocol.md §2.8). A relay with a tee
+//   reads that page back from its snapshot (the caller decodes, then calls page()); without one,
+//   this keeps a bounded copy. QEMU's source inserts pages into its xbzrle cache only once its first
+//   full pass is over (ram.c: xbzrle_started), so every page a delta can name was sent at least
+//   twice: the copy keeps pages from their second sending on, the most recently sent first out of
+//   mind last (LRU), up to `cacheBytes`. With at least as many bytes as the source's
+//   xbzrle-cache-size it holds every page the source's cache can hold; a delta for a page it
+//   evicted fails with a clear error instead of being applied onto the wrong bytes.
+
+import { MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { ProtocolError } from '../codec/errors.js';
+import { applyXbzrle } from '../codec/xbzrle.js';
+
+/** What this needs of a MultifdSender. */
+export interface PacketSink {
+  sendPacket(block: string, offsets: ArrayLike<number>, normal: number, zero: number, data: readonly Buffer[]): Promise<void>;
+  sync(): Promise<void>;
+}
+
+export interface MainPagesOptions {
+  sink: PacketSink;
+  /** used_length of a RAM block (the block list's); undefined for a block the stream never listed. */
+  blockLength(name: string): number | undefined;
+  /** Bytes of page copies kept for XBZRLE deltas; 0 = none (the caller decodes them). Default 64 MiB, QEMU's default xbzrle-cache-size. */
+  cacheBytes?: number;
+  /** Packets written at once before page() waits for the oldest (default 8). */
+  inFlight?: number;
+}
+
+export const DEFAULT_XBZRLE_COPY_BYTES = 64 * 1024 * 1024;
+/** Copies are allocated in slabs of this many pages as they are needed (nothing for a stream without repeats). */
+const SLAB_PAGES = 256;
+const PAGE = TARGET_PAGE_SIZE;
+
+interface BlockState {
+  index: number;
+  pages: number;
+  /** Sent since the last sync. */
+  sent: Uint8Array;
+  /** Sent at all (copies start with the second sending). */
+  seen: Uint8Array;
+}
+
+export class MainPagesToMultifd {
+  /** Syncs performed (each is one SYNC on every channel). */
+  syncs = 0;
+  packets = 0;
+  xbzrlePages = 0;
+  private readonly blocks = new Map<string, BlockState>();
+  private readonly cachePages: number;
+  private readonly slabs: Buffer[] = [];
+  private slotsUsed = 0;
+  /** key (block index · 2^40 + page number) → slot, in order of last sending (oldest first). */
+  private readonly lru = new Map<number, number>();
+  private readonly inFlight: Promise<void>[] = [];
+  private readonly maxInFlight: number;
+  // The packet being gathered: one block, normal pages first, zero pages kept apart.
+  private block = '';
+  private normal: number[] = [];
+  private zero: number[] = [];
+  private data: Buffer = Buffer.allocUnsafe(MULTIFD_PAGES_PER_PACKET * PAGE);
+
+  constructor(private readonly o: MainPagesOptions) {
+    this.cachePages = Math.floor((o.cacheBytes ?? DEFAULT_XBZRLE_COPY_BYTES) / PAGE);
+    this.maxInFlight = o.inFlight ?? 8;
+  }
+
+  /** Whether this page went out since the last sync: sync() first, or it could overtake itself. */
+  needsSync(block: string, offset: number): boolean {
+    const b = this.state(block, offset);
+    const n = offset / PAGE;
+    return (b.sent[n >>> 3]! & (1 << (n & 7))) !== 0;
+  }
+
+  /** A page's bytes (copied: `data` may be reused once this resolves). */
+  async page(block: string, offset: number, data: readonly Buffer[]): Promise<void> {
+    const b = this.mark(block, offset);
+    const at = await this.slotInPacket(block);
+    this.normal.push(offset);
+    let p = at;
+    for (const d of data) p += d.copy(this.data, p);
+    if (p - at !== PAGE) throw new RangeError(`page of ${p - at} bytes at 0x${offset.toString(16)} (pages are ${PAGE})`);
+    this.remember(b, offset, this.data.subarray(at, at + PAGE));
+  }
+
+  async zeroPage(block: string, offset: number): Promise<void> {
+    const b = this.mark(block, offset);
+    await this.slotInPacket(block, true);
+    this.zero.push(offset);
+    this.remember(b, offset, undefined);
+  }
+
+  /** An XBZRLE delta, applied onto the copy kept of the page (cacheBytes > 0). */
+  async xbzrle(block: string, offset: number, delta: Buffer, at?: number): Promise<void> {
+    const b = this.state(block, offset);
+    const slot = this.lru.get(this.key(b, offset));
+    if (slot === undefined) {
+      const why = this.cachePages === 0
+        ? 'the relay keeps no page copies (xbzrle cache 0)'
+        : `no copy of it is kept (the relay keeps the last ${this.cachePages} pages sent more than once; a source xbzrle-cache-size above ${this.cachePages * PAGE} bytes needs more, or a --tee)`;
+      throw new ProtocolError('UNSUPPORTED', `XBZRLE delta for block "${block}" offset 0x${offset.toString(16)}: ${why}`, at === undefined ? {} : { offset: at });
+    }
+    const copy = this.slot(slot);
+    // Checked whole before the copy changes (applyXbzrle), so a bad delta leaves it intact.
+    applyXbzrle(delta, copy, at);
+    this.xbzrlePages++;
+    await this.page(block, offset, [copy]);
+  }
+
+  /** The packet being gathered goes out. */
+  async flush(): Promise<void> {
+    const normal = this.normal.length;
+    const count = normal + this.zero.length;
+    if (count === 0) return;
+    const offsets = this.normal.concat(this.zero);
+    const data = normal > 0 ? [this.data.subarray(0, normal * PAGE)] : [];
+    this.normal = [];
+    this.zero = [];
+    if (normal > 0) this.data = Buffer.allocUnsafe(MULTIFD_PAGES_PER_PACKET * PAGE);
+    this.packets++;
+    const sent = this.o.sink.sendPacket(this.block, offsets, normal, count - normal, data);
+    sent.catch(() => {});
+    this.inFlight.push(sent);
+    if (this.inFlight.length >= this.maxInFlight) await this.inFlight.shift();
+  }
+
+  /** Everything gathered goes out, then one SYNC per channel; every page may be sent again after it. */
+  async sync(): Promise<void> {
+    await this.flush();
+    await this.o.sink.sync();
+    // sync() wrote every earlier packet; their promises only hold errors the sink already raised.
+    this.inFlight.length = 0;
+    for (const b of this.blocks.values()) b.sent.fill(0);
+    this.syncs++;
+  }
+
+  /** Bytes held in page copies. */
+  get copyBytes(): number {
+    return this.slabs.length * SLAB_PAGES * PAGE;
+  }
+
+  private state(block: string, offset: number): BlockState {
+    let b = this.blocks.get(block);
+    if (!b) {
+      const length = this.o.blockLength(block);
+      if (length === undefined) throw new ProtocolError('UNKNOWN_BLOCK', `page for block "${block}", which the block list does not name`);
+      const pages = Math.ceil(length / PAGE);
+      const bytes = Math.ceil(pages / 8);
+      b = { index: this.blocks.size, pages, sent: new Uint8Array(bytes), seen: new Uint8Array(bytes) };
+      this.blocks.set(block, b);
+    }
+    if (offset % PAGE !== 0 || offset / PAGE >= b.pages) {
+      throw new ProtocolError('OFFSET_OUT_OF_RANGE', `page offset 0x${offset.toString(16)} in block "${block}" is not a page of it`);
+    }
+    return b;
+  }
+
+  private mark(block: string, offset: number): BlockState {
+    const b = this.state(block, offset);
+    const n = offset / PAGE;
+    const bit = 1 << (n & 7);
+    if (b.sent[n >>> 3]! & bit) throw new RangeError(`page 0x${offset.toString(16)} of "${block}" sent twice without a sync between (needsSync)`);
+    b.sent[n >>> 3]! |= bit;
+    return b;
+  }
+
+  /** Room in the packet for one more page of `block` (zero pages take no data room). */
+  private async slotInPacket(block: string, zero = false): Promise<number> {
+    if (this.block !== block || this.normal.length + this.zero.length === MULTIFD_PAGES_PER_PACKET) await this.flush();
+    this.block = block;
+    return zero ? 0 : this.normal.length * PAGE;
+  }
+
+  private key(b: BlockState, offset: number): number {
+    return b.index * 2 ** 40 + offset / PAGE;
+  }
+
+  /** Keeps the page as last sent, from its second sending on (see the head of this file). */
+  private remember(b: BlockState, offset: number, page: Buffer | undefined): void {
+    if (this.cachePages === 0) return;
+    const n = offset / PAGE;
+    const bit = 1 << (n & 7);
+    const key = this.key(b, offset);
+    let slot = this.lru.get(key);
+    if (slot === undefined) {
+      if (!(b.seen[n >>> 3]! & bit)) {
+        b.seen[n >>> 3]! |= bit;
+        return;
+      }
+      slot = this.freeSlot();
+    } else {
+      this.lru.delete(key);
+    }
+    this.lru.set(key, slot);
+    const copy = this.slot(slot);
+    if (page === undefined) copy.fill(0);
+    else if (page.buffer !== copy.buffer || page.byteOffset !== copy.byteOffset) page.copy(copy);
+  }
+
+  private freeSlot(): number {
+    if (this.slotsUsed < this.cachePages) {
+      if (this.slotsUsed === this.slabs.length * SLAB_PAGES) this.slabs.push(Buffer.alloc(SLAB_PAGES * PAGE));
+      return this.slotsUsed++;
+    }
+    // The page sent longest ago makes room.
+    const [oldest, slot] = this.lru.entries().next().value as [number, number];
+    this.lru.delete(oldest);
+    return slot;
+  }
+
+  private slot(i: number): Buffer {
+    const s = this.slabs[Math.floor(i / SLAB_PAGES)]!;
+    const at = (i % SLAB_PAGES) * PAGE;
+    return s.subarray(at, at + PAGE);
+  }
+}

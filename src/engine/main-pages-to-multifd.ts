@@ -13,9 +13,13 @@
 //   this keeps a bounded copy. QEMU's source inserts pages into its xbzrle cache only once its first
 //   full pass is over (ram.c: xbzrle_started), so every page a delta can name was sent at least
 //   twice: the copy keeps pages from their second sending on, the most recently sent first out of
-//   mind last (LRU), up to `cacheBytes`. With at least as many bytes as the source's
-//   xbzrle-cache-size it holds every page the source's cache can hold; a delta for a page it
-//   evicted fails with a clear error instead of being applied onto the wrong bytes.
+//   mind last (LRU), up to `cacheBytes`. That is exact when every page sent more than once fits
+//   (at most guest RAM). A copy the size of the source's cache is not enough: QEMU's is
+//   direct-mapped by ram_addr (which the stream does not carry) and keeps entries younger than two
+//   dirty syncs (page_cache.c), so it can hold a page sent early in round 2 that an LRU of the
+//   same size dropped (seen with QEMU 10: a 64 MiB copy for a 64 MiB source cache, 128 MiB guest
+//   that re-sent ~100 MiB in round 2). Hence the larger default; a delta for a page not held
+//   fails with a clear error instead of being applied onto the wrong bytes.
 
 import { MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
@@ -37,7 +41,8 @@ export interface MainPagesOptions {
   inFlight?: number;
 }
 
-export const DEFAULT_XBZRLE_COPY_BYTES = 64 * 1024 * 1024;
+/** Above QEMU's default xbzrle-cache-size (64 MiB): a direct-mapped cache keeps pages an LRU of its size drops (see above). */
+export const DEFAULT_XBZRLE_COPY_BYTES = 256 * 1024 * 1024;
 /** Copies are allocated in slabs of this many pages as they are needed (nothing for a stream without repeats). */
 const SLAB_PAGES = 256;
 const PAGE = TARGET_PAGE_SIZE;
@@ -56,6 +61,8 @@ export class MainPagesToMultifd {
   syncs = 0;
   packets = 0;
   xbzrlePages = 0;
+  /** Copies dropped to make room (LRU). */
+  evictions = 0;
   private readonly blocks = new Map<string, BlockState>();
   private readonly cachePages: number;
   private readonly slabs: Buffer[] = [];
@@ -105,9 +112,11 @@ export class MainPagesToMultifd {
     const b = this.state(block, offset);
     const slot = this.lru.get(this.key(b, offset));
     if (slot === undefined) {
+      const n = offset / PAGE;
+      const history = b.seen[n >>> 3]! & (1 << (n & 7)) ? `; the page was sent before, ${this.evictions} copies were evicted so far` : '; the page was not sent before';
       const why = this.cachePages === 0
         ? 'the relay keeps no page copies (xbzrle cache 0)'
-        : `no copy of it is kept (the relay keeps the last ${this.cachePages} pages sent more than once; a source xbzrle-cache-size above ${this.cachePages * PAGE} bytes needs more, or a --tee)`;
+        : `no copy of it is kept (the relay keeps the last ${this.cachePages} pages sent more than once; a source xbzrle-cache-size above ${this.cachePages * PAGE} bytes needs more, or a --tee)${history}`;
       throw new ProtocolError('UNSUPPORTED', `XBZRLE delta for block "${block}" offset 0x${offset.toString(16)}: ${why}`, at === undefined ? {} : { offset: at });
     }
     const copy = this.slot(slot);
@@ -215,6 +224,7 @@ export class MainPagesToMultifd {
     // The page sent longest ago makes room.
     const [oldest, slot] = this.lru.entries().next().value as [number, number];
     this.lru.delete(oldest);
+    this.evictions++;
     return slot;
   }
 

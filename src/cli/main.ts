@@ -372,7 +372,7 @@ program
   .description('relay a live migration from QEMU A to QEMU B: multifd decoded on the way in and re-encoded on the way out, each side with its own channels and compression (compressed packets pass as they are when both sides match)')
   .requiredOption('--listen <addr>', 'where A migrates to: tcp:HOST:PORT or unix:PATH')
   .requiredOption('--to <addr>', "B's migrate-incoming address: tcp:HOST:PORT or unix:PATH")
-  .addOption(new Option('--channels-in <n>', "A's multifd-channels; 0 if A has multifd off (then B must too)").default(2).argParser(intArg(0, 255)))
+  .addOption(new Option('--channels-in <n>', "A's multifd-channels; 0 if A has multifd off (B may have multifd: A's pages then go to B as packets)").default(2).argParser(intArg(0, 255)))
   .addOption(new Option('--channels-out <n>', "B's multifd-channels (default: --channels-in)").argParser(intArg(0, 255)))
   .addOption(new Option('--compression-in <method>', "A's multifd-compression (auto: detect it from the first data packet)").choices(['auto', 'none', 'zlib', 'zstd']).default('auto'))
   .addOption(new Option('--compression-out <method>', "B's multifd-compression").choices(['none', 'zlib', 'zstd']).default('none'))
@@ -381,6 +381,7 @@ program
   .addOption(new Option('--sync-mode <mode>', "how A's MULTIFD_FLUSH/EOS map to syncs (auto infers it from A's stream); B must use the same").choices(['auto', 'round', 'section']).default('auto'))
   .option('--uuid <uuid>', "A's -uuid: A's channels must carry it (B's carry it too); default: whatever A sends", uuidArg)
   .option('--tee <file>', 'also keep a mapped-ram snapshot of the migrated state (finalised only once B confirmed the load)')
+  .addOption(new Option('--xbzrle-cache <MiB>', "--channels-in 0 with B on multifd, no --tee: memory for copies of re-sent pages, to decode A's XBZRLE deltas").default(256).argParser(intArg(0, 1048576)))
   .option('--no-direct-io', 'write the tee through the page cache (default: O_DIRECT where the file system allows it)')
   .addOption(new Option('--idle-timeout <s>', 'fail when A sends nothing for this long mid-migration (0: never)').default(300).argParser(intArg(0, 86400)))
   .option('--tls-creds-in <dir>', "TLS from A: server-cert.pem, server-key.pem, ca-cert.pem from DIR (A's tls-creds endpoint=client)")
@@ -395,7 +396,7 @@ Start B first (qemu ... -incoming defer; multifd=on, multifd-channels=OUT,
   migrate uri=tcp:RELAY:PORT
 With return-path on A, A completes only once B loaded the state; a failure on B's side fails
 A's migration and A keeps running.`)
-  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; recompress?: boolean; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean; idleTimeout: number }) => {
+  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; recompress?: boolean; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; xbzrleCache: number; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean; idleTimeout: number }) => {
     await report('relay', o.json, async (view) => {
       if (o.tee) checkOutputFile(resolve(o.tee), '--tee');
       const tlsIn = tlsCreds({ tlsCreds: o.tlsCredsIn, tlsVerifyPeer: o.tlsVerifyPeer });
@@ -416,6 +417,7 @@ A's migration and A keeps running.`)
         syncMode: o.syncMode,
         ...(o.uuid ? { uuid: o.uuid } : {}),
         ...(o.tee ? { tee: resolve(o.tee), teeDirectIo: o.directIo } : {}),
+        xbzrleCacheBytes: o.xbzrleCache * 1024 * 1024,
       });
       h.on('progress', (p: RelayProgress) => view.update(relaySample(p)));
       abortOnSignal(h);

@@ -207,8 +207,9 @@ for (const version of ['10', '11'] as QemuVersion[]) {
           await new Promise((res) => setTimeout(res, 100));
         }
         await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
-        const s = await r.done.catch((e: Error) => {
-          throw new Error(`${e.message}; B said: ${dst!.stderr().slice(-2000)}`);
+        const s = await r.done.catch(async (e: Error) => {
+          const mb = await dst!.qmp.execute('query-migrate').catch((q: Error) => ({ status: `query-migrate failed: ${q.message}` }));
+          throw new Error(`${e.message}; B: ${JSON.stringify(mb)} ${dst!.stderr().slice(-2000)}`);
         });
         const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
         const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
@@ -381,8 +382,9 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }, { capability: 'dirty-bitmaps', state: true }] });
         await src.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'max-bandwidth': 107374182400, 'downtime-limit': 20000 });
         await src.qmp.execute('migrate', { uri: await r.listening });
-        const s = await r.done.catch((e: Error) => {
-          throw new Error(`${e.message}; B said: ${dst!.stderr().slice(-2000)}`);
+        const s = await r.done.catch(async (e: Error) => {
+          const mb = await dst!.qmp.execute('query-migrate').catch((q: Error) => ({ status: `query-migrate failed: ${q.message}` }));
+          throw new Error(`${e.message}; B: ${JSON.stringify(mb)} ${dst!.stderr().slice(-2000)}`);
         });
         const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
         const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });

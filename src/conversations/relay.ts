@@ -64,8 +64,8 @@ class Relay implements InboundSink, DestinationHost {
   private forwarding: ForwardingStore | undefined;
   /** 0 → N: A's main-channel pages go to B's channels as packets. */
   private paging: MainPagesToMultifd | undefined;
-  /** Inside RAM's END section (0 → N: B's last sync goes before its EOS). */
-  private inRamEnd = false;
+  /** Inside RAM's START or END section (0 → N: B syncs before their EOS). */
+  private inRamStartOrEnd = false;
   private xbzrleBuf: Buffer | undefined;
   /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
   private aShutSent = false;
@@ -215,7 +215,11 @@ class Relay implements InboundSink, DestinationHost {
   /**
    * 0 → N (docs/protocol.md §2.6): pages go to B's channels; B's main gets the rest of A's records
    * and a sync point (SYNC on every channel, then MULTIFD_FLUSH in per-round mode) before a page
-   * that went out since the last one, and before RAM's last EOS. In per-section mode (B's
+   * that went out since the last one, and before the EOS of RAM's START and END sections. The
+   * setup one is QEMU's too (ram_save_setup): B's channels then hold every packet until B's main
+   * thread passed the setup. A packet that comes before B's main thread read the header finds no
+   * receivedmap (allocated in ram_load_setup) and crashes QEMU 10 (SIGSEGV, 2 of 4 runs without
+   * this sync). In per-section mode (B's
    * multifd-flush-after-each-section on, --sync-mode section) every RAM EOS is B's sync point.
    */
   private async pagedEvent(ev: SessionEvent, paging: MainPagesToMultifd): Promise<void> {
@@ -239,12 +243,12 @@ class Relay implements InboundSink, DestinationHost {
         return;
       }
       case 'section':
-        this.inRamEnd = ev.kind === 'end' && ev.record?.type === 'section' && ev.record.idstr === RAM_SECTION_NAME;
+        this.inRamStartOrEnd = (ev.kind === 'start' || ev.kind === 'end') && ev.record?.type === 'section' && ev.record.idstr === RAM_SECTION_NAME;
         break;
       default:
         break;
     }
-    if (ev.record?.type === 'ram-eos' && (this.opts.syncMode === 'section' || this.inRamEnd)) await this.pagedSync(paging);
+    if (ev.record?.type === 'ram-eos' && (this.opts.syncMode === 'section' || this.inRamStartOrEnd)) await this.pagedSync(paging);
     this.forward(ev);
   }
 

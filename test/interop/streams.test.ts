@@ -209,7 +209,8 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
         const s = await r.done.catch(async (e: Error) => {
           const mb = await dst!.qmp.execute('query-migrate').catch((q: Error) => ({ status: `query-migrate failed: ${q.message}` }));
-          throw new Error(`${e.message}; B: ${JSON.stringify(mb)} ${dst!.stderr().slice(-2000)}`);
+          await Promise.race([dst!.exited(), new Promise((res) => setTimeout(res, 2000))]);
+          throw new Error(`${e.message}; B: ${JSON.stringify(mb)}, exit ${dst!.proc.exitCode} ${dst!.proc.signalCode}: ${dst!.stderr().slice(-2000)}`);
         });
         const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
         const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
@@ -384,7 +385,8 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate', { uri: await r.listening });
         const s = await r.done.catch(async (e: Error) => {
           const mb = await dst!.qmp.execute('query-migrate').catch((q: Error) => ({ status: `query-migrate failed: ${q.message}` }));
-          throw new Error(`${e.message}; B: ${JSON.stringify(mb)} ${dst!.stderr().slice(-2000)}`);
+          await Promise.race([dst!.exited(), new Promise((res) => setTimeout(res, 2000))]);
+          throw new Error(`${e.message}; B: ${JSON.stringify(mb)}, exit ${dst!.proc.exitCode} ${dst!.proc.signalCode}: ${dst!.stderr().slice(-2000)}`);
         });
         const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
         const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });

@@ -18,7 +18,7 @@
 // B is what completes the relay; any failure before it fails A's migration too (SHUT(1) and its
 // connections closed), so A keeps running and can migrate again.
 
-import { RAM_SECTION_NAME, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
+import { RAM_SECTION_NAME, RAM_SECTION_VERSION, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { DestinationClosedError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
 import type { SessionEvent } from '../codec/stream-session.js';
@@ -64,8 +64,8 @@ class Relay implements InboundSink, DestinationHost {
   private forwarding: ForwardingStore | undefined;
   /** 0 → N: A's main-channel pages go to B's channels as packets. */
   private paging: MainPagesToMultifd | undefined;
-  /** Inside RAM's START or END section (0 → N: B syncs before their EOS). */
-  private inRamStartOrEnd = false;
+  /** The RAM section A's records are in (0 → N: B syncs before the EOS of START and END). */
+  private ramSection: { kind: 'start' | 'part' | 'end' | 'full'; sectionId: number } | undefined;
   private xbzrleBuf: Buffer | undefined;
   /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
   private aShutSent = false;
@@ -243,24 +243,36 @@ class Relay implements InboundSink, DestinationHost {
         return;
       }
       case 'section':
-        this.inRamStartOrEnd = (ev.kind === 'start' || ev.kind === 'end') && ev.record?.type === 'section' && ev.record.idstr === RAM_SECTION_NAME;
+        this.ramSection = ev.record?.type === 'section' && ev.record.idstr === RAM_SECTION_NAME ? { kind: ev.kind, sectionId: ev.sectionId } : undefined;
         break;
       default:
         break;
     }
-    if (ev.record?.type === 'ram-eos' && (this.opts.syncMode === 'section' || this.inRamStartOrEnd)) await this.pagedSync(paging);
+    const kind = this.ramSection?.kind;
+    if (ev.record?.type === 'ram-eos' && (this.opts.syncMode === 'section' || kind === 'start' || kind === 'end')) await this.pagedSync(paging, true);
     this.forward(ev);
   }
 
-  private async pagedSync(paging: MainPagesToMultifd): Promise<void> {
+  /**
+   * `atEos`: A's EOS follows (per-section mode: it is B's sync point). Per section, a sync in the
+   * middle of a section splits it: EOS, footer and the same section's header again, which B
+   * loads as two parts (qemu_loadvm_section_part_end takes PART and END alike).
+   */
+  private async pagedSync(paging: MainPagesToMultifd, atEos = false): Promise<void> {
     const dest = this.dest!;
     await dest.flush();
     await paging.sync();
     if (this.opts.syncMode !== 'section') {
       dest.record({ type: 'ram-flush' });
-      // Out at once: B's channels wait after their SYNC until B's main thread reads this.
-      await dest.flush();
+    } else if (!atEos) {
+      const sec = this.ramSection;
+      if (!sec || (sec.kind !== 'part' && sec.kind !== 'end')) throw new ProtocolError('BAD_RECORD', 'a page outside a RAM PART or END section');
+      dest.record({ type: 'ram-eos' });
+      dest.record({ type: 'footer', sectionId: sec.sectionId });
+      dest.record({ type: 'section', kind: sec.kind, sectionId: sec.sectionId, idstr: RAM_SECTION_NAME, instanceId: 0, versionId: RAM_SECTION_VERSION });
     }
+    // Out at once: B's channels wait after their SYNC until B's main thread reads this.
+    await dest.flush();
   }
 
   mainErrorIsEnd(e: Error & { code?: string }): boolean {

@@ -45,6 +45,29 @@ async function assertHolds(file: string, want: Map<string, Buffer>, what: string
 
 const s = streamScenarios().find((x) => x.label === '10.0/xbzrle');
 
+/** The capture with its RAM PARTs merged into one (EOS, footer, PART header of the same section dropped; START kept apart): rounds re-send pages inside one section. */
+function mergedParts(main: Buffer): { merged: Buffer; removed: number } {
+  const out: Buffer[] = [];
+  let from = 0;
+  let removed = 0;
+  let first = true;
+  const eos = Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x10]);
+  for (let at = main.indexOf(eos); at >= 0; at = main.indexOf(eos, at + 1)) {
+    const f = at + 8;
+    if (main[f] !== 0x7e || main[f + 5] !== 0x02 || main.readUInt32BE(f + 1) !== main.readUInt32BE(f + 6)) continue;
+    // The first is START's end (pages never go in START).
+    if (first) {
+      first = false;
+      continue;
+    }
+    out.push(main.subarray(from, at));
+    from = f + 10;
+    removed++;
+  }
+  out.push(main.subarray(from));
+  return { merged: Buffer.concat(out), removed };
+}
+
 describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 'no 10.0/xbzrle capture' }, () => {
   for (const tee of [false, true]) {
     test(`${tee ? 'with --tee (deltas decoded from the tee)' : 'no tee (deltas decoded from the relay\'s copies)'}: B's snapshot holds the stream's memory`, async () => {
@@ -72,4 +95,52 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
       }
     });
   }
+
+  test('--sync-mode section with pages re-sent inside one RAM section: the relay splits the section, B pairs every SYNC with an EOS', async () => {
+    const dir = mkdtempSync('/tmp/multifd-relay0n-test-');
+    try {
+      const { merged, removed } = mergedParts(s!.main());
+      assert.ok(removed > 3, `PART boundaries merged: ${removed}`);
+      const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2, syncMode: 'section' });
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 0, channelsOut: 2, syncMode: 'section' });
+      const a = await connectTo(await r.listening);
+      a.resume();
+      a.end(merged);
+      const [sum, got] = await Promise.all([r.done, rx.done]);
+      const p = new MainStreamParser();
+      p.push(merged);
+      let eos = 0;
+      for (let ev = p.next(); ev !== null; ev = p.next()) if (ev.type === 'ram-eos') eos++;
+      assert.ok(sum['multifd-syncs'] > eos, `syncs inside sections: ${sum['multifd-syncs']} syncs, ${eos} EOS from A`);
+      assert.equal(got['multifd-syncs'], sum['multifd-syncs'], 'every SYNC paired with an EOS on B');
+      await assertHolds(join(dir, 'b.mig'), rebuild(merged), 'B');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('--sync-mode section (B with multifd-flush-after-each-section on): a sync before every RAM EOS, no MULTIFD_FLUSH', async () => {
+    const dir = mkdtempSync('/tmp/multifd-relay0n-test-');
+    try {
+      const main = s!.main();
+      const p = new MainStreamParser();
+      p.push(main);
+      let eos = 0;
+      for (let ev = p.next(); ev !== null; ev = p.next()) if (ev.type === 'ram-eos') eos++;
+      const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2, syncMode: 'section' });
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 0, channelsOut: 2, syncMode: 'section' });
+      const a = await connectTo(await r.listening);
+      a.resume();
+      a.end(main);
+      const [sum, got] = await Promise.all([r.done, rx.done]);
+      assert.equal(sum['sync-mode'], 'section');
+      assert.equal(got['sync-mode'], 'section');
+      // Every EOS, plus one before each re-sent page that came between two of them.
+      assert.ok(sum['multifd-syncs'] >= eos, `syncs ${sum['multifd-syncs']}, EOS ${eos}`);
+      assert.equal(got['multifd-syncs'], eos, 'B syncs at each EOS only');
+      await assertHolds(join(dir, 'b.mig'), rebuild(main), 'B');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });

@@ -44,6 +44,7 @@ async function assertHolds(file: string, want: Map<string, Buffer>, what: string
 }
 
 const s = streamScenarios().find((x) => x.label === '10.0/xbzrle');
+const postcopy = streamScenarios().find((x) => x.label === '10.0/postcopy-hugepages');
 
 /** The capture with its RAM PARTs merged into one (EOS, footer, PART header of the same section dropped; START kept apart): rounds re-send pages inside one section. */
 function mergedParts(main: Buffer): { merged: Buffer; removed: number } {
@@ -140,6 +141,24 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
       assert.equal(got['multifd-syncs'], eos, 'B syncs at each EOS only');
       await assertHolds(join(dir, 'b.mig'), rebuild(main), 'B');
     } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a source that advises postcopy-ram is refused with the reason (0 → N carries no postcopy)', { skip: postcopy ? false : 'no 10.0/postcopy-hugepages capture' }, async () => {
+    const dir = mkdtempSync('/tmp/multifd-relay0n-test-');
+    const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
+    try {
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 0, channelsOut: 2 });
+      const a = await connectTo(await r.listening);
+      a.on('error', () => {});
+      a.resume();
+      a.write(postcopy!.main());
+      await assert.rejects(r.done, (e: Error & { code?: string }) => /advised postcopy-ram: relay 0 → N .* does not carry postcopy/.test(e.message));
+      a.destroy();
+    } finally {
+      rx.abort(new Error('test over'));
+      await rx.done.catch(() => {});
       rmSync(dir, { recursive: true, force: true });
     }
   });

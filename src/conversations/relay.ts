@@ -21,7 +21,9 @@
 import { RAM_SECTION_NAME, RAM_SECTION_VERSION, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { DestinationClosedError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
+import { defaultSyncMode } from '../codec/machine-type.js';
 import type { SessionEvent } from '../codec/stream-session.js';
+import type { SyncMode } from '../codec/sync-points.js';
 import { publish } from '../engine/diagnostics.js';
 import { ForwardingStore } from '../engine/forwarding-store.js';
 import { DEFAULT_XBZRLE_COPY_BYTES, MainPagesToMultifd } from '../engine/main-pages-to-multifd.js';
@@ -67,6 +69,8 @@ class Relay implements InboundSink, DestinationHost {
   /** The RAM section A's records are in (0 → N: B syncs before the EOS of START and END). */
   private ramSection: { kind: 'start' | 'part' | 'end' | 'full'; sectionId: number } | undefined;
   private xbzrleBuf: Buffer | undefined;
+  /** 0 → N: B's sync mode (--sync-mode, else its machine type's default, which is A's). */
+  private syncOut: SyncMode = 'round';
   /** A SHUT went to A (B's own, or our SHUT(1)): A has its verdict. */
   private aShutSent = false;
 
@@ -220,14 +224,17 @@ class Relay implements InboundSink, DestinationHost {
    * thread passed the setup. A packet that comes before B's main thread read the header finds no
    * receivedmap (allocated in ram_load_setup) and crashes QEMU 10 (SIGSEGV, 2 of 4 runs without
    * this sync). In per-section mode (B's
-   * multifd-flush-after-each-section on, --sync-mode section) every RAM EOS is B's sync point.
+   * multifd-flush-after-each-section on: --sync-mode section, or auto with a machine type up to
+   * 8.0, A's and so B's) every RAM EOS is B's sync point.
    */
   private async pagedEvent(ev: SessionEvent, paging: MainPagesToMultifd): Promise<void> {
     const dest = this.dest!;
     switch (ev.type) {
-      case 'header':
-        // B reads its main channel only once all its multifd channels connected.
-        dest.openChannels(this.opts.uuid ?? Buffer.alloc(16));
+      case 'configuration':
+        this.syncOut = this.opts.syncMode === 'round' || this.opts.syncMode === 'section' ? this.opts.syncMode : defaultSyncMode(ev.config.machine);
+        // B reads its main channel only once all its multifd channels connected; they carry B's
+        // -uuid, which validate-uuid says is A's.
+        dest.openChannels(this.opts.uuid ?? ev.config.uuid ?? Buffer.alloc(16));
         break;
       case 'postcopy-advise':
         if (ev.postcopy) throw new ProtocolError('UNSUPPORTED', 'the source advised postcopy-ram: relay 0 → N (multifd towards the destination only) does not carry postcopy; relay with --channels-out 0');
@@ -243,13 +250,15 @@ class Relay implements InboundSink, DestinationHost {
         return;
       }
       case 'section':
+        // A stream without a configuration section (send-configuration off).
+        dest.openChannels(this.opts.uuid ?? Buffer.alloc(16));
         this.ramSection = ev.record?.type === 'section' && ev.record.idstr === RAM_SECTION_NAME ? { kind: ev.kind, sectionId: ev.sectionId } : undefined;
         break;
       default:
         break;
     }
     const kind = this.ramSection?.kind;
-    if (ev.record?.type === 'ram-eos' && (this.opts.syncMode === 'section' || kind === 'start' || kind === 'end')) await this.pagedSync(paging, true);
+    if (ev.record?.type === 'ram-eos' && (this.syncOut === 'section' || kind === 'start' || kind === 'end')) await this.pagedSync(paging, true);
     this.forward(ev);
   }
 
@@ -262,7 +271,7 @@ class Relay implements InboundSink, DestinationHost {
     const dest = this.dest!;
     await dest.flush();
     await paging.sync();
-    if (this.opts.syncMode !== 'section') {
+    if (this.syncOut === 'round') {
       dest.record({ type: 'ram-flush' });
     } else if (!atEos) {
       const sec = this.ramSection;
@@ -331,7 +340,7 @@ class Relay implements InboundSink, DestinationHost {
       duplicate: p.duplicate,
       mbps: elapsed > 0 ? Math.round(((p.bytesIn * 8) / (elapsed * 1000)) * 100) / 100 : 0,
       'multifd-syncs': this.paging ? this.paging.syncs : a.rounds,
-      'sync-mode': this.paging ? (this.opts.syncMode === 'section' ? 'section' : 'round') : a.receiver ? (session.syncMode ?? 'round') : 'none',
+      'sync-mode': this.paging ? this.syncOut : a.receiver ? (session.syncMode ?? 'round') : 'none',
       'compression-in': a.receiver?.compression ?? (this.opts.compressionIn && this.opts.compressionIn !== 'auto' ? this.opts.compressionIn : 'none'),
       'compression-out': this.opts.compressionOut ?? 'none',
       'passed-encoded': a.receiver?.encodedPackets ?? 0,

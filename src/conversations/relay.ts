@@ -258,7 +258,14 @@ class Relay implements InboundSink, DestinationHost {
         break;
     }
     const kind = this.ramSection?.kind;
-    if (ev.record?.type === 'ram-eos' && (this.syncOut === 'section' || kind === 'start' || kind === 'end')) await this.pagedSync(paging, true);
+    if (ev.record?.type === 'ram-eos' && (this.syncOut === 'section' || kind === 'start' || kind === 'end')) {
+      await this.pagedSync(paging, true);
+      this.forward(ev);
+      // Out at once: per section this EOS is what releases B's channels held after their SYNC;
+      // the pages that follow in this chunk could otherwise wait on them for ever.
+      await dest.flush();
+      return;
+    }
     this.forward(ev);
   }
 

@@ -8,7 +8,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, 
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
-import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuVersion } from '../helpers/qemu.js';
+import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { migrateToReceive, restoreSnapshot } from '../helpers/snapshot.js';
 import { save } from '../../src/conversations/save.js';
 import { send } from '../../src/conversations/send.js';
@@ -21,6 +21,19 @@ import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 const MEM = 128;
 
 /** The dirtied range as the snapshot holds it. */
+/**
+ * Keeps a source that started with a 1 ms downtime limit iterating until it synced its dirty bitmap
+ * `rounds` times (so XBZRLE deltas flow), then lets it switch over.
+ */
+async function holdRounds(src: QemuInstance, rounds: number): Promise<void> {
+  for (;;) {
+    const m = await src.qmp.execute('query-migrate');
+    if ((m.ram?.['dirty-sync-count'] ?? 0) >= rounds || ['completed', 'failed', 'cancelled'].includes(m.status)) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
+}
+
 async function snapshotRange(file: string): Promise<Buffer> {
   const snap = await MappedRamSnapshot.open(file);
   try {
@@ -160,12 +173,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
         await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 107374182400, 'downtime-limit': 1, 'xbzrle-cache-size': 256 * 1024 * 1024 });
         await src.qmp.execute('migrate', { uri: await r.listening });
-        for (;;) {
-          const m = await src.qmp.execute('query-migrate');
-          if ((m.ram?.['dirty-sync-count'] ?? 0) >= 4 || ['completed', 'failed', 'cancelled'].includes(m.status)) break;
-          await new Promise((res) => setTimeout(res, 100));
-        }
-        await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
+        await holdRounds(src, 4);
         await r.done;
         const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
         const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
@@ -201,12 +209,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         // QEMU's default cache size, which the relay's default copy matches.
         await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 107374182400, 'downtime-limit': 1, 'xbzrle-cache-size': 64 * 1024 * 1024 });
         await src.qmp.execute('migrate', { uri: await r.listening });
-        for (;;) {
-          const m = await src.qmp.execute('query-migrate');
-          if ((m.ram?.['dirty-sync-count'] ?? 0) >= 4 || ['completed', 'failed', 'cancelled'].includes(m.status)) break;
-          await new Promise((res) => setTimeout(res, 100));
-        }
-        await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
+        await holdRounds(src, 4);
         const s = await r.done.catch(async (e: Error) => {
           const mb = await dst!.qmp.execute('query-migrate').catch((q: Error) => ({ status: `query-migrate failed: ${q.message}` }));
           await Promise.race([dst!.exited(), new Promise((res) => setTimeout(res, 2000))]);
@@ -269,12 +272,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
         // The dirtying guest never converges: small downtime first (rounds go by), then let it end.
         const h = await migrateToReceive(src, { channels: 0, out, params: { 'downtime-limit': 1, 'xbzrle-cache-size': 256 * 1024 * 1024 } });
-        for (;;) {
-          const m = await src.qmp.execute('query-migrate');
-          if ((m.ram?.['dirty-sync-count'] ?? 0) >= 4 || ['completed', 'failed', 'cancelled'].includes(m.status)) break;
-          await new Promise((r) => setTimeout(r, 100));
-        }
-        await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
+        await holdRounds(src, 4);
         const s = await h.done;
         const m = await waitMigration(src.qmp, { timeoutMs: 60_000 });
         t.diagnostic(`QEMU ${version}: ${m.ram['dirty-sync-count']} syncs, xbzrle ${JSON.stringify(m['xbzrle-cache'])}; receive applied ${s['xbzrle-pages']} deltas`);

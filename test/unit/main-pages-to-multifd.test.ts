@@ -5,10 +5,10 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MainStreamParser, type MainEvent } from '../../src/codec/main-stream-parser.js';
-import { applyXbzrle } from '../../src/codec/xbzrle.js';
 import { MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { ProtocolError } from '../../src/codec/errors.js';
 import { MainPagesToMultifd, type PacketSink } from '../../src/engine/main-pages-to-multifd.js';
+import { rebuildMemory } from '../helpers/stream-memory.js';
 import { streamScenarios } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
@@ -19,17 +19,6 @@ function events(main: Buffer): MainEvent[] {
   const out: MainEvent[] = [];
   for (let ev = p.next(); ev !== null; ev = p.next()) out.push(ev);
   return out;
-}
-
-function rebuild(evs: MainEvent[]): Map<string, Buffer> {
-  const mem = new Map<string, Buffer>();
-  for (const ev of evs) {
-    if (ev.type === 'ram-block') mem.set(ev.block.name, Buffer.alloc(ev.block.usedLength));
-    else if (ev.type === 'ram-page') Buffer.concat(ev.data).copy(mem.get(ev.block)!, ev.offset);
-    else if (ev.type === 'ram-zero') mem.get(ev.block)!.fill(0, ev.offset, ev.offset + PAGE);
-    else if (ev.type === 'ram-xbzrle') applyXbzrle(ev.delta, mem.get(ev.block)!.subarray(ev.offset, ev.offset + PAGE));
-  }
-  return mem;
 }
 
 interface Packet { block: string; offsets: number[]; normal: number; data: Buffer }
@@ -100,7 +89,7 @@ describe('main-channel pages to multifd packets', () => {
       const deltas = evs.filter((e) => e.type === 'ram-xbzrle').length;
       assert.ok(deltas > 1000);
       const { dest, conv } = await convert(evs);
-      const want = rebuild(evs);
+      const want = rebuildMemory(evs);
       assert.equal(dest.mem.size, want.size);
       for (const [name, m] of want) assert.ok(dest.mem.get(name)!.equals(m), `block ${name} differs`);
       assert.equal(conv.xbzrlePages, deltas);

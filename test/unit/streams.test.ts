@@ -12,7 +12,6 @@ import { once } from 'node:events';
 import { join } from 'node:path';
 import { MainStreamParser, type MainEvent } from '../../src/codec/main-stream-parser.js';
 import { encodeMainEvent } from '../../src/codec/main-event-encode.js';
-import { applyXbzrle } from '../../src/codec/xbzrle.js';
 import { Command, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { ProtocolError } from '../../src/codec/errors.js';
 import { StreamSession } from '../../src/codec/stream-session.js';
@@ -25,6 +24,7 @@ import { openSnapshot } from '../../src/engine/open-snapshot.js';
 import { PackedSnapshot } from '../../src/engine/packed-snapshot-source.js';
 import { packedParts, packedPrefixOf } from '../../src/engine/packed-snapshot-writer.js';
 import { inspectText } from '../../src/cli/file-format.js';
+import { rebuildMemory } from '../helpers/stream-memory.js';
 import { streamScenarios, type Scenario } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
@@ -39,18 +39,6 @@ function events(main: Buffer, chunk = 65_521): MainEvent[] {
   }
   assert.ok(p.atBoundary, 'the stream ends between records');
   return out;
-}
-
-/** RAM as a destination holds it after the stream: pages, zero pages and XBZRLE deltas applied. */
-function rebuild(evs: MainEvent[]): Map<string, Buffer> {
-  const mem = new Map<string, Buffer>();
-  for (const ev of evs) {
-    if (ev.type === 'ram-block') mem.set(ev.block.name, Buffer.alloc(ev.block.usedLength));
-    else if (ev.type === 'ram-page') Buffer.concat(ev.data).copy(mem.get(ev.block)!, ev.offset);
-    else if (ev.type === 'ram-zero') mem.get(ev.block)!.fill(0, ev.offset, ev.offset + PAGE);
-    else if (ev.type === 'ram-xbzrle') applyXbzrle(ev.delta, mem.get(ev.block)!.subarray(ev.offset, ev.offset + PAGE));
-  }
-  return mem;
 }
 
 const all = streamScenarios();
@@ -74,7 +62,7 @@ describe('extended captures: parse', () => {
       assert.equal(evs.filter((e) => e.type === 'ram-page').length, counts.PAGE);
       assert.equal(evs.filter((e) => e.type === 'ram-zero').length, counts.ZERO);
       assert.equal(evs.filter((e) => e.type === 'ram-xbzrle').length, counts.XBZRLE ?? 0);
-      const mem = rebuild(evs);
+      const mem = rebuildMemory(evs);
       for (const [name, b] of Object.entries(s.check.memory!.blocks)) {
         assert.equal(sha256(mem.get(name)!), b.sha256, `block ${name} as QEMU sent it`);
       }
@@ -111,7 +99,7 @@ describe('extended captures: what each stream holds', () => {
     test(`${s.label}: XBZRLE deltas rebuild the guest's invariant`, () => {
       const evs = events(s.main());
       assert.ok(evs.filter((e) => e.type === 'ram-xbzrle').length > 1000, 'several rounds of deltas');
-      const ram = rebuild(evs).get('pc.ram')!;
+      const ram = rebuildMemory(evs).get('pc.ram')!;
       // The capture guest increments byte 0 of each page of [2 MiB, 12 MiB): v+1 ... v+1, v ... v.
       const firsts: number[] = [];
       for (let a = 0x200000; a < 0xc00000; a += PAGE) firsts.push(ram[a]!);

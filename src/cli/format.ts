@@ -19,6 +19,16 @@ export function duration(ms: number): string {
   return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(2)} s`;
 }
 
+/** save's "not converging" warning, from QEMU's own numbers (src/conversations/convergence.ts). */
+export function notConvergingText(n: { 'active-ms': number; rounds: number; 'expected-downtime': number; 'downtime-limit': number; 'dirty-pages-rate'?: number; mbps?: number }, compression?: string): string {
+  const rates = [
+    n['dirty-pages-rate'] !== undefined ? `the guest dirties ${n['dirty-pages-rate']} pages/s` : '',
+    n.mbps !== undefined ? `the link moves ${Math.round(n.mbps)} Mbit/s` : '',
+  ].filter(Boolean).join(', ');
+  const why = compression && compression !== 'none' ? `; with ${compression} QEMU measures the link in compressed bytes, so it underestimates it` : '';
+  return `the source is not converging: after ${n.rounds} rounds in ${duration(n['active-ms'])} QEMU still expects ${n['expected-downtime']} ms of downtime against a limit of ${n['downtime-limit']} ms${rates ? ` (${rates})` : ''}${why}`;
+}
+
 interface SummaryLike {
   /** save/receive --out s3://… (docs/s3.md). */
   store?: { url: string; 'object-size': number; parts: number; 'upload-ms': number; requests?: number; retries?: number; 'local-durable-at'?: string; 'store-durable-at': string };
@@ -37,7 +47,7 @@ interface SummaryLike {
   'file-size': number;
   channels: { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   blocks: { name: string; 'used-length': number; 'pages-present': number }[];
-  source?: { status: string; downtime?: number; 'total-time'?: number; 'run-state-after': string };
+  source?: { status: string; downtime?: number; 'total-time'?: number; 'run-state-after': string; 'switchover-forced-after-ms'?: number };
   'background-snapshot'?: boolean;
   postcopy?: { 'switched-at-ms': number; 'main-pages': number; 'preempt-pages': number; 'discard-ranges': number; 'preempt-channel': boolean };
 }
@@ -56,7 +66,8 @@ export function summaryText(s: SummaryLike): string {
   if (s.source) {
     // A background snapshot's point is the guest's short stop: QEMU's own total time goes with it.
     const bg = s['background-snapshot'] ? `, background snapshot in ${s.source['total-time'] ?? '?'} ms (QEMU's total time)` : '';
-    lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}${bg}, now ${s.source['run-state-after']}`);
+    const forced = s.source['switchover-forced-after-ms'] !== undefined ? `, switchover forced after ${duration(s.source['switchover-forced-after-ms'])} of iterating` : '';
+    lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}${bg}${forced}, now ${s.source['run-state-after']}`);
   }
   if (s.store) {
     lines.push(`  store: ${s.store.url}, a ${bytes(s.store['object-size'])} object in ${s.store.parts} parts uploaded in ${duration(s.store['upload-ms'])}${s.store.requests !== undefined ? ` (${s.store.requests} requests, ${s.store.retries ?? 0} retries)` : ''}; durable locally at ${s.store['local-durable-at'] ?? '?'}, in the store at ${s.store['store-durable-at']}`);

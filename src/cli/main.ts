@@ -12,7 +12,7 @@ import { parseUuid } from '../codec/multifd-init.js';
 import { InvalidOptionError } from '../codec/errors.js';
 import type { TlsCreds } from '../transports/tls.js';
 import { runDemo } from '../demo/run-demo.js';
-import { relaySummaryText, sendSummaryText, summaryText } from './format.js';
+import { notConvergingText, relaySummaryText, sendSummaryText, summaryText } from './format.js';
 import { ProgressView, receiveSample, relaySample, sendSample } from './progress.js';
 import { enableVerboseLog } from './log.js';
 import { registerFileCommands } from './file-commands.js';
@@ -238,8 +238,15 @@ program
   .option('--no-tls-verify-peer', 'with TLS: neither side checks the other\'s certificate')
   .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never); the source is told and runs on').default(300).argParser(intArg(0, 86400)))
   .option('--background', "QEMU's background-snapshot: the snapshot of the moment the save starts, the guest running throughout and after it (main channel only)")
+  .option('--auto-converge', "turn on QEMU's auto-converge for the save: it slows the guest's vCPUs while they dirty memory faster than the link carries it")
+  .option('--switchover-after <s>', 'after this many seconds of iterating, make the source switch over now (its downtime limit raised to the maximum for the rest of the save): a save that ends, with a longer pause', intArg(1, 86400))
   .option('--json', 'print the final summary as JSON on stdout')
-  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; domainXml?: string; to?: 'libvirt' | 'libvirt-sparse'; force?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean; background?: boolean } & TlsArgs, cmd: Command) => {
+  .addHelpText('after', `
+A save that does not converge (the guest dirties memory faster than the link carries it, or a
+compressed migration, whose bandwidth QEMU counts in compressed bytes) iterates until stopped.
+save warns once when QEMU still expects more downtime than its limit after a few rounds; then
+raise --downtime-limit, add --auto-converge, or bound it with --switchover-after.`)
+  .action(async (o: { qmp: string; out: string; channels: number; listen?: string; maxBandwidth: number; downtimeLimit?: number; resume?: boolean; domainXml?: string; to?: 'libvirt' | 'libvirt-sparse'; force?: boolean; compression: string; level?: number; directIo: boolean; idleTimeout: number; json?: boolean; background?: boolean; autoConverge?: boolean; switchoverAfter?: number } & TlsArgs, cmd: Command) => {
     if (o.to && o.domainXml === undefined) program.error('error: --to needs --domain-xml (the domain XML goes into the libvirt image)');
     await report('save', o.json, (view) => {
       checkOutputFile(resolve(o.out), '--out', { refuseExisting: !o.force });
@@ -247,7 +254,8 @@ program
       const tls = tlsCreds(o);
       // --background: --channels defaults to 0; given explicitly (or compression) it is an error.
       const explicit = (name: string) => cmd.getOptionValueSource(name) === 'cli';
-      if (o.background) checkBackgroundOptions({ background: true, ...(explicit('channels') ? { channels: o.channels } : {}), compression: o.compression, ...(o.level !== undefined ? { level: o.level } : {}) });
+      const converge = { ...(o.autoConverge ? { autoConverge: true } : {}), ...(o.switchoverAfter !== undefined ? { switchoverAfterMs: o.switchoverAfter * 1000 } : {}) };
+      if (o.background) checkBackgroundOptions({ background: true, ...(explicit('channels') ? { channels: o.channels } : {}), compression: o.compression, ...(o.level !== undefined ? { level: o.level } : {}), ...converge });
       const saveOpts = {
         ...readRingOption(),
         ...(tls ? { tls } : {}),
@@ -263,9 +271,12 @@ program
         directIo: o.directIo,
         idleTimeoutMs: o.idleTimeout * 1000,
         ...(o.level !== undefined ? { level: o.level } : {}),
+        ...converge,
       };
       const h = domainXml !== undefined ? saveLibvirtImage({ ...saveOpts, domainXml, ...(o.to ? { to: o.to } : {}) }) : save(saveOpts);
       h.on('progress', (p: ReceiveProgress) => view.update(receiveSample(p)));
+      h.on('not-converging', (n) => view.say(`multifd: warning: ${notConvergingText(n, o.compression)}${o.switchoverAfter !== undefined ? `; the switchover is forced after ${o.switchoverAfter} s` : '; raise --downtime-limit, add --auto-converge, or bound the save with --switchover-after SECONDS'}`));
+      h.on('switchover-forced', (f) => view.say(`multifd: note: forcing the switchover after ${(f['after-ms'] / 1000).toFixed(1)} s of iterating (--switchover-after): the guest pauses for what is still dirty`));
       abortOnSignal(h);
       return h.done;
     }, (s) => {

@@ -129,6 +129,13 @@ export class ProgressView {
     this.bar.update(Math.min(p.pages, total), payload);
   }
 
+  /** A line for the user mid-run (a warning): the bar makes way and the next update draws it again. */
+  say(line: string): void {
+    this.bar?.stop();
+    this.bar = undefined;
+    process.stderr.write(line + '\n');
+  }
+
   /** Ends the bar; the next update starts a new one with its own rate. */
   stop(): void {
     this.bar?.stop();

@@ -53,6 +53,8 @@ export function saveLibvirtImage(opts: SaveLibvirtOptions): SaveHandle {
     const inner = save({ ...opts, out: intermediate, signal });
     inner.on('listening', (a: string) => { listened(a); h.emit('listening', a); });
     inner.on('progress', (p: SaveProgress) => h.emit('progress', p));
+    inner.on('not-converging', (n) => h.emit('not-converging', n));
+    inner.on('switchover-forced', (f) => h.emit('switchover-forced', f));
     try {
       const summary = await inner.done;
       const t0 = Date.now();

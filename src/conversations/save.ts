@@ -7,6 +7,7 @@ import { tlsKind, type TlsCreds } from '../transports/tls.js';
 import { abortError, InvalidOptionError, SourceError } from '../codec/errors.js';
 import type { SyncMode } from '../codec/sync-points.js';
 import { checkLevel, getMethod } from '../engine/methods/registry.js';
+import { ConvergenceWatch, MAX_DOWNTIME_LIMIT_MS, type NotConverging } from './convergence.js';
 import { QmpClient } from '../transports/qmp-client.js';
 import { ListeningHandle } from './handle.js';
 import { takeUploadReport, type UploadReport } from './object-store.js';
@@ -51,6 +52,14 @@ export interface SaveOptions {
    * more with it: those are turned off for the save and put back after it).
    */
   background?: boolean;
+  /** Turn on QEMU's auto-converge for the save (it throttles the vCPUs while the guest outruns the link); put back afterwards. */
+  autoConverge?: boolean;
+  /**
+   * After this long iterating (the source `active`), raise the downtime limit to QEMU's maximum so
+   * it stops the guest and switches over at once: a save that ends, with a longer pause, instead of
+   * one that iterates for ever. The limit is put back afterwards.
+   */
+  switchoverAfterMs?: number;
 }
 
 /**
@@ -65,8 +74,10 @@ export const BACKGROUND_INCOMPATIBLE_CAPS = [
 ];
 
 /** What `--background` cannot be combined with, checked before QEMU is touched. */
-export function checkBackgroundOptions(opts: Pick<SaveOptions, 'background' | 'channels' | 'compression' | 'level'>): void {
+export function checkBackgroundOptions(opts: Pick<SaveOptions, 'background' | 'channels' | 'compression' | 'level' | 'autoConverge' | 'switchoverAfterMs'>): void {
   if (!opts.background) return;
+  if (opts.autoConverge) throw new InvalidOptionError('--background takes no --auto-converge: a background snapshot does not iterate (QEMU refuses auto-converge with it)');
+  if (opts.switchoverAfterMs !== undefined) throw new InvalidOptionError('--background takes no --switchover-after: a background snapshot has no switchover to force (it never iterates)');
   if (opts.channels !== undefined && opts.channels > 0) {
     throw new InvalidOptionError(`--background saves over the main channel alone (QEMU refuses multifd with background-snapshot): drop --channels ${opts.channels}`);
   }
@@ -92,6 +103,10 @@ export interface SaveSummary extends ReceiveSummary {
     'setup-time'?: number;
     ram?: Record<string, unknown>;
     'run-state-after': string;
+    /** Reported once when QEMU kept expecting more downtime than its limit (see ConvergenceWatch). */
+    'not-converging'?: NotConverging;
+    /** With switchoverAfterMs: when (ms after the source became active) the switchover was forced. */
+    'switchover-forced-after-ms'?: number;
   };
 }
 
@@ -110,6 +125,10 @@ export interface SaveEvents {
   progress: [SaveProgress];
   /** Where our receive listens (the address the source migrates to); also `handle.listening`. */
   listening: [string];
+  /** Once, when the source has iterated for a while and still expects more downtime than its limit. */
+  'not-converging': [NotConverging];
+  /** switchoverAfterMs passed: the downtime limit was raised so the source switches over now. */
+  'switchover-forced': [{ 'after-ms': number }];
 }
 
 /** `done` resolves with the summary once the snapshot is complete and the source reports completed. */
@@ -164,8 +183,11 @@ async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, S
     const capsWanted: Record<string, boolean> = opts.background
       ? { ...Object.fromEntries(BACKGROUND_INCOMPATIBLE_CAPS.map((c) => [c, false])), 'background-snapshot': true }
       // pause-before-switchover would wait for a migrate-continue nobody sends.
-      : { multifd: channels > 0, 'mapped-ram': false, 'return-path': true, 'background-snapshot': false, 'pause-before-switchover': false };
+      : { multifd: channels > 0, 'mapped-ram': false, 'return-path': true, 'background-snapshot': false, 'pause-before-switchover': false, ...(opts.autoConverge ? { 'auto-converge': true } : {}) };
     const setCaps = Object.entries(capsWanted).filter(([name]) => caps.some((c) => c.capability === name));
+    if (opts.autoConverge && !setCaps.some(([name]) => name === 'auto-converge')) {
+      throw new SourceError('this QEMU has no auto-converge capability');
+    }
     if (opts.background && !setCaps.some(([name]) => name === 'background-snapshot')) {
       throw new SourceError('this QEMU has no background-snapshot capability');
     }
@@ -224,11 +246,28 @@ async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, S
       handle.emit('progress', sp);
     });
 
+    const watch = new ConvergenceWatch({ downtimeLimitMs: opts.downtimeLimitMs ?? Number(saved.params['downtime-limit'] ?? 300) });
+    let notConverging: NotConverging | undefined;
+    let forcedAfterMs: number | undefined;
     // The source's view: if it fails (its own error), stop waiting on our side at once.
     const sourceFailed = new Promise<never>((_, reject) => {
       poll = setInterval(() => {
         qmp.execute('query-migrate').then((s) => {
           source = s;
+          const now = Date.now();
+          const verdict = watch.sample(s, now);
+          if (verdict) {
+            notConverging = verdict;
+            handle.emit('not-converging', verdict);
+          }
+          if (opts.switchoverAfterMs !== undefined && forcedAfterMs === undefined && s.status === 'active' && watch.activeMs(now) >= opts.switchoverAfterMs) {
+            forcedAfterMs = watch.activeMs(now);
+            handle.emit('switchover-forced', { 'after-ms': forcedAfterMs });
+            // QEMU recomputes its switchover threshold from the limit at its next bandwidth
+            // sample (every 100 ms), and then stops the guest for what is still dirty.
+            qmp.execute('migrate-set-parameters', { 'downtime-limit': MAX_DOWNTIME_LIMIT_MS })
+              .catch((e: Error) => reject(new SourceError(`could not raise the downtime limit to force the switchover: ${e.message}`)));
+          }
           if (s.status === 'failed' || s.status === 'cancelled') {
             reject(new SourceError(`the source's migration ${s.status}${s['error-desc'] ? `: ${s['error-desc']}` : ''}`, s['error-desc']));
           }
@@ -271,6 +310,8 @@ async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, S
         'setup-time': source['setup-time'],
         ram: source.ram,
         'run-state-after': after.status,
+        ...(notConverging ? { 'not-converging': notConverging } : {}),
+        ...(forcedAfterMs !== undefined ? { 'switchover-forced-after-ms': forcedAfterMs } : {}),
       },
     };
   } catch (e) {

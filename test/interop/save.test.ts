@@ -10,6 +10,7 @@ import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuVersion } from '../helpers/qemu.js';
+import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 
 const BIN = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
 
@@ -120,6 +121,47 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.kill();
         for (const s of held) s.destroy();
         sink.close();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    // The watch and the forced switchover are ours; one QEMU version shows them.
+    test('a save that cannot converge warns once with QEMU\'s numbers; --switchover-after ends it, --auto-converge is put back; the snapshot restores and runs on', { skip: version !== '11' && 'the convergence watch is ours; QEMU 11 shows it' }, async (t) => {
+      const dir = mkdtempSync('/tmp/multifd-save-test-');
+      const saveSock = join(dir, 'save.sock');
+      const out = join(dir, 'vm.mig');
+      const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${saveSock},server=on,wait=off`] });
+      let dst;
+      try {
+        await waitGuestPasses(src, 2);
+        const before = await src.qmp.execute('query-migrate-parameters');
+        const capsBefore = await src.qmp.execute('query-migrate-capabilities');
+        // 1 ms of downtime: the guest rewrites more than that between two rounds, for ever.
+        const r = await cli(['save', '--qmp', `unix:${saveSock}`, '--out', out, '--downtime-limit', '1', '--switchover-after', '12', '--auto-converge', '--json']);
+        assert.equal(r.code, 0, `save failed: ${r.stderr}`);
+        const s = JSON.parse(r.stdout);
+        t.diagnostic(`QEMU ${version}: ${s['dirty-sync-count']} syncs, not-converging ${JSON.stringify(s.source['not-converging'])}, forced after ${s.source['switchover-forced-after-ms']} ms, downtime ${s.source.downtime} ms`);
+        assert.equal(r.stderr.match(/warning: the source is not converging/g)?.length, 1, `one warning: ${r.stderr}`);
+        assert.match(r.stderr, /after \d+ rounds in [\d.]+ s QEMU still expects \d+ ms of downtime against a limit of 1 ms/);
+        assert.match(r.stderr, /forcing the switchover after 1\d\.\d s of iterating/);
+        const nc = s.source['not-converging'];
+        assert.ok(nc.rounds >= 5 && nc['active-ms'] >= 10_000 && nc['expected-downtime'] > 1, JSON.stringify(nc));
+        assert.ok(s.source['switchover-forced-after-ms'] >= 12_000, 'forced once 12 s of iterating had passed');
+        assert.equal(s.source.status, 'completed');
+        assert.ok(s['dirty-sync-count'] > nc.rounds, 'rounds went on after the warning');
+        assert.equal((await src.qmp.execute('query-migrate-parameters'))['downtime-limit'], before['downtime-limit'], 'downtime-limit put back after the forced switchover');
+        assert.deepEqual(await src.qmp.execute('query-migrate-capabilities'), capsBefore, 'auto-converge put back');
+        await src.kill();
+
+        dst = await startQemu({ version, memMiB: 128, bootSector: true, incoming: 'defer', paused: true });
+        await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }] });
+        await dst.qmp.execute('migrate-incoming', { uri: `file:${out}` });
+        const m = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
+        assert.equal(m.status, 'completed', m['error-desc']);
+        await runsOn(dst, await checkInvariant(dst, 'the snapshot of a forced switchover'));
+      } finally {
+        await src.kill();
+        await dst?.kill();
         rmSync(dir, { recursive: true, force: true });
       }
     });

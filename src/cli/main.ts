@@ -281,7 +281,7 @@ raise --downtime-limit, add --auto-converge, or bound it with --switchover-after
       return h.done;
     }, (s) => {
       const l = (s as Partial<SaveLibvirtSummary>).libvirt;
-      return summaryText(s) + (l ? `\n  libvirt ${l.format} image (${l['was-running'] ? 'restores running' : 'restores paused'}), rewritten from the snapshot in ${l['convert-ms']} ms` : '');
+      return summaryText(s) + (l ? `\n  libvirt ${l.format} image (${l['was-running'] ? 'restores running' : 'restores paused'}), ${l['convert-ms'] !== undefined ? `rewritten from the snapshot in ${l['convert-ms']} ms` : 'written in place'}` : '');
     });
   });
 

@@ -47,6 +47,12 @@ export interface ReceiveOptions {
    * page cache for a whole guest, but the file is not cached for an immediate restore.
    */
   directIo?: boolean;
+  /**
+   * Write a libvirt save image instead of a bare QEMU file: these bytes (a sparse-format header and
+   * data with the `…Part` magic, codec/libvirt-image.ts) first, QEMU's mapped-ram stream after them,
+   * the magic flipped to `…Save` once the file is complete (save --domain-xml).
+   */
+  libvirtPrologue?: Buffer;
   /** How often 'progress' is emitted. */
   progressIntervalMs?: number;
   signal?: AbortSignal;

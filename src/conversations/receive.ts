@@ -67,7 +67,7 @@ class Receiver implements InboundSink {
 
   private async start(): Promise<string> {
     try {
-      this.output = await SnapshotOutput.create(this.opts.out, { channels: this.channels, ...(this.opts.directIo === undefined ? {} : { directIo: this.opts.directIo }) });
+      this.output = await SnapshotOutput.create(this.opts.out, { channels: this.channels, ...(this.opts.directIo === undefined ? {} : { directIo: this.opts.directIo }), ...(this.opts.libvirtPrologue ? { libvirtPrologue: this.opts.libvirtPrologue } : {}) });
       const addr = await this.inbound.open(this);
       publish('receive', 'listening', { address: addr });
       return addr;

@@ -1,11 +1,13 @@
-// save into a libvirt save image (`save --domain-xml FILE`): the VM is saved as usual into a
-// mapped-ram snapshot under a temporary name beside the output, which convert then rewrites as the
-// image (raw for `virsh restore`, sparse for `virsh restore --parallel-channels N`), header written
-// `…Part` first and `…Save` once durable; the intermediate file is removed either way. receive
-// writes only bare QEMU files, so the image costs a second write of the guest's pages.
+// save into a libvirt save image (`save --domain-xml FILE`), header written `…Part` first and
+// `…Save` once durable. Sparse (for `virsh restore --parallel-channels N`, the default): receive
+// writes the header and then the mapped-ram snapshot in place. Raw (`virsh restore`): the VM is
+// saved as usual into a mapped-ram snapshot under a temporary name beside the output, which
+// convert rewrites as the image, a second write of the guest's pages; the intermediate file is
+// removed either way.
 
 import { unlink } from 'node:fs/promises';
 import { InvalidOptionError } from '../codec/errors.js';
+import { encodeLibvirtImage } from '../codec/libvirt-image.js';
 import { QmpClient } from '../transports/qmp-client.js';
 import { temporaryName } from '../engine/write-exactly.js';
 import { convert, type ConvertSummary } from './convert.js';
@@ -22,7 +24,8 @@ export interface SaveLibvirtOptions extends SaveOptions {
 }
 
 export interface SaveLibvirtSummary extends SaveSummary {
-  libvirt: { format: 'raw' | 'sparse'; 'was-running': boolean; 'image-size': number; 'convert-ms': number };
+  /** `convert-ms`: a raw image's rewrite from the saved snapshot; a sparse one is written in place. */
+  libvirt: { format: 'raw' | 'sparse'; 'was-running': boolean; 'image-size': number; 'convert-ms'?: number };
 }
 
 export function saveLibvirtImage(opts: SaveLibvirtOptions): SaveHandle {
@@ -48,13 +51,23 @@ export function saveLibvirtImage(opts: SaveLibvirtOptions): SaveHandle {
     } finally {
       qmp.close();
     }
-    const intermediate = `${temporaryName(opts.out)}.mig`;
+    // A sparse image is QEMU's mapped-ram file after the header: receive writes it in place, each
+    // page once. A raw image holds QEMU's stream format, which a live save cannot write in place
+    // (pages are re-sent, the stream would keep every version): saved as usual beside it, then
+    // rewritten by convert.
+    const direct = to === 'libvirt-sparse';
+    const intermediate = direct ? opts.out : `${temporaryName(opts.out)}.mig`;
+    const prologue = direct ? encodeLibvirtImage({ domainXml: opts.domainXml, wasRunning, format: 'sparse' }) : undefined;
     // The inner save follows this handle's signal: abort() and Ctrl-C reach it.
-    const inner = save({ ...opts, out: intermediate, signal });
+    const inner = save({ ...opts, out: intermediate, signal, ...(prologue ? { libvirtPrologue: prologue } : {}) });
     inner.on('listening', (a: string) => { listened(a); h.emit('listening', a); });
     inner.on('progress', (p: SaveProgress) => h.emit('progress', p));
     inner.on('not-converging', (n) => h.emit('not-converging', n));
     inner.on('switchover-forced', (f) => h.emit('switchover-forced', f));
+    if (direct) {
+      const summary = await inner.done;
+      return { ...summary, libvirt: { format: 'sparse', 'was-running': wasRunning, 'image-size': summary['file-size'] } };
+    }
     try {
       const summary = await inner.done;
       const t0 = Date.now();
@@ -67,7 +80,7 @@ export function saveLibvirtImage(opts: SaveLibvirtOptions): SaveHandle {
         force: opts.force ?? false,
         signal,
       });
-      return { ...summary, file: opts.out, 'file-size': c['output-size'], libvirt: { format: to === 'libvirt' ? 'raw' : 'sparse', 'was-running': wasRunning, 'image-size': c['output-size'], 'convert-ms': Date.now() - t0 } };
+      return { ...summary, file: opts.out, 'file-size': c['output-size'], libvirt: { format: 'raw', 'was-running': wasRunning, 'image-size': c['output-size'], 'convert-ms': Date.now() - t0 } };
     } finally {
       await unlink(intermediate).catch(() => {});
     }

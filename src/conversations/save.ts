@@ -60,6 +60,8 @@ export interface SaveOptions {
    * one that iterates for ever. The limit is put back afterwards.
    */
   switchoverAfterMs?: number;
+  /** See ReceiveOptions.libvirtPrologue (save-libvirt.ts). */
+  libvirtPrologue?: Buffer;
 }
 
 /**
@@ -229,6 +231,7 @@ async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, S
       ...(opts.syncMode ? { syncMode: opts.syncMode } : {}),
       ...(opts.directIo !== undefined ? { directIo: opts.directIo } : {}),
       ...(opts.readRing !== undefined ? { readRing: opts.readRing } : {}),
+      ...(opts.libvirtPrologue ? { libvirtPrologue: opts.libvirtPrologue } : {}),
       ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
       ...(opts.progressIntervalMs !== undefined ? { progressIntervalMs: opts.progressIntervalMs } : {}),
       signal,

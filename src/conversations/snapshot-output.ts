@@ -6,7 +6,8 @@ import { Command, SectionType } from '../codec/constants.js';
 import { encodeConfiguration, withCapability, type Configuration } from '../codec/configuration.js';
 import type { RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
-import { ProtocolError } from '../codec/errors.js';
+import { InvalidOptionError, ProtocolError } from '../codec/errors.js';
+import { finishLibvirtImage } from '../engine/libvirt-image-file.js';
 import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
@@ -33,17 +34,24 @@ export class SnapshotOutput {
   /** For an object: how far its upload is, once it started. */
   uploadProgress: UploadProgress | undefined;
 
-  private constructor(readonly store: MappedRamWriter, private readonly object?: ObjectTarget) {}
+  private constructor(readonly store: MappedRamWriter, private readonly object?: ObjectTarget, private readonly libvirtImage = false) {}
 
   /**
    * `channels`: multifd channels that will feed it (sizes the O_DIRECT staging slots). An
    * s3://bucket/key path is staged in a private temp directory and uploaded by commit(); its
    * bucket is checked here, before any migration starts.
    */
-  static async create(path: string, opts: { directIo?: boolean; channels?: number } = {}): Promise<SnapshotOutput> {
+  /**
+   * `libvirtPrologue`: a libvirt image header and data (encodeLibvirtImage, sparse format, `…Part`
+   * magic) written before QEMU's stream, which starts right after it; commit() flips the magic to
+   * `…Save` once the file is durable under its name, as `virsh restore` wants it.
+   */
+  static async create(path: string, opts: { directIo?: boolean; channels?: number; libvirtPrologue?: Buffer } = {}): Promise<SnapshotOutput> {
     let object: ObjectTarget | undefined;
     let file = path;
+    const prologue = opts.libvirtPrologue;
     if (isObjectUrl(path)) {
+      if (prologue) throw new InvalidOptionError(`a libvirt image is a local file: ${path} cannot be one`);
       await checkBucket(await s3Client(objectStoreSettings()), parseObjectUrl(path));
       object = { url: path, dir: await stagingDirectory() };
       file = `${object.dir}/snapshot.mig`;
@@ -53,8 +61,13 @@ export class SnapshotOutput {
         await MappedRamWriter.create(file, {
           ...(opts.directIo === undefined ? {} : { directIo: opts.directIo }),
           slots: packetSlotsFor(opts.channels ?? 0),
+          ...(prologue ? { baseOffset: prologue.length } : {}),
+        }).then(async (w) => {
+          if (prologue) await w.writePrologue(prologue).catch(async (e: unknown) => { await w.abort(); throw e; });
+          return w;
         }),
         object,
+        prologue !== undefined,
       );
     } catch (e) {
       if (object) await removeStaging(object.dir);
@@ -115,6 +128,7 @@ export class SnapshotOutput {
 
   /** For an object: durable locally first, then uploaded; the object exists only if this resolves. */
   commit(): Promise<void> {
+    if (this.libvirtImage) return this.store.commit().then(() => finishLibvirtImage(this.store.finalPath));
     if (!this.object) return this.store.commit();
     this.committing = this.commitObject(this.object);
     return this.committing;

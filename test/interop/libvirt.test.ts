@@ -8,7 +8,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -259,7 +259,11 @@ describe('libvirt save images with a real libvirtd', { skip, timeout: 900_000 },
       const s = JSON.parse(r.stdout);
       assert.equal(s.libvirt.format, to === 'libvirt' ? 'raw' : 'sparse');
       assert.equal(s.libvirt['was-running'], true);
-      t.diagnostic(`${to}: saved in ${s['total-time']} ms, image rewritten in ${s.libvirt['convert-ms']} ms`);
+      t.diagnostic(`${to}: saved in ${s['total-time']} ms${to === 'libvirt' ? `, image rewritten in ${s.libvirt['convert-ms']} ms` : ', written in place'}`);
+      // Sparse: receive wrote the image in place, no rewrite; raw: rewritten from a snapshot.
+      assert.equal(s.libvirt['convert-ms'] === undefined, to === 'libvirt-sparse');
+      assert.equal(s['file-size'], statSync(img).size, 'the summary gives the image\'s size');
+      assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith('.')), [], 'no temporary file left');
       assert.equal(readFileSync(img).toString('latin1', 0, 16), 'LibvirtQemudSave');
       const saved = await extractedRange(img);
       assert.ok(checkDirtyInvariant(saved).ok, 'invariant in our image');

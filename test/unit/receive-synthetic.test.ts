@@ -3,7 +3,9 @@
 
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { encodeLibvirtImage } from '../../src/codec/libvirt-image.js';
+import { openSnapshot } from '../../src/engine/open-snapshot.js';
 import { connect, type Socket } from 'node:net';
 import { once } from 'node:events';
 import { join } from 'node:path';
@@ -59,6 +61,39 @@ describe('receive from the synthetic source', () => {
       assert.ok(s.duplicate > 0, 'zero pages were listed');
     });
   }
+
+  test('with a libvirt prologue: the image is the header, then the snapshot at its end; …Part until complete, …Save after', async () => {
+    const dir = tmp();
+    const out = join(dir, 'vm.sav');
+    try {
+      const prologue = encodeLibvirtImage({ domainXml: '<domain type="kvm"><name>t</name></domain>', wasRunning: true, format: 'sparse' });
+      const guest = makeSyntheticGuest(8);
+      const h = receive({ listen: 'tcp:127.0.0.1:0', out, channels: 2, libvirtPrologue: prologue });
+      const addr = await h.listening;
+      const [summary] = await Promise.all([h.done, sendSyntheticMigration(addr, guest, { channels: 2, rounds: 1 })]);
+      assert.deepEqual(readdirSync(dir), ['vm.sav'], 'only the image remains');
+      const file = readFileSync(out);
+      assert.equal(file.toString('latin1', 0, 16), 'LibvirtQemudSave');
+      assert.ok(file.subarray(16, prologue.length).equals(prologue.subarray(16)), 'header and data as given');
+      assert.equal(summary['file-size'], file.length);
+      const snap = await openSnapshot(out);
+      try {
+        assert.equal(snap.libvirt?.format, 'sparse');
+        assert.ok(snap instanceof MappedRamSnapshot, 'read in place as a mapped-ram file');
+        for (const b of guest.blocks) assert.ok((await snap.readPages(b.name, 0, b.data.length / TARGET_PAGE_SIZE)).equals(b.data), `block ${b.name}`);
+      } finally {
+        await snap.close();
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a libvirt prologue with an s3:// output is refused up front', async () => {
+    const prologue = encodeLibvirtImage({ domainXml: '<domain/>', wasRunning: true, format: 'sparse' });
+    const h = receive({ listen: 'tcp:127.0.0.1:0', out: 's3://bucket/vm.sav', channels: 2, libvirtPrologue: prologue });
+    await assert.rejects(h.done, { code: 'INVALID_OPTION', message: /a libvirt image is a local file/ });
+  });
 
   test('per-section sync mode is inferred from the START section', async () => {
     const s = await roundTrip({ channels: 2, rounds: 2, syncMode: 'section' });

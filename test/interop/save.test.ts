@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START, checkDirtyInvariant } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuVersion } from '../helpers/qemu.js';
 import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
+import { restoreSnapshot } from '../helpers/snapshot.js';
 
 const BIN = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
 
@@ -153,11 +154,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         assert.deepEqual(await src.qmp.execute('query-migrate-capabilities'), capsBefore, 'auto-converge put back');
         await src.kill();
 
-        dst = await startQemu({ version, memMiB: 128, bootSector: true, incoming: 'defer', paused: true });
-        await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }] });
-        await dst.qmp.execute('migrate-incoming', { uri: `file:${out}` });
-        const m = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
-        assert.equal(m.status, 'completed', m['error-desc']);
+        dst = await restoreSnapshot({ version, memMiB: 128, file: out, bootSector: true });
         await runsOn(dst, await checkInvariant(dst, 'the snapshot of a forced switchover'));
       } finally {
         await src.kill();

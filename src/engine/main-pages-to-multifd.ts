@@ -39,7 +39,7 @@ export interface MainPagesOptions {
   sink: PacketSink;
   /** used_length of a RAM block (the block list's); undefined for a block the stream never listed. */
   blockLength(name: string): number | undefined;
-  /** Bytes of page copies kept for XBZRLE deltas; 0 = none (the caller decodes them). Default 64 MiB, QEMU's default xbzrle-cache-size. */
+  /** Bytes of memory for page copies kept for XBZRLE deltas (more go to `spill`); 0 = none (the caller decodes them). Default DEFAULT_XBZRLE_COPY_BYTES. */
   cacheBytes?: number;
   /** Where copies go when memory is full (see the head of this file); none: they are dropped. */
   spill?: PageSpill;

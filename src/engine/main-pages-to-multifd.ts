@@ -21,8 +21,10 @@
 //   128 MiB guest that re-sent ~100 MiB in round 2). So the copies live in memory up to
 //   `cacheBytes`, the most recently sent kept (LRU), and the page sent longest ago goes to a
 //   `spill` file (page-spill.ts, at most guest-RAM sized) instead of being dropped: every page
-//   kept can be read back. Without a spill, a delta for a dropped page fails with a clear error
-//   instead of being applied onto the wrong bytes.
+//   kept can be read back. Memory stays the first place: a copy there costs one memcpy, one in the
+//   file a pwrite when it leaves memory and a pread per delta (about twice the CPU of this
+//   conversion when every copy goes through the file; page-spill.ts). Without a spill, a delta for
+//   a dropped page fails with a clear error instead of being applied onto the wrong bytes.
 
 import { MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';

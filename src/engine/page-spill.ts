@@ -52,7 +52,7 @@ export class PageSpill {
     try {
       tmp = await mkdtemp(join(dir, 'multifd-spill-'));
     } catch (e) {
-      throw new OutputFileError('OUTPUT_FAILED', dir, `cannot create a temporary directory in ${dir} for spilled page copies: ${(e as Error).message}`, { cause: e });
+      throw new OutputFileError('OUTPUT_FAILED', dir, `cannot create a temporary directory in ${dir} for spilled page copies: ${(e as Error).message} (another directory: --temp-dir or MULTIFD_TMPDIR)`, { cause: e });
     }
     try {
       const fd = openSync(join(tmp, 'pages'), 'wx+', 0o600);
@@ -60,7 +60,7 @@ export class PageSpill {
       return new PageSpill(fd, dir, pageSize);
     } catch (e) {
       await rm(tmp, { recursive: true, force: true });
-      throw new OutputFileError('OUTPUT_FAILED', dir, `cannot create a temporary file in ${dir} for spilled page copies: ${(e as Error).message}`, { cause: e });
+      throw new OutputFileError('OUTPUT_FAILED', dir, `cannot create a temporary file in ${dir} for spilled page copies: ${(e as Error).message} (another directory: --temp-dir or MULTIFD_TMPDIR)`, { cause: e });
     }
   }
 

@@ -1,7 +1,8 @@
 // A QEMU stream file (migrate file: without mapped-ram) with XBZRLE records: the reader applies each
 // delta onto the page as it stands and keeps the result in an unlinked temporary file, so inspect,
-// verify, convert and send read the pages the stream leaves. The files are QEMU's XBZRLE captures'
-// main channels (10.0 and 11.1): a file migration writes the same records.
+// verify, convert and send read the pages the stream leaves. The files: QEMU 10.0's own
+// (migrate file: with xbzrle on, capture stream-file-xbzrle) and the XBZRLE captures' main
+// channels (10.0 and 11.1), which hold the same records.
 
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -64,10 +65,13 @@ async function readAll(src: { forEachRun: StreamSnapshot['forEachRun']; loadRuns
   return out;
 }
 
-const scenarios = streamScenarios((e) => e.scenario === 'xbzrle');
+const scenarios = streamScenarios((e) => e.scenario === 'xbzrle' || e.scenario === 'stream-file-xbzrle');
 
 describe('a stream file with XBZRLE records', () => {
-  test('both captures are there', () => assert.equal(scenarios.length, 2));
+  test('the captures are there (a QEMU 10.0 file, the 10.0 and 11.1 main channels)', () => {
+    assert.deepEqual(scenarios.map((s) => s.label).sort(), ['10.0/stream-file-xbzrle', '10.0/xbzrle', '11.1/xbzrle']);
+    assert.equal(scenarios.find((s) => s.entry.scenario === 'stream-file-xbzrle')!.entry.transport, 'file');
+  });
 
   for (const s of scenarios) {
     test(`${s.label}: the reader's pages, inspect, verify and convert --to mapped-ram hold the memory the records leave`, async () => {
@@ -76,7 +80,7 @@ describe('a stream file with XBZRLE records', () => {
       const deltas = evs.filter((e) => e.type === 'ram-xbzrle').length;
       assert.ok(deltas > 1000);
       const want = rebuildMemory(evs);
-      const file = join(dir, `${s.entry.qemu}.mig`);
+      const file = join(dir, `${s.entry.qemu}-${s.entry.scenario}.mig`);
       writeFileSync(file, main);
 
       const snap = await StreamSnapshot.open(file);
@@ -101,7 +105,7 @@ describe('a stream file with XBZRLE records', () => {
       const v = await verify(file);
       assert.equal(v.ok, true, JSON.stringify(v.problems));
 
-      const out = join(dir, `${s.entry.qemu}-mapped.mig`);
+      const out = join(dir, `${s.entry.qemu}-${s.entry.scenario}-mapped.mig`);
       await convert({ input: file, output: out, to: 'mapped-ram' });
       const m = await MappedRamSnapshot.open(out);
       try {
@@ -114,7 +118,7 @@ describe('a stream file with XBZRLE records', () => {
   }
 
   test('a malformed delta fails the open with its file offset, the temporary file closed', async () => {
-    const main = Buffer.from(scenarios[0]!.main());
+    const main = Buffer.from(scenarios.find((s) => s.entry.scenario === 'stream-file-xbzrle')!.main());
     // The 100th XBZRLE record's delta: a zero run of 16383 bytes, past any page.
     const session = new StreamSession({ kind: 'file' });
     session.push(main);

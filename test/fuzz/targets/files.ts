@@ -134,10 +134,9 @@ function fileTarget(kind: 'mapped-ram' | 'stream'): Target {
         : 'StreamSnapshot.open (page index of a plain stream file, XBZRLE deltas decoded into a temporary file, device state checked by its VMDESCRIPTION) on QEMU stream files, then runs read back; scanFile (verify), inspect --devices and convert --to mapped-ram. ProtocolError or success; scanFile never throws',
     seeds: () =>
       unique(
-        // A stream file with XBZRLE records (the XBZRLE capture's main channel: a file migration
-        // with xbzrle on writes the same records) exercises the deltas decoded while indexing.
-        [...captures(), ...(kind === 'stream' ? streamScenarios((e) => e.scenario === 'xbzrle') : [])]
-          .filter((s) => (kind === 'mapped-ram' ? s.entry.scenario === 'mapped-ram-file' : s.entry.scenario === 'stream-file' || s.entry.scenario === 'precopy-plain' || s.entry.scenario === 'xbzrle'))
+        // QEMU's stream file with XBZRLE records exercises the deltas decoded while indexing.
+        [...captures(), ...(kind === 'stream' ? streamScenarios((e) => e.scenario === 'stream-file-xbzrle') : [])]
+          .filter((s) => (kind === 'mapped-ram' ? s.entry.scenario === 'mapped-ram-file' : s.entry.scenario === 'stream-file' || s.entry.scenario === 'precopy-plain' || s.entry.scenario === 'stream-file-xbzrle'))
           .map((s) => {
             const data = kind === 'mapped-ram' ? compactMappedRam(s) : s.main();
             return { name: s.label, data, focus: mergeRanges([...mainStructure(data, 16384), [data.length - 2048, data.length]]) };

@@ -24,19 +24,19 @@ function sectionRows(sections: InspectSection[]): string[][] {
     const s = sections[i]!;
     let type = s.type;
     let size = s.size;
-    let recs = s.pageRecords !== undefined ? [s.pageRecords, s.zeroRecords ?? 0] : undefined;
+    let recs = s.pageRecords !== undefined ? [s.pageRecords, s.zeroRecords ?? 0, s.xbzrleRecords ?? 0] : undefined;
     if (s.type === 'PART') {
       let j = i + 1;
       // Only one handler's PARTs fold together (RAM's and dirty-bitmap's alternate).
       while (j < sections.length && sections[j]!.type === 'PART' && sections[j]!.idstr === s.idstr) {
         size += sections[j]!.size;
-        if (recs) { recs[0]! += sections[j]!.pageRecords ?? 0; recs[1]! += sections[j]!.zeroRecords ?? 0; }
+        if (recs) { recs[0]! += sections[j]!.pageRecords ?? 0; recs[1]! += sections[j]!.zeroRecords ?? 0; recs[2]! += sections[j]!.xbzrleRecords ?? 0; }
         j++;
       }
       if (j - i > 1) type = `PART ×${j - i}`;
       i = j - 1;
     }
-    const note = recs ? `${recs[0]} page, ${recs[1]} zero records` : '';
+    const note = recs ? `${recs[0]} page, ${recs[1]} zero${recs[2] ? `, ${recs[2]} xbzrle` : ''} records` : '';
     rows.push([hex(s.offset), type, s.sectionId !== undefined ? String(s.sectionId) : '', s.idstr ?? '', s.instanceId !== undefined ? String(s.instanceId) : '', s.versionId !== undefined ? String(s.versionId) : '', String(size), note]);
   }
   return rows;
@@ -65,10 +65,11 @@ export function inspectText(r: InspectResult): string {
   for (const it of r['iterable-sections'] ?? []) lines.push(`iterable:      "${it.name}": ${it.sections} sections, ${it.size} bytes (${bytes(it.size)}), carried as bytes`);
   lines.push('', 'RAM blocks:');
   const mapped = r.format === 'mapped-ram';
-  const head = ['name', 'size', 'pages', 'present', 'zero', 'data bytes', mapped ? 'header / bitmap / pages offsets' : 'page / zero records'];
+  const deltas = r.blocks.some((b) => b['xbzrle-records'] !== undefined);
+  const head = ['name', 'size', 'pages', 'present', 'zero', 'data bytes', mapped ? 'header / bitmap / pages offsets' : deltas ? 'page / zero / xbzrle records' : 'page / zero records'];
   const rows = [head, ...r.blocks.map((b) => [
     b.name, bytes(b['used-length']), String(b.pages), String(b.present), String(b.zero), String(b.bytes),
-    mapped && b['mapped-ram'] ? `${hex(b['mapped-ram'].headerOffset)} / ${hex(b['mapped-ram'].bitmapOffset)} / ${hex(b['mapped-ram'].pagesOffset)}` : `${b['page-records'] ?? 0} / ${b['zero-records'] ?? 0}`,
+    mapped && b['mapped-ram'] ? `${hex(b['mapped-ram'].headerOffset)} / ${hex(b['mapped-ram'].bitmapOffset)} / ${hex(b['mapped-ram'].pagesOffset)}` : `${b['page-records'] ?? 0} / ${b['zero-records'] ?? 0}${deltas ? ` / ${b['xbzrle-records'] ?? 0}` : ''}`,
   ])];
   lines.push(...table(rows));
   lines.push('', `sections (${r.sections.length} records):`);

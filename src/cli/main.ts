@@ -392,7 +392,8 @@ program
   .addOption(new Option('--sync-mode <mode>', "how A's MULTIFD_FLUSH/EOS map to syncs (auto infers it from A's stream); B must use the same").choices(['auto', 'round', 'section']).default('auto'))
   .option('--uuid <uuid>', "A's -uuid: A's channels must carry it (B's carry it too); default: whatever A sends", uuidArg)
   .option('--tee <file>', 'also keep a mapped-ram snapshot of the migrated state (finalised only once B confirmed the load)')
-  .addOption(new Option('--xbzrle-cache <MiB>', "--channels-in 0 with B on multifd, no --tee: memory for copies of re-sent pages, to decode A's XBZRLE deltas").default(256).argParser(intArg(0, 1048576)))
+  .addOption(new Option('--xbzrle-cache <MiB>', "--channels-in 0 with B on multifd, no --tee: memory for copies of re-sent pages, to decode A's XBZRLE deltas; older copies go to a temporary file (--temp-dir); 0: none, A has xbzrle off").default(256).argParser(intArg(0, 1048576)))
+  .option('--temp-dir <dir>', 'where --xbzrle-cache spills page copies (a file unlinked at once, up to guest RAM; default: MULTIFD_TMPDIR, TMPDIR, /tmp)')
   .option('--no-direct-io', 'write the tee through the page cache (default: O_DIRECT where the file system allows it)')
   .addOption(new Option('--idle-timeout <s>', 'fail when A sends nothing for this long mid-migration (0: never)').default(300).argParser(intArg(0, 86400)))
   .option('--tls-creds-in <dir>', "TLS from A: server-cert.pem, server-key.pem, ca-cert.pem from DIR (A's tls-creds endpoint=client)")
@@ -407,7 +408,7 @@ Start B first (qemu ... -incoming defer; multifd=on, multifd-channels=OUT,
   migrate uri=tcp:RELAY:PORT
 With return-path on A, A completes only once B loaded the state; a failure on B's side fails
 A's migration and A keeps running.`)
-  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; recompress?: boolean; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; xbzrleCache: number; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean; idleTimeout: number }) => {
+  .action(async (o: { listen: string; to: string; channelsIn: number; channelsOut?: number; compressionIn: string; compressionOut: string; levelOut?: number; recompress?: boolean; syncMode: 'auto' | 'round' | 'section'; uuid?: Buffer; tee?: string; xbzrleCache: number; tempDir?: string; directIo: boolean; json?: boolean; tlsCredsIn?: string; tlsCredsOut?: string; tlsHostnameOut?: string; tlsVerifyPeer: boolean; idleTimeout: number }) => {
     await report('relay', o.json, async (view) => {
       if (o.tee) checkOutputFile(resolve(o.tee), '--tee');
       const tlsIn = tlsCreds({ tlsCreds: o.tlsCredsIn, tlsVerifyPeer: o.tlsVerifyPeer });
@@ -429,6 +430,7 @@ A's migration and A keeps running.`)
         ...(o.uuid ? { uuid: o.uuid } : {}),
         ...(o.tee ? { tee: resolve(o.tee), teeDirectIo: o.directIo } : {}),
         xbzrleCacheBytes: o.xbzrleCache * 1024 * 1024,
+        ...(o.tempDir ? { tempDir: resolve(o.tempDir) } : {}),
       });
       h.on('progress', (p: RelayProgress) => view.update(relaySample(p)));
       abortOnSignal(h);

@@ -41,6 +41,8 @@ export interface RamSectionRecord {
   size: number;
   pageRecords: number;
   zeroRecords: number;
+  /** XBZRLE records (page deltas; a source with xbzrle on). */
+  xbzrleRecords: number;
   flushes: number;
 }
 
@@ -69,9 +71,10 @@ export interface BlockLayout {
   /** Offset of the block's entry (counted name) in the MEM_SIZE list. */
   entryOffset: number;
   mappedRam?: MappedRamRegions;
-  /** Stream files: PAGE and ZERO records naming this block, all sections together. */
+  /** Stream files: PAGE, ZERO and XBZRLE records naming this block, all sections together. */
   pageRecords: number;
   zeroRecords: number;
+  xbzrleRecords: number;
 }
 
 export interface DeviceRecord {
@@ -241,7 +244,7 @@ class Scan {
         return true;
       case 'section':
         if (ev.kind === 'start' || ev.kind === 'full') l.ramSectionName = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
-        this.current = { kind: ev.kind, sectionId: ev.sectionId, offset: at, size: 0, pageRecords: 0, zeroRecords: 0, flushes: 0 };
+        this.current = { kind: ev.kind, sectionId: ev.sectionId, offset: at, size: 0, pageRecords: 0, zeroRecords: 0, xbzrleRecords: 0, flushes: 0 };
         l.ramSections.push(this.current);
         return true;
       case 'mem-size':
@@ -270,10 +273,13 @@ class Scan {
       case 'flush':
         if (this.current) this.current.flushes++;
         return true;
-      case 'xbzrle':
-        // A delta needs the page it applies to; file tools read a file's pages where they lie.
-        this.problem('error', 'UNSUPPORTED', at, `XBZRLE record for block "${ev.block}" offset 0x${ev.offset.toString(16)}: a file with page deltas (xbzrle) is not supported`);
-        return false;
+      case 'xbzrle': {
+        // Counted here; the snapshot reader applies them (stream-snapshot.ts).
+        const b = this.blockByName.get(ev.block);
+        if (b) b.xbzrleRecords++;
+        if (this.current) this.current.xbzrleRecords++;
+        return true;
+      }
       case 'iterable': {
         // A non-RAM iterable section (dirty-bitmap) carried as bytes: listed with its size, not walked.
         const list = (l.iterableSections ??= []);
@@ -292,7 +298,7 @@ class Scan {
   }
 
   private async onBlock(info: RamBlockInfo, at: number): Promise<boolean> {
-    const b: BlockLayout = { name: info.name, usedLength: info.usedLength, entryOffset: at, pageRecords: 0, zeroRecords: 0 };
+    const b: BlockLayout = { name: info.name, usedLength: info.usedLength, entryOffset: at, pageRecords: 0, zeroRecords: 0, xbzrleRecords: 0 };
     if (info.mrAddr !== undefined) b.mrAddr = info.mrAddr;
     this.layout.blocks.push(b);
     this.blockByName.set(b.name, b);

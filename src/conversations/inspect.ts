@@ -27,6 +27,8 @@ export interface InspectSection {
   /** RAM sections of a stream file: page and zero records. */
   pageRecords?: number;
   zeroRecords?: number;
+  /** Present when the section holds XBZRLE records (page deltas, applied by the reader). */
+  xbzrleRecords?: number;
 }
 
 /** A non-RAM iterable handler's sections (dirty-bitmap), carried as bytes. */
@@ -54,6 +56,8 @@ export interface InspectBlock {
   /** Stream files: records naming the block (a page sent in several rounds counts each time). */
   'page-records'?: number;
   'zero-records'?: number;
+  /** Present when the file holds XBZRLE records for the block (page deltas, applied by the reader). */
+  'xbzrle-records'?: number;
 }
 
 export interface InspectDevice {
@@ -111,7 +115,7 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
     for (const s of layout.ramSections) {
       const sec: InspectSection = { offset: s.offset, type: s.kind.toUpperCase(), size: s.size, sectionId: s.sectionId, idstr: 'ram' };
       if (s.kind === 'start' || s.kind === 'full') Object.assign(sec, { instanceId: src.ramSection.instanceId, versionId: src.ramSection.versionId });
-      if (src.format === 'stream') Object.assign(sec, { pageRecords: s.pageRecords, zeroRecords: s.zeroRecords });
+      if (src.format === 'stream') Object.assign(sec, { pageRecords: s.pageRecords, zeroRecords: s.zeroRecords }, s.xbzrleRecords > 0 ? { xbzrleRecords: s.xbzrleRecords } : {});
       sections.push(sec);
     }
     const iterables = new Map<string, InspectIterable>();
@@ -141,6 +145,7 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
       if (src.format === 'stream' && s) {
         out['page-records'] = s.pageRecords;
         out['zero-records'] = s.zeroRecords;
+        if (s.xbzrleRecords > 0) out['xbzrle-records'] = s.xbzrleRecords;
       }
       return out;
     });

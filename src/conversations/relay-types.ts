@@ -32,10 +32,13 @@ export interface RelayOptions {
    */
   recompress?: boolean;
   /**
-   * Relay 0 → N without a tee: bytes of page copies kept to decode A's XBZRLE deltas (pages sent
-   * more than once, most recent first). At least A's xbzrle-cache-size. Default 64 MiB (QEMU's default).
+   * Relay 0 → N without a tee: bytes of memory for copies of sent pages, to decode A's XBZRLE
+   * deltas (pages sent more than once, the most recently sent kept); copies beyond it go to a
+   * temporary file (tempDir), so any size is exact. 0: none (A has xbzrle off). Default 256 MiB.
    */
   xbzrleCacheBytes?: number;
+  /** Where that temporary file goes (unlinked at once); default MULTIFD_TMPDIR, else TMPDIR, else /tmp. */
+  tempDir?: string;
   /** A's -uuid: A's init messages must carry it and B's carry it too. Default: B's carry A's. */
   uuid?: Buffer;
   /** Also write a mapped-ram snapshot of the migrated state here (committed once B confirmed). */

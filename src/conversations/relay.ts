@@ -28,6 +28,7 @@ import { publish } from '../engine/diagnostics.js';
 import { ForwardingStore } from '../engine/forwarding-store.js';
 import { DEFAULT_XBZRLE_COPY_BYTES, MainPagesToMultifd } from '../engine/main-pages-to-multifd.js';
 import type { MultifdReceiver } from '../engine/multifd-receiver.js';
+import { PageSpill, temporaryDirectory } from '../engine/page-spill.js';
 import { InboundSide, type InboundSink } from './inbound-side.js';
 import type { StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './handle.js';
@@ -66,6 +67,8 @@ class Relay implements InboundSink, DestinationHost {
   private forwarding: ForwardingStore | undefined;
   /** 0 → N: A's main-channel pages go to B's channels as packets. */
   private paging: MainPagesToMultifd | undefined;
+  /** 0 → N without a tee: where the XBZRLE page copies that leave memory go. */
+  private spill: PageSpill | undefined;
   /** The RAM section A's records are in (0 → N: B syncs before the EOS of START and END). */
   private ramSection: { kind: 'start' | 'part' | 'end' | 'full'; sectionId: number } | undefined;
   private xbzrleBuf: Buffer | undefined;
@@ -108,11 +111,15 @@ class Relay implements InboundSink, DestinationHost {
         });
         if (this.channelsIn === 0) {
           const sender = this.dest.sender;
+          // With a tee the inbound side applied each delta onto the tee's page: read back from there.
+          const cacheBytes = this.tee ? 0 : (this.opts.xbzrleCacheBytes ?? DEFAULT_XBZRLE_COPY_BYTES);
+          // Created up front, so an unusable directory fails before A sends anything.
+          if (cacheBytes > 0) this.spill = await PageSpill.create(temporaryDirectory(this.opts.tempDir), TARGET_PAGE_SIZE);
           this.paging = new MainPagesToMultifd({
             sink: sender,
             blockLength: (name) => this.inbound.blocks.get(name)?.usedLength,
-            // With a tee the inbound side applied each delta onto the tee's page: read back from there.
-            cacheBytes: this.tee ? 0 : (this.opts.xbzrleCacheBytes ?? DEFAULT_XBZRLE_COPY_BYTES),
+            cacheBytes,
+            ...(this.spill ? { spill: this.spill } : {}),
           });
         }
       }
@@ -396,5 +403,12 @@ class Relay implements InboundSink, DestinationHost {
   private async cleanup(): Promise<void> {
     this.dest?.close(this.inbound.failure !== undefined);
     await this.inbound.close();
+    const spill = this.spill;
+    if (spill) {
+      this.spill = undefined;
+      const p = this.paging!;
+      publish('relay', 'xbzrle-copies', { deltas: p.xbzrlePages, copyBytes: p.copyBytes, spilled: spill.writes, spillReads: p.spillReads, dir: spill.dir });
+      spill.close();
+    }
   }
 }

@@ -52,6 +52,7 @@ export const DIAGNOSTICS = {
     'destination-return-path': { message: '{ type }', when: 'a return-path message came from the destination (it is passed on to the source)' },
     completed: { message: '{ summary }', when: 'the destination confirmed the load' },
     failed: { message: '{ error }', when: 'the relay failed' },
+    'xbzrle-copies': { message: '{ deltas, copyBytes, spilled, spillReads, dir }', when: 'relay 0 → N ended: XBZRLE deltas decoded, memory of page copies, pages spilled to the temporary file and read back' },
   },
   send: {
     start: { message: '{ file, format, pages, syncMode, postcopy }', when: 'the snapshot is open and checked' },

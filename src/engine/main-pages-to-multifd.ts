@@ -10,20 +10,26 @@
 // - Packets. Pages are gathered per block into packets of up to MULTIFD_PAGES_PER_PACKET pages.
 // - XBZRLE. A delta applies onto the page last sent (docs/protocol.md §2.8). A relay with a tee
 //   reads that page back from its snapshot (the caller decodes, then calls page()); without one,
-//   this keeps a bounded copy. QEMU's source inserts pages into its xbzrle cache only once its first
-//   full pass is over (ram.c: xbzrle_started), so every page a delta can name was sent at least
-//   twice: the copy keeps pages from their second sending on, the most recently sent first out of
-//   mind last (LRU), up to `cacheBytes`. That is exact when every page sent more than once fits
-//   (at most guest RAM). A copy the size of the source's cache is not enough: QEMU's is
-//   direct-mapped by ram_addr (which the stream does not carry) and keeps entries younger than two
-//   dirty syncs (page_cache.c), so it can hold a page sent early in round 2 that an LRU of the
-//   same size dropped (seen with QEMU 10: a 64 MiB copy for a 64 MiB source cache, 128 MiB guest
-//   that re-sent ~100 MiB in round 2). Hence the larger default; a delta for a page not held
-//   fails with a clear error instead of being applied onto the wrong bytes.
+//   this keeps a copy. QEMU's source inserts pages into its xbzrle cache only once its first full
+//   pass is over (ram.c: xbzrle_started), so every page a delta can name was sent at least twice,
+//   or first sent after that pass (pages a free-page hint let the first pass skip): copies are
+//   kept from a page's second sending on, and of every page once some page was sent twice (the
+//   first pass is then over). No fixed size is exact: QEMU's cache is direct-mapped by ram_addr
+//   (which the stream does not carry), sized by the source's xbzrle-cache-size, and keeps
+//   entries younger than two dirty syncs (page_cache.c), so it can hold a page sent long ago that
+//   an LRU of its size dropped (seen with QEMU 10: a 64 MiB copy for a 64 MiB source cache,
+//   128 MiB guest that re-sent ~100 MiB in round 2). So the copies live in memory up to
+//   `cacheBytes`, the most recently sent kept (LRU), and the page sent longest ago goes to a
+//   `spill` file (page-spill.ts, at most guest-RAM sized) instead of being dropped: every page
+//   kept can be read back. Memory stays the first place: a copy there costs one memcpy, one in the
+//   file a pwrite when it leaves memory and a pread per delta (about twice the CPU of this
+//   conversion when every copy goes through the file; page-spill.ts). Without a spill, a delta for
+//   a dropped page fails with a clear error instead of being applied onto the wrong bytes.
 
 import { MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { ProtocolError } from '../codec/errors.js';
 import { applyXbzrle } from '../codec/xbzrle.js';
+import type { PageSpill } from './page-spill.js';
 
 /** What this needs of a MultifdSender. */
 export interface PacketSink {
@@ -35,8 +41,10 @@ export interface MainPagesOptions {
   sink: PacketSink;
   /** used_length of a RAM block (the block list's); undefined for a block the stream never listed. */
   blockLength(name: string): number | undefined;
-  /** Bytes of page copies kept for XBZRLE deltas; 0 = none (the caller decodes them). Default 64 MiB, QEMU's default xbzrle-cache-size. */
+  /** Bytes of memory for page copies kept for XBZRLE deltas (more go to `spill`); 0 = none (the caller decodes them). Default DEFAULT_XBZRLE_COPY_BYTES. */
   cacheBytes?: number;
+  /** Where copies go when memory is full (see the head of this file); none: they are dropped. */
+  spill?: PageSpill;
   /** Packets written at once before page() waits for the oldest (default 8). */
   inFlight?: number;
 }
@@ -48,12 +56,15 @@ const SLAB_PAGES = 256;
 const PAGE = TARGET_PAGE_SIZE;
 
 interface BlockState {
-  index: number;
   pages: number;
   /** Sent since the last sync. */
   sent: Uint8Array;
   /** Sent at all (copies start with the second sending). */
   seen: Uint8Array;
+  /** A copy is kept (in memory or in the spill). */
+  kept: Uint8Array;
+  /** Where its pages start in the spill file (and in the copies' keys). */
+  base: number;
 }
 
 export class MainPagesToMultifd {
@@ -61,16 +72,23 @@ export class MainPagesToMultifd {
   syncs = 0;
   packets = 0;
   xbzrlePages = 0;
-  /** Copies dropped to make room (LRU). */
+  /** Copies dropped or spilled to make room (LRU). */
   evictions = 0;
+  /** Deltas whose page was read back from the spill. */
+  spillReads = 0;
   private readonly blocks = new Map<string, BlockState>();
   private readonly cachePages: number;
   private readonly slabs: Buffer[] = [];
   private slotsUsed = 0;
-  /** key (block index · 2^40 + page number) → slot, in order of last sending (oldest first). */
+  /** key (spill position: block base + offset) → slot, in order of last sending (oldest first). */
   private readonly lru = new Map<number, number>();
   private readonly inFlight: Promise<void>[] = [];
   private readonly maxInFlight: number;
+  private nextBase = 0;
+  /** Some page was sent twice: the source's first pass is over, every page sent from now on is kept. */
+  private repeats = false;
+  /** A page read back from the spill, for its delta. */
+  private readonly scratch = Buffer.alloc(PAGE);
   // The packet being gathered: one block, normal pages first, zero pages kept apart.
   private block = '';
   private normal: number[] = [];
@@ -110,16 +128,25 @@ export class MainPagesToMultifd {
   /** An XBZRLE delta, applied onto the copy kept of the page (cacheBytes > 0). */
   async xbzrle(block: string, offset: number, delta: Buffer, at?: number): Promise<void> {
     const b = this.state(block, offset);
-    const slot = this.lru.get(this.key(b, offset));
-    if (slot === undefined) {
-      const n = offset / PAGE;
-      const history = b.seen[n >>> 3]! & (1 << (n & 7)) ? `; the page was sent before, ${this.evictions} copies were evicted so far` : '; the page was not sent before';
+    const slot = this.lru.get(b.base + offset);
+    const n = offset / PAGE;
+    let copy: Buffer;
+    if (slot !== undefined) {
+      copy = this.slot(slot);
+    } else if (this.o.spill && b.kept[n >>> 3]! & (1 << (n & 7))) {
+      copy = this.o.spill.read(b.base + offset, this.scratch);
+      this.spillReads++;
+    } else {
+      const history = b.seen[n >>> 3]! & (1 << (n & 7))
+        ? (this.o.spill ? '; the page was sent once only, before the source\'s first pass was over (QEMU caches none of those)' : `; the page was sent before, ${this.evictions} copies were evicted so far`)
+        : '; the page was not sent before';
       const why = this.cachePages === 0
         ? 'the relay keeps no page copies (xbzrle cache 0)'
-        : `no copy of it is kept (the relay keeps the last ${this.cachePages} pages sent more than once; a source xbzrle-cache-size above ${this.cachePages * PAGE} bytes needs more, or a --tee)${history}`;
-      throw new ProtocolError('UNSUPPORTED', `XBZRLE delta for block "${block}" offset 0x${offset.toString(16)}: ${why}`, at === undefined ? {} : { offset: at });
+        : this.o.spill
+          ? 'the relay holds no copy of it'
+          : `no copy of it is kept (the relay keeps the last ${this.cachePages} pages sent more than once; a source xbzrle-cache-size above ${this.cachePages * PAGE} bytes needs more, or a --tee)`;
+      throw new ProtocolError('UNSUPPORTED', `XBZRLE delta for block "${block}" offset 0x${offset.toString(16)}: ${why}${history}`, at === undefined ? {} : { offset: at });
     }
-    const copy = this.slot(slot);
     // Checked whole before the copy changes (applyXbzrle), so a bad delta leaves it intact.
     applyXbzrle(delta, copy, at);
     this.xbzrlePages++;
@@ -165,7 +192,8 @@ export class MainPagesToMultifd {
       if (length === undefined) throw new ProtocolError('UNKNOWN_BLOCK', `page for block "${block}", which the block list does not name`);
       const pages = Math.ceil(length / PAGE);
       const bytes = Math.ceil(pages / 8);
-      b = { index: this.blocks.size, pages, sent: new Uint8Array(bytes), seen: new Uint8Array(bytes) };
+      b = { pages, sent: new Uint8Array(bytes), seen: new Uint8Array(bytes), kept: new Uint8Array(bytes), base: this.nextBase };
+      this.nextBase += pages * PAGE;
       this.blocks.set(block, b);
     }
     if (offset % PAGE !== 0 || offset / PAGE >= b.pages) {
@@ -190,42 +218,42 @@ export class MainPagesToMultifd {
     return zero ? 0 : this.normal.length * PAGE;
   }
 
-  private key(b: BlockState, offset: number): number {
-    return b.index * 2 ** 40 + offset / PAGE;
-  }
-
   /** Keeps the page as last sent, from its second sending on (see the head of this file). */
   private remember(b: BlockState, offset: number, page: Buffer | undefined): void {
     if (this.cachePages === 0) return;
     const n = offset / PAGE;
     const bit = 1 << (n & 7);
-    const key = this.key(b, offset);
-    let slot = this.lru.get(key);
-    if (slot === undefined) {
-      if (!(b.seen[n >>> 3]! & bit)) {
-        b.seen[n >>> 3]! |= bit;
-        return;
-      }
-      slot = this.freeSlot();
-    } else {
+    const key = b.base + offset;
+    const slot = this.lru.get(key);
+    if (slot !== undefined) {
       this.lru.delete(key);
+      this.lru.set(key, slot);
+      this.keep(slot, page);
+      return;
     }
-    this.lru.set(key, slot);
+    if (b.seen[n >>> 3]! & bit) this.repeats = true;
+    b.seen[n >>> 3]! |= bit;
+    if (!this.repeats) return;
+    b.kept[n >>> 3]! |= bit;
+    if (this.slotsUsed < this.cachePages) {
+      if (this.slotsUsed === this.slabs.length * SLAB_PAGES) this.slabs.push(Buffer.alloc(SLAB_PAGES * PAGE));
+      this.lru.set(key, this.slotsUsed);
+      this.keep(this.slotsUsed++, page);
+      return;
+    }
+    // The page sent longest ago makes room: to the spill, or dropped.
+    const [oldest, free] = this.lru.entries().next().value as [number, number];
+    this.lru.delete(oldest);
+    this.evictions++;
+    this.lru.set(key, free);
+    this.o.spill?.write(oldest, this.slot(free));
+    this.keep(free, page);
+  }
+
+  private keep(slot: number, page: Buffer | undefined): void {
     const copy = this.slot(slot);
     if (page === undefined) copy.fill(0);
     else if (page.buffer !== copy.buffer || page.byteOffset !== copy.byteOffset) page.copy(copy);
-  }
-
-  private freeSlot(): number {
-    if (this.slotsUsed < this.cachePages) {
-      if (this.slotsUsed === this.slabs.length * SLAB_PAGES) this.slabs.push(Buffer.alloc(SLAB_PAGES * PAGE));
-      return this.slotsUsed++;
-    }
-    // The page sent longest ago makes room.
-    const [oldest, slot] = this.lru.entries().next().value as [number, number];
-    this.lru.delete(oldest);
-    this.evictions++;
-    return slot;
   }
 
   private slot(i: number): Buffer {

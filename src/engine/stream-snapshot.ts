@@ -2,6 +2,13 @@
 // once, front to back, and each page's final state is indexed as the file offset of the data of
 // its last PAGE record (0 = zero). Pages are later read with positioned reads from those offsets.
 //
+// XBZRLE records (a source with xbzrle on; QEMU allows it for file migration) leave a page whose
+// final state lies nowhere in the file: each delta is applied onto the page as it stands then (its
+// last PAGE record, a page decoded before, or zeros), as a destination applies it onto its RAM,
+// and the result is written to a temporary sparse file (page-spill.ts: unlinked at once, at most
+// guest-RAM sized, only decoded pages take blocks; MULTIFD_TMPDIR, else TMPDIR). The index then
+// holds -(position in that file + 1) for the page. Memory stays the index's.
+//
 // The index is sparse (PageIndex): a block's used_length is a header claim, and a file can
 // legitimately hold far fewer pages than its blocks (x-ignore-shared blocks, virtio-mem and
 // free-page-hinted memory are never sent), so the index grows with the data pages the file
@@ -14,6 +21,8 @@ import type { Configuration } from '../codec/configuration.js';
 import { ProtocolError } from '../codec/errors.js';
 import { StreamSession } from '../codec/stream-session.js';
 import type { DeviceStateLayout } from '../codec/vmdesc.js';
+import { applyXbzrle } from '../codec/xbzrle.js';
+import { PageSpill, temporaryDirectory } from './page-spill.js';
 import { readAtExactly, readExactly, verifiedDeviceState } from './read-exactly.js';
 import type { SnapshotBlockInfo, SnapshotRamSection, SnapshotSource } from './snapshot.js';
 
@@ -28,7 +37,7 @@ const CHUNK_PAGES = 512;
 
 /**
  * Per page of one block: the file offset of the data of its last PAGE record, or 0 when the page
- * ends up zero. Chunks of CHUNK_PAGES offsets are allocated only when a non-zero PAGE record
+ * ends up zero, or -(position + 1) in the spill file of XBZRLE-decoded pages. Chunks of CHUNK_PAGES offsets are allocated only when a non-zero PAGE record
  * lands in them; a PAGE record takes at least 8 + 4096 file bytes, so the index never holds more
  * than about one byte per file byte, whatever used_length the block claims (a 67-byte file
  * claiming a 16 TiB block costs nothing). A real file's pages are dense, and the chunk map then
@@ -125,6 +134,8 @@ interface BlockIndex {
   name: string;
   usedLength: number;
   index: PageIndex;
+  /** Where the block's pages start in the spill file. */
+  base: number;
 }
 
 interface Prologue {
@@ -140,7 +151,10 @@ export class StreamSnapshot implements SnapshotSource {
   readonly switchoverStart: boolean;
   /** Non-RAM iterable sections (dirty-bitmap) as stored, for send to replay after RAM's END. */
   iterableSections: Buffer | undefined;
+  /** XBZRLE records applied while indexing (pages decoded into the spill file). */
+  xbzrleRecords = 0;
   private closed = false;
+  private spill: PageSpill | undefined;
 
   private constructor(
     readonly path: string,
@@ -160,6 +174,7 @@ export class StreamSnapshot implements SnapshotSource {
   /** baseOffset: where QEMU's stream starts in the file (`file:PATH,offset=N`, libvirt images). */
   static async open(path: string, opts: { baseOffset?: number } = {}): Promise<StreamSnapshot> {
     const fh = await open(path, 'r');
+    let spill: PageSpill | undefined;
     try {
       const size = (await fh.stat()).size;
       // The record order (one RAM section, block list in START, device state after END, no
@@ -176,6 +191,9 @@ export class StreamSnapshot implements SnapshotSource {
       const iterable: Buffer[] = [];
       let iterableBytes = 0;
       let pos = opts.baseOffset ?? 0;
+      let nextBase = 0;
+      let xbzrle = 0;
+      let page: Buffer | undefined;
       while (pos < size) {
         // A fresh buffer per chunk: the parser hands out views into what it was given and keeps
         // a partial record's bytes across pushes.
@@ -202,7 +220,8 @@ export class StreamSnapshot implements SnapshotSource {
             case 'ram-block': {
               const { name, usedLength, mrAddr } = ev.block;
               // Nothing is allocated for the claim itself (PageIndex): only pages the file holds cost memory.
-              blocks.set(name, { name, usedLength, index: new PageIndex(usedLength / TARGET_PAGE_SIZE) });
+              blocks.set(name, { name, usedLength, index: new PageIndex(usedLength / TARGET_PAGE_SIZE), base: nextBase });
+              nextBase += usedLength;
               blockInfo.push({ name, usedLength, ...(mrAddr !== undefined ? { mrAddr } : {}) });
               break;
             }
@@ -215,8 +234,28 @@ export class StreamSnapshot implements SnapshotSource {
             case 'zero':
               blocks.get(ev.block)!.index.set(ev.offset / TARGET_PAGE_SIZE, 0);
               break;
-            case 'xbzrle':
-              throw new ProtocolError('UNSUPPORTED', `XBZRLE record for block "${ev.block}" in a stream file: page deltas (xbzrle) are not supported in files`, { offset: ev.at });
+            case 'xbzrle': {
+              const b = blocks.get(ev.block)!;
+              const n = ev.offset / TARGET_PAGE_SIZE;
+              const was = b.index.get(n);
+              page ??= Buffer.alloc(TARGET_PAGE_SIZE);
+              spill ??= await PageSpill.create(temporaryDirectory(), TARGET_PAGE_SIZE);
+              if (was > 0) await readExactly(fh, page, was, path);
+              else if (was < 0) spill.read(-was - 1, page);
+              else page.fill(0);
+              // Checked whole before the page changes: a malformed delta fails with its offset (the
+              // delta ends its record, which the parser has consumed).
+              applyXbzrle(ev.delta, page, session.offset - ev.delta.length);
+              if (isZeroPieces([page])) {
+                b.index.set(n, 0);
+              } else {
+                const at = b.base + ev.offset;
+                spill.write(at, page);
+                b.index.set(n, -(at + 1));
+              }
+              xbzrle++;
+              break;
+            }
             case 'iterable':
               for (const b of ev.bytes) {
                 iterableBytes += b.length;
@@ -253,8 +292,11 @@ export class StreamSnapshot implements SnapshotSource {
       device = [];
       const snap = new StreamSnapshot(path, fh, config, blocks, verifiedDeviceState(tail, deviceStart, size), size, { ramSection, switchoverStart }, blockInfo);
       if (iterable.length > 0) snap.iterableSections = Buffer.concat(iterable);
+      snap.spill = spill;
+      snap.xbzrleRecords = xbzrle;
       return snap;
     } catch (e) {
+      spill?.close();
       await fh.close();
       throw e;
     }
@@ -299,6 +341,7 @@ export class StreamSnapshot implements SnapshotSource {
     // Planned before any read so that a too-small scratch fails without touching it.
     const reads: { at: number; len: number; pos: number }[] = [];
     const zeros: { at: number; len: number }[] = [];
+    const decoded: { at: number; pos: number }[] = [];
     const views: Buffer[] = [];
     // The pending view [vStart, at) grows while pages land back to back in scratch.
     let vStart = 0;
@@ -335,7 +378,9 @@ export class StreamSnapshot implements SnapshotSource {
         }
         endChain();
         need(TARGET_PAGE_SIZE);
-        if (off === 0) {
+        if (off < 0) {
+          decoded.push({ at, pos: -off - 1 });
+        } else if (off === 0) {
           // Callers pass runs from forEachRun; a stray zero page still reads as zero.
           zeros.push({ at, len: TARGET_PAGE_SIZE });
         } else {
@@ -349,6 +394,7 @@ export class StreamSnapshot implements SnapshotSource {
     endChain();
     flush();
     for (const z of zeros) scratch.fill(0, z.at, z.at + z.len);
+    for (const d of decoded) this.spill!.read(d.pos, scratch.subarray(d.at, d.at + TARGET_PAGE_SIZE));
     await Promise.all(reads.map((r) => readExactly(this.fh, scratch.subarray(r.at, r.at + r.len), r.pos, this.path)));
     return views;
   }
@@ -360,6 +406,7 @@ export class StreamSnapshot implements SnapshotSource {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.spill?.close();
     await this.fh.close();
   }
 }

@@ -5,7 +5,8 @@
 
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { subscribe, unsubscribe } from 'node:diagnostics_channel';
+import { mkdirSync, mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { MainStreamParser } from '../../src/codec/main-stream-parser.js';
 import { applyXbzrle } from '../../src/codec/xbzrle.js';
@@ -161,5 +162,105 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
       await rx.done.catch(() => {});
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  describe('a memory copy far smaller than what A re-sends: copies spill to a temporary file', () => {
+    /** Files this process holds open under `dir` (the spill is unlinked: "... (deleted)"). */
+    function openUnder(dir: string): string[] {
+      const out: string[] = [];
+      for (const fd of readdirSync('/proc/self/fd')) {
+        try {
+          const l = readlinkSync(`/proc/self/fd/${fd}`);
+          if (l.startsWith(`${dir}/`)) out.push(l);
+        } catch {
+          // closed meanwhile (readdir's own fd)
+        }
+      }
+      return out;
+    }
+
+    async function start(dir: string): Promise<{ rx: ReturnType<typeof receive>; r: ReturnType<typeof relay>; tmp: string }> {
+      const tmp = join(dir, 'tmp');
+      mkdirSync(tmp, { recursive: true });
+      const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 0, channelsOut: 2, xbzrleCacheBytes: 16 * PAGE, tempDir: tmp, progressIntervalMs: 20 });
+      await r.listening;
+      return { rx, r, tmp };
+    }
+
+    test('B holds the stream\'s memory; the spill file was open while relaying and is gone after', async () => {
+      const dir = mkdtempSync('/tmp/multifd-relay0n-test-');
+      const copies: Array<{ deltas: number; copyBytes: number; spilled: number; spillReads: number; dir: string }> = [];
+      const onCopies = (m: unknown): void => { copies.push(m as (typeof copies)[number]); };
+      subscribe('multifd:relay:xbzrle-copies', onCopies);
+      try {
+        const { rx, r, tmp } = await start(dir);
+        const open = openUnder(tmp);
+        assert.equal(open.length, 1, `spill file open under ${tmp}: ${open.join(', ')}`);
+        assert.match(open[0]!, /\/multifd-spill-[^/]+\/pages \(deleted\)$/);
+        assert.deepEqual(readdirSync(tmp), [], 'unlinked as soon as it is open');
+        const main = s!.main();
+        const a = await connectTo(await r.listening);
+        a.resume();
+        a.end(main);
+        const [sum] = await Promise.all([r.done, rx.done]);
+        assert.equal(sum.status, 'completed');
+        await assertHolds(join(dir, 'b.mig'), rebuild(main), 'B');
+        assert.deepEqual(openUnder(tmp), [], 'spill file closed');
+        assert.deepEqual(readdirSync(tmp), []);
+        assert.equal(copies.length, 1);
+        const c = copies[0]!;
+        assert.equal(c.dir, tmp);
+        assert.ok(c.copyBytes <= 256 * PAGE, `memory ${c.copyBytes}`);
+        assert.ok(c.spilled > 1000 && c.spillReads > 1000 && c.deltas > 1000, JSON.stringify(c));
+      } finally {
+        unsubscribe('multifd:relay:xbzrle-copies', onCopies);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('the spill file is gone after a failure (A closes mid-stream) and after an abort', async () => {
+      const dir = mkdtempSync('/tmp/multifd-relay0n-test-');
+      try {
+        const main = s!.main();
+        {
+          const { rx, r, tmp } = await start(join(dir, 'fail'));
+          assert.equal(openUnder(tmp).length, 1);
+          const a = await connectTo(await r.listening);
+          a.on('error', () => {});
+          a.resume();
+          a.end(main.subarray(0, Math.floor(main.length * 0.8)));
+          await assert.rejects(r.done, (e: Error & { code?: string }) => e.code === 'TRUNCATED');
+          assert.deepEqual(openUnder(tmp), [], 'closed after the failure');
+          assert.deepEqual(readdirSync(tmp), []);
+          rx.abort(new Error('test over'));
+          await rx.done.catch(() => {});
+        }
+        {
+          const { rx, r, tmp } = await start(join(dir, 'abort'));
+          const a = await connectTo(await r.listening);
+          a.on('error', () => {});
+          a.resume();
+          a.write(main.subarray(0, Math.floor(main.length * 0.6)));
+          // Abort once the relay is into the stream's pages.
+          await new Promise<void>((res) => r.on('progress', (p) => { if (p.normal > 1000) res(); }));
+          r.abort(new Error('stopped by the test'));
+          await assert.rejects(r.done, /stopped by the test/);
+          assert.deepEqual(openUnder(tmp), [], 'closed after the abort');
+          a.destroy();
+          rx.abort(new Error('test over'));
+          await rx.done.catch(() => {});
+        }
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('an unusable --temp-dir fails before the relay listens, naming it', async () => {
+      const missing = '/tmp/multifd-relay0n-no-such-dir/below';
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: 'tcp:127.0.0.1:9', channelsIn: 0, channelsOut: 2, tempDir: missing });
+      await assert.rejects(r.listening, (e: Error & { code?: string }) => e.code === 'OUTPUT_FAILED' && e.message.includes(missing));
+      await r.done.catch(() => {});
+    });
   });
 });

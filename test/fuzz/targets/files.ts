@@ -17,6 +17,7 @@ import type { Rng } from '../rng.js';
 import { BLOCK_SIZE_MUTATOR, captures, compactMappedRam, formatDictionary, mainStructure, mergeRanges, unique } from '../seeds.js';
 import { check, type Target } from '../target.js';
 import { isProtocolError, protocolSignature } from './stream.js';
+import { streamScenarios } from '../../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 
@@ -130,11 +131,12 @@ function fileTarget(kind: 'mapped-ram' | 'stream'): Target {
     what:
       kind === 'mapped-ram'
         ? 'MappedRamSnapshot.open (stream parse with seeks over page regions, bitmaps loaded, device state checked by its VMDESCRIPTION) on compacted QEMU mapped-ram files, then runs read back; scanFile (verify), inspect --devices and convert --to stream on the same file. ProtocolError or success; scanFile never throws'
-        : 'StreamSnapshot.open (page index of a plain stream file, device state checked by its VMDESCRIPTION) on QEMU stream files, then runs read back; scanFile (verify), inspect --devices and convert --to mapped-ram. ProtocolError or success; scanFile never throws',
+        : 'StreamSnapshot.open (page index of a plain stream file, XBZRLE deltas decoded into a temporary file, device state checked by its VMDESCRIPTION) on QEMU stream files, then runs read back; scanFile (verify), inspect --devices and convert --to mapped-ram. ProtocolError or success; scanFile never throws',
     seeds: () =>
       unique(
-        captures()
-          .filter((s) => (kind === 'mapped-ram' ? s.entry.scenario === 'mapped-ram-file' : s.entry.scenario === 'stream-file' || s.entry.scenario === 'precopy-plain'))
+        // QEMU's stream file with XBZRLE records exercises the deltas decoded while indexing.
+        [...captures(), ...(kind === 'stream' ? streamScenarios((e) => e.scenario === 'stream-file-xbzrle') : [])]
+          .filter((s) => (kind === 'mapped-ram' ? s.entry.scenario === 'mapped-ram-file' : s.entry.scenario === 'stream-file' || s.entry.scenario === 'precopy-plain' || s.entry.scenario === 'stream-file-xbzrle'))
           .map((s) => {
             const data = kind === 'mapped-ram' ? compactMappedRam(s) : s.main();
             return { name: s.label, data, focus: mergeRanges([...mainStructure(data, 16384), [data.length - 2048, data.length]]) };

@@ -35,6 +35,23 @@ async function holdRounds(src: QemuInstance, rounds: number): Promise<void> {
   await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 100000 });
 }
 
+/**
+ * B's query-migrate for a failure message, not waited for long: a B whose incoming migration waits
+ * on a sync that never comes did not answer QMP at all (the test then hung until its timeout
+ * instead of reporting the relay's own error).
+ */
+async function stateForError(q: QemuInstance): Promise<unknown> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      q.qmp.execute('query-migrate').catch((e: Error) => ({ status: `query-migrate failed: ${e.message}` })),
+      new Promise((res) => { timer = setTimeout(() => res({ status: 'no answer to query-migrate within 5 s' }), 5000); }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 async function snapshotRange(file: string): Promise<Buffer> {
   const snap = await MappedRamSnapshot.open(file);
   try {
@@ -229,7 +246,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate', { uri: await r.listening });
         await holdRounds(src, 4);
         const s = await r.done.catch(async (e: Error) => {
-          const mb = await dst!.qmp.execute('query-migrate').catch((q: Error) => ({ status: `query-migrate failed: ${q.message}` }));
+          const mb = await stateForError(dst!);
           await Promise.race([dst!.exited(), new Promise((res) => setTimeout(res, 2000))]);
           throw new Error(`${e.message}; B: ${JSON.stringify(mb)}, exit ${dst!.proc.exitCode} ${dst!.proc.signalCode}: ${dst!.stderr().slice(-2000)}`);
         });
@@ -413,7 +430,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'max-bandwidth': 107374182400, 'downtime-limit': 20000 });
         await src.qmp.execute('migrate', { uri: await r.listening });
         const s = await r.done.catch(async (e: Error) => {
-          const mb = await dst!.qmp.execute('query-migrate').catch((q: Error) => ({ status: `query-migrate failed: ${q.message}` }));
+          const mb = await stateForError(dst!);
           await Promise.race([dst!.exited(), new Promise((res) => setTimeout(res, 2000))]);
           throw new Error(`${e.message}; B: ${JSON.stringify(mb)}, exit ${dst!.proc.exitCode} ${dst!.proc.signalCode}: ${dst!.stderr().slice(-2000)}`);
         });

@@ -35,6 +35,12 @@
 //            after the other in each rep: QEMU's total time and the guest's downtime (query-migrate).
 //            Not in the default set:
 //   npm run bench -- --scenarios background --sizes 0.25,1 --channels 2 --methods none --reps 3 --name background
+//   relay-0n  a running dirtying guest on A's main channel with xbzrle on: A → our relay 0 → N
+//            (B with multifd on `ch` channels, the deltas decoded into packets) against A → B direct
+//            (multifd off on both, as QEMU has xbzrle only without it), in the same rep, the order
+//            alternating; A held at a 1 ms downtime limit for 4 dirty syncs, then made to switch over;
+//            from A's migrate to B's completed, ratio = direct ÷ relay. Not in the default set:
+//   npm run bench -- --scenarios relay-0n --sizes 0.25,1 --channels 2 --methods none --reps 3 --name relay-0n
 // --scenarios receive,send,save,restore,live,relay picks pairs (default all; live not with --quick
 // or --no-live). The QEMU → QEMU run is measured once per rep and shared by receive/send/restore/relay.
 // CPU: each job's CPU time, ours plus the QEMU peer's (both QEMUs for relay), against QEMU's two
@@ -80,9 +86,9 @@ interface Args {
   dir: string;
 }
 
-const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postcopy', 's3', 'background'] as const;
+const SCENARIOS = ['receive', 'send', 'save', 'restore', 'live', 'relay', 'postcopy', 's3', 'background', 'relay-0n'] as const;
 /** Measured only when asked for with --scenarios. */
-const OPT_IN: readonly Scenario[] = ['postcopy', 's3', 'background'];
+const OPT_IN: readonly Scenario[] = ['postcopy', 's3', 'background', 'relay-0n'];
 type Scenario = (typeof SCENARIOS)[number];
 
 const USAGE = `usage: npm run bench -- [options]
@@ -608,6 +614,65 @@ async function backgroundJobs(c: Ctx, file: string, backgroundFirst: boolean, re
   }
 }
 
+/** relay-0n: dirty syncs A makes with a 1 ms downtime limit before it switches over, so XBZRLE deltas flow (they start in round 3). */
+const RELAY_0N_ROUNDS = 4;
+/**
+ * relay-0n: the downtime limit that then makes A switch over at its next check (as the interop
+ * tests do). Not the live rows' 300 ms: through the relay A did not converge at that limit with the
+ * dirtying guest (a 0.25 GiB run took 262 s and 48 GB, direct 1 s), so the time would measure
+ * convergence luck, not the same work on both paths.
+ */
+const RELAY_0N_SWITCH_DOWNTIME_MS = 100_000;
+
+/**
+ * One relay-0n job: a fresh running dirtying guest A (TCG, on top of the blobs), multifd off,
+ * xbzrle on (QEMU's default cache), held at a 1 ms downtime limit for RELAY_0N_ROUNDS dirty syncs,
+ * then made to switch over: the same rounds on both paths. Through our relay (a child, `--channels-in 0 --channels-out
+ * ch`) to B with multifd on `ch` channels, or directly to B with multifd off. ms = from A's migrate
+ * to B's completed; downtime is A's; wire is what reached B (the relay's bytes out: pages there
+ * are whole again). A migration in which no XBZRLE page went out measured nothing of it: an error.
+ */
+async function relay0nJob(c: Ctx, viaRelay: boolean): Promise<Row['result']> {
+  const what = viaRelay ? 'relay 0 → N' : 'xbzrle QEMU → QEMU';
+  const src = await liveSource(c);
+  const dst = await startQemu({ version: c.version, memMiB: c.memMiB, accel: 'tcg', bootSector: true, incoming: 'defer', paused: true });
+  let r: ChildRun | undefined;
+  try {
+    await setMigration(src, 0, 'none', { xbzrle: true }, { 'downtime-limit': 1 });
+    await setMigration(dst, viaRelay ? c.channels : 0, 'none');
+    const to = `tcp:127.0.0.1:${port++}`;
+    await dst.qmp.execute('migrate-incoming', { uri: to });
+    let uri = to;
+    if (viaRelay) {
+      r = startChild({ op: 'relay', opts: { listen: `tcp:127.0.0.1:${port++}`, to, channelsIn: 0, channelsOut: c.channels } });
+      uri = await r.listening;
+    }
+    const t0 = performance.now();
+    await src.qmp.execute('migrate', { uri });
+    for (;;) {
+      const m = await src.qmp.execute('query-migrate');
+      if ((m.ram?.['dirty-sync-count'] ?? 0) >= RELAY_0N_ROUNDS || ['completed', 'failed', 'cancelled'].includes(m.status)) break;
+      await new Promise((res) => setTimeout(res, 20));
+    }
+    await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': RELAY_0N_SWITCH_DOWNTIME_MS });
+    const d = await waitMigration(dst.qmp, { timeoutMs: 600_000, intervalMs: 5 });
+    const ms = performance.now() - t0;
+    if (d.status !== 'completed') throw new Error(`${what}: QEMU B ${d.status}: ${d['error-desc']}`);
+    const m = await waitMigration(src.qmp, { timeoutMs: 60_000, intervalMs: 5 });
+    if (m.status !== 'completed') throw new Error(`${what}: QEMU A ${m.status}: ${m['error-desc']}`);
+    if (!(m['xbzrle-cache']?.pages > 0)) throw new Error(`${what}: no XBZRLE page went out (${m.ram?.['dirty-sync-count']} dirty syncs)`);
+    if (!r) return { ms, wireBytes: m.ram?.transferred ?? 0, downtimeMs: m.downtime };
+    const res = await r.result;
+    if (!res.ok) throw new Error(`${what}: ${res.error}`);
+    if (res.summary.destination !== 'confirmed') throw new Error(`${what}: B did not confirm (${JSON.stringify(res.summary.destination)})`);
+    return { ms, wireBytes: res.summary['bytes-out'], downtimeMs: m.downtime, rssMiB: res.maxRssKiB / 1024, oursCpuMs: res.cpuMs };
+  } finally {
+    r?.kill();
+    await src.kill();
+    await dst.kill();
+  }
+}
+
 function want0(a: Args, s: Scenario): boolean {
   return a.scenarios.includes(s);
 }
@@ -779,6 +844,11 @@ async function main(): Promise<void> {
           }
           if (want('background') && method === 'none' && channels === liveChannels) {
             await backgroundJobs(c, file, qemuFirst, (impl, result) => record({ ...base, rep, pair: 'background', impl, result }));
+          }
+          if (want('relay-0n') && method === 'none' && channels === liveChannels) {
+            for (const viaRelay of qemuFirst ? [false, true] : [true, false]) {
+              if (viaRelay || !a.oursOnly) record({ ...base, rep, pair: 'relay-0n', impl: viaRelay ? 'ours' : 'qemu→qemu', result: await relay0nJob(c, viaRelay) });
+            }
           }
           if (liveNow) {
             const runLiveQemu = async (): Promise<void> => {

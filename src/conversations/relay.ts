@@ -86,7 +86,7 @@ class Relay implements InboundSink, DestinationHost {
     // 0 → N turns A's main-channel pages into packets (MainPagesToMultifd); N → 0 would need
     // multifd rounds serialised onto one channel, which nothing does yet.
     if (this.channelsIn > 0 && this.channelsOut === 0) {
-      throw new InvalidOptionError(`channels-in ${this.channelsIn} and channels-out 0: the relay needs multifd on both sides or on neither, or only towards the destination (channels-in 0)`);
+      throw new InvalidOptionError(`channels-in ${this.channelsIn} and channels-out 0: multifd from the source onto the destination's main channel is not supported; the relay needs multifd on both sides or on neither, or only towards the destination (channels-in 0)`);
     }
     this.inbound = new InboundSide({
       ...opts,

@@ -79,3 +79,19 @@ test('the background table gives QEMU total time and downtime of save --backgrou
   assert.deepEqual(line('save --background').slice(1, 8), ['0', 'save --background', '3300 (3000–3600)', '14 (10–20)', '1.50', '0.02', '200']);
   assert.equal(md.split('\n').filter((x) => x.startsWith('| background |')).length, 0, 'no row in the main table');
 });
+
+test('the relay-0n row: direct ÷ relay against the relay goal, both downtimes, the relay\'s RSS, no slow-mode mark', () => {
+  const rows = [
+    ...[[4000, 40, 1], [4400, 60, 2], [4200, 50, 3]].map(([ms, down, rep]) => row('relay-0n', 'qemu→qemu', ms!, rep!, { downtimeMs: down!, wireBytes: 900e6 })),
+    ...[[5000, 70, 1], [6000, 90, 2], [5600, 80, 3]].map(([ms, down, rep]) => row('relay-0n', 'ours', ms!, rep!, { downtimeMs: down!, wireBytes: 1000e6, rssMiB: 300 - rep! })),
+  ];
+  const md = writeMarkdown({ started: 'now', machine: {}, args: {}, rows });
+  const cols = lineOf(md, 'relay-0n').split(' | ');
+  // 4200 ÷ 5600 = 0.75, under the relay's 0.8; the QEMU column carries no [slow k/n] mark.
+  assert.deepEqual(cols.slice(4, 8), ['5600 (5000–6000)', '4200 (4000–4400)', '0.75 ✗', '≥ 0.8']);
+  assert.equal(cols[10], '1000 MB / 900 MB');
+  assert.equal(cols[13], '80 / 50');
+  assert.equal(cols[14], '299');
+  assert.doesNotMatch(lineOf(md, 'relay-0n'), /\[slow/);
+  assert.doesNotMatch(writeChart(rows), /relay-0n/);
+});

@@ -135,6 +135,13 @@ describe('output files: refused up front', () => {
     assert.match(r.stderr, new RegExp(`--out ${aDir} is a directory`));
   });
 
+  test('relay --channels-in 2 --channels-out 0 (N -> 0): refused before listening, with the reason', async () => {
+    const r = await cli(['relay', '--listen', 'tcp:127.0.0.1:0', '--to', 'tcp:127.0.0.1:1', '--channels-in', '2', '--channels-out', '0']);
+    assert.equal(r.code, 1);
+    assert.doesNotMatch(r.stderr, /listening on/);
+    assert.equal(r.stderr, "multifd: error: channels-in 2 and channels-out 0: multifd from the source onto the destination's main channel is not supported; the relay needs multifd on both sides or on neither, or only towards the destination (channels-in 0)\n");
+  });
+
   test('relay --tee DIR: refused before listening', async () => {
     const r = await cli(['relay', '--listen', 'tcp:127.0.0.1:0', '--to', 'tcp:127.0.0.1:1', '--tee', aDir]);
     assert.equal(r.code, 1);

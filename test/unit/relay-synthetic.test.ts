@@ -15,6 +15,7 @@ import { receive, type ReceiveSummary } from '../../src/conversations/receive.js
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { dirtySyntheticGuest, makeSyntheticGuest, sendSyntheticMigration, type SyntheticGuest, type SyntheticSendOptions } from '../../src/demo/synthetic-source.js';
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import { InvalidOptionError } from '../../src/codec/errors.js';
 import { encodeConfiguration } from '../../src/codec/configuration.js';
 import { encodeBlockEntry, encodeMemSize, encodeSectionFull, encodeStreamHeader } from '../../src/codec/stream-encode.js';
 import { SectionType } from '../../src/codec/constants.js';
@@ -178,6 +179,10 @@ describe('relay between the synthetic source and receive', () => {
 
   test('multifd on one side only is refused up front', () => {
     assert.throws(() => relay({ listen: 'tcp:127.0.0.1:0', to: 'tcp:127.0.0.1:1', channelsIn: 2, channelsOut: 0 }), /multifd on both sides or on neither/);
+    // N -> 0: thrown by relay() itself, so there is no handle and nothing A could ever migrate to.
+    assert.throws(() => relay({ listen: 'tcp:127.0.0.1:0', to: 'tcp:127.0.0.1:1', channelsIn: 4, channelsOut: 0 }), (e: Error & { code?: string }) =>
+      e instanceof InvalidOptionError && e.code === 'INVALID_OPTION' &&
+      /^channels-in 4 and channels-out 0: multifd from the source onto the destination's main channel is not supported/.test(e.message));
   });
 });
 

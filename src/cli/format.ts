@@ -19,9 +19,21 @@ export function duration(ms: number): string {
   return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(2)} s`;
 }
 
+/** An upload's summary entry (save/receive/convert … s3://…; docs/s3.md). */
+interface UploadLike { url: string; 'object-size': number; parts: number; 'upload-ms': number; requests?: number; retries?: number; 'local-durable-at'?: string; 'store-durable-at': string }
+
+export function uploadLine(u: UploadLike): string {
+  return `  store: ${u.url}, a ${bytes(u['object-size'])} object in ${u.parts} parts uploaded in ${duration(u['upload-ms'])}${u.requests !== undefined ? ` (${u.requests} requests, ${u.retries ?? 0} retries)` : ''}; ${u['local-durable-at'] ? `durable locally at ${u['local-durable-at']}, ` : ''}in the store at ${u['store-durable-at']}`;
+}
+
+/** What a reader of an s3:// snapshot fetched (convert/extract from s3://…). */
+export function storeReadLine(r: { url: string; 'object-size': number; 'open-ms': number; requests: number; retries: number; 'bytes-read': number }): string {
+  return `  store: ${bytes(r['bytes-read'])} read from ${r.url} (a ${bytes(r['object-size'])} object, opened in ${duration(r['open-ms'])}) in ${r.requests} requests, ${r.retries} retries`;
+}
+
 interface SummaryLike {
   /** save/receive --out s3://… (docs/s3.md). */
-  store?: { url: string; 'object-size': number; parts: number; 'upload-ms': number; requests?: number; retries?: number; 'local-durable-at'?: string; 'store-durable-at': string };
+  store?: UploadLike;
   file: string;
   machine: string;
   'total-time': number;
@@ -58,9 +70,7 @@ export function summaryText(s: SummaryLike): string {
     const bg = s['background-snapshot'] ? `, background snapshot in ${s.source['total-time'] ?? '?'} ms (QEMU's total time)` : '';
     lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}${bg}, now ${s.source['run-state-after']}`);
   }
-  if (s.store) {
-    lines.push(`  store: ${s.store.url}, a ${bytes(s.store['object-size'])} object in ${s.store.parts} parts uploaded in ${duration(s.store['upload-ms'])}${s.store.requests !== undefined ? ` (${s.store.requests} requests, ${s.store.retries ?? 0} retries)` : ''}; durable locally at ${s.store['local-durable-at'] ?? '?'}, in the store at ${s.store['store-durable-at']}`);
-  }
+  if (s.store) lines.push(uploadLine(s.store));
   return lines.join('\n');
 }
 

@@ -204,19 +204,22 @@ export function takeUploadReport(url: string): UploadReport | undefined {
  * is; anything else is converted to mapped-ram in the staging directory first (`toMappedRam`).
  * An existing object is replaced only with `force`.
  */
-export async function storeAsObject(input: string, url: string, opts: { force?: boolean; toMappedRam: (output: string) => Promise<unknown>; isLocalMappedRam: boolean }): Promise<UploadReport> {
+export async function storeAsObject(input: string, url: string, opts: {
+  force?: boolean; toMappedRam: (output: string) => Promise<unknown>; isLocalMappedRam: boolean; onProgress?: (p: UploadProgress) => void; signal?: AbortSignal;
+}): Promise<UploadReport> {
   const where = parseObjectUrl(url);
   const client = await s3Client(settings);
   await checkBucket(client, where);
   if (!opts.force && (await objectSize(client, where)) !== undefined) {
     throw new ObjectStoreError('S3_EXISTS', `${url} already exists (use --force to replace it)`);
   }
-  if (opts.isLocalMappedRam) return uploadPackedSnapshot(input, url);
+  const upload = { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.signal ? { signal: opts.signal } : {}) };
+  if (opts.isLocalMappedRam) return uploadPackedSnapshot(input, url, upload);
   const dir = await stagingDirectory();
   try {
     const staged = join(dir, 'snapshot.mig');
     await opts.toMappedRam(staged);
-    return await uploadPackedSnapshot(staged, url);
+    return await uploadPackedSnapshot(staged, url, upload);
   } finally {
     await removeStaging(dir);
   }

@@ -5,11 +5,11 @@
 import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { AbortedError, OutputFileError, ProtocolError } from '../codec/errors.js';
+import { AbortedError, InvalidOptionError, OutputFileError, ProtocolError } from '../codec/errors.js';
 import { sliceViews } from '../engine/coalesce.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import { checkOutputPath, OutputFile } from './output-file.js';
-import { objectReadReport, type ObjectReadReport } from './object-store.js';
+import { isObjectUrl, objectReadReport, type ObjectReadReport } from './object-store.js';
 import { countPresent, DEFAULT_BATCH_PAGES, presentPageBatches } from './page-batches.js';
 
 export interface ExtractOptions {
@@ -70,6 +70,7 @@ async function isDirectory(p: string): Promise<boolean> {
 
 export async function extract(opts: ExtractOptions): Promise<ExtractSummary> {
   const started = Date.now();
+  if (isObjectUrl(opts.out)) throw new InvalidOptionError(`extract writes raw images to local files, not to ${opts.out} (convert writes snapshots to the store)`);
   const src = await openSnapshot(opts.file);
   const outputs: OutputFile[] = [];
   try {

@@ -10,7 +10,7 @@ import { extract, type ExtractProgress } from '../conversations/extract.js';
 import { inspect } from '../conversations/inspect.js';
 import { verify } from '../conversations/verify.js';
 import { convertText, extractText, hex, inspectText, verifyText } from './file-format.js';
-import { ProgressView } from './progress.js';
+import { ProgressView, storeReadDetail, uploadSample } from './progress.js';
 import { checkInputFile } from './paths.js';
 
 /** One line on stderr naming the file and, when known, the offset; never a stack trace. */
@@ -106,7 +106,7 @@ mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
           ...(o.paused ? { wasRunning: false } : {}),
           force: o.force === true,
           signal: intr.signal,
-          onProgress: (p: ConvertProgress) => view.update({ phase: p.phase, elapsedMs: p.elapsedMs, transferred: p.written, pages: p.pagesDone, totalPages: p.pagesTotal, detail: `${p.pagesDone}/${p.pagesTotal} pages` }),
+          onProgress: (p: ConvertProgress) => view.update(p.upload ? uploadSample(p.upload) : { phase: p.phase, elapsedMs: p.elapsedMs, transferred: p.written, pages: p.pagesDone, totalPages: p.pagesTotal, detail: `${p.pagesDone}/${p.pagesTotal} pages${storeReadDetail(p.store)}` }),
         });
         view.stop();
         print(o.json, s, () => convertText(s));
@@ -137,7 +137,7 @@ mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
           ...(o.block !== undefined ? { block: o.block } : {}),
           force: o.force === true,
           signal: intr.signal,
-          onProgress: (p: ExtractProgress) => view.update({ phase: p.phase, elapsedMs: p.elapsedMs, transferred: p.written, pages: p.pagesDone, totalPages: p.pagesTotal, detail: p.block }),
+          onProgress: (p: ExtractProgress) => view.update({ phase: p.phase, elapsedMs: p.elapsedMs, transferred: p.written, pages: p.pagesDone, totalPages: p.pagesTotal, detail: `${p.block}${storeReadDetail(p.store)}` }),
         });
         view.stop();
         print(o.json, s, () => extractText(s));

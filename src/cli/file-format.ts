@@ -7,7 +7,7 @@ import type { ExtractSummary } from '../conversations/extract.js';
 import type { InspectResult, InspectSection } from '../conversations/inspect.js';
 import type { VerifyResult } from '../conversations/verify.js';
 import type { LibvirtSummary } from '../conversations/libvirt-summary.js';
-import { bytes, duration } from './format.js';
+import { bytes, duration, storeReadLine, uploadLine } from './format.js';
 
 export const hex = (n: number): string => `0x${n.toString(16)}`;
 
@@ -114,11 +114,13 @@ export function convertText(s: ConvertSummary): string {
     `  ${s.machine}: ${s.pages} pages with data, ${s['device-state-bytes']} bytes of device state`,
   ];
   for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b.pages} pages`);
+  if (s.store) lines.push('parts' in s.store ? uploadLine(s.store) : storeReadLine(s.store));
   return lines.join('\n');
 }
 
 export function extractText(s: ExtractSummary): string {
   const lines = [`extracted ${s.blocks.length} block(s) from ${s.file} (${s.format}) in ${duration(s['elapsed-ms'])}`];
   for (const b of s.blocks) lines.push(`  ${b.name} -> ${b.output}: ${bytes(b['used-length'])}, ${b.pages} pages written (${bytes(b['bytes-written'])}), rest left as holes`);
+  if (s.store) lines.push(storeReadLine(s.store));
   return lines.join('\n');
 }

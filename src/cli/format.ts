@@ -29,9 +29,21 @@ export function notConvergingText(n: { 'active-ms': number; rounds: number; 'exp
   return `the source is not converging: after ${n.rounds} rounds in ${duration(n['active-ms'])} QEMU still expects ${n['expected-downtime']} ms of downtime against a limit of ${n['downtime-limit']} ms${rates ? ` (${rates})` : ''}${why}`;
 }
 
+/** An upload's summary entry (save/receive/convert … s3://…; docs/s3.md). */
+interface UploadLike { url: string; 'object-size': number; parts: number; 'upload-ms': number; requests?: number; retries?: number; 'local-durable-at'?: string; 'store-durable-at': string }
+
+export function uploadLine(u: UploadLike): string {
+  return `  store: ${u.url}, a ${bytes(u['object-size'])} object in ${u.parts} parts uploaded in ${duration(u['upload-ms'])}${u.requests !== undefined ? ` (${u.requests} requests, ${u.retries ?? 0} retries)` : ''}; ${u['local-durable-at'] ? `durable locally at ${u['local-durable-at']}, ` : ''}in the store at ${u['store-durable-at']}`;
+}
+
+/** What a reader of an s3:// snapshot fetched (convert/extract from s3://…). */
+export function storeReadLine(r: { url: string; 'object-size': number; 'open-ms': number; requests: number; retries: number; 'bytes-read': number }): string {
+  return `  store: ${bytes(r['bytes-read'])} read from ${r.url} (a ${bytes(r['object-size'])} object, opened in ${duration(r['open-ms'])}) in ${r.requests} requests, ${r.retries} retries`;
+}
+
 interface SummaryLike {
   /** save/receive --out s3://… (docs/s3.md). */
-  store?: { url: string; 'object-size': number; parts: number; 'upload-ms': number; requests?: number; retries?: number; 'local-durable-at'?: string; 'store-durable-at': string };
+  store?: UploadLike;
   file: string;
   machine: string;
   'total-time': number;
@@ -69,9 +81,7 @@ export function summaryText(s: SummaryLike): string {
     const forced = s.source['switchover-forced-after-ms'] !== undefined ? `, switchover forced after ${duration(s.source['switchover-forced-after-ms'])} of iterating` : '';
     lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}${bg}${forced}, now ${s.source['run-state-after']}`);
   }
-  if (s.store) {
-    lines.push(`  store: ${s.store.url}, a ${bytes(s.store['object-size'])} object in ${s.store.parts} parts uploaded in ${duration(s.store['upload-ms'])}${s.store.requests !== undefined ? ` (${s.store.requests} requests, ${s.store.retries ?? 0} retries)` : ''}; durable locally at ${s.store['local-durable-at'] ?? '?'}, in the store at ${s.store['store-durable-at']}`);
-  }
+  if (s.store) lines.push(uploadLine(s.store));
   return lines.join('\n');
 }
 

@@ -3,7 +3,15 @@
 
 import diagnostics_channel from 'node:diagnostics_channel';
 import { pino } from 'pino';
-import { declaredChannels } from '../engine/diagnostics.js';
+import { channelName, declaredChannels } from '../engine/diagnostics.js';
+
+/** A stale temporary file removed before writing an output (its process was killed): one note on stderr. */
+export function noteStalePartials(): void {
+  diagnostics_channel.subscribe(channelName('output', 'stale-partial-removed'), (msg) => {
+    const m = msg as { path: string; pid: number };
+    process.stderr.write(`multifd: note: removed ${m.path}, a temporary file left by process ${m.pid} of this host, which is gone\n`);
+  });
+}
 
 export function enableVerboseLog(): void {
   const log = pino({ base: null }, pino.destination(2));

@@ -14,7 +14,7 @@ import type { TlsCreds } from '../transports/tls.js';
 import { runDemo } from '../demo/run-demo.js';
 import { notConvergingText, relaySummaryText, sendSummaryText, summaryText } from './format.js';
 import { ProgressView, receiveSample, relaySample, sendSample } from './progress.js';
-import { enableVerboseLog } from './log.js';
+import { enableVerboseLog, noteStalePartials } from './log.js';
 import { registerFileCommands } from './file-commands.js';
 import { getMethod } from '../engine/methods/registry.js';
 import { checkInputFile, checkOutputFile } from './paths.js';
@@ -168,6 +168,7 @@ program
   .option('-v, --verbose', 'log protocol events to stderr')
   .hook('preAction', (cmd, action) => {
     if (cmd.opts().verbose) enableVerboseLog();
+    noteStalePartials();
     // zstd may have no implementation on this Node (20 without zstd-napi): say so before anything starts.
     const o = action.opts();
     if ([o.compression, o.compressionIn, o.compressionOut].includes('zstd')) {

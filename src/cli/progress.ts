@@ -4,7 +4,7 @@ import cliProgress from 'cli-progress';
 import type { ReceiveProgress } from '../conversations/receive.js';
 import type { RelayProgress } from '../conversations/relay.js';
 import type { SendProgress } from '../conversations/send.js';
-import type { UploadProgress } from '../conversations/object-store.js';
+import type { ObjectReadReport, UploadProgress } from '../conversations/object-store.js';
 import { bytes, rate } from './format.js';
 
 export interface ProgressSample {
@@ -44,6 +44,11 @@ export function uploadSample(u: UploadProgress): ProgressSample {
     detail: `${bytes(u.stored)} of ${bytes(u.total)} in the store | part ${u.parts} begun, ${u.requests} requests, ${u.retries} retries`,
     byBytes: true,
   };
+}
+
+/** A progress line's tail for a reader of an s3:// snapshot (convert/extract from s3://…): what it fetched so far. */
+export function storeReadDetail(r: Pick<ObjectReadReport, 'bytes-read' | 'object-size' | 'requests' | 'retries'> | undefined): string {
+  return r ? ` | ${bytes(r['bytes-read'])} fetched from the store (a ${bytes(r['object-size'])} object), ${r.requests} requests, ${r.retries} retries` : '';
 }
 
 export function sendSample(p: SendProgress): ProgressSample {

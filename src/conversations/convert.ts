@@ -34,6 +34,7 @@ import { openSnapshot } from '../engine/open-snapshot.js';
 import type { SnapshotSource } from '../engine/snapshot.js';
 import { checkOutputPath, OutputFile } from './output-file.js';
 import { convertToObject, isObjectUrl } from './object-convert.js';
+import { objectReadReport, type ObjectReadReport, type UploadProgress, type UploadReport } from './object-store.js';
 import { batchOffsets, countPresent, DEFAULT_BATCH_PAGES, presentPageBatches } from './page-batches.js';
 
 export type FileFormat = 'mapped-ram' | 'stream';
@@ -57,12 +58,16 @@ export interface ConvertOptions {
 }
 
 export interface ConvertProgress {
-  phase: 'pages' | 'device-state' | 'committing' | 'done';
+  phase: 'pages' | 'device-state' | 'committing' | 'done' | 'uploading';
   elapsedMs: number;
   pagesDone: number;
   pagesTotal: number;
   /** Bytes written to the output so far. */
   written: number;
+  /** An s3:// input: what was read from the store so far. */
+  store?: ObjectReadReport;
+  /** An s3:// output: the upload, once the object's bytes go up (phase `uploading`). */
+  upload?: UploadProgress;
 }
 
 export interface ConvertSummary {
@@ -79,6 +84,11 @@ export interface ConvertSummary {
   'output-size': number;
   'elapsed-ms': number;
   blocks: { name: string; 'used-length': number; pages: number }[];
+  /**
+   * The store: for an s3:// output the upload (as save reports it), else for an s3:// input what
+   * was read (as restore reports it).
+   */
+  store?: ObjectReadReport | UploadReport;
 }
 
 const DEVICE_CHUNK = 1024 * 1024;
@@ -242,7 +252,7 @@ export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
     const total = countPresent(src, blocks);
     let done = 0;
     let written = 0;
-    const progress = (phase: ConvertProgress['phase']): void => opts.onProgress?.({ phase, elapsedMs: Date.now() - started, pagesDone: done, pagesTotal: total, written });
+    const progress = (phase: ConvertProgress['phase']): void => opts.onProgress?.({ phase, elapsedMs: Date.now() - started, pagesDone: done, pagesTotal: total, written, ...objectReadReport(src) });
     const aborted = (): void => {
       if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, 'convert interrupted; no output written');
     };
@@ -284,6 +294,7 @@ export async function convert(opts: ConvertOptions): Promise<ConvertSummary> {
       'output-size': size,
       'elapsed-ms': Date.now() - started,
       blocks: src.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, pages: src.presentPages(b.name) })),
+      ...objectReadReport(src),
     };
   } finally {
     await sink?.abort();

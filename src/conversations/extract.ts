@@ -5,10 +5,11 @@
 import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { AbortedError, OutputFileError, ProtocolError } from '../codec/errors.js';
+import { AbortedError, InvalidOptionError, OutputFileError, ProtocolError } from '../codec/errors.js';
 import { sliceViews } from '../engine/coalesce.js';
 import { openSnapshot } from '../engine/open-snapshot.js';
 import { checkOutputPath, OutputFile } from './output-file.js';
+import { isObjectUrl, objectReadReport, type ObjectReadReport } from './object-store.js';
 import { countPresent, DEFAULT_BATCH_PAGES, presentPageBatches } from './page-batches.js';
 
 export interface ExtractOptions {
@@ -29,6 +30,8 @@ export interface ExtractProgress {
   pagesDone: number;
   pagesTotal: number;
   written: number;
+  /** An s3:// input: what was read from the store so far. */
+  store?: ObjectReadReport;
 }
 
 export interface ExtractSummary {
@@ -36,6 +39,8 @@ export interface ExtractSummary {
   format: string;
   'elapsed-ms': number;
   blocks: { name: string; output: string; 'used-length': number; pages: number; 'bytes-written': number }[];
+  /** An s3:// input: what was read from the store (as restore reports it). */
+  store?: ObjectReadReport;
 }
 
 /** A file name for a block: RAM block names hold '/' and ':' (e.g. "/rom@etc/acpi/tables"). */
@@ -65,6 +70,7 @@ async function isDirectory(p: string): Promise<boolean> {
 
 export async function extract(opts: ExtractOptions): Promise<ExtractSummary> {
   const started = Date.now();
+  if (isObjectUrl(opts.out)) throw new InvalidOptionError(`extract writes raw images to local files, not to ${opts.out} (convert writes snapshots to the store)`);
   const src = await openSnapshot(opts.file);
   const outputs: OutputFile[] = [];
   try {
@@ -105,14 +111,15 @@ export async function extract(opts: ExtractOptions): Promise<ExtractSummary> {
         bytes += at;
         done += b.pages;
         written += at;
-        opts.onProgress?.({ phase: 'pages', elapsedMs: Date.now() - started, block: t.name, pagesDone: done, pagesTotal: total, written });
+        opts.onProgress?.({ phase: 'pages', elapsedMs: Date.now() - started, block: t.name, pagesDone: done, pagesTotal: total, written, ...objectReadReport(src) });
       }
       summary.blocks.push({ name: t.name, output: t.path, 'used-length': t.usedLength, pages: src.presentPages(t.name), 'bytes-written': bytes });
     }
     // Renamed only once every image is complete: an interrupted extract leaves none behind.
     for (let i = 0; i < outputs.length; i++) await outputs[i]!.commit(targets[i]!.usedLength);
     summary['elapsed-ms'] = Date.now() - started;
-    opts.onProgress?.({ phase: 'done', elapsedMs: summary['elapsed-ms'], block: '', pagesDone: done, pagesTotal: total, written });
+    Object.assign(summary, objectReadReport(src));
+    opts.onProgress?.({ phase: 'done', elapsedMs: summary['elapsed-ms'], block: '', pagesDone: done, pagesTotal: total, written, ...objectReadReport(src) });
     return summary;
   } finally {
     for (const o of outputs) await o.abort();

@@ -20,9 +20,13 @@ export async function convertToObject(opts: ConvertOptions, convert: (o: Convert
     'input-size': src.fileSize,
     blocks: src.blockList.map((b) => ({ name: b.name, 'used-length': b.usedLength, pages: src.presentPages(b.name) })),
   };
+  const pages = info.blocks.reduce((n, b) => n + b.pages, 0);
   await src.close();
   const report = await storeAsObject(opts.input, opts.output, {
     ...(opts.force !== undefined ? { force: opts.force } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+    // The upload's progress, as save/receive report theirs; the pages count is the input's.
+    onProgress: (u) => opts.onProgress?.({ phase: 'uploading', elapsedMs: Date.now() - started, pagesDone: pages, pagesTotal: pages, written: u.stored, upload: u }),
     isLocalMappedRam: !snapshotOpenerFor(opts.input) && info.from === 'mapped-ram',
     toMappedRam: (staged) => convert({ ...opts, output: staged, force: true }),
   });

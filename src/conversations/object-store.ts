@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { AbortedError } from '../codec/errors.js';
 import { MappedRamSnapshot } from '../engine/mapped-ram-reader.js';
 import { registerSnapshotScheme } from '../engine/open-snapshot.js';
-import { PackedSnapshot, type PackedReadOptions } from '../engine/packed-snapshot-source.js';
+import { PACKED_FIRST_READ, PackedSnapshot, type PackedReadOptions } from '../engine/packed-snapshot-source.js';
 import { packedParts, packedPrefixOf } from '../engine/packed-snapshot-writer.js';
 import {
   checkBucket, formatObjectUrl, MultipartUpload, ObjectStoreError, objectSize, parseObjectUrl, partSizeFor, RangedObject, s3Client, type S3Settings,
@@ -35,7 +35,7 @@ export function objectStoreSettings(): ObjectStoreSettings {
 /** Opens s3://bucket/key as a SnapshotSource; errors name what is wrong before anything else happens. */
 export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = settings): Promise<PackedSnapshot & { object: RangedObject; openMs: number }> {
   const t0 = Date.now();
-  const obj = await RangedObject.open(await s3Client(s), parseObjectUrl(url));
+  const obj = await RangedObject.open(await s3Client(s), parseObjectUrl(url), { firstBytes: PACKED_FIRST_READ });
   const snap = await PackedSnapshot.open(obj, {
     ...(s.chunkBytes !== undefined ? { chunkBytes: s.chunkBytes } : {}),
     ...(s.readAhead !== undefined ? { readAhead: s.readAhead } : {}),
@@ -47,7 +47,7 @@ export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = s
 export interface ObjectReadReport {
   url: string;
   'object-size': number;
-  /** HEAD, the prefix and every page read: ms to open and check the object (before QEMU is touched). */
+  /** ms to open and check the object (its first GET, the rest of the prefix if any; before QEMU is touched). */
   'open-ms': number;
   requests: number;
   retries: number;
@@ -66,7 +66,7 @@ export function objectReadReport(src: unknown): { store?: ObjectReadReport } {
       url: o.object.name,
       'object-size': o.object.size,
       'open-ms': o.openMs,
-      requests: o.object.stats.requests + 1,
+      requests: o.object.stats.requests,
       retries: o.object.stats.retries,
       'bytes-read': o.object.stats.bytes,
       'chunk-gets': o.stats.chunkGets,
@@ -204,19 +204,22 @@ export function takeUploadReport(url: string): UploadReport | undefined {
  * is; anything else is converted to mapped-ram in the staging directory first (`toMappedRam`).
  * An existing object is replaced only with `force`.
  */
-export async function storeAsObject(input: string, url: string, opts: { force?: boolean; toMappedRam: (output: string) => Promise<unknown>; isLocalMappedRam: boolean }): Promise<UploadReport> {
+export async function storeAsObject(input: string, url: string, opts: {
+  force?: boolean; toMappedRam: (output: string) => Promise<unknown>; isLocalMappedRam: boolean; onProgress?: (p: UploadProgress) => void; signal?: AbortSignal;
+}): Promise<UploadReport> {
   const where = parseObjectUrl(url);
   const client = await s3Client(settings);
   await checkBucket(client, where);
   if (!opts.force && (await objectSize(client, where)) !== undefined) {
     throw new ObjectStoreError('S3_EXISTS', `${url} already exists (use --force to replace it)`);
   }
-  if (opts.isLocalMappedRam) return uploadPackedSnapshot(input, url);
+  const upload = { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.signal ? { signal: opts.signal } : {}) };
+  if (opts.isLocalMappedRam) return uploadPackedSnapshot(input, url, upload);
   const dir = await stagingDirectory();
   try {
     const staged = join(dir, 'snapshot.mig');
     await opts.toMappedRam(staged);
-    return await uploadPackedSnapshot(staged, url);
+    return await uploadPackedSnapshot(staged, url, upload);
   } finally {
     await removeStaging(dir);
   }

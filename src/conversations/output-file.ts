@@ -5,7 +5,7 @@
 import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { OutputFileError } from '../codec/errors.js';
-import { syncDirectory, temporaryName, writeExactly } from '../engine/write-exactly.js';
+import { removeStalePartials, syncDirectory, temporaryName, writeExactly } from '../engine/write-exactly.js';
 
 /** Fails unless `path` is free or `force` is set; a directory is never overwritten. */
 export async function checkOutputPath(path: string, force: boolean): Promise<void> {
@@ -28,6 +28,7 @@ export class OutputFile {
 
   static async create(finalPath: string, opts: { force?: boolean } = {}): Promise<OutputFile> {
     await checkOutputPath(finalPath, opts.force ?? false);
+    await removeStalePartials(finalPath);
     const tempPath = temporaryName(finalPath);
     let fh: FileHandle;
     try {

@@ -65,6 +65,9 @@ export const DIAGNOSTICS = {
     completed: { message: '{ summary }', when: 'the destination confirmed the load (or closed, without a return path)' },
     failed: { message: '{ error }', when: 'the send failed' },
   },
+  output: {
+    'stale-partial-removed': { message: '{ path, pid }', when: 'a temporary file of the same output, left by a process of this host that is gone, was removed before writing' },
+  },
 } as const satisfies Record<string, Record<string, ChannelSpec>>;
 
 export type DiagnosticsGroup = keyof typeof DIAGNOSTICS;

@@ -11,7 +11,7 @@ import { OutputFileError, ProtocolError } from '../codec/errors.js';
 import { encodeMappedRamHeader, planBlock, SparsePageBitmap, type MappedRamHeader } from '../codec/mapped-ram.js';
 import { encodeBlockEntry } from '../codec/stream-encode.js';
 import { coalescePages, type PageRun } from './coalesce.js';
-import { syncDirectory, temporaryName, writeExactly } from './write-exactly.js';
+import { removeStalePartials, syncDirectory, temporaryName, writeExactly } from './write-exactly.js';
 import { AlignedSlots, alignedBuffer, DIRECT_ALIGN, PACKET_SLOT_BYTES, PACKET_SLOTS } from './aligned-slots.js';
 import { StagedRuns } from './staged-runs.js';
 import type { PageStore, RamBlock } from './page-store.js';
@@ -80,6 +80,7 @@ export class MappedRamWriter implements PageStore {
     if (opts.slots !== undefined && !(Number.isInteger(opts.slots) && opts.slots >= 1 && opts.slots <= 1024)) {
       throw new RangeError(`slots must be an integer from 1 to 1024 (got ${opts.slots})`);
     }
+    await removeStalePartials(finalPath);
     const tempPath = temporaryName(finalPath);
     const pageSize = opts.pageSize ?? TARGET_PAGE_SIZE;
     let fh: FileHandle;

@@ -23,6 +23,8 @@ export interface RangeReader {
   readonly name: string;
   readonly size: number;
   read(position: number, length: number, into?: Buffer): Promise<Buffer>;
+  /** Bytes from 0 that came with opening the object (an S3 open's first GET), handed out once. */
+  takeHead?(): Buffer | undefined;
 }
 
 export interface PackedReadOptions {
@@ -43,7 +45,12 @@ const AROUND_WINDOWS = 16;
 
 /** The prefix holds the device state (≤ 256 MiB, mapped-ram-reader's limit) and the bitmaps. */
 const MAX_PREFIX = 512 * 1024 * 1024;
-const FIRST_READ = 1024 * 1024;
+/**
+ * The first read of an object: the prefix of typical snapshots, so that one GET opens them
+ * (docs/s3.md, *Opening an object*: a 128 MiB pc guest's prefix is 116 KiB, and every GiB of
+ * RAM adds 32 KiB of bitmap; a GET of 512 KiB costs about what one of 64 KiB does, 1 MiB more).
+ */
+export const PACKED_FIRST_READ = 512 * 1024;
 
 interface BlockState {
   block: PackedBlock;
@@ -113,7 +120,8 @@ export class PackedSnapshot implements SnapshotSource {
     if (size < PACKED_PREAMBLE_SIZE) {
       throw new ProtocolError('TRUNCATED', `${reader.name} is ${size} bytes, too short for a packed snapshot (${PACKED_PREAMBLE_SIZE}-byte preamble)`, { offset: size });
     }
-    let head = await reader.read(0, Math.min(size, FIRST_READ));
+    const opened = reader.takeHead?.();
+    let head = opened && opened.length >= Math.min(size, PACKED_PREAMBLE_SIZE) ? opened : await reader.read(0, Math.min(size, PACKED_FIRST_READ));
     let layout: PackedLayout;
     try {
       const pre = decodePackedPreamble(head, size);

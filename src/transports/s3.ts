@@ -206,6 +206,67 @@ function retryable(e: ObjectStoreError): boolean {
   return e.code === 'S3_ERROR' && (status === undefined || status >= 500);
 }
 
+/** The smallest first GET of an open. */
+const MIN_OPEN_READ = 4096;
+
+/** An error of opening an object, named; a 404 that does not say which is told by HEAD bucket. */
+async function openError(client: S3Client, url: ObjectUrl, e: unknown): Promise<ObjectStoreError> {
+  const err = storeError(e, formatObjectUrl(url));
+  const noBucket = err.code === 'S3_NO_BUCKET' || (err.code === 'S3_NO_KEY' && (e as AwsLikeError).name !== 'NoSuchKey' && (await missingWhat(client, url.bucket)) === 'bucket');
+  return noBucket ? new ObjectStoreError('S3_NO_BUCKET', `${formatObjectUrl(url)}: the bucket ${url.bucket} does not exist`, { cause: e }) : err;
+}
+
+/** A Content-Range header's `bytes FIRST-LAST/TOTAL` (RFC 9110 §14.4); undefined when it is not one. */
+export function parseContentRange(value: string | undefined): { first: number; last: number; total: number | undefined } | undefined {
+  const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/i.exec(value?.trim() ?? '');
+  if (!m) return undefined;
+  const first = Number(m[1]);
+  const last = Number(m[2]);
+  const total = m[3] === '*' ? undefined : Number(m[3]);
+  if (!Number.isSafeInteger(last) || last < first || (total !== undefined && (!Number.isSafeInteger(total) || last >= total))) return undefined;
+  return { first, last, total };
+}
+
+interface GetAnswer {
+  Body?: unknown;
+  ContentRange?: string;
+  ContentLength?: number;
+  $metadata: { httpStatusCode?: number };
+}
+
+/**
+ * The object's size and its first bytes from the answer to GET `bytes=0-(want-1)`: 206 with a
+ * Content-Range (the whole object when it is smaller), or 200 with the whole object from a store
+ * that ignores Range (its first `want` bytes are kept, the rest is not read).
+ */
+export async function firstBytes(res: GetAnswer, want: number, name: string): Promise<{ size: number; head: Buffer }> {
+  const status = res.$metadata.httpStatusCode;
+  let size: number;
+  let length: number;
+  if (status === 200 && res.ContentRange === undefined) {
+    if (res.ContentLength === undefined) throw new ObjectStoreError('S3_ERROR', `${name}: the store answered a ranged GET with neither Content-Range nor Content-Length`);
+    size = res.ContentLength;
+    length = Math.min(size, want);
+  } else {
+    const r = parseContentRange(res.ContentRange);
+    if (!r || r.first !== 0 || r.total === undefined) throw new ObjectStoreError('S3_ERROR', `${name}: the store answered GET bytes=0-${want - 1} with Content-Range "${res.ContentRange ?? ''}" (HTTP ${status})`);
+    if (r.last + 1 !== Math.min(r.total, want)) throw new ObjectStoreError('S3_ERROR', `${name}: the store answered GET bytes=0-${want - 1} of a ${r.total}-byte object with bytes 0-${r.last}`);
+    size = r.total;
+    length = r.last + 1;
+  }
+  const head = Buffer.allocUnsafe(length);
+  let at = 0;
+  for await (const chunk of (res.Body ?? []) as AsyncIterable<Buffer>) {
+    const n = Math.min(chunk.length, length - at);
+    if (n < chunk.length && status !== 200) throw new ObjectStoreError('S3_ERROR', `${name}: the store sent more than the ${length} bytes asked for`);
+    chunk.copy(head, at, 0, n);
+    at += n;
+    if (at === length && status === 200) break; // the rest of a whole object is not wanted
+  }
+  if (at !== length) throw new ObjectStoreError('S3_SHORT_READ', `${name}: ${at} of ${length} bytes at 0 arrived`);
+  return { size, head };
+}
+
 /**
  * An object read by range: `read` fills `into` with exactly `length` bytes from `position`, one
  * GET, retried (on a fresh connection) when a connection drops or the store answers 5xx; the SDK's
@@ -213,21 +274,65 @@ function retryable(e: ObjectStoreError): boolean {
  */
 export class RangedObject {
   readonly stats: TransferStats = { requests: 0, retries: 0, bytes: 0 };
+  private head: Buffer | undefined;
 
   private constructor(readonly client: S3Client, readonly url: ObjectUrl, readonly size: number, readonly etag: string | undefined, private readonly attempts: number) {}
 
-  static async open(client: S3Client, url: ObjectUrl, opts: { attempts?: number } = {}): Promise<RangedObject> {
+  /**
+   * Opens the object with one ranged GET of its first `firstBytes` (default 64 KiB): the answer's
+   * Content-Range carries the object's size and the ETag comes with it, so no HEAD is needed, and
+   * the bytes are kept for takeHead(). A missing key, a missing bucket, 403 and an unreachable
+   * endpoint fail here, named. The body is retried like read()'s; the request itself only by the SDK
+   * (an unreachable endpoint is named at once, as a HEAD did).
+   */
+  static async open(client: S3Client, url: ObjectUrl, opts: { attempts?: number; firstBytes?: number } = {}): Promise<RangedObject> {
+    const attempts = opts.attempts ?? 4;
+    const want = Math.max(MIN_OPEN_READ, opts.firstBytes ?? 64 * 1024);
+    const stats: TransferStats = { requests: 0, retries: 0, bytes: 0 };
+    for (let attempt = 1; ; attempt++) {
+      let res;
+      try {
+        stats.requests++;
+        res = await client.send(new (loaded().GetObjectCommand)({ Bucket: url.bucket, Key: url.key, Range: `bytes=0-${want - 1}` }));
+      } catch (e) {
+        // 416: the object has no byte 0 (it is empty); a HEAD tells its size and ETag.
+        if ((e as AwsLikeError).$metadata?.httpStatusCode === 416) return RangedObject.openByHead(client, url, attempts, stats);
+        throw await openError(client, url, e);
+      }
+      try {
+        const { size, head } = await firstBytes(res, want, formatObjectUrl(url));
+        stats.bytes += head.length;
+        const obj = new RangedObject(client, url, size, res.ETag, attempts);
+        Object.assign(obj.stats, stats);
+        obj.head = head;
+        return obj;
+      } catch (e) {
+        const err = storeError(e, `${formatObjectUrl(url)} bytes 0..${want - 1}`);
+        if (!retryable(err) || attempt >= attempts) throw err;
+        stats.retries++;
+        await new Promise((r) => setTimeout(r, 100 * 2 ** attempt));
+      }
+    }
+  }
+
+  private static async openByHead(client: S3Client, url: ObjectUrl, attempts: number, stats: TransferStats): Promise<RangedObject> {
     let head;
     try {
+      stats.requests++;
       head = await client.send(new (loaded().HeadObjectCommand)({ Bucket: url.bucket, Key: url.key }));
     } catch (e) {
-      const err = storeError(e, formatObjectUrl(url));
-      if (err.code === 'S3_NO_KEY' && (await missingWhat(client, url.bucket)) === 'bucket') {
-        throw new ObjectStoreError('S3_NO_BUCKET', `${formatObjectUrl(url)}: the bucket ${url.bucket} does not exist`, { cause: e });
-      }
-      throw err;
+      throw await openError(client, url, e);
     }
-    return new RangedObject(client, url, head.ContentLength ?? 0, head.ETag, opts.attempts ?? 4);
+    const obj = new RangedObject(client, url, head.ContentLength ?? 0, head.ETag, attempts);
+    Object.assign(obj.stats, stats);
+    return obj;
+  }
+
+  /** Bytes from 0 that came with open() (at most its `firstBytes`), handed out once. */
+  takeHead(): Buffer | undefined {
+    const h = this.head;
+    this.head = undefined;
+    return h;
   }
 
   get name(): string {

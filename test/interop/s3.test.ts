@@ -17,7 +17,8 @@ import {
 } from '@aws-sdk/client-s3';
 import { countPasses, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { BIN } from '../helpers/send.js';
-import { openObjectSnapshot } from '../../src/conversations/object-store.js';
+import { configureObjectStore, openObjectSnapshot, type UploadProgress } from '../../src/conversations/object-store.js';
+import { convert, type ConvertProgress } from '../../src/conversations/convert.js';
 import { PACKED_PREAMBLE_SIZE } from '../../src/codec/packed-snapshot.js';
 import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 
@@ -239,10 +240,14 @@ describe('file tools on S3 objects', { skip: NO_STORE || (haveQemu('10') ? false
       const v = await cli(['verify', url]);
       assert.equal(v.code, 0, v.stderr + v.stdout);
 
-      // object → file: a mapped-ram file QEMU loads by itself.
+      // object → file: a mapped-ram file QEMU loads by itself; the summary says what was read.
       const file = join(dir, 'back.mig');
-      const c = await cli(['convert', url, file, '--to', 'mapped-ram']);
+      const c = await cli(['convert', url, file, '--to', 'mapped-ram', '--json']);
       assert.equal(c.code, 0, c.stderr);
+      const read = JSON.parse(c.stdout).store;
+      assert.equal(read.url, url);
+      assert.equal(read['object-size'], s.store['object-size']);
+      assert.ok(read['bytes-read'] >= s.store['object-size'] && read.requests >= 1 && read['chunk-gets'] >= 1, `every byte of the object was read: ${JSON.stringify(read)}`);
       dst = await destination('10', dir);
       await dst.q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }] });
       await dst.q.qmp.execute('migrate-incoming', { uri: `file:${file}` });
@@ -259,6 +264,32 @@ describe('file tools on S3 objects', { skip: NO_STORE || (haveQemu('10') ? false
       const again = await cli(['convert', file, url2, '--to', 'mapped-ram']);
       assert.notEqual(again.code, 0, 'an existing object is not replaced without --force');
       assert.match(again.stderr, /already exists/);
+      // The upload's progress, as save reports it: phase uploading, up to every byte in the store.
+      configureObjectStore({ endpoint: ENDPOINT!, partSize: 5 * MiB });
+      const events: ConvertProgress[] = [];
+      const lib = await convert({ input: file, output: `s3://${bucket}/progress.mig`, to: 'mapped-ram', onProgress: (p) => events.push(p) });
+      const ups = events.map((e) => e.upload).filter((u): u is UploadProgress => u !== undefined);
+      assert.ok(ups.length >= 2 && events.every((e) => (e.upload !== undefined) === (e.phase === 'uploading')), 'upload progress events');
+      const last = ups[ups.length - 1]!;
+      assert.equal(last.stored, s.store['object-size']);
+      assert.equal(last.total, s.store['object-size']);
+      assert.ok(ups.every((u, i) => i === 0 || u.stored >= ups[i - 1]!.stored), 'bytes in the store only grow');
+      assert.equal((lib.store as { 'bytes-uploaded': number })['bytes-uploaded'], s.store['object-size']);
+      // Ctrl-C during convert's upload: the upload is aborted, no object, no multipart upload.
+      const slow = mfd(['--s3-part-size', '5', '--s3-upload-concurrency', '1', 'convert', file, `s3://${bucket}/interrupted.mig`, '--to', 'mapped-ram']);
+      let parts = 0;
+      for (let i = 0; i < 1200 && parts < 2; i++) {
+        const up = ((await s3!.send(new ListMultipartUploadsCommand({ Bucket: bucket }))).Uploads ?? []).find((u) => u.Key === 'interrupted.mig');
+        if (up) parts = ((await s3!.send(new ListPartsCommand({ Bucket: bucket, Key: up.Key!, UploadId: up.UploadId! }))).Parts ?? []).length;
+        if (parts < 2) await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.ok(parts >= 2, 'the multipart upload had parts in');
+      process.kill(slow.pid!, 'SIGINT');
+      const stopped = await slow.done;
+      assert.equal(stopped.code, 130, stopped.stderr);
+      assert.match(stopped.stderr, /interrupted/);
+      assert.equal(await headSize(bucket, 'interrupted.mig'), undefined, 'no object');
+      assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
       const stream = join(dir, 'vm.stream');
       assert.equal((await cli(['convert', url2, stream, '--to', 'stream'])).code, 0);
       const url3 = `s3://${bucket}/from-stream.mig`;

@@ -491,6 +491,8 @@ describe('extract', () => {
       assert.ok(readFileSync(one).equals(ram));
       await assert.rejects(extract({ file: input, out: one, block: 'pc.ram' }), /already exists/);
       await assert.rejects(extract({ file: input, out: one, block: 'nope' }), /no RAM block "nope" .*blocks: pc\.ram/);
+      // Images are local files: an object URL as --out is refused by name, not taken as a path.
+      await assert.rejects(extract({ file: input, out: 's3://bucket/pc.raw', block: 'pc.ram' }), { code: 'INVALID_OPTION', message: /local files, not to s3:\/\/bucket\/pc\.raw/ });
     });
   }
 });

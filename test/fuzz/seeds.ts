@@ -5,6 +5,7 @@
 // the stream as QEMU wrote them, regions repacked) keeps each input small.
 
 import { MainStreamParser, type MainEvent } from '../../src/codec/main-stream-parser.js';
+import { encodeMainEvent } from '../../src/codec/main-event-encode.js';
 import { MultifdChannelParser } from '../../src/codec/multifd-channel-parser.js';
 import { MAPPED_RAM_HEADER_SIZE, MULTIFD_INIT_SIZE, MULTIFD_PACKET_HEADER_SIZE, RamFlag, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { alignUp, bitmapBytes, encodeMappedRamHeader } from '../../src/codec/mapped-ram.js';
@@ -14,6 +15,33 @@ import { sha256hex } from './rng.js';
 import type { Seed } from './target.js';
 
 const PAGE = TARGET_PAGE_SIZE;
+
+/**
+ * A main stream cut down for fuzzing: only the page records (data, zero, XBZRLE) of every
+ * `stride`-th page kept, everything else as QEMU sent it. A 20 MB XBZRLE stream becomes a few
+ * hundred KB that still holds every kind of record, deltas onto pages sent before included; a
+ * whole one takes seconds per input to index, which the hang watchdog would call a hang under
+ * load. CONTINUE is set anew (a dropped record may have named the block), and never across a
+ * section: naming the block is always valid.
+ */
+export function compactStream(data: Buffer, stride = 64): Buffer {
+  const p = new MainStreamParser();
+  p.push(data);
+  const out: Buffer[] = [];
+  let last: string | undefined;
+  for (let ev = p.next(); ev !== null; ev = p.next()) {
+    if (ev.type === 'ram-page' || ev.type === 'ram-zero' || ev.type === 'ram-xbzrle') {
+      if (Math.floor(ev.offset / PAGE) % stride !== 0) continue;
+      out.push(...encodeMainEvent({ ...ev, continued: ev.block === last }));
+      last = ev.block;
+      continue;
+    }
+    if (ev.type === 'section' || ev.type === 'footer') last = undefined;
+    out.push(...encodeMainEvent(ev));
+  }
+  if (!p.atBoundary) throw new Error('compactStream: the stream does not end between records');
+  return Buffer.concat(out);
+}
 
 let all: Scenario[] | undefined;
 export function captures(): Scenario[] {

@@ -14,7 +14,7 @@ import { MappedRamSnapshot } from '../../../src/engine/mapped-ram-reader.js';
 import { StreamSnapshot } from '../../../src/engine/stream-snapshot.js';
 import type { SnapshotSource } from '../../../src/engine/snapshot.js';
 import type { Rng } from '../rng.js';
-import { BLOCK_SIZE_MUTATOR, captures, compactMappedRam, formatDictionary, mainStructure, mergeRanges, unique } from '../seeds.js';
+import { BLOCK_SIZE_MUTATOR, captures, compactMappedRam, compactStream, formatDictionary, mainStructure, mergeRanges, unique } from '../seeds.js';
 import { check, type Target } from '../target.js';
 import { isProtocolError, protocolSignature } from './stream.js';
 import { streamScenarios } from '../../helpers/fixtures.js';
@@ -138,7 +138,7 @@ function fileTarget(kind: 'mapped-ram' | 'stream'): Target {
         [...captures(), ...(kind === 'stream' ? streamScenarios((e) => e.scenario === 'stream-file-xbzrle') : [])]
           .filter((s) => (kind === 'mapped-ram' ? s.entry.scenario === 'mapped-ram-file' : s.entry.scenario === 'stream-file' || s.entry.scenario === 'precopy-plain' || s.entry.scenario === 'stream-file-xbzrle'))
           .map((s) => {
-            const data = kind === 'mapped-ram' ? compactMappedRam(s) : s.main();
+            const data = kind === 'mapped-ram' ? compactMappedRam(s) : s.entry.scenario === 'xbzrle' ? compactStream(s.main()) : s.main();
             return { name: s.label, data, focus: mergeRanges([...mainStructure(data, 16384), [data.length - 2048, data.length]]) };
           }),
       ),

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { GUEST_DIRTY_END, GUEST_DIRTY_START } from '../guest/bootsector.js';
 import { countPasses, dumpGuestMemory, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
-import { migrateToReceive, restoreSnapshot } from '../helpers/snapshot.js';
+import { migrateToReceive, restoreSnapshot, snapshotLeftovers } from '../helpers/snapshot.js';
 import { freePort } from '../helpers/send.js';
 import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 import { save } from '../../src/conversations/save.js';
@@ -107,6 +107,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         });
         if (version === '10') {
           await assert.rejects(h.done, (e: Error & { code?: string }) => e.code === 'UNSUPPORTED' && /ENABLE_COLO/.test(e.message));
+          assert.deepEqual(snapshotLeftovers(dir), [], 'no snapshot, no temporary file');
           const m = await waitMigration(src.qmp, { timeoutMs: 30_000 });
           assert.equal(m.status, 'failed');
           await runningOn(src);
@@ -138,6 +139,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         for (const channels of [0, 2]) {
           const h = await migrateToReceive(src, { channels, out: join(dir, `uuid-${channels}.mig`), receive: { uuid: parseUuid(OTHER_UUID) } });
           await assert.rejects(h.done, (e: Error & { code?: string }) => e.code === 'UUID_MISMATCH' && e.message.includes(UUID) && e.message.includes(OTHER_UUID));
+          assert.deepEqual(snapshotLeftovers(dir).filter((n) => n.startsWith('uuid-') || n.includes('.partial-')), [], 'no snapshot, no temporary file');
           const m = await waitMigration(src.qmp, { timeoutMs: 30_000 });
           assert.equal(m.status, 'failed', `${channels} channels`);
           await runningOn(src);

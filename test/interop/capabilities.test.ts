@@ -16,6 +16,7 @@ import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
 import { save } from '../../src/conversations/save.js';
 import { send } from '../../src/conversations/send.js';
 import { inspect } from '../../src/conversations/inspect.js';
+import { relay } from '../../src/conversations/relay.js';
 import { parseUuid } from '../../src/codec/multifd-init.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 
@@ -43,16 +44,28 @@ async function refusal(q: QemuInstance, caps: string[]): Promise<string> {
   return 'accepted';
 }
 
-/** After a failed migration: no migration left running (QEMU takes capabilities again), the guest runs on. */
-async function runningOn(q: QemuInstance): Promise<void> {
+/**
+ * QEMU reports a migration failed before its cleanup ran; the next `migrate` is refused until then
+ * ("There's a migration process in progress", "duplicate yank instance"). Waits for both to clear.
+ */
+async function migrationCleanedUp(q: QemuInstance): Promise<void> {
   for (const until = Date.now() + 10_000; ; await sleep(100)) {
+    let why: string;
     try {
       await setCaps(q, []);
-      break;
+      const yank: { type: string }[] = await q.qmp.execute('query-yank');
+      if (!yank.some((y) => y.type === 'migration')) return;
+      why = 'its yank instance is still registered';
     } catch (e) {
-      if (Date.now() > until) throw new Error(`the source's migration is still running: ${(e as Error).message}; ${JSON.stringify(await q.qmp.execute('query-migrate'))}`);
+      why = (e as Error).message;
     }
+    if (Date.now() > until) throw new Error(`the source's last migration was not cleaned up: ${why}; ${JSON.stringify(await q.qmp.execute('query-migrate'))}`);
   }
+}
+
+/** After a failed migration: cleaned up, and the guest runs on. */
+async function runningOn(q: QemuInstance): Promise<void> {
+  await migrationCleanedUp(q);
   assert.equal((await q.qmp.execute('query-status')).status, 'running', 'the source runs on');
   await waitGuestPasses(q, countPasses(q.serialLog()) + 1);
 }
@@ -158,6 +171,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
       await setCaps(src, ['x-ignore-shared', 'mapped-ram']);
       await src.qmp.execute('migrate', { uri: `file:${own}` });
       const mo = await waitMigration(src.qmp, { timeoutMs: 60_000 });
+      await migrationCleanedUp(src);
       await setCaps(src, ['mapped-ram'], false);
       const wantOwn = await dumpGuestMemory(src, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
       copyFileSync(join(dir, 'ram'), join(dir, 'ram-own'));
@@ -240,6 +254,39 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         } finally {
           await q.kill();
         }
+      }
+    });
+
+    test('x-ignore-shared through relay 2 -> 2, A and B mapping the same shared file (a same-host migration): no page of it goes, B holds A\'s final memory', async () => {
+      const caps = ['x-ignore-shared', 'multifd'];
+      const port = await freePort();
+      // B maps A's own file: it must not run while A may (it stays paused; A runs on afterwards).
+      const b = await startQemu({ version, memMiB: MEM, bootSector: true, incoming: 'defer', paused: true, extraArgs: [...sharedRam(join(dir, 'ram')), '-uuid', UUID] });
+      const r = relay({ listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${port}`, channelsIn: 2, channelsOut: 2 });
+      try {
+        await setCaps(b, caps);
+        await b.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2 });
+        await b.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
+        await setCaps(src, caps);
+        await src.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'max-bandwidth': 107374182400, 'downtime-limit': 20000 });
+        await src.qmp.execute('migrate', { uri: await r.listening });
+        await r.done.catch(async (e: Error) => {
+          const mb = await b.qmp.execute('query-migrate').catch((q: Error) => ({ status: `query-migrate failed: ${q.message}` }));
+          throw new Error(`${e.message}; B: ${JSON.stringify(mb)} ${b.stderr().slice(-2000)}`);
+        });
+        const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
+        const mb = await waitMigration(b.qmp, { timeoutMs: 60_000 });
+        assert.equal(ma.status, 'completed');
+        assert.equal(mb.status, 'completed', `${mb['error-desc'] ?? ''} ${b.stderr()}`);
+        assert.ok(ma.ram.transferred < 4 * MiB, `no page of the shared block went (${ma.ram.transferred} bytes)`);
+        const got = await checkInvariant(b, 'B');
+        assert.ok(got.equals(await dumpGuestMemory(src, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START)), 'A\'s final memory');
+      } finally {
+        r.abort(new Error('test over'));
+        await r.done.catch(() => {});
+        await b.kill();
+        await setCaps(src, caps, false).catch(() => {});
+        if ((await src.qmp.execute('query-status')).status !== 'running') await src.qmp.execute('cont');
       }
     });
 

@@ -257,7 +257,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
       }
     });
 
-    test('x-ignore-shared through relay 2 -> 2, A and B mapping the same shared file (a same-host migration): no page of it goes, B holds A\'s final memory', async () => {
+    test('x-ignore-shared through relay 2 -> 2, A and B mapping the same shared file (a same-host migration): no page of it goes, B holds A\'s final memory', async (t) => {
       const caps = ['x-ignore-shared', 'multifd'];
       const port = await freePort();
       // B maps A's own file: it must not run while A may (it stays paused; A runs on afterwards).
@@ -278,6 +278,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         const mb = await waitMigration(b.qmp, { timeoutMs: 60_000 });
         assert.equal(ma.status, 'completed');
         assert.equal(mb.status, 'completed', `${mb['error-desc'] ?? ''} ${b.stderr()}`);
+        t.diagnostic(`QEMU ${version} relay: A sent ${ma.ram.transferred} bytes`);
         assert.ok(ma.ram.transferred < 4 * MiB, `no page of the shared block went (${ma.ram.transferred} bytes)`);
         const got = await checkInvariant(b, 'B');
         assert.ok(got.equals(await dumpGuestMemory(src, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START)), 'A\'s final memory');

@@ -69,7 +69,7 @@ export function inspectText(r: InspectResult): string {
   const head = ['name', 'size', 'pages', 'present', 'zero', 'data bytes', mapped ? 'header / bitmap / pages offsets' : deltas ? 'page / zero / xbzrle records' : 'page / zero records'];
   const rows = [head, ...r.blocks.map((b) => [
     b.name, bytes(b['used-length']), String(b.pages), String(b.present), String(b.zero), String(b.bytes),
-    mapped && b['mapped-ram'] ? `${hex(b['mapped-ram'].headerOffset)} / ${hex(b['mapped-ram'].bitmapOffset)} / ${hex(b['mapped-ram'].pagesOffset)}` : `${b['page-records'] ?? 0} / ${b['zero-records'] ?? 0}${deltas ? ` / ${b['xbzrle-records'] ?? 0}` : ''}`,
+    b.shared ? 'shared: in the backing file (x-ignore-shared)' : mapped && b['mapped-ram'] ? `${hex(b['mapped-ram'].headerOffset)} / ${hex(b['mapped-ram'].bitmapOffset)} / ${hex(b['mapped-ram'].pagesOffset)}` : `${b['page-records'] ?? 0} / ${b['zero-records'] ?? 0}${deltas ? ` / ${b['xbzrle-records'] ?? 0}` : ''}`,
   ])];
   lines.push(...table(rows));
   lines.push('', `sections (${r.sections.length} records):`);

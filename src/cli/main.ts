@@ -188,7 +188,7 @@ program
   .requiredOption('--out <file>', 'snapshot file (written as a temporary file, renamed when complete)')
   .addOption(new Option('--channels <n>', "the source's multifd-channels; 0 if the source has multifd off").default(2).argParser(intArg(0, 255)))
   .addOption(new Option('--sync-mode <mode>', 'how MULTIFD_FLUSH/EOS map to syncs (auto infers it from the stream)').choices(['auto', 'round', 'section']).default('auto'))
-  .option('--uuid <uuid>', "require this uuid in the multifd channels (the source's -uuid)", uuidArg)
+  .option('--uuid <uuid>', "require this uuid in the multifd channels and, with validate-uuid, the configuration (the source's -uuid)", uuidArg)
   .addOption(new Option('--compression <method>', "the source's multifd-compression (auto: detect it from the first data packet)").choices(['auto', 'none', 'zlib', 'zstd']).default('auto'))
   .option('--no-direct-io', 'write pages through the page cache (default: O_DIRECT where the file system allows it)')
   .addOption(new Option('--idle-timeout <s>', 'fail when the source sends nothing for this long mid-migration (0: never)').default(300).argParser(intArg(0, 86400)))

@@ -35,6 +35,13 @@ export interface RamBlockInfo {
   mappedRam?: MappedRamHeader;
   /** The block's page size where postcopy-ram put it in the list (it differs from the host's). */
   pageSize?: number;
+  /**
+   * A mapped-ram file's block that x-ignore-shared left out: QEMU 11 writes its header with
+   * bitmap_offset and pages_offset 0 and no bitmap or pages (the memory is in the shared backing
+   * file, not here); the next block entry follows the header. Offset 0 (the stream header) can
+   * be nothing else.
+   */
+  shared?: true;
 }
 
 export type SectionKind = 'start' | 'part' | 'end' | 'full';
@@ -493,7 +500,13 @@ export class MainStreamParser {
     if (++this.blockCount > this.maxBlocks) throw new ProtocolError('LIMIT_EXCEEDED', `more than ${this.maxBlocks} RAM blocks`, { offset: at });
     this.blocks.set(name, block);
     this.memSizeRemaining -= usedLength;
-    if (block.mappedRam) {
+    if (block.mappedRam && block.mappedRam.bitmapOffset === 0 && block.mappedRam.pagesOffset === 0) {
+      if (!caps.includes('x-ignore-shared')) {
+        throw new ProtocolError('BAD_MAPPED_RAM', `block "${name}" has no bitmap and no pages region (offsets 0), which only a shared block of an x-ignore-shared file has, and this file does not have x-ignore-shared`, { offset: at });
+      }
+      block.shared = true;
+      this.afterBlock();
+    } else if (block.mappedRam) {
       // The stream resumes after the block's pages region (§5.2).
       const here = this.streamPos(c);
       const resume = block.mappedRam.pagesOffset + usedLength;

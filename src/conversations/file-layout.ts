@@ -68,6 +68,8 @@ export interface BlockLayout {
   name: string;
   usedLength: number;
   mrAddr?: number;
+  /** x-ignore-shared's shared block of a QEMU 11 mapped-ram file: no bitmap, no pages (in the backing file). */
+  shared?: true;
   /** Offset of the block's entry (counted name) in the MEM_SIZE list. */
   entryOffset: number;
   mappedRam?: MappedRamRegions;
@@ -304,6 +306,11 @@ class Scan {
     this.blockByName.set(b.name, b);
     const h = info.mappedRam;
     if (!h) return true;
+    if (info.shared) {
+      // x-ignore-shared's shared block in a QEMU 11 file: a header with offsets 0, nothing else.
+      b.shared = true;
+      return true;
+    }
     const name = Buffer.byteLength(info.name, 'latin1');
     const headerOffset = at + 1 + name + 8 + (info.mrAddr !== undefined ? 8 : 0);
     const bmBytes = bitmapBytes(info.usedLength);

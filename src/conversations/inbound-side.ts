@@ -12,6 +12,7 @@ import type { Socket } from 'node:net';
 import { TARGET_PAGE_SIZE } from '../codec/constants.js';
 import { abortError, IdleTimeoutError, ProtocolError } from '../codec/errors.js';
 import { PageRecordParser } from '../codec/postcopy.js';
+import { formatUuid } from '../codec/multifd-init.js';
 import { StreamSession, type SessionEvent } from '../codec/stream-session.js';
 import { applyXbzrle } from '../codec/xbzrle.js';
 import type { SyncMode } from '../codec/sync-points.js';
@@ -347,6 +348,10 @@ export class InboundSide {
     const session = this.session;
     switch (ev.type) {
       case 'configuration':
+        // validate-uuid puts the source's -uuid here; with multifd off it is the only place it shows.
+        if (this.o.uuid && ev.config.uuid && !ev.config.uuid.equals(this.o.uuid)) {
+          throw new ProtocolError('UUID_MISMATCH', `the configuration (validate-uuid) carries uuid ${formatUuid(ev.config.uuid)}, expected ${formatUuid(this.o.uuid)}`, { offset: ev.at });
+        }
         publish(this.o.conversation, 'configuration', { machine: ev.config.machine });
         break;
       case 'return-path':

@@ -51,6 +51,8 @@ export interface InspectBlock {
   /** Bytes of page data the file holds for the block's final state. */
   bytes: number;
   'mr-addr'?: number;
+  /** x-ignore-shared's shared block (QEMU 11 mapped-ram files): its pages are in the backing file, none here, none zero. */
+  shared?: true;
   'entry-offset': number;
   'mapped-ram'?: MappedRamRegions;
   /** Stream files: records naming the block (a page sent in several rounds counts each time). */
@@ -139,8 +141,9 @@ export async function inspect(path: string, opts: InspectOptions = {}): Promise<
       const pages = b.usedLength / TARGET_PAGE_SIZE;
       const present = src.presentPages(b.name);
       const s = scanned.get(b.name);
-      const out: InspectBlock = { name: b.name, 'used-length': b.usedLength, pages, present, zero: pages - present, bytes: present * TARGET_PAGE_SIZE, 'entry-offset': s?.entryOffset ?? -1 };
+      const out: InspectBlock = { name: b.name, 'used-length': b.usedLength, pages, present, zero: b.shared ? 0 : pages - present, bytes: present * TARGET_PAGE_SIZE, 'entry-offset': s?.entryOffset ?? -1 };
       if (b.mrAddr !== undefined) out['mr-addr'] = b.mrAddr;
+      if (b.shared) out.shared = true;
       if (s?.mappedRam) out['mapped-ram'] = s.mappedRam;
       if (src.format === 'stream' && s) {
         out['page-records'] = s.pageRecords;

@@ -179,6 +179,11 @@ async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, S
     }
     const run = await qmp.execute('query-status');
     const caps: { capability: string; state: boolean }[] = await qmp.execute('query-migrate-capabilities');
+    // After the switchover an x-colo source waits for a COLO secondary's checkpoint messages with
+    // its guest stopped; QEMU 11 says nothing of it in the stream, so refuse before touching it.
+    if (caps.some((c) => c.capability === 'x-colo' && c.state)) {
+      throw new SourceError('the source has x-colo on (COLO fault tolerance): a snapshot cannot be its COLO secondary; turn x-colo off to save it');
+    }
     // With the return path the source completes only after our SHUT(0), i.e. after the snapshot
     // is committed; a failure on our side (SHUT(1)) fails its migration and it keeps running.
     // A background snapshot has no return path: our failure closes the socket, its writes fail.

@@ -20,6 +20,8 @@ export interface SnapshotBlock {
   usedLength: number;
   header: MappedRamHeader;
   bitmap: PageBitmap;
+  /** No pages in the file: x-ignore-shared's shared block (SnapshotBlockInfo.shared). */
+  shared?: true;
 }
 
 const READ_CHUNK = 256 * 1024;
@@ -93,7 +95,7 @@ export class MappedRamSnapshot implements SnapshotSource {
         for (let ev = session.next(); ev !== null; ev = session.next()) {
           if (ev.type === 'ram-block') {
             blocks.set(ev.block.name, await loadBlock(fh, ev.block, size));
-            blockInfo.push({ name: ev.block.name, usedLength: ev.block.usedLength, ...(ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {}) });
+            blockInfo.push({ name: ev.block.name, usedLength: ev.block.usedLength, ...(ev.block.mrAddr !== undefined ? { mrAddr: ev.block.mrAddr } : {}), ...(ev.block.shared ? { shared: true as const } : {}) });
           } else if (ev.type === 'section' && ev.kind === 'start') {
             ramSection = { sectionId: ev.sectionId, instanceId: ev.instanceId, versionId: ev.versionId };
           } else if (ev.type === 'page' || ev.type === 'zero' || ev.type === 'xbzrle') {
@@ -268,6 +270,8 @@ async function loadBlock(fh: FileHandle, info: RamBlockInfo, fileSize: number): 
   const h = info.mappedRam;
   if (!h) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" has no mapped-ram header`);
   const size = bitmapBytes(info.usedLength);
+  // Its pages are in the shared backing file: none here, every bit clear.
+  if (info.shared) return { name: info.name, usedLength: info.usedLength, header: h, bitmap: new PageBitmap(info.usedLength / TARGET_PAGE_SIZE, Buffer.alloc(size)), shared: true };
   if (h.bitmapOffset + size > fileSize) throw new ProtocolError('BAD_MAPPED_RAM', `block "${info.name}" bitmap lies beyond the end of the file`, { offset: h.bitmapOffset });
   if (h.pagesOffset + info.usedLength > fileSize) {
     throw new ProtocolError('TRUNCATED', `file is truncated: block "${info.name}" pages region ends at 0x${(h.pagesOffset + info.usedLength).toString(16)}, the file at 0x${fileSize.toString(16)}`, { offset: h.pagesOffset });

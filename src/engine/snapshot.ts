@@ -11,6 +11,8 @@ export interface SnapshotBlockInfo {
   usedLength: number;
   /** Present only with x-ignore-shared (written back into the block list). */
   mrAddr?: number;
+  /** x-ignore-shared left it out of a QEMU 11 mapped-ram file: its memory is in the shared backing file (RamBlockInfo.shared). */
+  shared?: true;
 }
 
 export interface SnapshotRamSection {

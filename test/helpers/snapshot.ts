@@ -115,6 +115,10 @@ export interface RestoreOptions {
   machine?: string;
   /** Default true: the guest stays stopped after loading so its memory can be dumped first. */
   paused?: boolean;
+  /** More QEMU arguments (e.g. the memory backend the source had). */
+  extraArgs?: string[];
+  /** More capabilities turned on for the load (e.g. x-ignore-shared). */
+  capabilities?: string[];
 }
 
 /**
@@ -130,9 +134,10 @@ export async function restoreSnapshot(o: RestoreOptions): Promise<QemuInstance> 
     ...(o.accel ? { accel: o.accel } : {}),
     ...(o.bootSector ? { bootSector: true } : {}),
     ...(o.machine ? { machine: o.machine } : {}),
+    ...(o.extraArgs ? { extraArgs: o.extraArgs } : {}),
   });
   try {
-    const caps = [{ capability: 'mapped-ram', state: true }];
+    const caps = [{ capability: 'mapped-ram', state: true }, ...(o.capabilities ?? []).map((capability) => ({ capability, state: true }))];
     if (o.multifdChannels) caps.push({ capability: 'multifd', state: true });
     await q.qmp.execute('migrate-set-capabilities', { capabilities: caps });
     if (o.multifdChannels) await q.qmp.execute('migrate-set-parameters', { 'multifd-channels': o.multifdChannels });

@@ -6,8 +6,10 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { MainStreamParser, type MainEvent, type RamBlockInfo } from '../../src/codec/main-stream-parser.js';
-import { Command, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HEADER_SIZE, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
-import { PageBitmap, bitmapBytes } from '../../src/codec/mapped-ram.js';
+import { Command, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HEADER_SIZE, SectionType, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
+import { PageBitmap, bitmapBytes, encodeMappedRamHeader, planBlock } from '../../src/codec/mapped-ram.js';
+import { encodeConfiguration } from '../../src/codec/configuration.js';
+import { encodeBlockEntry, encodeMemSize, encodeSectionFull, encodeStreamHeader } from '../../src/codec/stream-encode.js';
 import { findTrailingVmdesc, trailingVmdesc, vmdescCandidates, walkDeviceState } from '../../src/codec/vmdesc.js';
 import { BLOB_OFFSET, guestBlob, prng, scenarios } from '../helpers/fixtures.js';
 
@@ -338,6 +340,38 @@ describe('main stream: chunking never changes the events', () => {
       }
       assert.equal(found, want, s.label);
     }
+  });
+});
+
+describe('mapped-ram file with x-ignore-shared (QEMU 11 layout)', () => {
+  /** Stream header to the last block entry: a shared block (offsets 0, nothing else) then one with its regions. */
+  function file(caps: string[]): { data: Buffer; resumeAt: number; sharedEnd: number } {
+    const head = Buffer.concat([encodeStreamHeader(), encodeConfiguration({ machine: 'pc-test', capabilities: caps }), encodeSectionFull(SectionType.START, 1, 'ram', 0, 4), encodeMemSize(64 * PAGE + 2 * PAGE)]);
+    const mr = (a: number) => (caps.includes('x-ignore-shared') ? { mrAddr: a } : {});
+    const shared = Buffer.concat([encodeBlockEntry('mem', 64 * PAGE, mr(0)), encodeMappedRamHeader({ version: 1, pageSize: PAGE, bitmapOffset: 0, pagesOffset: 0 })]);
+    const entry = encodeBlockEntry('rom', 2 * PAGE, mr(0x100000));
+    const plan = planBlock(head.length + shared.length + entry.length, 2 * PAGE);
+    const data = Buffer.alloc(plan.end);
+    Buffer.concat([head, shared, entry, encodeMappedRamHeader(plan)]).copy(data);
+    return { data, resumeAt: plan.end, sharedEnd: head.length + shared.length };
+  }
+
+  test('the shared block is marked, has no region, and the next entry follows its header', () => {
+    const { data, resumeAt, sharedEnd } = file(['x-ignore-shared', 'mapped-ram']);
+    for (const seek of [true, false]) {
+      const p = parse(data, () => 7, { seek });
+      const blocks = p.events.filter((e) => e.ev.type === 'ram-block');
+      assert.deepEqual(blocks.map((e) => e.ev.type === 'ram-block' && [e.ev.block.name, e.ev.block.mrAddr, e.ev.block.shared]), [['mem', 0, true], ['rom', 0x100000, undefined]]);
+      assert.equal(blocks[0]!.end, sharedEnd, 'nothing skipped after the shared block');
+      assert.equal(p.parser.offset, resumeAt, 'the rom block\'s region skipped as usual');
+    }
+  });
+
+  test('offsets 0 without x-ignore-shared: BAD_MAPPED_RAM at the entry', () => {
+    const { data } = file(['mapped-ram']);
+    const parser = new MainStreamParser();
+    parser.push(data);
+    assert.throws(() => { while (parser.next() !== null); }, (e: Error & { code?: string }) => e.code === 'BAD_MAPPED_RAM' && /block "mem" has no bitmap and no pages region/.test(e.message));
   });
 });
 

@@ -344,6 +344,13 @@ describe('receive failures', () => {
       /main channel: PING before OPEN_RETURN_PATH/);
   });
 
+  test('--uuid with validate-uuid and multifd off: a configuration carrying another uuid is refused (UUID_MISMATCH)', async () => {
+    const config = encodeConfiguration({ machine: 'm', capabilities: [], uuid: Buffer.alloc(16, 0x11) });
+    const e = await expectFailure(0, (a) => rawMigration(a, [encodeStreamHeader(), config, encodeSectionFull(SectionType.START, 1, 'ram', 0, 4)], [], { keepOpen: true }),
+      /configuration \(validate-uuid\) carries uuid 11111111-1111-1111-1111-111111111111, expected 22222222-2222-2222-2222-222222222222/, { uuid: Buffer.alloc(16, 0x22), idleTimeoutMs: 5000 });
+    assert.equal((e as Error & { code?: string }).code, 'UUID_MISMATCH');
+  });
+
   test('abort() mid-migration removes the temporary file', async () => {
     const dir = tmp();
     try {

@@ -18,10 +18,10 @@ const PAGE = TARGET_PAGE_SIZE;
 
 /**
  * A main stream cut down for fuzzing: only the page records (data, zero, XBZRLE) of every
- * `stride`-th page kept, everything else as QEMU sent it. A 20 MB XBZRLE stream becomes a few
+ * `stride`-th page kept, everything else as QEMU sent it. A 22 MB stream file becomes a few
  * hundred KB that still holds every kind of record, deltas onto pages sent before included; a
- * whole one takes seconds per input to index, which the hang watchdog would call a hang under
- * load. CONTINUE is set anew (a dropped record may have named the block), and never across a
+ * whole one takes seconds per input to open, scan and convert, which the hang watchdog (4 s)
+ * calls a hang under load once a mutation no longer stops it early. CONTINUE is set anew (a dropped record may have named the block), and never across a
  * section: naming the block is always valid.
  */
 export function compactStream(data: Buffer, stride = 64): Buffer {

@@ -138,7 +138,7 @@ function fileTarget(kind: 'mapped-ram' | 'stream'): Target {
         [...captures(), ...(kind === 'stream' ? streamScenarios((e) => e.scenario === 'stream-file-xbzrle') : [])]
           .filter((s) => (kind === 'mapped-ram' ? s.entry.scenario === 'mapped-ram-file' : s.entry.scenario === 'stream-file' || s.entry.scenario === 'precopy-plain' || s.entry.scenario === 'stream-file-xbzrle'))
           .map((s) => {
-            const data = kind === 'mapped-ram' ? compactMappedRam(s) : s.entry.scenario === 'xbzrle' ? compactStream(s.main()) : s.main();
+            const data = kind === 'mapped-ram' ? compactMappedRam(s) : compactStream(s.main());
             return { name: s.label, data, focus: mergeRanges([...mainStructure(data, 16384), [data.length - 2048, data.length]]) };
           }),
       ),

@@ -144,7 +144,7 @@ class Connection {
       noDelay: true,
       onread: {
         buffer: () => this.nextBuffer(),
-        callback: (n: number, buf: Uint8Array) => this.received(n, buf),
+        callback: (n: number, buf: Uint8Array) => this.onRead(n, buf),
       },
     });
     this.sock.on('error', (e) => this.fail(e));
@@ -152,8 +152,13 @@ class Connection {
     this.sock.on('timeout', () => this.sock.destroy(Object.assign(connectionError(`no data from the store for ${this.sock.timeout} ms`, 'ETIMEDOUT'), { name: 'TimeoutError' })));
   }
 
+  /** Body bytes received so far (while held: those that came with the head). */
+  private get received(): number {
+    return this.phase === 'held' ? this.early.length : this.at;
+  }
+
   private closedText(): string {
-    if (this.phase === 'body' || this.phase === 'held') return `the store closed the connection after ${this.at} of ${this.bodyLength} body bytes`;
+    if (this.phase === 'body' || this.phase === 'held') return `the store closed the connection after ${this.received} of ${this.bodyLength} body bytes`;
     return `the store closed the connection before its answer${this.headBytes > 0 ? ' was complete' : ''}`;
   }
 
@@ -222,7 +227,7 @@ class Connection {
   }
 
   /** net's onread callback: false stops reading. */
-  private received(n: number, buf: Uint8Array): boolean {
+  private onRead(n: number, buf: Uint8Array): boolean {
     if (this.phase === 'body') return this.bodyBytes(n, buf);
     if (this.phase === 'head') return this.headData(Buffer.from(buf.buffer, buf.byteOffset, n));
     // Bytes while idle or while the body waits for its reader: the store sent more than it announced.
@@ -305,10 +310,10 @@ class Connection {
   private fail(e: Error): void {
     if (this.phase === 'dead') return;
     const wasBody = this.phase === 'body' || this.phase === 'held';
-    this.phase = 'dead';
     const err = wasBody && (e as { code?: string }).code === 'ECONNRESET' ? connectionError(this.closedText(), 'ECONNRESET') : e;
+    Object.assign(err, { received: this.received });
+    this.phase = 'dead';
     this.failure = err;
-    Object.assign(err, { received: this.at });
     if (!this.sock.destroyed) this.sock.destroy();
     const f = this.onFail;
     this.onFail = undefined;

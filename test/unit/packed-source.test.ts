@@ -129,6 +129,62 @@ for (const version of ['10.0', '11.1'] as const) {
       await q.close();
     });
 
+    test('chunk buffers come from a bounded pool, reused only once no GET writes and no copy reads them; a failed GET gives its buffer back', async () => {
+      const { object, file } = await pack(path, 1024 * 1024);
+      // GETs answer late and out of order, writing their bytes only when they answer: a buffer
+      // handed to a new GET while an earlier copy still read it would show up as wrong pages.
+      let failAt = -1;
+      let n = 0;
+      const slow: RangeReader = {
+        name: 'mem://slow',
+        size: object.length,
+        read(position, length, into) {
+          const k = n++;
+          return new Promise((resolve, reject) => setTimeout(() => {
+            if (k === failAt) return reject(new Error(`GET ${k} failed`));
+            const out = into ?? Buffer.alloc(length);
+            object.copy(out, 0, position, position + length);
+            resolve(out);
+          }, (k * 7) % 5));
+        },
+      };
+      const chunk = TARGET_PAGE_SIZE;
+      const readAhead = 2;
+      const p = await PackedSnapshot.open(slow, { chunkBytes: chunk, readAhead });
+      const pc = p.blockList[0]!.name;
+      const runs: number[] = [];
+      p.forEachRun(pc, (f, c) => { for (let i = 0; i < c; i++) runs.push(f + i, 1); });
+      // Three batches in flight at once, as the multifd sender loads them.
+      const check = async (i: number): Promise<void> => {
+        const count = runs[i + 1]!;
+        const mine = Buffer.alloc(count * TARGET_PAGE_SIZE);
+        const want = Buffer.concat(await file.loadRuns(pc, [runs[i]!, count], 1, Buffer.alloc(count * TARGET_PAGE_SIZE)));
+        const got = Buffer.concat(await p.loadRuns(pc, [runs[i]!, count], 1, mine));
+        assert.ok(got.equals(want), `pages ${runs[i]}+${count}`);
+      };
+      for (let i = 0; i < runs.length; i += 6) await Promise.all([i, i + 2, i + 4].filter((j) => j < runs.length).map(check));
+      const pool = p.chunkPool;
+      assert.ok(p.stats.chunkGets > 3 * (readAhead + 3), `${p.stats.chunkGets} chunk GETs: enough to need reuse`);
+      assert.ok(pool.stats.allocated <= readAhead + 4, `${pool.stats.allocated} chunk buffers made for ${p.stats.chunkGets} GETs`);
+      assert.ok(pool.stats.reused >= p.stats.chunkGets - pool.stats.allocated);
+      await p.close();
+
+      // A GET that fails: the read fails with its error, and its buffer is still given back.
+      const q = await PackedSnapshot.open(slow, { chunkBytes: chunk, readAhead });
+      failAt = n + 2;
+      let failed = 0;
+      for (let i = 0; i < runs.length; i += 2) {
+        await q.loadRuns(pc, [runs[i]!, runs[i + 1]!], 1, Buffer.alloc(runs[i + 1]! * TARGET_PAGE_SIZE)).catch((e: Error) => {
+          assert.match(e.message, /GET \d+ failed/);
+          failed++;
+        });
+      }
+      assert.ok(failed >= 1, 'the failed GET failed the reads of its chunk');
+      assert.ok(q.chunkPool.stats.allocated <= readAhead + 4, `${q.chunkPool.stats.allocated} chunk buffers with a failed GET among them`);
+      await q.close();
+      await file.close();
+    });
+
     test('a truncated or corrupted object fails at open with a code and an offset', async () => {
       const { object, file } = await pack(path, 1024 * 1024);
       await file.close();

@@ -2,8 +2,8 @@
 // bitmaps, device state) once at open, pages on demand. Pages read in file order (restore, send,
 // convert, postcopy's background scan) come from large sequential GETs kept several in flight
 // ahead of the reader; pages asked for out of order (postcopy's requests) get one small GET each.
-// Memory: the prefix plus `readAhead` + 3 chunk buffers, reused (engine/buffer-pool.ts), and 16
-// read-around windows, whatever the guest size.
+// Memory: the prefix plus about `readAhead` + 4 chunk buffers, reused (engine/buffer-pool.ts),
+// and 16 read-around windows, whatever the guest size.
 
 import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
@@ -56,6 +56,8 @@ interface Chunk {
   settled: boolean;
   /** Copies out of it in progress. */
   users: number;
+  /** Views of it handed out by loadRuns and not yet released (see `pins`). */
+  pins: number;
   /** Dropped from the chunk map (the reader moved past it). */
   evicted: boolean;
   recycled: boolean;
@@ -88,6 +90,14 @@ export class PackedSnapshot implements SnapshotSource {
   private readonly around = new Map<number, Promise<Buffer>>();
   private readonly chunks = new Map<number, Chunk>();
   private readonly pool: BufferPool;
+  /**
+   * Chunks that views handed out by loadRuns point into, by the scratch they were loaded for.
+   * A caller reuses its scratch only once it is done with the views of the last load into it
+   * (every loader's contract: the non-view bytes are in the scratch), so the next loadRuns with
+   * the same scratch releases them. Keyed by the Buffer object: a different object over the same
+   * memory releases nothing (safe, only less reuse).
+   */
+  private readonly pins = new WeakMap<Buffer, Chunk[]>();
   /** Chunks of `chunks` whose GET has completed. */
   private readonly arrived = new Set<number>();
   /** The highest chunk a sequential read has touched. */
@@ -114,8 +124,9 @@ export class PackedSnapshot implements SnapshotSource {
     this.chunkBytes = Math.max(TARGET_PAGE_SIZE, Math.floor((opts.chunkBytes ?? 8 * 1024 * 1024) / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE);
     this.readAhead = Math.max(1, opts.readAhead ?? 6);
     this.readAround = Math.max(TARGET_PAGE_SIZE, Math.floor((opts.readAround ?? 256 * 1024) / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE);
-    // Chunks alive at once: one behind the reader, the one or two it reads, readAhead ahead.
-    this.pool = new BufferPool(this.chunkBytes, this.readAhead + 3);
+    // Chunks alive at once: one behind the reader, the one or two it reads, readAhead ahead, and
+    // about one more that views held by the sender point into.
+    this.pool = new BufferPool(this.chunkBytes, this.readAhead + 4);
   }
 
   /** The chunk buffers' pool (tests, and the docs' numbers). */
@@ -194,14 +205,18 @@ export class PackedSnapshot implements SnapshotSource {
 
   /**
    * Runs of present pages are contiguous in the object (consecutive ranks); pages with clear
-   * bits in a run (a caller may ask for them) read as zero. Everything is copied into `scratch`,
-   * which the caller owns: views of a chunk would keep the chunk's buffer from being reused for
-   * as long as the sender holds them (the body itself now lands in the chunk without a copy,
-   * transports/direct-get.ts, so this is the one copy per byte).
+   * bits in a run (a caller may ask for them) read as zero. A run wholly present and inside one
+   * sequential chunk that has arrived comes back as a view of that chunk, not copied into
+   * `scratch`; the chunk's buffer stays out of the pool until the next loadRuns with the same
+   * `scratch` (with the body read straight into the chunk, transports/direct-get.ts, such a run
+   * is never copied at all).
    */
   async loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer, opts: { urgent?: boolean } = {}): Promise<Buffer[]> {
     const urgent = opts.urgent === true;
     const b = this.block(block);
+    this.unpin(scratch);
+    const pinned: Chunk[] = [];
+    this.pins.set(scratch, pinned);
     const views: Buffer[] = [];
     const spans: { obj: number; at: number; len: number }[] = [];
     const whole: Promise<void>[] = [];
@@ -216,7 +231,8 @@ export class PackedSnapshot implements SnapshotSource {
       views.push(region);
       const r0 = b.rank.rank(first);
       if (b.rank.rank(first + count) - r0 === count) {
-        whole.push(this.fetch(packedPageOffset(this.layout, b.block, r0), len, region, urgent));
+        const k = views.length - 1;
+        whole.push(this.fetch(packedPageOffset(this.layout, b.block, r0), len, region, urgent, pinned).then((v) => { views[k] = v; }));
         total += len;
         continue;
       }
@@ -245,8 +261,12 @@ export class PackedSnapshot implements SnapshotSource {
     return views;
   }
 
-  /** Object bytes [obj, obj+len) into `into`: from the sequential chunks, or a read-around GET. */
-  private async fetch(obj: number, len: number, into: Buffer, urgent = false): Promise<void> {
+  /**
+   * Object bytes [obj, obj+len): with `pinned`, a view of the chunk that holds them all (the chunk
+   * pinned until released), else copied into `into` (from the chunks, or a read-around GET) and
+   * `into` returned.
+   */
+  private async fetch(obj: number, len: number, into: Buffer, urgent = false, pinned?: Chunk[]): Promise<Buffer> {
     // A read after close(): a bug in the reader's user, not something a caller reacts to.
     if (this.closed) throw new Error(`${this.path} is closed`);
     const rel = obj - this.layout.pagesOffset;
@@ -258,11 +278,10 @@ export class PackedSnapshot implements SnapshotSource {
       // restore (a page QEMU touches while loading the devices, before RUN) waited ~150 ms.
       if (c0 === c1 && this.arrived.has(c0)) {
         const from = rel - c0 * this.chunkBytes;
-        await this.copyOut(this.chunks.get(c0)!, from, from + len, into, 0);
-        return;
+        return this.copyOut(this.chunks.get(c0)!, from, from + len, into, 0, pinned);
       }
       await this.fetchAround(rel, len, into);
-      return;
+      return into;
     }
     // Sequential: at, or just past, what was read before, or right where the last read ended (a
     // reader that starts in the middle, e.g. extract --block), or the very start.
@@ -270,13 +289,17 @@ export class PackedSnapshot implements SnapshotSource {
     this.lastEnd = rel + len;
     if (!sequential) {
       await this.fetchAround(rel, len, into);
-      return;
+      return into;
     }
     if (c1 > this.cursor) this.cursor = c1;
     // Chunks behind the reader are done with: one back is kept for reads that finish late.
     for (const k of [...this.chunks.keys()]) if (k < c0 - 1) this.evict(k);
     const lastChunk = Math.floor((this.layout.objectSize - this.layout.pagesOffset - 1) / this.chunkBytes);
     for (let k = c0; k <= Math.min(lastChunk, c1 + this.readAhead); k++) this.chunk(k);
+    if (c0 === c1) {
+      const from = rel - c0 * this.chunkBytes;
+      return this.copyOut(this.chunk(c0), from, from + len, into, 0, pinned);
+    }
     let done = 0;
     for (let k = c0; k <= c1; k++) {
       const start = k * this.chunkBytes;
@@ -285,17 +308,38 @@ export class PackedSnapshot implements SnapshotSource {
       await this.copyOut(this.chunk(k), from, to, into, done);
       done += to - from;
     }
+    return into;
   }
 
-  /** Chunk bytes [from, to) into `into` at `at`; the chunk's buffer is not reused meanwhile. */
-  private async copyOut(c: Chunk, from: number, to: number, into: Buffer, at: number): Promise<void> {
+  /**
+   * Chunk bytes [from, to): with `pinned`, a view of the chunk (which joins `pinned`), else copied
+   * into `into` at `at` and `into` returned. The chunk's buffer is not reused meanwhile.
+   */
+  private async copyOut(c: Chunk, from: number, to: number, into: Buffer, at: number, pinned?: Chunk[]): Promise<Buffer> {
     c.users++;
     try {
       const buf = await c.data;
       if (to > buf.length) throw new Error(`internal: bytes ${from}..${to} of a ${buf.length}-byte chunk`);
+      if (pinned && !this.closed) {
+        c.pins++;
+        pinned.push(c);
+        return buf.subarray(from, to);
+      }
       buf.copy(into, at, from, to);
+      return into;
     } finally {
       c.users--;
+      this.recycle(c);
+    }
+  }
+
+  /** Releases the chunks the views of the last load into `scratch` point into. */
+  private unpin(scratch: Buffer): void {
+    const list = this.pins.get(scratch);
+    if (!list) return;
+    this.pins.delete(scratch);
+    for (const c of list) {
+      c.pins--;
       this.recycle(c);
     }
   }
@@ -348,7 +392,7 @@ export class PackedSnapshot implements SnapshotSource {
       this.stats.chunkGets++;
       this.stats.bytesFetched += len;
       const buf = this.pool.take();
-      const entry: Chunk = { buf, data: this.reader.read(start, len, buf.subarray(0, len)), settled: false, users: 0, evicted: false, recycled: false };
+      const entry: Chunk = { buf, data: this.reader.read(start, len, buf.subarray(0, len)), settled: false, users: 0, pins: 0, evicted: false, recycled: false };
       entry.data.then(() => {
         entry.settled = true;
         if (this.chunks.get(k) === entry) this.arrived.add(k);
@@ -375,7 +419,7 @@ export class PackedSnapshot implements SnapshotSource {
 
   /** Back to the pool once evicted, its GET over and no copy out of it in progress. */
   private recycle(c: Chunk): void {
-    if (c.recycled || !c.evicted || !c.settled || c.users > 0 || this.closed) return;
+    if (c.recycled || !c.evicted || !c.settled || c.users > 0 || c.pins > 0 || this.closed) return;
     c.recycled = true;
     this.pool.give(c.buf);
   }
@@ -407,8 +451,12 @@ export class PackedSnapshot implements SnapshotSource {
     const first = Math.floor(offset / TARGET_PAGE_SIZE);
     const last = Math.floor((offset + into.length - 1) / TARGET_PAGE_SIZE);
     const tmp = Buffer.allocUnsafe((last - first + 1) * TARGET_PAGE_SIZE);
-    const [view] = await this.loadRuns(block, [first, last - first + 1], 1, tmp);
-    view!.copy(into, 0, offset - first * TARGET_PAGE_SIZE);
+    try {
+      const [view] = await this.loadRuns(block, [first, last - first + 1], 1, tmp);
+      view!.copy(into, 0, offset - first * TARGET_PAGE_SIZE);
+    } finally {
+      this.unpin(tmp);
+    }
   }
 
   /** The skeleton (everything but the pages regions) as file spans, for rebuilding the file. */

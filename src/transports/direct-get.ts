@@ -139,7 +139,8 @@ class Connection {
 
   constructor(readonly origin: string, host: string, port: number, private readonly release: (c: Connection) => void) {
     this.sock = connect({
-      host,
+      // An IPv6 endpoint's hostname comes in brackets (http://[::1]:7480).
+      host: host.replace(/^\[(.*)\]$/, '$1'),
       port,
       noDelay: true,
       onread: {

@@ -110,6 +110,26 @@ describe('S3 direct GET bodies', () => {
     h.destroy();
   });
 
+  test('an IPv6 endpoint (hostname in brackets) connects', async (t) => {
+    const s = await scripted((req, sock) => answer(req, sock)).catch(() => undefined);
+    const v6 = createServer((sock) => s?.server.emit('connection', sock));
+    const ok = await new Promise<boolean>((r) => { v6.once('error', () => r(false)); v6.listen(0, '::1', () => r(true)); });
+    if (!s || !ok) {
+      t.skip('no IPv6 loopback here');
+      v6.close();
+      return;
+    }
+    servers.push(s.server, v6);
+    const port = (v6.address() as { port: number }).port;
+    const h = new DirectGetHandler(innerStub());
+    const { response } = await h.handle({ ...get(port, 0, 100), hostname: '[::1]' });
+    assert.ok(isDirectBody(response.body));
+    const out = Buffer.alloc(100);
+    await response.body.readInto(out);
+    assert.ok(out.equals(OBJECT.subarray(0, 100)));
+    h.destroy();
+  });
+
   test('body and head in one write, and bodies read as a stream', async () => {
     const s = await scripted((req, sock) => {
       const [a, b] = range(req);

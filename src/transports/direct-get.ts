@@ -3,12 +3,14 @@
 // parser into another fresh buffer, and copied once more by the reader: restoring from S3 spent
 // ~4 CPU-s per GiB on that and on collecting the garbage (docs/performance.md), on a machine where
 // the store and QEMU need the same cores. Here the socket reads (net's `onread`) go into the
-// destination itself. The SDK still builds and signs every request; only the successful answer to
-// a ranged GET over plain HTTP with a Content-Length is read here. Everything else (other methods,
-// https, an error status, a chunked body) goes to the SDK's own handler: a ranged GET answered
-// with an error is sent again there as signed (GET is idempotent), so the SDK parses the error.
+// destination itself (over https too: the TLS layer decrypts into it). The SDK still builds and
+// signs every request; only the successful answer to a ranged GET with a Content-Length is read
+// here. Everything else (other methods, an error status, a chunked body) goes to the SDK's own
+// handler: a ranged GET answered with an error is sent again there as signed (GET is
+// idempotent), so the SDK parses the error.
 
-import { connect, type Socket } from 'node:net';
+import { connect, isIP, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { Readable } from 'node:stream';
 
 /** The SDK's HttpRequest, as much of it as is read here. */
@@ -56,6 +58,8 @@ export interface DirectGetOptions {
   maxIdle?: number;
   /** Connections per endpoint at most, as the SDK's agent (default 64); more requests wait for one. */
   maxSockets?: number;
+  /** For https endpoints: tls.connect options (a CA, ...); the server's name is checked as always. */
+  tls?: ConnectionOptions;
   /** ms an idle connection is kept (default 4000: below the usual server keep-alive timeouts). */
   idleMs?: number;
 }
@@ -136,18 +140,19 @@ class Connection {
   private onBody: (() => void) | undefined;
   private onFail: ((e: Error) => void) | undefined;
   private failure: Error | undefined;
+  private readonly secure: boolean;
 
-  constructor(readonly origin: string, host: string, port: number, private readonly release: (c: Connection) => void) {
-    this.sock = connect({
-      // An IPv6 endpoint's hostname comes in brackets (http://[::1]:7480).
-      host: host.replace(/^\[(.*)\]$/, '$1'),
-      port,
-      noDelay: true,
-      onread: {
-        buffer: () => this.nextBuffer(),
-        callback: (n: number, buf: Uint8Array) => this.onRead(n, buf),
-      },
-    });
+  constructor(readonly origin: string, host: string, port: number, private readonly release: (c: Connection) => void, tls?: ConnectionOptions) {
+    // An IPv6 endpoint's hostname comes in brackets (http://[::1]:7480).
+    const bare = host.replace(/^\[(.*)\]$/, '$1');
+    const onread = {
+      buffer: () => this.nextBuffer(),
+      callback: (n: number, buf: Uint8Array) => this.onRead(n, buf),
+    };
+    this.secure = tls !== undefined;
+    this.sock = tls
+      ? tlsConnect({ ...tls, host: bare, port, ...(isIP(bare) ? {} : { servername: bare }), onread } as ConnectionOptions)
+      : connect({ host: bare, port, noDelay: true, onread });
     this.sock.on('error', (e) => this.fail(e));
     this.sock.on('close', () => this.fail(connectionError(this.closedText(), 'ECONNRESET')));
     this.sock.on('timeout', () => this.sock.destroy(Object.assign(connectionError(`no data from the store for ${this.sock.timeout} ms`, 'ETIMEDOUT'), { name: 'TimeoutError' })));
@@ -172,7 +177,8 @@ class Connection {
     return new Promise((resolve, reject) => {
       const t = setTimeout(() => this.sock.destroy(connectionError(`could not connect to ${this.origin} within ${timeoutMs} ms`, 'ETIMEDOUT')), timeoutMs);
       this.onFail = (e) => { clearTimeout(t); reject(e); };
-      this.sock.once('connect', () => {
+      this.sock.once(this.secure ? 'secureConnect' : 'connect', () => {
+        if (this.secure) this.sock.setNoDelay(true);
         clearTimeout(t);
         this.onFail = undefined;
         this.phase = 'idle';
@@ -364,8 +370,9 @@ export function isDirectBody(b: unknown): b is DirectBody {
 }
 
 /**
- * Ranged GETs over http:// read here (DirectBody), all else passed to `inner` (the SDK's
- * NodeHttpHandler). Connections are kept alive per endpoint.
+ * Ranged GETs (http:// and https://) read here (DirectBody), all else passed to `inner` (the SDK's
+ * NodeHttpHandler). Connections are kept alive per endpoint; https uses the system's CAs (and
+ * NODE_EXTRA_CA_CERTS), as the SDK's handler does.
  */
 export class DirectGetHandler implements SdkHttpHandler {
   readonly metadata = { handlerProtocol: 'http/1.1' };
@@ -374,6 +381,7 @@ export class DirectGetHandler implements SdkHttpHandler {
   private readonly perOrigin = new Map<string, number>();
   private readonly waiters = new Map<string, (() => void)[]>();
   private readonly maxSockets: number;
+  private readonly tls: ConnectionOptions;
   private readonly connectionTimeout: number;
   private readonly requestTimeout: number;
   private readonly maxIdle: number;
@@ -385,12 +393,13 @@ export class DirectGetHandler implements SdkHttpHandler {
     this.requestTimeout = opts.requestTimeout ?? 120_000;
     this.maxIdle = opts.maxIdle ?? 16;
     this.maxSockets = Math.max(1, opts.maxSockets ?? 64);
+    this.tls = opts.tls ?? {};
     this.idleMs = opts.idleMs ?? 4000;
   }
 
   /** Whether this request is read here. */
   static takes(req: SdkHttpRequest): boolean {
-    return req.method === 'GET' && req.protocol === 'http:' && req.body == null && !req.username && !req.password &&
+    return req.method === 'GET' && (req.protocol === 'http:' || req.protocol === 'https:') && req.body == null && !req.username && !req.password &&
       Object.keys(req.headers).some((h) => h.toLowerCase() === 'range');
   }
 
@@ -400,9 +409,11 @@ export class DirectGetHandler implements SdkHttpHandler {
     const signal = opts.abortSignal;
     if (signal?.aborted) throw Object.assign(new Error('Request aborted'), { name: 'AbortError' });
     const timeout = opts.requestTimeout ?? this.requestTimeout;
-    const origin = `${req.hostname}:${req.port ?? 80}`;
+    const secure = req.protocol === 'https:';
+    const port = req.port ?? (secure ? 443 : 80);
+    const origin = `${req.protocol}//${req.hostname}:${port}`;
     for (let fresh = false; ; fresh = true) {
-      const { c, reused } = await this.acquire(origin, req.hostname, req.port ?? 80, fresh);
+      const { c, reused } = await this.acquire(origin, req.hostname, port, secure, fresh);
       let head: Head;
       const abort = (): void => { c.sock.destroy(Object.assign(new Error('Request aborted'), { name: 'AbortError' })); };
       signal?.addEventListener?.('abort', abort, { once: true });
@@ -427,11 +438,11 @@ export class DirectGetHandler implements SdkHttpHandler {
   }
 
   /** An idle connection (unless `fresh`), else a new one, waiting while maxSockets are open. */
-  private async acquire(origin: string, host: string, port: number, fresh: boolean): Promise<{ c: Connection; reused: boolean }> {
+  private async acquire(origin: string, host: string, port: number, secure: boolean, fresh: boolean): Promise<{ c: Connection; reused: boolean }> {
     for (;;) {
       const idle = fresh ? undefined : this.idle.get(origin)?.pop();
       if (idle) return { c: idle, reused: true };
-      if ((this.perOrigin.get(origin) ?? 0) < this.maxSockets) return { c: await this.open(origin, host, port), reused: false };
+      if ((this.perOrigin.get(origin) ?? 0) < this.maxSockets) return { c: await this.open(origin, host, port, secure), reused: false };
       const list = this.waiters.get(origin) ?? [];
       this.waiters.set(origin, list);
       await new Promise<void>((r) => list.push(r));
@@ -443,8 +454,8 @@ export class DirectGetHandler implements SdkHttpHandler {
     this.waiters.get(origin)?.shift()?.();
   }
 
-  private async open(origin: string, host: string, port: number): Promise<Connection> {
-    const c = new Connection(origin, host, port, (k) => this.park(k));
+  private async open(origin: string, host: string, port: number, secure: boolean): Promise<Connection> {
+    const c = new Connection(origin, host, port, (k) => this.park(k), secure ? this.tls : undefined);
     this.live.add(c);
     this.perOrigin.set(origin, (this.perOrigin.get(origin) ?? 0) + 1);
     c.sock.once('close', () => {

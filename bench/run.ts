@@ -55,7 +55,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { countPasses, haveQemu, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
 import { diskFloor } from './disk-floor.js';
-import { CreateBucketCommand } from '@aws-sdk/client-s3';
+import { CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { s3Client } from '../src/transports/s3.js';
 import { storeFloor } from './s3-floor.js';
 import { holdHostMemory } from './host-memory.js';
@@ -697,7 +697,17 @@ async function benchBucket(): Promise<string> {
  * object of the bench's bucket.
  */
 async function s3Jobs(c: Ctx, file: string, bucket: string, record: (impl: Row['impl'], result: Row['result']) => void): Promise<void> {
-  const url = `s3://${bucket}/ours-${c.memMiB}m-${c.channels}.mig`;
+  const key = `ours-${c.memMiB}m-${c.channels}.mig`;
+  const url = `s3://${bucket}/${key}`;
+  try {
+    await s3JobsOn(c, file, bucket, url, record);
+  } finally {
+    // A 4 GiB run leaves a 3.2 GB object otherwise, in a store that other runs and tests share.
+    await (await s3Client({})).send(new DeleteObjectCommand({ Bucket: bucket, Key: key })).catch(() => {});
+  }
+}
+
+async function s3JobsOn(c: Ctx, file: string, bucket: string, url: string, record: (impl: Row['impl'], result: Row['result']) => void): Promise<void> {
   const local = await oursSave(c, file);
   record('save file', local.save);
   const remote = await oursSaveSummary(c, url);
@@ -878,6 +888,7 @@ async function main(): Promise<void> {
   const md = writeMarkdown(result);
   writeFileSync(join(RESULTS, `${stem}.md`), md);
   writeFileSync(join(RESULTS, `${stem}.svg`), writeChart(rows));
+  if (s3Bucket) await (await s3Client({})).send(new DeleteBucketCommand({ Bucket: s3Bucket })).catch(() => {});
   process.stdout.write(md);
 }
 

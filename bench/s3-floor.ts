@@ -1,7 +1,8 @@
 // The store's own throughput for a snapshot's bytes, measured as the disk floor is: the same
 // client and settings our save and restore use (bench/disk-floor.ts is the disk's version).
 // PUT: a multipart upload of `bytes` with the same part size and parts in flight; GET: the
-// object read back with 8 MiB ranged GETs, the same number in flight as our restore's read-ahead.
+// object read back with 8 MiB ranged GETs into reused buffers, the same number in flight as our
+// restore's read-ahead.
 
 import { randomFillSync } from 'node:crypto';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
@@ -37,11 +38,15 @@ export async function storeFloor(bucket: string, bytes: number, settings: S3Sett
     const inFlight = settings.readAhead ?? 6;
     let next = 0;
     const worker = async (): Promise<void> => {
+      // One buffer per worker, reused, as our restore reuses its chunk buffers: a fresh 8 MiB
+      // buffer per GET costs page faults and garbage collection that are not the store's.
+      const buf = Buffer.allocUnsafeSlow(CHUNK);
       for (;;) {
         const at = next;
         next += CHUNK;
         if (at >= bytes) return;
-        await obj.read(at, Math.min(CHUNK, bytes - at));
+        const len = Math.min(CHUNK, bytes - at);
+        await obj.read(at, len, buf.subarray(0, len));
       }
     };
     await Promise.all(Array.from({ length: inFlight }, worker));

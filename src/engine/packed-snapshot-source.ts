@@ -2,7 +2,8 @@
 // bitmaps, device state) once at open, pages on demand. Pages read in file order (restore, send,
 // convert, postcopy's background scan) come from large sequential GETs kept several in flight
 // ahead of the reader; pages asked for out of order (postcopy's requests) get one small GET each.
-// Memory: the prefix plus at most `readAhead` + 2 chunks, whatever the guest size.
+// Memory: the prefix plus about `readAhead` + 4 chunk buffers, reused (engine/buffer-pool.ts),
+// and 16 read-around windows, whatever the guest size.
 
 import { Command, TARGET_PAGE_SIZE } from '../codec/constants.js';
 import type { Configuration } from '../codec/configuration.js';
@@ -15,6 +16,7 @@ import {
   PACKED_PREAMBLE_SIZE, skeletonOffsetOf, type PackedBlock, type PackedLayout, type RankIndex,
 } from '../codec/packed-snapshot.js';
 import type { DeviceStateLayout } from '../codec/vmdesc.js';
+import { BufferPool } from './buffer-pool.js';
 import { verifiedDeviceState } from './read-exactly.js';
 import type { SnapshotBlockInfo, SnapshotRamSection, SnapshotSource } from './snapshot.js';
 
@@ -52,6 +54,22 @@ const MAX_PREFIX = 512 * 1024 * 1024;
  */
 export const PACKED_FIRST_READ = 512 * 1024;
 
+/** A sequential GET's chunk: its buffer goes back to the pool once nothing reads or writes it any more. */
+interface Chunk {
+  buf: Buffer;
+  /** The chunk's bytes once they arrived (a view of `buf`). */
+  data: Promise<Buffer>;
+  /** The GET is over: the store writes no more into `buf`. */
+  settled: boolean;
+  /** Copies out of it in progress. */
+  users: number;
+  /** Views of it handed out by loadRuns and not yet released (see `pins`). */
+  pins: number;
+  /** Dropped from the chunk map (the reader moved past it). */
+  evicted: boolean;
+  recycled: boolean;
+}
+
 interface BlockState {
   block: PackedBlock;
   pages: number;
@@ -77,7 +95,16 @@ export class PackedSnapshot implements SnapshotSource {
   private readonly readAround: number;
   /** Read-around windows by their first byte's offset among the pages (insertion order = LRU order). */
   private readonly around = new Map<number, Promise<Buffer>>();
-  private readonly chunks = new Map<number, Promise<Buffer>>();
+  private readonly chunks = new Map<number, Chunk>();
+  private readonly pool: BufferPool;
+  /**
+   * Chunks that views handed out by loadRuns point into, by the scratch they were loaded for.
+   * A caller reuses its scratch only once it is done with the views of the last load into it
+   * (every loader's contract: the non-view bytes are in the scratch), so the next loadRuns with
+   * the same scratch releases them. Keyed by the Buffer object: a different object over the same
+   * memory releases nothing (safe, only less reuse).
+   */
+  private readonly pins = new WeakMap<Buffer, Chunk[]>();
   /** Chunks of `chunks` whose GET has completed. */
   private readonly arrived = new Set<number>();
   /** The highest chunk a sequential read has touched. */
@@ -104,6 +131,14 @@ export class PackedSnapshot implements SnapshotSource {
     this.chunkBytes = Math.max(TARGET_PAGE_SIZE, Math.floor((opts.chunkBytes ?? 8 * 1024 * 1024) / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE);
     this.readAhead = Math.max(1, opts.readAhead ?? 6);
     this.readAround = Math.max(TARGET_PAGE_SIZE, Math.floor((opts.readAround ?? 256 * 1024) / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE);
+    // Chunks alive at once: one behind the reader, the one or two it reads, readAhead ahead, and
+    // about one more that views held by the sender point into.
+    this.pool = new BufferPool(this.chunkBytes, this.readAhead + 4);
+  }
+
+  /** The chunk buffers' pool (tests, and the docs' numbers). */
+  get chunkPool(): BufferPool {
+    return this.pool;
   }
 
   get path(): string {
@@ -179,13 +214,17 @@ export class PackedSnapshot implements SnapshotSource {
   /**
    * Runs of present pages are contiguous in the object (consecutive ranks); pages with clear
    * bits in a run (a caller may ask for them) read as zero. A run wholly present and inside one
-   * sequential chunk comes back as a view of that chunk, not copied into `scratch` (chunks are
-   * never written after they arrived): restore's copy per byte was the HTTP body into the chunk
-   * and the chunk into the scratch, now only the first.
+   * sequential chunk that has arrived comes back as a view of that chunk, not copied into
+   * `scratch`; the chunk's buffer stays out of the pool until the next loadRuns with the same
+   * `scratch` (with the body read straight into the chunk, transports/direct-get.ts, such a run
+   * is never copied at all).
    */
   async loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer, opts: { urgent?: boolean } = {}): Promise<Buffer[]> {
     const urgent = opts.urgent === true;
     const b = this.block(block);
+    this.unpin(scratch);
+    const pinned: Chunk[] = [];
+    this.pins.set(scratch, pinned);
     const views: Buffer[] = [];
     const spans: { obj: number; at: number; len: number }[] = [];
     const whole: Promise<void>[] = [];
@@ -201,7 +240,7 @@ export class PackedSnapshot implements SnapshotSource {
       const r0 = b.rank.rank(first);
       if (b.rank.rank(first + count) - r0 === count) {
         const k = views.length - 1;
-        whole.push(this.fetch(packedPageOffset(this.layout, b.block, r0), len, region, urgent).then((got) => { views[k] = got; }));
+        whole.push(this.fetch(packedPageOffset(this.layout, b.block, r0), len, region, urgent, pinned).then((v) => { views[k] = v; }));
         total += len;
         continue;
       }
@@ -225,20 +264,17 @@ export class PackedSnapshot implements SnapshotSource {
     }
     await Promise.all([
       ...whole,
-      ...spans.map(async (s) => {
-        const into = scratch.subarray(s.at, s.at + s.len);
-        const got = await this.fetch(s.obj, s.len, into, urgent);
-        if (got !== into) got.copy(into);
-      }),
+      ...spans.map((s) => this.fetch(s.obj, s.len, scratch.subarray(s.at, s.at + s.len), urgent)),
     ]);
     return views;
   }
 
   /**
-   * Object bytes [obj, obj+len): a view of the sequential chunk that holds them all, else copied
-   * into `into` (from the chunks, or one ranged GET) and `into` returned.
+   * Object bytes [obj, obj+len): with `pinned`, a view of the chunk that holds them all (the chunk
+   * pinned until released), else copied into `into` (from the chunks, or a read-around GET) and
+   * `into` returned.
    */
-  private async fetch(obj: number, len: number, into: Buffer, urgent = false): Promise<Buffer> {
+  private async fetch(obj: number, len: number, into: Buffer, urgent = false, pinned?: Chunk[]): Promise<Buffer> {
     // A read after close(): a bug in the reader's user, not something a caller reacts to.
     if (this.closed) throw new Error(`${this.path} is closed`);
     const rel = obj - this.layout.pagesOffset;
@@ -249,9 +285,8 @@ export class PackedSnapshot implements SnapshotSource {
       // around window). Behind an 8 MiB chunk still on its way, the first request of an instant
       // restore (a page QEMU touches while loading the devices, before RUN) waited ~150 ms.
       if (c0 === c1 && this.arrived.has(c0)) {
-        const buf = await this.chunks.get(c0)!;
-        const from = obj - (this.layout.pagesOffset + c0 * this.chunkBytes);
-        return buf.subarray(from, from + len);
+        const from = rel - c0 * this.chunkBytes;
+        return this.copyOut(this.chunks.get(c0)!, from, from + len, into, 0, pinned);
       }
       await this.fetchAround(rel, len, into);
       return into;
@@ -266,29 +301,55 @@ export class PackedSnapshot implements SnapshotSource {
     }
     if (c1 > this.cursor) this.cursor = c1;
     // Chunks behind the reader are done with: one back is kept for reads that finish late.
-    for (const k of this.chunks.keys()) {
-      if (k < c0 - 1) {
-        this.chunks.delete(k);
-        this.arrived.delete(k);
-      }
-    }
+    for (const k of [...this.chunks.keys()]) if (k < c0 - 1) this.evict(k);
     const lastChunk = Math.floor((this.layout.objectSize - this.layout.pagesOffset - 1) / this.chunkBytes);
     for (let k = c0; k <= Math.min(lastChunk, c1 + this.readAhead); k++) this.chunk(k);
     if (c0 === c1) {
-      const buf = await this.chunk(c0);
-      const from = obj - (this.layout.pagesOffset + c0 * this.chunkBytes);
-      return buf.subarray(from, from + len);
+      const from = rel - c0 * this.chunkBytes;
+      return this.copyOut(this.chunk(c0), from, from + len, into, 0, pinned);
     }
     let done = 0;
     for (let k = c0; k <= c1; k++) {
-      const buf = await this.chunk(k);
-      const start = this.layout.pagesOffset + k * this.chunkBytes;
-      const from = Math.max(obj, start) - start;
-      const to = Math.min(obj + len, start + buf.length) - start;
-      buf.copy(into, done, from, to);
+      const start = k * this.chunkBytes;
+      const from = Math.max(rel, start) - start;
+      const to = Math.min(rel + len, start + this.chunkBytes) - start;
+      await this.copyOut(this.chunk(k), from, to, into, done);
       done += to - from;
     }
     return into;
+  }
+
+  /**
+   * Chunk bytes [from, to): with `pinned`, a view of the chunk (which joins `pinned`), else copied
+   * into `into` at `at` and `into` returned. The chunk's buffer is not reused meanwhile.
+   */
+  private async copyOut(c: Chunk, from: number, to: number, into: Buffer, at: number, pinned?: Chunk[]): Promise<Buffer> {
+    c.users++;
+    try {
+      const buf = await c.data;
+      if (to > buf.length) throw new Error(`internal: bytes ${from}..${to} of a ${buf.length}-byte chunk`);
+      if (pinned && !this.closed) {
+        c.pins++;
+        pinned.push(c);
+        return buf.subarray(from, to);
+      }
+      buf.copy(into, at, from, to);
+      return into;
+    } finally {
+      c.users--;
+      this.recycle(c);
+    }
+  }
+
+  /** Releases the chunks the views of the last load into `scratch` point into. */
+  private unpin(scratch: Buffer): void {
+    const list = this.pins.get(scratch);
+    if (!list) return;
+    this.pins.delete(scratch);
+    for (const c of list) {
+      c.pins--;
+      this.recycle(c);
+    }
   }
 
   /**
@@ -331,18 +392,44 @@ export class PackedSnapshot implements SnapshotSource {
     }
   }
 
-  private chunk(k: number): Promise<Buffer> {
-    let p = this.chunks.get(k);
-    if (!p) {
+  private chunk(k: number): Chunk {
+    let c = this.chunks.get(k);
+    if (!c) {
       const start = this.layout.pagesOffset + k * this.chunkBytes;
       const len = Math.min(this.chunkBytes, this.layout.objectSize - start);
       this.stats.chunkGets++;
       this.stats.bytesFetched += len;
-      p = this.reader.read(start, len);
-      p.then(() => { if (this.chunks.get(k) === p) this.arrived.add(k); }, () => {});
-      this.chunks.set(k, p);
+      const buf = this.pool.take();
+      const entry: Chunk = { buf, data: this.reader.read(start, len, buf.subarray(0, len)), settled: false, users: 0, pins: 0, evicted: false, recycled: false };
+      entry.data.then(() => {
+        entry.settled = true;
+        if (this.chunks.get(k) === entry) this.arrived.add(k);
+        this.recycle(entry);
+      }, () => {
+        // A failed GET writes no more either (the reader retried inside read(), and gave up).
+        entry.settled = true;
+        this.recycle(entry);
+      });
+      this.chunks.set(k, entry);
+      c = entry;
     }
-    return p;
+    return c;
+  }
+
+  private evict(k: number): void {
+    const c = this.chunks.get(k);
+    if (!c) return;
+    this.chunks.delete(k);
+    this.arrived.delete(k);
+    c.evicted = true;
+    this.recycle(c);
+  }
+
+  /** Back to the pool once evicted, its GET over and no copy out of it in progress. */
+  private recycle(c: Chunk): void {
+    if (c.recycled || !c.evicted || !c.settled || c.users > 0 || c.pins > 0 || this.closed) return;
+    c.recycled = true;
+    this.pool.give(c.buf);
   }
 
   /** Bytes of the mapped-ram file this object expands to (outside pages regions: the skeleton). */
@@ -372,8 +459,12 @@ export class PackedSnapshot implements SnapshotSource {
     const first = Math.floor(offset / TARGET_PAGE_SIZE);
     const last = Math.floor((offset + into.length - 1) / TARGET_PAGE_SIZE);
     const tmp = Buffer.allocUnsafe((last - first + 1) * TARGET_PAGE_SIZE);
-    const [view] = await this.loadRuns(block, [first, last - first + 1], 1, tmp);
-    view!.copy(into, 0, offset - first * TARGET_PAGE_SIZE);
+    try {
+      const [view] = await this.loadRuns(block, [first, last - first + 1], 1, tmp);
+      view!.copy(into, 0, offset - first * TARGET_PAGE_SIZE);
+    } finally {
+      this.unpin(tmp);
+    }
   }
 
   /** The skeleton (everything but the pages regions) as file spans, for rebuilding the file. */
@@ -388,10 +479,12 @@ export class PackedSnapshot implements SnapshotSource {
   }
 
   async close(): Promise<void> {
+    // GETs still in flight write into their buffers: those are left to the garbage collector.
     this.closed = true;
     this.chunks.clear();
     this.arrived.clear();
     this.around.clear();
+    this.pool.clear();
   }
 }
 

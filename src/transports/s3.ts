@@ -7,6 +7,7 @@ import { Agent as HttpsAgent } from 'node:https';
 import { isIP } from 'node:net';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import { ObjectStoreError, type ObjectStoreErrorCode } from '../codec/errors.js';
+import { DirectGetHandler, isDirectBody, type SdkHttpHandler } from './direct-get.js';
 
 export { ObjectStoreError, type ObjectStoreErrorCode };
 
@@ -113,6 +114,13 @@ export async function s3Client(s: S3Settings = {}): Promise<S3Client> {
     requestHandler: { connectionTimeout: 5000, requestTimeout: 120_000, throwOnRequestTimeout: true, httpAgent: new HttpAgent(agentOpts), httpsAgent: new HttpsAgent(agentOpts) },
   };
   c = new S3Client(cfg);
+  // Ranged GETs' bodies are read into the reader's buffer (transports/direct-get.ts); the SDK's
+  // own handler, made from the settings above, does everything else. MULTIFD_S3_DIRECT_GET=0: all
+  // through the SDK's handler.
+  if (process.env.MULTIFD_S3_DIRECT_GET !== '0') {
+    const resolved = c.config as unknown as { requestHandler: SdkHttpHandler };
+    resolved.requestHandler = new DirectGetHandler(resolved.requestHandler, { connectionTimeout: 5000, requestTimeout: 120_000 });
+  }
   clients.set(id, c);
   return c;
 }
@@ -368,6 +376,22 @@ export class RangedObject {
       // The object must not change under us between GETs (an overwrite mid-restore).
       ...(this.etag ? { IfMatch: this.etag } : {}),
     }));
+    const body: unknown = res.Body;
+    if (isDirectBody(body)) {
+      if (body.length !== length) {
+        body.destroy();
+        throw new ObjectStoreError('S3_ERROR', `${this.name}: the store answered ${body.length} bytes for the ${length} asked for at ${position}`);
+      }
+      try {
+        await body.readInto(out);
+      } catch (e) {
+        const received = (e as { received?: number }).received;
+        if (received === undefined) throw e;
+        // Retried like a connection drop; never a page silently short.
+        throw new ObjectStoreError('S3_SHORT_READ', `${this.name}: ${received} of ${length} bytes at ${position} arrived (${(e as Error).message})`, { cause: e });
+      }
+      return;
+    }
     let at = 0;
     for await (const chunk of res.Body as AsyncIterable<Buffer>) {
       if (at + chunk.length > length) throw new ObjectStoreError('S3_ERROR', `${this.name}: the store sent more than the ${length} bytes asked for`);

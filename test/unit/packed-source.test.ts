@@ -129,6 +129,72 @@ for (const version of ['10.0', '11.1'] as const) {
       await q.close();
     });
 
+    test('chunk buffers come from a bounded pool, reused only once no GET writes them, no copy reads them and no view handed out is held; a failed GET gives its buffer back', async () => {
+      const { object, file } = await pack(path, 1024 * 1024);
+      // GETs answer late and out of order, writing their bytes only when they answer: a buffer
+      // handed to a new GET while an earlier copy still read it would show up as wrong pages.
+      let failAt = -1;
+      let n = 0;
+      const slow: RangeReader = {
+        name: 'mem://slow',
+        size: object.length,
+        read(position, length, into) {
+          const k = n++;
+          return new Promise((resolve, reject) => setTimeout(() => {
+            if (k === failAt) return reject(new Error(`GET ${k} failed`));
+            const out = into ?? Buffer.alloc(length);
+            object.copy(out, 0, position, position + length);
+            resolve(out);
+          }, (k * 7) % 5));
+        },
+      };
+      const chunk = TARGET_PAGE_SIZE;
+      const readAhead = 2;
+      const p = await PackedSnapshot.open(slow, { chunkBytes: chunk, readAhead });
+      const pc = p.blockList[0]!.name;
+      const runs: number[] = [];
+      p.forEachRun(pc, (f, c) => { for (let i = 0; i < c; i++) runs.push(f + i, 1); });
+      // Three batches in flight at once, each into its own scratch, as the multifd sender loads
+      // them. A load's views (of the scratch or of a chunk) must stay intact until its scratch is
+      // used again: they are checked right before that, after the other slots' loads went on.
+      const slots = [0, 1, 2].map(() => Buffer.alloc(TARGET_PAGE_SIZE));
+      const held: ({ views: Buffer[]; want: Buffer; at: number } | undefined)[] = [undefined, undefined, undefined];
+      const verify = (slot: number): void => {
+        const h = held[slot];
+        if (h) assert.ok(Buffer.concat(h.views).equals(h.want), `pages ${runs[h.at]}+1, still intact before slot ${slot} is reused`);
+      };
+      const load = async (slot: number, i: number): Promise<void> => {
+        verify(slot);
+        const want = Buffer.concat(await file.loadRuns(pc, [runs[i]!, 1], 1, Buffer.alloc(TARGET_PAGE_SIZE)));
+        const views = await p.loadRuns(pc, [runs[i]!, 1], 1, slots[slot]!);
+        assert.ok(Buffer.concat(views).equals(want), `pages ${runs[i]}+1`);
+        held[slot] = { views, want, at: i };
+      };
+      for (let i = 0; i < runs.length; i += 6) await Promise.all([i, i + 2, i + 4].filter((j) => j < runs.length).map((j, slot) => load(slot, j)));
+      [0, 1, 2].forEach(verify);
+      const pool = p.chunkPool;
+      assert.ok(p.stats.chunkGets > 3 * (readAhead + 3), `${p.stats.chunkGets} chunk GETs: enough to need reuse`);
+      assert.ok(pool.stats.allocated <= readAhead + 6, `${pool.stats.allocated} chunk buffers made for ${p.stats.chunkGets} GETs`);
+      assert.ok(pool.stats.reused >= p.stats.chunkGets - pool.stats.allocated);
+      await p.close();
+
+      // A GET that fails: the read fails with its error, and its buffer is still given back.
+      const q = await PackedSnapshot.open(slow, { chunkBytes: chunk, readAhead });
+      failAt = n + 2;
+      let failed = 0;
+      const one = Buffer.alloc(TARGET_PAGE_SIZE);
+      for (let i = 0; i < runs.length; i += 2) {
+        await q.loadRuns(pc, [runs[i]!, runs[i + 1]!], 1, one).catch((e: Error) => {
+          assert.match(e.message, /GET \d+ failed/);
+          failed++;
+        });
+      }
+      assert.ok(failed >= 1, 'the failed GET failed the reads of its chunk');
+      assert.ok(q.chunkPool.stats.allocated <= readAhead + 6, `${q.chunkPool.stats.allocated} chunk buffers with a failed GET among them`);
+      await q.close();
+      await file.close();
+    });
+
     test('a truncated or corrupted object fails at open with a code and an offset', async () => {
       const { object, file } = await pack(path, 1024 * 1024);
       await file.close();

@@ -1,7 +1,9 @@
 // What a destination's RAM holds after a main stream's records: shared by the unit tests that
-// check a conversion (relay 0 -> N, receive) against the capture it replays.
+// check a conversion (relay 0 -> N, receive, stream files with XBZRLE) against the capture it
+// replays; and the spill files such a conversion holds open.
 
-import type { MainEvent } from '../../src/codec/main-stream-parser.js';
+import { readdirSync, readlinkSync } from 'node:fs';
+import { MainStreamParser, type MainEvent } from '../../src/codec/main-stream-parser.js';
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { applyXbzrle } from '../../src/codec/xbzrle.js';
 
@@ -15,4 +17,27 @@ export function rebuildMemory(evs: MainEvent[]): Map<string, Buffer> {
     else if (ev.type === 'ram-xbzrle') applyXbzrle(ev.delta, mem.get(ev.block)!.subarray(ev.offset, ev.offset + TARGET_PAGE_SIZE));
   }
   return mem;
+}
+
+/** Every event of a whole main stream, parsed in one push. */
+export function mainEvents(main: Buffer): MainEvent[] {
+  const p = new MainStreamParser();
+  p.push(main);
+  const out: MainEvent[] = [];
+  for (let ev = p.next(); ev !== null; ev = p.next()) out.push(ev);
+  return out;
+}
+
+/** Files this process holds open under `dir` (a spill file is unlinked: "... (deleted)"). */
+export function openFilesUnder(dir: string): string[] {
+  const out: string[] = [];
+  for (const fd of readdirSync('/proc/self/fd')) {
+    try {
+      const l = readlinkSync(`/proc/self/fd/${fd}`);
+      if (l.startsWith(`${dir}/`)) out.push(l);
+    } catch {
+      // closed meanwhile (readdir's own fd)
+    }
+  }
+  return out;
 }

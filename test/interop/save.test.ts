@@ -23,14 +23,19 @@ function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: st
   });
 }
 
+/** The running test guest with a second QMP socket for `save` (QEMU serves one client per socket), in a fresh folder. */
+async function guestWithSaveSocket(version: QemuVersion): Promise<{ dir: string; saveSock: string; out: string; src: Awaited<ReturnType<typeof startQemu>> }> {
+  const dir = mkdtempSync('/tmp/multifd-save-test-');
+  const saveSock = join(dir, 'save.sock');
+  const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${saveSock},server=on,wait=off`] });
+  return { dir, saveSock, out: join(dir, 'vm.mig'), src };
+}
+
 for (const version of ['10', '11'] as QemuVersion[]) {
   const skip = haveQemu(version) ? false : `QEMU ${version} not available (${qemuBinary(version)})`;
   describe(`save CLI with QEMU ${version}`, { skip, timeout: 180_000 }, () => {
     test('saves a running guest, restores settings, --resume keeps it running; the file restores and runs on', async (t) => {
-      const dir = mkdtempSync('/tmp/multifd-save-test-');
-      const saveSock = join(dir, 'save.sock');
-      const out = join(dir, 'vm.mig');
-      const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${saveSock},server=on,wait=off`] });
+      const { dir, saveSock, out, src } = await guestWithSaveSocket(version);
       let dst;
       try {
         await waitGuestPasses(src, 3);
@@ -79,9 +84,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
     });
 
     test('a save that cannot write its file fails clearly and leaves the VM running', async () => {
-      const dir = mkdtempSync('/tmp/multifd-save-test-');
-      const saveSock = join(dir, 'save.sock');
-      const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${saveSock},server=on,wait=off`] });
+      const { dir, saveSock, src } = await guestWithSaveSocket(version);
       try {
         await waitGuestPasses(src, 2);
         const r = await cli(['save', '--qmp', `unix:${saveSock}`, '--out', join(dir, 'missing-dir', 'vm.mig')]);
@@ -128,10 +131,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
 
     // The watch and the forced switchover are ours; one QEMU version shows them.
     test('a save that cannot converge warns once with QEMU\'s numbers; --switchover-after ends it, --auto-converge is put back; the snapshot restores and runs on', { skip: version !== '11' && 'the convergence watch is ours; QEMU 11 shows it' }, async (t) => {
-      const dir = mkdtempSync('/tmp/multifd-save-test-');
-      const saveSock = join(dir, 'save.sock');
-      const out = join(dir, 'vm.mig');
-      const src = await startQemu({ version, memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${saveSock},server=on,wait=off`] });
+      const { dir, saveSock, out, src } = await guestWithSaveSocket(version);
       let dst;
       try {
         await waitGuestPasses(src, 2);

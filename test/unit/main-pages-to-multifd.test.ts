@@ -5,24 +5,17 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
-import { MainStreamParser, type MainEvent } from '../../src/codec/main-stream-parser.js';
+import type { MainEvent } from '../../src/codec/main-stream-parser.js';
 import { MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { ProtocolError } from '../../src/codec/errors.js';
 import { encodeXbzrle } from '../../src/codec/xbzrle.js';
 import { MainPagesToMultifd, type PacketSink } from '../../src/engine/main-pages-to-multifd.js';
 import { PageSpill } from '../../src/engine/page-spill.js';
-import { rebuildMemory } from '../helpers/stream-memory.js';
+import { mainEvents, rebuildMemory } from '../helpers/stream-memory.js';
 import { streamScenarios } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 
-function events(main: Buffer): MainEvent[] {
-  const p = new MainStreamParser();
-  p.push(main);
-  const out: MainEvent[] = [];
-  for (let ev = p.next(); ev !== null; ev = p.next()) out.push(ev);
-  return out;
-}
 
 interface Packet { block: string; offsets: number[]; normal: number; data: Buffer }
 
@@ -88,7 +81,7 @@ describe('main-channel pages to multifd packets', () => {
   });
   for (const s of scenarios) {
     test(`${s.label}: packets leave the memory the stream leaves, with a sync before each re-sent page`, async () => {
-      const evs = events(s.main());
+      const evs = mainEvents(s.main());
       const deltas = evs.filter((e) => e.type === 'ram-xbzrle').length;
       assert.ok(deltas > 1000);
       const { dest, conv } = await convert(evs);
@@ -113,7 +106,7 @@ describe('main-channel pages to multifd packets', () => {
       const dir = mkdtempSync('/tmp/multifd-spill-test-');
       const spill = await PageSpill.create(dir, PAGE);
       try {
-        const evs = events(s.main());
+        const evs = mainEvents(s.main());
         const { dest, conv } = await convert(evs, 4 * PAGE, spill);
         const want = rebuildMemory(evs);
         for (const [name, m] of want) assert.ok(dest.mem.get(name)!.equals(m), `block ${name} differs`);
@@ -131,7 +124,7 @@ describe('main-channel pages to multifd packets', () => {
     });
 
     test(`${s.label}: too small a copy fails at the first delta it cannot decode, clearly`, async () => {
-      const evs = events(s.main());
+      const evs = mainEvents(s.main());
       await assert.rejects(convert(evs, 4 * PAGE), (e: unknown) => e instanceof ProtocolError && e.code === 'UNSUPPORTED' && /XBZRLE delta for block .* no copy of it is kept/.test(e.message));
       await assert.rejects(convert(evs, 0), (e: unknown) => e instanceof ProtocolError && /keeps no page copies/.test(e.message));
     });

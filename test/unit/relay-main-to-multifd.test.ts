@@ -6,9 +6,10 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
-import { mkdirSync, mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { MainStreamParser } from '../../src/codec/main-stream-parser.js';
+import { openFilesUnder } from '../helpers/stream-memory.js';
 import { applyXbzrle } from '../../src/codec/xbzrle.js';
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { relay } from '../../src/conversations/relay.js';
@@ -165,19 +166,6 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
   });
 
   describe('a memory copy far smaller than what A re-sends: copies spill to a temporary file', () => {
-    /** Files this process holds open under `dir` (the spill is unlinked: "... (deleted)"). */
-    function openUnder(dir: string): string[] {
-      const out: string[] = [];
-      for (const fd of readdirSync('/proc/self/fd')) {
-        try {
-          const l = readlinkSync(`/proc/self/fd/${fd}`);
-          if (l.startsWith(`${dir}/`)) out.push(l);
-        } catch {
-          // closed meanwhile (readdir's own fd)
-        }
-      }
-      return out;
-    }
 
     async function start(dir: string): Promise<{ rx: ReturnType<typeof receive>; r: ReturnType<typeof relay>; tmp: string }> {
       const tmp = join(dir, 'tmp');
@@ -195,7 +183,7 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
       subscribe('multifd:relay:xbzrle-copies', onCopies);
       try {
         const { rx, r, tmp } = await start(dir);
-        const open = openUnder(tmp);
+        const open = openFilesUnder(tmp);
         assert.equal(open.length, 1, `spill file open under ${tmp}: ${open.join(', ')}`);
         assert.match(open[0]!, /\/multifd-spill-[^/]+\/pages \(deleted\)$/);
         assert.deepEqual(readdirSync(tmp), [], 'unlinked as soon as it is open');
@@ -206,7 +194,7 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
         const [sum] = await Promise.all([r.done, rx.done]);
         assert.equal(sum.status, 'completed');
         await assertHolds(join(dir, 'b.mig'), rebuild(main), 'B');
-        assert.deepEqual(openUnder(tmp), [], 'spill file closed');
+        assert.deepEqual(openFilesUnder(tmp), [], 'spill file closed');
         assert.deepEqual(readdirSync(tmp), []);
         assert.equal(copies.length, 1);
         const c = copies[0]!;
@@ -225,13 +213,13 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
         const main = s!.main();
         {
           const { rx, r, tmp } = await start(join(dir, 'fail'));
-          assert.equal(openUnder(tmp).length, 1);
+          assert.equal(openFilesUnder(tmp).length, 1);
           const a = await connectTo(await r.listening);
           a.on('error', () => {});
           a.resume();
           a.end(main.subarray(0, Math.floor(main.length * 0.8)));
           await assert.rejects(r.done, (e: Error & { code?: string }) => e.code === 'TRUNCATED');
-          assert.deepEqual(openUnder(tmp), [], 'closed after the failure');
+          assert.deepEqual(openFilesUnder(tmp), [], 'closed after the failure');
           assert.deepEqual(readdirSync(tmp), []);
           rx.abort(new Error('test over'));
           await rx.done.catch(() => {});
@@ -246,7 +234,7 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
           await new Promise<void>((res) => r.on('progress', (p) => { if (p.normal > 1000) res(); }));
           r.abort(new Error('stopped by the test'));
           await assert.rejects(r.done, /stopped by the test/);
-          assert.deepEqual(openUnder(tmp), [], 'closed after the abort');
+          assert.deepEqual(openFilesUnder(tmp), [], 'closed after the abort');
           a.destroy();
           rx.abort(new Error('test over'));
           await rx.done.catch(() => {});

@@ -6,18 +6,17 @@
 
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { ProtocolError } from '../../src/codec/errors.js';
-import { MainStreamParser, type MainEvent } from '../../src/codec/main-stream-parser.js';
 import { StreamSession } from '../../src/codec/stream-session.js';
 import { convert } from '../../src/conversations/convert.js';
 import { inspect } from '../../src/conversations/inspect.js';
 import { verify } from '../../src/conversations/verify.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
 import { StreamSnapshot } from '../../src/engine/stream-snapshot.js';
-import { rebuildMemory } from '../helpers/stream-memory.js';
+import { mainEvents, openFilesUnder, rebuildMemory } from '../helpers/stream-memory.js';
 import { streamScenarios } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
@@ -32,27 +31,7 @@ after(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-function events(main: Buffer): MainEvent[] {
-  const p = new MainStreamParser();
-  p.push(main);
-  const out: MainEvent[] = [];
-  for (let ev = p.next(); ev !== null; ev = p.next()) out.push(ev);
-  return out;
-}
 
-/** Files this process holds open under the spill directory (unlinked: "... (deleted)"). */
-function openSpills(): string[] {
-  const out: string[] = [];
-  for (const fd of readdirSync('/proc/self/fd')) {
-    try {
-      const l = readlinkSync(`/proc/self/fd/${fd}`);
-      if (l.startsWith(`${spillDir}/`)) out.push(l);
-    } catch {
-      // readdir's own fd, closed meanwhile
-    }
-  }
-  return out;
-}
 
 async function readAll(src: { forEachRun: StreamSnapshot['forEachRun']; loadRuns: StreamSnapshot['loadRuns']; scratchBytes(n: number): number }, block: string, length: number): Promise<Buffer> {
   const out = Buffer.alloc(length);
@@ -76,7 +55,7 @@ describe('a stream file with XBZRLE records', () => {
   for (const s of scenarios) {
     test(`${s.label}: the reader's pages, inspect, verify and convert --to mapped-ram hold the memory the records leave`, async () => {
       const main = s.main();
-      const evs = events(main);
+      const evs = mainEvents(main);
       const deltas = evs.filter((e) => e.type === 'ram-xbzrle').length;
       assert.ok(deltas > 1000);
       const want = rebuildMemory(evs);
@@ -86,7 +65,7 @@ describe('a stream file with XBZRLE records', () => {
       const snap = await StreamSnapshot.open(file);
       try {
         assert.equal(snap.xbzrleRecords, deltas);
-        assert.equal(openSpills().length, 1, 'decoded pages in one unlinked temporary file');
+        assert.equal(openFilesUnder(spillDir).length, 1, 'decoded pages in one unlinked temporary file');
         assert.deepEqual(readdirSync(spillDir), []);
         for (const [name, m] of want) {
           assert.ok((await readAll(snap, name, m.length)).equals(m), `block ${name}`);
@@ -97,7 +76,7 @@ describe('a stream file with XBZRLE records', () => {
       } finally {
         await snap.close();
       }
-      assert.deepEqual(openSpills(), [], 'the temporary file is closed with the snapshot');
+      assert.deepEqual(openFilesUnder(spillDir), [], 'the temporary file is closed with the snapshot');
 
       const info = await inspect(file);
       assert.equal(info.blocks.reduce((n, b) => n + (b['xbzrle-records'] ?? 0), 0), deltas);
@@ -113,7 +92,7 @@ describe('a stream file with XBZRLE records', () => {
       } finally {
         await m.close();
       }
-      assert.deepEqual(openSpills(), []);
+      assert.deepEqual(openFilesUnder(spillDir), []);
     });
   }
 
@@ -136,7 +115,7 @@ describe('a stream file with XBZRLE records', () => {
     const file = join(dir, 'hostile.mig');
     writeFileSync(file, main);
     await assert.rejects(StreamSnapshot.open(file), (e: unknown) => e instanceof ProtocolError && e.code === 'BAD_RECORD' && /XBZRLE delta/.test(e.message) && e.offset !== undefined && e.offset >= deltaAt && e.offset < deltaAt + 8);
-    assert.deepEqual(openSpills(), []);
+    assert.deepEqual(openFilesUnder(spillDir), []);
     const v = await verify(file);
     assert.equal(v.ok, false);
   });

@@ -154,7 +154,8 @@ describe('S3 direct GET bodies', () => {
       }, creds);
       servers.push(s.server);
       const h = new DirectGetHandler(innerStub(), { tls: { ca: readFileSync(join(dir, 'ca-cert.pem')) } });
-      const tlsGet = (a: number, b: number): SdkHttpRequest => ({ ...get(s.port, a, b), protocol: 'https:', hostname: 'localhost' });
+      // The certificate names IP:127.0.0.1 too; a fresh root (the fresh-machine test) may not resolve localhost.
+      const tlsGet = (a: number, b: number): SdkHttpRequest => ({ ...get(s.port, a, b), protocol: 'https:', hostname: '127.0.0.1' });
       for (const [a, b] of [[0, 300_000], [5, 6], [1000, 71_000]] as const) {
         const { response } = await h.handle(tlsGet(a, b));
         assert.ok(isDirectBody(response.body));

@@ -52,6 +52,15 @@ async function stateForError(q: QemuInstance): Promise<unknown> {
   }
 }
 
+/** The relay's summary; when it fails, the error also says what B reported and how B ended. */
+async function relayDone(r: ReturnType<typeof relay>, dst: QemuInstance): Promise<Awaited<ReturnType<typeof relay>['done']>> {
+  return r.done.catch(async (e: Error) => {
+    const mb = await stateForError(dst);
+    await Promise.race([dst.exited(), new Promise((res) => setTimeout(res, 2000))]);
+    throw new Error(`${e.message}; B: ${JSON.stringify(mb)}, exit ${dst.proc.exitCode} ${dst.proc.signalCode}: ${dst.stderr().slice(-2000)}`);
+  });
+}
+
 async function snapshotRange(file: string): Promise<Buffer> {
   const snap = await MappedRamSnapshot.open(file);
   try {
@@ -245,11 +254,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 107374182400, 'downtime-limit': 1, 'xbzrle-cache-size': 64 * 1024 * 1024 });
         await src.qmp.execute('migrate', { uri: await r.listening });
         await holdRounds(src, 4);
-        const s = await r.done.catch(async (e: Error) => {
-          const mb = await stateForError(dst!);
-          await Promise.race([dst!.exited(), new Promise((res) => setTimeout(res, 2000))]);
-          throw new Error(`${e.message}; B: ${JSON.stringify(mb)}, exit ${dst!.proc.exitCode} ${dst!.proc.signalCode}: ${dst!.stderr().slice(-2000)}`);
-        });
+        const s = await relayDone(r, dst);
         const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
         const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
         const out = s['channels-out'];
@@ -429,11 +434,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
         await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }, { capability: 'dirty-bitmaps', state: true }] });
         await src.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'max-bandwidth': 107374182400, 'downtime-limit': 20000 });
         await src.qmp.execute('migrate', { uri: await r.listening });
-        const s = await r.done.catch(async (e: Error) => {
-          const mb = await stateForError(dst!);
-          await Promise.race([dst!.exited(), new Promise((res) => setTimeout(res, 2000))]);
-          throw new Error(`${e.message}; B: ${JSON.stringify(mb)}, exit ${dst!.proc.exitCode} ${dst!.proc.signalCode}: ${dst!.stderr().slice(-2000)}`);
-        });
+        const s = await relayDone(r, dst);
         const ma = await waitMigration(src.qmp, { timeoutMs: 60_000 });
         const mb = await waitMigration(dst.qmp, { timeoutMs: 60_000 });
         t.diagnostic(`QEMU ${version}: relay ${JSON.stringify(s).slice(0, 160)}`);

@@ -8,9 +8,7 @@ import assert from 'node:assert/strict';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { MainStreamParser } from '../../src/codec/main-stream-parser.js';
-import { openFilesUnder } from '../helpers/stream-memory.js';
-import { applyXbzrle } from '../../src/codec/xbzrle.js';
+import { mainEvents, openFilesUnder, rebuildMemory } from '../helpers/stream-memory.js';
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { relay } from '../../src/conversations/relay.js';
 import { receive } from '../../src/conversations/receive.js';
@@ -20,17 +18,9 @@ import { streamScenarios } from '../helpers/fixtures.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 
+/** B's RAM as A's records leave it. */
 function rebuild(main: Buffer): Map<string, Buffer> {
-  const p = new MainStreamParser();
-  p.push(main);
-  const mem = new Map<string, Buffer>();
-  for (let ev = p.next(); ev !== null; ev = p.next()) {
-    if (ev.type === 'ram-block') mem.set(ev.block.name, Buffer.alloc(ev.block.usedLength));
-    else if (ev.type === 'ram-page') Buffer.concat(ev.data).copy(mem.get(ev.block)!, ev.offset);
-    else if (ev.type === 'ram-zero') mem.get(ev.block)!.fill(0, ev.offset, ev.offset + PAGE);
-    else if (ev.type === 'ram-xbzrle') applyXbzrle(ev.delta, mem.get(ev.block)!.subarray(ev.offset, ev.offset + PAGE));
-  }
-  return mem;
+  return rebuildMemory(mainEvents(main));
 }
 
 async function assertHolds(file: string, want: Map<string, Buffer>, what: string): Promise<void> {
@@ -110,10 +100,7 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
       a.resume();
       a.end(merged);
       const [sum, got] = await Promise.all([r.done, rx.done]);
-      const p = new MainStreamParser();
-      p.push(merged);
-      let eos = 0;
-      for (let ev = p.next(); ev !== null; ev = p.next()) if (ev.type === 'ram-eos') eos++;
+      const eos = mainEvents(merged).filter((ev) => ev.type === 'ram-eos').length;
       assert.ok(sum['multifd-syncs'] > eos, `syncs inside sections: ${sum['multifd-syncs']} syncs, ${eos} EOS from A`);
       assert.equal(got['multifd-syncs'], sum['multifd-syncs'], 'every SYNC paired with an EOS on B');
       await assertHolds(join(dir, 'b.mig'), rebuild(merged), 'B');
@@ -126,10 +113,7 @@ describe('relay 0 → 2 over the QEMU 10.0 XBZRLE capture', { skip: s ? false : 
     const dir = mkdtempSync('/tmp/multifd-relay0n-test-');
     try {
       const main = s!.main();
-      const p = new MainStreamParser();
-      p.push(main);
-      let eos = 0;
-      for (let ev = p.next(); ev !== null; ev = p.next()) if (ev.type === 'ram-eos') eos++;
+      const eos = mainEvents(main).filter((ev) => ev.type === 'ram-eos').length;
       const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2, syncMode: 'section' });
       const r = relay({ listen: 'tcp:127.0.0.1:0', to: await rx.listening, channelsIn: 0, channelsOut: 2, syncMode: 'section' });
       const a = await connectTo(await r.listening);

@@ -92,16 +92,22 @@ export class PageBitmap {
     for (let p = full * 8; p < this.pages; p++) if (this.test(p)) n++;
     return n;
   }
-  /** Runs of consecutive set bits as [firstPage, pageCount] from page `from` on; bits beyond `pages` are ignored. */
-  *runs(from = 0): Generator<[number, number]> {
+  /**
+   * Runs of consecutive set bits as [firstPage, pageCount] from page `from` on; bits beyond `pages`
+   * are ignored. A run longer than `maxRun` comes in adjacent pieces of at most `maxRun` pages, so
+   * a caller that takes a few pages at a time does not scan the whole rest of a long run on every
+   * call (a 3 GiB run asked for 128 pages at a time was 4 CPU-s of a 4 GiB restore).
+   */
+  *runs(from = 0, maxRun = Infinity): Generator<[number, number]> {
     let p = Math.max(0, from);
     while (p < this.pages) {
       const byte = this.bytes[p >>> 3]!;
       if (byte === 0 && (p & 7) === 0) { p += 8; continue; }
       if (!this.test(p)) { p++; continue; }
       const start = p;
-      while (p < this.pages) {
-        if ((p & 7) === 0 && this.bytes[p >>> 3] === 0xff && p + 8 <= this.pages) { p += 8; continue; }
+      const stop = Math.min(this.pages, start + Math.max(1, maxRun));
+      while (p < stop) {
+        if ((p & 7) === 0 && this.bytes[p >>> 3] === 0xff && p + 8 <= stop) { p += 8; continue; }
         if (!this.test(p)) break;
         p++;
       }

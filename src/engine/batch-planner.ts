@@ -28,7 +28,7 @@ export class BatchPlanner {
         pages += take;
         this.nextPage = first + take;
         return pages < this.maxPages;
-      }, this.nextPage);
+      }, this.nextPage, this.maxPages);
       if (pages > 0) return { block, runs, pages };
       this.blockIdx++;
       this.nextPage = 0;

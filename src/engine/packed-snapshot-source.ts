@@ -203,8 +203,8 @@ export class PackedSnapshot implements SnapshotSource {
     return this.block(block).rank.total;
   }
 
-  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage = 0): void {
-    for (const [first, count] of this.block(block).bitmap.runs(fromPage)) if (visit(first, count) === false) return;
+  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage = 0, maxRun = Infinity): void {
+    for (const [first, count] of this.block(block).bitmap.runs(fromPage, maxRun)) if (visit(first, count) === false) return;
   }
 
   scratchBytes(pages: number): number {

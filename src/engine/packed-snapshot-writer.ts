@@ -71,7 +71,7 @@ export async function* packedParts(src: MappedRamSnapshot, prefix: Buffer, layou
         pages += take;
         from = first + take;
         return pages < room;
-      }, from);
+      }, from, room);
       if (pages === 0) break;
       const into = part.subarray(fill, fill + pages * TARGET_PAGE_SIZE);
       // A source may hand back views of its own buffers instead of filling `into`.

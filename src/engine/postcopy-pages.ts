@@ -17,8 +17,14 @@ import type { PageRequest } from '../codec/postcopy.js';
 /** What a page scheduler needs from a snapshot: the blocks and where their present pages are. */
 export interface PostcopyPageSource {
   readonly blockList: readonly { name: string; usedLength: number }[];
-  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage?: number): void;
+  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage?: number, maxRun?: number): void;
 }
+
+/**
+ * presentRunAt asks for runs in pieces of at most this many pages (128 MiB): a request in the
+ * middle of a multi-GiB run then scans 4 KiB of bitmap, not the rest of the run.
+ */
+const RUN_PIECE_PAGES = 32768;
 
 import { PageRequestError } from '../codec/errors.js';
 export { PageRequestError, type PageRequestProblem } from '../codec/errors.js';
@@ -312,7 +318,7 @@ export class PostcopyPages {
       first = f;
       end = f + n;
       return false;
-    }, page);
+    }, page, RUN_PIECE_PAGES);
     if (first >= b.pages) {
       first = b.pages;
       end = b.pages;

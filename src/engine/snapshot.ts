@@ -51,8 +51,11 @@ export interface SnapshotSource {
    * Calls `visit(firstPage, count)` for each run of consecutive present pages of `block` that
    * starts at or after `fromPage` (a run containing fromPage is clipped to start there), in
    * ascending order, until `visit` returns false. Pages never visited are zero in the final state.
+   * A run longer than `maxRun` may come as adjacent pieces of at most `maxRun` pages: a caller that
+   * takes only that many pages per call passes it, so each call costs what it takes, not the rest
+   * of the run.
    */
-  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage?: number): void;
+  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage?: number, maxRun?: number): void;
   /**
    * Scratch bytes loadRuns needs for `pages` pages (more than pages × pageSize when the file
    * interleaves record headers with page data).

@@ -92,7 +92,7 @@ export class PageIndex {
   }
 
   /** Runs of non-zero pages at or after fromPage, in order, joined across chunk boundaries. */
-  forEachRun(visit: (firstPage: number, count: number) => boolean | void, fromPage = 0): void {
+  forEachRun(visit: (firstPage: number, count: number) => boolean | void, fromPage = 0, maxRun = Infinity): void {
     const keys = (this.sorted ??= [...this.chunks.keys()].sort((a, b) => a - b));
     const start = Math.max(0, Math.ceil(fromPage));
     // First chunk that can hold start: binary search.
@@ -115,15 +115,15 @@ export class PageIndex {
       while (i < n) {
         while (i < n && c[i] === 0) i++;
         if (i >= n) break;
-        const first = i;
-        while (i < n && c[i] !== 0) i++;
-        if (runFirst >= 0 && runEnd === base + first) {
-          runEnd = base + i;
-        } else {
-          if (runFirst >= 0 && visit(runFirst, runEnd - runFirst) === false) return;
-          runFirst = base + first;
-          runEnd = base + i;
+        // A run continues across chunks, up to maxRun pages; then the next piece starts here.
+        if (runFirst >= 0 && (runEnd !== base + i || runEnd - runFirst >= maxRun)) {
+          if (visit(runFirst, runEnd - runFirst) === false) return;
+          runFirst = -1;
         }
+        if (runFirst < 0) runFirst = runEnd = base + i;
+        const stop = Math.min(n, i + Math.max(1, maxRun - (runEnd - runFirst)));
+        while (i < stop && c[i] !== 0) i++;
+        runEnd = base + i;
       }
     }
     if (runFirst >= 0) visit(runFirst, runEnd - runFirst);
@@ -312,8 +312,8 @@ export class StreamSnapshot implements SnapshotSource {
     return this.block(block).index.present;
   }
 
-  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage = 0): void {
-    this.block(block).index.forEachRun(visit, fromPage);
+  forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage = 0, maxRun = Infinity): void {
+    this.block(block).index.forEachRun(visit, fromPage, maxRun);
   }
 
   /** Worst case: every page in one CONTINUE chain, read with the record headers in between. */

@@ -162,6 +162,24 @@ describe('round trips', () => {
       for (const p of set) assert.ok(again.test(p));
     }), runs(100));
   });
+
+  test('PageBitmap runs cut at maxRun are the whole runs in adjacent pieces of at most maxRun pages', () => {
+    fc.assert(fc.property(fc.integer({ min: 1, max: 3000 }).chain((n) => fc.tuple(fc.constant(n), fc.array(fc.tuple(fc.integer({ min: 0, max: n - 1 }), fc.integer({ min: 1, max: 600 })), { maxLength: 12 }), fc.integer({ min: 0, max: n - 1 }), fc.integer({ min: 1, max: 200 }))), ([pages, spans, from, maxRun]) => {
+      const bm = new PageBitmap(pages);
+      for (const [at, len] of spans) for (let p = at; p < Math.min(pages, at + len); p++) bm.set(p);
+      const whole = [...bm.runs(from)];
+      const pieces = [...bm.runs(from, maxRun)];
+      for (const [, n] of pieces) assert.ok(n >= 1 && n <= maxRun, `piece of ${n} pages, maxRun ${maxRun}`);
+      // Joining adjacent pieces gives back the whole runs.
+      const joined: [number, number][] = [];
+      for (const [f, n] of pieces) {
+        const last = joined[joined.length - 1];
+        if (last && last[0] + last[1] === f) last[1] += n;
+        else joined.push([f, n]);
+      }
+      assert.deepEqual(joined, whole);
+    }), runs(100));
+  });
 });
 
 type Run = { events: unknown[]; error?: ProtocolError; eventBytes: number };

@@ -559,6 +559,11 @@ describe('StreamSnapshot: the page index follows the pages in the file, not the 
     pieces.splice(i, 0, ...extra.map((p, k): Piece => [`extra-${p}`, Buffer.concat([page(RamFlag.PAGE, p, RAM), pageOf(0x9000 + k)])]));
     return assemble(pieces).data;
   }
+  const chainPieces = (maxRun: number): [number, number][] => {
+    const out: [number, number][] = [];
+    for (let f = CHAIN_FIRST; f <= CHAIN_LAST; f += maxRun) out.push([f, Math.min(maxRun, CHAIN_LAST + 1 - f)]);
+    return out;
+  };
   const chunksOf = (s: StreamSnapshot, block: string): number => (s as unknown as { blocks: Map<string, { index: { chunkCount: number } }> }).blocks.get(block)!.index.chunkCount;
 
   test('a 16 TiB block with pages at both ends and a run across an index chunk boundary', async () => {
@@ -577,6 +582,13 @@ describe('StreamSnapshot: the page index follows the pages in the file, not the 
       const from: [number, number][] = [];
       s.forEachRun(RAM, (f, c) => void from.push([f, c]), 512);
       assert.deepEqual(from, [[512, 2], [2 ** 31, 1], [last, 1]]);
+      // maxRun cuts a run into adjacent pieces, across the chunk boundary too.
+      const pieces: [number, number][] = [];
+      s.forEachRun(RAM, (f, c) => void pieces.push([f, c]), 0, 3);
+      assert.deepEqual(pieces, [[5, 1], ...chainPieces(3), [30, 1], [510, 3], [513, 1], [2 ** 31, 1], [last, 1]]);
+      const one: [number, number][] = [];
+      s.forEachRun(RAM, (f, c) => void one.push([f, c]), 511, 1);
+      assert.deepEqual(one, [[511, 1], [512, 1], [513, 1], [2 ** 31, 1], [last, 1]]);
       const scratch = Buffer.alloc(s.scratchBytes(6));
       const views = await s.loadRuns(RAM, [510, 4, 2 ** 31, 1, last, 1], 3, scratch);
       assert.ok(Buffer.concat(views).equals(Buffer.concat(extra.map((_, k) => pageOf(0x9000 + k)))));

@@ -40,6 +40,11 @@ export interface PackedReadOptions {
    * about what a 4 KiB one does; present neighbours of a faulting page are often next).
    */
   readAround?: number;
+  /**
+   * Bytes read at open when the reader brought none of its own (default PACKED_FIRST_READ); the
+   * prefix is read whole in any case, and pages that come with it are not read again.
+   */
+  firstRead?: number;
 }
 
 /** Read-around windows kept (most recently used). */
@@ -112,6 +117,11 @@ export class PackedSnapshot implements SnapshotSource {
   /** Where the last read ended (relative to the first packed page). */
   private lastEnd = -1;
   private closed = false;
+  /**
+   * The pages that came with the open's first GET (what lies past pagesOffset in it): the chunks
+   * they overlap copy them instead of reading them again; dropped once the last of those is made.
+   */
+  private openedPages: Buffer | undefined;
   /** Non-RAM iterable sections (dirty-bitmap) as stored, for send to replay after RAM's END. */
   iterableSections: Buffer | undefined;
 
@@ -156,7 +166,7 @@ export class PackedSnapshot implements SnapshotSource {
       throw new ProtocolError('TRUNCATED', `${reader.name} is ${size} bytes, too short for a packed snapshot (${PACKED_PREAMBLE_SIZE}-byte preamble)`, { offset: size });
     }
     const opened = reader.takeHead?.();
-    let head = opened && opened.length >= Math.min(size, PACKED_PREAMBLE_SIZE) ? opened : await reader.read(0, Math.min(size, PACKED_FIRST_READ));
+    let head = opened && opened.length >= Math.min(size, PACKED_PREAMBLE_SIZE) ? opened : await reader.read(0, Math.min(size, Math.max(PACKED_PREAMBLE_SIZE, opts.firstRead ?? PACKED_FIRST_READ)));
     let layout: PackedLayout;
     try {
       const pre = decodePackedPreamble(head, size);
@@ -182,6 +192,7 @@ export class PackedSnapshot implements SnapshotSource {
       }
       if (parsed.blockList.length !== blocks.size) throw new ProtocolError('BAD_PACKED', `the index has ${blocks.size} blocks, the stream ${parsed.blockList.length}`, { offset: 20 });
       const snap = new PackedSnapshot(reader, layout, skeleton, blocks, parsed.configuration, parsed.ramSection, parsed.switchoverStart, parsed.blockList, parsed.deviceState, opts);
+      if (head.length > layout.pagesOffset) snap.openedPages = head.subarray(layout.pagesOffset);
       snap.iterableSections = parsed.iterableSections;
       return snap;
     } catch (e) {
@@ -397,10 +408,20 @@ export class PackedSnapshot implements SnapshotSource {
     if (!c) {
       const start = this.layout.pagesOffset + k * this.chunkBytes;
       const len = Math.min(this.chunkBytes, this.layout.objectSize - start);
-      this.stats.chunkGets++;
-      this.stats.bytesFetched += len;
       const buf = this.pool.take();
-      const entry: Chunk = { buf, data: this.reader.read(start, len, buf.subarray(0, len)), settled: false, users: 0, pins: 0, evicted: false, recycled: false };
+      // The opened pages are a prefix of the pages region, so a chunk overlaps them at its start.
+      const opened = this.openedPages;
+      const rel = k * this.chunkBytes;
+      const have = opened && rel < opened.length ? opened.copy(buf, 0, rel, Math.min(opened.length, rel + len)) : 0;
+      if (opened && rel + len >= opened.length) this.openedPages = undefined;
+      let data: Promise<Buffer>;
+      if (have === len) data = Promise.resolve(buf.subarray(0, len));
+      else {
+        this.stats.chunkGets++;
+        this.stats.bytesFetched += len - have;
+        data = this.reader.read(start + have, len - have, buf.subarray(have, len)).then(() => buf.subarray(0, len));
+      }
+      const entry: Chunk = { buf, data, settled: false, users: 0, pins: 0, evicted: false, recycled: false };
       entry.data.then(() => {
         entry.settled = true;
         if (this.chunks.get(k) === entry) this.arrived.add(k);

@@ -89,7 +89,7 @@ for (const version of ['10.0', '11.1'] as const) {
       await file.close();
       const obj = new MemoryObject('mem://o', object);
       const chunk = 4 * TARGET_PAGE_SIZE;
-      const p = await PackedSnapshot.open(obj, { chunkBytes: chunk, readAhead: 3, readAround: 2 * TARGET_PAGE_SIZE });
+      const p = await PackedSnapshot.open(obj, { chunkBytes: chunk, readAhead: 3, readAround: 2 * TARGET_PAGE_SIZE, firstRead: 0 });
       obj.reads = [];
       const pc = p.blockList[0]!.name;
       // Out of order: the last present page, then its neighbour in the object: one window.
@@ -121,7 +121,7 @@ for (const version of ['10.0', '11.1'] as const) {
       assert.ok(fetched >= pages * TARGET_PAGE_SIZE && fetched <= pages * TARGET_PAGE_SIZE + (3 + 1) * chunk, `fetched ${fetched} for ${pages} pages: read-ahead is bounded`);
       await p.close();
       // A reader starting in the middle (extract --block) turns sequential at its second read.
-      const q = await PackedSnapshot.open(obj, { chunkBytes: chunk, readAhead: 3, readAround: 2 * TARGET_PAGE_SIZE });
+      const q = await PackedSnapshot.open(obj, { chunkBytes: chunk, readAhead: 3, readAround: 2 * TARGET_PAGE_SIZE, firstRead: 0 });
       const mid = present[Math.floor(present.length / 2)]!;
       const ordered = present.filter((x) => x >= mid).slice(0, 12);
       for (const pg of ordered) await q.loadRuns(pc, [pg, 1], 1, Buffer.alloc(TARGET_PAGE_SIZE));
@@ -150,7 +150,8 @@ for (const version of ['10.0', '11.1'] as const) {
       };
       const chunk = TARGET_PAGE_SIZE;
       const readAhead = 2;
-      const p = await PackedSnapshot.open(slow, { chunkBytes: chunk, readAhead });
+      // The open reads the prefix alone, so that every page comes through a chunk's GET.
+      const p = await PackedSnapshot.open(slow, { chunkBytes: chunk, readAhead, firstRead: 0 });
       const pc = p.blockList[0]!.name;
       const runs: number[] = [];
       p.forEachRun(pc, (f, c) => { for (let i = 0; i < c; i++) runs.push(f + i, 1); });
@@ -179,7 +180,7 @@ for (const version of ['10.0', '11.1'] as const) {
       await p.close();
 
       // A GET that fails: the read fails with its error, and its buffer is still given back.
-      const q = await PackedSnapshot.open(slow, { chunkBytes: chunk, readAhead });
+      const q = await PackedSnapshot.open(slow, { chunkBytes: chunk, readAhead, firstRead: 0 });
       failAt = n + 2;
       let failed = 0;
       const one = Buffer.alloc(TARGET_PAGE_SIZE);

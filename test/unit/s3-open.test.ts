@@ -141,6 +141,31 @@ describe('opening an object with one ranged GET', () => {
     await p.close();
   });
 
+  test('reading every page in order: the pages that came with the open are not fetched again', async () => {
+    const first = 256 * 1024;
+    const store = new FakeStore(object);
+    const o = await RangedObject.open(store.client, URL, { firstBytes: first });
+    const p = await PackedSnapshot.open(o, { chunkBytes: 64 * 1024 });
+    let checked = 0;
+    for (const b of p.blockList) {
+      const runs: number[] = [];
+      p.forEachRun(b.name, (f, n) => { runs.push(f, n); });
+      for (let i = 0; i < runs.length; i += 2) {
+        const views = await p.loadRuns(b.name, [runs[i]!, runs[i + 1]!], 1, Buffer.alloc(runs[i + 1]! * 4096));
+        const at = p.pageObjectOffset(b.name, runs[i]!)!;
+        assert.ok(Buffer.concat(views).equals(object.subarray(at, at + runs[i + 1]! * 4096)), `${b.name} pages ${runs[i]}+${runs[i + 1]}`);
+        checked++;
+      }
+    }
+    assert.ok(checked > 0);
+    // Every byte of the object fetched exactly once: the open's 256 KiB, then the rest in chunks.
+    assert.equal(o.stats.bytes, object.length);
+    const ranges = store.sent.map((x) => String(x.input.Range));
+    assert.equal(ranges[0], `bytes=0-${first - 1}`);
+    assert.match(ranges[1]!, new RegExp(`^bytes=${first}-`), 'the first chunk starts where the open ended');
+    await p.close();
+  });
+
   test('a prefix larger than the first GET: a second GET for the rest, pinned to the ETag', async () => {
     assert.ok(pagesOffset > 4096, `the fixture's prefix (${pagesOffset}) is larger than 4 KiB`);
     const store = new FakeStore(object);

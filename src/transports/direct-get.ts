@@ -405,6 +405,18 @@ export class DirectGetHandler implements SdkHttpHandler {
 
   async handle(req: SdkHttpRequest, opts: SdkHandleOptions = {}): Promise<{ response: SdkHttpResponse }> {
     if (this.destroyed || !DirectGetHandler.takes(req)) return this.inner.handle(req, opts);
+    const r = await this.fetch(req, opts);
+    // Errors (and bodies without a length) are the SDK's to read: the same signed request there.
+    return 'response' in r ? r : this.inner.handle(req, opts);
+  }
+
+  /**
+   * A ranged GET read here: the answer with a DirectBody when it is a success with a length, else
+   * just its status (the body dropped with the connection). For requests signed elsewhere too (a
+   * presigned URL, transports/s3.ts).
+   */
+  async fetch(req: SdkHttpRequest, opts: SdkHandleOptions = {}): Promise<{ response: SdkHttpResponse & { body: DirectBody } } | { status: number }> {
+    if (this.destroyed) throw Object.assign(new Error('the S3 client was closed'), { code: 'ECONNRESET' });
     const text = requestText(req);
     const signal = opts.abortSignal;
     if (signal?.aborted) throw Object.assign(new Error('Request aborted'), { name: 'AbortError' });
@@ -428,9 +440,8 @@ export class DirectGetHandler implements SdkHttpHandler {
       }
       const ok = head.status >= 200 && head.status < 300 && head.headers['content-length'] !== undefined && head.headers['transfer-encoding'] === undefined;
       if (!ok) {
-        // Errors (and bodies without a length) are the SDK's to read: the same signed request there.
         c.discard();
-        return this.inner.handle(req, opts);
+        return { status: head.status };
       }
       const body = new DirectBody(c, Number(head.headers['content-length']));
       return { response: { statusCode: head.status, reason: head.reason, headers: head.headers, body } };

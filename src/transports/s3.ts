@@ -7,7 +7,7 @@ import { Agent as HttpsAgent } from 'node:https';
 import { isIP } from 'node:net';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import { ObjectStoreError, type ObjectStoreErrorCode } from '../codec/errors.js';
-import { DirectGetHandler, isDirectBody, type SdkHttpHandler } from './direct-get.js';
+import { DirectGetHandler, isDirectBody, type DirectBody, type SdkHttpHandler } from './direct-get.js';
 
 export { ObjectStoreError, type ObjectStoreErrorCode };
 
@@ -89,6 +89,17 @@ function loaded(): Sdk {
   if (!sdk) throw new Error('internal: the AWS SDK is used before any S3 client was made');
   return sdk;
 }
+
+/**
+ * Reads go to one presigned GET of the object (signed by the SDK's presigner, sent with an unsigned
+ * Range and If-Match): the SDK's middleware and signing cost ~2.5 ms of CPU per request, a third
+ * of the client's CPU for 8 MiB GETs (docs/performance.md). Made again after PRESIGN_REFRESH_MS,
+ * well before it expires; any answer but a success goes to the SDK's own GET, which names errors.
+ */
+const PRESIGN_EXPIRES_S = 15 * 60;
+const PRESIGN_REFRESH_MS = 5 * 60_000;
+type Presigner = typeof import('@aws-sdk/s3-request-presigner');
+let presignerLoading: Promise<Presigner> | undefined;
 
 const clients = new Map<string, S3Client>();
 
@@ -283,6 +294,10 @@ export async function firstBytes(res: GetAnswer, want: number, name: string): Pr
 export class RangedObject {
   readonly stats: TransferStats = { requests: 0, retries: 0, bytes: 0 };
   private head: Buffer | undefined;
+  private presigned: { url: URL; at: number } | undefined;
+  private presigning: Promise<URL> | undefined;
+  /** The presigner failed once (no credentials to sign with?): the SDK's GET from then on. */
+  private presignFailed = false;
 
   private constructor(readonly client: S3Client, readonly url: ObjectUrl, readonly size: number, readonly etag: string | undefined, private readonly attempts: number) {}
 
@@ -367,7 +382,73 @@ export class RangedObject {
     }
   }
 
+  /** The object's GET, presigned (shared by concurrent reads; made again once PRESIGN_REFRESH_MS old). */
+  private presignedGet(): Promise<URL> {
+    const p = this.presigned;
+    if (p && Date.now() - p.at < PRESIGN_REFRESH_MS) return Promise.resolve(p.url);
+    this.presigning ??= (async () => {
+      const { getSignedUrl } = await (presignerLoading ??= import('@aws-sdk/s3-request-presigner'));
+      const url = new URL(await getSignedUrl(this.client, new (loaded().GetObjectCommand)({ Bucket: this.url.bucket, Key: this.url.key }), { expiresIn: PRESIGN_EXPIRES_S }));
+      this.presigned = { url, at: Date.now() };
+      return url;
+    })().finally(() => { this.presigning = undefined; });
+    return this.presigning;
+  }
+
+  /**
+   * readOnce through the presigned GET: true when `out` is filled; false when the SDK's own GET is
+   * to do it (an error answer or a failed connection, which the SDK retries and names as always).
+   */
+  private async readPresigned(handler: DirectGetHandler, position: number, length: number, out: Buffer): Promise<boolean> {
+    let url: URL;
+    try {
+      url = await this.presignedGet();
+    } catch {
+      this.presignFailed = true;
+      return false;
+    }
+    let r;
+    try {
+      this.stats.requests++;
+      r = await handler.fetch({
+        method: 'GET',
+        protocol: url.protocol,
+        hostname: url.hostname,
+        ...(url.port ? { port: Number(url.port) } : {}),
+        // Path and query exactly as signed.
+        path: `${url.pathname}${url.search}`,
+        headers: { host: url.host, range: `bytes=${position}-${position + length - 1}`, ...(this.etag ? { 'if-match': this.etag } : {}) },
+      });
+    } catch {
+      return false;
+    }
+    if (!('response' in r)) {
+      // 403: perhaps expired (a clock step, suspended process); the next read presigns again.
+      if (r.status === 403) this.presigned = undefined;
+      return false;
+    }
+    await this.readDirect(r.response.body, position, length, out);
+    return true;
+  }
+
+  private async readDirect(body: DirectBody, position: number, length: number, out: Buffer): Promise<void> {
+    if (body.length !== length) {
+      body.destroy();
+      throw new ObjectStoreError('S3_ERROR', `${this.name}: the store answered ${body.length} bytes for the ${length} asked for at ${position}`);
+    }
+    try {
+      await body.readInto(out);
+    } catch (e) {
+      const received = (e as { received?: number }).received;
+      if (received === undefined) throw e;
+      // Retried like a connection drop; never a page silently short.
+      throw new ObjectStoreError('S3_SHORT_READ', `${this.name}: ${received} of ${length} bytes at ${position} arrived (${(e as Error).message})`, { cause: e });
+    }
+  }
+
   private async readOnce(position: number, length: number, out: Buffer): Promise<void> {
+    const handler = this.presignFailed ? undefined : directHandler(this.client);
+    if (handler && (await this.readPresigned(handler, position, length, out))) return;
     this.stats.requests++;
     const res = await this.client.send(new (loaded().GetObjectCommand)({
       Bucket: this.url.bucket,
@@ -377,21 +458,7 @@ export class RangedObject {
       ...(this.etag ? { IfMatch: this.etag } : {}),
     }));
     const body: unknown = res.Body;
-    if (isDirectBody(body)) {
-      if (body.length !== length) {
-        body.destroy();
-        throw new ObjectStoreError('S3_ERROR', `${this.name}: the store answered ${body.length} bytes for the ${length} asked for at ${position}`);
-      }
-      try {
-        await body.readInto(out);
-      } catch (e) {
-        const received = (e as { received?: number }).received;
-        if (received === undefined) throw e;
-        // Retried like a connection drop; never a page silently short.
-        throw new ObjectStoreError('S3_SHORT_READ', `${this.name}: ${received} of ${length} bytes at ${position} arrived (${(e as Error).message})`, { cause: e });
-      }
-      return;
-    }
+    if (isDirectBody(body)) return this.readDirect(body, position, length, out);
     let at = 0;
     for await (const chunk of res.Body as AsyncIterable<Buffer>) {
       if (at + chunk.length > length) throw new ObjectStoreError('S3_ERROR', `${this.name}: the store sent more than the ${length} bytes asked for`);
@@ -400,6 +467,12 @@ export class RangedObject {
     }
     if (at !== length) throw new ObjectStoreError('S3_SHORT_READ', `${this.name}: ${at} of ${length} bytes at ${position} arrived`);
   }
+}
+
+/** The client's DirectGetHandler, unless MULTIFD_S3_DIRECT_GET=0 left the SDK's handler alone. */
+function directHandler(client: S3Client): DirectGetHandler | undefined {
+  const h = (client.config as unknown as { requestHandler?: unknown } | undefined)?.requestHandler;
+  return h instanceof DirectGetHandler ? h : undefined;
 }
 
 /** Part size for an object of about `total` bytes: the wanted size, larger if 10 000 parts would not do. */

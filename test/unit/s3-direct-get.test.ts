@@ -291,4 +291,39 @@ describe('S3 direct GET bodies', () => {
     await assert.rejects(obj.read(0, 5000), (e: unknown) => e instanceof ObjectStoreError && e.code === 'S3_NO_KEY');
     assert.ok(gets >= 2, 'the error answer was fetched again by the SDK handler');
   });
+
+  test('through the S3 client: reads use one presigned GET with Range and If-Match unsigned; a refused one is done by the SDK\'s signed GET', async () => {
+    let deny = false;
+    const s = await scripted((req, sock) => {
+      const presigned = req.target.includes('X-Amz-Signature=');
+      if (deny && presigned) {
+        const xml = '<?xml version="1.0"?><Error><Code>AccessDenied</Code><Message>expired</Message></Error>';
+        sock.write(`HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: ${xml.length}\r\n\r\n${xml}`);
+      } else answer(req, sock);
+    });
+    servers.push(s.server);
+    process.env.AWS_ACCESS_KEY_ID ??= 'test-key';
+    process.env.AWS_SECRET_ACCESS_KEY ??= 'test-secret';
+    const client = await s3Client({ endpoint: `http://127.0.0.1:${s.port}`, region: 'us-east-1' });
+    const obj = await RangedObject.open(client, { bucket: 'bkt2', key: 'k2' }, { attempts: 2 });
+    const opened = s.requests.length;
+    for (const [a, b] of [[0, 4096], [100_000, 180_000], [299_000, 300_000]] as const) assert.ok((await obj.read(a, b - a)).equals(OBJECT.subarray(a, b)));
+    const reads = s.requests.slice(opened);
+    assert.equal(reads.length, 3);
+    for (const r of reads) {
+      assert.match(r.target, /^\/bkt2\/k2\?.*X-Amz-Signature=/, 'a presigned GET of the object');
+      assert.equal(r.headers.authorization, undefined);
+      assert.equal(r.headers['if-match'], '"e1"');
+    }
+    assert.deepEqual(reads.map((r) => r.headers.range), ['bytes=0-4095', 'bytes=100000-179999', 'bytes=299000-299999']);
+    assert.equal(new Set(reads.map((r) => r.target)).size, 1, 'signed once, reused');
+    // Refused (an expired URL): the SDK signs that read itself, and it succeeds.
+    deny = true;
+    assert.ok((await obj.read(5000, 100)).equals(OBJECT.subarray(5000, 5100)));
+    const [refused, signed] = s.requests.slice(opened + 3);
+    assert.match(refused!.target, /X-Amz-Signature=/);
+    assert.ok(signed!.headers.authorization?.startsWith('AWS4-HMAC-SHA256'), 'then a GET signed by the SDK');
+    assert.equal(signed!.headers.range, 'bytes=5000-5099');
+    assert.equal(obj.stats.requests, 1 + 3 + 2);
+  });
 });

@@ -280,6 +280,13 @@ export class PackedSnapshot implements SnapshotSource {
     return views;
   }
 
+  /** The first chunks and the read-ahead behind them, as the first sequential read would start them. */
+  prefetch(): void {
+    if (this.closed || this.chunks.size > 0 || this.layout.objectSize <= this.layout.pagesOffset) return;
+    const lastChunk = Math.floor((this.layout.objectSize - this.layout.pagesOffset - 1) / this.chunkBytes);
+    for (let k = 0; k <= Math.min(lastChunk, this.readAhead); k++) this.chunk(k);
+  }
+
   /**
    * Object bytes [obj, obj+len): with `pinned`, a view of the chunk that holds them all (the chunk
    * pinned until released), else copied into `into` (from the chunks, or a read-around GET) and

@@ -72,5 +72,10 @@ export interface SnapshotSource {
   loadRuns(block: string, runs: ArrayLike<number>, runCount: number, scratch: Buffer, opts?: { urgent?: boolean }): Promise<Buffer[]>;
   /** Reads `length` bytes of the file at `position` (for forwarding the device state). */
   readAt(position: number, length: number, into?: Buffer): Promise<Buffer>;
+  /**
+   * A source with slow first reads (an object store) starts fetching what a reader going through
+   * the pages in order asks for first, so that it arrives while the destination is set up.
+   */
+  prefetch?(): void;
   close(): Promise<void>;
 }

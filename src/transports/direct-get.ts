@@ -3,9 +3,10 @@
 // parser into another fresh buffer, and copied once more by the reader: restoring from S3 spent
 // ~4 CPU-s per GiB on that and on collecting the garbage (docs/performance.md), on a machine where
 // the store and QEMU need the same cores. Here the socket reads (net's `onread`) go into the
-// destination itself (over https too: the TLS layer decrypts into it). The SDK still builds and
-// signs every request; only the successful answer to a ranged GET with a Content-Length is read
-// here. Everything else (other methods, an error status, a chunked body) goes to the SDK's own
+// destination itself (over https too: the TLS layer decrypts into it). The SDK builds and signs
+// every request (as a request through the client, or once as a presigned URL that fetch() is
+// handed, transports/s3.ts); only the successful answer to a ranged GET with a Content-Length is
+// read here. Everything else (other methods, an error status, a chunked body) goes to the SDK's own
 // handler: a ranged GET answered with an error is sent again there as signed (GET is
 // idempotent), so the SDK parses the error.
 

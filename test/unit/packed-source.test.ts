@@ -129,6 +129,31 @@ for (const version of ['10.0', '11.1'] as const) {
       await q.close();
     });
 
+    test('prefetch starts the first chunks and the read-ahead; the reader then finds them and fetches each byte once', async () => {
+      const { object, file } = await pack(path, 1024 * 1024);
+      await file.close();
+      const obj = new MemoryObject('mem://p', object);
+      const chunk = 4 * TARGET_PAGE_SIZE;
+      const p = await PackedSnapshot.open(obj, { chunkBytes: chunk, readAhead: 3, firstRead: 0 });
+      obj.reads = [];
+      p.prefetch();
+      p.prefetch();
+      const pagesBytes = object.length - p.layout.pagesOffset;
+      const chunks = Math.min(4, Math.ceil(pagesBytes / chunk));
+      assert.deepEqual(obj.reads.map(([pos]) => pos), Array.from({ length: chunks }, (_, k) => p.layout.pagesOffset + k * chunk), 'chunks 0..readAhead, once');
+      const pc = p.blockList[0]!.name;
+      const runs: number[] = [];
+      p.forEachRun(pc, (f, n) => { runs.push(f, n); });
+      for (let i = 0; i < runs.length; i += 2) {
+        const views = await p.loadRuns(pc, [runs[i]!, runs[i + 1]!], 1, Buffer.alloc(runs[i + 1]! * TARGET_PAGE_SIZE));
+        const at = p.pageObjectOffset(pc, runs[i]!)!;
+        assert.ok(Buffer.concat(views).equals(object.subarray(at, at + runs[i + 1]! * TARGET_PAGE_SIZE)));
+      }
+      const starts = obj.reads.map(([pos]) => pos);
+      assert.equal(new Set(starts).size, starts.length, 'no chunk fetched twice');
+      await p.close();
+    });
+
     test('chunk buffers come from a bounded pool, reused only once no GET writes them, no copy reads them and no view handed out is held; a failed GET gives its buffer back', async () => {
       const { object, file } = await pack(path, 1024 * 1024);
       // GETs answer late and out of order, writing their bytes only when they answer: a buffer

@@ -341,8 +341,8 @@ class Relay implements InboundSink, DestinationHost {
         // For an object: made durable in staging, then uploaded (the progress timer runs on).
         await this.tee.commit();
       } catch (e) {
-        // B confirmed the load and A has its SHUT(0): both are done. Failed here and not in
-        // runMain, whose error would name A's main channel.
+        // B confirmed the load (and A, with a return path, got that SHUT(0)): both are done, see
+        // fail(). Failed here and not in runMain, whose error would name A's main channel.
         this.fail(new ChannelError(`the tee ${this.opts.tee!} (the destination loaded the migration and runs it; only the tee was not stored)`, e as Error));
         return;
       }

@@ -29,7 +29,7 @@ export function notConvergingText(n: { 'active-ms': number; rounds: number; 'exp
   return `the source is not converging: after ${n.rounds} rounds in ${duration(n['active-ms'])} QEMU still expects ${n['expected-downtime']} ms of downtime against a limit of ${n['downtime-limit']} ms${rates ? ` (${rates})` : ''}${why}`;
 }
 
-/** An upload's summary entry (save/receive/convert … s3://…; docs/s3.md). */
+/** An upload's summary entry (save/receive/convert … s3://…, relay --tee s3://…; docs/s3.md). */
 interface UploadLike { url: string; 'object-size': number; parts: number; 'upload-ms': number; requests?: number; retries?: number; 'local-durable-at'?: string; 'store-durable-at': string }
 
 export function uploadLine(u: UploadLike): string {
@@ -164,6 +164,8 @@ interface RelaySummaryLike {
   'passed-encoded'?: number;
   'return-path': boolean;
   tee?: { file: string; 'file-size': number; 'commit-time': number };
+  /** --tee s3://… (docs/s3.md). */
+  store?: UploadLike;
   postcopy?: { 'switched-at-ms': number; 'main-pages': number; 'preempt-bytes': number; 'preempt-pages': number; 'preempt-channel': boolean; 'page-requests': number };
   'channels-in': { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   'channels-out': { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
@@ -182,7 +184,11 @@ export function relaySummaryText(s: RelaySummaryLike): string {
     const pc = s.postcopy;
     lines.push(`  postcopy: switched after ${duration(pc['switched-at-ms'])}, the guest ran on the destination from then on; ${pc['page-requests']} page requests passed to the source; ${pc['main-pages']} pages on main${pc['preempt-channel'] ? `, ${pc['preempt-pages']} on the preempt channel (${bytes(pc['preempt-bytes'])})` : ''}`);
   }
-  if (s.tee) lines.push(`  tee: ${s.tee.file} (${bytes(s.tee['file-size'])} apparent size, ${duration(s.tee['commit-time'])} to make it durable)`);
+  if (s.tee) {
+    // An object: commit-time covers staging and upload, the store line says when each was durable.
+    lines.push(`  tee: ${s.tee.file} (${bytes(s.tee['file-size'])} apparent size${s.store ? ' as staged' : ''}, ${duration(s.tee['commit-time'])} to make it durable${s.store ? ' and upload it' : ''})`);
+  }
+  if (s.store) lines.push(uploadLine(s.store));
   return lines.join('\n');
 }
 

@@ -392,7 +392,7 @@ program
   .option('--recompress', 'decode and re-encode compressed packets even when A and B use the same method and channel count (default: passed on as they came)')
   .addOption(new Option('--sync-mode <mode>', "how A's MULTIFD_FLUSH/EOS map to syncs (auto infers it from A's stream); B must use the same").choices(['auto', 'round', 'section']).default('auto'))
   .option('--uuid <uuid>', "A's -uuid: A's channels must carry it (B's carry it too); default: whatever A sends", uuidArg)
-  .option('--tee <file>', 'also keep a mapped-ram snapshot of the migrated state (finalised only once B confirmed the load)')
+  .option('--tee <file>', 'also keep a mapped-ram snapshot of the migrated state (finalised only once B confirmed the load); s3://BUCKET/KEY: staged locally, uploaded once B confirmed')
   .addOption(new Option('--xbzrle-cache <MiB>', "--channels-in 0 with B on multifd, no --tee: memory for copies of re-sent pages, to decode A's XBZRLE deltas; older copies go to a temporary file (--temp-dir); 0: none, A has xbzrle off").default(256).argParser(intArg(0, 1048576)))
   .option('--temp-dir <dir>', 'where --xbzrle-cache spills page copies (a file unlinked at once, up to guest RAM; default: MULTIFD_TMPDIR, TMPDIR, /tmp)')
   .option('--no-direct-io', 'write the tee through the page cache (default: O_DIRECT where the file system allows it)')

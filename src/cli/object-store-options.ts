@@ -31,7 +31,7 @@ export function addObjectStoreOptions(program: Command): void {
     .option('--s3-endpoint <url>', 'S3 endpoint for s3:// snapshots (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS)')
     .option('--s3-region <region>', 'S3 region (default: AWS_REGION, the profile, us-east-1 with a custom endpoint)')
     .option('--s3-path-style', 'path-style requests (http://host/bucket/key); automatic for IP and localhost endpoints')
-    .option('--s3-staging-dir <dir>', 'where save/receive stage a snapshot before uploading it (default: the temp dir)')
+    .option('--s3-staging-dir <dir>', 'where save/receive (and relay --tee) stage a snapshot before uploading it (default: the temp dir)')
     .addOption(new Option('--s3-part-size <MiB>', 'multipart upload part size').default(16).argParser(positive(5 * 1024)))
     .addOption(new Option('--s3-upload-concurrency <n>', 'parts uploaded in parallel').default(4).argParser(positive(64)))
     .addOption(new Option('--s3-read-ahead <n>', '8 MiB ranged GETs in flight ahead of a sequential reader').default(6).argParser(positive(64)))

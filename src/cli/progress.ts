@@ -32,7 +32,7 @@ export function receiveSample(p: Pick<ReceiveProgress, 'phase' | 'elapsedMs' | '
   };
 }
 
-/** The upload of a staged snapshot to the store (save/receive --out s3://…): bytes the store accepted. */
+/** The upload of a staged snapshot to the store (save/receive --out, relay --tee s3://…): bytes the store accepted. */
 export function uploadSample(u: UploadProgress): ProgressSample {
   const unit = 4096;
   return {
@@ -62,7 +62,9 @@ export function sendSample(p: SendProgress): ProgressSample {
   };
 }
 
-export function relaySample(p: RelayProgress): ProgressSample {
+export function relaySample(p: Pick<RelayProgress, 'phase' | 'elapsedMs' | 'bytesIn' | 'bytesOut' | 'normal' | 'duplicate' | 'rounds' | 'channelsIn' | 'channelsOut' | 'ramTotal' | 'upload'>): ProgressSample {
+  // --tee s3://…: once B confirmed, what is left is the tee's upload.
+  if (p.upload) return uploadSample(p.upload);
   return {
     phase: p.phase,
     elapsedMs: p.elapsedMs,

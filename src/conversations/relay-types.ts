@@ -5,6 +5,7 @@ import type { SyncMode } from '../codec/sync-points.js';
 import type { ChannelStats } from '../engine/multifd-receiver.js';
 import type { SendChannelStats } from '../engine/multifd-sender.js';
 import type { TlsCreds } from '../transports/tls.js';
+import type { UploadProgress, UploadReport } from './object-store.js';
 
 export interface RelayOptions {
   /** Where A connects: tcp:HOST:PORT or unix:PATH (port 0 picks one, see handle.listening). */
@@ -41,7 +42,10 @@ export interface RelayOptions {
   tempDir?: string;
   /** A's -uuid: A's init messages must carry it and B's carry it too. Default: B's carry A's. */
   uuid?: Buffer;
-  /** Also write a mapped-ram snapshot of the migrated state here (committed once B confirmed). */
+  /**
+   * Also write a mapped-ram snapshot of the migrated state here (committed once B confirmed). An
+   * s3://bucket/key is staged as a local file and uploaded packed once B confirmed (docs/s3.md).
+   */
   tee?: string;
   /** O_DIRECT page writes for the tee (default true). */
   teeDirectIo?: boolean;
@@ -85,6 +89,8 @@ export interface RelayProgress {
   channelsIn: number;
   channelsOut: number;
   ramTotal: number;
+  /** --tee s3://…, while committing: the upload of the staged tee (docs/s3.md). */
+  upload?: UploadProgress;
 }
 
 export interface RelaySummary {
@@ -123,7 +129,10 @@ export interface RelaySummary {
     /** Page requests relayed from B to A. */
     'page-requests': number;
   };
+  /** `file` is the --tee as given (an s3:// URL too); `file-size` the mapped-ram file's (for an object: as staged). */
   tee?: { file: string; 'file-size': number; 'commit-time': number; 'direct-io': boolean };
+  /** --tee s3://…: the upload, as save's and receive's `store` (docs/s3.md). */
+  store?: UploadReport;
   'channels-in': ChannelStats[];
   'channels-out': SendChannelStats[];
 }

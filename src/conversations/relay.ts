@@ -19,7 +19,7 @@
 // connections closed), so A keeps running and can migrate again.
 
 import { RAM_SECTION_NAME, RAM_SECTION_VERSION, ReturnPathMessage, TARGET_PAGE_SIZE } from '../codec/constants.js';
-import { DestinationClosedError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
+import { ChannelError, DestinationClosedError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { encodeReturnPathMessage, encodeShut } from '../codec/return-path.js';
 import { defaultSyncMode } from '../codec/machine-type.js';
 import type { SessionEvent } from '../codec/stream-session.js';
@@ -36,6 +36,7 @@ import { settleable } from './listening-handle.js';
 import { RelayDestination, type DestinationHost } from './relay-destination.js';
 import type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 import { SnapshotOutput } from './snapshot-output.js';
+import { takeUploadReport } from './object-store.js';
 
 export type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 
@@ -146,6 +147,7 @@ class Relay implements InboundSink, DestinationHost {
       channelsIn: this.channelsIn,
       channelsOut: this.channelsOut,
       ramTotal: a.session.ramTotal,
+      ...(this.tee?.uploadProgress ? { upload: this.tee.uploadProgress } : {}),
     };
   }
 
@@ -328,14 +330,26 @@ class Relay implements InboundSink, DestinationHost {
     const a = this.inbound;
     const session = a.session;
     let tee: RelaySummary['tee'];
+    let stored: RelaySummary['store'];
     if (this.tee) {
       a.phase = 'committing';
       if (!session.complete) {
         throw new ProtocolError('TRUNCATED', `the migration completed, but the tee snapshot was not written: the device state (${session.deviceStateBytes} bytes) has no complete VMDESCRIPTION (suppress-vmdesc on?)`);
       }
       const t0 = Date.now();
-      await this.tee.commit();
+      try {
+        // For an object: made durable in staging, then uploaded (the progress timer runs on).
+        await this.tee.commit();
+      } catch (e) {
+        // B confirmed the load (and A, with a return path, got that SHUT(0)): both are done, see
+        // fail(). Failed here and not in runMain, whose error would name A's main channel.
+        this.fail(new ChannelError(`the tee ${this.opts.tee!} (the destination loaded the migration and runs it; only the tee was not stored)`, e as Error));
+        return;
+      }
       tee = { file: this.opts.tee!, 'file-size': this.tee.store.streamEnd, 'commit-time': Date.now() - t0, 'direct-io': this.tee.store.directIo };
+      stored = this.tee.uploadReport;
+      // Receive's CLI takes the report from the registry; here it comes with the summary.
+      if (stored) takeUploadReport(stored.url);
     }
     a.finished = true;
     a.phase = 'completed';
@@ -372,6 +386,7 @@ class Relay implements InboundSink, DestinationHost {
         },
       } : {}),
       ...(tee ? { tee } : {}),
+      ...(stored ? { store: stored } : {}),
       'channels-in': a.receiver?.channelStats() ?? [],
       'channels-out': this.dest!.stats(),
     };

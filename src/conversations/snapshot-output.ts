@@ -11,7 +11,7 @@ import { finishLibvirtImage } from '../engine/libvirt-image-file.js';
 import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
-import { objectStoreSettings, recordUpload, removeStaging, stagingDirectory, uploadPackedSnapshot, type UploadProgress } from './object-store.js';
+import { objectStoreSettings, recordUpload, removeStaging, stagingDirectory, uploadPackedSnapshot, type UploadProgress, type UploadReport } from './object-store.js';
 
 /** An s3:// output: staged as a local mapped-ram file, uploaded packed by commit(). */
 interface ObjectTarget {
@@ -33,6 +33,8 @@ export class SnapshotOutput {
   private readonly uploadAbort = new AbortController();
   /** For an object: how far its upload is, once it started. */
   uploadProgress: UploadProgress | undefined;
+  /** For an object: the upload's report, once commit() resolved. */
+  uploadReport: UploadReport | undefined;
 
   private constructor(readonly store: MappedRamWriter, private readonly object?: ObjectTarget, private readonly libvirtImage = false) {}
 
@@ -142,7 +144,8 @@ export class SnapshotOutput {
       await this.store.commit();
       const localAt = new Date().toISOString();
       const report = await uploadPackedSnapshot(this.store.finalPath, object.url, { signal: this.uploadAbort.signal, onProgress: (p) => { this.uploadProgress = p; } });
-      recordUpload({ ...report, 'local-durable-at': localAt });
+      this.uploadReport = { ...report, 'local-durable-at': localAt };
+      recordUpload(this.uploadReport);
     } finally {
       await removeStaging(object.dir);
     }

@@ -3,12 +3,16 @@
 // save of the running test guest to S3 → restore from S3 → the guest runs on with its invariant,
 // instant restore (postcopy) from S3, the file tools on objects, and faults: radosgw stopped
 // mid-upload and mid-restore, bad and missing credentials, missing bucket and key, an unreachable
-// endpoint, truncated and corrupted objects. Every test uses its own bucket.
+// endpoint, truncated and corrupted objects; relay --tee s3://… between two QEMUs (the object once
+// B confirmed, upload progress, a failed upload that leaves A and B alone). Every test uses its
+// own bucket.
 
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { createServer as createHttpServer, request as httpRequest } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
@@ -16,8 +20,12 @@ import {
   ListObjectsV2Command, ListPartsCommand, PutObjectCommand, S3Client,
 } from '@aws-sdk/client-s3';
 import { countPasses, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
-import { BIN } from '../helpers/send.js';
+import { BIN, freePort, settle, startListeningCli } from '../helpers/send.js';
 import { configureObjectStore, openObjectSnapshot, type UploadProgress } from '../../src/conversations/object-store.js';
+import { relay, type RelayProgress } from '../../src/conversations/relay.js';
+import { closeS3Clients } from '../../src/transports/s3.js';
+import { GUEST_DIRTY_END, GUEST_DIRTY_START } from '../guest/bootsector.js';
+import { dumpGuestMemory } from '../helpers/qemu.js';
 import { convert, type ConvertProgress } from '../../src/conversations/convert.js';
 import { PACKED_PREAMBLE_SIZE } from '../../src/codec/packed-snapshot.js';
 import { checkInvariant, runsOn } from '../helpers/guest-checks.js';
@@ -485,6 +493,179 @@ describe('S3 faults', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not
     } finally {
       await dst?.q.kill();
       await rgwUp();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+// ---------------- relay --tee s3://… (ours: one QEMU version) ----------------
+
+/** QEMU B for the relay: -incoming defer, paused, multifd 2 channels, listening on a fresh port. */
+async function relayTarget(dir: string): Promise<{ q: QemuInstance; sock: string; uri: string }> {
+  const d = await destination('10', dir);
+  await d.q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
+  await d.q.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2 });
+  const uri = `tcp:127.0.0.1:${await freePort()}`;
+  await d.q.qmp.execute('migrate-incoming', { uri, 'exit-on-error': false });
+  return { ...d, uri };
+}
+
+/** A running guest migrating to `uri` with multifd on 2 channels and the return path. */
+async function migrateThrough(a: QemuInstance, uri: string): Promise<void> {
+  await a.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }, { capability: 'return-path', state: true }] });
+  await a.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'max-bandwidth': 107374182400, 'downtime-limit': 20000 });
+  await a.qmp.execute('migrate', { uri });
+}
+
+/**
+ * An HTTP proxy in front of the store that drops the connection of every UploadPart (as a store
+ * that went away mid-upload) and passes everything else on, the abort included.
+ */
+async function partDroppingProxy(target: string): Promise<{ url: string; dropped: () => number; close: () => Promise<void> }> {
+  const to = new URL(target);
+  let dropped = 0;
+  const srv = createHttpServer((req, res) => {
+    const q = new URL(req.url ?? '/', 'http://proxy').searchParams;
+    if (req.method === 'PUT' && q.has('uploadId') && q.has('partNumber')) {
+      dropped++;
+      req.socket.destroy();
+      return;
+    }
+    const headers = { ...req.headers };
+    delete headers.expect;
+    const up = httpRequest({ host: to.hostname, port: to.port, method: req.method, path: req.url, headers }, (r) => {
+      res.writeHead(r.statusCode ?? 502, r.headers);
+      r.pipe(res);
+    });
+    up.on('error', () => res.destroy());
+    req.pipe(up);
+  });
+  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`,
+    dropped: () => dropped,
+    close: () => new Promise<void>((resolve) => { srv.closeAllConnections(); srv.close(() => resolve()); }),
+  };
+}
+
+describe('relay --tee to S3 (QEMU 10)', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not available'), timeout: 600_000 }, () => {
+  test('relay --tee s3://…: a missing bucket is refused before the relay listens', async () => {
+    const r = await cli(['relay', '--listen', 'tcp:127.0.0.1:0', '--to', 'tcp:127.0.0.1:1', '--tee', `s3://multifd-no-such-bucket-${process.pid}/tee.mig`], { timeoutMs: 60_000 });
+    assert.equal(r.code, 1, r.stderr);
+    assert.doesNotMatch(r.stderr, /listening on/, 'nothing listened');
+    assert.match(r.stderr, /^multifd: error: .*the bucket .*does not exist/m);
+  });
+
+  test('relay --tee s3://…: B runs with the invariant; the object appears once B confirmed, with upload progress; verify accepts it and it restores B\'s memory', async (t) => {
+    const dir = mkdtempSync('/tmp/multifd-s3-relay-');
+    const staging = join(dir, 'staging');
+    execFileSync('mkdir', [staging]);
+    const bucket = await newBucket('relaytee');
+    const url = `s3://${bucket}/tee.mig`;
+    const a = await startQemu({ version: '10', memMiB: 128, bootSector: true });
+    let b: Awaited<ReturnType<typeof relayTarget>> | undefined;
+    let c: Awaited<ReturnType<typeof destination>> | undefined;
+    let r: ReturnType<typeof relay> | undefined;
+    configureObjectStore({ endpoint: ENDPOINT!, pathStyle: true, stagingDir: staging, partSize: 5 * MiB, uploadConcurrency: 2 });
+    try {
+      await waitGuestPasses(a, 2);
+      b = await relayTarget(dir);
+      r = relay({ listen: 'tcp:127.0.0.1:0', to: b.uri, channelsIn: 2, tee: url, progressIntervalMs: 20 });
+      const events: RelayProgress[] = [];
+      r.on('progress', (p) => events.push(p));
+      await migrateThrough(a, await r.listening);
+      const s = await r.done;
+      const ma = await waitMigration(a.qmp, { timeoutMs: 30_000 });
+      const mb = await waitMigration(b.q.qmp, { timeoutMs: 30_000 });
+      const st = s.store!;
+      const uploading = events.filter((p) => p.phase === 'committing' && p.upload);
+      t.diagnostic(`relay: ${s['bytes-in']} bytes in, tee committed in ${s.tee?.['commit-time']} ms; object ${st['object-size']} bytes in ${st.parts} parts, uploaded in ${st['upload-ms']} ms; ${uploading.length} progress events during the upload`);
+      assert.equal(ma.status, 'completed', 'A completed');
+      assert.equal(mb.status, 'completed', mb['error-desc']);
+      const memB = await checkInvariant(b.q, 'B after the relay');
+
+      assert.equal(s.tee?.file, url, 'the tee is named by its URL');
+      assert.ok(st, 'the summary has the upload (store)');
+      assert.equal(st.url, url);
+      assert.equal(await headSize(bucket, 'tee.mig'), st['object-size'], 'the object is there, its size as reported');
+      assert.ok(st['object-size'] < st['file-size'], 'packed: the object holds the pages present, not the RAM size');
+      assert.ok(st.parts >= 2, 'a multipart upload of several parts');
+      assert.equal(st['bytes-uploaded'], st['object-size']);
+      assert.ok(Date.parse(st['local-durable-at']!) <= Date.parse(st['store-durable-at']), 'durable locally, then in the store');
+      assert.ok(s.tee!['commit-time'] >= st['upload-ms'], 'the tee\'s commit time covers the upload');
+      assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
+      assert.deepEqual(readdirSync(staging), [], 'the staging directory was removed');
+
+      // The progress timer runs on while the tee uploads: events carry the upload as it goes.
+      assert.ok(uploading.length >= 1, 'progress events while the upload ran');
+      const last = events.at(-1)!;
+      assert.equal(last.phase, 'completed');
+      assert.equal(last.upload?.stored, st['object-size'], 'the last progress event has the whole object stored');
+      for (let i = 1; i < uploading.length; i++) assert.ok(uploading[i]!.upload!.stored >= uploading[i - 1]!.upload!.stored, 'stored bytes never go back');
+
+      const v = await cli(['verify', url]);
+      assert.equal(v.code, 0, v.stderr + v.stdout);
+      const ins = await cli(['inspect', url, '--json']);
+      assert.equal(ins.code, 0, ins.stderr);
+      const info = JSON.parse(ins.stdout);
+      assert.equal(info.object.layout, 'packed');
+      assert.equal(info.object['present-pages'], st['present-pages']);
+
+      // The object restored into a fresh QEMU holds exactly the memory B loaded.
+      c = await destination('10', dir);
+      const rr = await cli(['restore', url, '--qmp', `unix:${c.sock}`, '--channels', '2', '--json']);
+      assert.equal(rr.code, 0, `restore of the tee object failed: ${rr.stderr}`);
+      const memC = await dumpGuestMemory(c.q, GUEST_DIRTY_START, GUEST_DIRTY_END - GUEST_DIRTY_START);
+      assert.ok(memC.equals(memB), 'the object restores the memory B loaded');
+      await runsOn(b.q, memB);
+    } finally {
+      configureObjectStore({});
+      closeS3Clients();
+      r?.abort(new Error('test over'));
+      await r?.done.catch(() => {});
+      await a.kill();
+      await b?.q.kill();
+      await c?.q.kill();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('relay --tee s3://…: the upload fails after B confirmed: exit 1 naming the tee, no object, no multipart upload, A completed, B runs on', async (t) => {
+    const dir = mkdtempSync('/tmp/multifd-s3-relay-');
+    const staging = join(dir, 'staging');
+    execFileSync('mkdir', [staging]);
+    const bucket = await newBucket('relayteefail');
+    const url = `s3://${bucket}/tee.mig`;
+    const proxy = await partDroppingProxy(ENDPOINT!);
+    const a = await startQemu({ version: '10', memMiB: 128, bootSector: true });
+    let b: Awaited<ReturnType<typeof relayTarget>> | undefined;
+    try {
+      await waitGuestPasses(a, 2);
+      b = await relayTarget(dir);
+      const port = await freePort();
+      const run = await startListeningCli(['--s3-endpoint', proxy.url, '--s3-staging-dir', staging, '--s3-part-size', '5', 'relay', '--listen', `tcp:127.0.0.1:${port}`, '--to', b.uri, '--channels-in', '2', '--tee', url, '--json']);
+      await migrateThrough(a, `tcp:127.0.0.1:${port}`);
+      const res = await settle(run.done, 120_000, 'relay CLI');
+      assert.ok(res.ok);
+      const out = res.value;
+      t.diagnostic(`relay: exit ${out.code}, ${proxy.dropped()} part uploads dropped: ${out.stderr.trim().split('\n').pop()}`);
+      assert.equal(out.code, 1, 'the relay fails');
+      assert.equal(out.stdout, '', 'no summary');
+      assert.match(out.stderr, /^multifd: error: the tee s3:\/\/\S+ \(the destination loaded the migration and runs it; only the tee was not stored\): uploading part \d+ of s3:\/\/\S+: the S3 endpoint is unreachable/m);
+      assert.ok(proxy.dropped() > 0, 'parts were sent and dropped');
+      assert.equal(await headSize(bucket, 'tee.mig'), undefined, 'no object');
+      assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
+      assert.deepEqual(readdirSync(staging), [], 'the staging directory was removed');
+
+      assert.equal((await waitMigration(a.qmp, { timeoutMs: 30_000 })).status, 'completed', 'A completed: B had confirmed');
+      const mb = await waitMigration(b.q.qmp, { timeoutMs: 30_000 });
+      assert.equal(mb.status, 'completed', mb['error-desc']);
+      const memB = await checkInvariant(b.q, 'B after the relay whose tee failed');
+      await runsOn(b.q, memB);
+    } finally {
+      await a.kill();
+      await b?.q.kill();
+      await proxy.close();
       rmSync(dir, { recursive: true, force: true });
     }
   });

@@ -9,8 +9,8 @@
 
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { createServer as createHttpServer, request as httpRequest } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -161,7 +161,7 @@ for (const version of ['10', '11'] as QemuVersion[]) {
     test('save of the running guest to S3, restore from S3: the guest runs on with its invariant', async (t) => {
       const dir = mkdtempSync('/tmp/multifd-s3-test-');
       const staging = join(dir, 'staging');
-      execFileSync('mkdir', [staging]);
+      mkdirSync(staging);
       const bucket = await newBucket(`save${version}`);
       const url = `s3://${bucket}/vm1.mig`;
       let dst;
@@ -559,7 +559,7 @@ describe('relay --tee to S3 (QEMU 10)', { skip: NO_STORE || (haveQemu('10') ? fa
   test('relay --tee s3://…: B runs with the invariant; the object appears once B confirmed, with upload progress; verify accepts it and it restores B\'s memory', async (t) => {
     const dir = mkdtempSync('/tmp/multifd-s3-relay-');
     const staging = join(dir, 'staging');
-    execFileSync('mkdir', [staging]);
+    mkdirSync(staging);
     const bucket = await newBucket('relaytee');
     const url = `s3://${bucket}/tee.mig`;
     const a = await startQemu({ version: '10', memMiB: 128, bootSector: true });
@@ -633,7 +633,7 @@ describe('relay --tee to S3 (QEMU 10)', { skip: NO_STORE || (haveQemu('10') ? fa
   test('relay --tee s3://…: the upload fails after B confirmed: exit 1 naming the tee, no object, no multipart upload, A completed, B runs on', async (t) => {
     const dir = mkdtempSync('/tmp/multifd-s3-relay-');
     const staging = join(dir, 'staging');
-    execFileSync('mkdir', [staging]);
+    mkdirSync(staging);
     const bucket = await newBucket('relayteefail');
     const url = `s3://${bucket}/tee.mig`;
     const proxy = await partDroppingProxy(ENDPOINT!);

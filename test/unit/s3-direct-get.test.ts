@@ -73,6 +73,14 @@ function innerStub(): SdkHttpHandler & { seen: SdkHttpRequest[] } {
   };
 }
 
+/** `bucket/key` opened through the real S3 client against the scripted server `s` (test credentials). */
+async function openThrough(s: { port: number }, bucket: string, key: string): Promise<RangedObject> {
+  process.env.AWS_ACCESS_KEY_ID ??= 'test-key';
+  process.env.AWS_SECRET_ACCESS_KEY ??= 'test-secret';
+  const client = await s3Client({ endpoint: `http://127.0.0.1:${s.port}`, region: 'us-east-1' });
+  return RangedObject.open(client, { bucket, key }, { attempts: 2 });
+}
+
 async function readAll(h: DirectGetHandler, port: number, from: number, to: number): Promise<Buffer> {
   const { response } = await h.handle(get(port, from, to));
   assert.ok(isDirectBody(response.body), 'a 206 with a length is read directly');
@@ -275,10 +283,7 @@ describe('S3 direct GET bodies', () => {
       } else answer(req, sock);
     });
     servers.push(s.server);
-    process.env.AWS_ACCESS_KEY_ID ??= 'test-key';
-    process.env.AWS_SECRET_ACCESS_KEY ??= 'test-secret';
-    const client = await s3Client({ endpoint: `http://127.0.0.1:${s.port}`, region: 'us-east-1' });
-    const obj = await RangedObject.open(client, { bucket: 'bkt', key: 'k' }, { attempts: 2 });
+    const obj = await openThrough(s, 'bkt', 'k');
     const got = await obj.read(1000, 20_000);
     assert.ok(got.equals(OBJECT.subarray(1000, 21_000)));
     assert.equal(obj.stats.retries, 1);
@@ -302,10 +307,7 @@ describe('S3 direct GET bodies', () => {
       } else answer(req, sock);
     });
     servers.push(s.server);
-    process.env.AWS_ACCESS_KEY_ID ??= 'test-key';
-    process.env.AWS_SECRET_ACCESS_KEY ??= 'test-secret';
-    const client = await s3Client({ endpoint: `http://127.0.0.1:${s.port}`, region: 'us-east-1' });
-    const obj = await RangedObject.open(client, { bucket: 'bkt2', key: 'k2' }, { attempts: 2 });
+    const obj = await openThrough(s, 'bkt2', 'k2');
     const opened = s.requests.length;
     for (const [a, b] of [[0, 4096], [100_000, 180_000], [299_000, 300_000]] as const) assert.ok((await obj.read(a, b - a)).equals(OBJECT.subarray(a, b)));
     const reads = s.requests.slice(opened);

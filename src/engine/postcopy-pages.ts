@@ -20,14 +20,14 @@ export interface PostcopyPageSource {
   forEachRun(block: string, visit: (firstPage: number, count: number) => boolean | void, fromPage?: number, maxRun?: number): void;
 }
 
+import { PageRequestError } from '../codec/errors.js';
+export { PageRequestError, type PageRequestProblem } from '../codec/errors.js';
+
 /**
  * presentRunAt asks for runs in pieces of at most this many pages (128 MiB): a request in the
  * middle of a multi-GiB run then scans 4 KiB of bitmap, not the rest of the run.
  */
 const RUN_PIECE_PAGES = 32768;
-
-import { PageRequestError } from '../codec/errors.js';
-export { PageRequestError, type PageRequestProblem } from '../codec/errors.js';
 
 /** Consecutive pages of one block; `present` pages are read from the snapshot, the others are zero. */
 export interface PageSpan {

@@ -18,7 +18,7 @@ import { enableVerboseLog, noteStalePartials } from './log.js';
 import { registerFileCommands } from './file-commands.js';
 import { getMethod } from '../engine/methods/registry.js';
 import { checkInputFile, checkOutputFile } from './paths.js';
-import { addObjectStoreOptions, resolve, withUploadReport } from './object-store-options.js';
+import { addObjectStoreOptions, resolve } from './object-store-options.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -214,7 +214,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting the source.
       process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)${o.tlsCreds ? ' (TLS)' : ''}\n`);
-      return withUploadReport(h.done, o.out);
+      return h.done;
     }, summaryText);
   });
 

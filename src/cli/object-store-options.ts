@@ -3,7 +3,7 @@
 
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { resolve as resolvePath } from 'node:path';
-import { configureObjectStore, isObjectUrl, takeUploadReport } from '../conversations/object-store.js';
+import { configureObjectStore, isObjectUrl } from '../conversations/object-store.js';
 import { closeS3Clients } from '../transports/s3.js';
 
 /** A local path made absolute; an s3:// URL as it is. */
@@ -50,11 +50,4 @@ export function addObjectStoreOptions(program: Command): void {
       });
     })
     .hook('postAction', () => closeS3Clients());
-}
-
-/** A receive summary with its upload (`store`) when the output was s3://… (save adds it itself). */
-export async function withUploadReport<S extends object>(done: Promise<S>, out: string): Promise<S> {
-  const s = await done;
-  const stored = isObjectUrl(out) ? takeUploadReport(out) : undefined;
-  return stored ? { ...s, store: stored } : s;
 }

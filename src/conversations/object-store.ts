@@ -185,20 +185,6 @@ export async function removeStaging(dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
 }
 
-/** Reports of finished uploads by URL, for summaries built where the upload is not visible. */
-const reports = new Map<string, UploadReport>();
-
-export function recordUpload(r: UploadReport): void {
-  reports.set(r.url, r);
-}
-
-/** The report of the last upload to `url` (once; undefined when none). */
-export function takeUploadReport(url: string): UploadReport | undefined {
-  const r = reports.get(url);
-  reports.delete(url);
-  return r;
-}
-
 /**
  * A snapshot file (or object) as a packed object at `url`: a local mapped-ram file goes up as it
  * is; anything else is converted to mapped-ram in the staging directory first (`toMappedRam`).

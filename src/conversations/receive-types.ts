@@ -4,7 +4,7 @@
 import type { SyncMode } from '../codec/sync-points.js';
 import type { ChannelStats } from '../engine/multifd-receiver.js';
 import type { TlsCreds } from '../transports/tls.js';
-import type { UploadProgress } from './object-store.js';
+import type { UploadProgress, UploadReport } from './object-store.js';
 
 
 export interface ReceiveOptions {
@@ -123,4 +123,6 @@ export interface ReceiveSummary {
     'discard-ranges': number;
     'preempt-channel': boolean;
   };
+  /** --out s3://…: the upload, with when the snapshot was durable locally and in the store (docs/s3.md). */
+  store?: UploadReport;
 }

@@ -201,6 +201,7 @@ class Receiver implements InboundSink {
       'file-size': this.output!.store.streamEnd,
       blocks: session.blocks.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.output!.store.bitmap(b.name)?.count() ?? 0 })),
       channels: a.receiver?.channelStats() ?? [],
+      ...(this.output!.uploadReport ? { store: this.output!.uploadReport } : {}),
     };
     await a.close();
     this.handle.emit('progress', this.progress());

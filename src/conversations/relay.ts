@@ -36,7 +36,6 @@ import { settleable } from './listening-handle.js';
 import { RelayDestination, type DestinationHost } from './relay-destination.js';
 import type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 import { SnapshotOutput } from './snapshot-output.js';
-import { takeUploadReport } from './object-store.js';
 
 export type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 
@@ -348,8 +347,6 @@ class Relay implements InboundSink, DestinationHost {
       }
       tee = { file: this.opts.tee!, 'file-size': this.tee.store.streamEnd, 'commit-time': Date.now() - t0, 'direct-io': this.tee.store.directIo };
       stored = this.tee.uploadReport;
-      // Receive's CLI takes the report from the registry; here it comes with the summary.
-      if (stored) takeUploadReport(stored.url);
     }
     a.finished = true;
     a.phase = 'completed';

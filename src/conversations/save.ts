@@ -10,7 +10,6 @@ import { checkLevel, getMethod } from '../engine/methods/registry.js';
 import { ConvergenceWatch, MAX_DOWNTIME_LIMIT_MS, type NotConverging } from './convergence.js';
 import { QmpClient } from '../transports/qmp-client.js';
 import { ListeningHandle } from './handle.js';
-import { takeUploadReport, type UploadReport } from './object-store.js';
 import { receive, type ReceiveHandle, type ReceiveProgress, type ReceiveSummary } from './receive.js';
 
 export interface SaveOptions {
@@ -96,8 +95,6 @@ export interface SaveProgress extends ReceiveProgress {
 }
 
 export interface SaveSummary extends ReceiveSummary {
-  /** With --out s3://…: the upload (docs/s3.md). */
-  store?: UploadReport;
   source: {
     status: string;
     'total-time'?: number;
@@ -305,11 +302,10 @@ async function runSave(opts: SaveOptions, handle: ListeningHandle<SaveSummary, S
     if (opts.resume && run.running && !opts.background) await qmp.execute('cont');
     const after = await qmp.execute('query-status');
     const qemuSyncs = source.ram?.['dirty-sync-count'];
-    // --out s3://…: when the snapshot was durable locally and when in the store (docs/s3.md).
-    const stored = takeUploadReport(opts.out);
+    // --out s3://…: receive's summary carries the upload (`store`: when the snapshot was durable
+    // locally and when in the store, docs/s3.md).
     return {
       ...summary,
-      ...(stored ? { store: stored } : {}),
       ...(typeof qemuSyncs === 'number' ? { 'dirty-sync-count': qemuSyncs } : {}),
       source: {
         status: source.status,

@@ -11,7 +11,7 @@ import { finishLibvirtImage } from '../engine/libvirt-image-file.js';
 import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
-import { objectStoreSettings, recordUpload, removeStaging, stagingDirectory, uploadPackedSnapshot, type UploadProgress, type UploadReport } from './object-store.js';
+import { objectStoreSettings, removeStaging, stagingDirectory, uploadPackedSnapshot, type UploadProgress, type UploadReport } from './object-store.js';
 
 /** An s3:// output: staged as a local mapped-ram file, uploaded packed by commit(). */
 interface ObjectTarget {
@@ -145,7 +145,6 @@ export class SnapshotOutput {
       const localAt = new Date().toISOString();
       const report = await uploadPackedSnapshot(this.store.finalPath, object.url, { signal: this.uploadAbort.signal, onProgress: (p) => { this.uploadProgress = p; } });
       this.uploadReport = { ...report, 'local-durable-at': localAt };
-      recordUpload(this.uploadReport);
     } finally {
       await removeStaging(object.dir);
     }

@@ -21,6 +21,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { countPasses, haveQemu, qemuBinary, startQemu, waitGuestPasses, waitMigration, type QemuInstance, type QemuVersion } from '../helpers/qemu.js';
 import { BIN, freePort, settle, startListeningCli } from '../helpers/send.js';
+import { migrateCompressed } from '../helpers/compression.js';
 import { configureObjectStore, openObjectSnapshot, type UploadProgress } from '../../src/conversations/object-store.js';
 import { relay, type RelayProgress } from '../../src/conversations/relay.js';
 import { closeS3Clients } from '../../src/transports/s3.js';
@@ -511,10 +512,8 @@ async function relayTarget(dir: string): Promise<{ q: QemuInstance; sock: string
 }
 
 /** A running guest migrating to `uri` with multifd on 2 channels and the return path. */
-async function migrateThrough(a: QemuInstance, uri: string): Promise<void> {
-  await a.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }, { capability: 'return-path', state: true }] });
-  await a.qmp.execute('migrate-set-parameters', { 'multifd-channels': 2, 'max-bandwidth': 107374182400, 'downtime-limit': 20000 });
-  await a.qmp.execute('migrate', { uri });
+function migrateThrough(a: QemuInstance, uri: string): Promise<void> {
+  return migrateCompressed(a, uri, { compression: 'none', returnPath: true, params: { 'downtime-limit': 20000 } });
 }
 
 /**

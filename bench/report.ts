@@ -1,6 +1,8 @@
 // Benchmark results as a Markdown table (medians, spread, ratios against QEMU) and an SVG chart of
 // throughput against channel count. Pure functions of the rows.
 
+import { describeHostCpu, type HostCpu } from './host-cpu.js';
+
 export interface Row {
   version: string;
   pair: 'receive' | 'send' | 'save' | 'restore' | 'live' | 'relay' | 'postcopy' | 's3' | 'background' | 'relay-0n';
@@ -42,6 +44,8 @@ export interface Row {
     sendRunMs?: number;
     /** s3 restore rows: ms to open and check the object, before QEMU is touched. */
     openMs?: number;
+    /** restore and store get rows: the whole host's CPU over the job (bench/host-cpu.ts). */
+    host?: HostCpu;
   };
 }
 
@@ -253,6 +257,9 @@ function s3Table(rows: Row[]): string[] {
     'Restore goal: ≥ 0.8 of the store GET throughput (object bytes ÷ wall time). Instant = restore',
     '--postcopy --resume: running = until the guest ran (RESUME, from the start of restore; for s3 split',
     "into opening the object and the QEMU phase after it); send run = the sender's own clock to RUN.",
+    "host: the whole machine's CPU over the job (/proc/stat, every process: the store's too), as a share",
+    'of wall time × CPUs; steal is time the hypervisor kept our CPUs from running. Near 100% together,',
+    'the job was bound by the machine, not by waiting.',
     '',
     '| size | ch | job | ms | MB/s of the object | vs store | peak RSS MiB | notes |',
     '|---|---|---|---|---|---|---|---|',
@@ -276,7 +283,16 @@ function s3Table(rows: Row[]): string[] {
       const rss = med(impl, (r) => r.result.rssMiB);
       const open = med(impl, (r) => r.result.openMs);
       const running = med(impl, (r) => r.result.runningMs);
-      const notes = impl.startsWith('instant') ? `running ${running?.toFixed(0) ?? '–'} ms${open !== undefined && running !== undefined ? ` (object opened in ${open.toFixed(0)}, QEMU phase ${(running - open).toFixed(0)})` : ''}; send run ${med(impl, (r) => r.result.sendRunMs)?.toFixed(0) ?? '–'} ms (switch ${med(impl, (r) => r.result.sendSwitchMs)?.toFixed(0) ?? '–'}); ${med(impl, (r) => r.result.requests)?.toFixed(0) ?? '–'} requests` : '';
+      const hostOf = (i: Row['impl']): HostCpu | undefined => {
+        const busyMs = med(i, (r) => r.result.host?.busyMs);
+        const stealMs = med(i, (r) => r.result.host?.stealMs);
+        const capacityMs = med(i, (r) => r.result.host?.capacityMs);
+        return busyMs !== undefined && stealMs !== undefined && capacityMs !== undefined ? { busyMs, stealMs, capacityMs } : undefined;
+      };
+      const host = hostOf(impl);
+      const getHost = hostOf('store get');
+      const hostNote = host ? `${describeHostCpu(host)}${impl === 'restore s3' && getHost ? `; ${((host.busyMs + host.stealMs - getHost.busyMs - getHost.stealMs) / 1000).toFixed(1)} CPU-s more than store get` : ''}` : '';
+      const notes = impl.startsWith('instant') ? `running ${running?.toFixed(0) ?? '–'} ms${open !== undefined && running !== undefined ? ` (object opened in ${open.toFixed(0)}, QEMU phase ${(running - open).toFixed(0)})` : ''}; send run ${med(impl, (r) => r.result.sendRunMs)?.toFixed(0) ?? '–'} ms (switch ${med(impl, (r) => r.result.sendSwitchMs)?.toFixed(0) ?? '–'}); ${med(impl, (r) => r.result.requests)?.toFixed(0) ?? '–'} requests` : hostNote;
       lines.push(`| ${size} GiB | ${ch} | ${impl} | ${ms.toFixed(0)} | ${impl.startsWith('instant') ? '–' : rate} | ${vs} | ${rss !== undefined ? rss.toFixed(0) : '–'} | ${notes} |`);
     }
   }

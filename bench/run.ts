@@ -59,6 +59,7 @@ import { CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand } from '@
 import { s3Client } from '../src/transports/s3.js';
 import { storeFloor } from './s3-floor.js';
 import { holdHostMemory } from './host-memory.js';
+import { hostCpuSince, sampleHostCpu } from './host-cpu.js';
 import { writeChart, writeMarkdown, type Row } from './report.js';
 
 const GiB = 1024 ** 3;
@@ -359,11 +360,13 @@ async function oursRestore(c: Ctx, file: string): Promise<{ restore: Row['result
   const dst = await destination(c, ['-qmp', `unix:${qmp},server=on,wait=off`]);
   try {
     const cpu0 = qemuCpuMs(dst);
+    const host0 = sampleHostCpu();
     const r = await child({ op: 'restore', opts: { file, qmp: `unix:${qmp}`, channels: c.channels, compression: c.method, incoming: `tcp:127.0.0.1:${port++}` } });
+    const host = hostCpuSince(host0);
     if (!r.ok) throw new Error(`restore: ${r.error}`);
     const cpuMs = r.cpuMs + qemuCpuMs(dst) - cpu0;
     return {
-      restore: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs, oursCpuMs: r.cpuMs },
+      restore: { ms: r.wallMs, wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs, oursCpuMs: r.cpuMs, ...(host ? { host } : {}) },
       send: { ms: r.summary['total-time'], wireBytes: r.summary.transferred, rssMiB: r.maxRssKiB / 1024, cpuMs, oursCpuMs: r.cpuMs },
     };
   } finally {
@@ -715,7 +718,7 @@ async function s3JobsOn(c: Ctx, file: string, bucket: string, url: string, recor
   const objectBytes = remote.summary.store['object-size'] as number;
   const floor = await storeFloor(bucket, objectBytes);
   record('store put', { ms: floor.putMs, wireBytes: objectBytes });
-  record('store get', { ms: floor.getMs, wireBytes: objectBytes });
+  record('store get', { ms: floor.getMs, wireBytes: objectBytes, ...(floor.getHost ? { host: floor.getHost } : {}) });
   record('restore file', (await oursRestore(c, file)).restore);
   record('restore s3', (await oursRestore(c, url)).restore);
   record('instant file', await oursRestoreTimed(c, file, {}));

@@ -6,11 +6,14 @@
 
 import { randomFillSync } from 'node:crypto';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
+import { hostCpuSince, sampleHostCpu, type HostCpu } from './host-cpu.js';
 import { DEFAULT_PART_SIZE, MultipartUpload, partSizeFor, RangedObject, s3Client, type S3Settings } from '../src/transports/s3.js';
 
 export interface StoreFloor {
   putMs: number;
   getMs: number;
+  /** The host's CPU over the GET. */
+  getHost?: HostCpu;
 }
 
 const CHUNK = 8 * 1024 * 1024;
@@ -33,6 +36,7 @@ export async function storeFloor(bucket: string, bytes: number, settings: S3Sett
   }
   const putMs = performance.now() - t0;
   try {
+    const cpu1 = sampleHostCpu();
     const t1 = performance.now();
     const obj = await RangedObject.open(client, url);
     const inFlight = settings.readAhead ?? 6;
@@ -50,7 +54,9 @@ export async function storeFloor(bucket: string, bytes: number, settings: S3Sett
       }
     };
     await Promise.all(Array.from({ length: inFlight }, worker));
-    return { putMs, getMs: performance.now() - t1 };
+    const getMs = performance.now() - t1;
+    const getHost = hostCpuSince(cpu1);
+    return { putMs, getMs, ...(getHost ? { getHost } : {}) };
   } finally {
     await client.send(new DeleteObjectCommand({ Bucket: url.bucket, Key: url.key })).catch(() => {});
   }

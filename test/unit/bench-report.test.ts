@@ -7,6 +7,7 @@ import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { diskFloor } from '../../bench/disk-floor.js';
+import { hostCpuSince, sampleHostCpu } from '../../bench/host-cpu.js';
 import { writeChart, writeMarkdown, type Row } from '../../bench/report.js';
 
 const row = (pair: Row['pair'], impl: Row['impl'], ms: number, rep: number, extra: Partial<Row['result']> = {}): Row => ({
@@ -94,4 +95,28 @@ test('the relay-0n row: direct ÷ relay against the relay goal, both downtimes, 
   assert.equal(cols[14], '299');
   assert.doesNotMatch(lineOf(md, 'relay-0n'), /\[slow/);
   assert.doesNotMatch(writeChart(rows), /relay-0n/);
+});
+
+test('the S3 table gives the host CPU of store get and restore s3, and what the restore used beyond the GET', () => {
+  const host = (busyMs: number, stealMs: number, capacityMs: number): Partial<Row['result']> => ({ host: { busyMs, stealMs, capacityMs } });
+  const rows = [
+    ...[[7000, 1, 12000], [8000, 2, 13000], [9000, 3, 14000]].map(([ms, rep, busy]) => row('s3', 'store get', ms!, rep!, { wireBytes: 3_200_000_000, ...host(busy!, 2000, ms! * 2) })),
+    ...[[10000, 1, 16000], [9000, 2, 15000], [11000, 3, 17000]].map(([ms, rep, busy]) => row('s3', 'restore s3', ms!, rep!, { ...host(busy!, 2600, ms! * 2) })),
+  ];
+  const md = writeMarkdown({ started: 'now', machine: {}, args: {}, rows });
+  // store get: medians 13 000 busy + 2000 steal of 16 000 → 81% + 13%, 15.0 CPU-s.
+  assert.match(lineOf(md, '1 GiB | 2 | store get'), /host busy 81% \+ steal 13% \(15\.0 CPU-s\) \|$/);
+  // restore s3: 16 000 + 2600 of 20 000 → 80% + 13%; 18.6 − 15.0 = 3.6 CPU-s more; 8000 ÷ 10 000 = 0.80.
+  const restore = lineOf(md, '1 GiB | 2 | restore s3');
+  assert.match(restore, /\| 0\.80 ✓ \(goal ≥ 0\.8\) \|/);
+  assert.match(restore, /host busy 80% \+ steal 13% \(18\.6 CPU-s\); 3\.6 CPU-s more than store get \|$/);
+});
+
+test('hostCpuSince measures this host from /proc/stat: busy time grows while we spin', { skip: process.platform !== 'linux' && 'reads /proc/stat' }, () => {
+  const a = sampleHostCpu();
+  const until = performance.now() + 120;
+  while (performance.now() < until) { /* spin: this process is busy for 120 ms */ }
+  const h = hostCpuSince(a)!;
+  assert.ok(h.busyMs >= 50, `busy ${h.busyMs} ms while spinning 120 ms`);
+  assert.ok(h.busyMs + h.stealMs <= h.capacityMs + 20, `busy ${h.busyMs} + steal ${h.stealMs} within capacity ${h.capacityMs}`);
 });

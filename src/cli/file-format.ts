@@ -121,6 +121,8 @@ export function convertText(s: ConvertSummary): string {
 export function extractText(s: ExtractSummary): string {
   const lines = [`extracted ${s.blocks.length} block(s) from ${s.file} (${s.format}) in ${duration(s['elapsed-ms'])}`];
   for (const b of s.blocks) lines.push(`  ${b.name} -> ${b.output}: ${bytes(b['used-length'])}, ${b.pages} pages written (${bytes(b['bytes-written'])}), rest left as holes`);
+  for (const b of s.skipped ?? []) lines.push(`  ${b.name}: skipped, left out by x-ignore-shared (its memory is in the backend's shared file, not in the snapshot)`);
+  for (const n of s.notes ?? []) lines.push(`note: ${n}`);
   if (s.store) lines.push(storeReadLine(s.store));
   return lines.join('\n');
 }

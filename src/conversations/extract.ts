@@ -39,6 +39,13 @@ export interface ExtractSummary {
   format: string;
   'elapsed-ms': number;
   blocks: { name: string; output: string; 'used-length': number; pages: number; 'bytes-written': number }[];
+  /**
+   * Blocks x-ignore-shared left out of the snapshot (QEMU 11 marks them in its mapped-ram files):
+   * their memory is in the memory backend's shared file, so no image is written for them.
+   */
+  skipped?: { name: string; reason: 'shared' }[];
+  /** Things the images do not say by themselves (e.g. blocks that may be shared but are not marked). */
+  notes?: string[];
   /** An s3:// input: what was read from the store (as restore reports it). */
   store?: ObjectReadReport;
 }
@@ -76,9 +83,13 @@ export async function extract(opts: ExtractOptions): Promise<ExtractSummary> {
   try {
     const all = src.blockList.map((b) => b.name);
     let targets: { name: string; usedLength: number; path: string }[];
+    const sharedNote = (name: string): string => `RAM block "${name}" of ${opts.file} was left out of the snapshot by x-ignore-shared: its memory is in the memory backend's shared file, not in the snapshot`;
+    const skipped: { name: string; reason: 'shared' }[] = [];
     if (opts.block !== undefined) {
       const b = src.blockList.find((x) => x.name === opts.block);
       if (!b) throw new ProtocolError('UNKNOWN_BLOCK', `no RAM block "${opts.block}" in ${opts.file} (blocks: ${all.join(', ')})`);
+      // An image of zeros would pass for the block's memory.
+      if (b.shared) throw new InvalidOptionError(`${sharedNote(b.name)} (no image written; copy it from that file)`);
       const path = (await isDirectory(opts.out)) ? join(opts.out, blockFileName(b.name)) : opts.out;
       targets = [{ name: b.name, usedLength: b.usedLength, path }];
     } else {
@@ -87,10 +98,20 @@ export async function extract(opts: ExtractOptions): Promise<ExtractSummary> {
       if (st && !st.isDirectory()) throw new OutputFileError('OUTPUT_NOT_DIRECTORY', opts.out, `${opts.out} is not a directory`);
       await mkdir(opts.out, { recursive: true });
       const names = blockFileNames(all);
-      targets = src.blockList.map((b) => ({ name: b.name, usedLength: b.usedLength, path: join(opts.out, names.get(b.name)!) }));
+      for (const b of src.blockList) if (b.shared) skipped.push({ name: b.name, reason: 'shared' });
+      targets = src.blockList.filter((b) => !b.shared).map((b) => ({ name: b.name, usedLength: b.usedLength, path: join(opts.out, names.get(b.name)!) }));
     }
     for (const t of targets) await checkOutputPath(t.path, opts.force ?? false);
     const summary: ExtractSummary = { file: opts.file, format: src.format, 'elapsed-ms': 0, blocks: [] };
+    if (skipped.length > 0) summary.skipped = skipped;
+    // Only QEMU 11's own mapped-ram files mark shared blocks; a stream (and so any snapshot we
+    // saved from one) does not say which blocks were left out, only that some may have been.
+    if (src.configuration.capabilities.includes('x-ignore-shared')) {
+      const empty = targets.filter((t) => src.presentPages(t.name) === 0).map((t) => t.name);
+      if (empty.length > 0) {
+        summary.notes = [`the snapshot was taken with x-ignore-shared and holds no page of ${empty.join(', ')}: a block whose memory was in a shared file (share=on) looks like that, and its image is only zeros`];
+      }
+    }
     const total = countPresent(src, targets.map((t) => t.name));
     let done = 0;
     let written = 0;

@@ -56,8 +56,8 @@ import { fileURLToPath } from 'node:url';
 import { countPasses, haveQemu, qemuVersionOf, startQemu, waitGuestPasses, waitMigration, type QemuInstance } from '../src/demo/qemu.js';
 import { diskFloor } from './disk-floor.js';
 import { CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand } from '@aws-sdk/client-s3';
-import { s3Client } from '../src/transports/s3.js';
-import { storeFloor } from './s3-floor.js';
+import { parseObjectUrl, s3Client } from '../src/transports/s3.js';
+import { getFloor, storeFloor } from './s3-floor.js';
 import { holdHostMemory } from './host-memory.js';
 import { hostCpuSince, sampleHostCpu } from './host-cpu.js';
 import { writeChart, writeMarkdown, type Row } from './report.js';
@@ -699,18 +699,18 @@ async function benchBucket(): Promise<string> {
  * the object's bytes, and instant restore from both. The file jobs use `file`, the S3 jobs an
  * object of the bench's bucket.
  */
-async function s3Jobs(c: Ctx, file: string, bucket: string, record: (impl: Row['impl'], result: Row['result']) => void): Promise<void> {
+async function s3Jobs(c: Ctx, rep: number, file: string, bucket: string, record: (impl: Row['impl'], result: Row['result']) => void): Promise<void> {
   const key = `ours-${c.memMiB}m-${c.channels}.mig`;
   const url = `s3://${bucket}/${key}`;
   try {
-    await s3JobsOn(c, file, bucket, url, record);
+    await s3JobsOn(c, rep, file, bucket, url, record);
   } finally {
     // A 4 GiB run leaves a 3.2 GB object otherwise, in a store that other runs and tests share.
     await (await s3Client({})).send(new DeleteObjectCommand({ Bucket: bucket, Key: key })).catch(() => {});
   }
 }
 
-async function s3JobsOn(c: Ctx, file: string, bucket: string, url: string, record: (impl: Row['impl'], result: Row['result']) => void): Promise<void> {
+async function s3JobsOn(c: Ctx, rep: number, file: string, bucket: string, url: string, record: (impl: Row['impl'], result: Row['result']) => void): Promise<void> {
   const local = await oursSave(c, file);
   record('save file', local.save);
   const remote = await oursSaveSummary(c, url);
@@ -718,9 +718,17 @@ async function s3JobsOn(c: Ctx, file: string, bucket: string, url: string, recor
   const objectBytes = remote.summary.store['object-size'] as number;
   const floor = await storeFloor(bucket, objectBytes);
   record('store put', { ms: floor.putMs, wireBytes: objectBytes });
-  record('store get', { ms: floor.getMs, wireBytes: objectBytes, ...(floor.getHost ? { host: floor.getHost } : {}) });
+  record('store get fresh', { ms: floor.getMs, wireBytes: objectBytes, ...(floor.getHost ? { host: floor.getHost } : {}) });
   record('restore file', (await oursRestore(c, file)).restore);
+  // The restore's floor reads the snapshot object itself, right before or after the restore (the
+  // order alternating by rep: whichever goes second finds what the first left in the store's caches).
+  const snapshotGet = async (): Promise<void> => {
+    const g = await getFloor(parseObjectUrl(url));
+    record('store get', { ms: g.getMs, wireBytes: g.bytes, ...(g.host ? { host: g.host } : {}) });
+  };
+  if (rep % 2 === 1) await snapshotGet();
   record('restore s3', (await oursRestore(c, url)).restore);
+  if (rep % 2 === 0) await snapshotGet();
   record('instant file', await oursRestoreTimed(c, file, {}));
   record('instant s3', await oursRestoreTimed(c, url, {}));
 }
@@ -836,7 +844,7 @@ async function main(): Promise<void> {
               }
             }
             if (want('relay')) record({ ...base, rep, pair: 'relay', impl: 'ours', result: await oursRelay(c) });
-            if (want('s3')) await s3Jobs(c, file, s3Bucket!, (impl, result) => record({ ...base, rep, pair: 's3', impl, result }));
+            if (want('s3')) await s3Jobs(c, rep, file, s3Bucket!, (impl, result) => record({ ...base, rep, pair: 's3', impl, result }));
             if (want('postcopy')) {
               if (!existsSync(file)) await oursSave(c, file);
               // Alternating order, as above.

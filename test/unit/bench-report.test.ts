@@ -102,6 +102,8 @@ test('the S3 table gives the host CPU of store get and restore s3, and what the 
   const rows = [
     ...[[7000, 1, 12000], [8000, 2, 13000], [9000, 3, 14000]].map(([ms, rep, busy]) => row('s3', 'store get', ms!, rep!, { wireBytes: 3_200_000_000, ...host(busy!, 2000, ms! * 2) })),
     ...[[10000, 1, 16000], [9000, 2, 15000], [11000, 3, 17000]].map(([ms, rep, busy]) => row('s3', 'restore s3', ms!, rep!, { ...host(busy!, 2600, ms! * 2) })),
+    // The PUT's own object read back: shown, not the restore's floor.
+    ...[1, 2, 3].map((rep) => row('s3', 'store get fresh', 5000, rep, { wireBytes: 3_200_000_000 })),
   ];
   const md = writeMarkdown({ started: 'now', machine: {}, args: {}, rows });
   // store get: medians 13 000 busy + 2000 steal of 16 000 → 81% + 13%, 15.0 CPU-s.
@@ -110,6 +112,7 @@ test('the S3 table gives the host CPU of store get and restore s3, and what the 
   const restore = lineOf(md, '1 GiB | 2 | restore s3');
   assert.match(restore, /\| 0\.80 ✓ \(goal ≥ 0\.8\) \|/);
   assert.match(restore, /host busy 80% \+ steal 13% \(18\.6 CPU-s\); 3\.6 CPU-s more than store get \|$/);
+  assert.match(lineOf(md, '1 GiB | 2 | store get fresh'), /^\| 1 GiB \| 2 \| store get fresh \| 5000 \| 640 \| – \|/);
 });
 
 test('hostCpuSince measures this host from /proc/stat: busy time grows while we spin', { skip: process.platform !== 'linux' && 'reads /proc/stat' }, () => {

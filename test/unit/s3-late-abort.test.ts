@@ -13,6 +13,8 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { receive } from '../../src/conversations/receive.js';
 import { relay } from '../../src/conversations/relay.js';
 import { configureObjectStore } from '../../src/conversations/object-store.js';
@@ -277,6 +279,40 @@ describe('an interrupt and the commit\'s point of no return', () => {
     assert.equal(store.objects.size, 0, 'no object');
     await sent;
     assert.deepEqual(readdirSync(staging), []);
+  });
+
+  test('receive CLI --out s3 --json: SIGINT while CompleteMultipartUpload is in flight and it succeeds → exit 0, the note in the JSON and on stderr', async () => {
+    const { store, staging } = await setup();
+    store.state.hold = 'complete';
+    const bin = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
+    const p = spawn(process.execPath, [bin, 'receive', '--listen', 'tcp:127.0.0.1:0', '--out', `s3://${BUCKET}/cli.mig`, '--s3-endpoint', store.endpoint, '--s3-region', 'us-east-1', '--s3-staging-dir', staging, '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
+    const exited = new Promise<number | null>((res) => p.on('exit', (code) => res(code)));
+    const addr = await new Promise<string>((res, rej) => {
+      p.stderr.on('data', (b: Buffer) => {
+        stderr += b.toString();
+        const m = /^listening on (\S+)/m.exec(stderr);
+        if (m) res(m[1]!);
+      });
+      void exited.then(() => rej(new Error(`receive CLI exited early: ${stderr}`)));
+    });
+    const sent = sendSyntheticMigration(addr, makeSyntheticGuest(8), { channels: 2, rounds: 1, returnPath: true }).catch((e: Error) => e);
+    await store.heldRequest();
+    p.kill('SIGINT');
+    await sleep(300);
+    store.release();
+    assert.equal(await exited, 0, `exit status 0 (stderr: ${stderr})`);
+    const note = `interrupted (SIGINT) after the object was committed: s3://${BUCKET}/cli.mig is stored complete`;
+    const s = JSON.parse(stdout) as { status: string; notes?: string[]; store?: { url: string } };
+    assert.equal(s.status, 'completed');
+    assert.deepEqual(s.notes, [note]);
+    assert.equal(s.store?.url, `s3://${BUCKET}/cli.mig`);
+    assert.ok(stderr.includes(`multifd: note: ${note}\n`), stderr);
+    assert.ok(store.objects.has('cli.mig'));
+    assert.ok(!store.ops.includes('abort-upload'));
+    assert.equal(await sent, undefined);
   });
 
   test('relay --tee s3: interrupted while the tee\'s CompleteMultipartUpload is in flight and it succeeds → completed, with the note', async () => {

@@ -2,9 +2,9 @@
 // CompleteMultipartUpload is sent it stops the upload (no object, no upload left, "interrupted");
 // once it is sent, the store's answer is the truth: the object stored → the conversation succeeds
 // with a note; the Complete refused → the usual failure, the upload aborted. Against a scripted
-// S3 server on loopback that can hold its answers, through the real S3 client; receive and
-// relay --tee share the mechanism (SnapshotOutput), save runs a receive. A local file's rename is
-// the same point for a file.
+// S3 server on loopback that can hold its answers, through the real S3 client: receive (library
+// and CLI), save (against a fake QMP source) and relay --tee, which share the mechanism
+// (SnapshotOutput). A local file's rename is the same point for a file.
 
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -17,6 +17,9 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { receive } from '../../src/conversations/receive.js';
 import { relay } from '../../src/conversations/relay.js';
+import { save } from '../../src/conversations/save.js';
+import { SnapshotOutput } from '../../src/conversations/snapshot-output.js';
+import { createServer as createNetServer, type Socket } from 'node:net';
 import { configureObjectStore } from '../../src/conversations/object-store.js';
 import { convert } from '../../src/conversations/convert.js';
 import { MappedRamSnapshot } from '../../src/engine/mapped-ram-reader.js';
@@ -160,6 +163,48 @@ async function assertGuestIn(file: string, guest: SyntheticGuest, what: string):
   } finally {
     await snap.close();
   }
+}
+
+/**
+ * A QEMU source as save sees it over QMP, just enough of it: `migrate` starts the synthetic
+ * source towards the given URI (with a return path, so it completes only after our SHUT 0).
+ */
+async function fakeSourceQmp(dir: string, guest: SyntheticGuest): Promise<{ address: string; close: () => void; sent: () => Promise<unknown> }> {
+  let status = 'none';
+  let sending: Promise<unknown> = Promise.resolve();
+  const sockets = new Set<Socket>();
+  const caps = ['multifd', 'return-path', 'mapped-ram', 'background-snapshot', 'pause-before-switchover'].map((capability) => ({ capability, state: false }));
+  const answers: Record<string, (args: { uri?: string }) => unknown> = {
+    'query-migrate': () => ({ status }),
+    'query-status': () => ({ status: 'running', running: true }),
+    'query-migrate-capabilities': () => caps,
+    'query-migrate-parameters': () => ({ 'downtime-limit': 300, 'max-bandwidth': 134217728, 'multifd-channels': 2, 'multifd-compression': 'none' }),
+    'migrate-set-capabilities': () => ({}),
+    'migrate-set-parameters': () => ({}),
+    migrate: (args) => {
+      status = 'active';
+      sending = sendSyntheticMigration(args.uri!, guest, { channels: 2, rounds: 1, returnPath: true }).then(() => { status = 'completed'; }, (e: Error) => { status = 'failed'; return e; });
+      return {};
+    },
+  };
+  const server = createNetServer((sock) => {
+    sockets.add(sock);
+    sock.on('error', () => {});
+    sock.write('{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}\n');
+    let buf = '';
+    sock.on('data', (d) => {
+      buf += d.toString();
+      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+        const cmd = JSON.parse(buf.slice(0, nl)) as { execute: string; arguments?: { uri?: string }; id?: unknown };
+        buf = buf.slice(nl + 1);
+        const answer = cmd.execute === 'qmp_capabilities' ? {} : answers[cmd.execute]?.(cmd.arguments ?? {});
+        sock.write(JSON.stringify(answer === undefined ? { error: { class: 'CommandNotFound', desc: cmd.execute }, id: cmd.id } : { return: answer, id: cmd.id }) + '\n');
+      }
+    });
+  });
+  const path = join(dir, 'qmp.sock');
+  await new Promise<void>((r) => server.listen(path, r));
+  return { address: `unix:${path}`, close: () => { for (const s of sockets) s.destroy(); server.close(); }, sent: () => sending };
 }
 
 /** The object, read back through the real client (convert to a local mapped-ram file), holds the guest. */
@@ -315,6 +360,28 @@ describe('an interrupt and the commit\'s point of no return', () => {
     assert.equal(await sent, undefined);
   });
 
+  test('save --out s3: interrupted while CompleteMultipartUpload is in flight and it succeeds → completed, with the note; the source completed', async () => {
+    const { store, dir } = await setup();
+    store.state.hold = 'complete';
+    const guest = makeSyntheticGuest(8);
+    const qmp = await fakeSourceQmp(dir, guest);
+    try {
+      const h = save({ qmp: qmp.address, out: `s3://${BUCKET}/save.mig` });
+      await store.heldRequest();
+      h.abort(new Error('interrupted (SIGINT)'));
+      await sleep(150);
+      store.release();
+      const s = await h.done;
+      assert.deepEqual(s.notes, [`interrupted (SIGINT) after the object was committed: s3://${BUCKET}/save.mig is stored complete`]);
+      assert.equal(s.source.status, 'completed');
+      assert.ok(!store.ops.includes('abort-upload'));
+      assert.equal(await qmp.sent(), undefined, 'the source got SHUT(0)');
+      await assertObjectHolds(`s3://${BUCKET}/save.mig`, guest);
+    } finally {
+      qmp.close();
+    }
+  });
+
   test('relay --tee s3: interrupted while the tee\'s CompleteMultipartUpload is in flight and it succeeds → completed, with the note', async () => {
     const { store, dir } = await setup();
     store.state.hold = 'complete';
@@ -357,5 +424,20 @@ describe('an interrupt and the commit\'s point of no return', () => {
     } finally {
       unsubscribe('multifd:output:commit-point', onPoint);
     }
+  });
+
+  test('a local file: an interrupt while the commit runs, before the rename → the commit refused, no file left', async () => {
+    const dir = mkdtempSync('/tmp/multifd-late-abort-');
+    dirs.push(dir);
+    const out = join(dir, 'vm.mig');
+    const o = await SnapshotOutput.create(out, { directIo: false });
+    await o.head({ machine: 'pc-q35-10.0', capabilities: [] }, 2, 1 << 20, [{ name: 'pc.ram', usedLength: 1 << 20 }]);
+    const committing = o.commit();
+    // The commit is under way (flushing, syncing): the rename has not begun.
+    assert.equal(o.interrupt(new Error('interrupted (SIGINT)')), false, 'the interrupt came in time');
+    await assert.rejects(committing, (e: Error & { code?: string }) => e.code === 'ABORTED' && /was not committed: interrupted/.test(e.message));
+    await o.abort();
+    assert.deepEqual(readdirSync(dir), [], 'neither the file nor its temporary');
+    assert.equal(o.lateInterruptNote(), undefined);
   });
 });

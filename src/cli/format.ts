@@ -62,6 +62,7 @@ interface SummaryLike {
   source?: { status: string; downtime?: number; 'total-time'?: number; 'run-state-after': string; 'switchover-forced-after-ms'?: number };
   'background-snapshot'?: boolean;
   postcopy?: { 'switched-at-ms': number; 'main-pages': number; 'preempt-pages': number; 'discard-ranges': number; 'preempt-channel': boolean };
+  notes?: string[];
 }
 
 export function summaryText(s: SummaryLike): string {
@@ -82,6 +83,7 @@ export function summaryText(s: SummaryLike): string {
     lines.push(`  source: ${s.source.status}${s.source.downtime !== undefined ? `, downtime ${s.source.downtime} ms` : ''}${bg}${forced}, now ${s.source['run-state-after']}`);
   }
   if (s.store) lines.push(uploadLine(s.store));
+  for (const n of s.notes ?? []) lines.push(`  note: ${n}`);
   return lines.join('\n');
 }
 
@@ -169,6 +171,7 @@ interface RelaySummaryLike {
   postcopy?: { 'switched-at-ms': number; 'main-pages': number; 'preempt-bytes': number; 'preempt-pages': number; 'preempt-channel': boolean; 'page-requests': number };
   'channels-in': { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
   'channels-out': { id: number; bytes: number; packets: number; normalPages: number; zeroPages: number }[];
+  notes?: string[];
 }
 
 export function relaySummaryText(s: RelaySummaryLike): string {
@@ -189,6 +192,7 @@ export function relaySummaryText(s: RelaySummaryLike): string {
     lines.push(`  tee: ${s.tee.file} (${bytes(s.tee['file-size'])} apparent size${s.store ? ' as staged' : ''}, ${duration(s.tee['commit-time'])} to make it durable${s.store ? ' and upload it' : ''})`);
   }
   if (s.store) lines.push(uploadLine(s.store));
+  for (const n of s.notes ?? []) lines.push(`  note: ${n}`);
   return lines.join('\n');
 }
 

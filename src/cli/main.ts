@@ -214,7 +214,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting the source.
       process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)${o.tlsCreds ? ' (TLS)' : ''}\n`);
-      return h.done;
+      return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
     }, summaryText);
   });
 
@@ -279,7 +279,7 @@ raise --downtime-limit, add --auto-converge, or bound it with --switchover-after
       h.on('not-converging', (n) => view.say(`multifd: warning: ${notConvergingText(n, o.compression)}${o.switchoverAfter !== undefined ? `; the switchover is forced after ${o.switchoverAfter} s` : '; raise --downtime-limit, add --auto-converge, or bound the save with --switchover-after SECONDS'}`));
       h.on('switchover-forced', (f) => view.say(`multifd: note: forcing the switchover after ${(f['after-ms'] / 1000).toFixed(1)} s of iterating (--switchover-after): the guest pauses for what is still dirty`));
       abortOnSignal(h);
-      return h.done;
+      return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
     }, (s) => {
       const l = (s as Partial<SaveLibvirtSummary>).libvirt;
       return summaryText(s) + (l ? `\n  libvirt ${l.format} image (${l['was-running'] ? 'restores running' : 'restores paused'}), ${l['convert-ms'] !== undefined ? `rewritten from the snapshot in ${l['convert-ms']} ms` : 'written in place'}` : '');
@@ -439,7 +439,7 @@ A's migration and A keeps running.`)
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting A's migrate.
       process.stderr.write(`listening on ${addr} for ${o.channelsIn} multifd channel(s), relaying to ${o.to}\n`);
-      return h.done;
+      return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
     }, relaySummaryText);
   });
 

@@ -22,7 +22,10 @@ export class ConversationHandle<S, E extends EventMap<E> = Record<string, any[]>
   /**
    * Fires when the conversation is aborted, by abort() or by the caller's signal; `signal.reason` is
    * the reason exactly as given. An aborted conversation's `done` rejects with that reason when it
-   * is one of this library's errors, else with an AbortedError (code ABORTED) keeping it.
+   * is one of this library's errors, else with an AbortedError (code ABORTED) keeping it; except
+   * an abort that came after the conversation's snapshot passed its point of no return (renamed
+   * into place, CompleteMultipartUpload sent): then `done` tells the commit's outcome, and a
+   * summary's `notes` say that the interrupt came too late.
    */
   readonly signal: AbortSignal;
   protected readonly run: ConversationRun<S>;

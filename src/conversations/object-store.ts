@@ -114,9 +114,14 @@ export interface UploadProgress {
 /**
  * Uploads the mapped-ram file at `local` as a packed object at `url`. The object appears only
  * when every part is in (CompleteMultipartUpload); on any failure the upload is aborted, so
- * neither an object nor an orphaned multipart upload remains, and the error is thrown.
+ * neither an object nor an orphaned multipart upload remains, and the error is thrown. `signal`
+ * stops it until CompleteMultipartUpload is sent; after that only the store's answer decides.
  */
-export async function uploadPackedSnapshot(local: string, url: string, opts: { settings?: ObjectStoreSettings; onProgress?: (p: UploadProgress) => void; signal?: AbortSignal } = {}): Promise<UploadReport> {
+export async function uploadPackedSnapshot(local: string, url: string, opts: {
+  settings?: ObjectStoreSettings; onProgress?: (p: UploadProgress) => void; signal?: AbortSignal;
+  /** Called right before CompleteMultipartUpload is sent, unless `signal` was aborted by then (see MultipartUpload.complete). */
+  pointOfNoReturn?: () => void;
+} = {}): Promise<UploadReport> {
   const s = opts.settings ?? settings;
   const started = Date.now();
   const where = parseObjectUrl(url);
@@ -146,8 +151,11 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: { s
         sent += part.length;
         report();
       }
-      if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, `upload of ${url} interrupted`);
-      await up.complete();
+      await up.complete(() => {
+        // The last moment an interrupt can keep the object from appearing; after this one it cannot.
+        if (opts.signal?.aborted) throw new AbortedError(opts.signal.reason, `upload of ${url} interrupted`);
+        opts.pointOfNoReturn?.();
+      });
       report();
     } catch (e) {
       // The abort's own failure (store unreachable past its deadline) names the upload id.

@@ -125,4 +125,9 @@ export interface ReceiveSummary {
   };
   /** --out s3://…: the upload, with when the snapshot was durable locally and in the store (docs/s3.md). */
   store?: UploadReport;
+  /**
+   * What the user should know besides: an interrupt that came after the snapshot's point of no
+   * return (its rename or CompleteMultipartUpload), which it no longer stopped (docs/s3.md).
+   */
+  notes?: string[];
 }

@@ -20,7 +20,7 @@ import type { StrayConnectionError } from './incoming.js';
 import { ListeningHandle } from './handle.js';
 import { settleable } from './listening-handle.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveSummary } from './receive-types.js';
-import { SnapshotOutput } from './snapshot-output.js';
+import { notesOf, SnapshotOutput } from './snapshot-output.js';
 
 export type { ReceiveOptions, ReceiveProgress, ReceiveSummary } from './receive-types.js';
 
@@ -36,7 +36,7 @@ export class ReceiveHandle extends ListeningHandle<ReceiveSummary, ReceiveEvents
 export function receive(opts: ReceiveOptions): ReceiveHandle {
   return new ReceiveHandle((h, signal) => {
     const r = new Receiver(opts, h, signal);
-    return { listening: r.listening, done: r.result.promise, abort: (e) => r.fail(e) };
+    return { listening: r.listening, done: r.result.promise, abort: (e) => r.interrupt(e) };
   }, opts.signal);
 }
 
@@ -202,11 +202,18 @@ class Receiver implements InboundSink {
       blocks: session.blocks.map((b) => ({ name: b.name, 'used-length': b.usedLength, 'pages-present': this.output!.store.bitmap(b.name)?.count() ?? 0 })),
       channels: a.receiver?.channelStats() ?? [],
       ...(this.output!.uploadReport ? { store: this.output!.uploadReport } : {}),
+      ...notesOf(this.output!),
     };
     await a.close();
     this.handle.emit('progress', this.progress());
     publish('receive', 'completed', { summary });
     this.result.resolve(summary);
+  }
+
+  /** The handle's abort: a failure, unless the snapshot is past its point of no return (see SnapshotOutput.interrupt). */
+  interrupt(e: Error): void {
+    if (this.output?.interrupt(e)) return;
+    this.fail(e);
   }
 
   fail(e: Error): void {

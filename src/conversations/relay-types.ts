@@ -133,6 +133,11 @@ export interface RelaySummary {
   tee?: { file: string; 'file-size': number; 'commit-time': number; 'direct-io': boolean };
   /** --tee s3://…: the upload, as save's and receive's `store` (docs/s3.md). */
   store?: UploadReport;
+  /**
+   * What the user should know besides: an interrupt that came after the snapshot's point of no
+   * return (its rename or CompleteMultipartUpload), which it no longer stopped (docs/s3.md).
+   */
+  notes?: string[];
   'channels-in': ChannelStats[];
   'channels-out': SendChannelStats[];
 }

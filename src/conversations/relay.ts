@@ -35,7 +35,7 @@ import { ListeningHandle } from './handle.js';
 import { settleable } from './listening-handle.js';
 import { RelayDestination, type DestinationHost } from './relay-destination.js';
 import type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
-import { SnapshotOutput } from './snapshot-output.js';
+import { notesOf, SnapshotOutput } from './snapshot-output.js';
 
 export type { RelayOptions, RelayProgress, RelaySummary } from './relay-types.js';
 
@@ -51,7 +51,7 @@ export class RelayHandle extends ListeningHandle<RelaySummary, RelayEvents> {}
 export function relay(opts: RelayOptions): RelayHandle {
   return new RelayHandle((h, signal) => {
     const r = new Relay(opts, h, signal);
-    return { listening: r.listening, done: r.result.promise, abort: (e) => r.fail(e) };
+    return { listening: r.listening, done: r.result.promise, abort: (e) => r.interrupt(e) };
   }, opts.signal);
 }
 
@@ -384,6 +384,7 @@ class Relay implements InboundSink, DestinationHost {
       } : {}),
       ...(tee ? { tee } : {}),
       ...(stored ? { store: stored } : {}),
+      ...(this.tee ? notesOf(this.tee) : {}),
       'channels-in': a.receiver?.channelStats() ?? [],
       'channels-out': this.dest!.stats(),
     };
@@ -391,6 +392,12 @@ class Relay implements InboundSink, DestinationHost {
     this.handle.emit('progress', this.progress());
     publish('relay', 'completed', { summary });
     this.result.resolve(summary);
+  }
+
+  /** The handle's abort: a failure, unless the tee is past its point of no return (see SnapshotOutput.interrupt). */
+  interrupt(e: Error): void {
+    if (this.tee?.interrupt(e)) return;
+    this.fail(e);
   }
 
   fail(e: Error): void {

@@ -6,9 +6,10 @@ import { Command, SectionType } from '../codec/constants.js';
 import { encodeConfiguration, withCapability, type Configuration } from '../codec/configuration.js';
 import type { RamBlockInfo } from '../codec/main-stream-parser.js';
 import { encodeCommand, encodeEos, encodeFooter, encodeMemSize, encodeSectionFull, encodeSectionShort, encodeStreamHeader } from '../codec/stream-encode.js';
-import { InvalidOptionError, ProtocolError } from '../codec/errors.js';
+import { AbortedError, InvalidOptionError, ProtocolError } from '../codec/errors.js';
 import { finishLibvirtImage } from '../engine/libvirt-image-file.js';
 import { packetSlotsFor } from '../engine/aligned-slots.js';
+import { publish } from '../engine/diagnostics.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
 import { objectStoreSettings, removeStaging, stagingDirectory, uploadPackedSnapshot, type UploadProgress, type UploadReport } from './object-store.js';
@@ -29,8 +30,18 @@ export class SnapshotOutput {
   private iterableBytes: Buffer[] = [];
   private iterableLength = 0;
 
-  /** An abort while commit() uploads stops the upload before it completes (no object appears). */
-  private readonly uploadAbort = new AbortController();
+  /**
+   * Fired by an interrupt or abort(): until the commit's point of no return it keeps the commit
+   * from happening (no rename, no CompleteMultipartUpload: nothing complete-looking appears).
+   */
+  private readonly stop = new AbortController();
+  /**
+   * The point of no return is passed: the file is being renamed into place, or the object's
+   * CompleteMultipartUpload was sent. No abort can undo that; only the commit's own outcome counts.
+   */
+  private pastNoReturn = false;
+  /** An interrupt that came after the point of no return (see interrupt()). */
+  private lateInterrupt: Error | undefined;
   /** For an object: how far its upload is, once it started. */
   uploadProgress: UploadProgress | undefined;
   /** For an object: the upload's report, once commit() resolved. */
@@ -128,31 +139,80 @@ export class SnapshotOutput {
     }
   }
 
-  /** For an object: durable locally first, then uploaded; the object exists only if this resolves. */
+  /**
+   * For an object: durable locally first, then uploaded; the object exists only if this resolves.
+   * Rejects (with nothing committed) when interrupted or aborted before the point of no return.
+   */
   commit(): Promise<void> {
-    if (this.libvirtImage) return this.store.commit().then(() => finishLibvirtImage(this.store.finalPath));
-    if (!this.object) return this.store.commit();
-    this.committing = this.commitObject(this.object);
+    this.committing = this.object ? this.commitObject(this.object) : this.commitFile();
     return this.committing;
   }
 
-  /** The upload in progress, which abort() waits for (it aborts the multipart upload on its way out). */
+  /** The commit in progress, which abort() waits for (it aborts the multipart upload on its way out). */
   private committing: Promise<void> | undefined;
+
+  private async commitFile(): Promise<void> {
+    await this.store.commit(() => this.passPointOfNoReturn(this.store.finalPath));
+    // Past the rename: the image's magic is flipped whatever comes now (virsh restore needs it).
+    if (this.libvirtImage) await finishLibvirtImage(this.store.finalPath);
+  }
 
   private async commitObject(object: ObjectTarget): Promise<void> {
     try {
-      await this.store.commit();
+      // The staging file is private: its rename is no point of no return, the upload's Complete is.
+      await this.store.commit(() => this.throwIfStopped());
       const localAt = new Date().toISOString();
-      const report = await uploadPackedSnapshot(this.store.finalPath, object.url, { signal: this.uploadAbort.signal, onProgress: (p) => { this.uploadProgress = p; } });
+      const report = await uploadPackedSnapshot(this.store.finalPath, object.url, {
+        signal: this.stop.signal,
+        pointOfNoReturn: () => this.passPointOfNoReturn(object.url),
+        onProgress: (p) => { this.uploadProgress = p; },
+      });
       this.uploadReport = { ...report, 'local-durable-at': localAt };
     } finally {
       await removeStaging(object.dir);
     }
   }
 
+  private throwIfStopped(): void {
+    if (this.stop.signal.aborted) throw new AbortedError(this.stop.signal.reason, `${this.object?.url ?? this.store.finalPath} was not committed: interrupted`);
+  }
+
+  /** Runs right before the irreversible step, in the same turn as it (see MappedRamWriter.commit, MultipartUpload.complete). */
+  private passPointOfNoReturn(target: string): void {
+    this.throwIfStopped();
+    this.pastNoReturn = true;
+    publish('output', 'commit-point', { target });
+  }
+
+  /**
+   * An interrupt of the conversation (Ctrl-C, SIGTERM, handle.abort()). Before the commit's point
+   * of no return it stops the commit at once (the conversation then fails as interrupted) and
+   * returns false. After it, the commit can no longer be undone: it returns true, and the
+   * conversation lets the commit finish and reports its outcome, with lateInterruptNote() when
+   * it succeeded (docs/s3.md, atomicity).
+   */
+  interrupt(reason: Error): boolean {
+    if (this.pastNoReturn) {
+      this.lateInterrupt ??= reason;
+      return true;
+    }
+    this.stop.abort(reason);
+    return false;
+  }
+
+  /** For the summary's notes, once commit() resolved: an interrupt that came too late to stop it. */
+  lateInterruptNote(): string | undefined {
+    const why = this.lateInterrupt;
+    if (!why) return undefined;
+    return this.object
+      ? `${why.message} after the object was committed: ${this.object.url} is stored complete`
+      : `${why.message} after the snapshot was committed: ${this.store.finalPath} is in place, complete`;
+  }
+
   async abort(): Promise<void> {
-    this.uploadAbort.abort();
-    // The caller may exit once this resolves: the multipart upload must be aborted by then.
+    this.stop.abort();
+    // The caller may exit once this resolves: the multipart upload must be aborted by then, and
+    // a file being committed renamed into place or not, not left half-way.
     await this.committing?.catch(() => {});
     try {
       await this.store.abort();
@@ -160,4 +220,10 @@ export class SnapshotOutput {
       if (this.object) await removeStaging(this.object.dir);
     }
   }
+}
+
+/** `{ notes }` for a summary when the output has something to say (a late interrupt), else `{}`. */
+export function notesOf(output: SnapshotOutput): { notes?: string[] } {
+  const note = output.lateInterruptNote();
+  return note ? { notes: [note] } : {};
 }

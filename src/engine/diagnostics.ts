@@ -67,6 +67,7 @@ export const DIAGNOSTICS = {
   },
   output: {
     'stale-partial-removed': { message: '{ path, pid }', when: 'a temporary file of the same output, left by a process of this host that is gone, was removed before writing' },
+    'commit-point': { message: '{ target }', when: 'a snapshot passed its point of no return: its file is being renamed into place, or its CompleteMultipartUpload sent; an interrupt from now on cannot undo it' },
   },
 } as const satisfies Record<string, Record<string, ChannelSpec>>;
 

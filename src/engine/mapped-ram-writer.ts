@@ -311,8 +311,12 @@ export class MappedRamWriter implements PageStore {
     );
   }
 
-  /** Writes bitmaps, makes everything durable, and renames the file into place. */
-  async commit(): Promise<void> {
+  /**
+   * Writes bitmaps, makes everything durable, and renames the file into place. `pointOfNoReturn`
+   * runs right before the rename, in the same turn: if it throws (an interrupt came), the file is
+   * not renamed (abort() removes it) and the error is thrown; once it returned, the rename is made.
+   */
+  async commit(pointOfNoReturn?: () => void): Promise<void> {
     await this.staged?.flush();
     await this.streamChain;
     await this.pageChain;
@@ -343,6 +347,7 @@ export class MappedRamWriter implements PageStore {
     await this.direct?.close();
     await this.reader?.close();
     this.closed = true;
+    pointOfNoReturn?.();
     await rename(this.tempPath, this.finalPath);
     syncDirectory(dirname(this.finalPath));
     this.committed = true;

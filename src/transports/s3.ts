@@ -546,10 +546,16 @@ export class MultipartUpload {
     }
   }
 
-  /** Waits for every part, then completes: the object appears under its key now, whole. */
-  async complete(): Promise<void> {
+  /**
+   * Waits for every part, then completes: the object appears under its key now, whole.
+   * `pointOfNoReturn` runs right before CompleteMultipartUpload is sent, in the same turn: if it
+   * throws (an interrupt came), nothing is sent and the error is thrown; once it returned, the
+   * request goes out and only its answer decides (docs/s3.md, atomicity).
+   */
+  async complete(pointOfNoReturn?: () => void): Promise<void> {
     while (this.inFlight.size > 0) await Promise.race(this.inFlight);
     if (this.failure) throw this.failure;
+    pointOfNoReturn?.();
     this.parts.sort((a, b) => a.PartNumber - b.PartNumber);
     try {
       this.stats.requests++;

@@ -86,7 +86,7 @@ export interface UploadReport {
   'present-pages': number;
   parts: number;
   'part-size': number;
-  /** Requests to the store (HEAD bucket, create, parts, complete) and parts sent again after a failure. */
+  /** Requests to the store (HEAD bucket, create, parts, complete; a HEAD when the Complete's answer was lost) and requests sent again after a failure (parts, the Complete). */
   requests: number;
   retries: number;
   /** Bytes the store accepted in parts (the object's size; a part sent twice counts once). */

@@ -2,6 +2,7 @@
 // chain), errors named by what went wrong, ranged reads with retries, and a multipart upload that
 // either completes or is aborted (docs/s3.md).
 
+import { randomBytes } from 'node:crypto';
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { isIP } from 'node:net';
@@ -482,6 +483,28 @@ export function partSizeFor(total: number, wanted = DEFAULT_PART_SIZE): number {
 }
 
 /**
+ * The user metadata (`x-amz-meta-multifd-upload-token`) in which every upload's object carries a
+ * random token of its own, set at CreateMultipartUpload: it tells this upload's object from any
+ * other under the same key when the answer to CompleteMultipartUpload was lost.
+ */
+export const UPLOAD_TOKEN_META = 'multifd-upload-token';
+
+/**
+ * Whether a CompleteMultipartUpload that failed may have committed the object all the same. An
+ * attempt whose answer never came (connection reset, timeout) or that got a 5xx may have been
+ * applied, and the SDK then sends it again; a store that already applied it answers the retry
+ * NoSuchUpload (the upload is gone because it completed; some stores, current RGW among them,
+ * answer 200 instead). A 4xx to the first attempt (InvalidPart, EntityTooSmall, AccessDenied) is
+ * a refusal: nothing was committed, and nothing needs checking.
+ */
+function completeMayHaveCommitted(e: unknown, err: ObjectStoreError): boolean {
+  const a = (e ?? {}) as AwsLikeError & { $metadata?: { attempts?: number } };
+  if ((a.$metadata?.attempts ?? 1) > 1) return true;
+  if (a.name === 'NoSuchUpload' || a.Code === 'NoSuchUpload' || a.$metadata?.httpStatusCode === 404) return true;
+  return retryable(err);
+}
+
+/**
  * A multipart upload: parts go up in parallel (bounded), the object appears only at complete(),
  * and abort() removes the upload and its parts, retrying while the store is unreachable (a store
  * that is restarting would otherwise keep the parts as an orphaned upload).
@@ -493,14 +516,20 @@ export class MultipartUpload {
   private failure: ObjectStoreError | undefined;
   private nextPart = 1;
   private finished = false;
+  /** Bytes of the parts that are in: the size of the object complete() makes. */
+  private objectBytes = 0;
 
-  private constructor(readonly client: S3Client, readonly url: ObjectUrl, readonly uploadId: string, readonly concurrency: number) {}
+  private constructor(readonly client: S3Client, readonly url: ObjectUrl, readonly uploadId: string, readonly concurrency: number, readonly token: string) {}
 
   static async create(client: S3Client, url: ObjectUrl, opts: { concurrency?: number } = {}): Promise<MultipartUpload> {
+    // 128 random bits: no other upload, ours or anyone's, carries the same token.
+    const token = randomBytes(16).toString('hex');
     try {
-      const r = await client.send(new (loaded().CreateMultipartUploadCommand)({ Bucket: url.bucket, Key: url.key, ContentType: 'application/octet-stream' }));
+      const r = await client.send(new (loaded().CreateMultipartUploadCommand)({
+        Bucket: url.bucket, Key: url.key, ContentType: 'application/octet-stream', Metadata: { [UPLOAD_TOKEN_META]: token },
+      }));
       if (!r.UploadId) throw new ObjectStoreError('S3_ERROR', `${formatObjectUrl(url)}: the store returned no upload id`);
-      return new MultipartUpload(client, url, r.UploadId, opts.concurrency ?? 4);
+      return new MultipartUpload(client, url, r.UploadId, opts.concurrency ?? 4, token);
     } catch (e) {
       throw storeError(e, `starting the upload of ${formatObjectUrl(url)}`, 'bucket');
     }
@@ -536,6 +565,7 @@ export class MultipartUpload {
         if (!r.ETag) throw new ObjectStoreError('S3_ERROR', `part ${n}: the store returned no ETag`);
         this.parts.push({ PartNumber: n, ETag: r.ETag });
         this.stats.bytes += body.length;
+        this.objectBytes += body.length;
         return;
       } catch (e) {
         const err = storeError(e, `uploading part ${n} of ${formatObjectUrl(this.url)}`);
@@ -550,20 +580,71 @@ export class MultipartUpload {
    * Waits for every part, then completes: the object appears under its key now, whole.
    * `pointOfNoReturn` runs right before CompleteMultipartUpload is sent, in the same turn: if it
    * throws (an interrupt came), nothing is sent and the error is thrown; once it returned, the
-   * request goes out and only its answer decides (docs/s3.md, atomicity).
+   * request goes out and only its answer decides (docs/s3.md, atomicity). When that answer is
+   * lost (see completeMayHaveCommitted), the object under the key decides: this upload's → done.
    */
   async complete(pointOfNoReturn?: () => void): Promise<void> {
     while (this.inFlight.size > 0) await Promise.race(this.inFlight);
     if (this.failure) throw this.failure;
     pointOfNoReturn?.();
     this.parts.sort((a, b) => a.PartNumber - b.PartNumber);
+    const what = `completing the upload of ${formatObjectUrl(this.url)}`;
     try {
-      this.stats.requests++;
-      await this.client.send(new (loaded().CompleteMultipartUploadCommand)({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId, MultipartUpload: { Parts: this.parts } }));
+      const r = await this.client.send(new (loaded().CompleteMultipartUploadCommand)({ Bucket: this.url.bucket, Key: this.url.key, UploadId: this.uploadId, MultipartUpload: { Parts: this.parts } }));
+      this.countAttempts(r.$metadata?.attempts);
       this.finished = true;
     } catch (e) {
-      throw storeError(e, `completing the upload of ${formatObjectUrl(this.url)}`);
+      this.countAttempts((e as { $metadata?: { attempts?: number } } | undefined)?.$metadata?.attempts);
+      const name = (e as AwsLikeError | undefined)?.name;
+      // Not the "no such object" a 404 otherwise is: the upload is what the store no longer has.
+      const err = name === 'NoSuchUpload'
+        ? new ObjectStoreError('S3_ERROR', `${what}: NoSuchUpload: the store no longer has multipart upload ${this.uploadId} (HTTP 404)`, { cause: e })
+        : storeError(e, what);
+      if (!completeMayHaveCommitted(e, err)) throw err;
+      const notOurs = await this.notOurs();
+      if (notOurs === undefined) {
+        this.finished = true;
+        return;
+      }
+      err.message += `; the store may have committed an earlier attempt whose answer was lost, but ${notOurs}`;
+      throw err;
     }
+  }
+
+  /** The SDK's own retries of one request, in the upload's counters. */
+  private countAttempts(attempts: number | undefined): void {
+    const n = Math.max(1, attempts ?? 1);
+    this.stats.requests += n;
+    this.stats.retries += n - 1;
+  }
+
+  /**
+   * Why the object under the key is not the one this upload makes (for the error), or undefined
+   * when it is. The token in the object's user metadata decides: the store writes an upload's
+   * metadata with its object, in the same commit (S3, RGW, MinIO alike; HEAD returns it), and no
+   * other writer's object carries this upload's random token, so a HEAD that shows it and our size
+   * sees our object. Comparing the multipart ETag (MD5 of the parts' MD5s, "-N") instead would
+   * lean on how the store computes ETags, which S3-compatible stores and S3's own encryption
+   * modes do not all do alike; a token needs nothing but the metadata that every store keeps.
+   * Another writer's object under the key (even one replacing ours since) is not ours: failure.
+   * S3 and RGW read their writes, so once a retry was answered NoSuchUpload the HEAD sees the
+   * committed object; only a Complete still being applied after every attempt timed out could be
+   * missed, and is then reported as the failure it may yet turn out not to be.
+   */
+  private async notOurs(): Promise<string | undefined> {
+    const name = formatObjectUrl(this.url);
+    let head;
+    try {
+      this.stats.requests++;
+      head = await this.client.send(new (loaded().HeadObjectCommand)({ Bucket: this.url.bucket, Key: this.url.key }));
+    } catch (e) {
+      const err = storeError(e, `HEAD ${name}`);
+      return err.code === 'S3_NO_KEY' ? `no object is under ${name}` : `checking for the object failed (${err.message})`;
+    }
+    const token = head.Metadata?.[UPLOAD_TOKEN_META];
+    if (token !== this.token) return `the object under ${name} is not this upload's (${token === undefined ? 'it carries no upload token' : 'another upload\'s token'}: another writer's)`;
+    if (head.ContentLength !== this.objectBytes) return `the object under ${name} has ${head.ContentLength ?? 'no'} bytes, not the ${this.objectBytes} uploaded`;
+    return undefined;
   }
 
   /**

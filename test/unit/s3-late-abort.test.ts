@@ -12,8 +12,6 @@ import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { receive } from '../../src/conversations/receive.js';
 import { relay } from '../../src/conversations/relay.js';
 import { save } from '../../src/conversations/save.js';
@@ -27,6 +25,7 @@ import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { closeS3Clients } from '../../src/transports/s3.js';
 import { relaySummaryText, summaryText } from '../../src/cli/format.js';
 import { scriptedStore, type ScriptedStore } from '../helpers/scripted-s3.js';
+import { spawnCli } from '../helpers/faults.js';
 
 type Store = ScriptedStore;
 
@@ -208,26 +207,15 @@ describe('an interrupt and the commit\'s point of no return', () => {
   test('receive CLI --out s3 --json: SIGINT while CompleteMultipartUpload is in flight and it succeeds → exit 0, the note in the JSON and on stderr', async () => {
     const { store, staging } = await setup();
     store.state.hold = 'complete';
-    const bin = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
-    const p = spawn(process.execPath, [bin, 'receive', '--listen', 'tcp:127.0.0.1:0', '--out', `s3://${BUCKET}/cli.mig`, '--s3-endpoint', store.endpoint, '--s3-region', 'us-east-1', '--s3-staging-dir', staging, '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
-    const exited = new Promise<number | null>((res) => p.on('exit', (code) => res(code)));
-    const addr = await new Promise<string>((res, rej) => {
-      p.stderr.on('data', (b: Buffer) => {
-        stderr += b.toString();
-        const m = /^listening on (\S+)/m.exec(stderr);
-        if (m) res(m[1]!);
-      });
-      void exited.then(() => rej(new Error(`receive CLI exited early: ${stderr}`)));
-    });
+    const p = spawnCli(['receive', '--listen', 'tcp:127.0.0.1:0', '--out', `s3://${BUCKET}/cli.mig`, '--s3-endpoint', store.endpoint, '--s3-region', 'us-east-1', '--s3-staging-dir', staging, '--json']);
+    const addr = (await p.waitStderr(/^listening on (\S+)/m))[1]!;
     const sent = sendSyntheticMigration(addr, makeSyntheticGuest(8), { channels: 2, rounds: 1, returnPath: true }).catch((e: Error) => e);
     await store.heldRequest();
     p.kill('SIGINT');
     await sleep(300);
     store.release();
-    assert.equal(await exited, 0, `exit status 0 (stderr: ${stderr})`);
+    const { code, stdout, stderr } = await p.exited;
+    assert.equal(code, 0, `exit status 0 (stderr: ${stderr})`);
     const note = `interrupted (SIGINT) after the object was committed: s3://${BUCKET}/cli.mig is stored complete`;
     const s = JSON.parse(stdout) as { status: string; notes?: string[]; store?: { url: string } };
     assert.equal(s.status, 'completed');

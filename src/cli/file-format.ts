@@ -115,6 +115,7 @@ export function convertText(s: ConvertSummary): string {
   ];
   for (const b of s.blocks) lines.push(`  block ${b.name}: ${bytes(b['used-length'])}, ${b.pages} pages`);
   if (s.store) lines.push('parts' in s.store ? uploadLine(s.store) : storeReadLine(s.store));
+  for (const n of s.notes ?? []) lines.push(`note: ${n}`);
   return lines.join('\n');
 }
 

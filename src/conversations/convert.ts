@@ -89,6 +89,8 @@ export interface ConvertSummary {
    * was read (as restore reports it).
    */
   store?: ObjectReadReport | UploadReport;
+  /** What the user should know besides: an interrupt that came after an s3:// output's CompleteMultipartUpload went out, which it no longer stopped. */
+  notes?: string[];
 }
 
 const DEVICE_CHUNK = 1024 * 1024;

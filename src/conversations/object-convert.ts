@@ -22,7 +22,9 @@ export async function convertToObject(opts: ConvertOptions, convert: (o: Convert
   };
   const pages = info.blocks.reduce((n, b) => n + b.pages, 0);
   await src.close();
+  let committing = false;
   const report = await storeAsObject(opts.input, opts.output, {
+    pointOfNoReturn: () => { committing = true; },
     ...(opts.force !== undefined ? { force: opts.force } : {}),
     ...(opts.signal ? { signal: opts.signal } : {}),
     // The upload's progress, as save/receive report theirs; the pages count is the input's.
@@ -39,5 +41,7 @@ export async function convertToObject(opts: ConvertOptions, convert: (o: Convert
     'output-size': report['object-size'],
     'elapsed-ms': Date.now() - started,
     store: report,
+    // An interrupt after CompleteMultipartUpload went out could not stop it (docs/s3.md, atomicity).
+    ...(committing && opts.signal?.aborted ? { notes: [`interrupted after the object was committed: ${opts.output} is stored complete`] } : {}),
   };
 }

@@ -200,6 +200,8 @@ export async function removeStaging(dir: string): Promise<void> {
  */
 export async function storeAsObject(input: string, url: string, opts: {
   force?: boolean; toMappedRam: (output: string) => Promise<unknown>; isLocalMappedRam: boolean; onProgress?: (p: UploadProgress) => void; signal?: AbortSignal;
+  /** As uploadPackedSnapshot's: called right before CompleteMultipartUpload is sent. */
+  pointOfNoReturn?: () => void;
 }): Promise<UploadReport> {
   const where = parseObjectUrl(url);
   const client = await s3Client(settings);
@@ -207,7 +209,11 @@ export async function storeAsObject(input: string, url: string, opts: {
   if (!opts.force && (await objectSize(client, where)) !== undefined) {
     throw new ObjectStoreError('S3_EXISTS', `${url} already exists (use --force to replace it)`);
   }
-  const upload = { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.signal ? { signal: opts.signal } : {}) };
+  const upload = {
+    ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+    ...(opts.pointOfNoReturn ? { pointOfNoReturn: opts.pointOfNoReturn } : {}),
+  };
   if (opts.isLocalMappedRam) return uploadPackedSnapshot(input, url, upload);
   const dir = await stagingDirectory();
   try {

@@ -24,6 +24,7 @@ import { makeSyntheticGuest, sendSyntheticMigration, type SyntheticGuest } from 
 import { TARGET_PAGE_SIZE } from '../../src/codec/constants.js';
 import { closeS3Clients } from '../../src/transports/s3.js';
 import { relaySummaryText, summaryText } from '../../src/cli/format.js';
+import { convertText } from '../../src/cli/file-format.js';
 import { scriptedStore, type ScriptedStore } from '../helpers/scripted-s3.js';
 import { spawnCli } from '../helpers/faults.js';
 
@@ -163,6 +164,30 @@ describe('an interrupt and the commit\'s point of no return', () => {
     const relayed = { from: 'a', to: 'b', machine: 'm', 'total-time': 1, 'bytes-in': 1, 'bytes-out': 1, normal: 1, duplicate: 0, mbps: 1, 'multifd-syncs': 1, 'sync-mode': 'round', 'compression-in': 'none', 'compression-out': 'none', 'return-path': true, 'channels-in': [], 'channels-out': [] };
     assert.match(relaySummaryText({ ...relayed, notes: ['late'] }), /^ {2}note: late$/m);
     assert.doesNotMatch(relaySummaryText(relayed), /note:/);
+  });
+
+  test('convert FILE s3://…: interrupted while CompleteMultipartUpload is in flight and it succeeds → the summary says so; without an interrupt, no note', async () => {
+    const { store, dir } = await setup();
+    const guest = makeSyntheticGuest(8);
+    const local = join(dir, 'local.mig');
+    const rx = receive({ listen: 'tcp:127.0.0.1:0', out: local, channels: 2 });
+    await sendSyntheticMigration(await rx.listening, guest, { channels: 2, rounds: 1, returnPath: true });
+    await rx.done;
+    store.state.hold = 'complete';
+    const ac = new AbortController();
+    const converting = convert({ input: local, output: `s3://${BUCKET}/conv.mig`, to: 'mapped-ram', signal: ac.signal });
+    await store.heldRequest();
+    ac.abort();
+    await sleep(100);
+    store.release();
+    const s = await converting;
+    assert.deepEqual(s.notes, [`interrupted after the object was committed: s3://${BUCKET}/conv.mig is stored complete`]);
+    assert.match(convertText(s), /^note: interrupted after the object was committed: s3:\/\/snapshots\/conv\.mig is stored complete$/m);
+    await assertObjectHolds(`s3://${BUCKET}/conv.mig`, guest);
+    store.state.hold = undefined;
+    const plain = await convert({ input: local, output: `s3://${BUCKET}/conv2.mig`, to: 'mapped-ram', signal: new AbortController().signal });
+    assert.equal(plain.notes, undefined);
+    assert.doesNotMatch(convertText(plain), /note:/);
   });
 
   test('receive --out s3: interrupted while CompleteMultipartUpload is in flight and the store refuses it → the Complete\'s failure, the upload aborted', async () => {

@@ -146,11 +146,19 @@ TLS (--tls-creds DIR): the folder holds PEM files named as for QEMU's tls-creds-
   client-key.pem (connecting side). On QEMU: -object tls-creds-x509,id=tls0,dir=DIR,endpoint=...
   and migrate-set-parameters tls-creds=tls0. Plain connections are refused while TLS is on.`;
 
-/** Notes of a summary as lines on stderr, where a user reading the terminal sees them. */
-function noteOnStderr(view: ProgressView, notes: readonly string[] | undefined): void {
-  if (!notes?.length) return;
-  view.stop();
-  for (const n of notes) process.stderr.write(`multifd: note: ${n}\n`);
+/**
+ * With --json a summary's notes would sit only in stdout's JSON: they go to stderr too, as lines
+ * a user reading the terminal sees (the text summary prints them itself).
+ */
+function notesOnStderr<S extends { notes?: readonly string[] }>(json: boolean | undefined, view: ProgressView, done: Promise<S>): Promise<S> {
+  if (!json) return done;
+  return done.then((s) => {
+    if (s.notes?.length) {
+      view.stop();
+      for (const n of s.notes) process.stderr.write(`multifd: note: ${n}\n`);
+    }
+    return s;
+  });
 }
 
 function fail(e: unknown): never {
@@ -214,7 +222,7 @@ The snapshot loads with: migrate-set-capabilities mapped-ram=on [multifd=on];
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting the source.
       process.stderr.write(`listening on ${addr} for ${o.channels} multifd channel(s)${o.tlsCreds ? ' (TLS)' : ''}\n`);
-      return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
+      return notesOnStderr(o.json, view, h.done);
     }, summaryText);
   });
 
@@ -279,7 +287,7 @@ raise --downtime-limit, add --auto-converge, or bound it with --switchover-after
       h.on('not-converging', (n) => view.say(`multifd: warning: ${notConvergingText(n, o.compression)}${o.switchoverAfter !== undefined ? `; the switchover is forced after ${o.switchoverAfter} s` : '; raise --downtime-limit, add --auto-converge, or bound the save with --switchover-after SECONDS'}`));
       h.on('switchover-forced', (f) => view.say(`multifd: note: forcing the switchover after ${(f['after-ms'] / 1000).toFixed(1)} s of iterating (--switchover-after): the guest pauses for what is still dirty`));
       abortOnSignal(h);
-      return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
+      return notesOnStderr(o.json, view, h.done);
     }, (s) => {
       const l = (s as Partial<SaveLibvirtSummary>).libvirt;
       return summaryText(s) + (l ? `\n  libvirt ${l.format} image (${l['was-running'] ? 'restores running' : 'restores paused'}), ${l['convert-ms'] !== undefined ? `rewritten from the snapshot in ${l['convert-ms']} ms` : 'written in place'}` : '');
@@ -374,8 +382,8 @@ program
       });
       h.on('progress', (p: SendProgress) => view.update(sendSample(p)));
       abortOnSignal(h);
-      // With --json the notes (e.g. multifd turned off for postcopy) would sit only in stdout's JSON.
-      return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
+      // Its notes: e.g. multifd turned off for postcopy.
+      return notesOnStderr(o.json, view, h.done);
     }, sendSummaryText);
   });
 
@@ -439,7 +447,7 @@ A's migration and A keeps running.`)
       const addr = await h.listening;
       // Always (stderr, also with --json): scripts wait for this line before starting A's migrate.
       process.stderr.write(`listening on ${addr} for ${o.channelsIn} multifd channel(s), relaying to ${o.to}\n`);
-      return o.json ? h.done.then((s) => (noteOnStderr(view, s.notes), s)) : h.done;
+      return notesOnStderr(o.json, view, h.done);
     }, relaySummaryText);
   });
 

@@ -3,7 +3,7 @@
 import { InvalidOptionError } from '../codec/errors.js';
 import { openSnapshot, snapshotOpenerFor } from '../engine/open-snapshot.js';
 import type { ConvertOptions, ConvertSummary } from './convert.js';
-import { isObjectUrl, storeAsObject, type UploadReport } from './object-store.js';
+import { isObjectUrl, objectCommittedNote, storeAsObject, type UploadReport } from './object-store.js';
 
 export { isObjectUrl };
 
@@ -42,6 +42,6 @@ export async function convertToObject(opts: ConvertOptions, convert: (o: Convert
     'elapsed-ms': Date.now() - started,
     store: report,
     // An interrupt after CompleteMultipartUpload went out could not stop it (docs/s3.md, atomicity).
-    ...(committing && opts.signal?.aborted ? { notes: [`interrupted after the object was committed: ${opts.output} is stored complete`] } : {}),
+    ...(committing && opts.signal?.aborted ? { notes: [objectCommittedNote(opts.output)] } : {}),
   };
 }

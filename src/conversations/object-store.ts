@@ -184,6 +184,11 @@ export async function uploadPackedSnapshot(local: string, url: string, opts: {
   }
 }
 
+/** A summary's note for an interrupt that came after the object's CompleteMultipartUpload went out (docs/s3.md, atomicity). */
+export function objectCommittedNote(url: string, reason = 'interrupted'): string {
+  return `${reason} after the object was committed: ${url} is stored complete`;
+}
+
 /** A private directory for staging one snapshot; removed by the caller. */
 export async function stagingDirectory(s: ObjectStoreSettings = settings): Promise<string> {
   return mkdtemp(join(s.stagingDir ?? tmpdir(), 'multifd-s3-'));

@@ -12,7 +12,7 @@ import { packetSlotsFor } from '../engine/aligned-slots.js';
 import { publish } from '../engine/diagnostics.js';
 import { MappedRamWriter } from '../engine/mapped-ram-writer.js';
 import { checkBucket, isObjectUrl, parseObjectUrl, s3Client } from '../transports/s3.js';
-import { objectStoreSettings, removeStaging, stagingDirectory, uploadPackedSnapshot, type UploadProgress, type UploadReport } from './object-store.js';
+import { objectCommittedNote, objectStoreSettings, removeStaging, stagingDirectory, uploadPackedSnapshot, type UploadProgress, type UploadReport } from './object-store.js';
 
 /** An s3:// output: staged as a local mapped-ram file, uploaded packed by commit(). */
 interface ObjectTarget {
@@ -205,7 +205,7 @@ export class SnapshotOutput {
     const why = this.lateInterrupt;
     if (!why) return undefined;
     return this.object
-      ? `${why.message} after the object was committed: ${this.object.url} is stored complete`
+      ? objectCommittedNote(this.object.url, why.message)
       : `${why.message} after the snapshot was committed: ${this.store.finalPath} is in place, complete`;
   }
 

@@ -277,6 +277,13 @@ function s3Table(rows: Row[]): string[] {
     };
     const put = med('store put');
     const get = med('store get');
+    const hostOf = (i: Row['impl']): HostCpu | undefined => {
+      const busyMs = med(i, (r) => r.result.host?.busyMs);
+      const stealMs = med(i, (r) => r.result.host?.stealMs);
+      const capacityMs = med(i, (r) => r.result.host?.capacityMs);
+      return busyMs !== undefined && stealMs !== undefined && capacityMs !== undefined ? { busyMs, stealMs, capacityMs } : undefined;
+    };
+    const getHost = hostOf('store get');
     for (const impl of ['save file', 'save s3', 'store put', 'store get fresh', 'restore file', 'restore s3', 'store get', 'instant file', 'instant s3'] as const) {
       const ms = med(impl);
       if (ms === undefined) continue;
@@ -285,14 +292,7 @@ function s3Table(rows: Row[]): string[] {
       const rss = med(impl, (r) => r.result.rssMiB);
       const open = med(impl, (r) => r.result.openMs);
       const running = med(impl, (r) => r.result.runningMs);
-      const hostOf = (i: Row['impl']): HostCpu | undefined => {
-        const busyMs = med(i, (r) => r.result.host?.busyMs);
-        const stealMs = med(i, (r) => r.result.host?.stealMs);
-        const capacityMs = med(i, (r) => r.result.host?.capacityMs);
-        return busyMs !== undefined && stealMs !== undefined && capacityMs !== undefined ? { busyMs, stealMs, capacityMs } : undefined;
-      };
       const host = hostOf(impl);
-      const getHost = hostOf('store get');
       const hostNote = host ? `${describeHostCpu(host)}${impl === 'restore s3' && getHost ? `; ${((host.busyMs + host.stealMs - getHost.busyMs - getHost.stealMs) / 1000).toFixed(1)} CPU-s more than store get` : ''}` : '';
       const notes = impl.startsWith('instant') ? `running ${running?.toFixed(0) ?? '–'} ms${open !== undefined && running !== undefined ? ` (object opened in ${open.toFixed(0)}, QEMU phase ${(running - open).toFixed(0)})` : ''}; send run ${med(impl, (r) => r.result.sendRunMs)?.toFixed(0) ?? '–'} ms (switch ${med(impl, (r) => r.result.sendSwitchMs)?.toFixed(0) ?? '–'}); ${med(impl, (r) => r.result.requests)?.toFixed(0) ?? '–'} requests` : hostNote;
       lines.push(`| ${size} GiB | ${ch} | ${impl} | ${ms.toFixed(0)} | ${impl.startsWith('instant') ? '–' : rate} | ${vs} | ${rss !== undefined ? rss.toFixed(0) : '–'} | ${notes} |`);

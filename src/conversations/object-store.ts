@@ -11,7 +11,7 @@ import { registerSnapshotScheme } from '../engine/open-snapshot.js';
 import { PACKED_FIRST_READ, PackedSnapshot, type PackedReadOptions } from '../engine/packed-snapshot-source.js';
 import { packedParts, packedPrefixOf } from '../engine/packed-snapshot-writer.js';
 import {
-  checkBucket, formatObjectUrl, MultipartUpload, ObjectStoreError, objectSize, parseObjectUrl, partSizeFor, RangedObject, s3Client, type S3Settings,
+  checkBucket, formatObjectUrl, MultipartUpload, ObjectStoreError, objectSize, parseObjectUrl, partSizeFor, RangedObject, s3Client, StoreAccess, type S3Settings,
 } from '../transports/s3.js';
 
 export { isObjectUrl, ObjectStoreError } from '../transports/s3.js';
@@ -35,7 +35,7 @@ export function objectStoreSettings(): ObjectStoreSettings {
 /** Opens s3://bucket/key as a SnapshotSource; errors name what is wrong before anything else happens. */
 export async function openObjectSnapshot(url: string, s: ObjectStoreSettings = settings): Promise<PackedSnapshot & { object: RangedObject; openMs: number }> {
   const t0 = Date.now();
-  const obj = await RangedObject.open(await s3Client(s), parseObjectUrl(url), { firstBytes: PACKED_FIRST_READ });
+  const obj = await RangedObject.open(StoreAccess.for(s), parseObjectUrl(url), { firstBytes: PACKED_FIRST_READ });
   const snap = await PackedSnapshot.open(obj, {
     ...(s.chunkBytes !== undefined ? { chunkBytes: s.chunkBytes } : {}),
     ...(s.readAhead !== undefined ? { readAhead: s.readAhead } : {}),

@@ -389,7 +389,8 @@ export class DirectGetHandler implements SdkHttpHandler {
   private readonly idleMs: number;
   private destroyed = false;
 
-  constructor(readonly inner: SdkHttpHandler, opts: DirectGetOptions = {}) {
+  /** `inner` undefined: only fetch() is used (GETs presigned without the SDK, transports/s3-signer.ts). */
+  constructor(readonly inner: SdkHttpHandler | undefined, opts: DirectGetOptions = {}) {
     this.connectionTimeout = opts.connectionTimeout ?? 5000;
     this.requestTimeout = opts.requestTimeout ?? 120_000;
     this.maxIdle = opts.maxIdle ?? 16;
@@ -405,10 +406,12 @@ export class DirectGetHandler implements SdkHttpHandler {
   }
 
   async handle(req: SdkHttpRequest, opts: SdkHandleOptions = {}): Promise<{ response: SdkHttpResponse }> {
-    if (this.destroyed || !DirectGetHandler.takes(req)) return this.inner.handle(req, opts);
+    const inner = this.inner;
+    if (!inner) throw new Error('internal: a DirectGetHandler without the SDK\'s handler was given an SDK request');
+    if (this.destroyed || !DirectGetHandler.takes(req)) return inner.handle(req, opts);
     const r = await this.fetch(req, opts);
     // Errors (and bodies without a length) are the SDK's to read: the same signed request there.
-    return 'response' in r ? r : this.inner.handle(req, opts);
+    return 'response' in r ? r : inner.handle(req, opts);
   }
 
   /**
@@ -499,15 +502,15 @@ export class DirectGetHandler implements SdkHttpHandler {
     for (const c of this.live) c.sock.destroy();
     this.live.clear();
     this.idle.clear();
-    this.inner.destroy?.();
+    this.inner?.destroy?.();
   }
 
   updateHttpClientConfig(key: never, value: never): void {
-    this.inner.updateHttpClientConfig?.(key, value);
+    this.inner?.updateHttpClientConfig?.(key, value);
   }
 
   httpHandlerConfigs(): object {
-    return this.inner.httpHandlerConfigs?.() ?? {};
+    return this.inner?.httpHandlerConfigs?.() ?? {};
   }
 }
 

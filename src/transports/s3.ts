@@ -9,6 +9,7 @@ import { isIP } from 'node:net';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import { ObjectStoreError, type ObjectStoreErrorCode } from '../codec/errors.js';
 import { DirectGetHandler, isDirectBody, type DirectBody, type SdkHttpHandler } from './direct-get.js';
+import { GetSigner, signedGetTarget } from './s3-signer.js';
 
 export { ObjectStoreError, type ObjectStoreErrorCode };
 
@@ -103,14 +104,20 @@ type Presigner = typeof import('@aws-sdk/s3-request-presigner');
 let presignerLoading: Promise<Presigner> | undefined;
 
 const clients = new Map<string, S3Client>();
+const accesses = new Map<string, StoreAccess>();
+
+/** Endpoint, region and addressing as the client gets them (flags over the environment), and their key. */
+function resolvedSettings(s: S3Settings): { endpoint: string | undefined; region: string | undefined; pathStyle: boolean; id: string } {
+  const endpoint = resolvedEndpoint(s);
+  const region = s.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? (endpoint ? 'us-east-1' : undefined);
+  const pathStyle = wantsPathStyle(endpoint, s.pathStyle);
+  return { endpoint, region, pathStyle, id: JSON.stringify([endpoint, region, pathStyle]) };
+}
 
 /** One client per settings (it holds the keep-alive connection pool). */
 export async function s3Client(s: S3Settings = {}): Promise<S3Client> {
   const { S3Client } = await loadSdk();
-  const endpoint = resolvedEndpoint(s);
-  const region = s.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? (endpoint ? 'us-east-1' : undefined);
-  const pathStyle = wantsPathStyle(endpoint, s.pathStyle);
-  const id = JSON.stringify([endpoint, region, pathStyle]);
+  const { endpoint, region, pathStyle, id } = resolvedSettings(s);
   let c = clients.get(id);
   if (c) return c;
   const agentOpts = { keepAlive: true, maxSockets: 64 };
@@ -137,10 +144,56 @@ export async function s3Client(s: S3Settings = {}): Promise<S3Client> {
   return c;
 }
 
+/**
+ * A store as reads reach it: the SDK's client, made on first need (loading the SDK then), and,
+ * where the settings and environment allow (transports/s3-signer.ts), GETs signed and read
+ * without it, so that opening and reading an object never loads the SDK unless something fails.
+ */
+export class StoreAccess {
+  private made: Promise<S3Client> | undefined;
+
+  private constructor(private readonly settings: S3Settings, existing: S3Client | undefined, readonly signer: GetSigner | undefined, readonly direct: DirectGetHandler | undefined) {
+    if (existing) this.made = Promise.resolve(existing);
+  }
+
+  /** Reads through a client that exists already (and its DirectGetHandler, if it has one). */
+  static of(client: S3Client): StoreAccess {
+    return new StoreAccess({}, client, undefined, directHandler(client));
+  }
+
+  /** One per settings, as clients are. MULTIFD_S3_DIRECT_GET=0: everything through the SDK's client. */
+  static for(s: S3Settings = {}): StoreAccess {
+    const r = resolvedSettings(s);
+    let a = accesses.get(r.id);
+    if (a) return a;
+    const target = process.env.MULTIFD_S3_DIRECT_GET === '0' ? undefined : signedGetTarget(r);
+    a = target
+      ? new StoreAccess(s, undefined, new GetSigner(target), new DirectGetHandler(undefined, { connectionTimeout: 5000, requestTimeout: 120_000 }))
+      : new StoreAccess(s, undefined, undefined, undefined);
+    accesses.set(r.id, a);
+    return a;
+  }
+
+  client(): Promise<S3Client> {
+    return (this.made ??= s3Client(this.settings));
+  }
+
+  /** The handler presigned GETs go to: our own, else the client's (which exists once client() resolved). */
+  async handler(): Promise<DirectGetHandler | undefined> {
+    return this.direct ?? directHandler(await this.client());
+  }
+
+  destroy(): void {
+    this.direct?.destroy();
+  }
+}
+
 /** Closes the clients' connection pools (so a CLI run can exit at once). */
 export function closeS3Clients(): void {
   for (const c of clients.values()) c.destroy();
   clients.clear();
+  for (const a of accesses.values()) a.destroy();
+  accesses.clear();
 }
 
 interface AwsLikeError {
@@ -300,19 +353,25 @@ export class RangedObject {
   /** The presigner failed once (no credentials to sign with?): the SDK's GET from then on. */
   private presignFailed = false;
 
-  private constructor(readonly client: S3Client, readonly url: ObjectUrl, readonly size: number, readonly etag: string | undefined, private readonly attempts: number) {}
+  private constructor(private readonly access: StoreAccess, readonly url: ObjectUrl, readonly size: number, readonly etag: string | undefined, private readonly attempts: number) {}
 
   /**
    * Opens the object with one ranged GET of its first `firstBytes` (default 64 KiB): the answer's
    * Content-Range carries the object's size and the ETag comes with it, so no HEAD is needed, and
    * the bytes are kept for takeHead(). A missing key, a missing bucket, 403 and an unreachable
    * endpoint fail here, named. The body is retried like read()'s; the request itself only by the SDK
-   * (an unreachable endpoint is named at once, as a HEAD did).
+   * (an unreachable endpoint is named at once, as a HEAD did). Where the store's access signs GETs
+   * itself, that GET goes first, without the SDK; anything but a plain success is then asked again
+   * through the client, which names it.
    */
-  static async open(client: S3Client, url: ObjectUrl, opts: { attempts?: number; firstBytes?: number } = {}): Promise<RangedObject> {
+  static async open(store: StoreAccess | S3Client, url: ObjectUrl, opts: { attempts?: number; firstBytes?: number } = {}): Promise<RangedObject> {
+    const access = store instanceof StoreAccess ? store : StoreAccess.of(store);
     const attempts = opts.attempts ?? 4;
     const want = Math.max(MIN_OPEN_READ, opts.firstBytes ?? 64 * 1024);
     const stats: TransferStats = { requests: 0, retries: 0, bytes: 0 };
+    const signed = await RangedObject.openSigned(access, url, want, attempts, stats);
+    if (signed) return signed;
+    const client = await access.client();
     for (let attempt = 1; ; attempt++) {
       let res;
       try {
@@ -320,13 +379,13 @@ export class RangedObject {
         res = await client.send(new (loaded().GetObjectCommand)({ Bucket: url.bucket, Key: url.key, Range: `bytes=0-${want - 1}` }));
       } catch (e) {
         // 416: the object has no byte 0 (it is empty); a HEAD tells its size and ETag.
-        if ((e as AwsLikeError).$metadata?.httpStatusCode === 416) return RangedObject.openByHead(client, url, attempts, stats);
+        if ((e as AwsLikeError).$metadata?.httpStatusCode === 416) return RangedObject.openByHead(access, client, url, attempts, stats);
         throw await openError(client, url, e);
       }
       try {
         const { size, head } = await firstBytes(res, want, formatObjectUrl(url));
         stats.bytes += head.length;
-        const obj = new RangedObject(client, url, size, res.ETag, attempts);
+        const obj = new RangedObject(access, url, size, res.ETag, attempts);
         Object.assign(obj.stats, stats);
         obj.head = head;
         return obj;
@@ -339,7 +398,50 @@ export class RangedObject {
     }
   }
 
-  private static async openByHead(client: S3Client, url: ObjectUrl, attempts: number, stats: TransferStats): Promise<RangedObject> {
+  /**
+   * The first GET presigned here and read without the SDK: the object when the store answered 206
+   * with exactly the range asked for, else undefined (an error answer, a failed connection, a
+   * store that ignores Range, a body cut short), and the client's open does it again and names it.
+   */
+  private static async openSigned(access: StoreAccess, url: ObjectUrl, want: number, attempts: number, stats: TransferStats): Promise<RangedObject | undefined> {
+    if (!access.signer || !access.direct) return undefined;
+    let target: URL | undefined;
+    try {
+      target = await access.signer.presign(url, PRESIGN_EXPIRES_S);
+    } catch {
+      return undefined;
+    }
+    if (!target) return undefined;
+    const at = Date.now();
+    let r;
+    try {
+      stats.requests++;
+      r = await access.direct.fetch(presignedRequest(target, 0, want));
+    } catch {
+      return undefined;
+    }
+    if (!('response' in r)) return undefined;
+    const { statusCode, headers, body } = r.response;
+    const range = parseContentRange(headers['content-range']);
+    if (statusCode !== 206 || !range || range.first !== 0 || range.total === undefined || range.last + 1 !== Math.min(range.total, want) || body.length !== range.last + 1) {
+      body.destroy();
+      return undefined;
+    }
+    const head = Buffer.allocUnsafe(body.length);
+    try {
+      await body.readInto(head);
+    } catch {
+      return undefined;
+    }
+    stats.bytes += head.length;
+    const obj = new RangedObject(access, url, range.total, headers.etag, attempts);
+    Object.assign(obj.stats, stats);
+    obj.head = head;
+    obj.presigned = { url: target, at };
+    return obj;
+  }
+
+  private static async openByHead(access: StoreAccess, client: S3Client, url: ObjectUrl, attempts: number, stats: TransferStats): Promise<RangedObject> {
     let head;
     try {
       stats.requests++;
@@ -347,7 +449,7 @@ export class RangedObject {
     } catch (e) {
       throw await openError(client, url, e);
     }
-    const obj = new RangedObject(client, url, head.ContentLength ?? 0, head.ETag, attempts);
+    const obj = new RangedObject(access, url, head.ContentLength ?? 0, head.ETag, attempts);
     Object.assign(obj.stats, stats);
     return obj;
   }
@@ -388,8 +490,7 @@ export class RangedObject {
     const p = this.presigned;
     if (p && Date.now() - p.at < PRESIGN_REFRESH_MS) return Promise.resolve(p.url);
     this.presigning ??= (async () => {
-      const { getSignedUrl } = await (presignerLoading ??= import('@aws-sdk/s3-request-presigner'));
-      const url = new URL(await getSignedUrl(this.client, new (loaded().GetObjectCommand)({ Bucket: this.url.bucket, Key: this.url.key }), { expiresIn: PRESIGN_EXPIRES_S }));
+      const url = (await this.access.signer?.presign(this.url, PRESIGN_EXPIRES_S)) ?? (await sdkPresignedGet(await this.access.client(), this.url));
       this.presigned = { url, at: Date.now() };
       return url;
     })().finally(() => { this.presigning = undefined; });
@@ -411,15 +512,7 @@ export class RangedObject {
     let r;
     try {
       this.stats.requests++;
-      r = await handler.fetch({
-        method: 'GET',
-        protocol: url.protocol,
-        hostname: url.hostname,
-        ...(url.port ? { port: Number(url.port) } : {}),
-        // Path and query exactly as signed.
-        path: `${url.pathname}${url.search}`,
-        headers: { host: url.host, range: `bytes=${position}-${position + length - 1}`, ...(this.etag ? { 'if-match': this.etag } : {}) },
-      });
+      r = await handler.fetch(presignedRequest(url, position, length, this.etag));
     } catch {
       return false;
     }
@@ -448,10 +541,11 @@ export class RangedObject {
   }
 
   private async readOnce(position: number, length: number, out: Buffer): Promise<void> {
-    const handler = this.presignFailed ? undefined : directHandler(this.client);
+    const handler = this.presignFailed ? undefined : await this.access.handler();
     if (handler && (await this.readPresigned(handler, position, length, out))) return;
+    const client = await this.access.client();
     this.stats.requests++;
-    const res = await this.client.send(new (loaded().GetObjectCommand)({
+    const res = await client.send(new (loaded().GetObjectCommand)({
       Bucket: this.url.bucket,
       Key: this.url.key,
       Range: `bytes=${position}-${position + length - 1}`,
@@ -468,6 +562,24 @@ export class RangedObject {
     }
     if (at !== length) throw new ObjectStoreError('S3_SHORT_READ', `${this.name}: ${at} of ${length} bytes at ${position} arrived`);
   }
+}
+
+/** A ranged GET of a presigned URL (path and query exactly as signed; Range and If-Match unsigned). */
+function presignedRequest(url: URL, position: number, length: number, etag?: string): Parameters<DirectGetHandler['fetch']>[0] {
+  return {
+    method: 'GET',
+    protocol: url.protocol,
+    hostname: url.hostname,
+    ...(url.port ? { port: Number(url.port) } : {}),
+    path: `${url.pathname}${url.search}`,
+    headers: { host: url.host, range: `bytes=${position}-${position + length - 1}`, ...(etag ? { 'if-match': etag } : {}) },
+  };
+}
+
+/** The object's GET presigned by the SDK's presigner (where it is not signed here). */
+async function sdkPresignedGet(client: S3Client, url: ObjectUrl): Promise<URL> {
+  const { getSignedUrl } = await (presignerLoading ??= import('@aws-sdk/s3-request-presigner'));
+  return new URL(await getSignedUrl(client, new (loaded().GetObjectCommand)({ Bucket: url.bucket, Key: url.key }), { expiresIn: PRESIGN_EXPIRES_S }));
 }
 
 /** The client's DirectGetHandler, unless MULTIFD_S3_DIRECT_GET=0 left the SDK's handler alone. */

@@ -27,7 +27,13 @@ export async function scriptedStore(bucket: string) {
     loseCompleteAnswers: 0,
     commitBeforeLosing: true,
     afterCommit: undefined as ((key: string) => void) | undefined,
+    /** GETs presigned (X-Amz-Signature in the query) are answered 403 SignatureDoesNotMatch. */
+    refusePresigned: false,
+    /** GETs are answered 200 with the whole object, Range or not (as some stores and proxies do). */
+    ignoreRange: false,
   };
+  /** Every request's method, target and headers, in order. */
+  const requests: { method: string; url: string; headers: IncomingMessage['headers'] }[] = [];
   const held: Held[] = [];
   let heldWaiter: (() => void) | undefined;
   let nextUpload = 1;
@@ -49,8 +55,9 @@ export async function scriptedStore(bucket: string) {
         res.writeHead(200, { 'content-length': obj.length, etag: '"o1"', ...Object.fromEntries(Object.entries(meta.get(key) ?? {}).map(([k, v]) => [`x-amz-meta-${k}`, v])) }).end();
         return;
       case 'get': {
+        if (state.refusePresigned && q.has('X-Amz-Signature')) { error(res, 403, 'SignatureDoesNotMatch'); return; }
         if (!obj) { error(res, 404, 'NoSuchKey'); return; }
-        const m = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
+        const m = state.ignoreRange ? null : /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
         const a = m ? Number(m[1]) : 0;
         const b = m ? Math.min(Number(m[2]) + 1, obj.length) : obj.length;
         res.writeHead(m ? 206 : 200, { 'content-length': b - a, etag: '"o1"', ...(m ? { 'content-range': `bytes ${a}-${b - 1}/${obj.length}` } : {}) });
@@ -114,6 +121,7 @@ export async function scriptedStore(bucket: string) {
         : req.method === 'DELETE' && q.has('uploadId') ? 'abort-upload'
         : 'other';
       ops.push(op);
+      requests.push({ method: req.method!, url: req.url!, headers: req.headers });
       const answer = (): void => handle(req, res, Buffer.concat(chunks), op, key, q);
       if (state.hold === op) {
         held.push({ op, release: answer });
@@ -130,6 +138,7 @@ export async function scriptedStore(bucket: string) {
     meta,
     uploads,
     ops,
+    requests,
     state,
     /** Resolves once a held request arrived. */
     async heldRequest(): Promise<void> {

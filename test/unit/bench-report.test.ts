@@ -115,6 +115,19 @@ test('the S3 table gives the host CPU of store get and restore s3, and what the 
   assert.match(lineOf(md, '1 GiB | 2 | store get fresh'), /^\| 1 GiB \| 2 \| store get fresh \| 5000 \| 640 \| – \|/);
 });
 
+test('the S3 table gives store get beside (the GET next to a file restore), and restore s3 against it too', () => {
+  const rows = [
+    ...[1, 2, 3].map((rep) => row('s3', 'store get', 2000, rep, { wireBytes: 800_000_000 })),
+    ...[[2900, 1], [2800, 2], [3000, 3]].map(([ms, rep]) => row('s3', 'restore s3', ms!, rep!)),
+    ...[[2600, 1, 3900], [2500, 2, 4100], [2700, 3, 3800]].map(([ms, rep, besideMs]) => row('s3', 'store get beside', ms!, rep!, { wireBytes: 800_000_000, besideMs })),
+  ];
+  const md = writeMarkdown({ started: 'now', machine: {}, args: {}, rows });
+  // 2000 ÷ 2900 = 0.69 against the GET alone; 2600 ÷ 2900 = 0.90 against the GET beside the file restore.
+  assert.match(lineOf(md, '1 GiB | 2 | restore s3'), /\| 0\.69 ✗ \(goal ≥ 0\.8\); 0\.90 of store get beside \|/);
+  // 800 MB in 2.6 s = 308 MB/s; the file restore beside it: median 3900 ms.
+  assert.match(lineOf(md, '1 GiB | 2 | store get beside'), /^\| 1 GiB \| 2 \| store get beside \| 2600 \| 308 \| – \| – \| the file restore beside it took 3900 ms \|$/);
+});
+
 test('hostCpuSince measures this host from /proc/stat: busy time grows while we spin', { skip: process.platform !== 'linux' && 'reads /proc/stat' }, () => {
   const a = sampleHostCpu();
   const until = performance.now() + 120;

@@ -12,6 +12,7 @@ import { verify } from '../conversations/verify.js';
 import { convertText, extractText, hex, inspectText, verifyText } from './file-format.js';
 import { ProgressView, storeReadDetail, uploadSample } from './progress.js';
 import { checkInputFile } from './paths.js';
+import { failureStatus, onInterrupt } from './interrupt.js';
 
 /** One line on stderr naming the file and, when known, the offset; never a stack trace. */
 function fail(e: unknown, file: string, code = 1): never {
@@ -29,20 +30,10 @@ function print(json: boolean | undefined, value: unknown, text: () => string): v
   process.stdout.write(json ? JSON.stringify(value, null, 2) + '\n' : text() + '\n');
 }
 
-/** Ctrl-C stops a long job cleanly: the temporary output is removed before we exit. */
-function interruptible(): { signal: AbortSignal; interrupted: () => boolean; dispose: () => void } {
+/** Ctrl-C stops a long job cleanly: the temporary output is removed before we exit (130; 143 for SIGTERM). */
+function interruptible(): { signal: AbortSignal; dispose: () => void } {
   const ac = new AbortController();
-  const on = (): void => ac.abort();
-  process.once('SIGINT', on);
-  process.once('SIGTERM', on);
-  return {
-    signal: ac.signal,
-    interrupted: () => ac.signal.aborted,
-    dispose: () => {
-      process.off('SIGINT', on);
-      process.off('SIGTERM', on);
-    },
-  };
+  return { signal: ac.signal, dispose: onInterrupt(() => ac.abort()) };
 }
 
 export function registerFileCommands(program: Command): void {
@@ -112,7 +103,7 @@ mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
         print(o.json, s, () => convertText(s));
       } catch (e) {
         view.stop();
-        fail(e, input, intr.interrupted() ? 130 : 1);
+        fail(e, input, failureStatus());
       } finally {
         intr.dispose();
       }
@@ -143,7 +134,7 @@ mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
         print(o.json, s, () => extractText(s));
       } catch (e) {
         view.stop();
-        fail(e, file, intr.interrupted() ? 130 : 1);
+        fail(e, file, failureStatus());
       } finally {
         intr.dispose();
       }

@@ -19,6 +19,7 @@ import { registerFileCommands } from './file-commands.js';
 import { getMethod } from '../engine/methods/registry.js';
 import { checkInputFile, checkOutputFile } from './paths.js';
 import { addObjectStoreOptions, resolve } from './object-store-options.js';
+import { failureStatus, onInterrupt } from './interrupt.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -107,12 +108,12 @@ async function report<S>(label: string, json: boolean | undefined, start: (view:
 /**
  * Every command's Ctrl-C or SIGTERM: the conversation is aborted instead of the process killed, so
  * it cleans up — its connections closed, a temporary snapshot removed, a source told (SHUT 1), a
- * migration it drives over QMP cancelled (save), the settings it changed put back.
+ * migration it drives over QMP cancelled (save), the settings it changed put back. If it then
+ * fails, the exit status is 130 or 143 (cli/interrupt.ts); a job that was past its point of no
+ * return and completed exits 0, with a note.
  */
 function abortOnSignal(h: { abort(reason: unknown): void }): void {
-  const on = (sig: string): void => h.abort(new Error(`interrupted (${sig})`));
-  process.once('SIGINT', on);
-  process.once('SIGTERM', on);
+  onInterrupt((sig) => h.abort(new Error(`interrupted (${sig})`)));
 }
 
 /**
@@ -165,7 +166,7 @@ function fail(e: unknown): never {
   const err = e as Error & { code?: string; offset?: number };
   const where = err.offset !== undefined ? ` (at byte ${err.offset})` : '';
   process.stderr.write(`multifd: error: ${err.message}${where}\n`);
-  process.exit(1);
+  process.exit(failureStatus());
 }
 
 const program = new Command();

@@ -102,26 +102,28 @@ describe('errors', () => {
 });
 
 describe('send CLI', () => {
-  test('interrupted (SIGINT): exit 1 with the reason, its connections closed', async () => {
-    const s = await silentServer();
-    try {
-      const bin = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
-      const p = spawn(process.execPath, [bin, 'send', snapshot, '--to', s.addr, '--channels', '2'], { stdio: ['ignore', 'pipe', 'pipe'] });
-      let stderr = '';
-      p.stderr.on('data', (c: Buffer) => { stderr += c.toString(); });
-      const exited = new Promise<number | null>((res) => p.on('exit', (code) => res(code)));
-      // Interrupted once all three connections are open (main and two channels).
-      for (let i = 0; i < 200 && s.sockets.length < 3; i++) await new Promise((r) => setTimeout(r, 25));
-      assert.equal(s.sockets.length, 3);
-      // Read (and drop) from now on, so the end of each connection is seen.
-      for (const c of s.sockets) c.resume();
-      const closed = Promise.all(s.sockets.map((c) => new Promise<void>((r) => { if (c.destroyed) r(); else c.once('close', () => r()); })));
-      p.kill('SIGINT');
-      assert.equal(await exited, 1);
-      assert.match(stderr, /multifd: error: interrupted \(SIGINT\)/);
-      await closed;
-    } finally {
-      s.close();
-    }
-  });
+  for (const [sig, status] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+    test(`interrupted (${sig}): exit ${status} (128 + the signal's number) with the reason, its connections closed`, async () => {
+      const s = await silentServer();
+      try {
+        const bin = fileURLToPath(new URL('../../../bin/multifd.js', import.meta.url));
+        const p = spawn(process.execPath, [bin, 'send', snapshot, '--to', s.addr, '--channels', '2'], { stdio: ['ignore', 'pipe', 'pipe'] });
+        let stderr = '';
+        p.stderr.on('data', (c: Buffer) => { stderr += c.toString(); });
+        const exited = new Promise<number | null>((res) => p.on('exit', (code) => res(code)));
+        // Interrupted once all three connections are open (main and two channels).
+        for (let i = 0; i < 200 && s.sockets.length < 3; i++) await new Promise((r) => setTimeout(r, 25));
+        assert.equal(s.sockets.length, 3);
+        // Read (and drop) from now on, so the end of each connection is seen.
+        for (const c of s.sockets) c.resume();
+        const closed = Promise.all(s.sockets.map((c) => new Promise<void>((r) => { if (c.destroyed) r(); else c.once('close', () => r()); })));
+        p.kill(sig);
+        assert.equal(await exited, status, stderr);
+        assert.ok(stderr.includes(`multifd: error: interrupted (${sig})`), stderr);
+        await closed;
+      } finally {
+        s.close();
+      }
+    });
+  }
 });

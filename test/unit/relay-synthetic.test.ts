@@ -239,7 +239,7 @@ describe('relay failures', () => {
     }
   });
 
-  test('relay CLI interrupted (SIGINT) mid-migration: exit 1 with the reason, the tee removed, the source cut off', async () => {
+  test('relay CLI interrupted (SIGINT) mid-migration: exit 130 with the reason, the tee removed, the source cut off', async () => {
     const dir = tmp();
     const rx = receive({ listen: 'tcp:127.0.0.1:0', out: join(dir, 'b.mig'), channels: 2 });
     const bSawConfiguration = new Promise<void>((res) => {
@@ -278,7 +278,7 @@ describe('relay failures', () => {
       await bSawConfiguration;
       assert.ok(readdirSync(dir).some((f) => f.includes('tee.mig')), `the tee's temporary file was created (${readdirSync(dir).join(', ')})`);
       p.kill('SIGINT');
-      assert.equal(await exited, 1, 'exit status 1');
+      assert.equal(await exited, 130, 'exit status 130: interrupted by SIGINT');
       assert.match(stderr, /multifd: error: interrupted \(SIGINT\)/);
       await closed;
       await rx.done.catch(() => {});

@@ -9,7 +9,12 @@
 
 import { createHash, createHmac, type Hash, type Hmac } from 'node:crypto';
 import { isIP } from 'node:net';
-import type { ObjectUrl } from './s3.js';
+
+/** An object: s3://BUCKET/KEY (transports/s3.ts parses and formats it). */
+export interface ObjectUrl {
+  bucket: string;
+  key: string;
+}
 
 export interface EnvCredentials {
   accessKeyId: string;

@@ -9,14 +9,9 @@ import { isIP } from 'node:net';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import { ObjectStoreError, type ObjectStoreErrorCode } from '../codec/errors.js';
 import { DirectGetHandler, isDirectBody, type DirectBody, type SdkHttpHandler } from './direct-get.js';
-import { GetSigner, signedGetTarget } from './s3-signer.js';
+import { GetSigner, signedGetTarget, type ObjectUrl } from './s3-signer.js';
 
-export { ObjectStoreError, type ObjectStoreErrorCode };
-
-export interface ObjectUrl {
-  bucket: string;
-  key: string;
-}
+export { ObjectStoreError, type ObjectStoreErrorCode, type ObjectUrl };
 
 export function isObjectUrl(s: string): boolean {
   return /^s3:\/\//i.test(s);

@@ -3,7 +3,8 @@
 // save of the running test guest to S3 → restore from S3 → the guest runs on with its invariant,
 // instant restore (postcopy) from S3, the file tools on objects, and faults: radosgw stopped
 // mid-upload and mid-restore, bad and missing credentials, missing bucket and key, an unreachable
-// endpoint, truncated and corrupted objects; relay --tee s3://… between two QEMUs (the object once
+// endpoint, truncated and corrupted objects, the answer to CompleteMultipartUpload lost after the
+// store committed; relay --tee s3://… between two QEMUs (the object once
 // B confirmed, upload progress, a failed upload that leaves A and B alone). Every test uses its
 // own bucket.
 
@@ -471,6 +472,41 @@ describe('S3 faults', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not
     }
   });
 
+  test('the answer to CompleteMultipartUpload is lost after the store committed: save succeeds, the object is complete and restores', async (t) => {
+    const dir = mkdtempSync('/tmp/multifd-s3-test-');
+    const bucket = await newBucket('lostcomplete');
+    const sock = join(dir, 'src.sock');
+    // The first CompleteMultipartUpload reaches the store, which commits the object; its answer
+    // never comes back (the connection closes), so the SDK sends it again.
+    let lost = 0;
+    const proxy = await faultyProxy(ENDPOINT!, (method, q) => (method === 'POST' && q.has('uploadId') && lost++ === 0 ? 'lose-answer' : 'pass'));
+    const src = await startQemu({ version: '10', memMiB: 128, bootSector: true, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] });
+    let dst: Awaited<ReturnType<typeof destination>> | undefined;
+    try {
+      await waitGuestPasses(src, 3);
+      const r = await cli(['--s3-endpoint', proxy.url, 'save', '--qmp', `unix:${sock}`, '--out', `s3://${bucket}/vm.mig`, '--downtime-limit', '20000', '--json']);
+      const completes = proxy.seen.filter((x) => x.method === 'POST' && x.q.has('uploadId'));
+      t.diagnostic(`CompleteMultipartUpload sent ${completes.length} times: ${completes.map((c) => `${c.fault} → HTTP ${c.status ?? '–'}`).join(', ')}; save exit ${r.code}`);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(completes[0]?.fault, 'lose-answer');
+      assert.equal(completes[0]?.status, 200, 'the store committed the object under the lost answer');
+      const summary = JSON.parse(r.stdout) as { store: { url: string; 'object-size': number } };
+      assert.equal(summary.store.url, `s3://${bucket}/vm.mig`);
+      assert.equal(await headSize(bucket, 'vm.mig'), summary.store['object-size'], 'the object is there, whole');
+      assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
+      // What the store holds is the snapshot: it restores, and the guest runs on with its invariant.
+      dst = await destination('10', dir);
+      const back = await cli(['restore', `s3://${bucket}/vm.mig`, '--qmp', `unix:${dst.sock}`, '--channels', '2']);
+      assert.equal(back.code, 0, back.stderr);
+      await runsOn(dst.q, await checkInvariant(dst.q, 'restored from the object whose Complete answer was lost'));
+    } finally {
+      await dst?.q.kill();
+      await src.kill();
+      await proxy.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('radosgw stopped mid-restore: a clear error', { skip: NO_RESTART }, async (t) => {
     const dir = mkdtempSync('/tmp/multifd-s3-test-');
     const bucket = await newBucket('midrestore');
@@ -516,23 +552,34 @@ function migrateThrough(a: QemuInstance, uri: string): Promise<void> {
   return migrateCompressed(a, uri, { compression: 'none', returnPath: true, params: { 'downtime-limit': 20000 } });
 }
 
+type ProxyFault = 'drop' | 'lose-answer' | 'pass';
+
 /**
- * An HTTP proxy in front of the store that drops the connection of every UploadPart (as a store
- * that went away mid-upload) and passes everything else on, the abort included.
+ * An HTTP proxy in front of the store that lets `decide` fault each request: 'drop' closes its
+ * connection before the store sees it (a store gone away), 'lose-answer' sends it on and closes
+ * the connection once the store has answered (the store acted, the answer never came back),
+ * 'pass' relays it. `seen` lists every request with what happened to it and the store's status.
  */
-async function partDroppingProxy(target: string): Promise<{ url: string; dropped: () => number; close: () => Promise<void> }> {
+async function faultyProxy(target: string, decide: (method: string, q: URLSearchParams) => ProxyFault): Promise<{ url: string; seen: { method: string; q: URLSearchParams; fault: ProxyFault; status?: number }[]; close: () => Promise<void> }> {
   const to = new URL(target);
-  let dropped = 0;
+  const seen: { method: string; q: URLSearchParams; fault: ProxyFault; status?: number }[] = [];
   const srv = createHttpServer((req, res) => {
     const q = new URL(req.url ?? '/', 'http://proxy').searchParams;
-    if (req.method === 'PUT' && q.has('uploadId') && q.has('partNumber')) {
-      dropped++;
+    const entry: (typeof seen)[number] = { method: req.method ?? '', q, fault: decide(req.method ?? '', q) };
+    seen.push(entry);
+    if (entry.fault === 'drop') {
       req.socket.destroy();
       return;
     }
     const headers = { ...req.headers };
     delete headers.expect;
     const up = httpRequest({ host: to.hostname, port: to.port, method: req.method, path: req.url, headers }, (r) => {
+      entry.status = r.statusCode;
+      if (entry.fault === 'lose-answer') {
+        r.resume();
+        r.on('end', () => req.socket.destroy());
+        return;
+      }
       res.writeHead(r.statusCode ?? 502, r.headers);
       r.pipe(res);
     });
@@ -542,9 +589,14 @@ async function partDroppingProxy(target: string): Promise<{ url: string; dropped
   await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
   return {
     url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`,
-    dropped: () => dropped,
+    seen,
     close: () => new Promise<void>((resolve) => { srv.closeAllConnections(); srv.close(() => resolve()); }),
   };
+}
+
+/** A store that went away mid-upload: every UploadPart's connection dropped, everything else (the abort included) passed on. */
+function partDroppingProxy(target: string): ReturnType<typeof faultyProxy> {
+  return faultyProxy(target, (method, q) => (method === 'PUT' && q.has('uploadId') && q.has('partNumber') ? 'drop' : 'pass'));
 }
 
 describe('relay --tee to S3 (QEMU 10)', { skip: NO_STORE || (haveQemu('10') ? false : 'QEMU 10 not available'), timeout: 600_000 }, () => {
@@ -647,11 +699,12 @@ describe('relay --tee to S3 (QEMU 10)', { skip: NO_STORE || (haveQemu('10') ? fa
       const res = await settle(run.done, 120_000, 'relay CLI');
       assert.ok(res.ok);
       const out = res.value;
-      t.diagnostic(`relay: exit ${out.code}, ${proxy.dropped()} part uploads dropped: ${out.stderr.trim().split('\n').pop()}`);
+      const dropped = proxy.seen.filter((r) => r.fault === 'drop').length;
+      t.diagnostic(`relay: exit ${out.code}, ${dropped} part uploads dropped: ${out.stderr.trim().split('\n').pop()}`);
       assert.equal(out.code, 1, 'the relay fails');
       assert.equal(out.stdout, '', 'no summary');
       assert.match(out.stderr, /^multifd: error: the tee s3:\/\/\S+ \(the destination loaded the migration and runs it; only the tee was not stored\): uploading part \d+ of s3:\/\/\S+: the S3 endpoint is unreachable/m);
-      assert.ok(proxy.dropped() > 0, 'parts were sent and dropped');
+      assert.ok(dropped > 0, 'parts were sent and dropped');
       assert.equal(await headSize(bucket, 'tee.mig'), undefined, 'no object');
       assert.equal(await multipartUploads(bucket), 0, 'no multipart upload left');
       assert.deepEqual(readdirSync(staging), [], 'the staging directory was removed');

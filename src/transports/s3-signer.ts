@@ -32,7 +32,7 @@ export interface SignedGetTarget {
 
 /**
  * The target for GETs signed here, or undefined when the client must sign them: no endpoint of
- * our own, credentials not (only) in the environment, or a bucket that cannot be a host name.
+ * our own or no region, or credentials other than static keys in the environment.
  */
 export function signedGetTarget(
   s: { endpoint: string | undefined; region: string | undefined; pathStyle: boolean },

@@ -14,8 +14,8 @@ import { ProgressView, storeReadDetail, uploadSample } from './progress.js';
 import { checkInputFile } from './paths.js';
 import { failureStatus, onInterrupt } from './interrupt.js';
 
-/** One line on stderr naming the file and, when known, the offset; never a stack trace. */
-function fail(e: unknown, file: string, code = 1): never {
+/** One line on stderr naming the file and, when known, the offset; never a stack trace. Exit 1, or 130/143 after an interrupt. */
+function fail(e: unknown, file: string): never {
   const err = e as Error & { offset?: number };
   let msg = String(err?.message ?? e).replace(/\s*\n\s*/g, '; ');
   // Problems with the file's content name the file; others (an existing output, a missing
@@ -23,7 +23,7 @@ function fail(e: unknown, file: string, code = 1): never {
   if (e instanceof ProtocolError && !msg.includes(file)) msg = `${file}: ${msg}`;
   const where = typeof err?.offset === 'number' ? ` (at byte ${err.offset}, ${hex(err.offset)})` : '';
   process.stderr.write(`multifd: error: ${msg}${where}\n`);
-  process.exit(code);
+  process.exit(failureStatus());
 }
 
 function print(json: boolean | undefined, value: unknown, text: () => string): void {
@@ -103,7 +103,7 @@ mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
         print(o.json, s, () => convertText(s));
       } catch (e) {
         view.stop();
-        fail(e, input, failureStatus());
+        fail(e, input);
       } finally {
         intr.dispose();
       }
@@ -134,7 +134,7 @@ mapped-ram on for a mapped-ram file and off for a stream file. A libvirt image
         print(o.json, s, () => extractText(s));
       } catch (e) {
         view.stop();
-        fail(e, file, failureStatus());
+        fail(e, file);
       } finally {
         intr.dispose();
       }

@@ -76,7 +76,8 @@ function hexEscape(c: string): string {
   return `%${c.charCodeAt(0).toString(16).toUpperCase()}`;
 }
 
-function escapeUri(s: string): string {
+/** RFC 3986 escapes (encodeURIComponent leaves !'()* alone), as S3 wants in a query and a path segment. */
+export function escapeUri(s: string): string {
   return encodeURIComponent(s).replace(/[!'()*]/g, hexEscape);
 }
 

@@ -9,6 +9,7 @@
 
 import { createHash, createHmac, type Hash, type Hmac } from 'node:crypto';
 import { isIP } from 'node:net';
+import { escapeUri } from './direct-get.js';
 
 /** An object: s3://BUCKET/KEY (transports/s3.ts parses and formats it). */
 export interface ObjectUrl {
@@ -55,7 +56,7 @@ export function signedGetTarget(
 
 /** An object key's path segments as S3 wants them in a URL: RFC 3986 escapes, '/' kept. */
 export function keyPath(key: string): string {
-  return key.split('/').map((seg) => encodeURIComponent(seg).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`)).join('/');
+  return key.split('/').map(escapeUri).join('/');
 }
 
 /** The object's URL before signing (path-style or virtual-hosted); undefined when the bucket cannot be a host name. */

@@ -623,8 +623,6 @@ export class MultipartUpload {
   private failure: ObjectStoreError | undefined;
   private nextPart = 1;
   private finished = false;
-  /** Bytes of the parts that are in: the size of the object complete() makes. */
-  private objectBytes = 0;
 
   private constructor(readonly client: S3Client, readonly url: ObjectUrl, readonly uploadId: string, readonly concurrency: number, readonly token: string) {}
 
@@ -672,7 +670,6 @@ export class MultipartUpload {
         if (!r.ETag) throw new ObjectStoreError('S3_ERROR', `part ${n}: the store returned no ETag`);
         this.parts.push({ PartNumber: n, ETag: r.ETag });
         this.stats.bytes += body.length;
-        this.objectBytes += body.length;
         return;
       } catch (e) {
         const err = storeError(e, `uploading part ${n} of ${formatObjectUrl(this.url)}`);
@@ -750,7 +747,8 @@ export class MultipartUpload {
     }
     const token = head.Metadata?.[UPLOAD_TOKEN_META];
     if (token !== this.token) return `the object under ${name} is not this upload's (${token === undefined ? 'it carries no upload token' : 'another upload\'s token'}: another writer's)`;
-    if (head.ContentLength !== this.objectBytes) return `the object under ${name} has ${head.ContentLength ?? 'no'} bytes, not the ${this.objectBytes} uploaded`;
+    // stats.bytes: the parts that are in, each once: the size of the object complete() makes.
+    if (head.ContentLength !== this.stats.bytes) return `the object under ${name} has ${head.ContentLength ?? 'no'} bytes, not the ${this.stats.bytes} uploaded`;
     return undefined;
   }
 
